@@ -1,0 +1,199 @@
+"""The stage contract: how every stage reads and writes the run folder, the same locally and in a Job.
+
+    <run>/<stage>/                 finished output, never written in place
+    <run>/<stage>/_SUCCESS.json    the commit marker: config, inputs, rows, versions, duration
+    <run>/.<stage>.partial/        where a stage writes while it runs; checkpoints survive restarts
+
+A stage refuses to start while an input has no ``_SUCCESS.json``, skips itself when its own
+``_SUCCESS.json`` was written for the same config, and refuses to replace output of another config
+unless forced. Exit codes tell user errors (recipe, data, stage order: a retry cannot help) from
+failures of the machine, which are worth a retry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+EXIT_FAILURE = 1  # the machine, the network, the cluster: worth a retry
+EXIT_USER_ERROR = 2  # the recipe, the data or the stage order: retrying cannot help (Fire's usage errors use 2 too)
+SUCCESS_FILE = "_SUCCESS.json"
+CONFIG_FILE = "_CONFIG.json"
+VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "vlmjobs")
+
+
+class UserError(Exception):
+    """A mistake the user can fix: reported as one line, exit code 2, no retry."""
+
+
+def entrypoint(main: Callable) -> None:
+    """Run a stage's ``main`` under Fire, turning user errors into one line and exit code 2."""
+    import fire
+
+    try:
+        fire.Fire(main)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch's; the same batch will not fit on a retry either
+            print(
+                f"error: out of GPU memory ({str(e).splitlines()[0]}): halve per_device_train_batch_size and double "
+                "gradient_accumulation_steps, or turn on gradient_checkpointing",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_USER_ERROR)
+        raise  # a traceback and exit code 1: worth a retry
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class Stage:
+    """One stage's view of the run folder, from ``begin`` to ``finish``."""
+
+    name: str
+    run_dir: Path
+    config: dict
+    fingerprint: str
+    inputs: dict[str, dict] = field(default_factory=dict)
+    skipped: bool = False
+    replacing: bool = False
+    started: float = field(default_factory=time.time)
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def work(self) -> Path:
+        return self.run_dir / f".{self.name}.partial"
+
+    def input(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def finish(self, **record: Any) -> Path:
+        """Move the work folder into place and write the commit marker; returns the output folder."""
+        if not is_main_process():
+            return self.out
+        success = {
+            "stage": self.name,
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "inputs": {name: {"path": str(self.input(name)), "fingerprint": rec["fingerprint"]} for name, rec in self.inputs.items()},
+            **record,
+            "started_at": _iso(self.started),
+            "finished_at": _iso(time.time()),
+            "duration_s": round(time.time() - self.started, 2),
+            "versions": library_versions(),
+            "host": platform.node(),
+        }
+        (self.work / CONFIG_FILE).unlink(missing_ok=True)
+        if self.replacing and self.out.exists():
+            old = self.run_dir / f".{self.name}.replaced"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+            shutil.rmtree(old)
+        os.replace(self.work, self.out)
+        write_json_atomic(self.out / SUCCESS_FILE, success)
+        print(f"{self.name}: done in {success['duration_s']:.0f}s, output in {self.out}")
+        return self.out
+
+
+def begin(name: str, run_dir: Path, config: dict, *, needs: tuple[str, ...] = (), force: bool = False) -> Stage:
+    """Check inputs, decide skip/resume/replace, and make the work folder; see the module docstring."""
+    run_dir = Path(run_dir)
+    inputs = {}
+    for need in needs:
+        marker = run_dir / need / SUCCESS_FILE
+        if not marker.is_file():
+            raise UserError(f"{name} needs the {need} stage's output: {marker} not found; run {need} first")
+        inputs[need] = read_json(marker)
+    config = {"stage": name, **config, "inputs": {n: rec["fingerprint"] for n, rec in inputs.items()}}
+    stage = Stage(name, run_dir, config, _fingerprint(config), inputs)
+
+    done = stage.out / SUCCESS_FILE
+    if done.is_file():
+        previous = read_json(done)
+        if previous.get("fingerprint") == stage.fingerprint and not force:
+            print(f"{name}: already done for this config ({done}); skipping (--force redoes it)")
+            stage.skipped = True
+            return stage
+        if previous.get("fingerprint") != stage.fingerprint and not force:
+            raise UserError(
+                f"{name}: {stage.out} holds output of another config (fingerprint {previous.get('fingerprint')}, "
+                f"now {stage.fingerprint}): use another run.id, or --force to replace it"
+            )
+        stage.replacing = True
+    if not is_main_process():
+        return stage
+
+    if stage.out.exists() and not done.is_file() and not stage.work.exists():
+        os.replace(stage.out, stage.work)  # interrupted between the rename and the marker: resume it
+    if stage.work.exists():
+        started = read_json(stage.work / CONFIG_FILE) if (stage.work / CONFIG_FILE).is_file() else {}
+        if started.get("fingerprint") == stage.fingerprint:
+            print(f"{name}: resuming the unfinished attempt in {stage.work}")
+        else:
+            print(f"{name}: discarding an unfinished attempt of another config in {stage.work}")
+            shutil.rmtree(stage.work)
+    stage.work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stage.work / CONFIG_FILE, {"fingerprint": stage.fingerprint, "config": config})
+    return stage
+
+
+def newest_complete_checkpoint(folder: Path) -> str | None:
+    """The newest ``checkpoint-N`` that the Trainer finished writing (it writes trainer_state.json last)."""
+    if not folder.is_dir():
+        return None
+    steps = [
+        (int(m.group(1)), path)
+        for path in folder.iterdir()
+        if (m := re.fullmatch(r"checkpoint-(\d+)", path.name)) and (path / "trainer_state.json").is_file()
+    ]
+    return str(max(steps)[1]) if steps else None
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    if "torch" in sys.modules:
+        import torch
+
+        versions["cuda"] = torch.version.cuda or "none"
+    return versions
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _fingerprint(config: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

@@ -1,0 +1,177 @@
+"""Loading a data source through ``datasets.load_dataset`` and turning it into prepared splits.
+
+Hub ids and local folders take the same path. Images are decoded here, row by row, so that an
+image that does not decode is a counted drop instead of a crash in the middle of training.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.contract import UserError
+from jobs.formats import FORMATS, Drop
+from jobs.recipe import Prepare, Source
+
+DROP = "_drop"  # column carrying a row's drop reason ("" for a kept row) between convert and filter
+SHOWN_ROWS = 3  # row indices named per drop reason
+
+
+@dataclass
+class Drops:
+    rows: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self) -> str:
+        return ", ".join(
+            f"{reason} x{count} (rows {', '.join(map(str, self.examples[reason]))}{', ...' if count > SHOWN_ROWS else ''})"
+            for reason, count in self.reasons.most_common()
+        )
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "dropped": self.dropped, "reasons": dict(self.reasons), "examples": self.examples}
+
+
+def is_local(source: Source) -> bool:
+    return Path(source.path).exists()
+
+
+def load_split(source: Source, split: str, *, scratch: Path):
+    """One split of a source, images left undecoded so that a broken one is a drop, not a crash.
+
+    A local source is read into ``scratch`` rather than the shared datasets cache, whose key for
+    local files can outlive their content: a regenerated folder would come back stale.
+    """
+    import datasets
+    from datasets import load_dataset
+
+    fmt = FORMATS[source.format]
+    cache_dir = str(scratch) if is_local(source) else None
+    try:
+        ds = load_dataset(source.path, source.name, revision=source.revision, split=split, cache_dir=cache_dir)
+    except FileNotFoundError as e:
+        raise UserError(f"data source {source.path}: not found ({e})") from None
+    except ValueError as e:  # unknown split, bad slice, unknown config
+        raise UserError(f"data source {source.path} split {split!r}: {e}") from None
+    except Exception as e:  # the hub's "repository not found" / "gated" errors are user errors too
+        if type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "DatasetNotFoundError"):
+            raise UserError(f"data source {source.path}: {str(e).splitlines()[0]}") from None
+        raise
+    missing = [c for c in fmt.columns if c not in ds.column_names]
+    if missing:
+        raise UserError(
+            f"data source {source.path} split {split!r}: format {source.format} needs columns {', '.join(fmt.columns)}; "
+            f"missing {', '.join(missing)} (it has {', '.join(ds.column_names)})"
+        )
+    image = ds.features[fmt.image_column]
+    if isinstance(image, datasets.Image):
+        ds = ds.cast_column(fmt.image_column, datasets.Image(decode=False))
+    elif isinstance(image, (datasets.List, datasets.Sequence)) and isinstance(image.feature, datasets.Image):
+        ds = ds.cast_column(fmt.image_column, datasets.List(datasets.Image(decode=False)))
+    return ds.select_columns(list(fmt.columns))
+
+
+def convert(ds, source: Source, shrink, *, num_proc: int = 1):
+    """Map source rows to conversational rows; returns (kept rows, Drops)."""
+    fmt = FORMATS[source.format]
+
+    def one(row, index):
+        try:
+            raw = row[fmt.image_column]
+            raw = raw if isinstance(raw, list) else [raw]
+            images = [_encode(shrink(_decode(image))) for image in raw]
+            out = fmt.convert({**row, "images": images}, source.system_prompt)
+            return {**_empty(fmt.kind), **out, "images": images, DROP: ""}
+        except Drop as e:
+            return {**_empty(fmt.kind), "images": [], DROP: str(e)}
+
+    converted = ds.map(
+        one, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc if num_proc > 1 else None,
+        features=_features(fmt.kind), desc=f"{source.format} rows",
+    )
+    drops = Drops(rows=len(converted))
+    for index, reason in enumerate(converted[DROP]):
+        if reason:
+            drops.reasons[reason] += 1
+            drops.examples.setdefault(reason, [])
+            if len(drops.examples[reason]) < SHOWN_ROWS:
+                drops.examples[reason].append(index)
+    kept = converted.filter(lambda reason: not reason, input_columns=DROP).remove_columns(DROP)
+    return kept, drops
+
+
+def check_drops(drops: Drops, where: str, prepare: Prepare) -> None:
+    if drops.rows == 0:
+        raise UserError(f"{where}: no rows")
+    if drops.dropped == drops.rows:
+        raise UserError(f"{where}: all {drops.rows} rows unusable: {drops.summary()}")
+    if drops.dropped / drops.rows > prepare.max_drop_fraction:
+        raise UserError(
+            f"{where}: {drops.dropped} of {drops.rows} rows unusable ({drops.dropped / drops.rows:.1%} > "
+            f"prepare.max_drop_fraction {prepare.max_drop_fraction:.1%}): {drops.summary()}"
+        )
+
+
+def carve(train, fraction: float, seed: int, what: str):
+    """Split ``fraction`` of ``train`` off as a held-out split; returns (train, held_out)."""
+    held = max(1, round(len(train) * fraction))
+    if held >= len(train):
+        raise UserError(f"{what}: {len(train)} training rows are too few to hold out {fraction:.0%} for evaluation")
+    parts = train.train_test_split(test_size=held, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _decode(image: dict):
+    from PIL import Image
+
+    if image is None:
+        raise Drop("missing image")
+    data = image.get("bytes") if isinstance(image, dict) else None
+    try:
+        if data is None and isinstance(image, dict) and image.get("path"):
+            data = open(image["path"], "rb").read()
+        if not data:
+            raise Drop("missing image")
+        decoded = Image.open(io.BytesIO(data))
+        decoded.load()
+    except Drop:
+        raise
+    except Exception:
+        raise Drop("image does not decode") from None
+    if decoded.width < 1 or decoded.height < 1:
+        raise Drop("image is empty")
+    decoded.info["source_format"] = decoded.format
+    return decoded
+
+
+def _encode(image) -> dict:
+    """Keep JPEGs JPEG (re-encoding them as PNG would inflate the prepared data), everything else PNG."""
+    fmt = "JPEG" if image.info.get("source_format") == "JPEG" and image.mode in ("RGB", "L") else "PNG"
+    if image.mode not in ("RGB", "L", "RGBA"):
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=95) if fmt == "JPEG" else image.save(buffer, format=fmt)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def _empty(kind: str) -> dict:
+    return {"prompt": [], "completion": [], "answers": []} if kind == "sft" else {"prompt": [], "chosen": [], "rejected": []}
+
+
+def _features(kind: str):
+    from datasets import Features, Image, List, Value
+
+    message = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
+    columns = {"images": List(Image()), "prompt": message}
+    if kind == "sft":
+        columns |= {"completion": message, "answers": List(Value("string"))}
+    else:
+        columns |= {"chosen": message, "rejected": message}
+    return Features({**columns, DROP: Value("string")})

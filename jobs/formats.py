@@ -1,0 +1,138 @@
+"""Source formats: how each data set's rows map to TRL's conversational format.
+
+Every format turns one source row into either a prompt/completion row (kind "sft") or a
+prompt/chosen/rejected row (kind "dpo"), with images kept in an ``images`` column and
+``{"type": "image"}`` placeholders in the messages (TRL's collators pair them up). A row that
+cannot be used raises ``Drop`` with a reason; prepare counts the reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class Drop(Exception):
+    """This row cannot be used; the message is the reason, counted by prepare."""
+
+
+@dataclass(frozen=True)
+class Format:
+    kind: str  # "sft" (prompt/completion) or "dpo" (prompt/chosen/rejected)
+    columns: tuple[str, ...]  # source columns it reads
+    image_column: str  # holds one image, or a list of images when it is "images"
+    convert: Callable[[dict, str | None], dict]  # (row, system_prompt) -> row without images
+    description: str
+
+
+def _text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        raise Drop(f"missing {key}")
+    if not isinstance(value, str):
+        raise Drop(f"{key} is not text")
+    if not value.strip():
+        raise Drop(f"empty {key}")
+    return value.strip()
+
+
+def _user_turn(question: str, system_prompt: str | None, images: int = 1) -> list[dict]:
+    turn = [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": question}]}]
+    if system_prompt:
+        turn.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    return turn
+
+
+def _answer(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def chartqa(row: dict, system_prompt: str | None) -> dict:
+    """HuggingFaceM4/ChartQA: image, query, label (a list of accepted answers; the first is trained on)."""
+    query = _text(row, "query")
+    labels = row.get("label")
+    if labels is None:
+        raise Drop("missing label")
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise Drop("label is not a list of text")
+    labels = [label.strip() for label in labels if label.strip()]
+    if not labels:
+        raise Drop("empty label")
+    return {"prompt": _user_turn(query, system_prompt), "completion": _answer(labels[0]), "answers": labels}
+
+
+def rlaif_v(row: dict, system_prompt: str | None) -> dict:
+    """openbmb/RLAIF-V-Dataset: image, question, chosen, rejected."""
+    question, chosen, rejected = _text(row, "question"), _text(row, "chosen"), _text(row, "rejected")
+    if chosen == rejected:
+        raise Drop("chosen equals rejected")
+    return {"prompt": _user_turn(question, system_prompt), "chosen": _answer(chosen), "rejected": _answer(rejected)}
+
+
+def _messages(value: Any, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise Drop(f"{key} is not a list of messages" if value else f"empty {key}")
+    messages = []
+    for message in value:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise Drop(f"{key} has a message without a system/user/assistant role")
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise Drop(f"{key} has a message whose content is neither text nor a list of parts")
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
+                raise Drop(f"{key} has a content part that is neither text nor image")
+            parts.append({"type": "image"} if part["type"] == "image" else {"type": "text", "text": part.get("text") or ""})
+        messages.append({"role": message["role"], "content": parts})
+    return messages
+
+
+def _count_images(messages: list[dict]) -> int:
+    return sum(part["type"] == "image" for message in messages for part in message["content"])
+
+
+def _check_images(row: dict, messages: list[dict]) -> None:
+    images = row.get("images") or []
+    if _count_images(messages) != len(images):
+        raise Drop("image placeholders do not match the images")
+
+
+def messages(row: dict, system_prompt: str | None) -> dict:
+    """Conversations (messages, images): trained on the last assistant turn, given everything before it."""
+    conversation = _messages(row.get("messages"), "messages")
+    _check_images(row, conversation)
+    last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        raise Drop("no assistant answer after a prompt")
+    answer = " ".join(p["text"] for p in conversation[last]["content"] if p["type"] == "text").strip()
+    if not answer:
+        raise Drop("empty answer")
+    prompt = conversation[:last]
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] + prompt
+    return {"prompt": prompt, "completion": _answer(answer), "answers": [answer]}
+
+
+def preference_messages(row: dict, system_prompt: str | None) -> dict:
+    """TRL's conversational preference format (HuggingFaceH4/rlaif-v_formatted): images, prompt, chosen, rejected."""
+    prompt = _messages(row.get("prompt"), "prompt")
+    chosen, rejected = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
+    _check_images(row, prompt)
+    if chosen == rejected:
+        raise Drop("chosen equals rejected")
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] + prompt
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+FORMATS: dict[str, Format] = {
+    "chartqa": Format("sft", ("image", "query", "label"), "image", chartqa, "HuggingFaceM4/ChartQA"),
+    "messages": Format("sft", ("messages", "images"), "images", messages, "conversations with an images column"),
+    "rlaif-v": Format("dpo", ("image", "question", "chosen", "rejected"), "image", rlaif_v, "openbmb/RLAIF-V-Dataset"),
+    "preference-messages": Format(
+        "dpo", ("images", "prompt", "chosen", "rejected"), "images", preference_messages, "HuggingFaceH4/rlaif-v_formatted"
+    ),
+}

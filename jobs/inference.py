@@ -1,0 +1,80 @@
+"""Batched generation and completion log-likelihoods, tokenized exactly as TRL's collators do in training."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+def _batches(rows: list, size: int) -> Iterable[list]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _images(rows: list[dict]):
+    images = [row["images"] for row in rows]
+    return images if any(images) else None
+
+
+def generate_answers(model, processor, rows: list[dict], *, max_new_tokens: int = 32, batch_size: int = 8, progress=None) -> list[str]:
+    """Greedy answers to each row's ``prompt`` (messages) about its ``images``."""
+    import torch
+
+    model.eval()
+    tokenizer = processor.tokenizer
+    answers = []
+    for batch in _batches(rows, batch_size):
+        texts = [processor.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False) for row in batch]
+        # add_special_tokens=False as in TRL's collators, so the prompt is the one the model was trained on
+        inputs = processor(
+            text=texts, images=_images(batch), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False
+        ).to(_device(model))
+        with torch.no_grad():
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        answers += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        if progress:
+            progress(len(answers), len(rows))
+    return answers
+
+
+def completion_logprobs(model, processor, rows: list[dict], key: str, *, batch_size: int = 8) -> list[float]:
+    """Sum of log-probabilities of each row's ``key`` answer (e.g. chosen) given its prompt and images."""
+    import torch
+    from trl.data_utils import apply_chat_template
+
+    model.eval()
+    tokenizer = processor.tokenizer
+    scores = []
+    for batch in _batches(rows, batch_size):
+        rendered = [apply_chat_template({"prompt": row["prompt"], "completion": row[key]}, processor) for row in batch]
+        prompts = processor(
+            text=[r["prompt"] for r in rendered], images=_images(batch), padding=True, padding_side="left",
+            return_tensors="pt", add_special_tokens=False,
+        )
+        completions = tokenizer(
+            [r["completion"] for r in rendered], padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False
+        )
+        input_ids = torch.cat([prompts["input_ids"], completions["input_ids"]], dim=1)
+        attention = torch.cat([prompts["attention_mask"], completions["attention_mask"]], dim=1)
+        inputs = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")}
+        if "mm_token_type_ids" in inputs:  # Qwen2-VL marks image positions; completions hold none
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completions["input_ids"])], dim=1)
+        if "token_type_ids" in inputs:  # PaliGemma: 1 marks the answer (suffix) tokens
+            inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.ones_like(completions["input_ids"])], dim=1)
+        device = _device(model)
+        with torch.no_grad():
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), **{k: v.to(device) for k, v in inputs.items()}
+            ).logits.float()
+        start = prompts["input_ids"].shape[1]
+        logprobs = torch.log_softmax(logits[:, start - 1 : -1], dim=-1)
+        targets = completions["input_ids"].to(device)
+        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        scores += (token_logprobs * completions["attention_mask"].to(device)).sum(dim=1).tolist()
+    return scores

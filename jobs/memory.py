@@ -1,0 +1,58 @@
+"""Memory arithmetic before training, as the DPO blog does it: weights, a reference copy, gradients
+and AdamW's two states per trainable parameter. Activations come on top; they depend on batch size
+and sequence length and are left to measurement (``make bench``).
+
+    8B parameters, fp32, full fine-tune with a reference copy: 32 + 32 + 32 + 64 = 160 GB
+    8B parameters, bf16, LoRA (55.3M trainable), reference counted: 16 + 16 + 0.11 + 0.22 = 32.3 GB
+
+With LoRA vlmjobs takes the reference by switching the adapter off, so it holds no second copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GB = 1e9  # the blog's gigabytes
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: float  # GB of weights
+    reference: float  # GB of a second, frozen copy for DPO's reference
+    gradients: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.model + self.reference + self.gradients + self.optimizer
+
+    def __str__(self) -> str:
+        return (
+            f"model {self.model:.3g} GB + reference {self.reference:.3g} GB + gradients {self.gradients:.3g} GB"
+            f" + optimizer {self.optimizer:.3g} GB = {self.total:.3g} GB"
+        )
+
+
+def arithmetic(
+    parameters: float, trainable: float, bytes_per_parameter: float, *, reference_copy: bool, optimizer_states: int = 2
+) -> Estimate:
+    """The blog's formula: every part in the training precision, AdamW keeping two states per trainable parameter."""
+    model = parameters * bytes_per_parameter / GB
+    return Estimate(
+        model=model,
+        reference=model if reference_copy else 0.0,
+        gradients=trainable * bytes_per_parameter / GB,
+        optimizer=optimizer_states * trainable * bytes_per_parameter / GB,
+    )
+
+
+def estimate(model, *, trainable: int, reference_copy: bool) -> Estimate:
+    """The same arithmetic for a loaded model, taking the bytes its weights really occupy (4-bit included)."""
+    stored = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable_bytes = next((p.element_size() for p in model.parameters() if p.requires_grad), 4)
+    return Estimate(
+        model=stored / GB,
+        reference=stored / GB if reference_copy else 0.0,
+        gradients=trainable * trainable_bytes / GB,
+        optimizer=2 * trainable * trainable_bytes / GB,
+    )

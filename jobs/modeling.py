@@ -1,0 +1,167 @@
+"""Loading processors and models the same way in every stage, from a hub id or a local folder.
+
+A trained stage's ``model/`` folder carries ``lineage.json`` saying how to rebuild it: which weights
+it starts from, which adapters were merged into them, and which adapter sits on top. Paths in it
+are relative to the run folder, so a run folder can move between a laptop and a cluster volume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from jobs.contract import UserError, read_json
+from jobs.families import Family, get_family
+from jobs.recipe import Model, Recipe, Train
+
+LINEAGE_FILE = "lineage.json"
+BASE = "base"  # lineage["base"] naming the recipe's base model rather than a run folder path
+HUB_ERRORS = ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "HFValidationError")
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_processor(spec: Model, path: str | Path | None = None):
+    """The processor of the base model (or of a saved stage output), with the family's options."""
+    from transformers import AutoProcessor
+
+    family = get_family(spec.family)
+    kwargs = {**family.processor_kwargs, **spec.processor}
+    source = str(path or spec.name_or_path)
+    with _user_errors(source):
+        return AutoProcessor.from_pretrained(source, revision=None if path else spec.revision, **kwargs)
+
+
+def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | None = None, dtype=None):
+    """The family's model class from a hub id or folder; ``quantize`` holds BitsAndBytesConfig fields for 4-bit."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    family = get_family(spec.family)
+    source = str(path or spec.name_or_path)
+    revision = None if path else spec.revision
+    with _user_errors(source):
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    if config.model_type not in family.model_types:
+        raise UserError(
+            f"model {source} is a {config.model_type} model, but the recipe says family {family.name} "
+            f"({family.model_class}); fix model.family"
+        )
+    dtype = dtype or resolve_dtype(spec.dtype)
+    kwargs = {"dtype": dtype, "revision": revision}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if quantize is not None:
+        compute = torch.bfloat16 if dtype == torch.float32 and torch.cuda.is_available() else dtype
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            **{"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+               "bnb_4bit_compute_dtype": compute, **quantize}
+        )
+        # bitsandbytes places weights at load time; each process takes its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = {"": device}
+    model_class = getattr(transformers, family.model_class)
+    with _user_errors(source):
+        return model_class.from_pretrained(source, **kwargs)
+
+
+def lora_config(train: Train, family: Family):
+    """peft's LoraConfig from the recipe, target modules defaulting to the family's."""
+    from peft import LoraConfig
+
+    fields = {"target_modules": _listify(family.lora_target_modules), "task_type": "CAUSAL_LM", **train.lora}
+    return LoraConfig(**fields)
+
+
+def quantization(train: Train) -> dict | None:
+    return dict(train.quantization) if train.method == "qlora" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained models in the run folder
+
+
+def write_lineage(model_dir: Path, *, base: str = BASE, merged: list[str] = (), adapter: str | None = None) -> None:
+    (Path(model_dir) / LINEAGE_FILE).write_text(
+        json.dumps({"base": base, "merged": list(merged), "adapter": adapter}, indent=2) + "\n"
+    )
+
+
+def read_lineage(run_dir: Path, stage: str) -> dict:
+    path = Path(run_dir) / stage / "model" / LINEAGE_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found: the {stage} stage's output has no model")
+    return read_json(path)
+
+
+def load_trained(recipe: Recipe, run_dir: Path, stage: str, *, quantize: dict | None = None, merge: bool = False):
+    """Rebuild the model a stage trained: its starting weights, merged adapters, and its own adapter.
+
+    With ``merge`` the top adapter is folded in too (for merge_push). A 4-bit load of a lineage
+    with merged adapters merges in full precision first, since merging into 4-bit weights rounds.
+    """
+    from peft import PeftModel
+
+    lineage = read_lineage(run_dir, stage)
+    base_path = None if lineage["base"] == BASE else Path(run_dir) / lineage["base"]
+    merges = [Path(run_dir) / p for p in lineage["merged"]]
+    adapter = Path(run_dir) / lineage["adapter"] if lineage["adapter"] else None
+    if merge and adapter:
+        merges, adapter = merges + [adapter], None
+    model = load_model(recipe.model, path=base_path, quantize=None if merges else quantize)
+    for path in merges:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if merges and quantize is not None:
+        scratch = Path(run_dir) / ".merged-scratch"
+        model.save_pretrained(scratch)
+        model = load_model(recipe.model, path=scratch, quantize=quantize)
+        shutil.rmtree(scratch)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model
+
+
+def is_adapter(model_dir: Path) -> bool:
+    return (Path(model_dir) / "adapter_config.json").is_file()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit packed weights as the parameters they hold."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * 2 if p.dtype.itemsize == 1 and hasattr(p, "quant_state") else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+@contextmanager
+def _user_errors(source: str):
+    """Turn 'no such model, repo or revision' into a one-line UserError; network trouble stays a failure."""
+    try:
+        yield
+    except Exception as error:
+        chain = [error]
+        while chain[-1].__cause__ or chain[-1].__context__:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        hub_error = next((e for e in chain if type(e).__name__ in HUB_ERRORS), None)
+        if hub_error is not None:
+            raise UserError(f"model {source}: {str(hub_error).splitlines()[0]}") from None
+        looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
+        if isinstance(error, OSError) and looks_like_path and not Path(source).exists():
+            raise UserError(f"model {source}: no such folder") from None
+        raise
+
+
+def _listify(value):
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,78 @@
+"""Prepare: load the recipe's data sources, map them to TRL's conversational format, shrink images
+to what the processor will use, split train/eval/test, and write Arrow into the run folder.
+
+Runs on CPU, so that data problems surface before any GPU is allocated. Unusable rows are dropped
+and counted by reason; too many (prepare.max_drop_fraction) fail the stage with one line.
+
+    local:      python -m jobs.prepare --recipe recipes/tiny-demo.yaml
+                vlmjobs run recipes/tiny-demo.yaml --stages prepare
+    in cluster: python -m jobs.prepare            (the Job passes the resolved recipe in $VLMJOBS_RECIPE)
+
+Output: <run>/prepare/{sft,dpo}/{train,eval,test}/ (datasets.save_to_disk) and _SUCCESS.json.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from jobs import contract, recipe as recipes
+
+
+def main(recipe: str = "", force: bool = False, **overrides):
+    cfg = recipes.load(recipe, overrides)
+    stage = contract.begin(
+        "prepare", cfg.run_dir, force=force,
+        config=cfg.stage_config("prepare"),
+    )
+    if stage.skipped:
+        return
+
+    from datasets import DatasetDict
+
+    from jobs import data, modeling
+    from jobs.families import get_family
+
+    # Images are shrunk to the processor's own size limit, so the processor decides what "too big" is.
+    family = get_family(cfg.model.family)
+    processor = modeling.load_processor(cfg.model)
+    longest, shortest = family.max_image_edge(processor, cfg.prepare.image_scale)
+    print(f"prepare: images shrunk to longest side <= {longest or 'any'}, shortest side <= {shortest or 'any'} px")
+
+    def shrink(image):
+        return family.shrink(image, processor, cfg.prepare.image_scale)
+
+    rows, drops = {}, {}
+    for kind in ("sft", "dpo"):
+        source = getattr(cfg.data, kind)
+        if source is None:
+            continue
+        splits = {"train": source.train_split, "eval": source.eval_split, "test": source.test_split}
+        prepared = {}
+        for split, name in splits.items():
+            if name is None:
+                continue
+            where = f"data.{kind} ({source.path}, split {name})"
+            raw = data.load_split(source, name, scratch=stage.work / "scratch")
+            if cfg.prepare.max_rows is not None:
+                raw = raw.select(range(min(cfg.prepare.max_rows, len(raw))))
+            prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc)
+            data.check_drops(dropped, where, cfg.prepare)
+            drops[f"{kind}/{split}"] = dropped.to_dict()
+            print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))
+
+        # Held-out splits the source lacks are carved from train, test first so it never depends on eval_fraction.
+        for split in ("test", "eval"):
+            if split not in prepared:
+                fraction = getattr(cfg.prepare, f"{split}_fraction")
+                prepared["train"], prepared[split] = data.carve(prepared["train"], fraction, cfg.seed, f"data.{kind} ({source.path})")
+
+        DatasetDict(prepared).save_to_disk(stage.work / kind)
+        rows[kind] = {split: len(ds) for split, ds in prepared.items()}
+
+    shutil.rmtree(stage.work / "scratch", ignore_errors=True)
+    stage.finish(rows=rows, drops=drops)
+    print(f"prepare: rows {rows}")
+
+
+if __name__ == "__main__":
+    contract.entrypoint(main)

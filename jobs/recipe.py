@@ -1,0 +1,487 @@
+"""The recipe: one YAML file that describes a run, and the only place its schema lives.
+
+Precedence is dataclass default < YAML < command-line override (``--sft.args.learning_rate=1e-4``).
+Loading reports every problem at once, each naming its key; nothing here touches the disk
+beyond reading the recipe, so the launcher can validate before any GPU is asked for.
+
+The sections ``sft.args``/``dpo.args`` pass through to TRL's ``SFTConfig``/``DPOConfig``,
+``*.lora`` to peft's ``LoraConfig`` and ``*.quantization`` to transformers' ``BitsAndBytesConfig``;
+their keys and value types are checked against those classes (``check_passthrough``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs.contract import UserError
+
+STAGES = ("prepare", "sft", "dpo", "evaluate", "merge_push")
+STAGE_SECTIONS = {  # what each stage's output depends on, besides its inputs' fingerprints
+    "prepare": ("model", "data", "prepare", "seed"),
+    "sft": ("model", "sft", "seed"),
+    "dpo": ("model", "dpo", "seed"),
+    "evaluate": ("model", "evaluate", "seed"),
+    "merge_push": ("model", "merge_push"),
+}
+TRAINING_METHODS = ("lora", "qlora", "full")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+RECIPE_ENV = "VLMJOBS_RECIPE"  # the resolved recipe as JSON, as the launcher hands it to a stage
+
+# Kubernetes object names are DNS-1123 labels: lower-case alphanumerics and '-', 63 at most.
+DNS1123_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# A Job name is "<run>-<stage>"; the pods of an Indexed Job add "-<index>-<5 random>" and the
+# pod hostname must stay a label: 63 - len("-merge-push") 11 - len("-99-xxxxx") 9 = 43.
+MAX_RUN_ID = 43
+
+
+@dataclass(frozen=True)
+class Model:
+    name_or_path: str  # hub id (org/name) or local folder written by save_pretrained
+    family: str  # a key of jobs.families.FAMILIES
+    revision: str | None = None  # hub branch, tag or commit
+    dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, float32 otherwise
+    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
+    processor: dict = field(default_factory=dict)  # processor kwargs on top of the family's defaults
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str  # hub id, local folder or data file
+    format: str  # a key of jobs.formats.FORMATS
+    name: str | None = None  # hub config name
+    revision: str | None = None
+    train_split: str = "train"  # slicing works: train[:10%]
+    eval_split: str | None = None  # None: carved from the train split (prepare.eval_fraction)
+    test_split: str | None = None  # None: carved from the train split (prepare.test_fraction)
+    system_prompt: str | None = None  # prepended to every prompt as a system message
+
+
+@dataclass(frozen=True)
+class Data:
+    sft: Source | None = None  # prompt/answer rows, for sft and answer accuracy
+    dpo: Source | None = None  # preference rows, for dpo and preference accuracy
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str = ""  # defaults to the recipe's name; names the run folder and the Jobs
+    root: str = "runs"  # local folder holding run folders (the cluster uses kubernetes.mount_path)
+
+
+@dataclass(frozen=True)
+class Prepare:
+    image_scale: float = 1.0  # shrink images to this fraction of the processor's size (the blog: 0.5)
+    max_drop_fraction: float = 0.01  # fail when more rows than this are unusable
+    eval_fraction: float = 0.05  # carved from train when the source has no eval split
+    test_fraction: float = 0.05  # carved from train when the source has no test split
+    max_rows: int | None = None  # per split, after slicing; for quick looks at big sources
+    num_proc: int = 1  # worker processes for decoding and resizing images
+
+
+@dataclass(frozen=True)
+class Train:
+    method: str = "lora"  # lora | qlora (4-bit nf4 base) | full
+    lora: dict = field(default_factory=dict)  # peft.LoraConfig fields; target_modules defaults per family
+    quantization: dict = field(default_factory=dict)  # BitsAndBytesConfig fields for qlora
+    args: dict = field(default_factory=dict)  # trl SFTConfig / DPOConfig fields
+    resources: dict = field(default_factory=dict)  # Resources fields overriding the recipe's
+
+
+@dataclass(frozen=True)
+class SFT(Train):
+    pass
+
+
+@dataclass(frozen=True)
+class DPO(Train):
+    init: str = "sft"  # sft: start from the SFT stage's output when the run has one; base: from the base model
+    sft_adapter: str = "merge"  # merge: fold SFT's adapter into the weights first; continue: train it further
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    variants: tuple[str, ...] = ("base", "prompted", "sft", "dpo")  # those the run has are evaluated
+    system_prompt: str = "Answer with a single word or number, as short as possible."  # for "prompted"
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    max_samples: int | None = None  # per split; None evaluates the whole test split
+    primary_metric: str = "accuracy"  # what merge_push compares between base and tuned
+    resources: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergePush:
+    push: bool = False  # False writes the merged model to the run folder only
+    repo_id: str | None = None  # hub repo to push to, org/name
+    private: bool = True
+    revision: str | None = None  # hub branch to push to; None is main
+    dtype: str = "bfloat16"  # dtype of the merged weights
+    logits_atol: float = 1e-2  # merged vs adapter logits must agree within this
+    force: bool = False  # push even when evaluate shows the tuned model worse than base
+    resources: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int = 1  # per node
+    nodes: int = 1
+    gpu_product: str | None = None  # nodeSelector nvidia.com/gpu.product, e.g. NVIDIA-H100-80GB-HBM3
+    gpu_memory_gib: float | None = None  # for the memory check before training
+    cpu: str = "8"
+    memory: str = "64Gi"
+    shm: str = "16Gi"  # /dev/shm for DataLoader workers and NCCL; counts against memory
+
+
+@dataclass(frozen=True)
+class Kubernetes:
+    namespace: str = "vlmjobs"
+    image: str | None = None  # pinned tag or digest; None: the project's image at this version
+    pvc: str = "vlmjobs-runs"  # shared volume holding the run folders
+    mount_path: str = "/runs"
+    hf_token_secret: str | None = "hf-token"  # Secret holding HF_TOKEN; None: no token
+    hf_token_key: str = "token"
+    service_account: str | None = None
+    priority_class: str | None = None
+    queue: str | None = None  # Kueue LocalQueue name
+    image_pull_secrets: tuple[str, ...] = ()
+    backoff_limit: int = 3
+    active_deadline_seconds: int = 7 * 24 * 3600
+    ttl_seconds_after_finished: int = 3 * 24 * 3600
+    termination_grace_period_seconds: int = 300  # time to write a checkpoint after SIGTERM
+    target_version: str = "1.29"  # oldest Kubernetes the manifests must work on
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: Model
+    data: Data = field(default_factory=Data)
+    stages: tuple[str, ...] = STAGES
+    seed: int = 42
+    run: Run = field(default_factory=Run)
+    prepare: Prepare = field(default_factory=Prepare)
+    sft: SFT = field(default_factory=SFT)
+    dpo: DPO = field(default_factory=DPO)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    merge_push: MergePush = field(default_factory=MergePush)
+    resources: Resources = field(default_factory=Resources)
+    kubernetes: Kubernetes = field(default_factory=Kubernetes)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id or self.name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run_id
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the whole recipe, or of the named sections only."""
+        data = self.to_dict()
+        if sections:
+            data = {name: data[name] for name in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def stage_config(self, stage: str) -> dict:
+        """The recipe sections a stage's output depends on (resources excluded): its fingerprint's input."""
+        data = self.to_dict()
+        return {
+            key: {k: v for k, v in data[key].items() if k != "resources"} if isinstance(data[key], dict) else data[key]
+            for key in STAGE_SECTIONS[stage]
+        }
+
+    def resources_for(self, stage: str) -> Resources:
+        overrides = getattr(getattr(self, stage), "resources", {})
+        if stage == "prepare":  # data preparation runs on CPU so that data problems cost no GPU time
+            overrides = {"gpus": 0, "nodes": 1, **overrides}
+        return dataclasses.replace(self.resources, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file (or the resolved recipe in $VLMJOBS_RECIPE), apply overrides, validate."""
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise UserError(f"recipe {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        origin = str(path)
+    elif os.environ.get(RECIPE_ENV):
+        data, origin = json.loads(os.environ[RECIPE_ENV]), f"${RECIPE_ENV}"
+    else:
+        raise UserError(f"no recipe: pass --recipe=recipes/<name>.yaml or set ${RECIPE_ENV}")
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {origin}: expected a mapping of sections, got {type(data).__name__}")
+    return from_dict(data, overrides, origin=origin)
+
+
+def from_dict(data: dict, overrides: dict[str, Any] | None = None, *, origin: str = "recipe") -> Recipe:
+    data = json.loads(json.dumps(data))  # a deep copy that overrides may change
+    errors: list[str] = []
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value, errors)
+    recipe = _build(Recipe, data, "", errors)
+    if not errors:
+        errors.extend(_semantic_errors(recipe))
+    if errors:
+        raise UserError(f"recipe {origin}: " + "; ".join(errors))
+    return recipe
+
+
+def _set_dotted(data: dict, key: str, value: Any, errors: list[str]) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            errors.append(f"{key}: cannot override inside {part}, which is not a mapping")
+            return
+        node = child
+    node[leaf] = value
+
+
+def _build(cls, data: Any, where: str, errors: list[str]):
+    if not isinstance(data, dict):
+        errors.append(f"{where or 'recipe'}: expected a mapping, got {_kind(data)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    errors_before = len(errors)
+    for key in data:
+        if key not in fields:
+            errors.append(_unknown_key(f"{where}{key}", key, fields))
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{where}{name}: required")
+            continue
+        values[name] = _coerce(data[name], hints[name], f"{where}{name}", errors)
+    if len(errors) > errors_before:
+        return None
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str, errors: list[str]) -> Any:
+    """Check one value against a type hint; returns it in the dataclass's own type (tuples for lists)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where, errors)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{where}.", errors)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{where}: expected a list, got {_kind(value)}")
+            return None
+        return tuple(_coerce(v, args[0], f"{where}[{i}]", errors) for i, v in enumerate(value))
+    if hint is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {_kind(value)}")
+        return value
+    if hint is str:
+        # Fire and YAML read 1234 or 1e5 as numbers; a str field takes an int back as its text,
+        # but a float may have lost digits (python-fire#507), so it must be quoted.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected text, got {_kind(value)} (quote it)")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            errors.append(f"{where}: expected a number, got {_kind(value)}")
+            return value
+        return float(value)
+    raise TypeError(f"recipe schema: unsupported type {hint} at {where}")  # a bug in this module
+
+
+def _semantic_errors(recipe: Recipe) -> list[str]:
+    from jobs.families import FAMILIES
+    from jobs.formats import FORMATS
+
+    errors = []
+    if recipe.model.family not in FAMILIES:
+        errors.append(f"model.family: {recipe.model.family!r} is not supported (supported: {', '.join(FAMILIES)})")
+    if recipe.model.dtype not in DTYPES:
+        errors.append(f"model.dtype: {recipe.model.dtype!r} is not one of {', '.join(DTYPES)}")
+    if recipe.merge_push.dtype not in DTYPES[1:]:
+        errors.append(f"merge_push.dtype: {recipe.merge_push.dtype!r} is not one of {', '.join(DTYPES[1:])}")
+    for stage in recipe.stages:
+        if stage not in STAGES:
+            errors.append(f"stages: {stage!r} is not a stage (stages: {', '.join(STAGES)})")
+    if list(recipe.stages) != sorted(set(recipe.stages), key=lambda s: STAGES.index(s) if s in STAGES else 99):
+        errors.append(f"stages: list each stage once, in the order {', '.join(STAGES)}")
+    if recipe.stages and recipe.stages[0] != "prepare" and "prepare" not in recipe.stages:
+        errors.append("stages: every run starts with prepare")
+    if not DNS1123_LABEL.match(recipe.run_id) or len(recipe.run_id) > MAX_RUN_ID:
+        errors.append(
+            f"run.id: {recipe.run_id!r} must be a DNS-1123 label of at most {MAX_RUN_ID} characters "
+            "(lower-case letters, digits and '-', starting with a letter), since it names the Kubernetes Jobs"
+        )
+    for name in ("sft", "dpo"):
+        source = getattr(recipe.data, name)
+        if source and source.format not in FORMATS:
+            errors.append(f"data.{name}.format: {source.format!r} is not supported (supported: {', '.join(FORMATS)})")
+        if source and source.format in FORMATS and FORMATS[source.format].kind != name:
+            kinds = [k for k, f in FORMATS.items() if f.kind == name]
+            errors.append(f"data.{name}.format: {source.format!r} holds {FORMATS[source.format].kind} rows; use one of {', '.join(kinds)}")
+    for stage in ("sft", "dpo"):
+        if stage in recipe.stages and getattr(recipe.data, stage) is None:
+            errors.append(f"data.{stage}: the {stage} stage needs a data source (or remove {stage} from stages)")
+        train = getattr(recipe, stage)
+        if train.method not in TRAINING_METHODS:
+            errors.append(f"{stage}.method: {train.method!r} is not one of {', '.join(TRAINING_METHODS)}")
+    if "prepare" in recipe.stages and recipe.data.sft is None and recipe.data.dpo is None:
+        errors.append("data: give data.sft or data.dpo")
+    if recipe.dpo.init not in ("sft", "base"):
+        errors.append(f"dpo.init: {recipe.dpo.init!r} is not one of sft, base")
+    if recipe.dpo.sft_adapter not in ("merge", "continue"):
+        errors.append(f"dpo.sft_adapter: {recipe.dpo.sft_adapter!r} is not one of merge, continue")
+    for variant in recipe.evaluate.variants:
+        if variant not in ("base", "prompted", "sft", "dpo"):
+            errors.append(f"evaluate.variants: {variant!r} is not one of base, prompted, sft, dpo")
+    if recipe.merge_push.push and not recipe.merge_push.repo_id:
+        errors.append("merge_push.repo_id: required when merge_push.push is true")
+    for fraction in ("max_drop_fraction", "eval_fraction", "test_fraction"):
+        if not 0 <= getattr(recipe.prepare, fraction) < 1:
+            errors.append(f"prepare.{fraction}: must be in [0, 1)")
+    if not 0 < recipe.prepare.image_scale <= 1:
+        errors.append("prepare.image_scale: must be in (0, 1]")
+    for stage in STAGES:
+        overrides = getattr(getattr(recipe, stage), "resources", {})
+        for key in overrides:
+            if key not in {f.name for f in dataclasses.fields(Resources)}:
+                errors.append(_unknown_key(f"{stage}.resources.{key}", key, {f.name: f for f in dataclasses.fields(Resources)}))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass-through sections, checked against the library classes they are handed to
+
+STAGE_OWNED_ARGS = {  # set by the stage from the run folder; a recipe value would be silently ignored
+    "output_dir": "the stage writes into the run folder",
+    "resume_from_checkpoint": "the stage resumes from the newest complete checkpoint by itself",
+    "push_to_hub": "merge_push pushes once evaluation has passed",
+}
+
+
+def check_passthrough(recipe: Recipe) -> None:
+    """Check sft/dpo args, lora and quantization keys and value types against TRL, peft and transformers."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import DPOConfig, SFTConfig
+
+    errors: list[str] = []
+    for stage, config_cls in (("sft", SFTConfig), ("dpo", DPOConfig)):
+        if stage not in recipe.stages:
+            continue
+        train = getattr(recipe, stage)
+        for key in train.args:
+            if key in STAGE_OWNED_ARGS:
+                errors.append(f"{stage}.args.{key}: set by the stage ({STAGE_OWNED_ARGS[key]}); remove it")
+        errors += _check_fields(config_cls, train.args, f"{stage}.args")
+        errors += _check_fields(LoraConfig, train.lora, f"{stage}.lora")
+        errors += _check_fields(BitsAndBytesConfig, train.quantization, f"{stage}.quantization", init_only=True)
+    if errors:
+        raise UserError("recipe: " + "; ".join(errors))
+
+
+def _check_fields(cls, values: dict, where: str, init_only: bool = False) -> list[str]:
+    if dataclasses.is_dataclass(cls):
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+    else:  # BitsAndBytesConfig is a plain class: its __init__ is the schema
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        known = {k: p for k, p in params.items() if k not in ("self", "kwargs")}
+        hints = {k: p.annotation for k, p in known.items() if p.annotation is not inspect.Parameter.empty}
+    errors = []
+    for key, value in values.items():
+        if key not in known:
+            errors.append(_unknown_key(f"{where}.{key}", key, known, owner=cls.__name__))
+        elif key in hints and not _matches(value, hints[key]):
+            errors.append(f"{where}.{key}: {_kind(value)} does not fit {cls.__name__}.{key} ({_hint_name(hints[key])})")
+    return errors
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Loose type check for library config fields: True when unsure."""
+    if isinstance(hint, str) or hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type) and issubclass(hint, __import__("enum").Enum):
+        return value in {m.value for m in hint} or value in {m.name for m in hint}
+    return True
+
+
+def _unknown_key(where: str, key: str, known, owner: str | None = None) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    of = f" ({owner} has no field {key!r})" if owner else ""
+    return f"{where}: unknown key{of}{hint}"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) < 40 else text[:37] + '...'}"
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -1,0 +1,68 @@
+"""SFT: supervised fine-tuning with TRL's SFTTrainer on the prepared prompt/completion rows.
+
+LoRA, QLoRA (4-bit nf4 base, double quantisation) or full fine-tuning, as ``sft.method`` says.
+Checkpoints go to the run folder; started again after an interruption, the stage resumes from
+the newest complete checkpoint. On SIGTERM it writes a checkpoint and exits 143.
+
+    local:      python -m jobs.sft --recipe recipes/tiny-demo.yaml [--sft.args.learning_rate=1e-4]
+                vlmjobs run recipes/tiny-demo.yaml --stages sft
+    in cluster: python -m jobs.sft            (accelerate launch ... -m jobs.sft with several GPUs)
+
+Output: <run>/sft/model/ (adapter or weights, processor, lineage.json), metrics.jsonl, _SUCCESS.json.
+"""
+
+from __future__ import annotations
+
+from jobs import contract, recipe as recipes
+
+
+def main(recipe: str = "", force: bool = False, **overrides):
+    cfg = recipes.load(recipe, overrides)
+    recipes.check_passthrough(cfg)
+    stage = contract.begin(
+        "sft", cfg.run_dir, needs=("prepare",), force=force,
+        config=cfg.stage_config("sft"),
+    )
+    if stage.skipped:
+        return
+
+    from datasets import load_from_disk
+    from trl import SFTConfig, SFTTrainer
+
+    from jobs import modeling, training
+    from jobs.families import get_family
+
+    family = get_family(cfg.model.family)
+    processor = modeling.load_processor(cfg.model)
+    model = modeling.load_model(cfg.model, quantize=modeling.quantization(cfg.sft))
+    data = load_from_disk(stage.input("prepare") / "sft")
+    train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
+
+    args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=model.dtype)
+    peft_config = None if cfg.sft.method == "full" else modeling.lora_config(cfg.sft, family)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=processor,
+        peft_config=peft_config, callbacks=training.callbacks("sft", stage.work),
+    )
+    training.plan("sft", model=trainer.model, train_rows=len(train), args=args, world_size=training.world_size(),
+                  extra={"method": cfg.sft.method})
+
+    checkpoint = contract.newest_complete_checkpoint(stage.work / "checkpoints")
+    if checkpoint:
+        print(f"sft: resuming from {checkpoint}")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    training.stop_if_interrupted(trainer, "sft")
+
+    trainer.save_model(str(stage.work / "model"))
+    trainer.accelerator.wait_for_everyone()
+    if contract.is_main_process():
+        processor.save_pretrained(stage.work / "model")
+        if peft_config is None:
+            modeling.write_lineage(stage.work / "model", base="sft/model")
+        else:
+            modeling.write_lineage(stage.work / "model", adapter="sft/model")
+    stage.finish(rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint)
+
+
+if __name__ == "__main__":
+    contract.entrypoint(main)

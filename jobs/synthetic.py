@@ -1,0 +1,169 @@
+"""Synthetic data in the real data sets' schemas, for tests and the demo.
+
+Written as the hub lays data sets out (parquet with image bytes under ``data/``, splits declared in
+the README's YAML), so ``datasets.load_dataset(folder)`` reads them exactly as it reads the hub.
+Every answer follows from the picture (a bar's colour, how many bars, whether a colour is present),
+so a model that learns shows it in the numbers.
+
+    ChartQA-shaped    image, query, label (list of strings), human_or_machine     splits train, val, test
+    RLAIF-V-shaped    ds_name, image, question, chosen, rejected, origin_dataset,  split train
+                      origin_split, idx, image_path
+    messages          messages (role/content parts), images                       split train
+
+    vlmjobs synth-data --kind chartqa --out .cache/data/chartqa --rows 400
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 20),
+}
+WIDTH, HEIGHT = 96, 72  # larger than the tiny processors' 32 px, so that prepare has something to shrink
+MAX_BARS = 3
+
+
+def chart(bars: list[tuple[str, int]]) -> bytes:
+    """A bar chart as PNG bytes: one bar per (colour, value 1..9), left to right, on white."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    slot = WIDTH // MAX_BARS
+    for i, (colour, value) in enumerate(bars):
+        top = HEIGHT - 4 - int(value * (HEIGHT - 8) / 9)
+        draw.rectangle([i * slot + 4, top, (i + 1) * slot - 4, HEIGHT - 4], fill=COLOURS[colour])
+    draw.line([0, HEIGHT - 3, WIDTH, HEIGHT - 3], fill=(0, 0, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _random_bars(rng: random.Random) -> list[tuple[str, int]]:
+    colours = rng.sample(list(COLOURS), rng.randint(1, MAX_BARS))
+    values = rng.sample(range(1, 10), len(colours))  # distinct, so "the tallest" is well defined
+    return list(zip(colours, values))
+
+
+def chartqa_question(bars: list[tuple[str, int]], rng: random.Random) -> tuple[str, str]:
+    if rng.random() < 0.5:
+        return "What colour is the tallest bar?", max(bars, key=lambda b: b[1])[0]
+    return "How many bars are there?", str(len(bars))
+
+
+def chartqa_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        bars = _random_bars(rng)
+        query, answer = chartqa_question(bars, rng)
+        rows.append({"image": {"bytes": chart(bars), "path": None}, "query": query, "label": [answer], "human_or_machine": rng.randint(0, 1)})
+    return rows
+
+
+def rlaif_v_rows(n: int, seed: int = 0) -> list[dict]:
+    """Yes/no questions about colours that may be absent, as RLAIF-V and AMBER ask about objects."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        bars = _random_bars(rng)
+        present = rng.random() < 0.5
+        shown = {c for c, _ in bars}
+        colour = rng.choice(sorted(shown if present else set(COLOURS) - shown))
+        yes, no = "Yes", "No"
+        rows.append({
+            "ds_name": "synthetic-charts",
+            "image": {"bytes": chart(bars), "path": None},
+            "question": f"Is there a {colour} bar in the chart?",
+            "chosen": yes if present else no,
+            "rejected": no if present else yes,
+            "origin_dataset": "vlmjobs.synthetic",
+            "origin_split": "train",
+            "idx": str(i),
+            "image_path": f"synthetic/{i}.png",
+        })
+    return rows
+
+
+def messages_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversations with images in a column and {"type": "image"} placeholders in the messages."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        bars = _random_bars(rng)
+        query, answer = chartqa_question(bars, rng)
+        rows.append({
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": query}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            ],
+            "images": [{"bytes": chart(bars), "path": None}],
+        })
+    return rows
+
+
+def features(kind: str):
+    from datasets import ClassLabel, Features, Image, List, Value
+
+    text = Value("string")
+    return {
+        "chartqa": Features({"image": Image(), "query": text, "label": List(text), "human_or_machine": ClassLabel(names=["human", "machine"])}),
+        "rlaif-v": Features({
+            "ds_name": text, "image": Image(), "question": text, "chosen": text, "rejected": text,
+            "origin_dataset": text, "origin_split": text, "idx": text, "image_path": text,
+        }),
+        "messages": Features({
+            "messages": List({"role": text, "content": List({"type": text, "text": text})}),
+            "images": List(Image()),
+        }),
+    }[kind]
+
+
+ROWS = {"chartqa": chartqa_rows, "rlaif-v": rlaif_v_rows, "messages": messages_rows}
+SPLITS = {"chartqa": ("train", "val", "test"), "rlaif-v": ("train",), "messages": ("train",)}
+
+
+def write(kind: str, out: str | Path, rows: int = 400, seed: int = 0) -> Path:
+    """Write a synthetic data set of ``kind`` into ``out``; ChartQA gets val and test splits of rows/5 each."""
+    splits = {}
+    for i, split in enumerate(SPLITS[kind]):
+        splits[split] = ROWS[kind](rows if split == "train" else max(1, rows // 5), seed=seed * 1000 + i)
+    return write_splits(kind, out, splits)
+
+
+def write_splits(kind: str, out: str | Path, splits: dict[str, list[dict]]) -> Path:
+    """Write rows (possibly hand-corrupted by a test) split by split, with the hub's README layout."""
+    from datasets import Dataset
+
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        Dataset.from_list(rows, features=features(kind)).to_parquet(out / "data" / f"{split}-00000-of-00001.parquet")
+    config = "\n".join(f"  - split: {s}\n    path: data/{s}-*" for s in splits)
+    (out / "README.md").write_text(f"---\nconfigs:\n- config_name: default\n  data_files:\n{config}\n---\n# Synthetic {kind} data (vlmjobs)\n")
+    return out
+
+
+def corpus() -> list[str]:
+    """Text the tiny tokenizers are trained on: every word the synthetic data and chat templates use."""
+    rng = random.Random(0)
+    lines = [
+        "What colour is the tallest bar? How many bars are there? Is there a bar in the chart?",
+        "Yes No yes no " + " ".join(COLOURS) + " " + " ".join(str(i) for i in range(10)),
+        "USER: ASSISTANT: User: Assistant: system user assistant You are a helpful assistant.",
+        "Answer with a single word or number, as short as possible.",
+        "You are a Vision Language Model specialized in interpreting visual data from chart images.",
+    ]
+    for _ in range(200):
+        bars = _random_bars(rng)
+        query, answer = chartqa_question(bars, rng)
+        lines.append(f"{query} {answer} Is there a {rng.choice(list(COLOURS))} bar in the chart? Yes No")
+    return lines

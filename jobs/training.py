@@ -1,0 +1,131 @@
+"""What the two training stages (sft, dpo) share: their TRL config, logging, and stopping cleanly.
+
+Imported inside the stages' ``main`` (it pulls in transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from jobs.contract import UserError, is_main_process
+from jobs.recipe import Train
+
+# Stage defaults under the recipe's ``args``; printed at start so nothing is filled in silently.
+STAGE_DEFAULTS = {
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "max_length": None,  # truncating a VLM sample can cut through its image tokens
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+}
+METRICS_FILE = "metrics.jsonl"
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: a checkpoint was written; the Job's retry resumes from it
+
+
+def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype):
+    """The stage's TRL config: stage defaults < recipe args; bf16 follows the model's dtype unless set."""
+    import torch
+
+    args = {**STAGE_DEFAULTS, "seed": seed, **train.args}
+    if "bf16" not in train.args and "fp16" not in train.args:
+        args["bf16"] = dtype == torch.bfloat16
+    # Progress bars redraw with carriage returns, which pod logs keep as one endless line.
+    args.setdefault("disable_tqdm", not sys.stdout.isatty())
+    try:
+        return config_class(output_dir=str(output_dir), **args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{config_class.__name__} rejects the recipe's args: {e}") from None
+
+
+def plan(stage: str, *, model, train_rows: int, args, world_size: int, extra: dict | None = None) -> dict:
+    """Print and return the numbers derived from the config (nanoGPT's "tokens per iteration")."""
+    from jobs.memory import estimate
+    from jobs.modeling import count_parameters
+
+    trainable, total = count_parameters(model)
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(train_rows / effective_batch) * math.ceil(args.num_train_epochs)
+    numbers = {
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "train_rows": train_rows,
+        "processes": world_size,
+        "effective_batch": effective_batch,
+        "optimizer_steps": steps,
+        **(extra or {}),
+    }
+    memory = estimate(model, trainable=trainable, reference_copy=(extra or {}).get("reference_copy", False))
+    if is_main_process():
+        print(f"{stage}: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in numbers.items()))
+        print(f"{stage}: memory before activations, per process: {memory}")
+    return numbers
+
+
+def callbacks(stage: str, work: Path) -> list:
+    return [MetricsLog(stage, work / METRICS_FILE), SaveOnSigterm()]
+
+
+class MetricsLog(TrainerCallback):
+    """Every logged step as one JSON line in the run folder, and one plain line on stdout."""
+
+    def __init__(self, stage: str, path: Path):
+        self.stage, self.path = stage, path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in logs.items() if k in SHOWN_METRICS)
+        print(f"{self.stage}: step {state.global_step}/{state.max_steps} {shown}", flush=True)
+
+
+SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "rewards/margins", "rewards/accuracies", "mean_token_accuracy")
+
+
+class SaveOnSigterm(TrainerCallback):
+    """On SIGTERM (preemption, node drain, kubectl delete) write a checkpoint and stop, within the grace period."""
+
+    def __init__(self):
+        self.requested = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def stop_if_interrupted(trainer, stage: str) -> None:
+    """After ``train()`` returns: exit with 143 if it stopped for SIGTERM, so the stage is not marked done."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, SaveOnSigterm) and callback.requested:
+            print(f"{stage}: stopped on SIGTERM at step {trainer.state.global_step}; checkpoint saved, a restart resumes", flush=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,1 @@
+"""Runs the stages: locally one after another (``local``), or as Kubernetes Jobs."""

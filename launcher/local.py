@@ -1,0 +1,45 @@
+"""The local runner: the embedded default when there is no cluster. It runs each stage's command,
+the very argv and environment its Kubernetes Job would get, one after another on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from jobs.contract import UserError
+from jobs.recipe import STAGES, Recipe
+from launcher.commands import stage_argv, stage_env
+
+
+class StageFailed(Exception):
+    """A stage exited non-zero; carries its exit code so the runner can pass it on."""
+
+    def __init__(self, stage: str, returncode: int, argv: list[str]):
+        super().__init__(f"stage {stage} failed with exit code {returncode}: {shlex.join(argv)}")
+        self.stage, self.returncode, self.argv = stage, returncode, argv
+
+
+def run(recipe: Recipe, stages: tuple[str, ...] | None = None, *, force: bool = False) -> None:
+    """Run ``stages`` (default: the recipe's) in order; raises StageFailed at the first failure."""
+    stages = tuple(stages or recipe.stages)
+    unknown = [s for s in stages if s not in recipe.stages]
+    if unknown:
+        raise UserError(f"--stages: {', '.join(unknown)} not in the recipe's stages ({', '.join(recipe.stages)})")
+    env = {**os.environ, **stage_env(recipe), "PYTHONUNBUFFERED": "1"}
+    started = time.time()
+    for stage in sorted(stages, key=STAGES.index):
+        argv = stage_argv(recipe, stage, python=sys.executable) + (["--force"] if force else [])
+        print(f"==> {stage} [{recipe.run_dir}]: {shlex.join(argv)}", flush=True)
+        returncode = subprocess.call(argv, env=env)
+        if returncode != 0:
+            raise StageFailed(stage, returncode, argv)
+    print(f"==> done in {time.time() - started:.0f}s: {', '.join(stages)} in {recipe.run_dir}", flush=True)
+
+
+def exit_code(error: StageFailed) -> int:
+    """The stage's own exit code, so that user errors stay distinguishable from failures upstream."""
+    return error.returncode if error.returncode > 0 else 128 - error.returncode  # -N: killed by signal N
