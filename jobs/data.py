@@ -119,11 +119,11 @@ def check_drops(drops: Drops, where: str, prepare: Prepare) -> None:
         )
 
 
-def carve(train, fraction: float, seed: int, what: str):
-    """Split ``fraction`` of ``train`` off as a held-out split; returns (train, held_out)."""
-    held = max(1, round(len(train) * fraction))
+def carve(train, held: int, seed: int, what: str):
+    """Split ``held`` rows off ``train`` as a held-out split; returns (train, held_out)."""
+    held = max(1, held)
     if held >= len(train):
-        raise UserError(f"{what}: {len(train)} training rows are too few to hold out {fraction:.0%} for evaluation")
+        raise UserError(f"{what}: {len(train)} training rows are too few to hold {held} out for evaluation")
     parts = train.train_test_split(test_size=held, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
 

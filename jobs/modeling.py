@@ -104,10 +104,12 @@ def read_lineage(run_dir: Path, stage: str) -> dict:
     return read_json(path)
 
 
-def load_trained(recipe: Recipe, run_dir: Path, stage: str, *, quantize: dict | None = None, merge: bool = False):
+def load_trained(
+    recipe: Recipe, run_dir: Path, stage: str, *, quantize: dict | None = None, merge: bool = False, trainable: bool = False
+):
     """Rebuild the model a stage trained: its starting weights, merged adapters, and its own adapter.
 
-    With ``merge`` the top adapter is folded in too (for merge_push). A 4-bit load of a lineage
+    With ``merge`` the top adapter is folded in too; with ``trainable`` it stays trainable. A 4-bit load of a lineage
     with merged adapters merges in full precision first, since merging into 4-bit weights rounds.
     """
     from peft import PeftModel
@@ -127,7 +129,7 @@ def load_trained(recipe: Recipe, run_dir: Path, stage: str, *, quantize: dict | 
         model = load_model(recipe.model, path=scratch, quantize=quantize)
         shutil.rmtree(scratch)
     if adapter:
-        model = PeftModel.from_pretrained(model, adapter)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     return model
 
 

@@ -60,11 +60,12 @@ def main(recipe: str = "", force: bool = False, **overrides):
             drops[f"{kind}/{split}"] = dropped.to_dict()
             print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))
 
-        # Held-out splits the source lacks are carved from train, test first so it never depends on eval_fraction.
+        # Held-out splits the source lacks are carved from train, as fractions of all of it.
+        total = len(prepared["train"])
         for split in ("test", "eval"):
             if split not in prepared:
-                fraction = getattr(cfg.prepare, f"{split}_fraction")
-                prepared["train"], prepared[split] = data.carve(prepared["train"], fraction, cfg.seed, f"data.{kind} ({source.path})")
+                held = round(total * getattr(cfg.prepare, f"{split}_fraction"))
+                prepared["train"], prepared[split] = data.carve(prepared["train"], held, cfg.seed, f"data.{kind} ({source.path})")
 
         DatasetDict(prepared).save_to_disk(stage.work / kind)
         rows[kind] = {split: len(ds) for split, ds in prepared.items()}

@@ -44,12 +44,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=processor,
         peft_config=peft_config, callbacks=training.callbacks("sft", stage.work),
     )
-    training.plan("sft", model=trainer.model, train_rows=len(train), args=args, world_size=training.world_size(),
-                  extra={"method": cfg.sft.method})
-
-    checkpoint = contract.newest_complete_checkpoint(stage.work / "checkpoints")
-    if checkpoint:
-        print(f"sft: resuming from {checkpoint}")
+    checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train), extra={"method": cfg.sft.method})
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "sft")
 
@@ -61,7 +56,10 @@ def main(recipe: str = "", force: bool = False, **overrides):
             modeling.write_lineage(stage.work / "model", base="sft/model")
         else:
             modeling.write_lineage(stage.work / "model", adapter="sft/model")
-    stage.finish(rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint)
+    stage.finish(
+        rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
+        method=cfg.sft.method, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+    )
 
 
 if __name__ == "__main__":

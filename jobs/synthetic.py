@@ -27,7 +27,7 @@ COLOURS = {
     "purple": (140, 50, 170),
     "orange": (245, 130, 20),
 }
-WIDTH, HEIGHT = 96, 72  # larger than the tiny processors' 32 px, so that prepare has something to shrink
+WIDTH, HEIGHT = 72, 72  # square, so that center-cropping processors (CLIP) keep every bar; larger than the tiny 32 px
 MAX_BARS = 3
 
 
@@ -37,11 +37,10 @@ def chart(bars: list[tuple[str, int]]) -> bytes:
 
     image = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    slot = WIDTH // MAX_BARS
+    slot = WIDTH // len(bars)
     for i, (colour, value) in enumerate(bars):
         top = HEIGHT - 4 - int(value * (HEIGHT - 8) / 9)
         draw.rectangle([i * slot + 4, top, (i + 1) * slot - 4, HEIGHT - 4], fill=COLOURS[colour])
-    draw.line([0, HEIGHT - 3, WIDTH, HEIGHT - 3], fill=(0, 0, 0))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -49,22 +48,24 @@ def chart(bars: list[tuple[str, int]]) -> bytes:
 
 def _random_bars(rng: random.Random) -> list[tuple[str, int]]:
     colours = rng.sample(list(COLOURS), rng.randint(1, MAX_BARS))
-    values = rng.sample(range(1, 10), len(colours))  # distinct, so "the tallest" is well defined
+    values = rng.sample(range(1, 10), len(colours))
     return list(zip(colours, values))
 
 
-def chartqa_question(bars: list[tuple[str, int]], rng: random.Random) -> tuple[str, str]:
+def chartqa_question(rng: random.Random) -> tuple[list[tuple[str, int]], str, str]:
+    """A chart and a question about it: the colour of a lone bar, or how many bars there are."""
     if rng.random() < 0.5:
-        return "What colour is the tallest bar?", max(bars, key=lambda b: b[1])[0]
-    return "How many bars are there?", str(len(bars))
+        bar = (rng.choice(list(COLOURS)), rng.randint(1, 9))
+        return [bar], "What colour is the bar?", bar[0]
+    bars = _random_bars(rng)
+    return bars, "How many bars are there?", str(len(bars))
 
 
 def chartqa_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        bars = _random_bars(rng)
-        query, answer = chartqa_question(bars, rng)
+        bars, query, answer = chartqa_question(rng)
         rows.append({"image": {"bytes": chart(bars), "path": None}, "query": query, "label": [answer], "human_or_machine": rng.randint(0, 1)})
     return rows
 
@@ -74,10 +75,11 @@ def rlaif_v_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        bars = _random_bars(rng)
+        colour = "red"
         present = rng.random() < 0.5
-        shown = {c for c, _ in bars}
-        colour = rng.choice(sorted(shown if present else set(COLOURS) - shown))
+        bars = _random_bars(rng)
+        while any(c == colour for c, _ in bars) != present:
+            bars = _random_bars(rng)
         yes, no = "Yes", "No"
         rows.append({
             "ds_name": "synthetic-charts",
@@ -98,8 +100,7 @@ def messages_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        bars = _random_bars(rng)
-        query, answer = chartqa_question(bars, rng)
+        bars, query, answer = chartqa_question(rng)
         rows.append({
             "messages": [
                 {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": query}]},
@@ -156,14 +157,13 @@ def corpus() -> list[str]:
     """Text the tiny tokenizers are trained on: every word the synthetic data and chat templates use."""
     rng = random.Random(0)
     lines = [
-        "What colour is the tallest bar? How many bars are there? Is there a bar in the chart?",
+        "What colour is the bar? How many bars are there? Is there a bar in the chart?",
         "Yes No yes no " + " ".join(COLOURS) + " " + " ".join(str(i) for i in range(10)),
         "USER: ASSISTANT: User: Assistant: system user assistant You are a helpful assistant.",
         "Answer with a single word or number, as short as possible.",
         "You are a Vision Language Model specialized in interpreting visual data from chart images.",
     ]
     for _ in range(200):
-        bars = _random_bars(rng)
-        query, answer = chartqa_question(bars, rng)
+        _, query, answer = chartqa_question(rng)
         lines.append(f"{query} {answer} Is there a {rng.choice(list(COLOURS))} bar in the chart? Yes No")
     return lines

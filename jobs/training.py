@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -46,28 +45,30 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
         raise UserError(f"{config_class.__name__} rejects the recipe's args: {e}") from None
 
 
-def plan(stage: str, *, model, train_rows: int, args, world_size: int, extra: dict | None = None) -> dict:
-    """Print and return the numbers derived from the config (nanoGPT's "tokens per iteration")."""
+def start(stage: str, trainer, *, work: Path, train_rows: int, extra: dict | None = None) -> str | None:
+    """Print the numbers derived from the config (nanoGPT's "tokens per iteration") and the memory
+    arithmetic; returns the newest complete checkpoint to resume from, if any."""
+    from transformers import PrinterCallback
+
+    from jobs.contract import newest_complete_checkpoint
     from jobs.memory import estimate
     from jobs.modeling import count_parameters
 
-    trainable, total = count_parameters(model)
-    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    trainer.remove_callback(PrinterCallback)  # MetricsLog prints the same, as one line per step
+    args, extra = trainer.args, extra or {}
+    trainable, total = count_parameters(trainer.model)
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     steps = args.max_steps if args.max_steps > 0 else math.ceil(train_rows / effective_batch) * math.ceil(args.num_train_epochs)
-    numbers = {
-        "parameters": total,
-        "trainable_parameters": trainable,
-        "train_rows": train_rows,
-        "processes": world_size,
-        "effective_batch": effective_batch,
-        "optimizer_steps": steps,
-        **(extra or {}),
-    }
-    memory = estimate(model, trainable=trainable, reference_copy=(extra or {}).get("reference_copy", False))
+    numbers = {"parameters": total, "trainable parameters": trainable, "train rows": train_rows,
+               "processes": args.world_size, "effective batch": effective_batch, "optimizer steps": steps, **extra}
+    checkpoint = newest_complete_checkpoint(work / "checkpoints")
     if is_main_process():
-        print(f"{stage}: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in numbers.items()))
-        print(f"{stage}: memory before activations, per process: {memory}")
-    return numbers
+        print(f"{stage}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in numbers.items()))
+        print(f"{stage}: memory before activations, per process: "
+              f"{estimate(trainer.model, trainable=trainable, reference_copy=extra.get('reference copy', False))}")
+        if checkpoint:
+            print(f"{stage}: resuming from {checkpoint}")
+    return checkpoint
 
 
 def callbacks(stage: str, work: Path) -> list:
@@ -98,9 +99,13 @@ class SaveOnSigterm(TrainerCallback):
 
     def __init__(self):
         self.requested = False
+        self.previous = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        signal.signal(signal.SIGTERM, self._request)
+        self.previous = signal.signal(signal.SIGTERM, self._request)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        signal.signal(signal.SIGTERM, self.previous or signal.SIG_DFL)
 
     def _request(self, signum, frame):
         self.requested = True
@@ -117,10 +122,6 @@ def stop_if_interrupted(trainer, stage: str) -> None:
         if isinstance(callback, SaveOnSigterm) and callback.requested:
             print(f"{stage}: stopped on SIGTERM at step {trainer.state.global_step}; checkpoint saved, a restart resumes", flush=True)
             sys.exit(EXIT_INTERRUPTED)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _fmt(value) -> str:

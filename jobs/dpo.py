@@ -1,0 +1,100 @@
+"""DPO: direct preference optimisation with TRL's DPOTrainer on the prepared prompt/chosen/rejected rows.
+
+Starts from the SFT stage's output when the run has one (``dpo.init: sft``), its adapter merged
+into the weights first or trained further (``dpo.sft_adapter``), else from the base model. With
+LoRA the reference model is the same weights with the adapter switched off, never a second copy;
+continuing SFT's adapter, TRL keeps a frozen copy of that adapter (not of the model) as reference.
+
+    local:      python -m jobs.dpo --recipe recipes/tiny-demo.yaml [--dpo.args.beta=0.1]
+                vlmjobs run recipes/tiny-demo.yaml --stages dpo
+    in cluster: python -m jobs.dpo            (accelerate launch ... -m jobs.dpo with several GPUs)
+
+Output: <run>/dpo/model/ (adapter or weights, processor, lineage.json), metrics.jsonl with rewards,
+margins, accuracies and log-probs at every logging step, and _SUCCESS.json.
+"""
+
+from __future__ import annotations
+
+from jobs import contract, recipe as recipes
+
+
+def main(recipe: str = "", force: bool = False, **overrides):
+    cfg = recipes.load(recipe, overrides)
+    recipes.check_passthrough(cfg)
+    from_sft = cfg.dpo.init == "sft" and "sft" in cfg.stages
+    stage = contract.begin(
+        "dpo", cfg.run_dir, cfg.stage_config("dpo"), needs=("prepare", "sft") if from_sft else ("prepare",), force=force,
+    )
+    if stage.skipped:
+        return
+
+    import copy
+
+    from datasets import load_from_disk
+    from trl import DPOConfig, DPOTrainer
+
+    from jobs import modeling, training
+    from jobs.families import get_family
+
+    family = get_family(cfg.model.family)
+    processor = modeling.load_processor(cfg.model)
+    model, lineage, start = starting_point(cfg, stage.run_dir, from_sft)
+    data = load_from_disk(stage.input("prepare") / "dpo")
+    train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
+
+    args = training.trl_config(DPOConfig, cfg.dpo, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=model.dtype)
+    # A new adapter on top, unless SFT's adapter is being trained further (it is already on the model).
+    new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None
+    trainer = DPOTrainer(
+        model=model,
+        # Full fine-tuning needs a frozen copy; TRL would reload it from the base model's id, which is not
+        # the merged SFT weights this run starts from.
+        ref_model=copy.deepcopy(model).eval() if cfg.dpo.method == "full" else None,
+        args=args, train_dataset=train, eval_dataset=held_out, processing_class=processor,
+        peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
+        callbacks=training.callbacks("dpo", stage.work),
+    )
+    checkpoint = training.start(
+        "dpo", trainer, work=stage.work, train_rows=len(train),
+        extra={"method": cfg.dpo.method, "starting from": start, "beta": args.beta, "loss": args.loss_type,
+               "reference copy": cfg.dpo.method == "full"},
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    training.stop_if_interrupted(trainer, "dpo")
+
+    trainer.save_model(str(stage.work / "model"))
+    trainer.accelerator.wait_for_everyone()
+    if contract.is_main_process():
+        processor.save_pretrained(stage.work / "model")
+        if cfg.dpo.method == "full":
+            modeling.write_lineage(stage.work / "model", base="dpo/model")
+        else:
+            modeling.write_lineage(stage.work / "model", base=lineage["base"], merged=lineage["merged"], adapter="dpo/model")
+    stage.finish(
+        rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
+        method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+    )
+
+
+def starting_point(cfg, run_dir, from_sft: bool):
+    """(model, lineage of the weights under DPO's adapter, description) for the recipe's dpo.init."""
+    from jobs import modeling
+
+    quantize = modeling.quantization(cfg.dpo)
+    if not from_sft:
+        return modeling.load_model(cfg.model, quantize=quantize), {"base": modeling.BASE, "merged": [], "adapter": None}, "base model"
+    sft = modeling.read_lineage(run_dir, "sft")
+    if sft["adapter"] is None:  # SFT trained every weight: DPO starts from them
+        return (modeling.load_model(cfg.model, path=run_dir / sft["base"], quantize=quantize),
+                {"base": sft["base"], "merged": [], "adapter": None}, "sft weights")
+    if cfg.dpo.sft_adapter == "continue":
+        if cfg.dpo.method == "full":
+            raise contract.UserError("dpo.sft_adapter: continue trains SFT's adapter further; it needs dpo.method lora or qlora")
+        model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, trainable=True)
+        return model, sft, "sft adapter, trained further"
+    model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, merge=True)
+    return model, {"base": sft["base"], "merged": sft["merged"] + [sft["adapter"]], "adapter": None}, "sft adapter merged"
+
+
+if __name__ == "__main__":
+    contract.entrypoint(main)

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models of the real classes and synthetic data in the real schemas,
+built once per session, offline. Stages run in-process on them, as TRL's CLI tests do."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Nothing in the suite may reach the hub: a stray download fails instead of hanging or passing by luck.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a stage run as its own process: this checkout first on the import path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **extra}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model("llava") -> folder of a tiny LLaVA saved with save_pretrained; built once per session."""
+    from jobs import tiny
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = tiny.build(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """synthetic_data("chartqa") -> folder laid out like the hub data set, 400 training rows."""
+    from jobs import synthetic
+
+    written: dict[str, Path] = {}
+
+    def get(kind: str, rows: int = 400) -> Path:
+        key = f"{kind}-{rows}"
+        if key not in written:
+            written[key] = synthetic.write(kind, tmp_path_factory.mktemp(key), rows=rows)
+        return written[key]
+
+    return get
+
+
+@pytest.fixture
+def write_recipe(tmp_path, tiny_model, synthetic_data):
+    """write_recipe(family="llava", **sections) -> path of a recipe on tiny models and synthetic data.
+
+    Sections given replace the defaults below; the run folder is under tmp_path.
+    """
+
+    def write(family: str = "llava", name: str = "t", **sections) -> Path:
+        recipe = {
+            "name": name,
+            "model": {"name_or_path": str(tiny_model(family)), "family": family},
+            "data": {
+                "sft": {"path": str(synthetic_data("chartqa")), "format": "chartqa", "eval_split": "val", "test_split": "test"},
+                "dpo": {"path": str(synthetic_data("rlaif-v")), "format": "rlaif-v"},
+            },
+            "run": {"root": str(tmp_path / "runs")},
+            "stages": ["prepare", "sft"],
+            "sft": {"method": "full", "args": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1}},
+        }
+        recipe.update(sections)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return write

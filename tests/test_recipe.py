@@ -1,0 +1,130 @@
+"""The recipe schema: precedence, every problem reported at once naming its key, and the shipped recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import recipe as recipes
+from jobs.contract import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = {
+    "name": "r", "stages": ["prepare", "sft"],
+    "model": {"name_or_path": "org/model", "family": "llava"},
+    "data": {"sft": {"path": "d", "format": "chartqa"}},
+}
+
+
+def build(data: dict | None = None, **overrides):
+    return recipes.from_dict({**MINIMAL, **(data or {})}, overrides)
+
+
+def test_defaults_fill_everything_the_yaml_leaves_out():
+    recipe = build({"stages": ["prepare", "sft"]})
+    assert recipe.sft.method == "lora"
+    assert recipe.run_id == "r"
+    assert recipe.prepare.max_drop_fraction == 0.01
+    assert recipe.resources_for("prepare").gpus == 0
+    assert recipe.resources_for("sft").gpus == 1
+
+
+def test_cli_overrides_beat_yaml_and_reach_nested_sections():
+    recipe = build({"sft": {"args": {"learning_rate": 1e-3}}}, **{"sft.args.learning_rate": 2e-4, "run.id": "exp-2"})
+    assert recipe.sft.args["learning_rate"] == 2e-4
+    assert recipe.run_id == "exp-2"
+
+
+def test_every_problem_is_reported_at_once_with_its_key():
+    with pytest.raises(UserError) as error:
+        build({"sft": {"methd": "lora", "args": {}}, "seed": "one", "prepare": {"max_drop_fraction": "1%"}})
+    message = str(error.value)
+    assert "sft.methd: unknown key; did you mean 'method'?" in message
+    assert "seed: expected an integer, got str 'one'" in message
+    assert "prepare.max_drop_fraction: expected a number, got str '1%'" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        pytest.param({"model": {"name_or_path": "x", "family": "lava"}}, "model.family: 'lava' is not supported (supported: llava", id="family"),
+        pytest.param({"model": {"family": "llava"}}, "model.name_or_path: required", id="required"),
+        pytest.param({"stages": ["sft", "prepare"]}, "stages: list each stage once, in the order", id="order"),
+        pytest.param({"stages": ["prepare", "train"]}, "stages: 'train' is not a stage", id="unknown-stage"),
+        pytest.param({"run": {"id": "My_Run"}}, "run.id: 'My_Run' must be a DNS-1123 label", id="dns"),
+        pytest.param({"data": {"sft": {"path": "d", "format": "rlaif-v"}}}, "data.sft.format: 'rlaif-v' holds dpo rows", id="format-kind"),
+        pytest.param({"stages": ["prepare", "dpo"]}, "data.dpo: the dpo stage needs a data source", id="missing-source"),
+        pytest.param({"sft": {"method": "qlora8"}}, "sft.method: 'qlora8' is not one of lora, qlora, full", id="method"),
+        pytest.param({"merge_push": {"push": True}}, "merge_push.repo_id: required when merge_push.push is true", id="repo"),
+        pytest.param({"sft": {"resources": {"gpu": 2}}}, "sft.resources.gpu: unknown key; did you mean 'gpus'?", id="resources"),
+        pytest.param({"stages": "prepare"}, None, id="single-stage-string-is-a-list"),
+    ],
+)
+def test_semantic_errors_name_the_key_and_the_fix(data, expected):
+    if expected is None:
+        assert build(data).stages == ("prepare",)
+        return
+    with pytest.raises(UserError, match=None) as error:
+        build(data)
+    assert expected in str(error.value)
+
+
+def test_a_number_given_for_a_text_field_is_taken_back_as_text_or_refused():
+    assert build(**{"model.revision": 20240101}).model.revision == "20240101"
+    # Fire reads --model.revision=2e9672320848 as a float (inf): its digits are lost, so refuse (python-fire#507)
+    with pytest.raises(UserError, match=r"model.revision: expected text, got float inf \(quote it\)"):
+        build(**{"model.revision": float("inf")})
+
+
+def test_passthrough_keys_and_types_are_checked_against_trl_peft_and_transformers():
+    recipe = build(
+        {"stages": ["prepare", "sft"], "sft": {
+            "args": {"learning_rat": 1e-4, "num_train_epochs": "three", "output_dir": "/tmp/x"},
+            "lora": {"r": 8, "lora_alhpa": 16},
+            "quantization": {"bnb_4bit_quant_type": "nf4", "load_in_3bit": True},
+        }}
+    )
+    with pytest.raises(UserError) as error:
+        recipes.check_passthrough(recipe)
+    message = str(error.value)
+    assert "sft.args.learning_rat: unknown key (SFTConfig has no field 'learning_rat'); did you mean 'learning_rate'?" in message
+    assert "sft.args.num_train_epochs: str 'three' does not fit SFTConfig.num_train_epochs (float)" in message
+    assert "sft.args.output_dir: set by the stage" in message
+    assert "sft.lora.lora_alhpa: unknown key (LoraConfig has no field 'lora_alhpa'); did you mean 'lora_alpha'?" in message
+    assert "sft.quantization.load_in_3bit: unknown key" in message
+
+
+def test_resolved_recipe_round_trips_through_the_environment(monkeypatch):
+    recipe = build({"stages": ["prepare", "sft"]}, **{"sft.args.max_steps": 3})
+    monkeypatch.setenv(recipes.RECIPE_ENV, json.dumps(recipe.to_dict()))
+    assert recipes.load(None) == recipe
+    assert recipes.load(None).fingerprint() == recipe.fingerprint()
+
+
+def test_missing_or_broken_recipe_files_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match=r"recipe .*nope.yaml: no such file"):
+        recipes.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(UserError, match=r"recipe .*bad.yaml line 3: not valid YAML"):
+        recipes.load(bad)
+
+
+def test_stage_config_leaves_out_resources_so_moving_to_more_gpus_keeps_the_output():
+    a = build({"stages": ["prepare", "sft"]})
+    b = build({"stages": ["prepare", "sft"], "sft": {"resources": {"gpus": 8}}})
+    assert a.stage_config("sft") == b.stage_config("sft")
+    assert a.fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("**/*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads_and_validates(path):
+    recipe = recipes.load(path)
+    recipes.check_passthrough(recipe)
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("#"), "a recipe opens with a comment saying what it runs"
+    assert yaml.safe_load(path.read_text())["name"] == recipe.name
