@@ -149,7 +149,9 @@ def binary_metrics(predictions: Sequence[str | None], labels: Sequence[str], pos
     Every value is 0 where its denominator is empty (no samples, no predicted positives, no positive labels).
     """
     if len(predictions) != len(labels):
-        raise ValueError(f"binary_metrics: {len(predictions)} predictions but {len(labels)} labels; pass one per sample")
+        raise ValueError(
+            f"binary_metrics: {len(predictions)} predictions but {len(labels)} labels; pass one per sample"
+        )
     correct = sum(p is not None and p == label for p, label in zip(predictions, labels))
     true_positives = sum(p == positive and label == positive for p, label in zip(predictions, labels))
     predicted_positives = sum(p == positive for p in predictions)
