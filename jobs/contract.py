@@ -35,6 +35,10 @@ class UserError(Exception):
     """A mistake the user can fix: reported as one line, exit code 2, no retry."""
 
 
+class Failure(Exception):
+    """A failure this code recognises (a broken merge, an unreachable hub): one line, exit code 1, retried."""
+
+
 def entrypoint(main: Callable) -> None:
     """Run a stage's ``main`` under Fire, turning user errors into one line and exit code 2."""
     import fire
@@ -44,6 +48,9 @@ def entrypoint(main: Callable) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except Failure as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError":  # torch's; the same batch will not fit on a retry either
             print(

@@ -105,7 +105,8 @@ def read_lineage(run_dir: Path, stage: str) -> dict:
 
 
 def load_trained(
-    recipe: Recipe, run_dir: Path, stage: str, *, quantize: dict | None = None, merge: bool = False, trainable: bool = False
+    recipe: Recipe, run_dir: Path, stage: str, *, quantize: dict | None = None, merge: bool = False,
+    trainable: bool = False, dtype=None,
 ):
     """Rebuild the model a stage trained: its starting weights, merged adapters, and its own adapter.
 
@@ -120,13 +121,13 @@ def load_trained(
     adapter = Path(run_dir) / lineage["adapter"] if lineage["adapter"] else None
     if merge and adapter:
         merges, adapter = merges + [adapter], None
-    model = load_model(recipe.model, path=base_path, quantize=None if merges else quantize)
+    model = load_model(recipe.model, path=base_path, quantize=None if merges else quantize, dtype=dtype)
     for path in merges:
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     if merges and quantize is not None:
         scratch = Path(run_dir) / ".merged-scratch"
         model.save_pretrained(scratch)
-        model = load_model(recipe.model, path=scratch, quantize=quantize)
+        model = load_model(recipe.model, path=scratch, quantize=quantize, dtype=dtype)
         shutil.rmtree(scratch)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)

@@ -80,13 +80,14 @@ def lower_is_better(metric: str) -> bool:
 
 def best_variants(report: dict, metric: str) -> set[str]:
     """The variants holding the best value of the metric, compared as shown (to 3 decimals), so equal-looking
-    numbers are marked together. Empty where fewer than two variants have a finite value: nothing to compare."""
+    numbers are marked together. Empty where fewer than two variants have a finite value, or all show the same:
+    nothing stands out."""
     shown = {}
     for variant in ordered_variants(report):
         value = metric_value(report, variant, metric)
         if value is not None and math.isfinite(value):
             shown[variant] = round(value, DECIMALS)
-    if len(shown) < 2:
+    if len(shown) < 2 or len(set(shown.values())) == 1:
         return set()
     best = (min if lower_is_better(metric) else max)(shown.values())
     return {variant for variant, value in shown.items() if value == best}
