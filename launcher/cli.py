@@ -201,7 +201,7 @@ def delete(recipe: str = "", run: str = "", stage: str = "", **overrides):
     resolved = _recipe(recipe, run, overrides)
     selector = f"{rendering.LABEL_PART_OF}={rendering.APP},{rendering.LABEL_RUN}={resolved.run_id}"
     if stage:
-        selector += f",{rendering.LABEL_COMPONENT}={rendering.component(str(stage))}"
+        selector += f",{rendering.LABEL_COMPONENT}={stage}"
     cluster = _cluster(resolved)
     names = [job["metadata"]["name"] for job in cluster.list_jobs(selector)]
     if not names:

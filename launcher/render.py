@@ -47,7 +47,7 @@ APP = "vlmjobs"
 CONTAINER = "stage"  # the container name, which the pod failure policy's exit-code rule names
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
-LABEL_COMPONENT = "app.kubernetes.io/component"  # the stage, or "pipeline" for the driver
+LABEL_COMPONENT = "app.kubernetes.io/component"  # the stage as the recipe names it, "pipeline" or "nightly"
 LABEL_RUN = "app.kubernetes.io/instance"  # the run id: one run, many Jobs
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
@@ -75,13 +75,9 @@ AGENT_EXIT_MARGIN_S = 15
 # Names
 
 
-def component(stage: str) -> str:
-    return stage.replace("_", "-")
-
-
 def job_name(recipe: Recipe, stage: str) -> str:
-    """``<run>-<stage>``: at most 43 + 11 characters, see recipe.MAX_RUN_ID."""
-    return f"{recipe.run_id}-{component(stage)}"
+    """``<run>-<stage>`` with '_' as '-': at most 43 + 11 characters, see recipe.MAX_RUN_ID."""
+    return f"{recipe.run_id}-{stage.replace('_', '-')}"
 
 
 def driver_name(recipe: Recipe) -> str:
@@ -355,7 +351,7 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
         pod_spec["serviceAccountName"] = k.service_account
     if multi_node:
         pod_spec["subdomain"] = service_name(resolved, stage)
-    meta = metadata(resolved, name, component(stage), queue=True)
+    meta = metadata(resolved, name, stage, queue=True)
     spec: dict = {}
     if multi_node:
         spec.update(completionMode="Indexed", completions=res.nodes, parallelism=res.nodes)
@@ -365,7 +361,7 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
         spec["podFailurePolicy"] = policy
     spec["activeDeadlineSeconds"] = k.active_deadline_seconds
     spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
-    template_meta = {"labels": labels(resolved, component(stage)), "annotations": dict(meta["annotations"])}
+    template_meta = {"labels": labels(resolved, stage), "annotations": dict(meta["annotations"])}
     spec["template"] = {"metadata": template_meta, "spec": pod_spec}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
@@ -382,12 +378,12 @@ def render_service(recipe: Recipe, stage: str) -> dict:
         "metadata": {
             "name": name,
             "namespace": resolved.kubernetes.namespace,
-            "labels": labels(resolved, component(stage)),
+            "labels": labels(resolved, stage),
         },
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {LABEL_RUN: resolved.run_id, LABEL_COMPONENT: component(stage)},
+            "selector": {LABEL_RUN: resolved.run_id, LABEL_COMPONENT: stage},
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
         },
     }

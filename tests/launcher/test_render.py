@@ -48,7 +48,7 @@ def test_job_labels_name_the_app_stage_and_run(single):
     labels = job(single, "merge_push")["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "vlmjobs"
     assert labels["app.kubernetes.io/part-of"] == "vlmjobs"
-    assert labels["app.kubernetes.io/component"] == "merge-push"
+    assert labels["app.kubernetes.io/component"] == "merge_push"
     assert labels["app.kubernetes.io/instance"] == "llava-chartqa"
 
 
