@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,35 @@ def test_a_rank_exiting_2_makes_the_launcher_exit_2(tmp_path):
     result = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: exits_two failed on rank(s) [0, 1]; exit code 2" in result.stderr
+
+
+def test_sigterm_reaches_the_ranks_which_checkpoint_and_the_launcher_exits_143(tmp_path):
+    """What the kubelet does at preemption: SIGTERM to the container's first process."""
+    (tmp_path / "checkpoints.py").write_text(
+        "import os, signal, sys, time\n"
+        "def stop(signum, frame):\n"
+        "    time.sleep(0.5)\n"
+        "    print(f\"rank {os.environ['RANK']} checkpointed\", flush=True)\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
+        "CUDA_VISIBLE_DEVICES": "",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "30",
+    }
+    argv = [sys.executable, "-m", "launcher.distributed", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "checkpoints"]  # fmt: skip
+    process = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready = [process.stdout.readline() for _ in range(2)]
+        assert ready == ["ready\n", "ready\n"]
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143
+    assert sorted(out.split("\n")[:2]) == ["rank 0 checkpointed", "rank 1 checkpointed"]
