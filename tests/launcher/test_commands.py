@@ -100,4 +100,4 @@ def test_sigterm_reaches_the_ranks_which_checkpoint_and_the_launcher_exits_143(t
     finally:
         process.kill()
     assert process.returncode == 143
-    assert sorted(out.split("\n")[:2]) == ["rank 0 checkpointed", "rank 1 checkpointed"]
+    assert {"rank 0 checkpointed", "rank 1 checkpointed"} <= set(out.splitlines()), out
