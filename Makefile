@@ -5,8 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock requirements-test.lock pyproject.toml | cksum | cut -d' ' -f1)
 VLMJOBS := $(BIN)/vlmjobs
 RECIPE ?= recipes/tiny-demo.yaml
+# The cluster targets' recipe: RECIPE when given on the command line, else the project's cluster run.
+CLUSTER_RECIPE ?= recipes/idefics2-8b-rlaif-v-dpo.yaml
+K8S_RECIPE = $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),$(CLUSTER_RECIPE))
+RUN_ARG = $(if $(RUN),--run=$(RUN))
+KUBECTL ?= kubectl
 
-.PHONY: install demo test lock clean
+.PHONY: install demo test lock clean render submit pipeline status logs delete k8s k8s-apply goldens
 
 install: $(STAMP)
 
@@ -29,6 +34,38 @@ demo: $(STAMP) .cache/tiny/llava/config.json .cache/data/chartqa/README.md .cach
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# On a cluster: the current kube context (see README, "On a cluster"). render needs no cluster.
+render: $(STAMP)  ## make render STAGE=sft [RECIPE=... RUN=...]: print the stage's manifests, change nothing
+	@$(VLMJOBS) render $(K8S_RECIPE) --stage=$(STAGE) $(RUN_ARG)
+
+submit: $(STAMP)  ## make submit STAGE=dpo [DETACH=1]: create the stage's Job and follow it and its log
+	$(VLMJOBS) submit $(K8S_RECIPE) --stage=$(STAGE) $(RUN_ARG) $(if $(DETACH),--detach)
+
+pipeline: $(STAMP)  ## make pipeline [IN_CLUSTER=1] [DETACH=1]: the recipe's stages, one Job after another
+	$(VLMJOBS) pipeline $(K8S_RECIPE) $(RUN_ARG) $(if $(IN_CLUSTER),--in-cluster) $(if $(DETACH),--detach)
+
+status: $(STAMP)  ## make status [RUN=...]: the Jobs and their states
+	$(VLMJOBS) status $(K8S_RECIPE) $(RUN_ARG)
+
+logs: $(STAMP)  ## make logs STAGE=sft [RUN=...]: a stage's log, followed
+	$(VLMJOBS) logs $(K8S_RECIPE) --stage=$(STAGE) $(RUN_ARG)
+
+delete: $(STAMP)  ## make delete RUN=... [STAGE=...]: delete a run's Jobs
+	$(VLMJOBS) delete $(K8S_RECIPE) --run=$(RUN) $(if $(STAGE),--stage=$(STAGE))
+
+# k8s/ is generated: namespace, PVC, the driver's RBAC, and the Secret and Kueue templates.
+k8s: $(STAMP)
+	$(VLMJOBS) k8s --out=k8s $(K8S_ARGS)
+
+# Once per cluster, by someone allowed to create namespaces and Roles; then the nightly CronJob.
+k8s-apply: $(STAMP)
+	$(KUBECTL) apply -f k8s/namespace.yaml -f k8s/pvc.yaml -f k8s/rbac.yaml
+	$(VLMJOBS) cronjob $(K8S_RECIPE) | $(KUBECTL) apply -f -
+
+# Rewrite tests/golden/ from the renderer, then review the diff.
+goldens: $(STAMP)
+	VLMJOBS_UPDATE_GOLDENS=1 $(BIN)/pytest -q tests/launcher/test_golden.py
 
 # Re-resolve requirements*.lock after changing dependencies in pyproject.toml.
 lock:

@@ -162,6 +162,10 @@ class Kubernetes:
     ttl_seconds_after_finished: int = 3 * 24 * 3600
     termination_grace_period_seconds: int = 300  # time to write a checkpoint after SIGTERM
     target_version: str = "1.29"  # oldest Kubernetes the manifests must work on
+    # Added for the launcher (issue 4):
+    nightly_schedule: str = "0 2 * * *"  # cron schedule of the nightly pipeline's CronJob (vlmjobs cronjob)
+    nightly_time_zone: str = "Etc/UTC"  # the CronJob's timeZone; without it the schedule follows the controller's clock
+    max_disruption_restarts: int = 10  # group restarts after preemption or a lost node, on top of backoff_limit: ends a preemption loop
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,24 @@
     vlmjobs validate RECIPE [overrides]       check a recipe, print the resolved one
     vlmjobs tiny-model --family=llava --out=DIR
     vlmjobs synth-data --kind=chartqa --out=DIR [--rows=400]
+
+On a cluster (the current kube context, or the pod's ServiceAccount):
+    vlmjobs render RECIPE --stage=sft [--run=ID]       print the stage's manifests; changes nothing
+    vlmjobs submit RECIPE --stage=sft [--detach]       create the stage's Job, follow it and its log
+    vlmjobs pipeline RECIPE [--in-cluster] [--detach]  the recipe's stages, one Job after another
+    vlmjobs status [RECIPE] [--run=ID]                 the runs' Jobs and their states
+    vlmjobs logs RECIPE --stage=sft [--run=ID]         a stage's log (index 0 of a multi-node stage)
+    vlmjobs delete RECIPE --run=ID [--stage=sft]       delete a run's Jobs (their pods go with them)
+    vlmjobs cronjob RECIPE                             print the nightly pipeline's CronJob
+    vlmjobs k8s [RECIPE] --out=k8s                     write the cluster set-up manifests (make k8s)
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import sys
+from pathlib import Path
 
 from jobs import contract
 from jobs import recipe as recipes
@@ -60,7 +73,187 @@ def synth_data(kind: str, out: str, rows: int = 400, seed: int = 0):
     print(f"synthetic {kind} data in {synthetic.write(kind, str(out), rows=int(rows), seed=int(seed))}")
 
 
-COMMANDS = {"run": run, "validate": validate, "tiny-model": tiny_model, "synth-data": synth_data}
+# ---------------------------------------------------------------------------------------------
+# On a cluster
+
+
+def _cluster_command(fn):
+    """Cluster errors as one line and their exit code (2: user error or missing RBAC; 1: retry-worthy)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from launcher import kube
+
+        try:
+            return fn(*args, **kwargs)
+        except kube.KubeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            print("stopped following; what was created runs on (vlmjobs status)", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _recipe(recipe, run, overrides: dict) -> recipes.Recipe:
+    """The recipe file, or $VLMJOBS_RECIPE when none is given (as in the driver's pod)."""
+    if run:
+        overrides = {**overrides, "run.id": str(run)}
+    return recipes.load(str(recipe) if recipe else None, overrides)
+
+
+def _cluster(resolved: recipes.Recipe, in_cluster: bool | None = None):
+    from launcher import kube
+
+    return kube.Cluster(kube.connect(in_cluster=in_cluster), resolved.kubernetes.namespace)
+
+
+def render(recipe: str = "", stage: str = "", run: str = "", driver: bool = False, **overrides):
+    """Print a stage's manifests as YAML (or the pipeline driver's, --driver). Needs no cluster."""
+    from launcher import render as rendering
+
+    resolved = _recipe(recipe, run, overrides)
+    image = rendering.resolve_image(resolved)
+    if driver:
+        manifests = [rendering.render_driver_job(resolved, image)]
+    elif not stage:
+        raise contract.UserError(f"--stage: which stage? ({', '.join(resolved.stages)})")
+    else:
+        manifests = rendering.render_stage(resolved, str(stage), image)
+    print(rendering.dump(manifests), end="")
+
+
+@_cluster_command
+def submit(recipe: str = "", stage: str = "", run: str = "", detach: bool = False, logs: bool = True, **overrides):
+    """Create the stage's Job in the current kube context and follow it to its end (--detach: return at once)."""
+    from launcher import chain, render as rendering
+
+    resolved = _recipe(recipe, run, overrides)
+    if not stage:
+        raise contract.UserError(f"--stage: which stage? ({', '.join(resolved.stages)})")
+    image = rendering.resolve_image(resolved)
+    rendering.render_stage(resolved, str(stage), image)  # refuse before connecting
+    chain.run_stage(_cluster(resolved), resolved, str(stage), image, follow=not detach, logs=logs)
+
+
+@_cluster_command
+def pipeline(
+    recipe: str = "",
+    stages="",
+    run: str = "",
+    in_cluster: bool = False,
+    detach: bool = False,
+    dated: bool = False,
+    logs: bool = True,
+    **overrides,
+):
+    """Run the recipe's stages as Jobs, each after the last succeeded. --in-cluster hands the chain
+    to a driver Job (this machine may disconnect); --dated appends today's date to the run id (nightly)."""
+    from launcher import chain, render as rendering
+
+    resolved = _recipe(recipe, run, overrides)
+    if dated:
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+        resolved = recipes.from_dict(resolved.to_dict(), {"run.id": f"{resolved.run_id}-{today}"}, origin="--dated")
+    image = rendering.resolve_image(resolved)
+    if in_cluster:
+        chain.submit_driver(_cluster(resolved), resolved, image, follow=not detach)
+    else:
+        chain.pipeline(_cluster(resolved), resolved, image, _stages(stages), logs=logs)
+
+
+@_cluster_command
+def status(recipe: str = "", run: str = "", namespace: str = "", **overrides):
+    """The Jobs of one run (--run), or of every run in the namespace (--namespace, else the recipe's)."""
+    from launcher import kube, render as rendering
+
+    if not namespace:
+        namespace = _recipe(recipe, "", overrides).kubernetes.namespace if recipe else recipes.Kubernetes().namespace
+    selector = f"{rendering.LABEL_PART_OF}={rendering.APP}" + (f",{rendering.LABEL_RUN}={run}" if run else "")
+    cluster = kube.Cluster(kube.connect(), str(namespace))
+    jobs = cluster.list_jobs(selector)
+    if not jobs:
+        print(f"no vlmjobs Jobs in namespace {namespace}" + (f" for run {run}" if run else ""))
+        return
+    print(kube.status_table(jobs))
+
+
+@_cluster_command
+def logs(recipe: str = "", stage: str = "", run: str = "", follow: bool = True, index: int = 0, **overrides):
+    """Print a stage's log (the pod of --index in a multi-node stage), following it unless --nofollow."""
+    from launcher import render as rendering
+
+    resolved = _recipe(recipe, run, overrides)
+    if not stage:
+        raise contract.UserError(f"--stage: which stage? ({', '.join(resolved.stages)})")
+    cluster = _cluster(resolved)
+    cluster.print_log(rendering.job_name(resolved, str(stage)), index=int(index), follow=follow)
+
+
+@_cluster_command
+def delete(recipe: str = "", run: str = "", stage: str = "", **overrides):
+    """Delete a run's Jobs (one stage's with --stage, the driver's too); their pods and Services go with them."""
+    from launcher import render as rendering
+
+    if not run:
+        raise contract.UserError("--run: which run? (vlmjobs status lists them)")
+    resolved = _recipe(recipe, run, overrides)
+    selector = f"{rendering.LABEL_PART_OF}={rendering.APP},{rendering.LABEL_RUN}={resolved.run_id}"
+    if stage:
+        selector += f",{rendering.LABEL_COMPONENT}={stage}"
+    cluster = _cluster(resolved)
+    names = [job["metadata"]["name"] for job in cluster.list_jobs(selector)]
+    if not names:
+        which = f"run {resolved.run_id}" + (f", stage {stage}" if stage else "")
+        print(f"no Jobs of {which} in namespace {cluster.namespace}")
+        return
+    for name in names:
+        if cluster.delete_job(name):
+            print(f"deleted Job {cluster.namespace}/{name} (its pods and Service go with it)")
+
+
+def cronjob(recipe: str = "", run: str = "", **overrides):
+    """Print the nightly pipeline's CronJob (kubernetes.nightly_schedule) as YAML; make k8s-apply applies it."""
+    from launcher import render as rendering
+
+    resolved = _recipe(recipe, run, overrides)
+    print(rendering.dump([rendering.render_cronjob(resolved, rendering.resolve_image(resolved))]), end="")
+
+
+def k8s(
+    recipe: str = "",
+    out: str = "k8s",
+    size: str = "1Ti",
+    access_mode: str = "ReadWriteOnce",
+    storage_class: str = "",
+    cluster_queue: str = "cluster-queue",
+    **overrides,
+):
+    """Write the cluster set-up (namespace, PVC, the driver's RBAC; examples: HF token Secret,
+    Kueue LocalQueue) into OUT, from the recipe's kubernetes section or the defaults."""
+    from launcher import setup
+
+    k = _recipe(recipe, "", overrides).kubernetes if recipe else recipes.Kubernetes()
+    options = {"size": str(size), "access_mode": str(access_mode), "cluster_queue": str(cluster_queue)}
+    for path in setup.write(Path(out), k, storage_class=str(storage_class) or None, **options):
+        print(f"wrote {path}")
+
+
+COMMANDS = {
+    "run": run,
+    "validate": validate,
+    "tiny-model": tiny_model,
+    "synth-data": synth_data,
+    "render": render,
+    "submit": submit,
+    "pipeline": pipeline,
+    "status": status,
+    "logs": logs,
+    "delete": delete,
+    "cronjob": cronjob,
+    "k8s": k8s,
+}
 
 
 def main():

@@ -30,9 +30,12 @@ def run(recipe: Recipe, stages: tuple[str, ...] | None = None, *, force: bool = 
     if unknown:
         raise UserError(f"--stages: {', '.join(unknown)} not in the recipe's stages ({', '.join(recipe.stages)})")
     env = {**os.environ, **stage_env(recipe), "PYTHONUNBUFFERED": "1"}
+    # Every stage's command first, so that one this machine cannot run (nodes > 1) fails before any runs.
+    force_args = ["--force"] if force else []
+    argvs = {stage: stage_argv(recipe, stage, python=sys.executable) + force_args for stage in stages}
     started = time.time()
     for stage in sorted(stages, key=STAGES.index):
-        argv = stage_argv(recipe, stage, python=sys.executable) + (["--force"] if force else [])
+        argv = argvs[stage]
         print(f"==> {stage} [{recipe.run_dir}]: {shlex.join(argv)}", flush=True)
         returncode = subprocess.call(argv, env=env)
         if returncode != 0:

@@ -1,0 +1,348 @@
+"""A small Kubernetes API server on loopback, answering the calls the launcher makes, so that the
+official client really sends and parses them: create/get/list/watch/delete Jobs, list pods, stream
+a pod's log, create/delete Services, and the error answers (403, 409, 410, 5xx).
+
+Time moves when the client watches: a created Job starts with an empty status; the statuses its
+scripted ``Attempt`` goes through are sent as MODIFIED events (newline-delimited JSON, chunked)
+to the next watch, and from then on GET answers the last of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+
+
+def complete() -> dict:
+    return {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+
+
+def running() -> dict:
+    return {"active": 1}
+
+
+def failed(reason: str, message: str) -> dict:
+    return {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": reason, "message": message}]}
+
+
+def pod(name: str, phase: str, *, exit_code: int | None = None, index: int | None = None, disrupted: str | None = None,
+        waiting: str | None = None, deleting: bool = False, created: str = "2025-01-01T00:00:00Z") -> dict:  # fmt: skip
+    """A pod as the API returns it; its job-name label is set when the attempt is installed."""
+    status: dict = {"phase": phase}
+    if exit_code is not None:
+        status["containerStatuses"] = [
+            {
+                "name": "stage",
+                "state": {"terminated": {"exitCode": exit_code, "reason": "Error" if exit_code else "Completed"}},
+            }
+        ]
+    if waiting:
+        status["containerStatuses"] = [
+            {"name": "stage", "state": {"waiting": {"reason": waiting, "message": f"{waiting} for the test"}}}
+        ]
+    if disrupted:
+        status["conditions"] = [
+            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler", "message": disrupted}
+        ]
+    meta: dict = {"name": name, "creationTimestamp": created, "labels": {}, "annotations": {}}
+    if index is not None:
+        meta["annotations"]["batch.kubernetes.io/job-completion-index"] = str(index)
+    if deleting:
+        meta["deletionTimestamp"] = "2025-01-01T01:00:00Z"
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": status}
+
+
+@dataclass
+class Attempt:
+    """What happens to a Job once created: the statuses it goes through, its pods, their logs."""
+
+    statuses: list[dict] = field(default_factory=lambda: [running(), complete()])
+    pods: list[dict] = field(default_factory=lambda: [pod("p-0", "Succeeded", exit_code=0)])
+    logs: dict[str, list[str]] = field(default_factory=dict)
+    deleted: bool = False  # the Job is deleted (by someone else) after its statuses
+
+
+@dataclass
+class Fault:
+    method: str
+    path: str  # a regex on the URL path
+    status: int
+    message: str
+    times: int = 1
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: dict | None
+
+
+class FakeKube:
+    def __init__(self, namespace: str = "vlmjobs"):
+        self.namespace = namespace
+        self.jobs: dict[str, dict] = {}
+        self.pending: dict[str, list[tuple[str, dict]]] = {}  # job -> events not yet watched
+        self.attempts: dict[str, list[Attempt]] = {}
+        self.pods: dict[str, list[dict]] = {}
+        self.logs: dict[str, list[str]] = {}
+        self.services: dict[str, dict] = {}
+        self.requests: list[Request] = []
+        self.faults: list[Fault] = []
+        self.gone_once: set[str] = set()  # jobs whose next watch from a version answers 410
+        self._versions = itertools.count(100)
+        self._uids = itertools.count(1)
+        self.lock = threading.RLock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+
+    # -- scripting ------------------------------------------------------------------------------
+
+    def script(self, job: str, *attempts: Attempt) -> None:
+        self.attempts[job] = list(attempts)
+
+    def add_job(self, manifest: dict, status: dict, attempt: Attempt | None = None) -> dict:
+        """A Job that exists before the test's client comes (created by someone else)."""
+        with self.lock:
+            obj = self._store(manifest)
+            obj["status"] = status
+            self._install(obj["metadata"]["name"], attempt or Attempt(statuses=[]))
+            return obj
+
+    def fail(self, method: str, path: str, status: int, message: str = "", times: int = 1) -> None:
+        self.faults.append(Fault(method, path, status, message, times))
+
+    def calls(self, method: str, path_part: str) -> list[Request]:
+        return [r for r in self.requests if r.method == method and path_part in r.path]
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _store(self, manifest: dict) -> dict:
+        obj = json.loads(json.dumps(manifest))
+        meta = obj.setdefault("metadata", {})
+        meta.update(
+            uid=f"uid-{next(self._uids)}",
+            resourceVersion=str(next(self._versions)),
+            creationTimestamp="2025-01-01T00:00:00Z",
+        )
+        obj.setdefault("status", {})
+        self.jobs[meta["name"]] = obj
+        return obj
+
+    def _install(self, name: str, attempt: Attempt) -> None:
+        events = []
+        for status in attempt.statuses:
+            obj = json.loads(json.dumps(self.jobs[name]))
+            obj["status"] = status
+            obj["metadata"]["resourceVersion"] = str(next(self._versions))
+            events.append(("MODIFIED", obj))
+        if attempt.deleted:
+            events.append(("DELETED", events[-1][1] if events else self.jobs[name]))
+        self.pending[name] = events
+        pods = json.loads(json.dumps(attempt.pods))
+        for p in pods:
+            p["metadata"]["labels"][JOB_NAME_LABEL] = name
+        self.pods[name] = pods
+        self.logs.update(attempt.logs)
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> dict | None:
+                length = int(self.headers.get("Content-Length") or 0)
+                return json.loads(self.rfile.read(length)) if length else None
+
+            def _send(self, status: int, obj: dict) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _status(self, code: int, reason: str, message: str) -> None:
+                self._send(
+                    code,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "metadata": {},
+                        "status": "Failure",
+                        "message": message,
+                        "reason": reason,
+                        "code": code,
+                    },
+                )
+
+            def _stream(self, chunks: list[bytes], content_type: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for chunk in chunks:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+            def _route(self, method: str) -> None:
+                url = urlparse(self.path)
+                query = parse_qs(url.query)
+                body = self._body() if method in ("POST", "DELETE") else None
+                with fake.lock:
+                    fake.requests.append(Request(method, url.path, query, body))
+                    for fault in fake.faults:
+                        if fault.times and fault.method == method and re.search(fault.path, url.path):
+                            fault.times -= 1
+                            reasons = {
+                                403: "Forbidden",
+                                409: "AlreadyExists",
+                                500: "InternalError",
+                                503: "ServiceUnavailable",
+                            }
+                            return self._status(
+                                fault.status,
+                                reasons.get(fault.status, "Unknown"),
+                                fault.message or f"fault {fault.status}",
+                            )
+                jobs = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/]+))?", url.path)
+                pods = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)/log)?", url.path)
+                services = re.fullmatch(r"/api/v1/namespaces/([^/]+)/services(?:/([^/]+))?", url.path)
+                if jobs:
+                    return self._jobs(method, jobs.group(2), query, body)
+                if pods:
+                    return self._pods(pods.group(2), query)
+                if services:
+                    return self._services(method, services.group(2), body)
+                return self._status(404, "NotFound", f"no route {method} {url.path}")
+
+            def _jobs(self, method: str, name: str | None, query: dict, body: dict | None) -> None:
+                if method == "POST":
+                    with fake.lock:
+                        name = body["metadata"]["name"]
+                        if name in fake.jobs:
+                            return self._status(409, "AlreadyExists", f'jobs.batch "{name}" already exists')
+                        obj = fake._store(body)
+                        queue = fake.attempts.get(name) or []
+                        fake._install(name, queue.pop(0) if queue else Attempt())
+                    return self._send(201, obj)
+                if method == "DELETE":
+                    with fake.lock:
+                        if name not in fake.jobs:
+                            return self._status(404, "NotFound", f'jobs.batch "{name}" not found')
+                        uid = fake.jobs.pop(name)["metadata"]["uid"]
+                        fake.pending.pop(name, None)
+                        fake.pods[name] = []
+                        # The garbage collector: what the Job owned goes with it.
+                        for dependent in [
+                            n
+                            for n, svc in fake.services.items()
+                            if any(o.get("uid") == uid for o in svc["metadata"].get("ownerReferences", []))
+                        ]:
+                            del fake.services[dependent]
+                    return self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+                if name:
+                    with fake.lock:
+                        if name not in fake.jobs:
+                            return self._status(404, "NotFound", f'jobs.batch "{name}" not found')
+                        return self._send(200, fake.jobs[name])
+                if query.get("watch") == ["true"]:
+                    return self._watch(query)
+                selector = dict(part.split("=", 1) for part in query.get("labelSelector", [""])[0].split(",") if part)
+                with fake.lock:
+                    items = [
+                        j
+                        for j in fake.jobs.values()
+                        if all(j["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())
+                    ]
+                return self._send(
+                    200,
+                    {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {"resourceVersion": "1"}, "items": items},
+                )
+
+            def _watch(self, query: dict) -> None:
+                name = query["fieldSelector"][0].split("=", 1)[1]
+                with fake.lock:
+                    if name in fake.gone_once and query.get("resourceVersion"):
+                        fake.gone_once.discard(name)
+                        error = {
+                            "kind": "Status",
+                            "apiVersion": "v1",
+                            "status": "Failure",
+                            "reason": "Expired",
+                            "message": "too old resource version",
+                            "code": 410,
+                        }
+                        return self._stream(
+                            [json.dumps({"type": "ERROR", "object": error}).encode() + b"\n"], "application/json"
+                        )
+                    events = fake.pending.pop(name, [])
+                    for kind, obj in events:
+                        if kind == "DELETED":
+                            fake.jobs.pop(name, None)
+                        else:
+                            fake.jobs[name] = obj
+                lines = [json.dumps({"type": kind, "object": obj}).encode() + b"\n" for kind, obj in events]
+                return self._stream(lines, "application/json")
+
+            def _pods(self, name: str | None, query: dict) -> None:
+                if name:  # the log
+                    with fake.lock:
+                        lines = list(fake.logs.get(name, []))
+                    return self._stream([line.encode() + b"\n" for line in lines], "text/plain")
+                selector = query.get("labelSelector", [""])[0]
+                job = selector.split("=", 1)[1] if selector.startswith(JOB_NAME_LABEL + "=") else None
+                with fake.lock:
+                    items = list(fake.pods.get(job, [])) if job else [p for ps in fake.pods.values() for p in ps]
+                return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+
+            def _services(self, method: str, name: str | None, body: dict | None) -> None:
+                with fake.lock:
+                    if method == "POST":
+                        name = body["metadata"]["name"]
+                        if name in fake.services:
+                            return self._status(409, "AlreadyExists", f'services "{name}" already exists')
+                        fake.services[name] = body
+                        return self._send(201, body)
+                    if method == "DELETE":
+                        if fake.services.pop(name, None) is None:
+                            return self._status(404, "NotFound", f'services "{name}" not found')
+                        return self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+                return self._status(405, "MethodNotAllowed", method)
+
+            def do_GET(self):
+                self._route("GET")
+
+            def do_POST(self):
+                self._route("POST")
+
+            def do_DELETE(self):
+                self._route("DELETE")
+
+        return Handler
+
+    def start(self) -> "FakeKube":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,254 @@
+"""Stages as Jobs in a chain, over real HTTP: skipping, 409, user errors, group restarts."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher import chain, kube, render
+from tests.launcher.conftest import IMAGE, SINGLE, make
+from tests.launcher.fake_kube import Attempt, complete, failed, pod, running
+
+EXIT_2 = "Container stage for pod vlmjobs/x failed with exit code 2 matching FailJob rule at index 1"
+
+
+def created(server) -> list[str]:
+    return [r.body["metadata"]["name"] for r in server.calls("POST", "/jobs")]
+
+
+def group_pods(*, disrupted_rank: int | None = None, failed_rank: int | None = None, code: int = 1) -> list[dict]:
+    pods = []
+    for rank in range(2):
+        if rank == disrupted_rank:
+            pods.append(pod(f"r{rank}", "Running", index=rank, disrupted="preempted"))
+        elif rank == failed_rank:
+            pods.append(pod(f"r{rank}", "Failed", index=rank, exit_code=code))
+        else:
+            pods.append(pod(f"r{rank}", "Running", index=rank))
+    return pods
+
+
+def test_a_stage_runs_as_its_rendered_job_and_waits_for_success(cluster, server, single):
+    chain.run_stage(cluster, single, "sft", IMAGE, logs=False)
+    assert server.calls("POST", "/jobs")[0].body == render.render_stage(single, "sft", IMAGE)[0]
+    assert cluster.lines[0] == "==> sft: created Job vlmjobs/llava-chartqa-sft"
+    assert cluster.lines[-1] == "==> sft: succeeded"
+
+
+def test_a_stage_whose_job_already_succeeded_is_skipped(cluster, server, single):
+    server.add_job(render.render_stage(single, "sft", IMAGE)[0], complete())
+    chain.run_stage(cluster, single, "sft", IMAGE)
+    assert created(server) == []
+    assert cluster.lines == ["==> sft: Job vlmjobs/llava-chartqa-sft already exists: Complete", "==> sft: succeeded"]
+
+
+def test_a_running_job_is_followed_not_duplicated(cluster, server, single):
+    server.add_job(
+        render.render_stage(single, "sft", IMAGE)[0],
+        running(),
+        Attempt(statuses=[complete()], pods=[pod("p", "Succeeded", exit_code=0)]),
+    )
+    chain.run_stage(cluster, single, "sft", IMAGE, logs=False)
+    assert created(server) == []
+    assert "==> sft: succeeded" in cluster.lines
+
+
+def test_a_409_on_create_reports_the_existing_jobs_state(cluster, server, single):
+    manifests = render.render_stage(single, "sft", IMAGE)
+    server.add_job(manifests[0], running())
+    job = chain._create(cluster, manifests, "sft")
+    assert job["metadata"]["uid"] == "uid-1"
+    assert cluster.lines == ["==> sft: Job vlmjobs/llava-chartqa-sft already exists: Running"]
+
+
+def test_detached_submit_returns_once_created(cluster, server, single):
+    chain.run_stage(cluster, single, "sft", IMAGE, follow=False)
+    assert created(server) == ["llava-chartqa-sft"]
+    assert not [r for r in server.calls("GET", "/jobs") if r.query.get("watch")]
+
+
+def test_a_stage_that_exits_2_fails_with_exit_code_2_and_is_not_retried(cluster, server, single):
+    server.script(
+        "llava-chartqa-sft",
+        Attempt(statuses=[failed("PodFailurePolicy", EXIT_2)], pods=[pod("p", "Failed", exit_code=2)]),
+    )
+    with pytest.raises(
+        kube.JobFailed,
+        match=r"^stage sft: Job vlmjobs/llava-chartqa-sft failed: PodFailurePolicy: Container stage .* exit code 2 .* \(the stage exited 2: a recipe or data error, which a retry cannot fix\); its log: vlmjobs logs --stage=sft --run=llava-chartqa",
+    ) as info:
+        chain.run_stage(cluster, single, "sft", IMAGE, logs=False)
+    assert (info.value.exit_code, info.value.conditions) == (2, (f"PodFailurePolicy: {EXIT_2}",))
+    assert created(server) == ["llava-chartqa-sft"]
+
+
+def test_a_single_node_job_that_spent_its_retries_fails_with_exit_code_1(cluster, server, single):
+    server.script(
+        "llava-chartqa-sft",
+        Attempt(
+            statuses=[failed("BackoffLimitExceeded", "Job has reached the specified backoff limit")],
+            pods=[pod("p", "Failed", exit_code=1)],
+        ),
+    )
+    with pytest.raises(
+        kube.JobFailed,
+        match=r"failed: BackoffLimitExceeded: Job has reached the specified backoff limit \(stage exit codes 1\)",
+    ) as info:
+        chain.run_stage(cluster, single, "sft", IMAGE, logs=False)
+    assert info.value.exit_code == 1 and created(server) == ["llava-chartqa-sft"]
+
+
+def test_a_job_found_failed_is_reported_with_how_to_run_it_again(cluster, server, single):
+    server.add_job(
+        render.render_stage(single, "sft", IMAGE)[0],
+        failed("DeadlineExceeded", "Job was active longer than specified deadline"),
+    )
+    with pytest.raises(kube.JobFailed, match=r"to run it again: vlmjobs delete --run=llava-chartqa --stage=sft$"):
+        chain.run_stage(cluster, single, "sft", IMAGE)
+    assert created(server) == []
+
+
+def test_a_disrupted_group_is_restarted_whole_without_counting_a_failure(cluster, server, multi):
+    server.script(
+        "qwen2vl-chartqa-sft",
+        Attempt(statuses=[running()], pods=group_pods(disrupted_rank=1)),
+        Attempt(
+            statuses=[running(), complete()],
+            pods=[pod("r0", "Succeeded", index=0, exit_code=0), pod("r1", "Succeeded", index=1, exit_code=0)],
+        ),
+    )
+    chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    assert created(server) == ["qwen2vl-chartqa-sft", "qwen2vl-chartqa-sft"]
+    assert server.calls("DELETE", "/jobs/qwen2vl-chartqa-sft")[0].query["propagationPolicy"] == ["Foreground"]
+    assert (
+        "==> sft: restarting Job vlmjobs/qwen2vl-chartqa-sft from its last checkpoint (pod r1 is being disrupted (preempted); disruption 1 of at most 2, not counted as a failure)"
+        in cluster.lines
+    )
+
+
+def test_each_attempts_service_is_owned_by_that_attempts_job(cluster, server, multi):
+    server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=group_pods(disrupted_rank=0)), Attempt())
+    chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    owners = [r.body["metadata"]["ownerReferences"][0]["uid"] for r in server.calls("POST", "/services")]
+    assert owners == ["uid-1", "uid-2"]
+
+
+def test_a_group_restarts_at_most_backoff_limit_times_after_failures(cluster, server, multi):
+    broken = Attempt(statuses=[running()], pods=group_pods(failed_rank=1, code=1))
+    server.script("qwen2vl-chartqa-sft", broken, broken)
+    with pytest.raises(
+        kube.JobFailed,
+        match=r"^stage sft: Job vlmjobs/qwen2vl-chartqa-sft failed after 1 restart\(s\): pod r1 failed \(stage exit codes 1\)",
+    ) as info:
+        chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    assert info.value.exit_code == 1 and len(created(server)) == 2
+
+
+def test_a_group_whose_rank_exits_2_is_not_restarted(cluster, server, multi):
+    server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=group_pods(failed_rank=0, code=2)))
+    with pytest.raises(kube.JobFailed) as info:
+        chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    assert info.value.exit_code == 2 and len(created(server)) == 1
+
+
+def test_a_group_out_of_time_is_not_restarted(cluster, server, multi):
+    server.script(
+        "qwen2vl-chartqa-sft",
+        Attempt(statuses=[failed("DeadlineExceeded", "Job was active longer than specified deadline")], pods=[]),
+    )
+    with pytest.raises(kube.JobFailed, match=r"DeadlineExceeded"):
+        chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    assert len(created(server)) == 1
+
+
+def test_a_service_left_by_an_earlier_attempt_is_replaced(cluster, server, multi):
+    server.services["qwen2vl-chartqa-sft"] = {
+        "metadata": {"name": "qwen2vl-chartqa-sft", "ownerReferences": [{"uid": "old"}]}
+    }
+    chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    assert len(server.calls("DELETE", "/services/qwen2vl-chartqa-sft")) == 1
+    assert server.services["qwen2vl-chartqa-sft"]["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_before_1_31_a_single_node_failure_is_retried_by_the_launcher(cluster, server):
+    recipe = make(SINGLE, **{"kubernetes.target_version": "1.29", "kubernetes.backoff_limit": 1})
+    server.script(
+        "llava-chartqa-sft",
+        Attempt(
+            statuses=[failed("BackoffLimitExceeded", "Job has reached the specified backoff limit")],
+            pods=[pod("p", "Failed", exit_code=1)],
+        ),
+        Attempt(),
+    )
+    chain.run_stage(cluster, recipe, "sft", IMAGE, logs=False)
+    assert created(server) == ["llava-chartqa-sft", "llava-chartqa-sft"]
+
+
+def test_pipeline_starts_each_stage_after_the_last_one_succeeded_and_its_pods_ended(cluster, server, single):
+    chain.pipeline(cluster, single, IMAGE, logs=False)
+    assert created(server) == [f"llava-chartqa-{s}" for s in ("prepare", "sft", "dpo", "evaluate", "merge-push")]
+    order = [
+        (r.method, r.query.get("labelSelector", [""])[0], r.body["metadata"]["name"] if r.body else "")
+        for r in server.requests
+        if r.method == "POST" or "pods" in r.path
+    ]
+    prepare_done = max(
+        i for i, (m, sel, _) in enumerate(order) if sel == "batch.kubernetes.io/job-name=llava-chartqa-prepare"
+    )
+    sft_created = next(i for i, (m, _, name) in enumerate(order) if name == "llava-chartqa-sft")
+    assert prepare_done < sft_created
+    assert (
+        cluster.lines[-1]
+        == "==> pipeline done: prepare, sft, dpo, evaluate, merge_push of run llava-chartqa in /runs/llava-chartqa"
+    )
+
+
+def test_pipeline_skips_stages_that_already_succeeded(cluster, server, single):
+    server.add_job(render.render_stage(single, "prepare", IMAGE)[0], complete())
+    chain.pipeline(cluster, single, IMAGE, ("prepare", "sft"), logs=False)
+    assert created(server) == ["llava-chartqa-sft"]
+
+
+def test_pipeline_stops_at_the_first_failed_stage(cluster, server, single):
+    server.script(
+        "llava-chartqa-sft",
+        Attempt(statuses=[failed("PodFailurePolicy", EXIT_2)], pods=[pod("p", "Failed", exit_code=2)]),
+    )
+    with pytest.raises(kube.JobFailed):
+        chain.pipeline(cluster, single, IMAGE, logs=False)
+    assert created(server) == ["llava-chartqa-prepare", "llava-chartqa-sft"]
+
+
+def test_pipeline_waits_for_a_finished_stages_pods_to_end(cluster, server, single):
+    server.script("llava-chartqa-prepare", Attempt(pods=[pod("p", "Running", deleting=True)]))
+    with pytest.raises(kube.KubeError, match=r"pods p still not terminated"):
+        chain.pipeline(cluster, single, IMAGE, logs=False)
+    assert created(server) == ["llava-chartqa-prepare"]
+
+
+def test_the_driver_job_is_handed_the_chain_and_followed(cluster, server, single):
+    server.script(
+        "llava-chartqa-pipeline",
+        Attempt(
+            pods=[pod("d", "Succeeded", exit_code=0)],
+            logs={"d": ["==> prepare: created Job vlmjobs/llava-chartqa-prepare"]},
+        ),
+    )
+    chain.submit_driver(cluster, single, IMAGE)
+    assert server.calls("POST", "/jobs")[0].body["spec"]["template"]["spec"]["serviceAccountName"] == "vlmjobs-driver"
+    assert "==> prepare: created Job vlmjobs/llava-chartqa-prepare" in cluster.lines
+
+
+def test_a_driver_that_exits_2_fails_with_exit_code_2(cluster, server, single):
+    server.script(
+        "llava-chartqa-pipeline",
+        Attempt(statuses=[failed("PodFailurePolicy", EXIT_2)], pods=[pod("d", "Failed", exit_code=2)]),
+    )
+    with pytest.raises(kube.JobFailed, match=r"its log: kubectl logs -n vlmjobs job/llava-chartqa-pipeline$") as info:
+        chain.submit_driver(cluster, single, IMAGE)
+    assert info.value.exit_code == 2
+
+
+def test_a_second_driver_is_not_created(cluster, server, single):
+    server.add_job(render.render_driver_job(single, IMAGE), running())
+    chain.submit_driver(cluster, single, IMAGE, follow=False)
+    assert server.jobs["llava-chartqa-pipeline"]["metadata"]["uid"] == "uid-1"
+    assert cluster.lines == ["==> pipeline: driver Job vlmjobs/llava-chartqa-pipeline already exists: Running"]

@@ -1,0 +1,175 @@
+"""The `vlmjobs` cluster commands in-process, with $KUBECONFIG naming the loopback API server:
+what they print and the exit codes the Make targets pass on."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from launcher import cli, render
+from tests.launcher.conftest import IMAGE, SINGLE, make
+from tests.launcher.fake_kube import Attempt, complete, failed, pod, running
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    path = tmp_path / "llava-chartqa.yaml"
+    path.write_text(yaml.safe_dump(copy.deepcopy(SINGLE)))
+    return str(path)
+
+
+def exit_code(fn, *args, **kwargs) -> int:
+    with pytest.raises(SystemExit) as info:
+        fn(*args, **kwargs)
+    return info.value.code
+
+
+def test_render_prints_the_stages_manifests_with_no_cluster(recipe_file, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    cli.render(recipe_file, stage="sft")
+    (job,) = yaml.safe_load_all(capsys.readouterr().out)
+    assert job == render.render_stage(make(SINGLE), "sft", IMAGE)[0]
+
+
+def test_render_takes_the_run_id(recipe_file, capsys):
+    cli.render(recipe_file, stage="sft", run="exp-7")
+    assert yaml.safe_load(capsys.readouterr().out)["metadata"]["name"] == "exp-7-sft"
+
+
+def test_render_without_a_stage_says_which(recipe_file):
+    from jobs.contract import UserError
+
+    with pytest.raises(UserError, match=r"^--stage: which stage\? \(prepare, sft, dpo, evaluate, merge_push\)$"):
+        cli.render(recipe_file)
+
+
+def test_submit_follows_the_job_and_prints_its_log(kubeconfig, server, recipe_file, capsys):
+    server.script(
+        "llava-chartqa-sft",
+        Attempt(pods=[pod("p", "Succeeded", exit_code=0)], logs={"p": ["sft: step 1", "sft: done"]}),
+    )
+    cli.submit(recipe_file, stage="sft")
+    out = capsys.readouterr().out
+    assert "sft: step 1\nsft: done\n" in out and out.endswith("==> sft: succeeded\n")
+
+
+def test_submit_exits_2_when_the_stage_exited_2(kubeconfig, server, recipe_file, capsys):
+    server.script(
+        "llava-chartqa-sft",
+        Attempt(statuses=[failed("PodFailurePolicy", "exit code 2")], pods=[pod("p", "Failed", exit_code=2)]),
+    )
+    assert exit_code(cli.submit, recipe_file, stage="sft", logs=False) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: stage sft: Job vlmjobs/llava-chartqa-sft failed: PodFailurePolicy: exit code 2"
+    )
+
+
+def test_submit_exits_1_on_a_server_error(kubeconfig, server, recipe_file, capsys):
+    server.fail("POST", r"/jobs$", 500, "internal error")
+    assert exit_code(cli.submit, recipe_file, stage="sft") == 1
+    assert (
+        capsys.readouterr().err
+        == "error: cannot create Job vlmjobs/llava-chartqa-sft: API server error 500 (internal error)\n"
+    )
+
+
+def test_submit_without_rbac_exits_2_naming_the_verb(kubeconfig, server, recipe_file, capsys):
+    server.fail("GET", r"/jobs/llava-chartqa-sft$", 403, 'jobs.batch "llava-chartqa-sft" is forbidden')
+    assert exit_code(cli.submit, recipe_file, stage="sft") == 2
+    assert "needs verb 'get' on resource 'jobs.batch' in namespace vlmjobs" in capsys.readouterr().err
+
+
+def test_submit_detached_returns_after_creating(kubeconfig, server, recipe_file, capsys):
+    cli.submit(recipe_file, stage="sft", detach=True)
+    assert capsys.readouterr().out == "==> sft: created Job vlmjobs/llava-chartqa-sft\n"
+
+
+def test_submit_of_an_existing_job_reports_it(kubeconfig, server, recipe_file, capsys):
+    server.add_job(render.render_stage(make(SINGLE), "sft", IMAGE)[0], running())
+    cli.submit(recipe_file, stage="sft", detach=True)
+    assert capsys.readouterr().out == "==> sft: Job vlmjobs/llava-chartqa-sft already exists: Running\n"
+
+
+def test_submit_without_credentials_is_a_user_error(recipe_file, monkeypatch, tmp_path):
+    from jobs.contract import UserError
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(UserError, match=r"^no Kubernetes credentials in \$KUBECONFIG or ~/\.kube/config: "):
+        cli.submit(recipe_file, stage="sft")
+
+
+def test_pipeline_in_cluster_creates_the_driver_and_detaches(kubeconfig, server, recipe_file, capsys):
+    cli.pipeline(recipe_file, in_cluster=True, detach=True)
+    (request,) = server.calls("POST", "/jobs")
+    assert request.body["metadata"]["name"] == "llava-chartqa-pipeline"
+    assert "it runs on if you disconnect" in capsys.readouterr().out
+
+
+def test_pipeline_in_the_driver_reads_the_recipe_from_its_environment(kubeconfig, server, capsys, monkeypatch):
+    driver = render.render_driver_job(make(SINGLE, stages=["prepare"]), IMAGE)
+    for variable in driver["spec"]["template"]["spec"]["containers"][0]["env"]:
+        monkeypatch.setenv(variable["name"], variable["value"])
+    cli.pipeline()
+    assert [r.body["metadata"]["name"] for r in server.calls("POST", "/jobs")] == ["llava-chartqa-prepare"]
+
+
+def test_status_lists_the_runs_jobs(kubeconfig, server, recipe_file, capsys):
+    server.add_job(render.render_stage(make(SINGLE), "prepare", IMAGE)[0], complete())
+    cli.status(recipe_file, run="llava-chartqa")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["RUN", "STAGE", "STATE", "ACTIVE", "SUCCEEDED", "FAILED", "JOB", "MESSAGE"]
+    assert lines[1].split() == ["llava-chartqa", "prepare", "Complete", "0", "1", "0", "llava-chartqa-prepare"]
+    assert server.calls("GET", "/jobs")[0].query["labelSelector"] == [
+        "app.kubernetes.io/part-of=vlmjobs,app.kubernetes.io/instance=llava-chartqa"
+    ]
+
+
+def test_status_with_no_jobs_says_so(kubeconfig, server, capsys):
+    cli.status(namespace="team-a")
+    assert capsys.readouterr().out == "no vlmjobs Jobs in namespace team-a\n"
+
+
+def test_logs_prints_the_stages_log(kubeconfig, server, recipe_file, capsys):
+    server.add_job(
+        render.render_stage(make(SINGLE), "sft", IMAGE)[0],
+        running(),
+        Attempt(statuses=[], pods=[pod("p", "Running")], logs={"p": ["loss 0.9"]}),
+    )
+    cli.logs(recipe_file, stage="sft")
+    assert capsys.readouterr().out == "loss 0.9\n"
+
+
+def test_delete_removes_every_job_of_the_run(kubeconfig, server, recipe_file, capsys):
+    recipe = make(SINGLE)
+    for stage in ("prepare", "sft"):
+        server.add_job(render.render_stage(recipe, stage, IMAGE)[0], complete())
+    cli.delete(recipe_file, run="llava-chartqa")
+    assert capsys.readouterr().out.splitlines() == [
+        "deleted Job vlmjobs/llava-chartqa-prepare (its pods and Service go with it)",
+        "deleted Job vlmjobs/llava-chartqa-sft (its pods and Service go with it)",
+    ]
+    assert server.jobs == {}
+
+
+def test_delete_of_one_stage_leaves_the_others(kubeconfig, server, recipe_file, capsys):
+    recipe = make(SINGLE)
+    for stage in ("prepare", "sft"):
+        server.add_job(render.render_stage(recipe, stage, IMAGE)[0], complete())
+    cli.delete(recipe_file, run="llava-chartqa", stage="sft")
+    assert list(server.jobs) == ["llava-chartqa-prepare"]
+
+
+def test_delete_needs_a_run(recipe_file):
+    from jobs.contract import UserError
+
+    with pytest.raises(UserError, match=r"^--run: which run\? \(vlmjobs status lists them\)$"):
+        cli.delete(recipe_file)
+
+
+def test_cronjob_prints_the_nightly_pipeline(recipe_file, capsys):
+    cli.cronjob(recipe_file)
+    cron = yaml.safe_load(capsys.readouterr().out)
+    assert (cron["kind"], cron["metadata"]["name"]) == ("CronJob", "llava-chartqa-nightly")

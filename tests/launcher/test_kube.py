@@ -1,0 +1,229 @@
+"""launcher.kube over real HTTP: the official client against the loopback API server."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher import kube, render
+from tests.launcher.conftest import IMAGE
+from tests.launcher.fake_kube import Attempt, complete, failed, pod, running
+
+FORBIDDEN = 'jobs.batch is forbidden: User "system:serviceaccount:vlmjobs:default" cannot create resource "jobs" in API group "batch" in the namespace "vlmjobs"'
+
+
+def job_of(recipe, stage="sft") -> dict:
+    return render.render_stage(recipe, stage, IMAGE)[0]
+
+
+def test_create_sends_the_rendered_manifest_and_returns_the_created_job(cluster, server, single):
+    manifest = job_of(single)
+    created = cluster.create_job(manifest)
+    assert server.calls("POST", "/jobs")[0].body == manifest
+    assert created["metadata"]["uid"] == "uid-1"
+
+
+def test_create_of_an_existing_job_is_already_exists(cluster, server, single):
+    server.add_job(job_of(single), running())
+    with pytest.raises(kube.AlreadyExists, match=r"^Job vlmjobs/llava-chartqa-sft already exists$"):
+        cluster.create_job(job_of(single))
+
+
+def test_forbidden_names_the_missing_verb_and_resource(cluster, server, single):
+    server.fail("POST", r"/jobs$", 403, FORBIDDEN)
+    with pytest.raises(
+        kube.Forbidden,
+        match=r"^cannot create Job vlmjobs/llava-chartqa-sft: forbidden \(jobs\.batch is forbidden: .*\); the Role bound to your user or ServiceAccount needs verb 'create' on resource 'jobs\.batch' in namespace vlmjobs \(k8s/rbac\.yaml\)$",
+    ) as info:
+        cluster.create_job(job_of(single))
+    assert (info.value.verb, info.value.resource, info.value.exit_code) == ("create", "jobs.batch", 2)
+
+
+def test_server_errors_are_unavailable_and_worth_a_retry(cluster, server, single):
+    server.fail("POST", r"/jobs$", 503, "etcdserver: leader changed")
+    with pytest.raises(
+        kube.ApiUnavailable,
+        match=r"^cannot create Job vlmjobs/llava-chartqa-sft: API server error 503 \(etcdserver: leader changed\)$",
+    ) as info:
+        cluster.create_job(job_of(single))
+    assert info.value.exit_code == 1
+
+
+def test_the_api_exception_is_kept_as_the_cause(cluster, server, single):
+    from kubernetes.client.exceptions import ApiException
+
+    server.fail("POST", r"/jobs$", 500, "boom")
+    with pytest.raises(kube.ApiUnavailable) as info:
+        cluster.create_job(job_of(single))
+    assert isinstance(info.value.__cause__, ApiException) and info.value.__cause__.status == 500
+
+
+def test_no_server_is_unavailable(single):
+    from kubernetes import client
+
+    dead = kube.Cluster(
+        client.ApiClient(client.Configuration(host="http://127.0.0.1:9")), "vlmjobs", out=lambda line: None
+    )
+    with pytest.raises(kube.ApiUnavailable, match=r"^cannot get Job vlmjobs/x: no answer from the API server"):
+        dead.get_job("x")
+
+
+def test_get_of_a_missing_job_is_none(cluster):
+    assert cluster.get_job("nothing-here") is None
+
+
+def test_follow_reports_each_state_until_complete(cluster, server, single):
+    server.script("llava-chartqa-sft", Attempt(statuses=[running(), complete()]))
+    cluster.create_job(job_of(single))
+    result = cluster.follow("llava-chartqa-sft", logs=False)
+    assert result.succeeded
+    assert cluster.lines == [
+        "==> Job vlmjobs/llava-chartqa-sft: Pending",
+        "==> Job vlmjobs/llava-chartqa-sft: Running",
+        "==> Job vlmjobs/llava-chartqa-sft: Complete",
+    ]
+
+
+def test_follow_watches_by_name_from_the_version_it_read(cluster, server, single):
+    created = cluster.create_job(job_of(single))
+    cluster.follow("llava-chartqa-sft", logs=False)
+    watch = [r for r in server.calls("GET", "/jobs") if r.query.get("watch") == ["true"]][0]
+    assert watch.query["fieldSelector"] == ["metadata.name=llava-chartqa-sft"]
+    assert watch.query["resourceVersion"] == [created["metadata"]["resourceVersion"]]
+
+
+def test_follow_streams_the_pods_log_line_by_line(cluster, server, single):
+    server.script(
+        "llava-chartqa-sft",
+        Attempt(
+            pods=[pod("sft-a", "Succeeded", exit_code=0)],
+            logs={"sft-a": ["step 1/2 loss 1.5", "step 2/2 loss 1.2", "sft: done"]},
+        ),
+    )
+    cluster.create_job(job_of(single))
+    cluster.follow("llava-chartqa-sft")
+    log = [line for line in cluster.lines if not line.startswith("==>")]
+    assert log == ["step 1/2 loss 1.5", "step 2/2 loss 1.2", "sft: done"]
+    assert server.calls("GET", "/pods/sft-a/log")[0].query["follow"] == ["true"]
+
+
+def test_follow_of_a_failed_job_carries_its_condition_and_the_stage_exit_code(cluster, server, single):
+    message = "Container stage for pod vlmjobs/sft-a failed with exit code 2 matching FailJob rule at index 1"
+    server.script(
+        "llava-chartqa-sft",
+        Attempt(statuses=[running(), failed("PodFailurePolicy", message)], pods=[pod("sft-a", "Failed", exit_code=2)]),
+    )
+    cluster.create_job(job_of(single))
+    result = cluster.follow("llava-chartqa-sft", logs=False)
+    assert (result.succeeded, result.user_error, result.messages) == (False, True, (f"PodFailurePolicy: {message}",))
+
+
+def test_follow_of_a_job_deleted_meanwhile_raises(cluster, server, single):
+    server.script("llava-chartqa-sft", Attempt(statuses=[running()], deleted=True))
+    cluster.create_job(job_of(single))
+    with pytest.raises(kube.JobDeleted, match=r"^Job vlmjobs/llava-chartqa-sft was deleted while being followed$"):
+        cluster.follow("llava-chartqa-sft", logs=False)
+
+
+def test_follow_of_a_missing_job_raises(cluster):
+    with pytest.raises(kube.JobDeleted, match=r"^Job vlmjobs/gone does not exist \(deleted, or removed by its TTL\)$"):
+        cluster.follow("gone", logs=False)
+
+
+def test_follow_rereads_the_job_when_its_version_is_too_old_to_watch(cluster, server, single):
+    server.script("llava-chartqa-sft", Attempt(statuses=[complete()]))
+    cluster.create_job(job_of(single))
+    server.gone_once.add("llava-chartqa-sft")
+    assert cluster.follow("llava-chartqa-sft", logs=False).succeeded
+    assert len([r for r in server.calls("GET", "/jobs") if r.query.get("watch") == ["true"]]) == 2
+
+
+def test_a_server_error_while_watching_is_unavailable(cluster, server, single):
+    cluster.create_job(job_of(single))
+    server.fail("GET", r"/jobs$", 500, "watch cache not ready")
+    with pytest.raises(kube.ApiUnavailable, match=r"^cannot watch Job vlmjobs/llava-chartqa-sft: API server error 500"):
+        cluster.follow("llava-chartqa-sft", logs=False)
+
+
+def test_a_pod_that_cannot_pull_its_image_is_reported(cluster, server, single):
+    server.script(
+        "llava-chartqa-sft",
+        Attempt(statuses=[running(), complete()], pods=[pod("sft-a", "Pending", waiting="ImagePullBackOff")]),
+    )
+    cluster.create_job(job_of(single))
+    cluster.follow("llava-chartqa-sft", logs=False)
+    assert "warning: pod vlmjobs/sft-a: ImagePullBackOff: ImagePullBackOff for the test" in cluster.lines
+
+
+def test_following_a_group_ends_as_soon_as_a_rank_is_disrupted(cluster, server, multi):
+    pods = [
+        pod("sft-0", "Running", index=0),
+        pod("sft-1", "Running", index=1, disrupted="preempted by a higher priority pod"),
+    ]
+    server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=pods))
+    cluster.create_job(job_of(multi))
+    result = cluster.follow("qwen2vl-chartqa-sft", logs=False, group=True)
+    assert (result.succeeded, result.reason, result.disrupted) == (False, "GroupBroken", True)
+    assert result.messages == ("pod sft-1 is being disrupted (preempted by a higher priority pod)",)
+
+
+def test_delete_propagates_to_the_pods_in_the_foreground(cluster, server, single):
+    server.add_job(job_of(single), complete())
+    assert cluster.delete_job("llava-chartqa-sft") is True
+    assert server.calls("DELETE", "/jobs/llava-chartqa-sft")[0].query["propagationPolicy"] == ["Foreground"]
+
+
+def test_delete_of_a_missing_job_is_false(cluster):
+    assert cluster.delete_job("nothing-here") is False
+
+
+def test_delete_forbidden_names_the_verb(cluster, server, single):
+    server.add_job(job_of(single), complete())
+    server.fail("DELETE", r"/jobs/", 403, "no")
+    with pytest.raises(kube.Forbidden, match=r"needs verb 'delete' on resource 'jobs\.batch'"):
+        cluster.delete_job("llava-chartqa-sft")
+
+
+def test_log_of_a_pod_by_completion_index(cluster, server, multi):
+    pods = [pod("sft-0", "Running", index=0), pod("sft-1", "Running", index=1)]
+    server.add_job(
+        job_of(multi),
+        running(),
+        Attempt(statuses=[], pods=pods, logs={"sft-1": ["rank 8 ready"], "sft-0": ["rank 0 ready"]}),
+    )
+    cluster.print_log("qwen2vl-chartqa-sft", index=1)
+    assert cluster.lines == ["rank 8 ready"]
+
+
+def test_log_forbidden_names_pods_log(cluster, server, single):
+    server.add_job(job_of(single), running(), Attempt(statuses=[], pods=[pod("sft-a", "Running")]))
+    server.fail("GET", r"/log$", 403, 'pods "sft-a" is forbidden: cannot get resource "pods/log"')
+    with pytest.raises(
+        kube.Forbidden,
+        match=r"^cannot get Pod log vlmjobs/sft-a: forbidden .*needs verb 'get' on resource 'pods/log' in namespace vlmjobs",
+    ):
+        cluster.print_log("llava-chartqa-sft")
+
+
+def test_log_of_a_job_without_pods_yet(cluster, server, single):
+    server.add_job(job_of(single), {}, Attempt(statuses=[], pods=[]))
+    with pytest.raises(kube.NotFound, match=r"^Job vlmjobs/llava-chartqa-sft has no pod of index 0 yet$"):
+        cluster.print_log("llava-chartqa-sft")
+
+
+def test_status_table_shows_state_pods_and_why_a_job_failed(cluster, server, single):
+    server.add_job(job_of(single, "prepare"), complete())
+    server.add_job(job_of(single, "sft"), failed("BackoffLimitExceeded", "Job has reached the specified backoff limit"))
+    table = kube.status_table(cluster.list_jobs("app.kubernetes.io/part-of=vlmjobs"))
+    assert table.splitlines() == [
+        "RUN            STAGE    STATE     ACTIVE  SUCCEEDED  FAILED  JOB                    MESSAGE",
+        "llava-chartqa  prepare  Complete  0       1          0       llava-chartqa-prepare  ",
+        "llava-chartqa  sft      Failed    0       0          1       llava-chartqa-sft      BackoffLimitExceeded: Job has reached the specified backoff limit",
+    ]
+
+
+def test_waiting_for_pods_that_never_terminate_gives_up_with_their_names(cluster, server, single):
+    server.add_job(job_of(single), complete(), Attempt(statuses=[], pods=[pod("sft-a", "Running", deleting=True)]))
+    with pytest.raises(
+        kube.KubeError, match=r"^Job vlmjobs/llava-chartqa-sft: pods sft-a still not terminated after 0s$"
+    ):
+        cluster.wait_pods_terminated("llava-chartqa-sft")

@@ -1,0 +1,355 @@
+"""The rendered Job, piece by piece: one behaviour per test. Goldens (test_golden.py) hold the
+whole manifests; schemas and GA versions are in test_schemas.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.contract import UserError
+from jobs.recipe import RECIPE_ENV
+from launcher import render
+from launcher.commands import stage_argv
+from tests.launcher.conftest import IMAGE, SINGLE, make
+
+
+def job(recipe, stage="sft", image=IMAGE) -> dict:
+    return render.render_stage(recipe, stage, image)[0]
+
+
+def container(manifest: dict) -> dict:
+    return manifest["spec"]["template"]["spec"]["containers"][0]
+
+
+def pod_spec(manifest: dict) -> dict:
+    return manifest["spec"]["template"]["spec"]
+
+
+def env(manifest: dict) -> dict:
+    return {e["name"]: e for e in container(manifest)["env"]}
+
+
+def nones(value, path="") -> list[str]:
+    if value is None:
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in nones(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in nones(v, f"{path}[{i}]")]
+    return []
+
+
+def test_job_is_named_after_run_and_stage(single):
+    assert job(single, "merge_push")["metadata"]["name"] == "llava-chartqa-merge-push"
+
+
+def test_job_labels_name_the_app_stage_and_run(single):
+    labels = job(single, "merge_push")["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "vlmjobs"
+    assert labels["app.kubernetes.io/part-of"] == "vlmjobs"
+    assert labels["app.kubernetes.io/component"] == "merge_push"
+    assert labels["app.kubernetes.io/instance"] == "llava-chartqa"
+
+
+def test_annotation_holds_the_fingerprint_of_the_recipe_the_job_runs(single):
+    manifest = job(single)
+    assert (
+        manifest["metadata"]["annotations"][render.ANNOTATION_FINGERPRINT]
+        == render.cluster_recipe(single, IMAGE).fingerprint()
+    )
+    assert manifest["spec"]["template"]["metadata"]["annotations"] == manifest["metadata"]["annotations"]
+
+
+def test_no_key_is_none_in_any_stage(single, multi):
+    for recipe in (single, multi):
+        for stage in recipe.stages:
+            for manifest in render.render_stage(recipe, stage, IMAGE):
+                assert nones(manifest) == []
+
+
+def test_container_runs_the_local_runners_command_with_the_recipe_resolved_for_the_cluster(single):
+    manifest = job(single)
+    resolved = render.cluster_recipe(single, IMAGE)
+    assert container(manifest)["command"] == stage_argv(resolved, "sft")
+    passed = json.loads(env(manifest)[RECIPE_ENV]["value"])
+    assert passed["run"] == {"id": "llava-chartqa", "root": "/runs"}
+    assert passed["kubernetes"]["image"] == IMAGE
+
+
+def test_image_is_the_pinned_one(single):
+    assert container(job(single))["image"] == IMAGE
+
+
+@pytest.mark.parametrize(
+    "name, image, message",
+    [
+        (
+            "latest",
+            "ghcr.io/vlmjobs/vlmjobs:latest",
+            r"^kubernetes\.image: 'ghcr\.io/vlmjobs/vlmjobs:latest' is not pinned; use a version tag or a digest \(@sha256:\.\.\.\), never latest$",
+        ),
+        (
+            "untagged",
+            "ghcr.io/vlmjobs/vlmjobs",
+            r"^kubernetes\.image: 'ghcr\.io/vlmjobs/vlmjobs' has no tag; pin it with a version tag or a digest",
+        ),
+        ("registry port is no tag", "registry:5000/vlmjobs", r"has no tag"),
+        ("bad digest", "ghcr.io/vlmjobs/vlmjobs@sha256:abc", r"has a malformed digest"),
+        ("no git revision", "ghcr.io/vlmjobs/vlmjobs:0.1.0-unknown", r"no git revision to tag the default image with"),
+    ],
+)
+def test_unpinned_images_are_refused(single, name, image, message):
+    with pytest.raises(UserError, match=message):
+        job(single, image=image)
+
+
+def test_a_digest_pins_the_image(single):
+    digest = "ghcr.io/vlmjobs/vlmjobs@sha256:" + "a" * 64
+    assert container(job(single, image=digest))["image"] == digest
+
+
+def test_default_image_is_the_projects_at_this_revision(single, monkeypatch):
+    monkeypatch.setenv("VLMJOBS_REVISION", "feedbeef0001")
+    recipe = make(SINGLE, **{"kubernetes.image": None})
+    assert render.resolve_image(recipe) == "ghcr.io/vlmjobs/vlmjobs:0.1.0-feedbeef0001"
+
+
+def test_gpus_are_limits_and_cpu_memory_are_requests(single):
+    resources = container(job(single))["resources"]
+    assert resources == {
+        "requests": {"cpu": "8", "memory": "64Gi"},
+        "limits": {"memory": "64Gi", "nvidia.com/gpu": "1"},
+    }
+
+
+def test_prepare_runs_on_cpu_away_from_gpu_nodes(single):
+    manifest = job(single, "prepare")
+    assert "nvidia.com/gpu" not in container(manifest)["resources"]["limits"]
+    assert "nodeSelector" not in pod_spec(manifest) and "tolerations" not in pod_spec(manifest)
+
+
+def test_gpu_pods_select_the_product_and_tolerate_the_gpu_taint(single):
+    spec = pod_spec(job(single))
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_shm_is_a_memory_backed_empty_dir_of_the_recipes_size(single):
+    spec = pod_spec(job(single))
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in spec["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container(job(single))["volumeMounts"]
+
+
+def test_pvc_is_mounted_at_the_run_root_with_hf_home_on_it(single):
+    manifest = job(single)
+    assert {"name": "runs", "persistentVolumeClaim": {"claimName": "vlmjobs-runs"}} in pod_spec(manifest)["volumes"]
+    assert {"name": "runs", "mountPath": "/runs"} in container(manifest)["volumeMounts"]
+    assert env(manifest)["HF_HOME"]["value"] == "/runs/.cache/huggingface"
+
+
+def test_hf_token_comes_from_the_secret_never_a_value(single):
+    token = env(job(single))["HF_TOKEN"]
+    assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
+
+
+def test_no_token_secret_means_no_hf_token(single):
+    assert "HF_TOKEN" not in env(job(make(SINGLE, **{"kubernetes.hf_token_secret": None})))
+
+
+def test_priority_pull_secrets_and_queue_come_from_the_recipe(single):
+    manifest = job(single)
+    assert pod_spec(manifest)["priorityClassName"] == "batch-high"
+    assert pod_spec(manifest)["imagePullSecrets"] == [{"name": "ghcr-pull"}]
+    assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+
+
+def test_optional_scheduling_keys_are_left_out_when_unset():
+    spec = pod_spec(
+        job(
+            make(
+                SINGLE,
+                **{"kubernetes.priority_class": None, "kubernetes.image_pull_secrets": [], "kubernetes.queue": None},
+            )
+        )
+    )
+    assert "priorityClassName" not in spec and "imagePullSecrets" not in spec and "serviceAccountName" not in spec
+
+
+def test_job_retries_by_itself_never_on_exit_2_and_not_counting_disruptions(single):
+    spec = job(single)["spec"]
+    assert pod_spec(job(single))["restartPolicy"] == "Never"
+    assert spec["backoffLimit"] == 3
+    assert spec["podFailurePolicy"] == {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]}},
+        ]
+    }
+
+
+def test_deadlines_ttl_and_grace_period_come_from_the_recipe(single):
+    manifest = job(single)
+    assert manifest["spec"]["activeDeadlineSeconds"] == 7 * 24 * 3600
+    assert manifest["spec"]["ttlSecondsAfterFinished"] == 3 * 24 * 3600
+    assert pod_spec(manifest)["terminationGracePeriodSeconds"] == 300
+
+
+def test_pods_meet_the_restricted_pod_security_standard_and_can_write_the_pvc(single):
+    manifest = job(single)
+    assert pod_spec(manifest)["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container(manifest)["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+    }
+
+
+def test_stage_pods_get_no_api_token(single):
+    assert pod_spec(job(single))["automountServiceAccountToken"] is False
+
+
+def test_several_gpus_launch_one_process_each_through_accelerate():
+    manifest = job(make(SINGLE, **{"resources.gpus": 8}))
+    assert container(manifest)["command"] == [
+        "python", "-m", "launcher.distributed", "--multi_gpu", "--num_processes", "8", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "jobs.sft",
+    ]  # fmt: skip
+    assert env(manifest)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == "285"
+
+
+def test_multi_node_stage_is_an_indexed_job_of_one_pod_per_node(multi):
+    spec = job(multi)["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+
+
+def test_multi_node_group_fails_as_one_and_is_restarted_by_the_launcher(multi):
+    spec = job(multi)["spec"]
+    assert spec["backoffLimit"] == 0
+    assert spec["podFailurePolicy"] == {
+        "rules": [{"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]}}]
+    }
+    assert render.retried_by_launcher(multi, "sft")
+
+
+def test_multi_node_ranks_rendezvous_at_index_0_and_take_their_rank_from_the_index(multi):
+    manifest = job(multi)
+    command = container(manifest)["command"]
+    assert command[command.index("--num_processes") + 1] == "16"
+    assert command[command.index("--machine_rank") + 1] == "$(NODE_RANK)"
+    assert command[command.index("--main_process_ip") + 1] == "qwen2vl-chartqa-sft-0.qwen2vl-chartqa-sft"
+    assert env(manifest)["NODE_RANK"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
+    assert pod_spec(manifest)["subdomain"] == "qwen2vl-chartqa-sft"
+
+
+def test_multi_node_service_is_headless_publishes_unready_pods_and_selects_the_jobs_pods(multi):
+    manifest, service = render.render_stage(multi, "sft", IMAGE)
+    assert service["metadata"]["name"] == pod_spec(manifest)["subdomain"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    template_labels = manifest["spec"]["template"]["metadata"]["labels"]
+    assert all(template_labels[k] == v for k, v in service["spec"]["selector"].items())
+
+
+def test_single_node_stages_of_a_multi_node_recipe_have_no_service(multi):
+    assert [m["kind"] for m in render.render_stage(multi, "evaluate", IMAGE)] == ["Job"]
+
+
+def test_service_goes_with_the_job_it_is_owned_by(multi):
+    service = render.render_service(multi, "sft")
+    owned = render.owned_by(service, {"metadata": {"name": "qwen2vl-chartqa-sft", "uid": "uid-7"}})
+    assert owned["metadata"]["ownerReferences"] == [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "qwen2vl-chartqa-sft", "uid": "uid-7"}
+    ]
+    assert "ownerReferences" not in service["metadata"]
+
+
+def test_before_1_31_the_launcher_retries_since_there_is_no_ga_pod_failure_policy():
+    spec = job(make(SINGLE, **{"kubernetes.target_version": "1.29"}))["spec"]
+    assert "podFailurePolicy" not in spec and spec["backoffLimit"] == 0
+
+
+def test_a_stage_outside_the_recipe_is_refused():
+    with pytest.raises(UserError, match=r"^--stage: dpo is not in the recipe's stages \(prepare, sft\)$"):
+        job(make(SINGLE, stages=["prepare", "sft"]), "dpo")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "kubernetes.namespace",
+            "Team_A",
+            r"^kubernetes\.namespace: 'Team_A' is not a DNS-1123 label of at most 63 characters",
+        ),
+        ("kubernetes.pvc", "runs_pvc", r"^kubernetes\.pvc: 'runs_pvc' is not a DNS-1123 name"),
+        ("kubernetes.hf_token_secret", "HF", r"^kubernetes\.hf_token_secret: 'HF' is not a DNS-1123 name"),
+        ("kubernetes.queue", "gpu.queue", r"^kubernetes\.queue: 'gpu\.queue' is not a DNS-1123 label"),
+        ("kubernetes.mount_path", "runs", r"^kubernetes\.mount_path: 'runs' must be an absolute folder of its own"),
+        ("resources.memory", "64GB", r"^sft\.resources \(or resources\)\.memory: '64GB' is not a Kubernetes quantity"),
+        ("resources.gpu_product", "H100 80GB", r"gpu_product: 'H100 80GB' is not a label value"),
+    ],
+)
+def test_names_and_quantities_are_checked_with_the_key_that_sets_them(key, value, message):
+    with pytest.raises(UserError, match=message):
+        job(make(SINGLE, **{key: value}))
+
+
+def test_run_ids_that_cannot_name_jobs_are_refused_by_the_recipe():
+    with pytest.raises(UserError, match=r"run\.id: 'Run_1' must be a DNS-1123 label of at most 43 characters"):
+        make(SINGLE, **{"run.id": "Run_1"})
+
+
+def test_driver_job_runs_the_pipeline_with_its_service_account_on_cpu(single):
+    driver = render.render_driver_job(single, IMAGE)
+    spec = driver["spec"]["template"]["spec"]
+    assert driver["metadata"]["name"] == "llava-chartqa-pipeline"
+    assert spec["serviceAccountName"] == "vlmjobs-driver"
+    assert spec["containers"][0]["command"] == ["python", "-m", "launcher.cli", "pipeline"]
+    assert "volumes" not in spec and "nvidia.com/gpu" not in spec["containers"][0]["resources"]["limits"]
+
+
+def test_driver_hands_the_pinned_image_to_the_stage_jobs(single):
+    driver = render.render_driver_job(make(SINGLE, **{"kubernetes.image": None}), IMAGE)
+    passed = json.loads(driver["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"])
+    assert passed["kubernetes"]["image"] == IMAGE
+
+
+def test_cronjob_runs_a_dated_pipeline_nightly_never_two_at_once(single):
+    cron = render.render_cronjob(single, IMAGE)
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["startingDeadlineSeconds"] == 3600
+    assert (cron["spec"]["schedule"], cron["spec"]["timeZone"]) == ("0 2 * * *", "Etc/UTC")
+    command = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command == ["python", "-m", "launcher.cli", "pipeline", "--dated"]
+
+
+def test_cronjob_refuses_a_run_id_with_no_room_for_the_date():
+    with pytest.raises(
+        UserError,
+        match=r"^run\.id: 'r{40}' is too long for the nightly pipeline, which appends -YYYYMMDD: at most 34 characters$",
+    ):
+        render.render_cronjob(make(SINGLE, **{"run.id": "r" * 40}), IMAGE)
+
+
+def test_dump_is_plain_yaml_without_anchors(multi):
+    text = render.dump(render.render_stage(multi, "sft", IMAGE) + render.render_driver_rbac("vlmjobs"))
+    assert "&id" not in text and "*id" not in text
+
+
+def test_driver_role_has_exactly_the_verbs_the_launcher_uses():
+    role = render.render_driver_rbac("vlmjobs")[1]
+    assert {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]} == {
+        (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
+        (("",), ("pods",)): {"get", "list", "watch"},
+        (("",), ("pods/log",)): {"get"},
+        (("",), ("services",)): {"create", "delete"},
+    }
