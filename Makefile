@@ -11,7 +11,7 @@ K8S_RECIPE = $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),
 RUN_ARG = $(if $(RUN),--run=$(RUN))
 KUBECTL ?= kubectl
 
-.PHONY: install demo test lock clean render submit pipeline status logs delete k8s k8s-apply goldens
+.PHONY: install demo test lock clean render submit pipeline status logs delete k8s k8s-apply goldens image push-image
 
 install: $(STAMP)
 
@@ -66,6 +66,32 @@ k8s-apply: $(STAMP)
 # Rewrite tests/golden/ from the renderer, then review the diff.
 goldens: $(STAMP)
 	VLMJOBS_UPDATE_GOLDENS=1 $(BIN)/pytest -q tests/launcher/test_golden.py
+
+# The CUDA image (images/Dockerfile), tagged <registry>/vlmjobs:<version>-<git revision> by
+# launcher.image.default_image(), the very function that names the image in the rendered Jobs.
+# REGISTRY=... sets $VLMJOBS_REGISTRY for that call (render the Jobs with the same registry).
+# launcher.image needs only the standard library, so plain python3 computes the tag, no .venv.
+DOCKER ?= docker
+IMAGE_INFO = $(if $(REGISTRY),VLMJOBS_REGISTRY=$(REGISTRY)) PYTHONPATH=. $(PYTHON) -c \
+	'from jobs import __version__; from launcher import image; print(image.default_image(), __version__, image.revision(), image.REGISTRY)'
+NO_DOCKER = echo "make $@: no Docker engine here ('$(DOCKER) info' failed); run it where a Docker daemon is running" >&2; exit 1
+
+image:
+	@$(DOCKER) info >/dev/null 2>&1 || { $(NO_DOCKER); }
+	@info=$$($(IMAGE_INFO)) && set -- $$info && \
+	if [ -n "$$(git status --porcelain)" ]; then echo "make image: warning: uncommitted changes go into $$1" >&2; fi && \
+	echo "==> $$1" && \
+	$(DOCKER) build --platform linux/amd64 --file images/Dockerfile --tag "$$1" \
+		--build-arg VERSION="$$2" --build-arg REVISION="$$3" --build-arg REGISTRY="$$4" \
+		--build-arg CREATED="$$(date -u +%Y-%m-%dT%H:%M:%SZ)" .
+
+# A pushed tag names a revision; pushing uncommitted code under it would make Jobs run code no commit holds.
+push-image:
+	@$(DOCKER) info >/dev/null 2>&1 || { $(NO_DOCKER); }
+	@if [ -n "$$(git status --porcelain)" ] && [ -z "$(ALLOW_DIRTY)" ]; then \
+		echo "make push-image: uncommitted changes; commit them first (or ALLOW_DIRTY=1)" >&2; exit 1; fi
+	@$(MAKE) --no-print-directory image
+	@info=$$($(IMAGE_INFO)) && set -- $$info && $(DOCKER) push "$$1"
 
 # Re-resolve requirements*.lock after changing dependencies in pyproject.toml.
 lock:
