@@ -36,6 +36,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     import torch
     from datasets import load_from_disk
+    from peft import PeftModel
 
     from jobs import modeling
 
@@ -48,7 +49,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     rows = list(load_from_disk(stage.input("prepare") / kind / "test").select(range(CHECK_SAMPLES)))
     model = modeling.load_trained(cfg, stage.run_dir, source, dtype=torch.float32)
     max_diff = None
-    if type(model).__name__ == "PeftModel":
+    if isinstance(model, PeftModel):
         before = sample_logits(model, processor, rows)
         model = model.merge_and_unload()
         max_diff = (sample_logits(model, processor, rows) - before).abs().max().item()

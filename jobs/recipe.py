@@ -161,7 +161,7 @@ class Kubernetes:
     active_deadline_seconds: int = 7 * 24 * 3600
     ttl_seconds_after_finished: int = 3 * 24 * 3600
     termination_grace_period_seconds: int = 300  # time to write a checkpoint after SIGTERM
-    target_version: str = "1.29"  # oldest Kubernetes the manifests must work on
+    target_version: str = "1.31"  # oldest Kubernetes the manifests must work on; podFailurePolicy is GA from 1.31
     # Added for the launcher (issue 4):
     nightly_schedule: str = "0 2 * * *"  # cron schedule of the nightly pipeline's CronJob (vlmjobs cronjob)
     nightly_time_zone: str = "Etc/UTC"  # the CronJob's timeZone; without it the schedule follows the controller's clock

@@ -75,8 +75,8 @@ def test_prepare_writes_splits_in_trl_format_with_images_shrunk_to_the_processor
     sft = load_from_disk(run / "prepare" / "sft")
     row = sft["train"][0]
     assert set(sft["train"].column_names) == {"images", "prompt", "completion", "answers"}
-    # the tiny LLaVA's CLIP processor resizes the shortest side to 32: a 96x72 chart is stored at 43x32
-    assert row["images"][0].size == (43, 32)
+    # the tiny LLaVA's CLIP processor resizes the shortest side to 32: a 72x72 chart is stored at 32x32
+    assert row["images"][0].size == (32, 32)
     assert row["prompt"][0]["content"][0]["type"] == "image"
     assert set(load_from_disk(run / "prepare" / "dpo")["test"].column_names) == {"images", "prompt", "chosen", "rejected"}
 

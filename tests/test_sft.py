@@ -6,15 +6,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
+from peft import PeftModel
 
 from jobs import contract, modeling, prepare, sft
 from jobs import recipe as recipes
 from jobs.inference import generate_answers
 from tests.conftest import subprocess_env
 
-DEMO_SFT = {"method": "full", "args": {"num_train_epochs": 3, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "logging_steps": 25}}
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_SFT = yaml.safe_load((ROOT / "recipes" / "tiny-demo.yaml").read_text())["sft"]  # the check runs the demo's own settings
 
 
 def answer_accuracy(model, processor, rows) -> float:
@@ -27,7 +31,7 @@ def test_learning_check_sft_lifts_held_out_answer_accuracy(write_recipe):
     """On synthetic charts a random tiny LLaVA answers nothing right; after SFT most held-out answers are right."""
     from datasets import load_from_disk
 
-    path = write_recipe(sft=DEMO_SFT)
+    path = write_recipe(sft=DEMO_SFT, prepare={"eval_fraction": 0.1, "test_fraction": 0.1})
     prepare.main(recipe=str(path))
     sft.main(recipe=str(path))
 
@@ -55,7 +59,7 @@ def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe,
     assert record["metrics"]["train_loss"] > 0
     assert modeling.read_lineage(recipe.run_dir, "sft") == {"base": "base", "merged": [], "adapter": "sft/model"}
     model = modeling.load_trained(recipe, recipe.run_dir, "sft", quantize=modeling.quantization(recipe.sft))
-    assert type(model).__name__ == "PeftModel"
+    assert isinstance(model, PeftModel)
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
