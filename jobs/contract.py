@@ -39,12 +39,34 @@ class Failure(Exception):
     """A failure this code recognises (a broken merge, an unreachable hub): one line, exit code 1, retried."""
 
 
+EXIT_SIGTERM = 143  # 128 + SIGTERM: stopped from outside (preemption, kubectl delete); worth a retry
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived outside training (where the trainer checkpoints instead)."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()
+
+
 def entrypoint(main: Callable) -> None:
     """Run a stage's ``main`` under Fire, turning user errors into one line and exit code 2."""
+    import logging
+    import signal
+
     import fire
 
+    # As a container's PID 1 a process ignores SIGTERM unless it handles it: the Job would hang for the
+    # whole grace period. Training stages replace this handler with one that writes a checkpoint first.
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    # On CPU bitsandbytes asks for an optional kernel from the hub; its own fallback is what runs here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         fire.Fire(main)
+    except Interrupted:
+        print("stopped on SIGTERM; the unfinished work stays in the run folder for a restart", file=sys.stderr)
+        sys.exit(EXIT_SIGTERM)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -73,7 +73,17 @@ def main(recipe: str = "", force: bool = False, **overrides):
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
         method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        reference=reference_kind(trainer),
     )
+
+
+def reference_kind(trainer) -> str:
+    """What DPO compared against, read off the trainer TRL built: the record says so for every run."""
+    if trainer.ref_model is not None:
+        return "frozen copy of the model"
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        return "frozen copy of the adapter"
+    return "the model with its adapter switched off"
 
 
 def starting_point(cfg, run_dir, from_sft: bool):

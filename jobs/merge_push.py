@@ -72,10 +72,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
 def sample_logits(model, processor, rows):
     """Logits of each sample's prompt and first answer, padded into one batch."""
     import torch
-    from trl.data_utils import apply_chat_template
 
     answer = "completion" if "completion" in rows[0] else "chosen"
-    texts = [apply_chat_template({"messages": row["prompt"] + row[answer]}, processor)["messages"] for row in rows]
+    texts = [processor.apply_chat_template(row["prompt"] + row[answer], tokenize=False) for row in rows]
     images = [row["images"] for row in rows]
     inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():

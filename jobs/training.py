@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from jobs.contract import UserError, is_main_process
+from jobs.contract import EXIT_SIGTERM, UserError, is_main_process
 from jobs.recipe import Train
 
 # Stage defaults under the recipe's ``args``; printed at start so nothing is filled in silently.
@@ -27,7 +27,6 @@ STAGE_DEFAULTS = {
     "gradient_checkpointing_kwargs": {"use_reentrant": False},
 }
 METRICS_FILE = "metrics.jsonl"
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM: a checkpoint was written; the Job's retry resumes from it
 
 
 def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype):
@@ -121,7 +120,7 @@ def stop_if_interrupted(trainer, stage: str) -> None:
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, SaveOnSigterm) and callback.requested:
             print(f"{stage}: stopped on SIGTERM at step {trainer.state.global_step}; checkpoint saved, a restart resumes", flush=True)
-            sys.exit(EXIT_INTERRUPTED)
+            sys.exit(EXIT_SIGTERM)
 
 
 def _fmt(value) -> str:

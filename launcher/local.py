@@ -4,6 +4,7 @@ the very argv and environment its Kubernetes Job would get, one after another on
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -41,6 +42,11 @@ def run(recipe: Recipe, stages: tuple[str, ...] | None = None, *, force: bool = 
         if returncode != 0:
             raise StageFailed(stage, returncode, argv)
     print(f"==> done in {time.time() - started:.0f}s: {', '.join(stages)} in {recipe.run_dir}", flush=True)
+    report = recipe.run_dir / "evaluate" / "report.json"
+    if "evaluate" in stages and report.is_file():
+        from jobs.report import format_table
+
+        print(f"\n{format_table(json.loads(report.read_text()))}\n(details: {report.with_name('report.md')})", flush=True)
 
 
 def exit_code(error: StageFailed) -> int:

@@ -54,28 +54,32 @@ def synthetic_data(tmp_path_factory):
     return get
 
 
+def recipe_file(folder: Path, model: Path, sources: dict[str, Path], family: str = "llava", name: str = "t", **sections) -> Path:
+    """A recipe on a tiny model and synthetic data, its run folder under ``folder``; sections given replace
+    the defaults below (prepare and a 2-step full SFT)."""
+    recipe = {
+        "name": name,
+        "model": {"name_or_path": str(model), "family": family},
+        "data": {
+            "sft": {"path": str(sources["chartqa"]), "format": "chartqa", "eval_split": "val", "test_split": "test"},
+            "dpo": {"path": str(sources["rlaif-v"]), "format": "rlaif-v"},
+        },
+        "run": {"root": str(folder / "runs")},
+        "stages": ["prepare", "sft"],
+        "sft": {"method": "full", "args": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1}},
+    }
+    recipe.update(sections)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def write_recipe(tmp_path, tiny_model, synthetic_data):
-    """write_recipe(family="llava", **sections) -> path of a recipe on tiny models and synthetic data.
-
-    Sections given replace the defaults below; the run folder is under tmp_path.
-    """
+    """write_recipe(family="llava", **sections) -> path of a recipe (see ``recipe_file``), run folder under tmp_path."""
 
     def write(family: str = "llava", name: str = "t", **sections) -> Path:
-        recipe = {
-            "name": name,
-            "model": {"name_or_path": str(tiny_model(family)), "family": family},
-            "data": {
-                "sft": {"path": str(synthetic_data("chartqa")), "format": "chartqa", "eval_split": "val", "test_split": "test"},
-                "dpo": {"path": str(synthetic_data("rlaif-v")), "format": "rlaif-v"},
-            },
-            "run": {"root": str(tmp_path / "runs")},
-            "stages": ["prepare", "sft"],
-            "sft": {"method": "full", "args": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1}},
-        }
-        recipe.update(sections)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        return path
+        sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+        return recipe_file(tmp_path, tiny_model(family), sources, family=family, name=name, **sections)
 
     return write

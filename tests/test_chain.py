@@ -1,0 +1,265 @@
+"""dpo, evaluate and merge_push on a short chain of the tiny LLaVA: their outputs, the DPO starting
+points, the merge check, and the push path against a local target and a failing hub."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import contract, dpo, evaluate, merge_push, modeling, prepare, sft
+from jobs import recipe as recipes
+from tests.conftest import ROOT, recipe_file, subprocess_env
+
+QUICK = {
+    "stages": ["prepare", "sft", "dpo", "evaluate", "merge_push"],
+    "sft": {"method": "lora", "lora": {"r": 4, "lora_alpha": 8}, "args": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1}},
+    "dpo": {"method": "lora", "lora": {"r": 4, "lora_alpha": 8}, "args": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1}},
+    "evaluate": {"max_samples": 4, "max_new_tokens": 4, "batch_size": 4},
+}
+STAGE_MAINS = {"prepare": prepare.main, "sft": sft.main, "dpo": dpo.main, "evaluate": evaluate.main, "merge_push": merge_push.main}
+
+
+def run_stages(path: Path, *stages: str, force: bool = False) -> recipes.Recipe:
+    recipe = recipes.load(path)
+    for stage in stages or recipe.stages:
+        STAGE_MAINS[stage](recipe=str(path), force=force)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def lora_chain(tmp_path_factory, tiny_model, synthetic_data):
+    """The whole chain once, LoRA SFT then LoRA DPO on SFT's merged adapter; tests copy its run folder."""
+    folder = tmp_path_factory.mktemp("chain")
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    path = recipe_file(folder, tiny_model("llava"), sources, name="chain", **QUICK)
+    return run_stages(path), path
+
+
+def copy_run(chain, tmp_path, **sections) -> Path:
+    """The chain's recipe pointed at a copy of its run folder (lineage paths are run-relative, so it moves)."""
+    recipe, path = chain
+    data = yaml.safe_load(path.read_text())
+    data["run"]["root"] = str(tmp_path / "runs")
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    shutil.copytree(recipe.run_dir, tmp_path / "runs" / recipe.run_id)
+    copy = tmp_path / "chain.yaml"
+    copy.write_text(yaml.safe_dump(data))
+    return copy
+
+
+def test_every_stage_commits_and_dpo_logs_its_metrics_at_each_step(lora_chain):
+    recipe, _ = lora_chain
+    for stage in recipe.stages:
+        assert (recipe.run_dir / stage / contract.SUCCESS_FILE).is_file(), stage
+    logged = [json.loads(line) for line in (recipe.run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert all(key in r for r in steps), key
+
+
+def test_lora_dpo_on_merged_sft_uses_the_adapter_switched_off_as_reference(lora_chain):
+    recipe, _ = lora_chain
+    record = contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)
+    assert record["reference"] == "the model with its adapter switched off"
+    assert record["starting_from"] == "sft adapter merged"
+    assert modeling.read_lineage(recipe.run_dir, "dpo") == {"base": "base", "merged": ["sft/model"], "adapter": "dpo/model"}
+
+
+def test_evaluate_reports_every_variant_with_the_same_samples(lora_chain):
+    recipe, _ = lora_chain
+    out = recipe.run_dir / "evaluate"
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["variants"]) == ["base", "prompted", "sft", "dpo"]
+    for variant in report["variants"].values():
+        assert variant["samples"] == 8  # 4 answer rows and 4 preference rows
+        metrics = variant["metrics"]
+        assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["preference_accuracy"] <= 1
+        assert "mean_margin" in metrics and "amber_f1" in metrics and "pope_f1" in metrics
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 * 8
+    assert {p["split"] for p in predictions} == {"sft/test", "dpo/test"}
+    assert all({"question", "answer", "gold", "correct"} <= set(p) for p in predictions)
+    markdown = (out / "report.md").read_text()
+    assert "| dpo |" in markdown.replace("  ", " ") or "dpo" in markdown
+    assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in out.iterdir())
+
+
+def test_prompted_variant_gets_a_system_prompt_and_base_none():
+    recipe = recipes.from_dict({"name": "r", "stages": ["prepare"], "model": {"name_or_path": "m", "family": "llava"},
+                                "data": {"sft": {"path": "d", "format": "chartqa"}}})
+    user = {"role": "user", "content": [{"type": "text", "text": "Q"}]}
+    trained_system = {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    row = {"prompt": [trained_system, user]}
+    assert evaluate.with_prompt(row, "base", recipe)["prompt"] == [user]
+    assert evaluate.with_prompt(row, "prompted", recipe)["prompt"] == [trained_system, user]
+    assert evaluate.with_prompt(row, "sft", recipe)["prompt"] == [trained_system, user]
+    prompted = evaluate.with_prompt({"prompt": [user]}, "prompted", recipe)["prompt"]
+    assert prompted[0]["content"][0]["text"] == recipe.evaluate.system_prompt and prompted[1] == user
+
+
+def test_merged_model_loads_as_its_base_class_with_a_card_and_the_check_recorded(lora_chain):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    recipe, _ = lora_chain
+    out = recipe.run_dir / "merge_push"
+    record = contract.read_json(out / contract.SUCCESS_FILE)
+    assert record["source"] == "dpo" and record["pushed_to"] is None
+    assert 0 <= record["logits_max_diff"] <= recipe.merge_push.logits_atol
+    model_dir = out / "model"
+    assert not modeling.is_adapter(model_dir), "merged weights, not an adapter"
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    assert str(model.dtype) == "torch.bfloat16"
+    AutoProcessor.from_pretrained(model_dir)
+    card = (model_dir / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "## Evaluation" in card and "preference_accuracy" in card
+    assert "transformers" in card and "trl" in card
+
+
+def test_dpo_can_train_the_sft_adapter_further_against_a_frozen_copy_of_it(lora_chain, tmp_path):
+    path = copy_run(lora_chain, tmp_path, dpo={"sft_adapter": "continue"})
+    recipe = run_stages(path, "dpo", force=True)
+    record = contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)
+    assert record["reference"] == "frozen copy of the adapter"
+    assert modeling.read_lineage(recipe.run_dir, "dpo") == {"base": "base", "merged": [], "adapter": "dpo/model"}
+    assert modeling.load_trained(recipe, recipe.run_dir, "dpo") is not None
+
+
+def test_continuing_an_adapter_with_full_dpo_is_a_user_error(lora_chain, tmp_path):
+    path = copy_run(lora_chain, tmp_path, dpo={"sft_adapter": "continue", "method": "full"})
+    with pytest.raises(contract.UserError, match="dpo.sft_adapter: continue trains SFT's adapter further; it needs dpo.method lora or qlora"):
+        run_stages(path, "dpo", force=True)
+
+
+def test_a_broken_merge_is_caught_before_anything_is_written(lora_chain, tmp_path, monkeypatch):
+    """Simulate a merge bug: merge_and_unload returns weights that are off by a little."""
+    import torch
+    from peft.tuners.lora import LoraModel
+
+    path = copy_run(lora_chain, tmp_path)
+    recipe = recipes.load(path)
+    shutil.rmtree(recipe.run_dir / "merge_push")
+    merge = LoraModel.merge_and_unload
+
+    def broken(self, *args, **kwargs):
+        model = merge(self, *args, **kwargs)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.add_(0.05)
+        return model
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", broken)
+    with pytest.raises(contract.Failure, match=r"the merged model's logits differ from the adapter model's by .* the merge is broken; nothing was written or pushed"):
+        merge_push.main(recipe=str(path))
+    assert not (recipe.run_dir / "merge_push").exists()
+
+
+class FailingHub(BaseHTTPRequestHandler):
+    """A hub on loopback that refuses every call with the status in its server's ``status``."""
+
+    def _refuse(self):
+        self.server.requests.append((self.command, self.path, self.headers.get("authorization")))
+        body = json.dumps({"error": "refused by the test hub"}).encode()
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_HEAD = _refuse
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def failing_hub():
+    def start(status: int):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), FailingHub)
+        server.status, server.requests = status, []
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    servers = []
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("status, exit_code", [(401, 2), (403, 2), (500, 1)])
+def test_a_failing_hub_gives_one_line_no_output_and_never_shows_the_token(lora_chain, tmp_path, failing_hub, status, exit_code):
+    hub = failing_hub(status)
+    path = copy_run(lora_chain, tmp_path, merge_push={"push": True, "repo_id": "org/tiny-llava-dpo"})
+    recipe = recipes.load(path)
+    shutil.rmtree(recipe.run_dir / "merge_push")
+    token = "hf_testsecret0123456789"
+    env = subprocess_env(HF_TOKEN=token, HF_ENDPOINT=f"http://127.0.0.1:{hub.server_port}", HF_HUB_OFFLINE="0",
+                         HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    done = subprocess.run([sys.executable, "-m", "jobs.merge_push", f"--recipe={path}"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == exit_code, done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert error_lines == [done.stderr.strip().splitlines()[-1]]
+    assert error_lines[0].startswith(f"error: merge_push: pushing to org/tiny-llava-dpo failed ({status}): ")
+    assert "Traceback" not in done.stderr
+    assert token not in done.stdout + done.stderr
+    assert ("POST", "/api/repos/create", f"Bearer {token}") in hub.requests, "the token went to the hub, and only there"
+    assert not (recipe.run_dir / "merge_push").exists(), "no partial result that looks complete"
+
+
+def test_pushing_a_model_evaluate_shows_worse_than_base_needs_force(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"variants": {"base": {"metrics": {"accuracy": 0.5}}, "dpo": {"metrics": {"accuracy": 0.4}}}}))
+    recipe = recipes.from_dict({"name": "r", "stages": ["prepare"], "model": {"name_or_path": "m", "family": "llava"},
+                                "data": {"sft": {"path": "d", "format": "chartqa"}}})
+    verdict = merge_push.compare_with_base(report, "dpo", recipe)
+    assert verdict["worse"] and verdict["summary"] == "dpo scores 0.400 accuracy, base 0.500"
+    report.write_text(json.dumps({"variants": {"base": {"metrics": {"accuracy": 0.5}}, "dpo": {"metrics": {"accuracy": 0.5}}}}))
+    assert not merge_push.compare_with_base(report, "dpo", recipe)["worse"]
+
+
+def test_merge_push_refuses_to_push_a_worse_model(lora_chain, tmp_path):
+    path = copy_run(lora_chain, tmp_path, merge_push={"push": True, "repo_id": "org/x"}, evaluate={"primary_metric": "accuracy"})
+    recipe = recipes.load(path)
+    report = recipe.run_dir / "evaluate" / "report.json"
+    data = json.loads(report.read_text())
+    data["variants"]["base"]["metrics"]["accuracy"] = data["variants"]["dpo"]["metrics"]["accuracy"] + 0.5
+    report.write_text(json.dumps(data))
+    with pytest.raises(contract.UserError, match=r"merge_push: not pushing: dpo scores .* accuracy, base .*; set merge_push.force=true to push anyway"):
+        merge_push.main(recipe=str(path), force=True)
+
+
+@pytest.mark.slow
+def test_dpo_learning_check_preference_accuracy_rises_from_chance(tmp_path, tiny_model, synthetic_data):
+    """The demo's settings: held-out preference accuracy from about chance after SFT to >= 0.8 after DPO."""
+    from datasets import load_from_disk
+
+    from jobs.families import get_family
+    from jobs.inference import completion_logprobs
+    from jobs.metrics import preference_metrics
+
+    demo = yaml.safe_load((ROOT / "recipes" / "tiny-demo.yaml").read_text())
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    path = recipe_file(tmp_path, tiny_model("llava"), sources, stages=["prepare", "sft", "dpo"],
+                       prepare=demo["prepare"], sft=demo["sft"], dpo=demo["dpo"])
+    recipe = run_stages(path)
+    processor = modeling.load_processor(recipe.model)
+    rows = list(get_family("llava").close_answers(load_from_disk(recipe.run_dir / "prepare" / "dpo" / "test"), processor))
+
+    def accuracy(stage):
+        model = modeling.load_trained(recipe, recipe.run_dir, stage)
+        chosen, rejected = (completion_logprobs(model, processor, rows, key) for key in ("chosen", "rejected"))
+        return preference_metrics(chosen, rejected)["preference_accuracy"]
+
+    before, after = accuracy("sft"), accuracy("dpo")
+    print(f"held-out preference accuracy: before DPO {before:.2f}, after {after:.2f}")
+    assert 0.3 <= before <= 0.7
+    assert after >= 0.8
