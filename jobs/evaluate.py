@@ -4,7 +4,7 @@
     prompted  the base model with a system prompt: the cookbook's "prompting instead of fine-tuning"
     sft, dpo  the trained stages' models, prompts as they were trained on
 
-On answer rows (data.sft): exact-match accuracy, ChartQA's relaxed accuracy for chartqa sources, and
+On answer rows (data.sft): accuracy (ChartQA's relaxed accuracy for chartqa sources, else exact match), exact match, and
 yes/no metrics where the gold answers are yes/no. On preference rows (data.dpo): preference accuracy
 and mean margin (is the chosen answer more likely than the rejected one?), and the yes/no
 hallucination metrics of the generated answers as AMBER ("no" positive) and POPE ("yes" positive) report them.
@@ -96,9 +96,12 @@ def evaluate_variant(variant: str, model, processor, tests: dict[str, list[dict]
     if "sft" in tests:
         rows = [with_prompt(row, variant, cfg) for row in tests["sft"]]
         answers = answer(rows)
+        exact = [m.exact_match(a, row["answers"]) for a, row in zip(answers, rows)]
+        # ChartQA's published metric is relaxed accuracy; elsewhere accuracy is exact match
         relaxed = cfg.data.sft.format == "chartqa"
-        correct = [m.relaxed_accuracy(a, row["answers"]) if relaxed else m.exact_match(a, row["answers"]) for a, row in zip(answers, rows)]
+        correct = [m.relaxed_accuracy(a, row["answers"]) for a, row in zip(answers, rows)] if relaxed else exact
         scores["accuracy"] = sum(correct) / len(correct)
+        scores["exact_match"] = sum(exact) / len(exact)
         gold = [m.yes_no(row["answers"][0]) for row in rows]
         if all(g is not None for g in gold):
             scores |= _yes_no_scores([m.yes_no(a) for a in answers], gold)

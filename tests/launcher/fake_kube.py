@@ -12,12 +12,21 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client hanging up on a watch or log stream is expected here, not a traceback in the test output."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def complete() -> dict:
@@ -101,7 +110,7 @@ class FakeKube:
         self._versions = itertools.count(100)
         self._uids = itertools.count(1)
         self.lock = threading.RLock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = _QuietServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)

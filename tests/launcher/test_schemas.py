@@ -78,7 +78,7 @@ def test_test_recipes_use_only_features_ga_at_their_target(base, target):
 
 
 def test_cluster_setup_is_schema_valid():
-    for relative, (_, manifests) in setup.files(
+    for _, (_, manifests) in setup.files(
         recipes.Kubernetes(), size="1Ti", access_mode="ReadWriteMany", storage_class="nfs", cluster_queue="cq"
     ).items():
         for manifest in manifests:
