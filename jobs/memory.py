@@ -56,3 +56,44 @@ def estimate(model, *, trainable: int, reference_copy: bool) -> Estimate:
         gradients=trainable * trainable_bytes / GB,
         optimizer=2 * trainable * trainable_bytes / GB,
     )
+
+
+def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
+    """The arithmetic for a training stage of a recipe from the model's config alone, before any weight is
+    loaded or GPU asked for: parameters counted on the meta device, LoRA applied there too.
+    Returns the estimate and the counts it was made from."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from jobs.families import get_family
+    from jobs.modeling import _user_errors, lora_config, resolve_dtype
+
+    family = get_family(recipe.model.family)
+    train = getattr(recipe, stage)
+    with _user_errors(recipe.model.name_or_path):
+        config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
+    with init_empty_weights():
+        model = getattr(transformers, family.model_class)._from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    # bitsandbytes stores every Linear but the output head in 4 bits; the rest stays in the compute dtype
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    if train.method == "full":
+        trainable = total
+    else:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(train, family))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dtype = resolve_dtype(recipe.model.dtype) if recipe.model.dtype != "auto" else torch.bfloat16  # auto on a GPU
+    width = dtype.itemsize
+    stored = (linear * 0.5 + (total - linear) * width) if train.method == "qlora" else total * width
+    estimate = Estimate(
+        model=stored / GB,
+        reference=stored / GB if stage == "dpo" and train.method == "full" else 0.0,
+        gradients=trainable * width / GB,
+        optimizer=2 * trainable * width / GB,
+    )
+    return estimate, {"parameters": total, "trainable": trainable, "dtype": str(dtype).removeprefix("torch.")}

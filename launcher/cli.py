@@ -2,6 +2,7 @@
 
     vlmjobs run RECIPE [--stages=sft,dpo] [--force] [--sft.args.learning_rate=1e-4 ...]   local chain
     vlmjobs validate RECIPE [overrides]       check a recipe, print the resolved one
+    vlmjobs memory RECIPE                     the memory arithmetic of its training stages, before any GPU
     vlmjobs tiny-model --family=llava --out=DIR
     vlmjobs synth-data --kind=chartqa --out=DIR [--rows=400]
 
@@ -53,6 +54,25 @@ def validate(recipe: str, **overrides):
     resolved = recipes.load(str(recipe), overrides)
     recipes.check_passthrough(resolved)
     print(yaml.safe_dump(resolved.to_dict(), sort_keys=False), end="")
+
+
+def memory(recipe: str, **overrides):
+    """The DPO blog's memory arithmetic for the recipe's training stages, from the model's config alone."""
+    from jobs import memory as arithmetic
+
+    resolved = recipes.load(str(recipe), overrides)
+    for stage in ("sft", "dpo"):
+        if stage not in resolved.stages:
+            continue
+        estimate, counts = arithmetic.for_stage(resolved, stage)
+        method = getattr(resolved, stage).method
+        print(f"{stage} ({method}, {counts['dtype']}): {counts['trainable']:,} of {counts['parameters']:,} parameters trained")
+        print(f"  {estimate}, before activations")
+        res = resolved.resources_for(stage)
+        if res.gpu_memory_gib:
+            available = res.gpu_memory_gib * 2**30 / arithmetic.GB
+            verdict = "fits" if estimate.total < available else "does NOT fit"
+            print(f"  {verdict} in one {res.gpu_product or 'GPU'} of {res.gpu_memory_gib} GiB ({available:.1f} GB) before activations")
 
 
 def tiny_model(family: str, out: str, seed: int = 0):
@@ -243,6 +263,7 @@ def k8s(
 COMMANDS = {
     "run": run,
     "validate": validate,
+    "memory": memory,
     "tiny-model": tiny_model,
     "synth-data": synth_data,
     "render": render,

@@ -29,3 +29,22 @@ def test_estimate_of_a_loaded_model_counts_the_bytes_its_weights_take():
     assert parts.model == pytest.approx((10100 + 1010) * 2 / 1e9)
     assert parts.gradients == pytest.approx(10100 * 2 / 1e9) and parts.optimizer == pytest.approx(2 * 10100 * 2 / 1e9)
     assert str(Estimate(1, 0, 0.5, 1)) == "model 1 GB + reference 0 GB + gradients 0.5 GB + optimizer 1 GB = 2.5 GB"
+
+
+def test_a_stages_estimate_from_the_config_alone_counts_what_loading_the_model_counts(write_recipe):
+    from peft import get_peft_model
+
+    from jobs import memory, modeling
+    from jobs import recipe as recipes
+    from jobs.families import get_family
+
+    recipe = recipes.load(write_recipe(sft={"method": "lora", "lora": {"r": 4}}))
+    estimate, counts = memory.for_stage(recipe, "sft")
+    loaded = get_peft_model(modeling.load_model(recipe.model), modeling.lora_config(recipe.sft, get_family("llava")))
+    trainable, total = modeling.count_parameters(loaded)
+    assert (counts["trainable"], counts["parameters"] + counts["trainable"]) == (trainable, total)
+    assert estimate.model == pytest.approx(counts["parameters"] * 2 / 1e9)  # bf16, as on a GPU
+    assert estimate.reference == 0 and estimate.optimizer == pytest.approx(2 * estimate.gradients)
+
+    full_dpo, _ = memory.for_stage(recipes.load(write_recipe(stages=["prepare", "dpo"], dpo={"method": "full"})), "dpo")
+    assert full_dpo.reference == full_dpo.model, "full DPO holds a frozen copy"
