@@ -11,7 +11,7 @@ K8S_RECIPE = $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),
 RUN_ARG = $(if $(RUN),--run=$(RUN))
 KUBECTL ?= kubectl
 
-.PHONY: install demo test lock clean render submit pipeline status logs delete k8s k8s-apply goldens image push-image
+.PHONY: install demo test bench lock clean render submit pipeline status logs delete k8s k8s-apply goldens image push-image
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP) .cache/tiny/llava/config.json .cache/data/chartqa/README.md .cach
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Speed and memory of the sft stage beside the source documents' plain script (not a test: no timing asserts).
+bench: $(STAMP)
+	$(BIN)/python tests/bench/sft_vs_plain.py $(BENCH_ARGS)
 
 # On a cluster: the current kube context (see README, "On a cluster"). render needs no cluster.
 render: $(STAMP)  ## make render STAGE=sft [RECIPE=... RUN=...]: print the stage's manifests, change nothing

@@ -60,6 +60,11 @@ def entrypoint(main: Callable) -> None:
     # As a container's PID 1 a process ignores SIGTERM unless it handles it: the Job would hang for the
     # whole grace period. Training stages replace this handler with one that writes a checkpoint first.
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    # Progress bars redraw a line with carriage returns, which a pod's log keeps as one endless line:
+    # without a terminal, the Hugging Face libraries' bars are off (the trainer prints a line per step).
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows the hub's switch
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # On CPU bitsandbytes asks for an optional kernel from the hub; its own fallback is what runs here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
@@ -140,8 +145,14 @@ class Stage:
         return self.out
 
 
-def begin(name: str, run_dir: Path, config: dict, *, needs: tuple[str, ...] = (), force: bool = False) -> Stage:
-    """Check inputs, decide skip/resume/replace, and make the work folder; see the module docstring."""
+def begin(
+    name: str, run_dir: Path, config: dict, *, needs: tuple[str, ...] = (), force: bool = False, resumable: bool = False
+) -> Stage:
+    """Check inputs, decide skip/resume/replace, and make the work folder; see the module docstring.
+
+    A ``resumable`` stage (one that checkpoints) keeps an unfinished attempt of the same config to
+    resume from; any other stage starts over.
+    """
     run_dir = Path(run_dir)
     inputs = {}
     for need in needs:
@@ -172,10 +183,11 @@ def begin(name: str, run_dir: Path, config: dict, *, needs: tuple[str, ...] = ()
         os.replace(stage.out, stage.work)  # interrupted between the rename and the marker: resume it
     if stage.work.exists():
         started = read_json(stage.work / CONFIG_FILE) if (stage.work / CONFIG_FILE).is_file() else {}
-        if started.get("fingerprint") == stage.fingerprint:
+        if started.get("fingerprint") == stage.fingerprint and resumable:
             print(f"{name}: resuming the unfinished attempt in {stage.work}")
         else:
-            print(f"{name}: discarding an unfinished attempt of another config in {stage.work}")
+            why = "" if started.get("fingerprint") == stage.fingerprint else " of another config"
+            print(f"{name}: starting over; discarding an unfinished attempt{why} in {stage.work}")
             shutil.rmtree(stage.work)
     stage.work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stage.work / CONFIG_FILE, {"fingerprint": stage.fingerprint, "config": config})

@@ -157,12 +157,12 @@ def _user_errors(source: str):
         chain = [error]
         while chain[-1].__cause__ or chain[-1].__context__:
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
+        if looks_like_path and not Path(source).exists():
+            raise UserError(f"model {source}: no such folder (nor a hub id, which is org/name)") from None
         hub_error = next((e for e in chain if type(e).__name__ in HUB_ERRORS), None)
         if hub_error is not None:
             raise UserError(f"model {source}: {str(hub_error).splitlines()[0]}") from None
-        looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
-        if isinstance(error, OSError) and looks_like_path and not Path(source).exists():
-            raise UserError(f"model {source}: no such folder") from None
         raise
 
 

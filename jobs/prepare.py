@@ -20,10 +20,7 @@ from jobs import contract, recipe as recipes
 
 def main(recipe: str = "", force: bool = False, **overrides):
     cfg = recipes.load(recipe, overrides)
-    stage = contract.begin(
-        "prepare", cfg.run_dir, force=force,
-        config=cfg.stage_config("prepare"),
-    )
+    stage = contract.begin("prepare", cfg.run_dir, cfg.stage_config("prepare"), force=force)
     if stage.skipped:
         return
 

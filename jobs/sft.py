@@ -19,10 +19,7 @@ from jobs import contract, recipe as recipes
 def main(recipe: str = "", force: bool = False, **overrides):
     cfg = recipes.load(recipe, overrides)
     recipes.check_passthrough(cfg)
-    stage = contract.begin(
-        "sft", cfg.run_dir, needs=("prepare",), force=force,
-        config=cfg.stage_config("sft"),
-    )
+    stage = contract.begin("sft", cfg.run_dir, cfg.stage_config("sft"), needs=("prepare",), force=force, resumable=True)
     if stage.skipped:
         return
 

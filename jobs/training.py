@@ -24,7 +24,7 @@ STAGE_DEFAULTS = {
     "save_total_limit": 2,
     "report_to": "none",
     "max_length": None,  # truncating a VLM sample can cut through its image tokens
-    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "activation_checkpointing_kwargs": {"use_reentrant": False},  # transformers 5 name of gradient_checkpointing_kwargs
 }
 METRICS_FILE = "metrics.jsonl"
 
@@ -38,6 +38,8 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
         args["bf16"] = dtype == torch.bfloat16
     # Progress bars redraw with carriage returns, which pod logs keep as one endless line.
     args.setdefault("disable_tqdm", not sys.stdout.isatty())
+    if not torch.cuda.is_available():
+        args.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator; it only warns without one
     try:
         return config_class(output_dir=str(output_dir), **args)
     except (TypeError, ValueError) as e:

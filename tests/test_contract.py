@@ -61,19 +61,26 @@ def test_output_of_another_config_is_never_replaced_silently(tmp_path):
 
 
 def test_an_unfinished_attempt_of_the_same_config_is_resumed_and_one_of_another_discarded(tmp_path):
-    stage = contract.begin("sft", tmp_path, {"x": 1})
+    stage = contract.begin("sft", tmp_path, {"x": 1}, resumable=True)
     (stage.work / "checkpoint").write_text("step 10")
-    again = contract.begin("sft", tmp_path, {"x": 1})
+    again = contract.begin("sft", tmp_path, {"x": 1}, resumable=True)
     assert (again.work / "checkpoint").read_text() == "step 10"
-    other = contract.begin("sft", tmp_path, {"x": 2})
+    other = contract.begin("sft", tmp_path, {"x": 2}, resumable=True)
     assert not (other.work / "checkpoint").exists()
 
 
+def test_a_stage_that_does_not_checkpoint_starts_over(tmp_path):
+    stage = contract.begin("prepare", tmp_path, {"x": 1})
+    (stage.work / "half-written.arrow").write_text("...")
+    again = contract.begin("prepare", tmp_path, {"x": 1})
+    assert not (again.work / "half-written.arrow").exists()
+
+
 def test_a_crash_between_rename_and_marker_is_resumed_not_mistaken_for_done(tmp_path):
-    stage = contract.begin("sft", tmp_path, {"x": 1})
+    stage = contract.begin("sft", tmp_path, {"x": 1}, resumable=True)
     (stage.work / "model").write_text("weights")
     stage.work.rename(stage.out)  # as if the process died right after the rename
-    again = contract.begin("sft", tmp_path, {"x": 1})
+    again = contract.begin("sft", tmp_path, {"x": 1}, resumable=True)
     assert not again.skipped and (again.work / "model").read_text() == "weights"
 
 
