@@ -60,9 +60,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
     model = None
     for variant in variants:
         if variant in TRAINED_VARIANTS:
-            model = modeling.load_trained(cfg, stage.run_dir, variant, quantize=quantize)
+            model = modeling.load_trained(cfg, stage.run_dir, variant, quantize=quantize, device_map="auto")
         elif model is None or variant == "base":
-            model = modeling.load_model(cfg.model, quantize=quantize)
+            model = modeling.load_model(cfg.model, quantize=quantize, device_map="auto")
         metrics, rows = evaluate_variant(variant, model, processor, tests, cfg)
         report["variants"][variant] = {"metrics": metrics, "samples": sum(len(t) for t in tests.values())}
         predictions += rows

@@ -47,7 +47,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     processor = modeling.load_processor(cfg.model)
     kind = "sft" if source == "sft" else "dpo"
     rows = list(load_from_disk(stage.input("prepare") / kind / "test").select(range(CHECK_SAMPLES)))
-    model = modeling.load_trained(cfg, stage.run_dir, source, dtype=torch.float32)
+    model = modeling.load_trained(cfg, stage.run_dir, source, dtype=torch.float32, device_map="auto")
     max_diff = None
     if isinstance(model, PeftModel):
         before = sample_logits(model, processor, rows)

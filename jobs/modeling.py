@@ -41,8 +41,12 @@ def load_processor(spec: Model, path: str | Path | None = None):
         return AutoProcessor.from_pretrained(source, revision=None if path else spec.revision, **kwargs)
 
 
-def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | None = None, dtype=None):
-    """The family's model class from a hub id or folder; ``quantize`` holds BitsAndBytesConfig fields for 4-bit."""
+def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | None = None, dtype=None, device_map=None):
+    """The family's model class from a hub id or folder; ``quantize`` holds BitsAndBytesConfig fields for 4-bit.
+
+    Training leaves placement to the Trainer (one process per GPU); evaluation and merging pass
+    ``device_map="auto"`` to spread one model over the GPUs the pod has (or keep it on the CPU).
+    """
     import torch
     import transformers
     from transformers import AutoConfig, BitsAndBytesConfig
@@ -61,6 +65,8 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
     kwargs = {"dtype": dtype, "revision": revision}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if quantize is not None:
         compute = torch.bfloat16 if dtype == torch.float32 and torch.cuda.is_available() else dtype
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -106,7 +112,7 @@ def read_lineage(run_dir: Path, stage: str) -> dict:
 
 def load_trained(
     recipe: Recipe, run_dir: Path, stage: str, *, quantize: dict | None = None, merge: bool = False,
-    trainable: bool = False, dtype=None,
+    trainable: bool = False, dtype=None, device_map=None,
 ):
     """Rebuild the model a stage trained: its starting weights, merged adapters, and its own adapter.
 
@@ -121,13 +127,13 @@ def load_trained(
     adapter = Path(run_dir) / lineage["adapter"] if lineage["adapter"] else None
     if merge and adapter:
         merges, adapter = merges + [adapter], None
-    model = load_model(recipe.model, path=base_path, quantize=None if merges else quantize, dtype=dtype)
+    model = load_model(recipe.model, path=base_path, quantize=None if merges else quantize, dtype=dtype, device_map=device_map)
     for path in merges:
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     if merges and quantize is not None:
         scratch = Path(run_dir) / ".merged-scratch"
         model.save_pretrained(scratch)
-        model = load_model(recipe.model, path=scratch, quantize=quantize, dtype=dtype)
+        model = load_model(recipe.model, path=scratch, quantize=quantize, dtype=dtype, device_map=device_map)
         shutil.rmtree(scratch)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)

@@ -29,6 +29,7 @@ import yaml
 from jobs.contract import UserError
 
 STAGES = ("prepare", "sft", "dpo", "evaluate", "merge_push")
+TRAINING_STAGES = ("sft", "dpo")  # the stages that run one process per GPU and may span nodes
 STAGE_SECTIONS = {  # what each stage's output depends on, besides its inputs' fingerprints
     "prepare": ("model", "data", "prepare", "seed"),
     "sft": ("model", "sft", "seed"),
@@ -211,9 +212,12 @@ class Recipe:
         }
 
     def resources_for(self, stage: str) -> Resources:
+        """The recipe's resources with the stage's overrides; only training stages inherit several nodes."""
         overrides = getattr(getattr(self, stage), "resources", {})
+        if stage not in TRAINING_STAGES:
+            overrides = {"nodes": 1, **overrides}
         if stage == "prepare":  # data preparation runs on CPU so that data problems cost no GPU time
-            overrides = {"gpus": 0, "nodes": 1, **overrides}
+            overrides = {"gpus": 0, **overrides}
         return dataclasses.replace(self.resources, **overrides)
 
 
@@ -389,6 +393,8 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         errors.append("prepare.image_scale: must be in (0, 1]")
     for stage in STAGES:
         overrides = getattr(getattr(recipe, stage), "resources", {})
+        if stage not in TRAINING_STAGES and overrides.get("nodes", 1) != 1:
+            errors.append(f"{stage}.resources.nodes: only the training stages ({', '.join(TRAINING_STAGES)}) span nodes; set 1")
         for key in overrides:
             if key not in {f.name for f in dataclasses.fields(Resources)}:
                 errors.append(_unknown_key(f"{stage}.resources.{key}", key, {f.name: f for f in dataclasses.fields(Resources)}))

@@ -92,7 +92,8 @@ class MetricsLog(TrainerCallback):
         print(f"{self.stage}: step {state.global_step}/{state.max_steps} {shown}", flush=True)
 
 
-SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "rewards/margins", "rewards/accuracies", "mean_token_accuracy")
+SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "rewards/margins", "rewards/accuracies", "mean_token_accuracy",
+                 "train_loss", "train_runtime")
 
 
 class SaveOnSigterm(TrainerCallback):

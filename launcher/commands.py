@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from jobs.contract import UserError
-from jobs.recipe import RECIPE_ENV, Recipe
+from jobs.recipe import RECIPE_ENV, TRAINING_STAGES, Recipe
 
 NODE_RANK_ENV = "NODE_RANK"  # set in each pod of a multi-node Job from its completion index
 RENDEZVOUS_PORT = 29500  # torch.distributed's customary port, on the pod of index 0
@@ -14,7 +14,8 @@ RENDEZVOUS_PORT = 29500  # torch.distributed's customary port, on the pod of ind
 def stage_argv(recipe: Recipe, stage: str, *, python: str = "python", main_address: str | None = None) -> list[str]:
     """argv of the stage's Fire entry; the recipe itself travels in the environment (``stage_env``).
 
-    One GPU on one node runs the module directly. More GPUs, or more nodes, go through
+    One GPU on one node runs the module directly, and so do the stages that do not train: they
+    run one process that spreads the model over the pod's GPUs. A training stage on more GPUs, or more nodes, goes through
     ``accelerate launch`` with one process per GPU, by way of ``launcher.distributed``, which is
     accelerate's launcher keeping the stage's exit code (accelerate itself turns exit 2 into 1).
     More nodes need ``main_address``, the rendezvous host, and take the node rank from
@@ -22,7 +23,7 @@ def stage_argv(recipe: Recipe, stage: str, *, python: str = "python", main_addre
     """
     res = recipe.resources_for(stage)
     module = f"jobs.{stage}"
-    if res.gpus <= 1 and res.nodes <= 1:
+    if (res.gpus <= 1 and res.nodes <= 1) or stage not in TRAINING_STAGES:
         return [python, "-m", module]
     if res.nodes > 1 and not main_address:
         raise UserError(

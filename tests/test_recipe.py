@@ -30,6 +30,9 @@ def test_defaults_fill_everything_the_yaml_leaves_out():
     assert recipe.prepare.max_drop_fraction == 0.01
     assert recipe.resources_for("prepare").gpus == 0
     assert recipe.resources_for("sft").gpus == 1
+    multi = build({"resources": {"nodes": 4, "gpus": 8}})
+    assert multi.resources_for("sft").nodes == 4 and multi.resources_for("evaluate").nodes == 1
+    assert multi.resources_for("evaluate").gpus == 8, "evaluate spreads one model over the pod's GPUs"
 
 
 def test_cli_overrides_beat_yaml_and_reach_nested_sections():
@@ -61,6 +64,7 @@ def test_every_problem_is_reported_at_once_with_its_key():
         pytest.param({"sft": {"method": "qlora8"}}, "sft.method: 'qlora8' is not one of lora, qlora, full", id="method"),
         pytest.param({"merge_push": {"push": True}}, "merge_push.repo_id: required when merge_push.push is true", id="repo"),
         pytest.param({"sft": {"resources": {"gpu": 2}}}, "sft.resources.gpu: unknown key; did you mean 'gpus'?", id="resources"),
+        pytest.param({"evaluate": {"resources": {"nodes": 2}}}, "evaluate.resources.nodes: only the training stages (sft, dpo) span nodes", id="nodes"),
         pytest.param({"stages": "prepare"}, None, id="single-stage-string-is-a-list"),
     ],
 )
