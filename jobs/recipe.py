@@ -251,13 +251,20 @@ def from_dict(data: dict, overrides: dict[str, Any] | None = None, *, origin: st
     data = json.loads(json.dumps(data))  # a deep copy that overrides may change
     errors: list[str] = []
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value, errors)
+        _set_dotted(data, key, _cli_literal(value), errors)
     recipe = _build(Recipe, data, "", errors)
     if not errors:
         errors.extend(_semantic_errors(recipe))
     if errors:
         raise UserError(f"recipe {origin}: " + "; ".join(errors))
     return recipe
+
+
+def _cli_literal(value: Any) -> Any:
+    """Fire reads True/False/None but leaves YAML's lower-case spellings as text; take those too."""
+    if isinstance(value, str) and value.lower() in ("true", "false", "null", "none"):
+        return {"true": True, "false": False}.get(value.lower())
+    return value
 
 
 def _set_dotted(data: dict, key: str, value: Any, errors: list[str]) -> None:

@@ -77,6 +77,12 @@ def test_semantic_errors_name_the_key_and_the_fix(data, expected):
     assert expected in str(error.value)
 
 
+def test_yaml_spellings_of_booleans_and_null_work_on_the_command_line():
+    recipe = build(**{"sft.args.gradient_checkpointing": "false", "merge_push.private": "True", "model.revision": "null"})
+    assert recipe.sft.args["gradient_checkpointing"] is False and recipe.merge_push.private is True
+    assert recipe.model.revision is None
+
+
 def test_a_number_given_for_a_text_field_is_taken_back_as_text_or_refused():
     assert build(**{"model.revision": 20240101}).model.revision == "20240101"
     # Fire reads --model.revision=2e9672320848 as a float (inf): its digits are lost, so refuse (python-fire#507)
