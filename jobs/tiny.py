@@ -40,6 +40,10 @@ QWEN2_VL_TEMPLATE = (  # Qwen/Qwen2-VL-7B-Instruct
 
 VOCAB_SIZE = 600
 IMAGE_SIZE = 32  # pixels; small enough to train in seconds on a CPU, large enough to see a bar
+# Every linear layer takes a multiple of 64 features and gives a multiple of 32: bitsandbytes' 4-bit inference
+# kernel for CPUs with AVX512-BF16 packs weights in blocks of that size, so evaluating a QLoRA run on such a CPU
+# fails on anything narrower (``check_4bit_shapes``). Real checkpoints' widths are all multiples of 64.
+VISION_WIDTH = 64
 
 
 def build(family: str, out: str | Path, seed: int = 0) -> Path:
@@ -50,6 +54,7 @@ def build(family: str, out: str | Path, seed: int = 0) -> Path:
         raise ValueError(f"no tiny model for family {family!r} (have: {', '.join(BUILDERS)})")
     torch.manual_seed(seed)
     model, processor = BUILDERS[family]()
+    check_4bit_shapes(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -103,8 +108,8 @@ def _llava():
     )
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=IMAGE_SIZE, patch_size=patch, projection_dim=32,
+            hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+            image_size=IMAGE_SIZE, patch_size=patch, projection_dim=VISION_WIDTH,
         ),
         text_config=LlamaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -116,7 +121,7 @@ def _llava():
         vision_feature_layer=-1,
     )
     model = LlavaForConditionalGeneration(config)
-    _widen_vision_init(model, ("vision_tower", "multi_modal_projector"))
+    _widen_vision_init(model, ("model.vision_tower", "model.multi_modal_projector"))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
 
@@ -144,7 +149,7 @@ def _qwen2_vl():
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
         vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+            depth=2, embed_dim=VISION_WIDTH, hidden_size=64, num_heads=2, mlp_ratio=2,
             patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2,
         ),
         text_config=dict(
@@ -162,15 +167,27 @@ def _qwen2_vl():
     return model, processor
 
 
+def check_4bit_shapes(model) -> None:
+    """Fail on a linear layer that bitsandbytes' CPU inference kernel cannot pack (see VISION_WIDTH)."""
+    import torch
+
+    odd = [f"{name} ({m.in_features} -> {m.out_features})" for name, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and name != "lm_head" and (m.in_features % 64 or m.out_features % 32)]
+    if odd:
+        raise ValueError(f"tiny model: linear layers a 4-bit CPU forward cannot run: {', '.join(odd)}")
+
+
 def _widen_vision_init(model, prefixes: tuple[str, ...], std: float = 0.1) -> None:
     """Re-draw the vision weights wider than the usual 0.02. At that scale a tiny random vision tower's
     features barely differ between images, so a few hundred training steps learn the answers' prior and
     ignore the picture; wider, the picture matters within the demo's budget (0.3 -> 0.9 held-out accuracy)."""
     import torch
 
-    for name, parameter in model.named_parameters():
-        if name.startswith(prefixes) and parameter.dim() > 1:
-            torch.nn.init.normal_(parameter, std=std)
+    widened = [p for name, p in model.named_parameters() if name.startswith(prefixes) and p.dim() > 1]
+    if not widened:  # transformers 5 moved the towers under model.: a stale prefix would widen nothing, silently
+        raise ValueError(f"tiny model: no weights under {prefixes} to widen")
+    for parameter in widened:
+        torch.nn.init.normal_(parameter, std=std)
 
 
 BUILDERS: dict[str, Callable] = {"llava": _llava, "qwen2_vl": _qwen2_vl}
