@@ -9,7 +9,7 @@ import fnmatch
 import pytest
 import yaml
 
-from jobs import contract, modeling, twins
+from jobs import contract, memory, modeling, twins
 from jobs import recipe as recipes
 from tests.conftest import ROOT, run_stages
 
@@ -32,6 +32,9 @@ def test_a_twin_changes_only_the_knobs_it_documents(path, tmp_path, tiny_model, 
     recipe = recipes.load(out)
     assert recipe.stages == recipes.load(path).stages
     assert recipe.model.family == original["model"]["family"]
+    for stage in set(recipe.stages) & {"sft", "dpo"}:  # `vlmjobs memory` takes the recipe's LoRA to its family's model
+        estimate, counts = memory.for_stage(recipe, stage)
+        assert 0 < counts["trainable"] <= counts["parameters"] + counts["trainable"] and estimate.total > 0
 
 
 @pytest.mark.slow
