@@ -81,6 +81,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
 def evaluate_variant(variant: str, model, processor, tests: dict[str, list[dict]], cfg) -> tuple[dict, list[dict]]:
     """Metrics and per-sample predictions of one variant."""
     from jobs import metrics as m
+    from jobs.families import get_family
     from jobs.inference import completion_logprobs, generate_answers
 
     scores, predictions = {}, []
@@ -89,9 +90,12 @@ def evaluate_variant(variant: str, model, processor, tests: dict[str, list[dict]
         if done == total or done % (cfg.evaluate.batch_size * 10) == 0:
             print(f"evaluate: {variant}: {done}/{total} answers", flush=True)
 
+    # an answer ends where the template closes a turn, even where the checkpoint's eos ids leave that token out
+    stop = get_family(cfg.model.family).stop_token_ids(processor, model.generation_config)
+
     def answer(rows):
         return generate_answers(model, processor, rows, max_new_tokens=cfg.evaluate.max_new_tokens,
-                                batch_size=cfg.evaluate.batch_size, progress=progress)
+                                batch_size=cfg.evaluate.batch_size, progress=progress, stop_token_ids=stop)
 
     if "sft" in tests:
         rows = [with_prompt(row, variant, cfg) for row in tests["sft"]]

@@ -17,6 +17,20 @@ from jobs.contract import UserError
 IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels")
 ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
 
+# PaliGemma's own format is a prefix and a suffix: "<image>...<bos>{prefix}\n" attended bidirectionally, then
+# "{suffix}<eos>" causally. The processor writes the "<bos>" and "\n" itself around a text that starts with the image
+# placeholders, so the template puts every image first, the prompt's texts after them, and closes the answer with
+# <eos>. It has no roles or turn markers: a pretrained PaliGemma has never seen any.
+PALIGEMMA_TEMPLATE = (
+    "{%- for message in messages -%}{%- for part in message['content'] if part['type'] == 'image' -%}<image>"
+    "{%- endfor -%}{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ text }}{{ eos_token }}"
+    "{%- else -%}{{ ' ' if not loop.first }}{{ text }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -27,18 +41,26 @@ class Family:
     processor_kwargs: dict = field(default_factory=dict)  # what the source documents pass to from_pretrained
     lora_target_modules: str | tuple[str, ...] = "all-linear"
     answer_needs_eos: bool = False  # the chat template closes an answer with no end token
+    end_of_turn: str | None = None  # the token the template closes a turn with, where it is not the tokenizer's eos
+    chat_template: str | None = None  # used where the checkpoint ships none
+    prefix_lm: bool = False  # image and prompt attend both ways (token_type_ids 0), the answer causally (1)
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
         """(longest, shortest) side limits for stored images; 0 means no limit on that side."""
-        size = processor.image_processor.size
+        image_processor = processor.image_processor
+        size = image_processor.size
         if self.image_bound == "longest_edge":
+            # Idefics3 squashes an image to one tile of max_image_size when it does not split it into tiles
+            tile = getattr(image_processor, "max_image_size", None)
+            if tile and not getattr(image_processor, "do_image_splitting", True):
+                return int(tile["longest_edge"] * scale), 0
             return int(size["longest_edge"] * scale), 0
         if self.image_bound == "shortest_edge":
             return 0, int(size["shortest_edge"] * scale)
         if self.image_bound == "fixed":
             return 0, int(max(size["height"], size["width"]) * scale)
-        max_pixels = size.get("longest_edge") or processor.image_processor.max_pixels
+        max_pixels = size.get("longest_edge") or image_processor.max_pixels
         return int(math.sqrt(max_pixels) * scale), 0
 
     def shrink(self, image, processor, scale: float = 1.0):
@@ -69,6 +91,14 @@ class Family:
 
         return dataset.map(close, input_columns=columns, desc=f"closing answers with {eos}")
 
+    def stop_token_ids(self, processor, generation_config) -> list[int]:
+        """Ids that end a generated answer: the checkpoint's eos ids, the tokenizer's, and the template's end of turn."""
+        eos = generation_config.eos_token_id
+        ids = [*(eos if isinstance(eos, (list, tuple)) else [eos]), processor.tokenizer.eos_token_id]
+        if self.end_of_turn:
+            ids.append(processor.tokenizer.convert_tokens_to_ids(self.end_of_turn))
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
 
 FAMILIES: dict[str, Family] = {
     family.name: family
@@ -90,6 +120,36 @@ FAMILIES: dict[str, Family] = {
             image_bound="max_pixels",
             hub_ids=("Qwen/Qwen2-VL-7B-Instruct",),
         ),
+        Family(
+            name="idefics2",
+            model_class="Idefics2ForConditionalGeneration",
+            model_types=("idefics2",),
+            image_bound="longest_edge",
+            # as the blog loads it: an image is 64 tokens, not 5 x 64 (four crops and the whole image)
+            processor_kwargs={"do_image_splitting": False},
+            end_of_turn="<end_of_utterance>",
+            hub_ids=("HuggingFaceM4/idefics2-8b",),
+        ),
+        Family(
+            name="idefics3",
+            model_class="Idefics3ForConditionalGeneration",
+            model_types=("idefics3",),  # SmolVLM (v1) checkpoints are Idefics3 models; SmolVLM2 is model type smolvlm
+            image_bound="longest_edge",
+            # turns end with <end_of_utterance>, which Idefics3 checkpoints do not all list as eos (mlx-vlm#1932)
+            end_of_turn="<end_of_utterance>",
+            hub_ids=("HuggingFaceTB/SmolVLM-Instruct",),
+        ),
+        Family(
+            name="paligemma",
+            model_class="PaliGemmaForConditionalGeneration",
+            model_types=("paligemma",),
+            image_bound="fixed",  # SigLIP squashes every image to 224 x 224
+            chat_template=PALIGEMMA_TEMPLATE,  # the pretrained checkpoints ship none
+            # TRL's collators tokenize answers without images, which PaliGemmaProcessor refuses, and would mark
+            # them as prefix (jobs.prefix_lm)
+            prefix_lm=True,
+            hub_ids=("google/paligemma-3b-pt-224",),
+        ),
     ]
 }
 
@@ -98,3 +158,8 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise UserError(f"model family {name!r} is not supported (supported: {', '.join(FAMILIES)})")
     return FAMILIES[name]
+
+
+def family_of(model_type: str) -> Family | None:
+    """The family whose checkpoints have this config.model_type, if any."""
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)

@@ -19,8 +19,12 @@ def _images(rows: list[dict]):
     return images if any(images) else None
 
 
-def generate_answers(model, processor, rows: list[dict], *, max_new_tokens: int = 32, batch_size: int = 8, progress=None) -> list[str]:
-    """Greedy answers to each row's ``prompt`` (messages) about its ``images``."""
+def generate_answers(
+    model, processor, rows: list[dict], *, max_new_tokens: int = 32, batch_size: int = 8, progress=None,
+    stop_token_ids: list[int] | None = None,
+) -> list[str]:
+    """Greedy answers to each row's ``prompt`` (messages) about its ``images``, ending at any of ``stop_token_ids``
+    (default: the model's generation config)."""
     import torch
 
     model.eval()
@@ -34,7 +38,8 @@ def generate_answers(model, processor, rows: list[dict], *, max_new_tokens: int 
         ).to(_device(model))
         with torch.no_grad():
             output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop_token_ids,
             )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         answers += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]

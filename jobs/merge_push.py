@@ -39,6 +39,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from peft import PeftModel
 
     from jobs import modeling
+    from jobs.families import get_family
 
     verdict = compare_with_base(stage.input("evaluate") / "report.json", source, cfg) if evaluated else None
     if cfg.merge_push.push and verdict and verdict["worse"] and not cfg.merge_push.force:
@@ -46,7 +47,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     processor = modeling.load_processor(cfg.model)
     kind = "sft" if source == "sft" else "dpo"
-    rows = list(load_from_disk(stage.input("prepare") / kind / "test").select(range(CHECK_SAMPLES)))
+    test = load_from_disk(stage.input("prepare") / kind / "test")
+    rows = list(test.select(range(min(CHECK_SAMPLES, len(test)))))  # a small run's test split can hold fewer
     model = modeling.load_trained(cfg, stage.run_dir, source, dtype=torch.float32, device_map="auto")
     max_diff = None
     if isinstance(model, PeftModel):
@@ -61,6 +63,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
             )
 
     out = stage.work / "model"
+    # generate() on the saved model stops where the chat template closes a turn, as evaluate's answers did
+    model.generation_config.eos_token_id = get_family(cfg.model.family).stop_token_ids(processor, model.generation_config)
     model.to(modeling.resolve_dtype(cfg.merge_push.dtype)).save_pretrained(out)
     processor.save_pretrained(out)
     (out / "README.md").write_text(model_card(cfg, stage, source, verdict))

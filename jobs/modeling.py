@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from jobs.contract import UserError, read_json
-from jobs.families import Family, get_family
+from jobs.families import FAMILIES, Family, family_of, get_family
 from jobs.recipe import Model, Recipe, Train
 
 LINEAGE_FILE = "lineage.json"
@@ -31,14 +31,21 @@ def resolve_dtype(name: str):
 
 
 def load_processor(spec: Model, path: str | Path | None = None):
-    """The processor of the base model (or of a saved stage output), with the family's options."""
+    """The processor of the base model (or of a saved stage output), with the family's options and, for a
+    checkpoint that ships none, the family's chat template."""
     from transformers import AutoProcessor
 
     family = get_family(spec.family)
     kwargs = {**family.processor_kwargs, **spec.processor}
     source = str(path or spec.name_or_path)
+    processor_class = AutoProcessor
+    if family.prefix_lm:
+        from jobs.prefix_lm import PrefixLMProcessor as processor_class
     with _user_errors(source):
-        return AutoProcessor.from_pretrained(source, revision=None if path else spec.revision, **kwargs)
+        processor = processor_class.from_pretrained(source, revision=None if path else spec.revision, **kwargs)
+    if processor.chat_template is None and family.chat_template:
+        processor.chat_template = family.chat_template
+    return processor
 
 
 def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | None = None, dtype=None, device_map=None):
@@ -57,9 +64,11 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
     with _user_errors(source):
         config = AutoConfig.from_pretrained(source, revision=revision)
     if config.model_type not in family.model_types:
+        match = family_of(config.model_type)
+        fix = f"set model.family: {match.name}" if match else f"no supported family has {config.model_type} models"
         raise UserError(
             f"model {source} is a {config.model_type} model, but the recipe says family {family.name} "
-            f"({family.model_class}); fix model.family"
+            f"({family.model_class}); {fix} (supported: {', '.join(FAMILIES)})"
         )
     dtype = dtype or resolve_dtype(spec.dtype)
     kwargs = {"dtype": dtype, "revision": revision}

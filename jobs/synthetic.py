@@ -9,6 +9,8 @@ so a model that learns shows it in the numbers.
     RLAIF-V-shaped    ds_name, image, question, chosen, rejected, origin_dataset,  split train
                       origin_split, idx, image_path
     messages          messages (role/content parts), images                       split train
+    preference-       chosen, rejected, images, prompt (messages, as              splits train, test
+    messages          HuggingFaceH4/rlaif-v_formatted)
 
     vlmjobs synth-data --kind chartqa --out .cache/data/chartqa --rows 400
 """
@@ -111,29 +113,42 @@ def messages_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_messages_rows(n: int, seed: int = 0) -> list[dict]:
+    """RLAIF-V's questions in TRL's conversational preference format, as HuggingFaceH4/rlaif-v_formatted has them."""
+    rows = []
+    for row in rlaif_v_rows(n, seed):
+        rows.append({
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": row["chosen"]}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": row["rejected"]}]}],
+            "images": [row["image"]],
+            "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": row["question"]}]}],
+        })
+    return rows
+
+
 def features(kind: str):
     from datasets import ClassLabel, Features, Image, List, Value
 
     text = Value("string")
+    messages = List({"role": text, "content": List({"type": text, "text": text})})
     return {
         "chartqa": Features({"image": Image(), "query": text, "label": List(text), "human_or_machine": ClassLabel(names=["human", "machine"])}),
         "rlaif-v": Features({
             "ds_name": text, "image": Image(), "question": text, "chosen": text, "rejected": text,
             "origin_dataset": text, "origin_split": text, "idx": text, "image_path": text,
         }),
-        "messages": Features({
-            "messages": List({"role": text, "content": List({"type": text, "text": text})}),
-            "images": List(Image()),
-        }),
+        "messages": Features({"messages": messages, "images": List(Image())}),
+        "preference-messages": Features({"chosen": messages, "rejected": messages, "images": List(Image()), "prompt": messages}),
     }[kind]
 
 
-ROWS = {"chartqa": chartqa_rows, "rlaif-v": rlaif_v_rows, "messages": messages_rows}
-SPLITS = {"chartqa": ("train", "val", "test"), "rlaif-v": ("train",), "messages": ("train",)}
+# Keyed by the source format (jobs.formats) whose schema the rows have.
+ROWS = {"chartqa": chartqa_rows, "rlaif-v": rlaif_v_rows, "messages": messages_rows, "preference-messages": preference_messages_rows}
+SPLITS = {"chartqa": ("train", "val", "test"), "rlaif-v": ("train",), "messages": ("train",), "preference-messages": ("train", "test")}
 
 
 def write(kind: str, out: str | Path, rows: int = 400, seed: int = 0) -> Path:
-    """Write a synthetic data set of ``kind`` into ``out``; ChartQA gets val and test splits of rows/5 each."""
+    """Write a synthetic data set of ``kind`` (a source format) into ``out``; held-out splits get rows/5 each."""
     splits = {}
     for i, split in enumerate(SPLITS[kind]):
         splits[split] = ROWS[kind](rows if split == "train" else max(1, rows // 5), seed=seed * 1000 + i)

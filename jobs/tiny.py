@@ -37,9 +37,27 @@ QWEN2_VL_TEMPLATE = (  # Qwen/Qwen2-VL-7B-Instruct
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}"
 )
+IDEFICS2_TEMPLATE = (  # HuggingFaceM4/idefics2-8b; the blog shows it render 'User:<image>how many families?<end_of_utterance>\n'
+    "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == 'image' %}"
+    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SMOLVLM_TEMPLATE = (  # HuggingFaceTB/SmolVLM-Instruct: Idefics2's, opened with <|im_start|>
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == "
+    "'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# google/paligemma-3b-pt-224 ships no chat template (a pretrained prefix-LM, not a chat model); the template the
+# stages give it is jobs.families.PALIGEMMA_TEMPLATE, applied when the processor is loaded.
 
 VOCAB_SIZE = 600
 IMAGE_SIZE = 32  # pixels; small enough to train in seconds on a CPU, large enough to see a bar
+# Every linear layer takes a multiple of 64 features and gives a multiple of 32: bitsandbytes' 4-bit inference
+# kernel for CPUs with AVX512-BF16 packs weights in blocks of that size, so evaluating a QLoRA run on such a CPU
+# fails on anything narrower (``check_4bit_shapes``). Real checkpoints' widths are all multiples of 64.
+VISION_WIDTH = 64
 
 
 def build(family: str, out: str | Path, seed: int = 0) -> Path:
@@ -50,6 +68,7 @@ def build(family: str, out: str | Path, seed: int = 0) -> Path:
         raise ValueError(f"no tiny model for family {family!r} (have: {', '.join(BUILDERS)})")
     torch.manual_seed(seed)
     model, processor = BUILDERS[family]()
+    check_4bit_shapes(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -57,8 +76,12 @@ def build(family: str, out: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def train_tokenizer(special: list[str], bos: str | None, eos: str, pad: str, unk: str | None = None, **extra):
-    """A byte-level BPE tokenizer trained on the synthetic data's text, wrapped as a transformers tokenizer."""
+def train_tokenizer(
+    special: list[str], bos: str | None, eos: str, pad: str, unk: str | None = None, prepend_bos: bool = True, **extra
+):
+    """A byte-level BPE tokenizer trained on the synthetic data's text, wrapped as a transformers tokenizer.
+
+    ``prepend_bos`` puts ``bos`` in front of every encoded text, as Llama-style tokenizers do; others only name it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,7 +92,7 @@ def train_tokenizer(special: list[str], bos: str | None, eos: str, pad: str, unk
         vocab_size=VOCAB_SIZE, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tokenizer.train_from_iterator(synthetic.corpus(), trainer)
-    if bos:  # Llama-style tokenizers put <s> in front of every encoded text
+    if bos and prepend_bos:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
         )
@@ -103,8 +126,8 @@ def _llava():
     )
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=IMAGE_SIZE, patch_size=patch, projection_dim=32,
+            hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+            image_size=IMAGE_SIZE, patch_size=patch, projection_dim=VISION_WIDTH,
         ),
         text_config=LlamaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -116,7 +139,9 @@ def _llava():
         vision_feature_layer=-1,
     )
     model = LlavaForConditionalGeneration(config)
-    _widen_vision_init(model, ("vision_tower", "multi_modal_projector"))
+    # 0.07, not the usual 0.1: whether the demo's full DPO (lr 1e-3, beta 0.5) keeps answering yes/no or collapses
+    # to digits swings with the init (0 to 1.0 yes/no accuracy over 0.02-0.15); at 0.07 it answers, SFT still learns
+    _widen_vision_init(model, ("model.vision_tower", "model.multi_modal_projector"), std=0.07)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
 
@@ -144,7 +169,7 @@ def _qwen2_vl():
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
         vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+            depth=2, embed_dim=VISION_WIDTH, hidden_size=64, num_heads=2, mlp_ratio=2,
             patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2,
         ),
         text_config=dict(
@@ -162,15 +187,154 @@ def _qwen2_vl():
     return model, processor
 
 
+def _idefics2():
+    from transformers import (
+        Idefics2Config,
+        Idefics2ForConditionalGeneration,
+        Idefics2ImageProcessor,
+        Idefics2Processor,
+    )
+
+    # Mistral-style tokenizer (<s> prepended) with the three tokens Idefics2Processor adds itself.
+    special = ["<unk>", "<s>", "</s>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+    tokenizer = train_tokenizer(special, bos="<s>", eos="</s>", pad="<unk>", unk="<unk>")
+    latents = 4  # perceiver resampler output: the <image> tokens per image (64 in idefics2-8b)
+    # idefics2-8b saves do_image_splitting=True; the blog turns it off when loading (jobs.families).
+    image_processor = Idefics2ImageProcessor(
+        size={"longest_edge": IMAGE_SIZE, "shortest_edge": IMAGE_SIZE // 2}, do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Idefics2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=latents, chat_template=IDEFICS2_TEMPLATE
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Idefics2Config(
+        vision_config=dict(
+            hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+            image_size=IMAGE_SIZE, patch_size=8,
+        ),
+        perceiver_config=dict(
+            hidden_size=64, resampler_n_latents=latents, resampler_depth=1, resampler_n_heads=2,
+            resampler_head_dim=32, num_key_value_heads=1,
+        ),
+        text_config=dict(
+            model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+            bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<unk>"),
+        ),
+        image_token_id=ids("<image>"),
+    )
+    model = Idefics2ForConditionalGeneration(config)
+    _widen_vision_init(model, ("model.vision_model", "model.connector"))
+    model.generation_config.pad_token_id = ids("<unk>")
+    return model, processor
+
+
+def _idefics3():
+    """SmolVLM-Instruct's layout: Idefics3 classes, a SigLIP tile encoder, pixel shuffle, image splitting on."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+
+    tiles = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
+               "<end_of_utterance>", "<global-img>", *tiles]
+    # SmolLM2's tokenizer names <|im_start|> bos and <|im_end|> eos but prepends nothing; turns end with <end_of_utterance>.
+    tokenizer = train_tokenizer(special, bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>", prepend_bos=False)
+    patch, scale = 8, 2
+    image_seq_len = (IMAGE_SIZE // patch) ** 2 // scale**2  # tokens per tile after pixel shuffle (81 in SmolVLM)
+    image_processor = Idefics3ImageProcessor(
+        size={"longest_edge": 4 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=SMOLVLM_TEMPLATE
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Idefics3Config(
+        vision_config=dict(
+            hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+            image_size=IMAGE_SIZE, patch_size=patch,
+        ),
+        text_config=dict(
+            model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+            bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<end_of_utterance>"), pad_token_id=ids("<|im_end|>"),
+        ),
+        scale_factor=scale,
+        image_token_id=ids("<image>"),
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    _widen_vision_init(model, ("model.vision_model", "model.connector"))
+    model.generation_config.eos_token_id = ids("<end_of_utterance>")  # as SmolVLM-Instruct's generation config
+    model.generation_config.pad_token_id = ids("<|im_end|>")
+    return model, processor
+
+
+def _paligemma():
+    """paligemma-3b-pt-224's layout: SigLIP at a fixed size, Gemma, no chat template (a pretrained prefix-LM)."""
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+    )
+
+    tokenizer = train_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos="<bos>", eos="<eos>", pad="<pad>",
+                                unk="<unk>")
+    patch = 8
+    image_seq_length = (IMAGE_SIZE // patch) ** 2  # one token per SigLIP patch (256 at 224 px)
+    image_processor = SiglipImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        image_seq_length=image_seq_length,
+    )
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc>/<seg> tokens
+    ids = tokenizer.convert_tokens_to_ids
+    hidden = 64
+    config = PaliGemmaConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2,
+            num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=patch, vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="gemma", hidden_size=hidden, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer), max_position_embeddings=512,
+            bos_token_id=ids("<bos>"), eos_token_id=ids("<eos>"), pad_token_id=ids("<pad>"),
+        ),
+        image_token_index=ids("<image>"), vocab_size=len(tokenizer), projection_dim=hidden, hidden_size=hidden,
+    )
+    model = PaliGemmaForConditionalGeneration(config)
+    _widen_vision_init(model, ("model.vision_tower", "model.multi_modal_projector"))
+    model.generation_config.pad_token_id = ids("<pad>")
+    return model, processor
+
+
+def check_4bit_shapes(model) -> None:
+    """Fail on a linear layer that bitsandbytes' CPU inference kernel cannot pack (see VISION_WIDTH)."""
+    import torch
+
+    odd = [f"{name} ({m.in_features} -> {m.out_features})" for name, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and name != "lm_head" and (m.in_features % 64 or m.out_features % 32)]
+    if odd:
+        raise ValueError(f"tiny model: linear layers a 4-bit CPU forward cannot run: {', '.join(odd)}")
+
+
 def _widen_vision_init(model, prefixes: tuple[str, ...], std: float = 0.1) -> None:
     """Re-draw the vision weights wider than the usual 0.02. At that scale a tiny random vision tower's
     features barely differ between images, so a few hundred training steps learn the answers' prior and
     ignore the picture; wider, the picture matters within the demo's budget (0.3 -> 0.9 held-out accuracy)."""
     import torch
 
-    for name, parameter in model.named_parameters():
-        if name.startswith(prefixes) and parameter.dim() > 1:
-            torch.nn.init.normal_(parameter, std=std)
+    widened = [p for name, p in model.named_parameters() if name.startswith(prefixes) and p.dim() > 1]
+    if not widened:  # transformers 5 moved the towers under model.: a stale prefix would widen nothing, silently
+        raise ValueError(f"tiny model: no weights under {prefixes} to widen")
+    for parameter in widened:
+        torch.nn.init.normal_(parameter, std=std)
 
 
-BUILDERS: dict[str, Callable] = {"llava": _llava, "qwen2_vl": _qwen2_vl}
+BUILDERS: dict[str, Callable] = {
+    "llava": _llava, "qwen2_vl": _qwen2_vl, "idefics2": _idefics2, "idefics3": _idefics3, "paligemma": _paligemma,
+}

@@ -85,7 +85,7 @@ def tiny_model(family: str, out: str, seed: int = 0):
 
 
 def synth_data(kind: str, out: str, rows: int = 400, seed: int = 0):
-    """Write a synthetic data set in a real data set's schema (chartqa, rlaif-v, messages) into OUT."""
+    """Write a synthetic data set in a real data set's schema (chartqa, rlaif-v, messages, preference-messages) into OUT."""
     from jobs import synthetic
 
     if kind not in synthetic.ROWS:

@@ -18,6 +18,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_stages(path: Path, *stages: str, force: bool = False):
+    """Run a recipe's stages (or the ones named) in-process, in order; returns the loaded recipe."""
+    from jobs import dpo, evaluate, merge_push, prepare, sft
+    from jobs import recipe as recipes
+
+    mains = {"prepare": prepare.main, "sft": sft.main, "dpo": dpo.main, "evaluate": evaluate.main, "merge_push": merge_push.main}
+    recipe = recipes.load(path)
+    for stage in stages or recipe.stages:
+        mains[stage](recipe=str(path), force=force)
+    return recipe
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a stage run as its own process: this checkout first on the import path."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **extra}

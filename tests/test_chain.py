@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import contract, dpo, evaluate, merge_push, modeling, prepare, sft
+from jobs import contract, evaluate, merge_push, modeling
 from jobs import recipe as recipes
-from tests.conftest import recipe_file, subprocess_env
+from tests.conftest import recipe_file, run_stages, subprocess_env
 
 QUICK = {
     "stages": ["prepare", "sft", "dpo", "evaluate", "merge_push"],
@@ -24,14 +24,6 @@ QUICK = {
     "dpo": {"method": "lora", "lora": {"r": 4, "lora_alpha": 8}, "args": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1}},
     "evaluate": {"max_samples": 4, "max_new_tokens": 4, "batch_size": 4},
 }
-STAGE_MAINS = {"prepare": prepare.main, "sft": sft.main, "dpo": dpo.main, "evaluate": evaluate.main, "merge_push": merge_push.main}
-
-
-def run_stages(path: Path, *stages: str, force: bool = False) -> recipes.Recipe:
-    recipe = recipes.load(path)
-    for stage in stages or recipe.stages:
-        STAGE_MAINS[stage](recipe=str(path), force=force)
-    return recipe
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,185 @@
+"""The family table: one tiny model of each family's real class runs the whole chain with LoRA and with QLoRA
+(TRL's test_train_vlm, parametrized over the table), and the quirks the table records hold: PaliGemma's prefix-LM
+batches, Idefics' end of turn, Idefics3's tile size, and the one-line errors naming the supported families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from datasets import load_from_disk
+
+from jobs import contract, modeling
+from jobs import recipe as recipes
+from jobs.contract import UserError
+from jobs.families import FAMILIES, IMAGE_BOUNDS, get_family
+from jobs.recipe import Model
+from tests.conftest import recipe_file, run_stages
+
+# Every family of the table runs; one left out would carry its reason here, as pytest.param(..., marks=skip(reason)).
+CHAIN_FAMILIES = list(FAMILIES)
+
+
+def chain_sections(method: str) -> dict:
+    """The whole chain, as small as it runs: one optimizer step per training stage, two evaluation samples."""
+    train = {"method": method, "lora": {"r": 4, "lora_alpha": 8},
+             "args": {"max_steps": 1, "per_device_train_batch_size": 2, "logging_steps": 1}}
+    return {
+        "stages": ["prepare", "sft", "dpo", "evaluate", "merge_push"],
+        "prepare": {"max_rows": 12},
+        "sft": train,
+        "dpo": train,
+        "evaluate": {"variants": ["base", "dpo"], "max_samples": 2, "max_new_tokens": 2, "batch_size": 2},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("family", CHAIN_FAMILIES)
+def test_every_family_runs_the_whole_chain_and_its_merged_model_generates(family, method, tmp_path, tiny_model, synthetic_data):
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    path = recipe_file(tmp_path, tiny_model(family), sources, family=family, name=f"chain-{family.replace('_', '-')}",
+                       **chain_sections(method))
+    recipe = run_stages(path)
+    run = recipe.run_dir
+    for stage in recipe.stages:
+        assert (run / stage / contract.SUCCESS_FILE).is_file(), stage
+    for stage in ("sft", "dpo"):
+        assert modeling.is_adapter(run / stage / "model"), stage
+        assert contract.read_json(run / stage / contract.SUCCESS_FILE)["quantized"] is (method == "qlora"), stage
+
+    merged = contract.read_json(run / "merge_push" / contract.SUCCESS_FILE)
+    assert merged["logits_max_diff"] is not None and merged["logits_max_diff"] <= recipe.merge_push.logits_atol
+
+    # What a user of the pushed model does: the family's class and AutoProcessor, nothing of vlmjobs.
+    out = run / "merge_push" / "model"
+    model = getattr(transformers, get_family(family).model_class).from_pretrained(out)
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    assert processor.chat_template, "the merged model carries the template it was trained with"
+    if get_family(family).end_of_turn:
+        assert processor.tokenizer.convert_tokens_to_ids(get_family(family).end_of_turn) in model.generation_config.eos_token_id
+    row = load_from_disk(run / "prepare" / "dpo" / "test")[0]
+    text = processor.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[row["images"]], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_each_family_has_a_tiny_model_of_its_class_with_its_processor_and_template(tiny_model):
+    for name, family in FAMILIES.items():
+        folder = tiny_model(name)
+        config = transformers.AutoConfig.from_pretrained(folder)
+        assert config.model_type in family.model_types, name
+        assert config.architectures == [family.model_class], name
+        assert family.image_bound in IMAGE_BOUNDS, name
+        assert family.hub_ids, name
+        processor = modeling.load_processor(Model(name_or_path=str(folder), family=name))
+        assert processor.chat_template, name
+        for key, value in family.processor_kwargs.items():
+            assert getattr(processor.image_processor, key) == value, (name, key)
+
+
+def test_an_unsupported_family_is_one_line_naming_the_supported_ones():
+    with pytest.raises(UserError, match=r"^model family 'idefics' is not supported \(supported: llava, qwen2_vl, idefics2, idefics3, paligemma\)$"):
+        get_family("idefics")
+
+
+def test_a_model_of_another_family_is_one_line_naming_its_family_and_the_supported_ones(tiny_model):
+    spec = Model(name_or_path=str(tiny_model("idefics3")), family="idefics2")
+    with pytest.raises(UserError) as error:
+        modeling.load_model(spec)
+    message = str(error.value)
+    assert "is a idefics3 model, but the recipe says family idefics2 (Idefics2ForConditionalGeneration)" in message
+    assert "set model.family: idefics3 (supported: llava, qwen2_vl, idefics2, idefics3, paligemma)" in message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# PaliGemma: a pretrained prefix-LM with no chat template
+
+
+def paligemma_rows(tiny_model, tmp_path, synthetic_data):
+    """Prepared preference rows for the tiny PaliGemma, and its processor as the stages load it."""
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    path = recipe_file(tmp_path, tiny_model("paligemma"), sources, family="paligemma", stages=["prepare"],
+                       prepare={"max_rows": 8})
+    recipe = run_stages(path)
+    rows = list(load_from_disk(recipe.run_dir / "prepare" / "dpo" / "train"))[:2]
+    return rows, modeling.load_processor(recipe.model), recipe
+
+
+def test_paligemma_batches_mark_the_prompt_as_prefix_and_the_answers_as_suffix(tiny_model, tmp_path, synthetic_data):
+    """PaliGemma attends both ways where token_type_ids is 0; an answer marked 0 would see its own next token."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    rows, processor, _ = paligemma_rows(tiny_model, tmp_path, synthetic_data)
+    dpo_batch = DataCollatorForVisionPreference(processor=processor)([dict(r) for r in rows])
+    assert "labels" not in dpo_batch, "a prompt's labels would reach the model beside DPO's own"
+    types, answers, mask = dpo_batch["token_type_ids"], dpo_batch["completion_mask"], dpo_batch["attention_mask"]
+    assert torch.equal(types[answers == 1], torch.ones_like(types[answers == 1]))
+    assert torch.equal(types[(answers == 0) & (mask == 1)], torch.zeros_like(types[(answers == 0) & (mask == 1)]))
+
+    sft_rows = [{"images": r["images"], "prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    sft_batch = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)(sft_rows)
+    trained = sft_batch["labels"] != -100
+    assert trained.any()
+    assert torch.equal(sft_batch["token_type_ids"][trained], torch.ones_like(sft_batch["token_type_ids"][trained]))
+
+
+def test_paligemma_answers_are_causal_in_training_batches(tiny_model, tmp_path, synthetic_data):
+    """Changing an answer's last token leaves the logits before it unchanged: the answer cannot see ahead."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    rows, processor, recipe = paligemma_rows(tiny_model, tmp_path, synthetic_data)
+    batch = DataCollatorForVisionPreference(processor=processor)([dict(rows[0])])
+    model = modeling.load_model(recipe.model).eval()
+    last = int(batch["attention_mask"][0].nonzero().max())
+    changed = {k: v.clone() for k, v in batch.items() if k != "completion_mask"}
+    changed["input_ids"][0, last] = (changed["input_ids"][0, last] + 1) % model.config.text_config.vocab_size
+    with torch.no_grad():
+        before = model(**{k: v for k, v in batch.items() if k != "completion_mask"}).logits[0, :last]
+        after = model(**changed).logits[0, :last]
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_paligemma_gets_its_prefix_suffix_template_and_saves_as_its_own_processor(tiny_model, tmp_path):
+    from transformers import AutoProcessor, PaliGemmaProcessor
+
+    folder = tiny_model("paligemma")
+    assert AutoProcessor.from_pretrained(folder).chat_template is None, "a pretrained PaliGemma ships no template"
+    processor = modeling.load_processor(Model(name_or_path=str(folder), family="paligemma"))
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red bar?"}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": "Yes"}]}]
+    assert processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False) == "<image>Is there a red bar?"
+    assert processor.apply_chat_template(prompt + answer, tokenize=False) == "<image>Is there a red bar?Yes<eos>"
+    processor.save_pretrained(tmp_path / "saved")
+    assert type(AutoProcessor.from_pretrained(tmp_path / "saved")) is PaliGemmaProcessor
+
+
+# ---------------------------------------------------------------------------------------------
+# Idefics: turns end with <end_of_utterance>; Idefics3's tiles
+
+
+@pytest.mark.parametrize("family", ["idefics2", "idefics3"])
+def test_generation_stops_at_the_templates_end_of_turn(family, tiny_model):
+    folder = tiny_model(family)
+    processor = modeling.load_processor(Model(name_or_path=str(folder), family=family))
+    generation = transformers.GenerationConfig.from_pretrained(folder)
+    stop = get_family(family).stop_token_ids(processor, generation)
+    assert processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>") in stop
+    assert processor.tokenizer.eos_token_id in stop
+
+
+def test_idefics3_images_are_stored_at_one_tile_when_the_processor_does_not_split_them(tiny_model):
+    from PIL import Image
+
+    folder = tiny_model("idefics3")
+    family = get_family("idefics3")
+    splitting = modeling.load_processor(Model(name_or_path=str(folder), family="idefics3"))
+    whole = modeling.load_processor(Model(name_or_path=str(folder), family="idefics3", processor={"do_image_splitting": False}))
+    tile = whole.image_processor.max_image_size["longest_edge"]
+    assert family.max_image_edge(splitting) == (splitting.image_processor.size["longest_edge"], 0)
+    assert family.max_image_edge(whole) == (tile, 0)
+    assert family.shrink(Image.new("RGB", (4 * tile, 2 * tile)), whole).size == (tile, tile // 2)

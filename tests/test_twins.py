@@ -1,0 +1,52 @@
+"""Every shipped recipe's tiny twin runs its stages: the recipe itself, on the tiny model of its family and synthetic
+data in its sources' formats, shrunk (jobs.twins). A recipe that rots (a TRL key renamed, a LoRA target its family
+lacks, a split its data set lacks, a family quirk a stage trips on) fails here, not on the cluster."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import pytest
+import yaml
+
+from jobs import contract, memory, modeling, twins
+from jobs import recipe as recipes
+from tests.conftest import ROOT, run_stages
+
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def make_twin(path, tmp_path, tiny_model, synthetic_data):
+    original = yaml.safe_load(path.read_text())
+    twin = twins.twin(original, tiny_model, synthetic_data, tmp_path / "runs")
+    out = tmp_path / path.name
+    out.write_text(yaml.safe_dump(twin, sort_keys=False))
+    return original, twin, out
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_a_twin_changes_only_the_knobs_it_documents(path, tmp_path, tiny_model, synthetic_data):
+    original, twin, out = make_twin(path, tmp_path, tiny_model, synthetic_data)
+    unexplained = {k for k in twins.changed_keys(original, twin) if not any(fnmatch.fnmatchcase(k, c) for c in twins.CHANGED)}
+    assert unexplained == set()
+    recipe = recipes.load(out)
+    assert recipe.stages == recipes.load(path).stages
+    assert recipe.model.family == original["model"]["family"]
+    for stage in set(recipe.stages) & {"sft", "dpo"}:  # `vlmjobs memory` takes the recipe's LoRA to its family's model
+        estimate, counts = memory.for_stage(recipe, stage)
+        assert 0 < counts["trainable"] <= counts["parameters"] + counts["trainable"] and estimate.total > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_recipe_runs_its_stages_as_its_tiny_twin(path, tmp_path, tiny_model, synthetic_data):
+    _, _, out = make_twin(path, tmp_path, tiny_model, synthetic_data)
+    recipe = run_stages(out)
+    for stage in recipe.stages:
+        assert (recipe.run_dir / stage / contract.SUCCESS_FILE).is_file(), stage
+    if "merge_push" in recipe.stages:
+        trained = "dpo" if "dpo" in recipe.stages else "sft"
+        record = contract.read_json(recipe.run_dir / "merge_push" / contract.SUCCESS_FILE)
+        if modeling.is_adapter(recipe.run_dir / trained / "model"):
+            assert record["logits_max_diff"] <= recipe.merge_push.logits_atol
+        assert record["pushed_to"] is None
