@@ -26,10 +26,11 @@ $(STAMP): requirements.lock requirements-test.lock pyproject.toml
 demo: $(STAMP) .cache/tiny/llava/config.json .cache/data/chartqa/README.md .cache/data/rlaif-v/README.md
 	$(VLMJOBS) run $(RECIPE)
 
-.cache/tiny/%/config.json: | $(STAMP)
+# Rebuilt when the code that draws them changes, so a pulled change to the tiny models or data reaches the demo.
+.cache/tiny/%/config.json: jobs/tiny.py | $(STAMP)
 	$(VLMJOBS) tiny-model --family $* --out .cache/tiny/$*
 
-.cache/data/%/README.md: | $(STAMP)
+.cache/data/%/README.md: jobs/synthetic.py | $(STAMP)
 	$(VLMJOBS) synth-data --kind $* --out .cache/data/$*
 
 test: $(STAMP)

@@ -149,3 +149,10 @@ def test_qwen2_vl_images_are_shrunk_to_its_pixel_budget(tiny_model):
     image = Image.open(io.BytesIO(synthetic.chart([("red", 3)])))
     shrunk = FAMILIES["qwen2_vl"].shrink(image, processor, scale=0.5)
     assert max(shrunk.size) == 16  # sqrt(max_pixels 32*32) = 32 px, halved
+
+    # the model card's min_pixels/max_pixels, given in the recipe's model.processor, set the budget instead
+    processor = modeling.load_processor(
+        Model(name_or_path=str(tiny_model("qwen2_vl")), family="qwen2_vl", processor={"min_pixels": 64, "max_pixels": 576})
+    )
+    assert max(FAMILIES["qwen2_vl"].shrink(image, processor).size) == 24
+    assert processor(text=["<|image_pad|>"], images=[image])["image_grid_thw"].prod() <= 576 // 4**2
