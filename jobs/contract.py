@@ -19,10 +19,11 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 EXIT_FAILURE = 1  # the machine, the network, the cluster: worth a retry
 EXIT_USER_ERROR = 2  # the recipe, the data or the stage order: retrying cannot help (Fire's usage errors use 2 too)

@@ -15,7 +15,8 @@ margins, accuracies and log-probs at every logging step, and _SUCCESS.json.
 
 from __future__ import annotations
 
-from jobs import contract, recipe as recipes
+from jobs import contract
+from jobs import recipe as recipes
 
 
 def main(recipe: str = "", force: bool = False, **overrides):

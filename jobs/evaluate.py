@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 
-from jobs import contract, recipe as recipes
+from jobs import contract
+from jobs import recipe as recipes
 
 TRAINED_VARIANTS = ("sft", "dpo")
 

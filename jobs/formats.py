@@ -8,8 +8,9 @@ cannot be used raises ``Drop`` with a reason; prepare counts the reasons.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 class Drop(Exception):

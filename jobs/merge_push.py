@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 
-from jobs import contract, recipe as recipes
+from jobs import contract
+from jobs import recipe as recipes
 
 CHECK_SAMPLES = 4
 

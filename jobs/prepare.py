@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import shutil
 
-from jobs import contract, recipe as recipes
+from jobs import contract
+from jobs import recipe as recipes
 
 
 def main(recipe: str = "", force: bool = False, **overrides):

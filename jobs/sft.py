@@ -13,7 +13,8 @@ Output: <run>/sft/model/ (adapter or weights, processor, lineage.json), metrics.
 
 from __future__ import annotations
 
-from jobs import contract, recipe as recipes
+from jobs import contract
+from jobs import recipe as recipes
 
 
 def main(recipe: str = "", force: bool = False, **overrides):

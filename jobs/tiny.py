@@ -10,8 +10,8 @@ as a hub id. Deterministic from the seed; nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from jobs import synthetic
 

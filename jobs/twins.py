@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 STEPS = 1  # optimizer steps per training stage
 BATCH = 2  # at most, per device

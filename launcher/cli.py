@@ -147,7 +147,8 @@ def render(recipe: str = "", stage: str = "", run: str = "", driver: bool = Fals
 @_cluster_command
 def submit(recipe: str = "", stage: str = "", run: str = "", detach: bool = False, logs: bool = True, **overrides):
     """Create the stage's Job in the current kube context and follow it to its end (--detach: return at once)."""
-    from launcher import chain, render as rendering
+    from launcher import chain
+    from launcher import render as rendering
 
     resolved = _recipe(recipe, run, overrides)
     if not stage:
@@ -170,11 +171,12 @@ def pipeline(
 ):
     """Run the recipe's stages as Jobs, each after the last succeeded. --in-cluster hands the chain
     to a driver Job (this machine may disconnect); --dated appends today's date to the run id (nightly)."""
-    from launcher import chain, render as rendering
+    from launcher import chain
+    from launcher import render as rendering
 
     resolved = _recipe(recipe, run, overrides)
     if dated:
-        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+        today = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d")
         resolved = recipes.from_dict(resolved.to_dict(), {"run.id": f"{resolved.run_id}-{today}"}, origin="--dated")
     image = rendering.resolve_image(resolved)
     if in_cluster:
@@ -186,7 +188,8 @@ def pipeline(
 @_cluster_command
 def status(recipe: str = "", run: str = "", namespace: str = "", **overrides):
     """The Jobs of one run (--run), or of every run in the namespace (--namespace, else the recipe's)."""
-    from launcher import kube, render as rendering
+    from launcher import kube
+    from launcher import render as rendering
 
     if not namespace:
         namespace = _recipe(recipe, "", overrides).kubernetes.namespace if recipe else recipes.Kubernetes().namespace

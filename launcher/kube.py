@@ -17,8 +17,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from launcher.render import COMPLETION_INDEX_ANNOTATION, CONTAINER, JOB_NAME_LABEL

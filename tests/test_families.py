@@ -10,7 +10,6 @@ import transformers
 from datasets import load_from_disk
 
 from jobs import contract, modeling
-from jobs import recipe as recipes
 from jobs.contract import UserError
 from jobs.families import FAMILIES, IMAGE_BOUNDS, get_family
 from jobs.recipe import Model

@@ -14,6 +14,7 @@ from jobs import contract, modeling, prepare, sft
 from jobs import recipe as recipes
 from tests.conftest import subprocess_env
 
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe, family, method):

@@ -348,7 +348,7 @@ class FakeKube:
 
         return Handler
 
-    def start(self) -> "FakeKube":
+    def start(self) -> FakeKube:
         self.thread.start()
         return self
 
