@@ -35,9 +35,13 @@ VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accel
 class UserError(Exception):
     """A mistake the user can fix: reported as one line, exit code 2, no retry."""
 
+    exit_code = EXIT_USER_ERROR
+
 
 class Failure(Exception):
     """A failure this code recognises (a broken merge, an unreachable hub): one line, exit code 1, retried."""
+
+    exit_code = EXIT_FAILURE
 
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM: stopped from outside (preemption, kubectl delete); worth a retry
@@ -73,12 +77,9 @@ def entrypoint(main: Callable) -> None:
     except Interrupted:
         print("stopped on SIGTERM; the unfinished work stays in the run folder for a restart", file=sys.stderr)
         sys.exit(EXIT_SIGTERM)
-    except UserError as e:
+    except (UserError, Failure) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except Failure as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
+        sys.exit(e.exit_code)
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError":  # torch's; the same batch will not fit on a retry either
             print(
@@ -88,6 +89,11 @@ def entrypoint(main: Callable) -> None:
             )
             sys.exit(EXIT_USER_ERROR)
         raise  # a traceback and exit code 1: worth a retry
+
+
+def exit_status(returncode: int) -> int:
+    """A child process's return code as a shell reports it: killed by signal N (-N) is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def is_main_process() -> bool:

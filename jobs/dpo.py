@@ -62,14 +62,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "dpo")
 
-    trainer.save_model(str(stage.work / "model"))
-    trainer.accelerator.wait_for_everyone()
-    if contract.is_main_process():
-        processor.save_pretrained(stage.work / "model")
-        if cfg.dpo.method == "full":
-            modeling.write_lineage(stage.work / "model", base="dpo/model")
-        else:
-            modeling.write_lineage(stage.work / "model", base=lineage["base"], merged=lineage["merged"], adapter="dpo/model")
+    trained = {"base": "dpo/model"} if cfg.dpo.method == "full" else {**lineage, "adapter": "dpo/model"}
+    training.save(trainer, processor, stage.work / "model", **trained)
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
         method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),

@@ -22,7 +22,7 @@ import json
 from jobs import contract
 from jobs import recipe as recipes
 
-TRAINED_VARIANTS = ("sft", "dpo")
+TRAINED_VARIANTS = recipes.TRAINING_STAGES  # a variant per training stage: the model it trained
 
 
 def main(recipe: str = "", force: bool = False, **overrides):

@@ -10,7 +10,9 @@ def _batches(rows: list, size: int) -> Iterable[list]:
         yield rows[start : start + size]
 
 
-def _device(model):
+def input_device(model):
+    """The device of the model's first weights, where its inputs go (with device_map="auto" accelerate's hooks
+    move activations on from there)."""
     return next(model.parameters()).device
 
 
@@ -35,7 +37,7 @@ def generate_answers(
         # add_special_tokens=False as in TRL's collators, so the prompt is the one the model was trained on
         inputs = processor(
             text=texts, images=_images(batch), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False
-        ).to(_device(model))
+        ).to(input_device(model))
         with torch.no_grad():
             output = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -72,7 +74,7 @@ def completion_logprobs(model, processor, rows: list[dict], key: str, *, batch_s
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completions["input_ids"])], dim=1)
         if "token_type_ids" in inputs:  # PaliGemma: 1 marks the answer (suffix) tokens
             inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.ones_like(completions["input_ids"])], dim=1)
-        device = _device(model)
+        device = input_device(model)
         with torch.no_grad():
             logits = model(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), **{k: v.to(device) for k, v in inputs.items()}

@@ -33,29 +33,28 @@ class Estimate:
         )
 
 
-def arithmetic(
-    parameters: float, trainable: float, bytes_per_parameter: float, *, reference_copy: bool, optimizer_states: int = 2
-) -> Estimate:
-    """The blog's formula: every part in the training precision, AdamW keeping two states per trainable parameter."""
-    model = parameters * bytes_per_parameter / GB
+def parts(stored_bytes: float, trainable: float, trainable_bytes: float, *, reference_copy: bool) -> Estimate:
+    """The blog's formula: the weights as stored (and again for a reference copy), gradients and AdamW's two
+    states in the trainable parameters' precision."""
+    model = stored_bytes / GB
     return Estimate(
         model=model,
         reference=model if reference_copy else 0.0,
-        gradients=trainable * bytes_per_parameter / GB,
-        optimizer=optimizer_states * trainable * bytes_per_parameter / GB,
+        gradients=trainable * trainable_bytes / GB,
+        optimizer=2 * trainable * trainable_bytes / GB,
     )
+
+
+def arithmetic(parameters: float, trainable: float, bytes_per_parameter: float, *, reference_copy: bool) -> Estimate:
+    """The blog's arithmetic: every part in the training precision."""
+    return parts(parameters * bytes_per_parameter, trainable, bytes_per_parameter, reference_copy=reference_copy)
 
 
 def estimate(model, *, trainable: int, reference_copy: bool) -> Estimate:
     """The same arithmetic for a loaded model, taking the bytes its weights really occupy (4-bit included)."""
     stored = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable_bytes = next((p.element_size() for p in model.parameters() if p.requires_grad), 4)
-    return Estimate(
-        model=stored / GB,
-        reference=stored / GB if reference_copy else 0.0,
-        gradients=trainable * trainable_bytes / GB,
-        optimizer=2 * trainable * trainable_bytes / GB,
-    )
+    return parts(stored, trainable, trainable_bytes, reference_copy=reference_copy)
 
 
 def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
@@ -68,11 +67,11 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     from transformers import AutoConfig
 
     from jobs.families import get_family
-    from jobs.modeling import _user_errors, lora_config, resolve_dtype
+    from jobs.modeling import lora_config, resolve_dtype, user_errors
 
     family = get_family(recipe.model.family)
     train = getattr(recipe, stage)
-    with _user_errors(recipe.model.name_or_path):
+    with user_errors(recipe.model.name_or_path):
         config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
     with init_empty_weights():
         model = getattr(transformers, family.model_class)._from_config(config)
@@ -90,10 +89,5 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     dtype = resolve_dtype(recipe.model.dtype) if recipe.model.dtype != "auto" else torch.bfloat16  # auto on a GPU
     width = dtype.itemsize
     stored = (linear * 0.5 + (total - linear) * width) if train.method == "qlora" else total * width
-    estimate = Estimate(
-        model=stored / GB,
-        reference=stored / GB if stage == "dpo" and train.method == "full" else 0.0,
-        gradients=trainable * width / GB,
-        optimizer=2 * trainable * width / GB,
-    )
+    estimate = parts(stored, trainable, width, reference_copy=stage == "dpo" and train.method == "full")
     return estimate, {"parameters": total, "trainable": trainable, "dtype": str(dtype).removeprefix("torch.")}

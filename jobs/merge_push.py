@@ -47,8 +47,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         raise contract.UserError(f"merge_push: not pushing: {verdict['summary']}; set merge_push.force=true to push anyway")
 
     processor = modeling.load_processor(cfg.model)
-    kind = "sft" if source == "sft" else "dpo"
-    test = load_from_disk(stage.input("prepare") / kind / "test")
+    test = load_from_disk(stage.input("prepare") / source / "test")  # the data the source stage trained on
     rows = list(test.select(range(min(CHECK_SAMPLES, len(test)))))  # a small run's test split can hold fewer
     model = modeling.load_trained(cfg, stage.run_dir, source, dtype=torch.float32, device_map="auto")
     max_diff = None
@@ -78,12 +77,14 @@ def sample_logits(model, processor, rows):
     """Logits of each sample's prompt and first answer, padded into one batch."""
     import torch
 
+    from jobs.inference import input_device
+
     answer = "completion" if "completion" in rows[0] else "chosen"
     texts = [processor.apply_chat_template(row["prompt"] + row[answer], tokenize=False) for row in rows]
     images = [row["images"] for row in rows]
     inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        logits = model(**inputs.to(next(model.parameters()).device)).logits.float()
+        logits = model(**inputs.to(input_device(model))).logits.float()
     return logits * inputs["attention_mask"].unsqueeze(-1).to(logits.device)
 
 

@@ -41,7 +41,7 @@ def load_processor(spec: Model, path: str | Path | None = None):
     processor_class = AutoProcessor
     if family.prefix_lm:
         from jobs.prefix_lm import PrefixLMProcessor as processor_class
-    with _user_errors(source):
+    with user_errors(source):
         processor = processor_class.from_pretrained(source, revision=None if path else spec.revision, **kwargs)
     if processor.chat_template is None and family.chat_template:
         processor.chat_template = family.chat_template
@@ -61,7 +61,7 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
     family = get_family(spec.family)
     source = str(path or spec.name_or_path)
     revision = None if path else spec.revision
-    with _user_errors(source):
+    with user_errors(source):
         config = AutoConfig.from_pretrained(source, revision=revision)
     if config.model_type not in family.model_types:
         match = family_of(config.model_type)
@@ -86,7 +86,7 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         kwargs["device_map"] = {"": device}
     model_class = getattr(transformers, family.model_class)
-    with _user_errors(source):
+    with user_errors(source):
         return model_class.from_pretrained(source, **kwargs)
 
 
@@ -164,7 +164,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 @contextmanager
-def _user_errors(source: str):
+def user_errors(source: str):
     """Turn 'no such model, repo or revision' into a one-line UserError; network trouble stays a failure."""
     try:
         yield

@@ -30,6 +30,8 @@ from jobs.contract import UserError
 
 STAGES = ("prepare", "sft", "dpo", "evaluate", "merge_push")
 TRAINING_STAGES = ("sft", "dpo")  # the stages that run one process per GPU and may span nodes
+# What evaluate compares, in the pipeline's order: the base model, the base with a system prompt, each trained stage
+VARIANTS = ("base", "prompted", *TRAINING_STAGES)
 STAGE_SECTIONS = {  # what each stage's output depends on, besides its inputs' fingerprints
     "prepare": ("model", "data", "prepare", "seed"),
     "sft": ("model", "sft", "seed"),
@@ -114,7 +116,7 @@ class DPO(Train):
 
 @dataclass(frozen=True)
 class Evaluate:
-    variants: tuple[str, ...] = ("base", "prompted", "sft", "dpo")  # those the run has are evaluated
+    variants: tuple[str, ...] = VARIANTS  # those the run has are evaluated
     system_prompt: str = "Answer with a single word or number, as short as possible."  # for "prompted"
     max_new_tokens: int = 32
     batch_size: int = 8
@@ -210,6 +212,14 @@ class Recipe:
             key: {k: v for k, v in data[key].items() if k != "resources"} if isinstance(data[key], dict) else data[key]
             for key in STAGE_SECTIONS[stage]
         }
+
+    def chosen_stages(self, stages: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """``stages`` (all of the recipe's when none are named) in the pipeline's order; one the recipe lacks
+        is a user error (``--stages`` of vlmjobs run and pipeline)."""
+        unknown = [s for s in stages if s not in self.stages]
+        if unknown:
+            raise UserError(f"--stages: {', '.join(unknown)} not in the recipe's stages ({', '.join(self.stages)})")
+        return tuple(sorted(stages or self.stages, key=STAGES.index))
 
     def resources_for(self, stage: str) -> Resources:
         """The recipe's resources with the stage's overrides; only training stages inherit several nodes."""
@@ -389,8 +399,8 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
     if recipe.dpo.sft_adapter not in ("merge", "continue"):
         errors.append(f"dpo.sft_adapter: {recipe.dpo.sft_adapter!r} is not one of merge, continue")
     for variant in recipe.evaluate.variants:
-        if variant not in ("base", "prompted", "sft", "dpo"):
-            errors.append(f"evaluate.variants: {variant!r} is not one of base, prompted, sft, dpo")
+        if variant not in VARIANTS:
+            errors.append(f"evaluate.variants: {variant!r} is not one of {', '.join(VARIANTS)}")
     if recipe.merge_push.push and not recipe.merge_push.repo_id:
         errors.append("merge_push.repo_id: required when merge_push.push is true")
     for fraction in ("max_drop_fraction", "eval_fraction", "test_fraction"):

@@ -16,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-VARIANT_ORDER = ("base", "prompted", "sft", "dpo")  # the pipeline's order: each variant builds on the previous
-STAGE_ORDER = ("sft", "dpo")
+from jobs.recipe import VARIANTS  # in the pipeline's order: each variant builds on the previous
+
 MISSING = "—"
 DECIMALS = 3
 # Every metric the evaluate stage writes is better when higher (accuracies, F1, margins); losses are the exception.
@@ -44,8 +44,8 @@ DEFAULT_PANELS = (("loss", ("loss",)),)  # a stage without its own entry still g
 def ordered_variants(report: dict) -> list[str]:
     """Variant names in pipeline order; names we don't know keep their report order, after the known ones."""
     names = list(report.get("variants", {}))
-    known = [name for name in VARIANT_ORDER if name in names]
-    return known + [name for name in names if name not in VARIANT_ORDER]
+    known = [name for name in VARIANTS if name in names]
+    return known + [name for name in names if name not in VARIANTS]
 
 
 def metric_names(report: dict) -> list[str]:
@@ -270,8 +270,7 @@ def _metric_bars_section(report: dict, out_dir: Path) -> list[str]:
 
 def _training_curves_section(training_logs: dict[str, Path], out_dir: Path) -> list[str]:
     lines = []
-    stages = [s for s in STAGE_ORDER if s in training_logs] + [s for s in training_logs if s not in STAGE_ORDER]
-    for stage in stages:
+    for stage in training_logs:  # in the order given: the run's
         path = Path(training_logs[stage])
         if not path.is_file():
             continue

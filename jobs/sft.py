@@ -46,14 +46,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "sft")
 
-    trainer.save_model(str(stage.work / "model"))
-    trainer.accelerator.wait_for_everyone()
-    if contract.is_main_process():
-        processor.save_pretrained(stage.work / "model")
-        if peft_config is None:
-            modeling.write_lineage(stage.work / "model", base="sft/model")
-        else:
-            modeling.write_lineage(stage.work / "model", adapter="sft/model")
+    lineage = {"base": "sft/model"} if peft_config is None else {"adapter": "sft/model"}
+    training.save(trainer, processor, stage.work / "model", **lineage)
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
         method=cfg.sft.method, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),

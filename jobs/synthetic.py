@@ -21,6 +21,8 @@ import io
 import random
 from pathlib import Path
 
+from jobs.contract import UserError
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -149,6 +151,8 @@ SPLITS = {"chartqa": ("train", "val", "test"), "rlaif-v": ("train",), "messages"
 
 def write(kind: str, out: str | Path, rows: int = 400, seed: int = 0) -> Path:
     """Write a synthetic data set of ``kind`` (a source format) into ``out``; held-out splits get rows/5 each."""
+    if kind not in ROWS:
+        raise UserError(f"--kind: {kind!r} is not one of {', '.join(ROWS)}")
     splits = {}
     for i, split in enumerate(SPLITS[kind]):
         splits[split] = ROWS[kind](rows if split == "train" else max(1, rows // 5), seed=seed * 1000 + i)

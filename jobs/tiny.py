@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jobs import synthetic
+from jobs.contract import UserError
 
 # The chat templates of the checkpoints the source documents use, as their hubs ship them.
 LLAVA_TEMPLATE = (  # llava-hf/llava-1.5-7b-hf
@@ -65,7 +66,7 @@ def build(family: str, out: str | Path, seed: int = 0) -> Path:
     import torch
 
     if family not in BUILDERS:
-        raise ValueError(f"no tiny model for family {family!r} (have: {', '.join(BUILDERS)})")
+        raise UserError(f"--family: no tiny model for {family!r} (have: {', '.join(BUILDERS)})")
     torch.manual_seed(seed)
     model, processor = BUILDERS[family]()
     check_4bit_shapes(model)

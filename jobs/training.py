@@ -126,6 +126,18 @@ def stop_if_interrupted(trainer, stage: str) -> None:
             sys.exit(EXIT_SIGTERM)
 
 
+def save(trainer, processor, out: Path, **lineage) -> None:
+    """The trained adapter or weights, the processor and their lineage (``modeling.write_lineage``) in ``out``:
+    every process saves its part, the main one writes the rest once they all have."""
+    from jobs.modeling import write_lineage
+
+    trainer.save_model(str(out))
+    trainer.accelerator.wait_for_everyone()
+    if is_main_process():
+        processor.save_pretrained(out)
+        write_lineage(out, **lineage)
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -13,8 +13,8 @@ docstring) happens here: delete the failed Job, wait until it and its pods are g
 
 from __future__ import annotations
 
-from jobs.contract import UserError
-from jobs.recipe import STAGES, Recipe
+from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR
+from jobs.recipe import Recipe
 from launcher import render
 from launcher.kube import AlreadyExists, Cluster, JobFailed, Outcome, job_state, outcome
 
@@ -39,7 +39,7 @@ def _failed(cluster: Cluster, recipe: Recipe, stage: str, name: str, result: Out
     return JobFailed(
         text,
         conditions=result.messages,
-        exit_code=2 if result.user_error else 1,
+        exit_code=EXIT_USER_ERROR if result.user_error else EXIT_FAILURE,
         kind="Job",
         namespace=cluster.namespace,
         name=name,
@@ -125,13 +125,10 @@ def run_stage(
 
 def pipeline(cluster: Cluster, recipe: Recipe, image: str, stages: tuple[str, ...] = (), *, logs: bool = True) -> None:
     """The recipe's stages (or ``stages``), in order, each started when the one before is done."""
-    chosen = tuple(stages or recipe.stages)
-    unknown = [s for s in chosen if s not in recipe.stages]
-    if unknown:
-        raise UserError(f"--stages: {', '.join(unknown)} not in the recipe's stages ({', '.join(recipe.stages)})")
-    for stage in sorted(chosen, key=STAGES.index):
+    chosen = recipe.chosen_stages(stages)
+    for stage in chosen:
         render.render_stage(recipe, stage, image)  # every stage renders before the first one starts
-    for stage in sorted(chosen, key=STAGES.index):
+    for stage in chosen:
         run_stage(cluster, recipe, stage, image, logs=logs)
     cluster.out(
         f"==> pipeline done: {', '.join(chosen)} of run {recipe.run_id} "

@@ -44,7 +44,7 @@ def run(recipe: str, stages="", force: bool = False, **overrides):
         local.run(resolved, _stages(stages), force=force)
     except local.StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(local.exit_code(e))
+        sys.exit(e.exit_code)
 
 
 def validate(recipe: str, **overrides):
@@ -61,9 +61,7 @@ def memory(recipe: str, **overrides):
     from jobs import memory as arithmetic
 
     resolved = recipes.load(str(recipe), overrides)
-    for stage in ("sft", "dpo"):
-        if stage not in resolved.stages:
-            continue
+    for stage in [s for s in recipes.TRAINING_STAGES if s in resolved.stages]:
         estimate, counts = arithmetic.for_stage(resolved, stage)
         method = getattr(resolved, stage).method
         print(f"{stage} ({method}, {counts['dtype']}): {counts['trainable']:,} of {counts['parameters']:,} parameters trained")
@@ -79,8 +77,6 @@ def tiny_model(family: str, out: str, seed: int = 0):
     """Build a tiny random model of a family's real classes, offline, into OUT."""
     from jobs import tiny
 
-    if family not in tiny.BUILDERS:
-        raise contract.UserError(f"--family: no tiny model for {family!r} (have: {', '.join(tiny.BUILDERS)})")
     print(f"tiny {family} model in {tiny.build(family, str(out), seed=int(seed))}")
 
 
@@ -88,8 +84,6 @@ def synth_data(kind: str, out: str, rows: int = 400, seed: int = 0):
     """Write a synthetic data set in a real data set's schema (chartqa, rlaif-v, messages, preference-messages) into OUT."""
     from jobs import synthetic
 
-    if kind not in synthetic.ROWS:
-        raise contract.UserError(f"--kind: {kind!r} is not one of {', '.join(synthetic.ROWS)}")
     print(f"synthetic {kind} data in {synthetic.write(kind, str(out), rows=int(rows), seed=int(seed))}")
 
 
@@ -129,6 +123,12 @@ def _cluster(resolved: recipes.Recipe, in_cluster: bool | None = None):
     return kube.Cluster(kube.connect(in_cluster=in_cluster), resolved.kubernetes.namespace)
 
 
+def _stage(resolved: recipes.Recipe, stage) -> str:
+    if not stage:
+        raise contract.UserError(f"--stage: which stage? ({', '.join(resolved.stages)})")
+    return str(stage)
+
+
 def render(recipe: str = "", stage: str = "", run: str = "", driver: bool = False, **overrides):
     """Print a stage's manifests as YAML (or the pipeline driver's, --driver). Needs no cluster."""
     from launcher import render as rendering
@@ -137,10 +137,8 @@ def render(recipe: str = "", stage: str = "", run: str = "", driver: bool = Fals
     image = rendering.resolve_image(resolved)
     if driver:
         manifests = [rendering.render_driver_job(resolved, image)]
-    elif not stage:
-        raise contract.UserError(f"--stage: which stage? ({', '.join(resolved.stages)})")
     else:
-        manifests = rendering.render_stage(resolved, str(stage), image)
+        manifests = rendering.render_stage(resolved, _stage(resolved, stage), image)
     print(rendering.dump(manifests), end="")
 
 
@@ -151,11 +149,10 @@ def submit(recipe: str = "", stage: str = "", run: str = "", detach: bool = Fals
     from launcher import render as rendering
 
     resolved = _recipe(recipe, run, overrides)
-    if not stage:
-        raise contract.UserError(f"--stage: which stage? ({', '.join(resolved.stages)})")
+    stage = _stage(resolved, stage)
     image = rendering.resolve_image(resolved)
-    rendering.render_stage(resolved, str(stage), image)  # refuse before connecting
-    chain.run_stage(_cluster(resolved), resolved, str(stage), image, follow=not detach, logs=logs)
+    rendering.render_stage(resolved, stage, image)  # refuse before connecting
+    chain.run_stage(_cluster(resolved), resolved, stage, image, follow=not detach, logs=logs)
 
 
 @_cluster_command
@@ -193,9 +190,8 @@ def status(recipe: str = "", run: str = "", namespace: str = "", **overrides):
 
     if not namespace:
         namespace = _recipe(recipe, "", overrides).kubernetes.namespace if recipe else recipes.Kubernetes().namespace
-    selector = f"{rendering.LABEL_PART_OF}={rendering.APP}" + (f",{rendering.LABEL_RUN}={run}" if run else "")
     cluster = kube.Cluster(kube.connect(), str(namespace))
-    jobs = cluster.list_jobs(selector)
+    jobs = cluster.list_jobs(rendering.selector(str(run) if run else None))
     if not jobs:
         print(f"no vlmjobs Jobs in namespace {namespace}" + (f" for run {run}" if run else ""))
         return
@@ -208,10 +204,7 @@ def logs(recipe: str = "", stage: str = "", run: str = "", follow: bool = True, 
     from launcher import render as rendering
 
     resolved = _recipe(recipe, run, overrides)
-    if not stage:
-        raise contract.UserError(f"--stage: which stage? ({', '.join(resolved.stages)})")
-    cluster = _cluster(resolved)
-    cluster.print_log(rendering.job_name(resolved, str(stage)), index=int(index), follow=follow)
+    _cluster(resolved).print_log(rendering.job_name(resolved, _stage(resolved, stage)), index=int(index), follow=follow)
 
 
 @_cluster_command
@@ -222,11 +215,8 @@ def delete(recipe: str = "", run: str = "", stage: str = "", **overrides):
     if not run:
         raise contract.UserError("--run: which run? (vlmjobs status lists them)")
     resolved = _recipe(recipe, run, overrides)
-    selector = f"{rendering.LABEL_PART_OF}={rendering.APP},{rendering.LABEL_RUN}={resolved.run_id}"
-    if stage:
-        selector += f",{rendering.LABEL_COMPONENT}={stage}"
     cluster = _cluster(resolved)
-    names = [job["metadata"]["name"] for job in cluster.list_jobs(selector)]
+    names = [job["metadata"]["name"] for job in cluster.list_jobs(rendering.selector(resolved.run_id, str(stage) or None))]
     if not names:
         which = f"run {resolved.run_id}" + (f", stage {stage}" if stage else "")
         print(f"no Jobs of {which} in namespace {cluster.namespace}")

@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import sys
 
-from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR
+from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, exit_status
 
 
 def exit_code(codes_in_order: list[int]) -> int:
     """The launcher's exit code from the ranks' exit codes, first failure first."""
     if EXIT_USER_ERROR in codes_in_order:
         return EXIT_USER_ERROR
-    for code in codes_in_order:
-        if code > 0:
-            return code
-        if code < 0:
-            return 128 - code  # -N: killed by signal N
-    return EXIT_FAILURE
+    return next((exit_status(code) for code in codes_in_order if code), EXIT_FAILURE)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -198,11 +198,9 @@ def broken_group(pods: list[dict]) -> str | None:
         name = pod["metadata"]["name"]
         if pod.get("status", {}).get("phase") == "Failed":
             return f"pod {name} failed"
-        if disrupted(pod):
-            message = condition(pod, "DisruptionTarget").get("message") or condition(pod, "DisruptionTarget").get(
-                "reason", ""
-            )
-            return f"pod {name} is being disrupted ({message})"
+        disruption = condition(pod, "DisruptionTarget")
+        if disruption:
+            return f"pod {name} is being disrupted ({disruption.get('message') or disruption.get('reason', '')})"
         if pod.get("metadata", {}).get("deletionTimestamp"):
             return f"pod {name} is being deleted"
     return None
@@ -316,54 +314,42 @@ class Cluster:
         finally:
             response.release_conn()
 
-    # -- Jobs ------------------------------------------------------------------------------------
+    # -- the calls every kind shares ---------------------------------------------------------------
 
-    def get_job(self, name: str) -> dict | None:
-        try:
-            return self._json(
-                self._call(
-                    "get", "Job", name, self.batch.read_namespaced_job, name, self.namespace, _preload_content=False
-                )
-            )
-        except NotFound:
-            return None
-
-    def create_job(self, manifest: dict) -> dict:
+    def _create(self, kind: str, create: Callable, manifest: dict) -> dict:
         name = manifest["metadata"]["name"]
-        return self._json(
-            self._call(
-                "create",
-                "Job",
-                name,
-                self.batch.create_namespaced_job,
-                self.namespace,
-                manifest,
-                _preload_content=False,
-            )
-        )
+        return self._json(self._call("create", kind, name, create, self.namespace, manifest, _preload_content=False))
 
-    def delete_job(self, name: str) -> bool:
-        """Delete with foreground propagation: the Job goes once its pods are gone. False if absent."""
+    def _delete(self, kind: str, delete: Callable, name: str, **options) -> bool:
+        """False where there was nothing to delete."""
         try:
-            self._call(
-                "delete", "Job", name, self.batch.delete_namespaced_job, name, self.namespace,
-                propagation_policy="Foreground", _preload_content=False,
-            )  # fmt: skip
+            self._json(self._call("delete", kind, name, delete, name, self.namespace, _preload_content=False, **options))
         except NotFound:
             return False
         return True
 
-    def list_jobs(self, label_selector: str) -> list[dict]:
-        answer = self._call(
-            "list",
-            "Job",
-            None,
-            self.batch.list_namespaced_job,
-            self.namespace,
-            label_selector=label_selector,
-            _preload_content=False,
-        )
+    def _list(self, kind: str, list_: Callable, label_selector: str) -> list[dict]:
+        answer = self._call("list", kind, None, list_, self.namespace, label_selector=label_selector, _preload_content=False)
         return self._json(answer).get("items", [])
+
+    # -- Jobs ------------------------------------------------------------------------------------
+
+    def get_job(self, name: str) -> dict | None:
+        try:
+            answer = self._call("get", "Job", name, self.batch.read_namespaced_job, name, self.namespace, _preload_content=False)
+        except NotFound:
+            return None
+        return self._json(answer)
+
+    def create_job(self, manifest: dict) -> dict:
+        return self._create("Job", self.batch.create_namespaced_job, manifest)
+
+    def delete_job(self, name: str) -> bool:
+        """Delete with foreground propagation: the Job goes once its pods are gone. False if absent."""
+        return self._delete("Job", self.batch.delete_namespaced_job, name, propagation_policy="Foreground")
+
+    def list_jobs(self, label_selector: str) -> list[dict]:
+        return self._list("Job", self.batch.list_namespaced_job, label_selector)
 
     def watch_job(self, name: str, resource_version: str) -> Iterator[dict]:
         """Events on one Job from ``resource_version`` on, for up to ``watch_s`` seconds."""
@@ -389,16 +375,7 @@ class Cluster:
     # -- pods and logs ---------------------------------------------------------------------------
 
     def list_pods(self, job: str) -> list[dict]:
-        answer = self._call(
-            "list",
-            "Pod",
-            None,
-            self.core.list_namespaced_pod,
-            self.namespace,
-            label_selector=f"{JOB_NAME_LABEL}={job}",
-            _preload_content=False,
-        )
-        return self._json(answer).get("items", [])
+        return self._list("Pod", self.core.list_namespaced_pod, f"{JOB_NAME_LABEL}={job}")
 
     def stream_log(self, pod: str, *, follow: bool = True) -> Iterator[str]:
         """The stage container's log, line by line, as the kubelet sends it."""
@@ -421,33 +398,10 @@ class Cluster:
     # -- Services --------------------------------------------------------------------------------
 
     def create_service(self, manifest: dict) -> dict:
-        name = manifest["metadata"]["name"]
-        return self._json(
-            self._call(
-                "create",
-                "Service",
-                name,
-                self.core.create_namespaced_service,
-                self.namespace,
-                manifest,
-                _preload_content=False,
-            )
-        )
+        return self._create("Service", self.core.create_namespaced_service, manifest)
 
     def delete_service(self, name: str) -> bool:
-        try:
-            self._call(
-                "delete",
-                "Service",
-                name,
-                self.core.delete_namespaced_service,
-                name,
-                self.namespace,
-                _preload_content=False,
-            )
-        except NotFound:
-            return False
-        return True
+        return self._delete("Service", self.core.delete_namespaced_service, name)
 
     # -- following -------------------------------------------------------------------------------
 
@@ -469,10 +423,15 @@ class Cluster:
             pump.start()
         try:
             state = None
-            while True:
+
+            def announce(job: dict) -> None:
+                nonlocal state
                 if job_state(job) != state:
                     state = job_state(job)
                     self.out(f"==> Job {self.namespace}/{name}: {state}")
+
+            while True:
+                announce(job)
                 if is_finished(job):
                     return outcome(job, self.list_pods(name))
                 pods = self.list_pods(name)
@@ -501,9 +460,7 @@ class Cluster:
                             job["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
                             continue
                         job = obj
-                        if job_state(job) != state:
-                            state = job_state(job)
-                            self.out(f"==> Job {self.namespace}/{name}: {state}")
+                        announce(job)
                         if is_finished(job):
                             break
                 except Gone:

@@ -11,31 +11,30 @@ import subprocess
 import sys
 import time
 
-from jobs.contract import UserError
-from jobs.recipe import STAGES, Recipe
+from jobs.contract import exit_status
+from jobs.recipe import Recipe
 from launcher.commands import stage_argv, stage_env
 
 
 class StageFailed(Exception):
-    """A stage exited non-zero; carries its exit code so the runner can pass it on."""
+    """A stage exited non-zero; ``exit_code`` is the stage's own, so that the runner passes a user error (2) on
+    as one, distinguishable from a failure upstream."""
 
     def __init__(self, stage: str, returncode: int, argv: list[str]):
         super().__init__(f"stage {stage} failed with exit code {returncode}: {shlex.join(argv)}")
         self.stage, self.returncode, self.argv = stage, returncode, argv
+        self.exit_code = exit_status(returncode)
 
 
-def run(recipe: Recipe, stages: tuple[str, ...] | None = None, *, force: bool = False) -> None:
+def run(recipe: Recipe, stages: tuple[str, ...] = (), *, force: bool = False) -> None:
     """Run ``stages`` (default: the recipe's) in order; raises StageFailed at the first failure."""
-    stages = tuple(stages or recipe.stages)
-    unknown = [s for s in stages if s not in recipe.stages]
-    if unknown:
-        raise UserError(f"--stages: {', '.join(unknown)} not in the recipe's stages ({', '.join(recipe.stages)})")
+    stages = recipe.chosen_stages(stages)
     env = {**os.environ, **stage_env(recipe), "PYTHONUNBUFFERED": "1"}
     # Every stage's command first, so that one this machine cannot run (nodes > 1) fails before any runs.
     force_args = ["--force"] if force else []
     argvs = {stage: stage_argv(recipe, stage, python=sys.executable) + force_args for stage in stages}
     started = time.time()
-    for stage in sorted(stages, key=STAGES.index):
+    for stage in stages:
         argv = argvs[stage]
         print(f"==> {stage} [{recipe.run_dir}]: {shlex.join(argv)}", flush=True)
         returncode = subprocess.call(argv, env=env)
@@ -48,7 +47,3 @@ def run(recipe: Recipe, stages: tuple[str, ...] | None = None, *, force: bool = 
 
         print(f"\n{format_table(json.loads(report.read_text()))}\n(details: {report.with_name('report.md')})", flush=True)
 
-
-def exit_code(error: StageFailed) -> int:
-    """The stage's own exit code, so that user errors stay distinguishable from failures upstream."""
-    return error.returncode if error.returncode > 0 else 128 - error.returncode  # -N: killed by signal N

@@ -106,7 +106,7 @@ def check_subdomain(key: str, value: str) -> None:
 def check_names(recipe: Recipe) -> None:
     """Every name the manifests carry, each with the recipe key that sets it."""
     k = recipe.kubernetes
-    check_label("run.id", recipe.run_id, MAX_RUN_ID)
+    # run.id is checked with the rest of the recipe (jobs.recipe), where it names the run folder too
     check_label("kubernetes.namespace", k.namespace)
     check_subdomain("kubernetes.pvc", k.pvc)
     for key in ("hf_token_secret", "service_account", "priority_class"):
@@ -201,6 +201,12 @@ def labels(recipe: Recipe, part: str) -> dict[str, str]:
     }
 
 
+def selector(run_id: str | None = None, part: str | None = None) -> str:
+    """The label selector of vlmjobs' Jobs: all of them, one run's, or one stage's of a run."""
+    chosen = {LABEL_PART_OF: APP, LABEL_RUN: run_id, LABEL_COMPONENT: part}
+    return ",".join(f"{key}={value}" for key, value in chosen.items() if value)
+
+
 def metadata(recipe: Recipe, name: str, part: str, *, queue: bool = False) -> dict:
     meta_labels = labels(recipe, part)
     if queue and recipe.kubernetes.queue:
@@ -239,11 +245,17 @@ def container_resources(res: Resources) -> dict:
     return {"requests": {"cpu": res.cpu, "memory": res.memory}, "limits": limits}
 
 
+def hf_home(mount_path: str) -> str:
+    """The Hugging Face cache on the shared volume: each model and data set is downloaded once, not once a pod.
+    images/Dockerfile sets the same for the default mount path."""
+    return f"{mount_path.rstrip('/')}/.cache/huggingface"
+
+
 def container_env(recipe: Recipe, stage: str, res: Resources) -> list[dict]:
     k = recipe.kubernetes
     env = [{"name": name, "value": value} for name, value in stage_env(recipe).items()]
     env += [
-        {"name": "HF_HOME", "value": f"{k.mount_path.rstrip('/')}/.cache/huggingface"},  # downloads once, on the PVC
+        {"name": "HF_HOME", "value": hf_home(k.mount_path)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # log lines reach `kubectl logs` as they are printed
     ]
     if k.hf_token_secret:

@@ -32,6 +32,7 @@ from jobs import __version__
 from jobs import recipe as recipes
 from launcher.commands import stage_argv
 from launcher.image import default_image
+from launcher.render import hf_home
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "images" / "Dockerfile"
@@ -40,8 +41,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Console commands the Jobs run besides `python -m jobs.<stage>`: the multi-GPU path runs
 # `accelerate launch ... -m jobs.<stage>`, the in-cluster pipeline driver runs `vlmjobs`.
 JOB_CONSOLE_COMMANDS = ("accelerate", "vlmjobs")
-# Stages in jobs.recipe.STAGES whose script is not written yet: their Jobs would fail today. Strict
-# xfail, so that the day jobs/<stage>.py lands this test fails until its name is taken off the list.
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the Dockerfile and the lock files
 
@@ -447,8 +448,8 @@ def test_every_console_command_the_jobs_use_is_installed(command):
 def test_run_folders_and_hf_cache_are_on_the_jobs_volume():
     mount = recipes.Kubernetes().mount_path
     env = final_env()
-    assert env.get("HF_HOME", "").startswith(mount + "/"), (
-        f"images/Dockerfile: HF_HOME={env.get('HF_HOME')!r}, not on {mount}"
+    assert env.get("HF_HOME") == hf_home(mount), (
+        f"images/Dockerfile: HF_HOME={env.get('HF_HOME')!r}, not {hf_home(mount)!r} on {mount} as in the Jobs"
     )
     user = final_stage().all("USER")
     assert user and user[-1].args == "1000:1000", (

@@ -51,3 +51,16 @@ def test_overrides_on_the_command_line_reach_the_stages(write_recipe):
     assert done.returncode == 0, done.stderr
     record = contract.read_json(path.parent / "runs" / "other" / "prepare" / contract.SUCCESS_FILE)
     assert record["config"]["prepare"]["max_rows"] == 10 and record["rows"]["sft"] == {"train": 10, "eval": 10, "test": 10}
+
+
+def test_unknown_stages_tiny_families_and_data_kinds_are_one_line_each(write_recipe, tmp_path):
+    path = write_recipe()
+    for args, message in [
+        (("run", str(path), "--stages=dpo"), "error: --stages: dpo not in the recipe's stages (prepare, sft)"),
+        (("tiny-model", "--family=gpt2", f"--out={tmp_path / 'm'}"), "error: --family: no tiny model for 'gpt2' (have: llava,"),
+        (("synth-data", "--kind=coco", f"--out={tmp_path / 'd'}"), "error: --kind: 'coco' is not one of chartqa,"),
+    ]:
+        done = vlmjobs(*args)
+        assert done.returncode == contract.EXIT_USER_ERROR, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message), done.stderr
+    assert not (path.parent / "runs").exists() and not (tmp_path / "m").exists() and not (tmp_path / "d").exists()
