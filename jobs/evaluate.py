@@ -1,13 +1,16 @@
-"""Evaluate: every model variant the run has, on the held-out test splits, with the same decoding.
+"""Evaluate: every model variant the run has, on the held-out test splits and the recipe's benchmarks, with the same decoding.
 
-    base      the base model, prompts without a system message
+    base      the base model as published, prompts without a system message
     prompted  the base model with a system prompt: the cookbook's "prompting instead of fine-tuning"
-    sft, dpo  the trained stages' models, prompts as they were trained on
+    sft, dpo  the trained stages' models as they trained them, prompts as they were trained on
 
 On answer rows (data.sft): accuracy (ChartQA's relaxed accuracy for chartqa sources, else exact match), exact match, and
-yes/no metrics where the gold answers are yes/no. On preference rows (data.dpo): preference accuracy
-and mean margin (is the chosen answer more likely than the rejected one?), and the yes/no
-hallucination metrics of the generated answers as AMBER ("no" positive) and POPE ("yes" positive) report them.
+yes/no metrics where the gold answers are yes/no. On preference rows (data.dpo): preference accuracy and mean margin
+(is the chosen answer more likely than the rejected one?), and yes/no metrics of the generated answers against the
+chosen ones. The yes/no metrics are agreement with the data's own answers, not a benchmark: ``yes_no_accuracy``, and
+precision, recall and F1 with "no" as the positive class (``no_f1``, as AMBER counts) and with "yes" (``yes_f1``, as
+POPE counts). The benchmarks themselves (evaluate.benchmarks: AMBER, POPE in their released files, jobs.benchmarks)
+are scored as their official scripts score them, under their names (``amber_f1``, ``pope_random_f1``).
 
     local:      python -m jobs.evaluate --recipe recipes/tiny-demo.yaml
     in cluster: python -m jobs.evaluate
@@ -37,36 +40,30 @@ def main(recipe: str = "", force: bool = False, **overrides):
     if stage.skipped:
         return
 
-    from datasets import load_from_disk
-
     from jobs import modeling
-    from jobs.families import get_family
     from jobs.report import format_table, write_report
 
     processor = modeling.load_processor(cfg.model)
-    family = get_family(cfg.model.family)
-    prepared = stage.input("prepare")
-    tests = {kind: _sample(load_from_disk(prepared / kind / "test"), cfg.evaluate.max_samples)
-             for kind in ("sft", "dpo") if (prepared / kind).is_dir()}
-    if "dpo" in tests:  # log-likelihoods score the answers as they were trained on: closed as the family closes them
-        closed = family.close_answers(tests["dpo"], processor)
-        tests["dpo"] = [{**row, "closed_chosen": c["chosen"], "closed_rejected": c["rejected"]} for row, c in zip(tests["dpo"], closed)]
-    tests = {kind: list(rows) for kind, rows in tests.items()}
-    # A run that trained against a 4-bit base is evaluated on one, its base variant included.
-    quantize = next((modeling.quantization(getattr(cfg, s)) for s in TRAINED_VARIANTS
-                     if s in cfg.stages and getattr(cfg, s).method == "qlora"), None)
+    tests, benchmarks = test_sets(cfg, stage.input("prepare"), processor)
 
-    report = {"variants": {}, "primary_metric": cfg.evaluate.primary_metric}
+    report = {"model": cfg.model.name_or_path, "variants": {}, "primary_metric": cfg.evaluate.primary_metric,
+              "benchmarks": {key: {"format": bench.format, "path": bench.path, "questions": len(rows)}
+                             for key, (bench, rows) in benchmarks.items()}}
+    samples = sum(len(rows) for rows in tests.values()) + sum(len(rows) for _, rows in benchmarks.values())
     predictions = []
     model = None
     for variant in variants:
+        # Each variant as it will be used (issue 11): base as published; a trained stage's model as it trained it, its
+        # adapter on the 4-bit base after QLoRA, on full-precision weights after LoRA, earlier adapters merged into
+        # the weights they were trained against; what merge_push ships is that model merged, checked against it.
         if variant in TRAINED_VARIANTS:
+            quantize = modeling.quantization(getattr(cfg, variant))
             model = modeling.load_trained(cfg, stage.run_dir, variant, quantize=quantize, device_map="auto")
         elif model is None or variant == "base":
-            model = modeling.load_model(cfg.model, quantize=quantize, device_map="auto")
-        metrics, rows = evaluate_variant(variant, model, processor, tests, cfg)
-        report["variants"][variant] = {"metrics": metrics, "samples": sum(len(t) for t in tests.values())}
-        predictions += rows
+            model = modeling.load_model(cfg.model, device_map="auto")
+        metrics, counts, predicted = evaluate_variant(variant, model, processor, tests, cfg, benchmarks)
+        report["variants"][variant] = {"metrics": metrics, "counts": counts, "samples": samples}
+        predictions += predicted
         if variant in TRAINED_VARIANTS:
             model = None  # the next variant loads its own; free this one first
 
@@ -76,16 +73,46 @@ def main(recipe: str = "", force: bool = False, **overrides):
     logs = {s: stage.input(s) / "metrics.jsonl" for s in TRAINED_VARIANTS if s in cfg.stages}
     write_report(report, stage.work, training_logs=logs)
     print(format_table(report))
-    stage.finish(report=report["variants"], rows={kind: len(rows) for kind, rows in tests.items()})
+    rows = {kind: len(rows) for kind, rows in tests.items()} | {key: len(rows) for key, (_, rows) in benchmarks.items()}
+    stage.finish(report=report["variants"], rows=rows)
 
 
-def evaluate_variant(variant: str, model, processor, tests: dict[str, list[dict]], cfg) -> tuple[dict, list[dict]]:
-    """Metrics and per-sample predictions of one variant."""
+def test_sets(cfg, prepared, processor) -> tuple[dict[str, list[dict]], dict]:
+    """(held-out rows by kind, {benchmark name: (its recipe entry, its rows)}): what every variant is scored on."""
+    from datasets import load_from_disk
+
+    from jobs import benchmarks as benchmarks_
+    from jobs.families import get_family
+
+    family = get_family(cfg.model.family)
+    tests = {kind: _sample(load_from_disk(prepared / kind / "test"), cfg.evaluate.max_samples)
+             for kind in ("sft", "dpo") if (prepared / kind).is_dir()}
+    if "dpo" in tests:  # log-likelihoods score the answers as they were trained on: closed as the family closes them
+        closed = family.close_answers(tests["dpo"], processor)
+        tests["dpo"] = [{**row, "closed_chosen": c["chosen"], "closed_rejected": c["rejected"]} for row, c in zip(tests["dpo"], closed)]
+    tests = {kind: list(rows) for kind, rows in tests.items()}
+
+    def shrink(image):  # as prepare shrinks the training images
+        return family.shrink(image, processor, cfg.prepare.image_scale)
+
+    benchmarks = {bench.key: (bench, benchmarks_.load(bench, f"evaluate.benchmarks[{i}]", shrink))
+                  for i, bench in enumerate(cfg.evaluate.benchmarks)}
+    return tests, benchmarks
+
+
+def evaluate_variant(
+    variant: str, model, processor, tests: dict[str, list[dict]], cfg, benchmarks: dict | None = None
+) -> tuple[dict, dict, list[dict]]:
+    """Metrics, the number of samples behind each, and per-sample predictions of one variant."""
     from jobs import metrics as m
     from jobs.families import get_family
     from jobs.inference import completion_logprobs, generate_answers
 
-    scores, predictions = {}, []
+    scores, counts, predictions = {}, {}, []
+
+    def counted(metrics: dict, n: int) -> dict:
+        counts.update(dict.fromkeys(metrics, n))
+        return metrics
 
     def progress(done, total):
         if done == total or done % (cfg.evaluate.batch_size * 10) == 0:
@@ -105,11 +132,10 @@ def evaluate_variant(variant: str, model, processor, tests: dict[str, list[dict]
         # ChartQA's published metric is relaxed accuracy; elsewhere accuracy is exact match
         relaxed = cfg.data.sft.format == "chartqa"
         correct = [m.relaxed_accuracy(a, row["answers"]) for a, row in zip(answers, rows)] if relaxed else exact
-        scores["accuracy"] = sum(correct) / len(correct)
-        scores["exact_match"] = sum(exact) / len(exact)
+        scores |= counted({"accuracy": sum(correct) / len(correct), "exact_match": sum(exact) / len(exact)}, len(rows))
         gold = [m.yes_no(row["answers"][0]) for row in rows]
         if all(g is not None for g in gold):
-            scores |= _yes_no_scores([m.yes_no(a) for a in answers], gold)
+            scores |= counted(_yes_no_scores([m.yes_no(a) for a in answers], gold), len(rows))
         predictions += [
             {"variant": variant, "split": "sft/test", "question": _question(row), "answer": a, "gold": row["answers"], "correct": c}
             for a, row, c in zip(answers, rows, correct)
@@ -118,18 +144,30 @@ def evaluate_variant(variant: str, model, processor, tests: dict[str, list[dict]
         rows = [with_prompt(row, variant, cfg) for row in tests["dpo"]]
         chosen = completion_logprobs(model, processor, rows, "closed_chosen", batch_size=cfg.evaluate.batch_size)
         rejected = completion_logprobs(model, processor, rows, "closed_rejected", batch_size=cfg.evaluate.batch_size)
-        scores |= m.preference_metrics(chosen, rejected)
+        scores |= counted(m.preference_metrics(chosen, rejected), len(rows))
         answers = answer(rows)
         gold = [m.yes_no(_text(row["chosen"])) for row in rows]
         judged = [(m.yes_no(a), g) for a, g in zip(answers, gold) if g is not None]
         if judged:
-            scores |= _yes_no_scores(*map(list, zip(*judged)))
+            scores |= counted(_yes_no_scores(*map(list, zip(*judged))), len(judged))
         predictions += [
             {"variant": variant, "split": "dpo/test", "question": _question(row), "answer": a, "gold": _text(row["chosen"]),
              "correct": g is not None and m.yes_no(a) == g, "chosen_logp": c, "rejected_logp": r}
             for a, row, g, c, r in zip(answers, rows, gold, chosen, rejected)
         ]
-    return scores, predictions
+    from jobs.benchmarks import KINDS
+
+    for key, (bench, rows) in (benchmarks or {}).items():
+        kind = KINDS[bench.format]
+        answers = answer([with_prompt(row, variant, cfg) for row in rows])
+        official = kind.score(answers, [row["label"] for row in rows])
+        scores |= counted({f"{key}_{name}": value for name, value in official.items()}, len(rows))
+        predictions += [
+            {"variant": variant, "split": f"benchmark/{key}", "id": row["id"], "question": _question(row), "answer": a,
+             "gold": row["label"], "correct": kind.correct(a, row["label"])}
+            for a, row in zip(answers, rows)
+        ]
+    return scores, counts, predictions
 
 
 def with_prompt(row: dict, variant: str, cfg) -> dict:
@@ -145,12 +183,13 @@ def with_prompt(row: dict, variant: str, cfg) -> dict:
 
 
 def _yes_no_scores(predicted: list, gold: list) -> dict:
+    """Agreement with the data's yes/no answers; named for the positive class, since they are no benchmark."""
     from jobs.metrics import binary_metrics
 
-    amber = binary_metrics(predicted, gold, positive="no")  # AMBER's discriminative task: "no" is positive
-    pope = binary_metrics(predicted, gold, positive="yes")  # POPE: "yes" is positive
-    return {"yes_no_accuracy": amber["accuracy"], "amber_f1": amber["f1"], "amber_precision": amber["precision"],
-            "amber_recall": amber["recall"], "pope_f1": pope["f1"], "pope_precision": pope["precision"], "pope_recall": pope["recall"]}
+    no = binary_metrics(predicted, gold, positive="no")  # "no" positive, as AMBER's discriminative task counts
+    yes = binary_metrics(predicted, gold, positive="yes")  # "yes" positive, as POPE counts
+    return {"yes_no_accuracy": no["accuracy"], "no_f1": no["f1"], "no_precision": no["precision"], "no_recall": no["recall"],
+            "yes_f1": yes["f1"], "yes_precision": yes["precision"], "yes_recall": yes["recall"]}
 
 
 def _text(messages: list[dict]) -> str:

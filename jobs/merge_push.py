@@ -1,11 +1,16 @@
-"""Merge and push: fold the run's last adapter into the base weights, check the merge, save, push.
+"""Merge and push: fold the run's last adapter into the weights it was trained against, check the merge, save, push.
 
-The merge happens in float32 on one copy of the model: its logits on a few prepared samples are
-taken with the adapter on top, then again after merging, and must agree within
-``merge_push.logits_atol`` before anything is written. A QLoRA run is merged into the base loaded
-unquantised. The model is then saved in ``merge_push.dtype`` with its processor, generation config
-and a model card, and pushed to the hub in a single commit when ``merge_push.push`` is on; it is
-not pushed when evaluate shows it worse than the base model on the primary metric, unless forced.
+The model shipped is the model evaluated (issue 11). Evaluate scores each stage's adapter on the weights it
+trained on: after QLoRA, the 4-bit NF4 base. So the adapter is merged, in float32, into those NF4 weights
+dequantized, not into the original ones (``modeling.load_trained``); then the merged model's logits on a few
+prepared samples must agree within ``merge_push.logits_atol`` with the logits of the model evaluate scored
+(the adapter on its 4-bit or full-precision base, both computed in float32) before anything is written.
+The model is then saved in ``merge_push.dtype`` with its processor, generation config and a model card whose
+evaluation names the variant shipped, and pushed to the hub in one commit when ``merge_push.push`` is on.
+
+Pushing is gated on evaluate (``gate``): a run without evaluate pushes only with ``merge_push.push_unevaluated``,
+and the pushed variant must not be worse than base on ``evaluate.primary_metric`` by more than one standard
+error of the difference, unless ``merge_push.force``. Without a push nothing is gated.
 
     local:      python -m jobs.merge_push --recipe recipes/tiny-demo.yaml
     in cluster: python -m jobs.merge_push     (HF_TOKEN from the Job's Secret)
@@ -16,6 +21,7 @@ Output: <run>/merge_push/model/ (safetensors, processor, generation config, READ
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from jobs import contract
@@ -42,20 +48,28 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from jobs import modeling
     from jobs.families import get_family
 
-    verdict = compare_with_base(stage.input("evaluate") / "report.json", source, cfg) if evaluated else None
-    if cfg.merge_push.push and verdict and verdict["worse"] and not cfg.merge_push.force:
-        raise contract.UserError(f"merge_push: not pushing: {verdict['summary']}; set merge_push.force=true to push anyway")
+    report = json.loads((stage.input("evaluate") / "report.json").read_text()) if evaluated else None
+    verdict = gate(report, source, cfg)
+    license_ = model_license(cfg)  # before the merge: a push without a license fails in seconds, not after it
 
     processor = modeling.load_processor(cfg.model)
     test = load_from_disk(stage.input("prepare") / source / "test")  # the data the source stage trained on
     rows = list(test.select(range(min(CHECK_SAMPLES, len(test)))))  # a small run's test split can hold fewer
-    model = modeling.load_trained(cfg, stage.run_dir, source, dtype=torch.float32, device_map="auto")
+    # The model evaluate scored, in float32: the adapter on the 4-bit base after QLoRA (computing in float32
+    # too, so that the check compares weights, not arithmetic), on full-precision weights after LoRA.
+    quantize = modeling.quantization(getattr(cfg, source))
+    quantize = None if quantize is None else {**quantize, "bnb_4bit_compute_dtype": torch.float32}
+    model = modeling.load_trained(cfg, stage.run_dir, source, quantize=quantize, dtype=torch.float32, device_map="auto")
     max_diff = None
     if isinstance(model, PeftModel):
         before = sample_logits(model, processor, rows)
-        model = model.merge_and_unload()
+        if quantize is not None:  # merged into the dequantized NF4 weights, on a fresh full-precision load
+            del model
+            model = modeling.load_trained(cfg, stage.run_dir, source, merge=True, dtype=torch.float32, device_map="auto")
+        else:
+            model = model.merge_and_unload()
         max_diff = (sample_logits(model, processor, rows) - before).abs().max().item()
-        print(f"merge_push: merged logits differ from the adapter's by at most {max_diff:.2e} (limit {cfg.merge_push.logits_atol})")
+        print(f"merge_push: merged logits differ from the evaluated model's by at most {max_diff:.2e} (limit {cfg.merge_push.logits_atol})")
         if not max_diff <= cfg.merge_push.logits_atol:
             raise contract.Failure(
                 f"merge_push: the merged model's logits differ from the adapter model's by {max_diff:.3g} "
@@ -67,9 +81,10 @@ def main(recipe: str = "", force: bool = False, **overrides):
     model.generation_config.eos_token_id = get_family(cfg.model.family).stop_token_ids(processor, model.generation_config)
     model.to(modeling.resolve_dtype(cfg.merge_push.dtype)).save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "README.md").write_text(model_card(cfg, stage, source, verdict))
+    (out / "README.md").write_text(model_card(cfg, source, report, verdict, license_))
     pushed = push(out, cfg) if cfg.merge_push.push else None
-    stage.finish(source=source, logits_max_diff=max_diff, pushed_to=pushed, evaluation=verdict)
+    metrics = report["variants"].get(source, {}).get("metrics") if report else None
+    stage.finish(source=source, logits_max_diff=max_diff, pushed_to=pushed, evaluation=verdict, metrics=metrics, license=license_)
     print(f"merge_push: {'pushed to ' + pushed if pushed else 'not pushed (merge_push.push is off)'}; model in {stage.out / 'model'}")
 
 
@@ -88,17 +103,50 @@ def sample_logits(model, processor, rows):
     return logits * inputs["attention_mask"].unsqueeze(-1).to(logits.device)
 
 
-def compare_with_base(report_path, source: str, cfg) -> dict:
-    """Whether evaluate shows the tuned variant worse than base on the primary metric."""
-    report = json.loads(report_path.read_text())
-    metric = cfg.evaluate.primary_metric
+def gate(report: dict | None, source: str, cfg) -> dict | None:
+    """Whether the run may push, from evaluate's report; the comparison with base (or None) for the card.
+
+    Nothing is gated unless ``merge_push.push``: a merge for a look, or for another evaluation, needs no base
+    variant. A push needs evaluate's scores of the variant pushed and of base on the primary metric (the recipe
+    makes sure evaluate runs both, unless ``merge_push.push_unevaluated``), and is refused when
+    ``compare_with_base`` finds it worse beyond noise, unless ``merge_push.force``.
+    """
+    spec, metric = cfg.merge_push, cfg.evaluate.primary_metric
+    if report is None:  # the recipe allows a push without evaluate only with push_unevaluated
+        return None
     scores = {v: report["variants"].get(v, {}).get("metrics", {}).get(metric) for v in ("base", source)}
-    if None in scores.values():
-        missing = [v for v, s in scores.items() if s is None]
-        raise contract.UserError(f"merge_push: evaluate reported no {metric} for {', '.join(missing)}; set evaluate.primary_metric to one it reports")
-    worse = scores[source] < scores["base"]
-    summary = f"{source} scores {scores[source]:.3f} {metric}, base {scores['base']:.3f}"
-    return {"metric": metric, "scores": scores, "worse": worse, "summary": summary}
+    missing = [v for v, score in scores.items() if score is None]
+    if missing and spec.push and not spec.push_unevaluated:
+        raise contract.UserError(
+            f"merge_push: not pushing: evaluate reported no {metric} for {', '.join(missing)}; "
+            f"add {' and '.join(missing)} to evaluate.variants, or set evaluate.primary_metric to a metric it reports"
+        )
+    if missing:
+        return None
+    verdict = compare_with_base(report, source, metric)
+    if spec.push and verdict["worse"] and not spec.force:
+        raise contract.UserError(f"merge_push: not pushing: {verdict['summary']}; set merge_push.force=true to push anyway")
+    return verdict
+
+
+def compare_with_base(report: dict, source: str, metric: str) -> dict:
+    """Whether the tuned variant is worse than base on ``metric`` by more than the noise of a finite test set.
+
+    The rule: worse when ``base - tuned > standard error of the difference``, the two scores read as proportions
+    of the metric's n test samples (report.json's ``counts``): ``sqrt((b(1 - b) + t(1 - t)) / n)``, unpaired, so a
+    little wider than the paired error of the same samples. A score outside [0, 1] (mean_margin) is no
+    proportion and gets no allowance: any drop is worse.
+    """
+    variants = report["variants"]
+    base, tuned = variants["base"]["metrics"][metric], variants[source]["metrics"][metric]
+    n = min(variants[v].get("counts", {}).get(metric, 0) for v in ("base", source))
+    proportions = all(0 <= s <= 1 for s in (base, tuned)) and n > 0
+    error = math.sqrt((base * (1 - base) + tuned * (1 - tuned)) / n) if proportions else 0.0
+    worse = base - tuned > error
+    noise = f" over {n} samples, standard error of the difference {error:.3f}" if proportions else ""
+    summary = f"{source} scores {tuned:.3f} {metric}, base {base:.3f}{noise}"
+    return {"metric": metric, "scores": {"base": base, source: tuned}, "samples": n, "standard_error": error,
+            "worse": worse, "summary": summary}
 
 
 def push(folder, cfg) -> str:
@@ -127,23 +175,64 @@ def push(folder, cfg) -> str:
     return commit.commit_url
 
 
-def model_card(cfg, stage, source: str, verdict: dict | None) -> str:
-    """The hub's README.md: what was tuned from what, on which data, how it scored, with which libraries."""
+def model_license(cfg) -> str | None:
+    """The license the card declares: ``merge_push.license``, else the base model card's (its README's YAML front
+    matter, in the model folder or the hub repo). A push needs one; a local merge goes without, with a warning."""
+    if cfg.merge_push.license:
+        return cfg.merge_push.license
+    found, why_not = base_model_card_license(cfg.model)
+    if found:
+        return found
+    if cfg.merge_push.push:
+        raise contract.UserError(f"merge_push.license: {why_not}; set merge_push.license to the base model's (e.g. apache-2.0)")
+    print(f"merge_push: warning: the model card has no license: {why_not}; set merge_push.license")
+    return None
+
+
+def base_model_card_license(spec) -> tuple[str | None, str]:
+    """(license, or None and why not) from the front matter of the base model's README.md."""
+    from pathlib import Path
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.repocard import metadata_load
+
+    if Path(spec.name_or_path).is_dir():
+        readme = Path(spec.name_or_path) / "README.md"
+        if not readme.is_file():
+            return None, f"the base model has no card ({readme})"
+    else:
+        try:
+            readme = hf_hub_download(spec.name_or_path, "README.md", revision=spec.revision)
+        except Exception as e:  # no README, not on the hub, offline: the recipe key is the way out
+            return None, f"the base model's card (README.md of {spec.name_or_path}) could not be read ({type(e).__name__})"
+    try:
+        license_ = (metadata_load(readme) or {}).get("license")
+    except Exception:  # a front matter that is not YAML names nothing
+        license_ = None
+    return (str(license_), "") if license_ else (None, f"the base model's card ({readme}) names no license")
+
+
+def model_card(cfg, source: str, report: dict | None, verdict: dict | None, license_: str | None) -> str:
+    """The hub's README.md: what was tuned from what, on which data, how the shipped model scored, with which libraries."""
     import yaml
 
     from jobs.report import format_table
 
     datasets = [s.path for s in (cfg.data.sft, cfg.data.dpo) if s is not None]
-    metadata = {"base_model": cfg.model.name_or_path, "datasets": datasets, "library_name": "transformers",
-                "tags": ["vlmjobs", *(s for s in ("sft", "dpo") if s in cfg.stages)]}
-    report_path = stage.input("evaluate") / "report.json"
-    evaluation = format_table(json.loads(report_path.read_text())) if report_path.is_file() else "Not evaluated."
+    metadata = {"base_model": cfg.model.name_or_path, **({"license": license_} if license_ else {}), "datasets": datasets,
+                "library_name": "transformers", "tags": ["vlmjobs", *(s for s in ("sft", "dpo") if s in cfg.stages)]}
+    if report is None:
+        evaluation = "Not evaluated.\n\n"
+    else:
+        shipped = (f"This model is the `{source}` row, merged as evaluated." if source in report["variants"]
+                   else f"The `{source}` stage's model was not among the variants evaluated.")
+        evaluation = f"```\n{format_table(report)}\n```\n\n{shipped}\n\n"
     versions = contract.library_versions()
     return (
         f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n\n"
         f"# {cfg.name}\n\n{cfg.model.name_or_path} fine-tuned with vlmjobs ({' -> '.join(cfg.stages)}), "
         f"merged from the {source} stage's output.\n\n"
-        f"## Evaluation\n\n```\n{evaluation}\n```\n\n" + (f"{verdict['summary']}.\n\n" if verdict else "")
+        f"## Evaluation\n\n{evaluation}" + (f"{verdict['summary']}.\n\n" if verdict else "")
         + f"## Recipe\n\n```yaml\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```\n\n"
         + "## Library versions\n\n" + "".join(f"- {k} {v}\n" for k, v in versions.items())
     )

@@ -1,4 +1,4 @@
-"""Scoring rules of the evaluate stage: ChartQA relaxed accuracy, yes/no answers (AMBER, POPE), DPO preferences.
+"""Scoring rules of the evaluate stage: ChartQA relaxed accuracy, yes/no answers, DPO preferences, AMBER and POPE.
 
 Pure Python, no torch, so the rules can be read, tested and reused without a model. Each rule follows a
 published reference where one exists, so that our numbers compare with papers; where we chose differently
@@ -182,4 +182,65 @@ def preference_metrics(chosen_logps: Sequence[float], rejected_logps: Sequence[f
     return {
         "preference_accuracy": _fraction(preferred, len(pairs)),
         "mean_margin": sum(margins) / len(margins) if margins else 0.0,
+    }
+
+
+# ---- published benchmarks, scored as their official scripts score them ------------------------------------------
+
+
+def amber_discriminative(responses: Sequence[str], truths: Sequence[str]) -> dict:
+    """AMBER's discriminative-task scores, as junyangwang0410/AMBER ``inference.py`` computes and prints them.
+
+    The script compares each response with exactly "Yes" or "No" (anything else, "yes" or "Yes." included, is
+    wrong) and takes "No" as the positive class, hallucination being the model saying "yes" to what is not there:
+    - accuracy: responses equal to "Yes" where the truth is "yes", or "No" where it is not, over all questions;
+    - precision: answered "No" and truly "no", over answered "No";
+    - recall: answered "No" where the truth is not "yes", over those questions;
+    - F1: from precision and recall as printed (percentages rounded to 0.1), ``2PR / (P + R + 0.0001)``.
+    Each is rounded to 0.1 percent as the script prints it, and returned as a fraction (85.8 -> 0.858). Where
+    the script divides by zero and stops, the value is 0.
+    """
+    if len(responses) != len(truths):
+        raise ValueError(f"amber_discriminative: {len(responses)} responses but {len(truths)} truths; pass one per question")
+    correct = sum((t == "yes" and r == "Yes") or (t != "yes" and r == "No") for r, t in zip(responses, truths))
+    answered_no = sum(r == "No" for r in responses)
+    answered_no_truly = sum(r == "No" and t == "no" for r, t in zip(responses, truths))
+    truly_not = sum(t != "yes" for t in truths)
+    found_not = sum(r == "No" and t != "yes" for r, t in zip(responses, truths))
+    accuracy = round(_fraction(correct, len(truths)) * 100, 1)
+    precision = round(_fraction(answered_no_truly, answered_no) * 100, 1)
+    recall = round(_fraction(found_not, truly_not) * 100, 1)
+    f1 = round(2 * (precision / 100) * (recall / 100) / ((precision / 100) + (recall / 100) + 0.0001) * 100, 1)
+    return {"accuracy": accuracy / 100, "precision": precision / 100, "recall": recall / 100, "f1": f1 / 100}
+
+
+def pope_answer(text: str) -> str:
+    """'yes' or 'no' as RUCAIBox/POPE ``evaluate.py`` reads an answer: the text up to its first ".", commas
+    removed, split at spaces; 'no' if a word is exactly "No", "no" or "not", else 'yes' (an empty or evasive
+    answer counts as 'yes')."""
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if "No" in words or "not" in words or "no" in words else "yes"
+
+
+def pope_scores(answers: Sequence[str], labels: Sequence[str]) -> dict:
+    """POPE's scores as RUCAIBox/POPE ``evaluate.py`` computes them from raw answers (``pope_answer``) and labels
+    ("no" is negative, any other label positive): accuracy, precision, recall and F1 with "yes" positive, and the
+    ratio of "yes" answers. Unrounded, as the script prints them; 0 where it would divide by zero."""
+    if len(answers) != len(labels):
+        raise ValueError(f"pope_scores: {len(answers)} answers but {len(labels)} labels; pass one per question")
+    predicted = [pope_answer(a) == "yes" for a in answers]
+    positive = [label != "no" for label in labels]
+    tp = sum(p and g for p, g in zip(predicted, positive))
+    fp = sum(p and not g for p, g in zip(predicted, positive))
+    tn = sum(not p and not g for p, g in zip(predicted, positive))
+    fn = sum(not p and g for p, g in zip(predicted, positive))
+    precision, recall = _fraction(tp, tp + fp), _fraction(tp, tp + fn)
+    return {
+        "accuracy": _fraction(tp + tn, len(labels)),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": _fraction(sum(predicted), len(predicted)),
     }

@@ -125,27 +125,65 @@ def load_trained(
 ):
     """Rebuild the model a stage trained: its starting weights, merged adapters, and its own adapter.
 
-    With ``merge`` the top adapter is folded in too; with ``trainable`` it stays trainable. A 4-bit load of a lineage
-    with merged adapters merges in full precision first, since merging into 4-bit weights rounds.
+    With ``merge`` the top adapter is folded in too; with ``trainable`` it stays trainable; with ``quantize`` the
+    weights under the top adapter (or, merged, all of them) are loaded in 4-bit, as a QLoRA stage trains on them.
+
+    Every adapter is merged into the weights it was trained against (issue 11): a QLoRA stage's adapter into its
+    base's NF4 weights dequantized (transformers' ``dequantize``), not into the original ones. NF4 rounds each weight
+    to one of 16 levels scaled by its 64-weight block's largest magnitude; the adapter learnt to correct the model
+    that rounding gave, so merged into the originals it yields a model nobody trained or evaluated. Merging into
+    the dequantized weights gives, up to float rounding, the very model evaluate scored (merge_push checks it), at
+    the price of shipping the NF4 rounding in full-precision weights. Merges happen in ``dtype``, never in 4-bit.
     """
     from peft import PeftModel
 
     lineage = read_lineage(run_dir, stage)
+    dtype = dtype or resolve_dtype(recipe.model.dtype)
     base_path = None if lineage["base"] == BASE else Path(run_dir) / lineage["base"]
     merges = [Path(run_dir) / p for p in lineage["merged"]]
     adapter = Path(run_dir) / lineage["adapter"] if lineage["adapter"] else None
     if merge and adapter:
         merges, adapter = merges + [adapter], None
-    model = load_model(recipe.model, path=base_path, quantize=None if merges else quantize, dtype=dtype, device_map=device_map)
+    model = None  # None: the starting weights, not loaded yet (so a 4-bit load reads them straight from disk)
     for path in merges:
+        trained_against = quantization(_trainer_of(recipe, run_dir, path))
+        if trained_against is not None:
+            model = dequantized(_in_4bit(model, recipe, run_dir, base_path, trained_against, dtype, device_map), dtype)
+        model = model or load_model(recipe.model, path=base_path, dtype=dtype, device_map=device_map)
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    if merges and quantize is not None:
-        scratch = Path(run_dir) / ".merged-scratch"
-        model.save_pretrained(scratch)
-        model = load_model(recipe.model, path=scratch, quantize=quantize, dtype=dtype, device_map=device_map)
-        shutil.rmtree(scratch)
+    if quantize is not None:
+        model = _in_4bit(model, recipe, run_dir, base_path, quantize, dtype, device_map)
+    model = model or load_model(recipe.model, path=base_path, dtype=dtype, device_map=device_map)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    return model
+
+
+def _trainer_of(recipe: Recipe, run_dir: Path, adapter: Path) -> Train:
+    """The recipe section of the stage that trained an adapter in the run folder (``<run>/<stage>/model``)."""
+    return getattr(recipe, Path(adapter).relative_to(run_dir).parts[0])
+
+
+def _in_4bit(model, recipe: Recipe, run_dir: Path, base_path, quantize: dict, dtype, device_map):
+    """The weights in 4-bit: loaded so when still on disk, else saved and reloaded (bitsandbytes quantizes at load)."""
+    if model is None:
+        return load_model(recipe.model, path=base_path, quantize=quantize, dtype=dtype, device_map=device_map)
+    scratch = Path(run_dir) / ".merged-scratch"
+    model.save_pretrained(scratch)
+    model = load_model(recipe.model, path=scratch, quantize=quantize, dtype=dtype, device_map=device_map)
+    shutil.rmtree(scratch)
+    return model
+
+
+def dequantized(model, dtype):
+    """A 4-bit model with its weights as the full-precision values its NF4 codes stand for (transformers' dequantize).
+
+    Call it before the model's first forward: on the CPU bitsandbytes repacks 4-bit weights for its kernel at the
+    first forward, and transformers then dequantizes the repacked bytes as if they were not.
+    """
+    model = model.dequantize(dtype=dtype)
+    # transformers 5.23 leaves the flag set, and TRL's trainers and peft read it to treat the model as 4-bit
+    model.is_loaded_in_4bit = False
     return model
 
 

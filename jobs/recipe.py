@@ -115,6 +115,23 @@ class DPO(Train):
 
 
 @dataclass(frozen=True)
+class Benchmark:
+    """A published benchmark in its released files (jobs.benchmarks), scored as its official script does."""
+
+    format: str  # amber (the discriminative task) | pope
+    path: str  # AMBER: query_discriminative.json; POPE: a question file, e.g. coco_pope_adversarial.json
+    images: str  # folder holding the images the questions name (AMBER's image/, COCO's val2014/)
+    annotations: str | None = None  # AMBER: its annotations.json
+    name: str = ""  # prefix of its metrics in the report (amber_f1); "" is the format's name
+    prompt_suffix: str = ""  # appended to every question, e.g. "Answer with Yes or No."
+    max_samples: int | None = None  # the first questions only; None: all
+
+    @property
+    def key(self) -> str:
+        return self.name or self.format
+
+
+@dataclass(frozen=True)
 class Evaluate:
     variants: tuple[str, ...] = VARIANTS  # those the run has are evaluated
     system_prompt: str = "Answer with a single word or number, as short as possible."  # for "prompted"
@@ -122,6 +139,7 @@ class Evaluate:
     batch_size: int = 8
     max_samples: int | None = None  # per split; None evaluates the whole test split
     primary_metric: str = "accuracy"  # what merge_push compares between base and tuned
+    benchmarks: tuple[Benchmark, ...] = ()  # published benchmarks every variant is scored on, besides the test splits
     resources: dict = field(default_factory=dict)
 
 
@@ -134,6 +152,8 @@ class MergePush:
     dtype: str = "bfloat16"  # dtype of the merged weights
     logits_atol: float = 1e-2  # merged vs adapter logits must agree within this
     force: bool = False  # push even when evaluate shows the tuned model worse than base
+    push_unevaluated: bool = False  # push from a run without the evaluate stage (nothing gates it then)
+    license: str | None = None  # the card's license (e.g. apache-2.0); None: the base model card's
     resources: dict = field(default_factory=dict)
 
 
@@ -401,8 +421,11 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
     for variant in recipe.evaluate.variants:
         if variant not in VARIANTS:
             errors.append(f"evaluate.variants: {variant!r} is not one of {', '.join(VARIANTS)}")
+    errors += _benchmark_errors(recipe.evaluate.benchmarks)
     if recipe.merge_push.push and not recipe.merge_push.repo_id:
         errors.append("merge_push.repo_id: required when merge_push.push is true")
+    if recipe.merge_push.push and "merge_push" in recipe.stages and not recipe.merge_push.push_unevaluated:
+        errors += _push_gate_errors(recipe)
     for fraction in ("max_drop_fraction", "eval_fraction", "test_fraction"):
         if not 0 <= getattr(recipe.prepare, fraction) < 1:
             errors.append(f"prepare.{fraction}: must be in [0, 1)")
@@ -416,6 +439,41 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             if key not in {f.name for f in dataclasses.fields(Resources)}:
                 errors.append(_unknown_key(f"{stage}.resources.{key}", key, {f.name: f for f in dataclasses.fields(Resources)}))
     return errors
+
+
+BENCHMARK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a metric name prefix
+
+
+def _benchmark_errors(benchmarks: tuple[Benchmark, ...]) -> list[str]:
+    from jobs.benchmarks import KINDS
+
+    errors, seen = [], set()
+    for i, bench in enumerate(benchmarks):
+        where = f"evaluate.benchmarks[{i}]"
+        if bench.format not in KINDS:
+            errors.append(f"{where}.format: {bench.format!r} is not one of {', '.join(KINDS)}")
+        if not BENCHMARK_NAME.match(bench.key):
+            errors.append(f"{where}.name: {bench.key!r} must be lower-case letters, digits and _, starting with a letter")
+        elif bench.key in seen:
+            errors.append(f"{where}.name: {bench.key!r} names another benchmark too; give each its own name (e.g. pope_random)")
+        seen.add(bench.key)
+        if bench.format == "amber" and not bench.annotations:
+            errors.append(f"{where}.annotations: required for amber (data/annotations.json of the AMBER repository)")
+    return errors
+
+
+def _push_gate_errors(recipe: Recipe) -> list[str]:
+    """A push is gated on evaluate's comparison of the variant pushed with base (jobs.merge_push.gate): the run
+    must produce both, or say by name that it pushes unevaluated."""
+    if "evaluate" not in recipe.stages:
+        return ["merge_push.push: a push needs the evaluate stage, which the run lacks; add evaluate to stages, "
+                "or set merge_push.push_unevaluated=true to push an unevaluated model"]
+    pushed = "dpo" if "dpo" in recipe.stages else "sft"
+    missing = [v for v in ("base", pushed) if v not in recipe.evaluate.variants]
+    if missing:
+        return [f"merge_push.push: the push is gated on evaluate comparing {pushed} with base; add {' and '.join(missing)} "
+                "to evaluate.variants, or set merge_push.push_unevaluated=true"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,6 +234,69 @@ def plot_metric_bars(report: dict, metric: str, path: Path) -> bool:
     return True
 
 
+# ---- benchmarks and published numbers ---------------------------------------------------------------------------
+
+BENCHMARK_SCORING = {  # how each benchmark format is scored: jobs.metrics follows the official script named
+    "amber": "AMBER's discriminative task, scored as junyangwang0410/AMBER `inference.py`: a response counts only when it "
+             "is exactly `Yes` or `No`; precision, recall and F1 take `No` as the positive class; values are the "
+             "script's percentages (rounded to 0.1, F1 from the rounded precision and recall) / 100",
+    "pope": "POPE, scored as RUCAIBox/POPE `evaluate.py`: an answer is `no` when its first sentence has the word "
+            "`No`, `no` or `not`, else `yes`; precision, recall and F1 take `yes` as the positive class; `yes_ratio` "
+            "is the share of `yes` answers",
+}
+YES_NO_NOTE = ("`yes_no_accuracy`, `no_*` and `yes_*` are agreement with the held-out rows' own yes/no answers (`no_*`: "
+               "`no` is the positive class, as AMBER counts; `yes_*`: `yes`, as POPE counts); they are not those benchmarks.")
+# Published AMBER discriminative results in percent, as the DPO blog post ("Preference Optimization for Vision
+# Language Models with TRL") reports them: its Idefics2-8B before and after DPO, and the other models it lists.
+PUBLISHED_AMBER = {
+    "huggingfacem4/idefics2-8b": {
+        "source": "the TRL blog post \"Preference Optimization for Vision Language Models with TRL\"",
+        "variants": {"base": ("Idefics2", 85.8, 89.1), "dpo": ("Idefics2+DPO", 85.9, 89.4)},
+        "others": (("GPT-4o", 88.8, 91.6), ("GPT-4v", 83.4, 87.4), ("MiniGemini", 82.6, 87.6), ("LLaVA-NeXT", 81.4, 85.4),
+                   ("QWEN-VL", 81.9, 86.4), ("LURE", 73.5, 77.7), ("OPERA", 75.2, 78.3), ("Less-is-more", 72.4, 75.8)),
+    },
+}
+
+
+def _benchmarks_section(report: dict) -> list[str]:
+    """What each benchmark column is, and what the yes/no columns are not."""
+    benchmarks = report.get("benchmarks") or {}
+    has_yes_no = any(name.startswith(("no_", "yes_")) for name in metric_names(report))
+    if not benchmarks and not has_yes_no:
+        return []
+    lines = ["## Benchmarks", ""]
+    for key, bench in benchmarks.items():
+        lines.append(f"- `{key}_*`: {bench.get('questions', MISSING)} questions of `{bench.get('path')}`. "
+                     f"{BENCHMARK_SCORING.get(bench.get('format'), '')}.")
+    if has_yes_no:
+        lines.append(f"- {YES_NO_NOTE}")
+    return lines + [""]
+
+
+def _percent(value: float | None) -> str:
+    return MISSING if value is None else f"{value * 100:.1f}"
+
+
+def _published_section(report: dict) -> list[str]:
+    """Our AMBER numbers beside the published ones, for the model they were published for; nothing otherwise."""
+    published = PUBLISHED_AMBER.get(str(report.get("model", "")).lower())
+    amber = [key for key, bench in (report.get("benchmarks") or {}).items() if bench.get("format") == "amber"]
+    if not published or not amber:
+        return []
+    key = amber[0]
+    lines = ["## AMBER beside the published numbers", "",
+             f"Discriminative task, in percent: ours on `{key}` and those published in {published['source']}.", "",
+             "| model | variant | accuracy (published) | accuracy (ours) | F1 (published) | F1 (ours) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for variant, (label, accuracy, f1) in published["variants"].items():
+        if variant in report["variants"]:
+            ours = [_percent(metric_value(report, variant, f"{key}_{m}")) for m in ("accuracy", "f1")]
+            lines.append(f"| {label} | `{variant}` | {accuracy:.1f} | {ours[0]} | {f1:.1f} | {ours[1]} |")
+    for label, accuracy, f1 in published["others"]:
+        lines.append(f"| {label} | | {accuracy:.1f} | | {f1:.1f} | |")
+    return lines + [""]
+
+
 # ---- report.md -------------------------------------------------------------------------------------------------
 
 
@@ -291,6 +354,8 @@ def write_report(report: dict, out_dir: Path, *, training_logs: dict[str, Path])
         "# Evaluation report",
         "",
         *_summary_section(report),
+        *_benchmarks_section(report),
+        *_published_section(report),
         *_metric_bars_section(report, out_dir),
         *_training_curves_section(training_logs, out_dir),
     ]

@@ -12,6 +12,13 @@ so a model that learns shows it in the numbers.
     preference-       chosen, rejected, images, prompt (messages, as              splits train, test
     messages          HuggingFaceH4/rlaif-v_formatted)
 
+and the benchmarks evaluate reads in their released files (jobs.benchmarks), laid out as their repositories:
+
+    amber             data/query/query_discriminative.json, data/annotations.json, image/AMBER_<n>.jpg
+    pope              output/coco/coco_pope_{adversarial,popular,random}.json (JSON lines), val2014/COCO_val2014_<n>.jpg
+
+Benchmark questions come in pairs per image, first the colour it has ("yes"), then one it lacks ("no").
+
     vlmjobs synth-data --kind chartqa --out .cache/data/chartqa --rows 400
 """
 
@@ -149,10 +156,74 @@ ROWS = {"chartqa": chartqa_rows, "rlaif-v": rlaif_v_rows, "messages": messages_r
 SPLITS = {"chartqa": ("train", "val", "test"), "rlaif-v": ("train",), "messages": ("train",), "preference-messages": ("train", "test")}
 
 
+def _benchmark_questions(n: int, seed: int) -> list[tuple[int, bytes, str, str]]:
+    """n questions, two per chart: (image number, JPEG bytes, question, "yes"/"no")."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    questions = []
+    for i in range((n + 1) // 2):
+        bars = _random_bars(rng)
+        present = rng.choice(bars)[0]
+        absent = rng.choice([c for c in COLOURS if c not in {c for c, _ in bars}])
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(chart(bars))).convert("RGB").save(buffer, format="JPEG", quality=95)
+        questions += [(i + 1, buffer.getvalue(), f"Is there a {present} bar in the chart?", "yes"),
+                      (i + 1, buffer.getvalue(), f"Is there a {absent} bar in the chart?", "no")]
+    return questions[:n]
+
+
+def write_amber(out: str | Path, rows: int = 400, seed: int = 0) -> Path:
+    """AMBER's discriminative files: a generative annotation per image first (ids 1..images), as AMBER numbers
+    them, then a discriminative question per row, its annotation at position id - 1."""
+    import json
+
+    out = Path(out)
+    questions = _benchmark_questions(rows, seed)
+    images = max(number for number, *_ in questions)
+    (out / "data" / "query").mkdir(parents=True, exist_ok=True)
+    (out / "image").mkdir(parents=True, exist_ok=True)
+    annotations = [{"id": i + 1, "type": "generative", "truth": ["bar"], "hallu": ["line"]} for i in range(images)]
+    queries = []
+    for number, jpeg, question, truth in questions:
+        (out / "image" / f"AMBER_{number}.jpg").write_bytes(jpeg)
+        queries.append({"id": len(annotations) + 1, "image": f"AMBER_{number}.jpg", "query": question})
+        annotations.append({"id": len(annotations) + 1, "type": "discriminative-hallucination", "truth": truth})
+    (out / "data" / "query" / "query_discriminative.json").write_text(json.dumps(queries, indent=4))
+    (out / "data" / "annotations.json").write_text(json.dumps(annotations, indent=4))
+    return out
+
+
+POPE_SUBSETS = ("adversarial", "popular", "random")
+
+
+def write_pope(out: str | Path, rows: int = 400, seed: int = 0) -> Path:
+    """POPE's three COCO question files (JSON lines, though named .json) over one folder of images."""
+    import json
+
+    out = Path(out)
+    (out / "output" / "coco").mkdir(parents=True, exist_ok=True)
+    (out / "val2014").mkdir(parents=True, exist_ok=True)
+    for s, subset in enumerate(POPE_SUBSETS):
+        lines = []
+        for number, jpeg, question, label in _benchmark_questions(rows, seed * 1000 + s):
+            image = f"COCO_val2014_{s:06d}{number:06d}.jpg"
+            (out / "val2014" / image).write_bytes(jpeg)
+            lines.append(json.dumps({"question_id": len(lines) + 1, "image": image, "text": question, "label": label}))
+        (out / "output" / "coco" / f"coco_pope_{subset}.json").write_text("\n".join(lines) + "\n")
+    return out
+
+
+BENCHMARKS = {"amber": write_amber, "pope": write_pope}
+
+
 def write(kind: str, out: str | Path, rows: int = 400, seed: int = 0) -> Path:
-    """Write a synthetic data set of ``kind`` (a source format) into ``out``; held-out splits get rows/5 each."""
+    """Write a synthetic data set of ``kind`` (a source format, or a benchmark) into ``out``; held-out splits get
+    rows/5 each."""
+    if kind in BENCHMARKS:
+        return BENCHMARKS[kind](out, rows, seed)
     if kind not in ROWS:
-        raise UserError(f"--kind: {kind!r} is not one of {', '.join(ROWS)}")
+        raise UserError(f"--kind: {kind!r} is not one of {', '.join([*ROWS, *BENCHMARKS])}")
     splits = {}
     for i, split in enumerate(SPLITS[kind]):
         splits[split] = ROWS[kind](rows if split == "train" else max(1, rows // 5), seed=seed * 1000 + i)

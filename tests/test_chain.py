@@ -76,7 +76,7 @@ def test_evaluate_reports_every_variant_with_the_same_samples(lora_chain):
         assert variant["samples"] == 8  # 4 answer rows and 4 preference rows
         metrics = variant["metrics"]
         assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["preference_accuracy"] <= 1
-        assert "mean_margin" in metrics and "amber_f1" in metrics and "pope_f1" in metrics
+        assert "mean_margin" in metrics and "no_f1" in metrics and "yes_f1" in metrics
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 * 8
     assert {p["split"] for p in predictions} == {"sft/test", "dpo/test"}
