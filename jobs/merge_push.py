@@ -28,6 +28,7 @@ from jobs import contract
 from jobs import recipe as recipes
 
 CHECK_SAMPLES = 4
+NOT_PROPORTIONS = ("mean_margin",)  # evaluate's metrics that are not fractions of samples: the gate allows no noise
 
 
 def main(recipe: str = "", force: bool = False, **overrides):
@@ -134,13 +135,13 @@ def compare_with_base(report: dict, source: str, metric: str) -> dict:
 
     The rule: worse when ``base - tuned > standard error of the difference``, the two scores read as proportions
     of the metric's n test samples (report.json's ``counts``): ``sqrt((b(1 - b) + t(1 - t)) / n)``, unpaired, so a
-    little wider than the paired error of the same samples. A score outside [0, 1] (mean_margin) is no
-    proportion and gets no allowance: any drop is worse.
+    little wider than the paired error of the same samples (F1, precision and recall are read the same way). A
+    metric that is no proportion (mean_margin) gets no allowance: any drop is worse.
     """
     variants = report["variants"]
     base, tuned = variants["base"]["metrics"][metric], variants[source]["metrics"][metric]
     n = min(variants[v].get("counts", {}).get(metric, 0) for v in ("base", source))
-    proportions = all(0 <= s <= 1 for s in (base, tuned)) and n > 0
+    proportions = metric not in NOT_PROPORTIONS and n > 0
     error = math.sqrt((base * (1 - base) + tuned * (1 - tuned)) / n) if proportions else 0.0
     worse = base - tuned > error
     noise = f" over {n} samples, standard error of the difference {error:.3f}" if proportions else ""

@@ -4,6 +4,7 @@ points, the merge check, and the push path against a local target and a failing 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def failing_hub():
 @pytest.mark.parametrize("status, exit_code", [(401, 2), (403, 2), (500, 1)])
 def test_a_failing_hub_gives_one_line_no_output_and_never_shows_the_token(lora_chain, tmp_path, failing_hub, status, exit_code):
     hub = failing_hub(status)
-    path = copy_run(lora_chain, tmp_path, merge_push={"push": True, "repo_id": "org/tiny-llava-dpo"})
+    path = copy_run(lora_chain, tmp_path, merge_push={"push": True, "repo_id": "org/tiny-llava-dpo", "license": "apache-2.0"})
     recipe = recipes.load(path)
     shutil.rmtree(recipe.run_dir / "merge_push")
     token = "hf_testsecret0123456789"
@@ -207,15 +208,76 @@ def test_a_failing_hub_gives_one_line_no_output_and_never_shows_the_token(lora_c
     assert not (recipe.run_dir / "merge_push").exists(), "no partial result that looks complete"
 
 
-def test_pushing_a_model_evaluate_shows_worse_than_base_needs_force(tmp_path):
-    report = tmp_path / "report.json"
-    report.write_text(json.dumps({"variants": {"base": {"metrics": {"accuracy": 0.5}}, "dpo": {"metrics": {"accuracy": 0.4}}}}))
-    recipe = recipes.from_dict({"name": "r", "stages": ["prepare"], "model": {"name_or_path": "m", "family": "llava"},
-                                "data": {"sft": {"path": "d", "format": "chartqa"}}})
-    verdict = merge_push.compare_with_base(report, "dpo", recipe)
-    assert verdict["worse"] and verdict["summary"] == "dpo scores 0.400 accuracy, base 0.500"
-    report.write_text(json.dumps({"variants": {"base": {"metrics": {"accuracy": 0.5}}, "dpo": {"metrics": {"accuracy": 0.5}}}}))
-    assert not merge_push.compare_with_base(report, "dpo", recipe)["worse"]
+def gate_report(base: float, tuned: float, n: int, metric: str = "accuracy") -> dict:
+    return {"variants": {v: {"metrics": {metric: score}, "counts": {metric: n}} for v, score in (("base", base), ("dpo", tuned))}}
+
+
+@pytest.mark.parametrize("name, base, tuned, n, worse, summary", [
+    ("within one standard error", 0.5, 0.45, 100, False,
+     "dpo scores 0.450 accuracy, base 0.500 over 100 samples, standard error of the difference 0.071"),
+    ("beyond one standard error", 0.5, 0.4, 100, True,
+     "dpo scores 0.400 accuracy, base 0.500 over 100 samples, standard error of the difference 0.070"),
+    ("the same drop on 1000 samples", 0.5, 0.45, 1000, True,
+     "dpo scores 0.450 accuracy, base 0.500 over 1000 samples, standard error of the difference 0.022"),
+    ("better", 0.5, 0.6, 10, False,
+     "dpo scores 0.600 accuracy, base 0.500 over 10 samples, standard error of the difference 0.221"),
+])
+def test_the_gate_tolerates_one_standard_error_of_the_difference(name, base, tuned, n, worse, summary):
+    """Issue 11: a strict < on a few hundred samples refused models that were only unlucky."""
+    verdict = merge_push.compare_with_base(gate_report(base, tuned, n), "dpo", "accuracy")
+    assert verdict["worse"] is worse and verdict["summary"] == summary
+
+
+def test_a_metric_that_is_no_proportion_gets_no_allowance():
+    verdict = merge_push.compare_with_base(gate_report(1.0, 0.9, 100, "mean_margin"), "dpo", "mean_margin")
+    assert verdict["worse"] and verdict["summary"] == "dpo scores 0.900 mean_margin, base 1.000"
+
+
+def quick_recipe(**sections):
+    return recipes.from_dict({"name": "r", "stages": ["prepare", "sft", "dpo", "evaluate", "merge_push"],
+                              "model": {"name_or_path": "m", "family": "llava"},
+                              "data": {"sft": {"path": "d", "format": "chartqa"}, "dpo": {"path": "d", "format": "rlaif-v"}},
+                              **sections})
+
+
+def test_the_gate_compares_only_when_pushing():
+    """Issue 11: merging for a look needs no base variant and refuses nothing; pushing does."""
+    no_base = {"variants": {"dpo": {"metrics": {"accuracy": 0.1}, "counts": {"accuracy": 4}}}}
+    assert merge_push.gate(no_base, "dpo", quick_recipe()) is None
+    assert merge_push.gate(gate_report(0.9, 0.1, 100), "dpo", quick_recipe())["worse"]  # reported, not refused
+    pushing = quick_recipe(merge_push={"push": True, "repo_id": "org/x"})
+    with pytest.raises(contract.UserError, match=r"^merge_push: not pushing: dpo scores 0.100 accuracy, base 0.900 over 100 samples, "
+                       r"standard error of the difference 0.042; set merge_push.force=true to push anyway$"):
+        merge_push.gate(gate_report(0.9, 0.1, 100), "dpo", pushing)
+    forced = quick_recipe(merge_push={"push": True, "repo_id": "org/x", "force": True})
+    assert merge_push.gate(gate_report(0.9, 0.1, 100), "dpo", forced)["worse"]
+    with pytest.raises(contract.UserError, match=r"^merge_push: not pushing: evaluate reported no accuracy for base; add base to "
+                       r"evaluate.variants, or set evaluate.primary_metric to a metric it reports$"):
+        merge_push.gate(no_base, "dpo", pushing)
+
+
+def test_a_push_needs_evaluate_of_base_and_the_pushed_variant_unless_named_unevaluated():
+    """Issue 11: a run without evaluate pushed unevaluated; now the recipe says so by name, or is refused."""
+    push = {"push": True, "repo_id": "org/x"}
+    with pytest.raises(contract.UserError, match=r"merge_push.push: a push needs the evaluate stage, which the run lacks; add evaluate "
+                       r"to stages, or set merge_push.push_unevaluated=true to push an unevaluated model"):
+        quick_recipe(stages=["prepare", "sft", "merge_push"], merge_push=push)
+    with pytest.raises(contract.UserError, match=r"merge_push.push: the push is gated on evaluate comparing dpo with base; add base "
+                       r"to evaluate.variants, or set merge_push.push_unevaluated=true"):
+        quick_recipe(merge_push=push, evaluate={"variants": ["dpo"]})
+    quick_recipe(stages=["prepare", "sft", "merge_push"], merge_push={**push, "push_unevaluated": True})
+    quick_recipe(stages=["prepare", "sft", "merge_push"])  # nothing pushed: nothing to gate
+
+
+def test_merge_push_merges_without_a_base_variant_when_not_pushing(lora_chain, tmp_path):
+    path = copy_run(lora_chain, tmp_path, evaluate={"variants": ["dpo"]})
+    recipe = recipes.load(path)
+    report = recipe.run_dir / "evaluate" / "report.json"
+    data = json.loads(report.read_text())
+    report.write_text(json.dumps({**data, "variants": {"dpo": data["variants"]["dpo"]}}))
+    merge_push.main(recipe=str(path), force=True)
+    record = contract.read_json(recipe.run_dir / "merge_push" / contract.SUCCESS_FILE)
+    assert record["evaluation"] is None and record["metrics"] == data["variants"]["dpo"]["metrics"]
 
 
 def test_merge_push_refuses_to_push_a_worse_model(lora_chain, tmp_path):
@@ -227,3 +289,41 @@ def test_merge_push_refuses_to_push_a_worse_model(lora_chain, tmp_path):
     report.write_text(json.dumps(data))
     with pytest.raises(contract.UserError, match=r"merge_push: not pushing: dpo scores .* accuracy, base .*; set merge_push.force=true to push anyway"):
         merge_push.main(recipe=str(path), force=True)
+
+
+def model_folder(tmp_path, card: str | None) -> str:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if card is not None:
+        (folder / "README.md").write_text(card)
+    return str(folder)
+
+
+@pytest.mark.parametrize("name, card, merge_push_section, license_", [
+    ("from the base model's card", "---\nlicense: apache-2.0\ntags: [vision]\n---\n# M\n", {}, "apache-2.0"),
+    ("the recipe's wins", "---\nlicense: apache-2.0\n---\n", {"license": "mit"}, "mit"),
+    ("the recipe's when the base has no card", None, {"license": "mit"}, "mit"),
+])
+def test_the_card_declares_the_license_of_the_base_card_or_the_recipe(name, card, merge_push_section, license_, tmp_path):
+    recipe = quick_recipe(model={"name_or_path": model_folder(tmp_path, card), "family": "llava"}, merge_push=merge_push_section)
+    found = merge_push.model_license(recipe)
+    assert found == license_
+    text = merge_push.model_card(recipe, "dpo", None, None, found)
+    assert f"\nlicense: {license_}\n" in text.split("---")[1]
+
+
+@pytest.mark.parametrize("name, card, why", [
+    ("no card", None, "the base model has no card ({folder}/README.md)"),
+    ("a card without one", "---\ntags: [vision]\n---\n", "the base model's card ({folder}/README.md) names no license"),
+    ("a card without front matter", "# M\n", "the base model's card ({folder}/README.md) names no license"),
+])
+def test_a_push_without_a_license_is_refused_and_a_local_merge_warned(name, card, why, tmp_path, capsys):
+    folder = model_folder(tmp_path, card)
+    why = why.format(folder=folder)
+    local = quick_recipe(model={"name_or_path": folder, "family": "llava"})
+    assert merge_push.model_license(local) is None
+    assert capsys.readouterr().out == f"merge_push: warning: the model card has no license: {why}; set merge_push.license\n"
+    assert "\nlicense:" not in merge_push.model_card(local, "dpo", None, None, None).split("---")[1]
+    pushing = quick_recipe(model={"name_or_path": folder, "family": "llava"}, merge_push={"push": True, "repo_id": "org/x"})
+    with pytest.raises(contract.UserError, match=re.escape(f"merge_push.license: {why}; set merge_push.license to the base model's (e.g. apache-2.0)")):
+        merge_push.model_license(pushing)
