@@ -14,7 +14,8 @@ POPE (github.com/RUCAIBox/POPE, over COCO val2014):
     images       the COCO val2014 folder
 
 Rows come out as evaluate's other rows do: a user turn with the image and the question (plus the benchmark's
-``prompt_suffix``), the image shrunk as prepare shrinks training images, and the gold answer in ``label``.
+``prompt_suffix``), the image shrunk as prepare shrinks training images; and the benchmark's name, the question's
+id and its gold answer (``label``).
 A missing or malformed file or image is a user error naming the recipe key and the file.
 """
 
@@ -128,7 +129,7 @@ def load(bench, where: str, shrink=lambda image: image) -> list[dict]:
                 raise UserError(f"{where}.images: {path} does not decode ({e})") from None
         text = f"{question} {bench.prompt_suffix}" if bench.prompt_suffix else question
         rows.append({
-            "id": number, "label": label, "images": [images[name]],
+            "benchmark": bench.key, "id": number, "label": label, "images": [images[name]],
             "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": text}]}],
         })
     return rows

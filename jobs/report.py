@@ -244,8 +244,8 @@ BENCHMARK_SCORING = {  # how each benchmark format is scored: jobs.metrics follo
             "`No`, `no` or `not`, else `yes`; precision, recall and F1 take `yes` as the positive class; `yes_ratio` "
             "is the share of `yes` answers",
 }
-YES_NO_NOTE = ("`yes_no_accuracy`, `no_*` and `yes_*` are agreement with the held-out rows' own yes/no answers (`no_*`: "
-               "`no` is the positive class, as AMBER counts; `yes_*`: `yes`, as POPE counts); they are not those benchmarks.")
+YES_NO_NOTE = ("`yes_no_accuracy`, `no_*` and `yes_*` are agreement of the generated answers with the held-out rows' own "
+               "yes/no answers, `no` the positive class in `no_*`, `yes` in `yes_*`: the data's test split, not a benchmark.")
 # Published AMBER discriminative results in percent, as the DPO blog post ("Preference Optimization for Vision
 # Language Models with TRL") reports them: its Idefics2-8B before and after DPO, and the other models it lists.
 PUBLISHED_AMBER = {

@@ -14,6 +14,8 @@ What the twin changes, and nothing else (``CHANGED`` lists the keys; the tests h
   that each of them runs once), a few evaluation samples and new tokens.
 - parallelism: no data-processing or DataLoader worker processes; the recipe's 32 on a 2-core test machine
   would only spend the seconds the twin is meant to save.
+- evaluate.benchmarks: each keeps its name and format, its files become synthetic ones in that benchmark's
+  released layout (jobs.synthetic), and it is cut to a few questions.
 - merge_push.push: off, so a twin never reaches the hub.
 - run.root: where the test wants the run folder.
 Resources and kubernetes are left alone: the local runner ignores them.
@@ -39,7 +41,7 @@ CHANGED = (  # dotted keys a twin may change; "*" stands for sft or dpo
     "prepare.max_rows", "prepare.num_proc",
     "*.args.max_steps", "*.args.per_device_train_batch_size", "*.args.per_device_eval_batch_size",
     "*.args.gradient_accumulation_steps", *(f"*.args.{key}" for key in INTERVALS + WORKERS),
-    "evaluate.max_samples", "evaluate.max_new_tokens", "evaluate.batch_size",
+    "evaluate.max_samples", "evaluate.max_new_tokens", "evaluate.batch_size", "evaluate.benchmarks",
     "merge_push.push", "run.root",
 )
 
@@ -72,9 +74,21 @@ def twin(
     evaluate["max_samples"] = SAMPLES
     evaluate["max_new_tokens"] = min(evaluate.get("max_new_tokens", NEW_TOKENS), NEW_TOKENS)
     evaluate["batch_size"] = min(evaluate.get("batch_size", BATCH), BATCH)
+    evaluate["benchmarks"] = [_synthetic_benchmark(bench, synthetic_data) for bench in evaluate.get("benchmarks", [])]
     data.setdefault("merge_push", {})["push"] = False
     data.setdefault("run", {})["root"] = str(run_root)
     return data
+
+
+def _synthetic_benchmark(bench: dict, synthetic_data: Callable[[str], Path]) -> dict:
+    """The entry pointed at synthetic files of its format, where the benchmark's repository keeps them."""
+    folder = Path(synthetic_data(bench["format"]))
+    if bench["format"] == "amber":
+        files = {"path": folder / "data" / "query" / "query_discriminative.json",
+                 "annotations": folder / "data" / "annotations.json", "images": folder / "image"}
+    else:  # pope: the same subset's question file, over the synthetic val2014
+        files = {"path": folder / "output" / "coco" / Path(bench["path"]).name, "images": folder / "val2014"}
+    return {**bench, **{key: str(value) for key, value in files.items()}, "max_samples": SAMPLES}
 
 
 def _shrunk_args(args: dict) -> dict:

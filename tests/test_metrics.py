@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from jobs.metrics import (
+    amber_discriminative,
     binary_metrics,
     exact_match,
+    pope_answer,
+    pope_scores,
     preference_metrics,
     relaxed_accuracy,
     relaxed_correctness,
@@ -217,3 +220,50 @@ def test_importable_without_torch():
     # In a fresh interpreter: this one may already hold torch from other tests.
     code = "import sys, jobs.metrics; assert 'torch' not in sys.modules, 'jobs.metrics imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# ---- AMBER and POPE as their official scripts score them (issue 11) ------------------------------------------------
+# AMBER: junyangwang0410/AMBER inference.py. POPE: RUCAIBox/POPE evaluate.py. Each case is worked by hand below.
+
+
+def test_amber_counts_only_exact_yes_and_no_with_no_positive():
+    truths = ["yes", "no", "yes", "no", "yes", "no", "yes", "no"]
+    responses = ["Yes", "No", "No", "No", "Yes.", "Yes", "No", "No"]
+    # right: 1 (Yes/yes), 2, 4, 8 (No/no); "Yes." on 5 is not "Yes" -> accuracy 4/8 = 50.0
+    # answered "No": 2, 3, 4, 7, 8, of which truly no 2, 4, 8 -> precision 3/5 = 60.0
+    # truly no: 2, 4, 6, 8, of which answered "No" 2, 4, 8 -> recall 3/4 = 75.0
+    # F1 = 2 * .6 * .75 / (.6 + .75 + .0001) = 66.662 -> 66.7
+    assert amber_discriminative(responses, truths) == {"accuracy": 0.5, "precision": 0.6, "recall": 0.75, "f1": 0.667}
+
+
+def test_amber_f1_is_taken_from_the_rounded_precision_and_recall_with_its_epsilon():
+    truths = ["no"] * 3 + ["yes"] * 3
+    responses = ["No", "No", "Yes", "No", "Yes", "Yes"]
+    # answered No: 1, 2, 4 (truly no 1, 2) -> P = 66.7; truly no 1-3, answered No 1, 2 -> R = 66.7
+    # F1 = 2 * .667 * .667 / (1.334 + .0001) * 100 = 66.695 -> 66.7 (unrounded P and R give 66.67 too)
+    assert amber_discriminative(responses, truths)["f1"] == 0.667
+    # all "Yes": no "No" answer, where the script divides by zero; we report 0
+    assert amber_discriminative(["Yes", "Yes"], ["yes", "no"]) == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+@pytest.mark.parametrize("answer, read", [
+    ("Yes, there is a red bar.", "yes"),  # first sentence "Yes, there is a red bar" -> no "no" word
+    ("No.", "no"),
+    ("There is not a red bar.", "no"),  # "not" counts as no
+    ("no", "no"),
+    ("NO", "yes"),  # case-sensitive: only "No" and "no"
+    ("No, there is none", "no"),  # the comma is removed before splitting: "No"
+    ("Yes. No.", "yes"),  # only the first sentence
+    ("I think so", "yes"),  # neither: yes
+    ("", "yes"),
+])
+def test_pope_reads_answers_as_its_evaluate_py(answer, read):
+    assert pope_answer(answer) == read
+
+
+def test_pope_scores_with_yes_positive_and_the_yes_ratio():
+    labels = ["yes", "no", "yes", "no", "yes", "no"]
+    answers = ["Yes, there is.", "No.", "There is not a red bar.", "no", "I think so", "Yes"]
+    # read: yes, no, no, no, yes, yes -> TP 1, 5; FP 6; TN 2, 4; FN 3
+    scores = pope_scores(answers, labels)
+    assert scores == pytest.approx({"accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 3 / 6})
