@@ -73,7 +73,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         print(f"merge_push: merged logits differ from the evaluated model's by at most {max_diff:.2e} (limit {cfg.merge_push.logits_atol})")
         if not max_diff <= cfg.merge_push.logits_atol:
             raise contract.Failure(
-                f"merge_push: the merged model's logits differ from the adapter model's by {max_diff:.3g} "
+                f"merge_push: the merged model's logits differ from the evaluated model's by {max_diff:.3g} "
                 f"(> merge_push.logits_atol {cfg.merge_push.logits_atol}): the merge is broken; nothing was written or pushed"
             )
 
@@ -134,14 +134,15 @@ def compare_with_base(report: dict, source: str, metric: str) -> dict:
     """Whether the tuned variant is worse than base on ``metric`` by more than the noise of a finite test set.
 
     The rule: worse when ``base - tuned > standard error of the difference``, the two scores read as proportions
-    of the metric's n test samples (report.json's ``counts``): ``sqrt((b(1 - b) + t(1 - t)) / n)``, unpaired, so a
-    little wider than the paired error of the same samples (F1, precision and recall are read the same way). A
-    metric that is no proportion (mean_margin) gets no allowance: any drop is worse.
+    of the metric's n test samples (report.json's ``counts``): ``sqrt((b(1 - b) + t(1 - t)) / n)``. It treats the two
+    as independent samples, since the report keeps no per-sample pairs; on the same samples the paired error is
+    usually smaller, so the rule leans towards pushing. F1, precision and recall are read the same way. A metric that
+    is no proportion (mean_margin, or a value outside [0, 1]) gets no allowance: any drop is worse.
     """
     variants = report["variants"]
     base, tuned = variants["base"]["metrics"][metric], variants[source]["metrics"][metric]
     n = min(variants[v].get("counts", {}).get(metric, 0) for v in ("base", source))
-    proportions = metric not in NOT_PROPORTIONS and n > 0
+    proportions = metric not in NOT_PROPORTIONS and n > 0 and all(0 <= score <= 1 for score in (base, tuned))
     error = math.sqrt((base * (1 - base) + tuned * (1 - tuned)) / n) if proportions else 0.0
     worse = base - tuned > error
     noise = f" over {n} samples, standard error of the difference {error:.3f}" if proportions else ""

@@ -150,7 +150,7 @@ def test_a_broken_merge_is_caught_before_anything_is_written(lora_chain, tmp_pat
         return model
 
     monkeypatch.setattr(LoraModel, "merge_and_unload", broken)
-    with pytest.raises(contract.Failure, match=r"the merged model's logits differ from the adapter model's by .* the merge is broken; nothing was written or pushed"):
+    with pytest.raises(contract.Failure, match=r"the merged model's logits differ from the evaluated model's by .* the merge is broken; nothing was written or pushed"):
         merge_push.main(recipe=str(path))
     assert not (recipe.run_dir / "merge_push").exists()
 

@@ -107,7 +107,7 @@ def test_merging_a_qlora_adapter_into_the_original_weights_is_caught(qlora_chain
     path.write_text(json.dumps(data))
     shutil.rmtree(tmp_path / qlora_chain.run_id / "merge_push")
     monkeypatch.setattr(modeling, "dequantized", lambda model, dtype: modeling.load_model(qlora_chain.model, dtype=dtype))
-    with pytest.raises(contract.Failure, match=r"the merged model's logits differ from the adapter model's by .* the merge is broken"):
+    with pytest.raises(contract.Failure, match=r"the merged model's logits differ from the evaluated model's by .* the merge is broken"):
         merge_push.main(recipe=str(path))
 
 
