@@ -327,3 +327,13 @@ def test_a_push_without_a_license_is_refused_and_a_local_merge_warned(name, card
     pushing = quick_recipe(model={"name_or_path": folder, "family": "llava"}, merge_push={"push": True, "repo_id": "org/x"})
     with pytest.raises(contract.UserError, match=re.escape(f"merge_push.license: {why}; set merge_push.license to the base model's (e.g. apache-2.0)")):
         merge_push.model_license(pushing)
+
+
+def test_a_hub_base_model_whose_card_cannot_be_read_needs_the_recipe_key():
+    """The suite runs offline (conftest), as a cluster without hub access would: the card is unreadable."""
+    pushing = quick_recipe(model={"name_or_path": "org/model", "family": "llava"}, merge_push={"push": True, "repo_id": "org/x"})
+    with pytest.raises(contract.UserError, match=r"^merge_push.license: the base model's card \(README.md of org/model\) could not be "
+                       r"read \(\w+\); set merge_push.license to the base model's \(e.g. apache-2.0\)$"):
+        merge_push.model_license(pushing)
+    named = quick_recipe(model={"name_or_path": "org/model", "family": "llava"}, merge_push={"push": True, "repo_id": "org/x", "license": "other"})
+    assert merge_push.model_license(named) == "other"
