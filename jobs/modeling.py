@@ -87,7 +87,15 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
         kwargs["device_map"] = {"": device}
     model_class = getattr(transformers, family.model_class)
     with user_errors(source):
-        return model_class.from_pretrained(source, **kwargs)
+        model = model_class.from_pretrained(source, **kwargs)
+    if quantize is not None and not torch.cuda.is_available():
+        # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for its bf16 kernel at the first forward
+        # in eval mode, and its dequantize_4bit, which peft's DoRA and transformers' dequantize call, then misreads
+        # it (a DoRA model scored garbage). The plain path dequantizes per call, in the compute dtype.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def lora_config(train: Train, family: Family):
