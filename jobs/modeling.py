@@ -184,11 +184,8 @@ def _in_4bit(model, recipe: Recipe, run_dir: Path, base_path, quantize: dict, dt
 
 
 def dequantized(model, dtype):
-    """A 4-bit model with its weights as the full-precision values its NF4 codes stand for (transformers' dequantize).
-
-    Call it before the model's first forward: on the CPU bitsandbytes repacks 4-bit weights for its kernel at the
-    first forward, and transformers then dequantizes the repacked bytes as if they were not.
-    """
+    """A 4-bit model with its weights as the full-precision values its NF4 codes stand for (transformers' dequantize,
+    bitsandbytes' dequantize_4bit: the same values its 4-bit layers compute with)."""
     model = model.dequantize(dtype=dtype)
     # transformers 5.23 leaves the flag set, and TRL's trainers and peft read it to treat the model as 4-bit
     model.is_loaded_in_4bit = False
