@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from jobs import contract, evaluate, synthetic
+from jobs import contract, synthetic
 from jobs import recipe as recipes
 from tests.conftest import recipe_file, run_stages
 
