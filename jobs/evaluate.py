@@ -43,7 +43,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from jobs import modeling
     from jobs.report import format_table, write_report
 
-    processor = modeling.load_processor(cfg.model)
+    processor = scoring_processor(cfg)
     tests, benchmarks = test_sets(cfg, stage.input("prepare"), processor)
 
     report = {"model": cfg.model.name_or_path, "variants": {}, "primary_metric": cfg.evaluate.primary_metric,
@@ -75,6 +75,13 @@ def main(recipe: str = "", force: bool = False, **overrides):
     print(format_table(report))
     rows = {kind: len(rows) for kind, rows in tests.items()} | {key: len(rows) for key, (_, rows) in benchmarks.items()}
     stage.finish(report=report["variants"], rows=rows)
+
+
+def scoring_processor(cfg):
+    """The processor every variant is scored with (a test re-scoring the shipped model takes the same)."""
+    from jobs import modeling
+
+    return modeling.load_processor(cfg.model)
 
 
 def test_sets(cfg, prepared, processor) -> tuple[dict[str, list[dict]], dict]:

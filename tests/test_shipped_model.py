@@ -45,7 +45,7 @@ def qlora_chain(tmp_path_factory, tiny_model, synthetic_data):
 
 def reevaluate_shipped(recipe, variant: str) -> tuple[dict, list[dict]]:
     """The shipped folder loaded as a plain model (as its card's users load it) and scored as evaluate scores."""
-    processor = modeling.load_processor(recipe.model)
+    processor = evaluate.scoring_processor(recipe)
     tests, benchmarks = evaluate.test_sets(recipe, recipe.run_dir / "prepare", processor)
     model = modeling.load_model(recipe.model, path=recipe.run_dir / "merge_push" / "model")
     metrics, _, predictions = evaluate.evaluate_variant(variant, model, processor, tests, recipe, benchmarks)
