@@ -45,26 +45,74 @@ class Failure(Exception):
 
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM: stopped from outside (preemption, kubectl delete); worth a retry
+EXIT_SIGINT = 130  # 128 + SIGINT: Ctrl-C; the unfinished attempt stays for a restart, as after SIGTERM
+STOP_SIGNALS = ("SIGTERM", "SIGINT")
 
 
-class Interrupted(Exception):
-    """SIGTERM arrived outside training (where the trainer checkpoints instead)."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived outside training (where the trainer checkpoints instead). A KeyboardInterrupt,
+    so that library code catching Exception does not swallow it, and code that stops following on Ctrl-C
+    stops on SIGTERM too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_HANDLER_PID: list[int] = []  # the process that installed the handlers (forked workers inherit them)
 
 
 def _raise_interrupted(signum, frame):
-    raise Interrupted()
+    import signal
+
+    if os.getpid() not in _HANDLER_PID:  # a forked worker (datasets.map, a DataLoader): the main process reports
+        os._exit(128 + signum)
+    for name in STOP_SIGNALS:  # one line, once: a second Ctrl-C while stopping changes nothing
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def handle_stop_signals() -> None:
+    """SIGTERM and SIGINT raise ``Interrupted`` in this process: one line and exit 128 + N (``entrypoint``).
+
+    As a container's PID 1 a process ignores SIGTERM unless it handles it: the Job would hang for the
+    whole grace period. Training stages replace these handlers with one that writes a checkpoint first."""
+    import signal
+
+    _HANDLER_PID[:] = [os.getpid()]
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), _raise_interrupted)
+
+
+def stopped(signum: int) -> str:
+    import signal
+
+    return f"stopped on {signal.Signals(signum).name}; the unfinished work stays in the run folder, and running the same command again resumes it"
 
 
 def entrypoint(main: Callable) -> None:
     """Run a stage's ``main`` under Fire, turning user errors into one line and exit code 2."""
-    import logging
     import signal
+
+    handle_stop_signals()
+    from jobs import usage
+
+    if callable(main) and usage.wants_help(sys.argv[1:]):  # before Fire, which would run main to find its help
+        usage.print_help(usage.stage_help(main))
+        return
+    try:
+        _run(main)
+    except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C before the handlers were in place
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(stopped(signum), file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+
+def _run(main: Callable) -> None:
+    import logging
 
     import fire
 
-    # As a container's PID 1 a process ignores SIGTERM unless it handles it: the Job would hang for the
-    # whole grace period. Training stages replace this handler with one that writes a checkpoint first.
-    signal.signal(signal.SIGTERM, _raise_interrupted)
     # Progress bars redraw a line with carriage returns, which a pod's log keeps as one endless line:
     # without a terminal, the Hugging Face libraries' bars are off (the trainer prints a line per step).
     if not sys.stderr.isatty():
@@ -74,9 +122,6 @@ def entrypoint(main: Callable) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         fire.Fire(main)
-    except Interrupted:
-        print("stopped on SIGTERM; the unfinished work stays in the run folder for a restart", file=sys.stderr)
-        sys.exit(EXIT_SIGTERM)
     except (UserError, Failure) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -2,7 +2,7 @@
 
 LoRA, QLoRA (4-bit nf4 base, double quantisation) or full fine-tuning, as ``sft.method`` says.
 Checkpoints go to the run folder; started again after an interruption, the stage resumes from
-the newest complete checkpoint. On SIGTERM it writes a checkpoint and exits 143.
+the newest complete checkpoint. On SIGTERM (SIGINT) it writes a checkpoint and exits 143 (130).
 
     local:      python -m jobs.sft --recipe recipes/tiny-demo.yaml [--sft.args.learning_rate=1e-4]
                 vlmjobs run recipes/tiny-demo.yaml --stages sft

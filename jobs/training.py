@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from jobs.contract import EXIT_SIGTERM, UserError, is_main_process
+from jobs.contract import UserError, is_main_process
 from jobs.recipe import Train
 
 # Stage defaults under the recipe's ``args``; printed at start so nothing is filled in silently.
@@ -97,20 +97,22 @@ SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "rewards/margins", "rewar
 
 
 class SaveOnSigterm(TrainerCallback):
-    """On SIGTERM (preemption, node drain, kubectl delete) write a checkpoint and stop, within the grace period."""
+    """On SIGTERM (preemption, node drain, kubectl delete) or SIGINT (Ctrl-C) write a checkpoint and stop,
+    within the grace period; the stage then exits 128 + the signal's number."""
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.requested: int | None = None  # the signal that asked to stop
+        self.previous: dict = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.previous = signal.signal(signal.SIGTERM, self._request)
+        self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def on_train_end(self, args, state, control, **kwargs):
-        signal.signal(signal.SIGTERM, self.previous or signal.SIG_DFL)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)
 
     def _request(self, signum, frame):
-        self.requested = True
+        self.requested = self.requested or signum
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -119,11 +121,13 @@ class SaveOnSigterm(TrainerCallback):
 
 
 def stop_if_interrupted(trainer, stage: str) -> None:
-    """After ``train()`` returns: exit with 143 if it stopped for SIGTERM, so the stage is not marked done."""
+    """After ``train()`` returns: exit with 128 + N if it stopped for signal N, so the stage is not marked done."""
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, SaveOnSigterm) and callback.requested:
-            print(f"{stage}: stopped on SIGTERM at step {trainer.state.global_step}; checkpoint saved, a restart resumes", flush=True)
-            sys.exit(EXIT_SIGTERM)
+            name = signal.Signals(callback.requested).name
+            print(f"{stage}: stopped on {name} at step {trainer.state.global_step}; checkpoint saved, running the same "
+                  "command again resumes from it", file=sys.stderr, flush=True)
+            sys.exit(128 + callback.requested)
 
 
 def save(trainer, processor, out: Path, **lineage) -> None:

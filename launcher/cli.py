@@ -15,6 +15,8 @@ On a cluster (the current kube context, or the pod's ServiceAccount):
     vlmjobs delete RECIPE --run=ID [--stage=sft]       delete a run's Jobs (their pods go with them)
     vlmjobs cronjob RECIPE                             print the nightly pipeline's CronJob
     vlmjobs k8s [RECIPE] --out=k8s                     write the cluster set-up manifests (make k8s)
+
+vlmjobs COMMAND --help says more about each.
 """
 
 from __future__ import annotations
@@ -270,7 +272,41 @@ COMMANDS = {
 }
 
 
+EXAMPLES = {
+    "run": "vlmjobs run recipes/tiny-demo.yaml --stages=prepare,sft --sft.args.max_steps=20",
+    "validate": "vlmjobs validate recipes/tiny-demo.yaml --sft.args.learning_rate=1e-4",
+    "memory": "vlmjobs memory recipes/idefics2-8b-rlaif-v-dpo.yaml --resources.gpu_memory_gib=24",
+    "tiny-model": "vlmjobs tiny-model --family=llava --out=.cache/tiny/llava",
+    "synth-data": "vlmjobs synth-data --kind=chartqa --out=.cache/data/chartqa --rows=400",
+    "render": "vlmjobs render recipes/idefics2-8b-rlaif-v-dpo.yaml --stage=dpo --run=exp-1",
+    "submit": "vlmjobs submit recipes/idefics2-8b-rlaif-v-dpo.yaml --stage=prepare --detach",
+    "pipeline": "vlmjobs pipeline recipes/idefics2-8b-rlaif-v-dpo.yaml --in-cluster --detach",
+    "status": "vlmjobs status recipes/idefics2-8b-rlaif-v-dpo.yaml --run=exp-1",
+    "logs": "vlmjobs logs recipes/idefics2-8b-rlaif-v-dpo.yaml --stage=dpo --run=exp-1",
+    "delete": "vlmjobs delete recipes/idefics2-8b-rlaif-v-dpo.yaml --run=exp-1 --stage=dpo",
+    "cronjob": "vlmjobs cronjob recipes/idefics2-8b-rlaif-v-dpo.yaml | kubectl apply -f -",
+    "k8s": "vlmjobs k8s recipes/idefics2-8b-rlaif-v-dpo.yaml --out=k8s --storage_class=standard",
+}
+
+
+def help_text(argv: list[str]) -> str:
+    """``vlmjobs --help``: the usage above; ``vlmjobs COMMAND --help``: that command's."""
+    from jobs import usage
+
+    name = next((arg for arg in argv if not arg.startswith("-")), "")
+    if name not in COMMANDS:
+        return f"{__doc__.strip()}\n\n{usage.overrides_and_stages()}"
+    lines = [line for line in __doc__.splitlines() if line.strip() == f"vlmjobs {name}" or line.strip().startswith(f"vlmjobs {name} ")]
+    return usage.command_help("vlmjobs", name, COMMANDS[name], lines, EXAMPLES[name])
+
+
 def main():
+    from jobs import usage
+
+    argv = sys.argv[1:]
+    if not argv or usage.wants_help(argv):  # answered here: Fire would run the command (or page its help)
+        usage.print_help(help_text(argv))
+        return
     contract.entrypoint(COMMANDS)
 
 
