@@ -40,7 +40,7 @@ def test_a_bad_recipe_is_one_line_and_exit_code_2_before_anything_runs(write_rec
     done = vlmjobs("run", str(path), "--stages=prepare")
     assert done.returncode == contract.EXIT_USER_ERROR
     assert done.stderr.strip().splitlines() == [
-        "error: recipe: sft.args.learnig_rate: unknown key (SFTConfig has no field 'learnig_rate'); did you mean 'learning_rate'?"
+        f"error: recipe {path}: sft.args.learnig_rate: unknown key (SFTConfig has no field 'learnig_rate'); did you mean 'learning_rate'?"
     ]
     assert not (path.parent / "runs").exists()
 
