@@ -210,7 +210,7 @@ def begin(
     for need in needs:
         marker = run_dir / need / SUCCESS_FILE
         if not marker.is_file():
-            raise UserError(f"{name} needs the {need} stage's output: {marker} not found; run {need} first")
+            raise UserError(missing_input(name, run_dir, need))
         inputs[need] = read_json(marker)
     config = {"stage": name, **config, "inputs": {n: rec["fingerprint"] for n, rec in inputs.items()}}
     stage = Stage(name, run_dir, config, _fingerprint(config), inputs)
@@ -223,9 +223,10 @@ def begin(
             stage.skipped = True
             return stage
         if previous.get("fingerprint") != stage.fingerprint and not force:
+            changed = changed_keys(previous.get("config", {}), config)
             raise UserError(
-                f"{name}: {stage.out} holds output of another config (fingerprint {previous.get('fingerprint')}, "
-                f"now {stage.fingerprint}): use another run.id, or --force to replace it"
+                f"{name}: {stage.out} holds output of another config (changed: {', '.join(changed) or 'unknown'}; "
+                f"fingerprint {previous.get('fingerprint')}, now {stage.fingerprint}): use another run.id, or --force to replace it"
             )
         stage.replacing = True
     if not is_main_process():
@@ -244,6 +245,34 @@ def begin(
     stage.work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stage.work / CONFIG_FILE, {"fingerprint": stage.fingerprint, "config": config})
     return stage
+
+
+def missing_input(name: str, run_dir: Path, need: str) -> str:
+    return f"{name} needs the {need} stage's output: {Path(run_dir) / need / SUCCESS_FILE} not found; run {need} first"
+
+
+def is_done(name: str, run_dir: Path, config: dict, needs: tuple[str, ...] = ()) -> bool:
+    """Whether ``begin`` would skip the stage: its marker written for this config and these inputs. Read by the
+    local runner, which then starts no process for it."""
+    run_dir = Path(run_dir)
+    markers = [run_dir / need / SUCCESS_FILE for need in needs]
+    done = run_dir / name / SUCCESS_FILE
+    if not done.is_file() or not all(m.is_file() for m in markers):
+        return False
+    config = {"stage": name, **config, "inputs": {n: read_json(m)["fingerprint"] for n, m in zip(needs, markers)}}
+    return read_json(done).get("fingerprint") == _fingerprint(config)
+
+
+def changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (``inputs.prepare``: an input was redone)."""
+    changed = []
+    for key in sorted(set(before) | set(after), key=str):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def newest_complete_checkpoint(folder: Path) -> str | None:

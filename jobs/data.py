@@ -13,6 +13,7 @@ from pathlib import Path
 
 from jobs.contract import UserError
 from jobs.formats import FORMATS, Drop
+from jobs.progress import Progress
 from jobs.recipe import Prepare, Source
 
 DROP = "_drop"  # column carrying a row's drop reason ("" for a kept row) between convert and filter
@@ -78,11 +79,20 @@ def load_split(source: Source, split: str, *, scratch: Path):
     return ds.select_columns(list(fmt.columns))
 
 
-def convert(ds, source: Source, shrink, *, num_proc: int = 1):
-    """Map source rows to conversational rows; returns (kept rows, Drops)."""
+def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = ""):
+    """Map source rows to conversational rows; returns (kept rows, Drops). Prints a progress line at each
+    tenth of the rows and at least every minute, from the worker that holds the first rows."""
     fmt = FORMATS[source.format]
+    workers = max(num_proc, 1)
+    progress = Progress(f"prepare: {what or source.path}", len(ds), every=60.0)
+    seen = {"rows": 0, "reports": False}
 
     def one(row, index):
+        seen["rows"] += 1
+        if seen["rows"] == 1:
+            seen["reports"] = index == 0
+        if seen["reports"]:
+            progress.update(min(seen["rows"] * workers, len(ds)), " converted" if workers == 1 else f" converted (about: {workers} workers)")
         try:
             raw = row[fmt.image_column]
             raw = raw if isinstance(raw, list) else [raw]

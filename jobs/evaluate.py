@@ -32,7 +32,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         print(f"evaluate: no {skipped} variant: the run has no {skipped} stage")
     stage = contract.begin(
         "evaluate", cfg.run_dir, cfg.stage_config("evaluate"),
-        needs=("prepare",) + tuple(v for v in TRAINED_VARIANTS if v in variants), force=force,
+        needs=cfg.needs("evaluate"), force=force,
     )
     if stage.skipped:
         return
@@ -83,20 +83,19 @@ def evaluate_variant(variant: str, model, processor, tests: dict[str, list[dict]
     """Metrics and per-sample predictions of one variant."""
     from jobs import metrics as m
     from jobs.families import get_family
+    from jobs.progress import Progress
     from jobs.inference import completion_logprobs, generate_answers
 
     scores, predictions = {}, []
-
-    def progress(done, total):
-        if done == total or done % (cfg.evaluate.batch_size * 10) == 0:
-            print(f"evaluate: {variant}: {done}/{total} answers", flush=True)
 
     # an answer ends where the template closes a turn, even where the checkpoint's eos ids leave that token out
     stop = get_family(cfg.model.family).stop_token_ids(processor, model.generation_config)
 
     def answer(rows):
-        return generate_answers(model, processor, rows, max_new_tokens=cfg.evaluate.max_new_tokens,
-                                batch_size=cfg.evaluate.batch_size, progress=progress, stop_token_ids=stop)
+        shown = Progress(f"evaluate: {variant}", len(rows), unit="answers")
+        shown.begin()
+        return generate_answers(model, processor, rows, max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=cfg.evaluate.batch_size,
+                                progress=lambda done, total: shown.update(done), stop_token_ids=stop)
 
     if "sft" in tests:
         rows = [with_prompt(row, variant, cfg) for row in tests["sft"]]

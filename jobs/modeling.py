@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
         )
         # bitsandbytes places weights at load time; each process takes its own GPU
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            print(f"warning: model {source} in 4 bits without CUDA: bitsandbytes' CPU fallback runs it, far slower "
+                  "than a GPU (fine for a test, not for a real run)", file=sys.stderr, flush=True)
         kwargs["device_map"] = {"": device}
     model_class = getattr(transformers, family.model_class)
     with user_errors(source):

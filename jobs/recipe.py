@@ -213,6 +213,19 @@ class Recipe:
             for key in STAGE_SECTIONS[stage]
         }
 
+    def needs(self, stage: str) -> tuple[str, ...]:
+        """The stages whose output ``stage`` reads from the run folder (the stage contract's inputs)."""
+        if stage == "prepare":
+            return ()
+        if stage == "dpo" and self.dpo.init == "sft" and "sft" in self.stages:
+            return ("prepare", "sft")
+        if stage == "evaluate":  # the trained variants it compares, of those the run has
+            return ("prepare", *(s for s in TRAINING_STAGES if s in self.evaluate.variants and s in self.stages))
+        if stage == "merge_push":  # the last trained stage, and evaluate's verdict when the run evaluates
+            source = "dpo" if "dpo" in self.stages else "sft"
+            return ("prepare", source, *(("evaluate",) if "evaluate" in self.stages else ()))
+        return ("prepare",)
+
     def chosen_stages(self, stages: tuple[str, ...] = ()) -> tuple[str, ...]:
         """``stages`` (all of the recipe's when none are named) in the pipeline's order; one the recipe lacks
         is a user error (``--stages`` of vlmjobs run and pipeline)."""

@@ -20,7 +20,7 @@ from jobs import recipe as recipes
 def main(recipe: str = "", force: bool = False, **overrides):
     cfg = recipes.load(recipe, overrides)
     recipes.check_passthrough(cfg)
-    stage = contract.begin("sft", cfg.run_dir, cfg.stage_config("sft"), needs=("prepare",), force=force, resumable=True)
+    stage = contract.begin("sft", cfg.run_dir, cfg.stage_config("sft"), needs=cfg.needs("sft"), force=force, resumable=True)
     if stage.skipped:
         return
 

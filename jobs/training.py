@@ -9,11 +9,13 @@ import json
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from jobs.contract import UserError, is_main_process
+from jobs.progress import timing
 from jobs.recipe import Train
 
 # Stage defaults under the recipe's ``args``; printed at start so nothing is filled in silently.
@@ -77,10 +79,15 @@ def callbacks(stage: str, work: Path) -> list:
 
 
 class MetricsLog(TrainerCallback):
-    """Every logged step as one JSON line in the run folder, and one plain line on stdout."""
+    """Every logged step as one JSON line in the run folder, and one plain line on stdout with the elapsed
+    time, the rate and the ETA of this attempt (a resumed one counts from its checkpoint)."""
 
     def __init__(self, stage: str, path: Path):
         self.stage, self.path = stage, path
+        self.started, self.first_step = time.time(), 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.time(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -89,7 +96,8 @@ class MetricsLog(TrainerCallback):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in logs.items() if k in SHOWN_METRICS)
-        print(f"{self.stage}: step {state.global_step}/{state.max_steps} {shown}", flush=True)
+        clock = timing(time.time() - self.started, state.global_step - self.first_step, state.max_steps - state.global_step, "steps")
+        print(f"{self.stage}: step {state.global_step}/{state.max_steps} {shown} ({clock})", flush=True)
 
 
 SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "rewards/margins", "rewards/accuracies", "mean_token_accuracy",

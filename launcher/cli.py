@@ -45,7 +45,8 @@ def run(recipe: str, stages="", force: bool = False, **overrides):
     try:
         local.run(resolved, _stages(stages), force=force)
     except local.StageFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+        if e.returncode not in (contract.EXIT_SIGINT, contract.EXIT_SIGTERM):  # a stopped stage has said so itself
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
 
 
