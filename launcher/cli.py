@@ -60,20 +60,81 @@ def validate(recipe: str, **overrides):
 
 
 def memory(recipe: str, **overrides):
-    """The DPO blog's memory arithmetic for the recipe's training stages, from the model's config alone."""
+    """The DPO blog's memory arithmetic for the recipe's training stages, from the model's config alone, checked
+    against resources.gpu_memory_gib: exit 2 when a stage does not fit, with what would (method, GPU size, batch)."""
     from jobs import memory as arithmetic
 
     resolved = recipes.load(str(recipe), overrides)
+    misfits = []
     for stage in [s for s in recipes.TRAINING_STAGES if s in resolved.stages]:
         estimate, counts = arithmetic.for_stage(resolved, stage)
         method = getattr(resolved, stage).method
         print(f"{stage} ({method}, {counts['dtype']}): {counts['trainable']:,} of {counts['parameters']:,} parameters trained")
         print(f"  {estimate}, before activations")
         res = resolved.resources_for(stage)
-        if res.gpu_memory_gib:
-            available = res.gpu_memory_gib * 2**30 / arithmetic.GB
-            verdict = "fits" if estimate.total < available else "does NOT fit"
-            print(f"  {verdict} in one {res.gpu_product or 'GPU'} of {res.gpu_memory_gib} GiB ({available:.1f} GB) before activations")
+        if not res.gpu_memory_gib:
+            print(f"  no {stage} GPU size to check against: set resources.gpu_memory_gib")
+            continue
+        available = res.gpu_memory_gib * 2**30 / arithmetic.GB
+        gpu, note = _gpu_checked(res)
+        if note:
+            print(f"  note: {note}")
+        if estimate.total < available:
+            print(f"  fits in {gpu} ({available:.1f} GB) before activations")
+            continue
+        misfits.append(f"{stage} needs {estimate.total:.3g} GB")
+        print(f"  does NOT fit in {gpu} ({available:.1f} GB) before activations; what would:")
+        for suggestion in _what_would_fit(resolved, stage, estimate.total, available):
+            print(f"    - {suggestion}")
+    if misfits:
+        raise contract.UserError(f"memory: {'; '.join(misfits)} before activations, more than the GPU checked; "
+                                 "change the recipe as suggested above")
+
+
+# Memory of common data-centre GPUs (GiB as their products name it): the sizes suggested when a recipe does not fit.
+GPU_SIZES_GIB = (16, 24, 32, 40, 48, 80, 94, 141, 192)
+
+
+def _gpu_checked(res: recipes.Resources) -> tuple[str, str | None]:
+    """How to name the GPU checked, from resources.gpu_memory_gib (the number used), and a note when
+    resources.gpu_product names another size."""
+    import re
+
+    size = f"{res.gpu_memory_gib:g} GiB"
+    named = re.search(r"(\d+)\s*G[Bi]?B", res.gpu_product or "", re.I)
+    if not res.gpu_product:
+        return f"one GPU of {size} (resources.gpu_memory_gib)", None
+    if named and abs(float(named.group(1)) - res.gpu_memory_gib) > 0.1 * res.gpu_memory_gib:
+        note = (f"resources.gpu_product {res.gpu_product} names a {named.group(1)} GB GPU, but resources.gpu_memory_gib "
+                f"is {res.gpu_memory_gib:g}: checked against {size}")
+        return f"one GPU of {size} (resources.gpu_memory_gib)", note
+    return f"one {res.gpu_product} of {size}", None
+
+
+def _what_would_fit(resolved: recipes.Recipe, stage: str, total: float, available: float) -> list[str]:
+    import dataclasses
+
+    from jobs import memory as arithmetic
+
+    train = getattr(resolved, stage)
+    suggestions = []
+    lighter = {"full": ("lora", "qlora"), "lora": ("qlora",), "qlora": ()}[train.method]
+    for method in lighter:
+        other = dataclasses.replace(resolved, **{stage: dataclasses.replace(train, method=method)})
+        need = arithmetic.for_stage(other, stage)[0].total
+        verdict = "fits" if need < available else "does not fit either"
+        suggestions.append(f"--{stage}.method={method}: {need:.3g} GB, {verdict}")
+    bigger = next((gib for gib in GPU_SIZES_GIB if total < gib * 2**30 / arithmetic.GB), None)
+    if bigger:
+        suggestions.append(f"a GPU of {bigger} GiB or more: --{stage}.resources.gpu_memory_gib={bigger} with a matching gpu_product")
+    else:
+        suggestions.append(f"no single GPU holds {total:.3g} GB: use LoRA or QLoRA")
+    suggestions.append(
+        "activations come on top and grow with the batch: a smaller per_device_train_batch_size with a larger "
+        f"gradient_accumulation_steps keeps the effective batch (--{stage}.args.per_device_train_batch_size=1), "
+        "and gradient_checkpointing trades time for their memory"
+    )
+    return suggestions
 
 
 def tiny_model(family: str, out: str, seed: int = 0):
