@@ -23,6 +23,13 @@ from jobs import contract
 from jobs import recipe as recipes
 
 TRAINED_VARIANTS = recipes.TRAINING_STAGES  # a variant per training stage: the model it trained
+# What evaluate reports, by the rows it scores: answer rows (data.sft), preference rows (data.dpo), and either kind where
+# the gold answers are yes/no. evaluate.primary_metric must be one of them (vlmjobs validate checks, before any GPU).
+METRICS = {
+    "sft": ("accuracy", "exact_match"),
+    "dpo": ("preference_accuracy", "mean_margin"),
+    "yes/no": ("yes_no_accuracy", "amber_f1", "amber_precision", "amber_recall", "pope_f1", "pope_precision", "pope_recall"),
+}
 
 
 def main(recipe: str = "", force: bool = False, **overrides):

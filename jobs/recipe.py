@@ -466,6 +466,12 @@ SCHEMA_CACHE_FORMAT = 1  # bump when _describe changes what it writes
 
 def check_passthrough(recipe: Recipe) -> None:
     """Check sft/dpo args, lora and quantization keys and value types against TRL, peft and transformers."""
+    errors = passthrough_errors(recipe)
+    if errors:
+        raise UserError(f"{recipe_origin(recipe)}: " + "; ".join(errors))
+
+
+def passthrough_errors(recipe: Recipe) -> list[str]:
     schemas = passthrough_schemas()
     errors: list[str] = []
     for stage, config_cls in (("sft", "SFTConfig"), ("dpo", "DPOConfig")):
@@ -478,8 +484,46 @@ def check_passthrough(recipe: Recipe) -> None:
         errors += _check_fields(config_cls, schemas[config_cls], train.args, f"{stage}.args")
         errors += _check_fields("LoraConfig", schemas["LoraConfig"], train.lora, f"{stage}.lora")
         errors += _check_fields("BitsAndBytesConfig", schemas["BitsAndBytesConfig"], train.quantization, f"{stage}.quantization")
-    if errors:
-        raise UserError(f"{recipe_origin(recipe)}: " + "; ".join(errors))
+    return errors
+
+
+def before_gpu_errors(recipe: Recipe) -> list[str]:
+    """What else can fail before a GPU is asked for (``vlmjobs validate``): local model and data paths that do
+    not exist, hub ids that are not well-formed, a primary metric evaluate does not report for this data.
+    Paths under kubernetes.mount_path are on the cluster's volume and not looked for here."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from jobs.evaluate import METRICS
+
+    errors = []
+    places = [("model.name_or_path", recipe.model.name_or_path, "model")]
+    places += [(f"data.{kind}.path", getattr(recipe.data, kind).path, "data set") for kind in ("sft", "dpo") if getattr(recipe.data, kind)]
+    if recipe.merge_push.push and recipe.merge_push.repo_id:
+        places.append(("merge_push.repo_id", recipe.merge_push.repo_id, "hub repo"))
+    for key, value, what in places:
+        if key != "merge_push.repo_id" and (Path(value).expanduser().exists() or value.startswith(recipe.kubernetes.mount_path.rstrip("/") + "/")):
+            continue
+        if key != "merge_push.repo_id" and (value.startswith((".", "/", "~")) or value.count("/") > 1):
+            built = "; make demo builds it" if value.startswith(".cache/") else ""
+            errors.append(f"{key}: {value}: no such {'folder' if what == 'model' else 'file or folder'} on this machine (a hub id is org/name){built}")
+            continue
+        try:
+            validate_repo_id(value)
+        except HFValidationError as e:
+            errors.append(f"{key}: {value!r} is neither a local path nor a hub id ({str(e).split('. ')[0]})")
+    if "evaluate" in recipe.stages:
+        reported = [m for kind, names in METRICS.items() if kind == "yes/no" or getattr(recipe.data, kind) for m in names]
+        metric = recipe.evaluate.primary_metric
+        needs = next((kind for kind, names in METRICS.items() if metric in names), None)
+        if metric not in reported and needs:
+            errors.append(f"evaluate.primary_metric: {metric!r} is reported only with data.{needs}; this recipe's evaluate "
+                          f"reports {', '.join(reported)}")
+        elif metric not in reported:
+            close = difflib.get_close_matches(metric, reported, n=1)
+            errors.append(f"evaluate.primary_metric: evaluate reports no {metric!r} for this recipe's data"
+                          + (f"; did you mean {close[0]!r}?" if close else f" (it reports {', '.join(reported)})"))
+    return errors
 
 
 def passthrough_schemas() -> dict[str, dict[str, dict]]:

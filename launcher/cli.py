@@ -51,12 +51,18 @@ def run(recipe: str, stages="", force: bool = False, **overrides):
 
 
 def validate(recipe: str, **overrides):
-    """Check a recipe (schema, families, formats, TRL/peft fields) and print it resolved."""
+    """Check a recipe: its schema, families and formats, the TRL/peft/transformers fields of its args, lora and
+    quantization, local model and data paths, hub ids' form, and the metric names; print it resolved, ending with
+    the verdict (a YAML comment). Every problem is reported at once, in one line; exit 2 when there is any."""
     import yaml
 
     resolved = recipes.load(str(recipe), overrides)
-    recipes.check_passthrough(resolved)
+    errors = recipes.passthrough_errors(resolved) + recipes.before_gpu_errors(resolved)
+    if errors:
+        raise contract.UserError(f"{recipes.recipe_origin(resolved)}: {len(errors)} problem{'s' * (len(errors) > 1)}: " + "; ".join(errors))
     print(yaml.safe_dump(resolved.to_dict(), sort_keys=False), end="")
+    print(f"# {recipes.recipe_origin(resolved)} is valid: stages {', '.join(resolved.stages)}; checked the schema, TRL, peft and "
+          "transformers fields, local paths, hub ids' form and metric names (not whether the hub has them)")
 
 
 def memory(recipe: str, **overrides):

@@ -193,3 +193,46 @@ def test_errors_of_the_args_name_the_recipe_file(tmp_path):
     path.write_text(yaml.safe_dump({**MINIMAL, "sft": {"args": {"learnig_rate": 1e-4}}}))
     with pytest.raises(UserError, match=rf"^recipe {path}: sft.args.learnig_rate: unknown key"):
         recipes.check_passthrough(recipes.load(path))
+
+
+def test_validate_reports_every_problem_a_gpu_would_meet_later_in_one_line(tmp_path, capsys):
+    """Issue 13 (7): missing local paths, malformed hub ids and an unknown primary metric (which failed at
+    merge_push, after all training) are found by `vlmjobs validate`, with the pass-through fields, all at once."""
+    from launcher import cli
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        **MINIMAL, "stages": ["prepare", "sft", "evaluate"],
+        "model": {"name_or_path": str(tmp_path / "no-model"), "family": "llava"},
+        "data": {"sft": {"path": "org//data", "format": "chartqa"}},
+        "sft": {"args": {"learnig_rate": 1e-4}},
+        "evaluate": {"primary_metric": "preference_accuracy"},
+    }))
+    with pytest.raises(UserError) as error:
+        cli.validate(str(path))
+    assert str(error.value) == (
+        f"recipe {path}: 4 problems: "
+        "sft.args.learnig_rate: unknown key (SFTConfig has no field 'learnig_rate'); did you mean 'learning_rate'?; "
+        f"model.name_or_path: {tmp_path / 'no-model'}: no such folder on this machine (a hub id is org/name); "
+        "data.sft.path: org//data: no such file or folder on this machine (a hub id is org/name); "
+        "evaluate.primary_metric: 'preference_accuracy' is reported only with data.dpo; this recipe's evaluate reports accuracy, exact_match, "
+        "yes_no_accuracy, amber_f1, amber_precision, amber_recall, pope_f1, pope_precision, pope_recall"
+    )
+    assert capsys.readouterr().out == ""
+
+
+def test_validate_ends_with_its_verdict_and_leaves_the_clusters_paths_alone(tmp_path, capsys):
+    from launcher import cli
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        **MINIMAL, "model": {"name_or_path": "/runs/models/base", "family": "llava"},
+        "data": {"sft": {"path": str(tmp_path), "format": "chartqa"}},
+        "evaluate": {"primary_metric": "exact_match"},
+    }))
+    cli.validate(str(path))
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["model"]["name_or_path"] == "/runs/models/base", "the output stays YAML"
+    assert out.splitlines()[-1].startswith(f"# recipe {path} is valid: stages prepare, sft; checked ")
+    with pytest.raises(UserError, match=r"evaluate.primary_metric: evaluate reports no 'acuracy' for this recipe's data; did you mean 'accuracy'\?$"):
+        cli.validate(str(path), **{"evaluate.primary_metric": "acuracy", "stages": ["prepare", "sft", "evaluate"]})

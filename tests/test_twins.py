@@ -48,6 +48,13 @@ def test_every_shipped_recipe_runs_its_stages_as_its_tiny_twin(path, tmp_path, t
     recipe = run_stages(out)
     for stage in recipe.stages:
         assert (recipe.run_dir / stage / contract.SUCCESS_FILE).is_file(), stage
+    if "evaluate" in recipe.stages:  # the names `vlmjobs validate` checks evaluate.primary_metric against (issue 13)
+        from jobs.evaluate import METRICS
+
+        report = contract.read_json(recipe.run_dir / "evaluate" / "report.json")
+        reported = {metric for variant in report["variants"].values() for metric in variant["metrics"]}
+        assert reported <= {m for names in METRICS.values() for m in names}, reported
+        assert recipe.evaluate.primary_metric in reported
     if "merge_push" in recipe.stages:
         trained = "dpo" if "dpo" in recipe.stages else "sft"
         record = contract.read_json(recipe.run_dir / "merge_push" / contract.SUCCESS_FILE)
