@@ -375,7 +375,32 @@ def main():
     if not argv or usage.wants_help(argv):  # answered here: Fire would run the command (or page its help)
         usage.print_help(help_text(argv))
         return
-    contract.entrypoint(COMMANDS)
+    contract.entrypoint({name: _options_checked(name, fn) for name, fn in COMMANDS.items()})
+
+
+def _options_checked(name: str, fn):
+    """A flag that is neither the command's option nor a recipe key (--forse, --detatch) gets "did you mean"
+    among both, instead of reaching the recipe as an unknown section."""
+    import dataclasses
+    import difflib
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    sections = [f.name for f in dataclasses.fields(recipes.Recipe)]
+    options = [p for p, spec in params.items() if spec.default is not spec.empty]
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        for key in kwargs:
+            top = key.split(".")[0]
+            if key in params or top in sections:
+                continue
+            close = difflib.get_close_matches(top, options + sections, n=1)
+            hint = f"; did you mean --{close[0]}{key[len(top):]}?" if close else f" (options: {', '.join(options)}; recipe sections: {', '.join(sections)})"
+            raise contract.UserError(f"--{key}: neither an option of vlmjobs {name} nor a recipe key{hint}")
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 if __name__ == "__main__":

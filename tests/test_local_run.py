@@ -59,6 +59,8 @@ def test_unknown_stages_tiny_families_and_data_kinds_are_one_line_each(write_rec
         (("run", str(path), "--stages=dpo"), "error: --stages: dpo not in the recipe's stages (prepare, sft)"),
         (("tiny-model", "--family=gpt2", f"--out={tmp_path / 'm'}"), "error: --family: no tiny model for 'gpt2' (have: llava,"),
         (("synth-data", "--kind=coco", f"--out={tmp_path / 'd'}"), "error: --kind: 'coco' is not one of chartqa,"),
+        (("run", str(path), "--forse"), "error: --forse: neither an option of vlmjobs run nor a recipe key; did you mean --force?"),
+        (("validate", str(path), "--modle.family=x"), "error: --modle.family: neither an option of vlmjobs validate nor a recipe key; did you mean --model.family?"),
     ]:
         done = vlmjobs(*args)
         assert done.returncode == contract.EXIT_USER_ERROR, done.stderr
