@@ -57,13 +57,17 @@ def load_split(source: Source, split: str, *, scratch: Path):
     cache_dir = str(scratch) if is_local(source) else None
     try:
         ds = load_dataset(source.path, source.name, revision=source.revision, split=split, cache_dir=cache_dir)
-    except FileNotFoundError as e:
-        raise UserError(f"data source {source.path}: not found ({e})") from None
-    except ValueError as e:  # unknown split, bad slice, unknown config
-        raise UserError(f"data source {source.path} split {split!r}: {e}") from None
-    except Exception as e:  # the hub's "repository not found" / "gated" errors are user errors too
-        if type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "DatasetNotFoundError"):
-            raise UserError(f"data source {source.path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        from jobs import hub
+
+        # Not found, gated, unreachable: one line naming the data set and the fix (datasets' own not-found is a FileNotFoundError)
+        problem = None if is_local(source) else hub.problem(e, "data set", source.path, source.revision)
+        if problem is not None:
+            raise problem from None
+        if isinstance(e, FileNotFoundError):
+            raise UserError(f"data source {source.path}: not found ({e})") from None
+        if isinstance(e, ValueError):  # unknown split, bad slice, unknown config
+            raise UserError(f"data source {source.path} split {split!r}: {e}") from None
         raise
     missing = [c for c in fmt.columns if c not in ds.column_names]
     if missing:
