@@ -87,7 +87,8 @@ def handle_stop_signals() -> None:
 def stopped(signum: int) -> str:
     import signal
 
-    return f"stopped on {signal.Signals(signum).name}; the unfinished work stays in the run folder, and running the same command again resumes it"
+    name = signal.Signals(signum).name
+    return f"stopped on {name}; the unfinished work stays in the run folder, and running the same command again resumes it"
 
 
 def entrypoint(main: Callable) -> None:

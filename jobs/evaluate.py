@@ -90,8 +90,8 @@ def evaluate_variant(variant: str, model, processor, tests: dict[str, list[dict]
     """Metrics and per-sample predictions of one variant."""
     from jobs import metrics as m
     from jobs.families import get_family
-    from jobs.progress import Progress
     from jobs.inference import completion_logprobs, generate_answers
+    from jobs.progress import Progress
 
     scores, predictions = {}, []
 

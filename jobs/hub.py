@@ -34,10 +34,13 @@ def problem(error: BaseException, what: str, name: str, revision: str | None = N
     kinds = {type(e).__name__ for e in chain}
     token = bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
     page = f"{constants.ENDPOINT}/{'datasets/' if what == 'data set' else ''}{name}"
-    status = next((getattr(getattr(e, "response", None), "status_code", None) for e in chain if type(e).__name__ == "HfHubHTTPError"), None)
+    responses = [getattr(e, "response", None) for e in chain]
+    status = next((r.status_code for r in responses if getattr(r, "status_code", None)), None)
     if "GatedRepoError" in kinds:
         fix = "HF_TOKEN's account has not been granted access" if token else "HF_TOKEN is not set"
-        return UserError(f"{what} {name} is gated on the hub and {fix}: accept its conditions at {page} and set HF_TOKEN to a token of that account")
+        return UserError(
+            f"{what} {name} is gated on the hub and {fix}: accept its conditions at {page} and set HF_TOKEN to a token of that account"
+        )
     if kinds & set(NOT_FOUND) or (status == 401 and "Invalid credentials" not in str(error)):
         fix = "and that HF_TOKEN's account may read it" if token else "or, if it is private or gated, set HF_TOKEN"
         return UserError(f"{what} {name}: not found on the hub ({constants.ENDPOINT}): check the id (org/name) {fix}")
@@ -56,7 +59,8 @@ def problem(error: BaseException, what: str, name: str, revision: str | None = N
         reason = f"HTTP {status}" if status else "cannot connect"
         return Failure(
             f"{what} {name}: the hub ({constants.ENDPOINT}) is unreachable ({reason}, after huggingface_hub's retries) and the "
-            "local cache lacks it: check the network, proxy or HF_ENDPOINT and run again, or run with HF_HUB_OFFLINE=1 where the cache holds it"
+            "local cache lacks it: check the network, proxy or HF_ENDPOINT and run again, "
+            "or run with HF_HUB_OFFLINE=1 where the cache holds it"
         )
     return None
 

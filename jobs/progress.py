@@ -29,7 +29,8 @@ class Progress:
         if done < self.total and tenth < self.next_tenth and now - self.last_shown < self.every:
             return None
         self.next_tenth, self.last_shown = tenth + 1, now
-        line = f"{self.what}: {done}/{self.total} {self.unit}{extra}, {timing(now - self.started, done - self.start, self.total - done, self.unit)}"
+        clock = timing(now - self.started, done - self.start, self.total - done, self.unit)
+        line = f"{self.what}: {done}/{self.total} {self.unit}{extra}, {clock}"
         print(line, flush=True)
         return line
 

@@ -495,18 +495,22 @@ def before_gpu_errors(recipe: Recipe) -> list[str]:
     from huggingface_hub.utils import validate_repo_id
 
     from jobs.evaluate import METRICS
+    from jobs.hub import looks_like_path
 
     errors = []
     places = [("model.name_or_path", recipe.model.name_or_path, "model")]
     places += [(f"data.{kind}.path", getattr(recipe.data, kind).path, "data set") for kind in ("sft", "dpo") if getattr(recipe.data, kind)]
     if recipe.merge_push.push and recipe.merge_push.repo_id:
         places.append(("merge_push.repo_id", recipe.merge_push.repo_id, "hub repo"))
+    on_cluster = recipe.kubernetes.mount_path.rstrip("/") + "/"
     for key, value, what in places:
-        if key != "merge_push.repo_id" and (Path(value).expanduser().exists() or value.startswith(recipe.kubernetes.mount_path.rstrip("/") + "/")):
-            continue
-        if key != "merge_push.repo_id" and (value.startswith((".", "/", "~")) or value.count("/") > 1):
+        local = key != "merge_push.repo_id"
+        if local and (Path(value).expanduser().exists() or value.startswith(on_cluster)):
+            continue  # here, or on the cluster's volume
+        if local and looks_like_path(value):
             built = "; make demo builds it" if value.startswith(".cache/") else ""
-            errors.append(f"{key}: {value}: no such {'folder' if what == 'model' else 'file or folder'} on this machine (a hub id is org/name){built}")
+            kind = "folder" if what == "model" else "file or folder"
+            errors.append(f"{key}: {value}: no such {kind} on this machine (a hub id is org/name){built}")
             continue
         try:
             validate_repo_id(value)

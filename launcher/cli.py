@@ -396,7 +396,8 @@ def _options_checked(name: str, fn):
             if key in params or top in sections:
                 continue
             close = difflib.get_close_matches(top, options + sections, n=1)
-            hint = f"; did you mean --{close[0]}{key[len(top):]}?" if close else f" (options: {', '.join(options)}; recipe sections: {', '.join(sections)})"
+            known = f" (options: {', '.join(options)}; recipe sections: {', '.join(sections)})"
+            hint = f"; did you mean --{close[0]}{key[len(top):]}?" if close else known
             raise contract.UserError(f"--{key}: neither an option of vlmjobs {name} nor a recipe key{hint}")
         return fn(*args, **kwargs)
 
