@@ -173,9 +173,9 @@ def _cluster_command(fn):
         except kube.KubeError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (contract.Interrupted)
             print("stopped following; what was created runs on (vlmjobs status)", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(128 + getattr(e, "signum", contract.EXIT_SIGINT - 128))
 
     return wrapper
 
