@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/bench/sft_vs_plain.py $(BENCH_ARGS)
 
 # On a cluster: the current kube context (see README, "On a cluster"). render needs no cluster.
-render: $(STAMP)  ## make render STAGE=sft [RECIPE=... RUN=...]: print the stage's manifests, change nothing
+render: $(STAMP)  ## make render STAGE=dpo [RECIPE=... RUN=...]: print the stage's manifests, change nothing
 	@$(VLMJOBS) render $(K8S_RECIPE) --stage=$(STAGE) $(RUN_ARG)
 
 submit: $(STAMP)  ## make submit STAGE=dpo [DETACH=1]: create the stage's Job and follow it and its log
@@ -53,7 +53,7 @@ pipeline: $(STAMP)  ## make pipeline [IN_CLUSTER=1] [DETACH=1]: the recipe's sta
 status: $(STAMP)  ## make status [RUN=...]: the Jobs and their states
 	$(VLMJOBS) status $(K8S_RECIPE) $(RUN_ARG)
 
-logs: $(STAMP)  ## make logs STAGE=sft [RUN=...]: a stage's log, followed
+logs: $(STAMP)  ## make logs STAGE=dpo [RUN=...]: a stage's log, followed
 	$(VLMJOBS) logs $(K8S_RECIPE) --stage=$(STAGE) $(RUN_ARG)
 
 delete: $(STAMP)  ## make delete RUN=... [STAGE=...]: delete a run's Jobs

@@ -35,6 +35,7 @@ class Kind:
     score: Callable[[list[str], list[str]], dict]  # (answers, labels) -> metrics, as the official script
     correct: Callable[[str, str], bool]  # (answer, label) -> whether the official script counts it right
     description: str
+    metrics: tuple[str, ...]  # the keys of score's result, as the official script prints them
 
 
 def _load_json(path: str | Path, where: str, *, lines: bool = False):
@@ -103,8 +104,10 @@ def _pope_score(answers, labels):
 
 
 KINDS = {
-    "amber": Kind(read_amber, _amber_score, _amber_correct, "AMBER discriminative task (junyangwang0410/AMBER inference.py)"),
-    "pope": Kind(read_pope, _pope_score, _pope_correct, "POPE (RUCAIBox/POPE evaluate.py)"),
+    "amber": Kind(read_amber, _amber_score, _amber_correct, "AMBER discriminative task (junyangwang0410/AMBER inference.py)",
+                   ("accuracy", "precision", "recall", "f1")),
+    "pope": Kind(read_pope, _pope_score, _pope_correct, "POPE (RUCAIBox/POPE evaluate.py)",
+                  ("accuracy", "precision", "recall", "f1", "yes_ratio")),
 }
 
 

@@ -45,26 +45,75 @@ class Failure(Exception):
 
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM: stopped from outside (preemption, kubectl delete); worth a retry
+EXIT_SIGINT = 130  # 128 + SIGINT: Ctrl-C; the unfinished attempt stays for a restart, as after SIGTERM
+STOP_SIGNALS = ("SIGTERM", "SIGINT")
 
 
-class Interrupted(Exception):
-    """SIGTERM arrived outside training (where the trainer checkpoints instead)."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived outside training (where the trainer checkpoints instead). A KeyboardInterrupt,
+    so that library code catching Exception does not swallow it, and code that stops following on Ctrl-C
+    stops on SIGTERM too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_HANDLER_PID: list[int] = []  # the process that installed the handlers (forked workers inherit them)
 
 
 def _raise_interrupted(signum, frame):
-    raise Interrupted()
+    import signal
+
+    if os.getpid() not in _HANDLER_PID:  # a forked worker (datasets.map, a DataLoader): the main process reports
+        os._exit(128 + signum)
+    for name in STOP_SIGNALS:  # one line, once: a second Ctrl-C while stopping changes nothing
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def handle_stop_signals() -> None:
+    """SIGTERM and SIGINT raise ``Interrupted`` in this process: one line and exit 128 + N (``entrypoint``).
+
+    As a container's PID 1 a process ignores SIGTERM unless it handles it: the Job would hang for the
+    whole grace period. Training stages replace these handlers with one that writes a checkpoint first."""
+    import signal
+
+    _HANDLER_PID[:] = [os.getpid()]
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), _raise_interrupted)
+
+
+def stopped(signum: int) -> str:
+    import signal
+
+    name = signal.Signals(signum).name
+    return f"stopped on {name}; the unfinished work stays in the run folder, and running the same command again resumes it"
 
 
 def entrypoint(main: Callable) -> None:
     """Run a stage's ``main`` under Fire, turning user errors into one line and exit code 2."""
-    import logging
     import signal
+
+    handle_stop_signals()
+    from jobs import usage
+
+    if callable(main) and usage.wants_help(sys.argv[1:]):  # before Fire, which would run main to find its help
+        usage.print_help(usage.stage_help(main))
+        return
+    try:
+        _run(main)
+    except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C before the handlers were in place
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(stopped(signum), file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+
+def _run(main: Callable) -> None:
+    import logging
 
     import fire
 
-    # As a container's PID 1 a process ignores SIGTERM unless it handles it: the Job would hang for the
-    # whole grace period. Training stages replace this handler with one that writes a checkpoint first.
-    signal.signal(signal.SIGTERM, _raise_interrupted)
     # Progress bars redraw a line with carriage returns, which a pod's log keeps as one endless line:
     # without a terminal, the Hugging Face libraries' bars are off (the trainer prints a line per step).
     if not sys.stderr.isatty():
@@ -74,9 +123,6 @@ def entrypoint(main: Callable) -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         fire.Fire(main)
-    except Interrupted:
-        print("stopped on SIGTERM; the unfinished work stays in the run folder for a restart", file=sys.stderr)
-        sys.exit(EXIT_SIGTERM)
     except (UserError, Failure) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -165,7 +211,7 @@ def begin(
     for need in needs:
         marker = run_dir / need / SUCCESS_FILE
         if not marker.is_file():
-            raise UserError(f"{name} needs the {need} stage's output: {marker} not found; run {need} first")
+            raise UserError(missing_input(name, run_dir, need))
         inputs[need] = read_json(marker)
     config = {"stage": name, **config, "inputs": {n: rec["fingerprint"] for n, rec in inputs.items()}}
     stage = Stage(name, run_dir, config, _fingerprint(config), inputs)
@@ -178,9 +224,10 @@ def begin(
             stage.skipped = True
             return stage
         if previous.get("fingerprint") != stage.fingerprint and not force:
+            changed = changed_keys(previous.get("config", {}), config)
             raise UserError(
-                f"{name}: {stage.out} holds output of another config (fingerprint {previous.get('fingerprint')}, "
-                f"now {stage.fingerprint}): use another run.id, or --force to replace it"
+                f"{name}: {stage.out} holds output of another config (changed: {', '.join(changed) or 'unknown'}; "
+                f"fingerprint {previous.get('fingerprint')}, now {stage.fingerprint}): use another run.id, or --force to replace it"
             )
         stage.replacing = True
     if not is_main_process():
@@ -199,6 +246,34 @@ def begin(
     stage.work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stage.work / CONFIG_FILE, {"fingerprint": stage.fingerprint, "config": config})
     return stage
+
+
+def missing_input(name: str, run_dir: Path, need: str) -> str:
+    return f"{name} needs the {need} stage's output: {Path(run_dir) / need / SUCCESS_FILE} not found; run {need} first"
+
+
+def is_done(name: str, run_dir: Path, config: dict, needs: tuple[str, ...] = ()) -> bool:
+    """Whether ``begin`` would skip the stage: its marker written for this config and these inputs. Read by the
+    local runner, which then starts no process for it."""
+    run_dir = Path(run_dir)
+    markers = [run_dir / need / SUCCESS_FILE for need in needs]
+    done = run_dir / name / SUCCESS_FILE
+    if not done.is_file() or not all(m.is_file() for m in markers):
+        return False
+    config = {"stage": name, **config, "inputs": {n: read_json(m)["fingerprint"] for n, m in zip(needs, markers)}}
+    return read_json(done).get("fingerprint") == _fingerprint(config)
+
+
+def changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (``inputs.prepare``: an input was redone)."""
+    changed = []
+    for key in sorted(set(before) | set(after), key=str):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_keys(a, b, f"{prefix}{key}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def newest_complete_checkpoint(folder: Path) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from jobs.contract import UserError
 from jobs.formats import FORMATS, Drop
+from jobs.progress import Progress
 from jobs.recipe import Prepare, Source
 
 DROP = "_drop"  # column carrying a row's drop reason ("" for a kept row) between convert and filter
@@ -56,13 +57,17 @@ def load_split(source: Source, split: str, *, scratch: Path):
     cache_dir = str(scratch) if is_local(source) else None
     try:
         ds = load_dataset(source.path, source.name, revision=source.revision, split=split, cache_dir=cache_dir)
-    except FileNotFoundError as e:
-        raise UserError(f"data source {source.path}: not found ({e})") from None
-    except ValueError as e:  # unknown split, bad slice, unknown config
-        raise UserError(f"data source {source.path} split {split!r}: {e}") from None
-    except Exception as e:  # the hub's "repository not found" / "gated" errors are user errors too
-        if type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "DatasetNotFoundError"):
-            raise UserError(f"data source {source.path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        from jobs import hub
+
+        # Not found, gated, unreachable: one line naming the data set and the fix (datasets' own not-found is a FileNotFoundError)
+        problem = None if is_local(source) else hub.problem(e, "data set", source.path, source.revision)
+        if problem is not None:
+            raise problem from None
+        if isinstance(e, FileNotFoundError):
+            raise UserError(f"data source {source.path}: not found ({e})") from None
+        if isinstance(e, ValueError):  # unknown split, bad slice, unknown config
+            raise UserError(f"data source {source.path} split {split!r}: {e}") from None
         raise
     missing = [c for c in fmt.columns if c not in ds.column_names]
     if missing:
@@ -78,11 +83,20 @@ def load_split(source: Source, split: str, *, scratch: Path):
     return ds.select_columns(list(fmt.columns))
 
 
-def convert(ds, source: Source, shrink, *, num_proc: int = 1):
-    """Map source rows to conversational rows; returns (kept rows, Drops)."""
+def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = ""):
+    """Map source rows to conversational rows; returns (kept rows, Drops). Prints a progress line at each
+    tenth of the rows and at least every minute, from the worker that holds the first rows."""
     fmt = FORMATS[source.format]
+    workers = max(num_proc, 1)
+    progress = Progress(f"prepare: {what or source.path}", len(ds), every=60.0)
+    seen = {"rows": 0, "reports": False}
 
     def one(row, index):
+        seen["rows"] += 1
+        if seen["rows"] == 1:
+            seen["reports"] = index == 0
+        if seen["reports"]:
+            progress.update(min(seen["rows"] * workers, len(ds)), " converted" if workers == 1 else f" converted (about: {workers} workers)")
         try:
             raw = row[fmt.image_column]
             raw = raw if isinstance(raw, list) else [raw]

@@ -23,8 +23,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     cfg = recipes.load(recipe, overrides)
     recipes.check_passthrough(cfg)
     from_sft = cfg.dpo.init == "sft" and "sft" in cfg.stages
-    needs = ("prepare", "sft") if from_sft else ("prepare",)
-    stage = contract.begin("dpo", cfg.run_dir, cfg.stage_config("dpo"), needs=needs, force=force, resumable=True)
+    stage = contract.begin("dpo", cfg.run_dir, cfg.stage_config("dpo"), needs=cfg.needs("dpo"), force=force, resumable=True)
     if stage.skipped:
         return
 

@@ -26,6 +26,21 @@ from jobs import contract
 from jobs import recipe as recipes
 
 TRAINED_VARIANTS = recipes.TRAINING_STAGES  # a variant per training stage: the model it trained
+# What evaluate reports, by the rows it scores: answer rows (data.sft), preference rows (data.dpo), and either kind where
+# the gold answers are yes/no; each benchmark's as <its key>_<its official metric> (jobs.benchmarks). evaluate.primary_metric
+# must be one of them (vlmjobs validate checks, before any GPU).
+METRICS = {
+    "sft": ("accuracy", "exact_match"),
+    "dpo": ("preference_accuracy", "mean_margin"),
+    "yes/no": ("yes_no_accuracy", "no_f1", "no_precision", "no_recall", "yes_f1", "yes_precision", "yes_recall"),
+}
+
+
+def benchmark_metrics(benchmarks) -> tuple[str, ...]:
+    """The names the recipe's evaluate.benchmarks are reported under."""
+    from jobs.benchmarks import KINDS
+
+    return tuple(f"{bench.key}_{name}" for bench in benchmarks for name in KINDS[bench.format].metrics)
 
 
 def main(recipe: str = "", force: bool = False, **overrides):
@@ -35,7 +50,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         print(f"evaluate: no {skipped} variant: the run has no {skipped} stage")
     stage = contract.begin(
         "evaluate", cfg.run_dir, cfg.stage_config("evaluate"),
-        needs=("prepare",) + tuple(v for v in TRAINED_VARIANTS if v in variants), force=force,
+        needs=cfg.needs("evaluate"), force=force,
     )
     if stage.skipped:
         return
@@ -114,6 +129,7 @@ def evaluate_variant(
     from jobs import metrics as m
     from jobs.families import get_family
     from jobs.inference import completion_logprobs, generate_answers
+    from jobs.progress import Progress
 
     scores, counts, predictions = {}, {}, []
 
@@ -121,16 +137,14 @@ def evaluate_variant(
         counts.update(dict.fromkeys(metrics, n))
         return metrics
 
-    def progress(done, total):
-        if done == total or done % (cfg.evaluate.batch_size * 10) == 0:
-            print(f"evaluate: {variant}: {done}/{total} answers", flush=True)
-
     # an answer ends where the template closes a turn, even where the checkpoint's eos ids leave that token out
     stop = get_family(cfg.model.family).stop_token_ids(processor, model.generation_config)
 
     def answer(rows):
-        return generate_answers(model, processor, rows, max_new_tokens=cfg.evaluate.max_new_tokens,
-                                batch_size=cfg.evaluate.batch_size, progress=progress, stop_token_ids=stop)
+        shown = Progress(f"evaluate: {variant}", len(rows), unit="answers")
+        shown.begin()
+        return generate_answers(model, processor, rows, max_new_tokens=cfg.evaluate.max_new_tokens, batch_size=cfg.evaluate.batch_size,
+                                progress=lambda done, total: shown.update(done), stop_token_ids=stop)
 
     if "sft" in tests:
         rows = [with_prompt(row, variant, cfg) for row in tests["sft"]]

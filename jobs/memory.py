@@ -71,7 +71,7 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
 
     family = get_family(recipe.model.family)
     train = getattr(recipe, stage)
-    with user_errors(recipe.model.name_or_path):
+    with user_errors(recipe.model.name_or_path, recipe.model.revision):
         config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
     with init_empty_weights():
         model = getattr(transformers, family.model_class)._from_config(config)

@@ -37,7 +37,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     evaluated = "evaluate" in cfg.stages
     stage = contract.begin(
         "merge_push", cfg.run_dir, cfg.stage_config("merge_push"),
-        needs=("prepare", source) + (("evaluate",) if evaluated else ()), force=force,
+        needs=cfg.needs("merge_push"), force=force,
     )
     if stage.skipped:
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from jobs.recipe import Model, Recipe, Train
 
 LINEAGE_FILE = "lineage.json"
 BASE = "base"  # lineage["base"] naming the recipe's base model rather than a run folder path
-HUB_ERRORS = ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "HFValidationError")
 
 
 def resolve_dtype(name: str):
@@ -41,7 +41,7 @@ def load_processor(spec: Model, path: str | Path | None = None):
     processor_class = AutoProcessor
     if family.prefix_lm:
         from jobs.prefix_lm import PrefixLMProcessor as processor_class
-    with user_errors(source):
+    with user_errors(source, None if path else spec.revision):
         processor = processor_class.from_pretrained(source, revision=None if path else spec.revision, **kwargs)
     if processor.chat_template is None and family.chat_template:
         processor.chat_template = family.chat_template
@@ -61,7 +61,7 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
     family = get_family(spec.family)
     source = str(path or spec.name_or_path)
     revision = None if path else spec.revision
-    with user_errors(source):
+    with user_errors(source, revision):
         config = AutoConfig.from_pretrained(source, revision=revision)
     if config.model_type not in family.model_types:
         match = family_of(config.model_type)
@@ -84,9 +84,11 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
         )
         # bitsandbytes places weights at load time; each process takes its own GPU
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            print(f"warning: model {source} in 4 bits without CUDA: bitsandbytes' CPU fallback runs it, far slower "
+                  "than a GPU (fine for a test, not for a real run)", file=sys.stderr, flush=True)
         kwargs["device_map"] = {"": device}
     model_class = getattr(transformers, family.model_class)
-    with user_errors(source):
         model = model_class.from_pretrained(source, **kwargs)
     if quantize is not None and not torch.cuda.is_available():
         # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for its bf16 kernel at the first forward
@@ -207,20 +209,22 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 @contextmanager
-def user_errors(source: str):
-    """Turn 'no such model, repo or revision' into a one-line UserError; network trouble stays a failure."""
+def user_errors(source: str, revision: str | None = None):
+    """Turn 'no such folder, repo or revision', a gated repo without a token, an unreachable hub into one line
+    naming the model and the fix (``jobs.hub``): UserError for the recipe or the token, Failure for the network."""
+    from jobs import hub
+
     try:
         yield
     except Exception as error:
-        chain = [error]
-        while chain[-1].__cause__ or chain[-1].__context__:
-            chain.append(chain[-1].__cause__ or chain[-1].__context__)
         looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
         if looks_like_path and not Path(source).exists():
             raise UserError(f"model {source}: no such folder (nor a hub id, which is org/name)") from None
-        hub_error = next((e for e in chain if type(e).__name__ in HUB_ERRORS), None)
-        if hub_error is not None:
-            raise UserError(f"model {source}: {str(hub_error).splitlines()[0]}") from None
+        if Path(source).exists():
+            raise
+        problem = hub.problem(error, "model", source, revision)
+        if problem is not None:
+            raise problem from None
         raise
 
 

@@ -34,7 +34,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     family = get_family(cfg.model.family)
     processor = modeling.load_processor(cfg.model)
     longest, shortest = family.max_image_edge(processor, cfg.prepare.image_scale)
-    print(f"prepare: images shrunk to longest side <= {longest or 'any'}, shortest side <= {shortest or 'any'} px")
+    bounds = [f"{side} side <= {limit} px" for side, limit in (("longest", longest), ("shortest", shortest)) if limit]
+    print(f"prepare: images shrunk to {' and '.join(bounds) or 'their own size (the processor sets no limit)'}")
 
     def shrink(image):
         return family.shrink(image, processor, cfg.prepare.image_scale)
@@ -53,7 +54,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
             raw = data.load_split(source, name, scratch=stage.work / "scratch")
             if cfg.prepare.max_rows is not None:
                 raw = raw.select(range(min(cfg.prepare.max_rows, len(raw))))
-            prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc)
+            prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc, what=where)
             data.check_drops(dropped, where, cfg.prepare)
             drops[f"{kind}/{split}"] = dropped.to_dict()
             print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))

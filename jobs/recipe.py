@@ -233,6 +233,19 @@ class Recipe:
             for key in STAGE_SECTIONS[stage]
         }
 
+    def needs(self, stage: str) -> tuple[str, ...]:
+        """The stages whose output ``stage`` reads from the run folder (the stage contract's inputs)."""
+        if stage == "prepare":
+            return ()
+        if stage == "dpo" and self.dpo.init == "sft" and "sft" in self.stages:
+            return ("prepare", "sft")
+        if stage == "evaluate":  # the trained variants it compares, of those the run has
+            return ("prepare", *(s for s in TRAINING_STAGES if s in self.evaluate.variants and s in self.stages))
+        if stage == "merge_push":  # the last trained stage, and evaluate's verdict when the run evaluates
+            source = "dpo" if "dpo" in self.stages else "sft"
+            return ("prepare", source, *(("evaluate",) if "evaluate" in self.stages else ()))
+        return ("prepare",)
+
     def chosen_stages(self, stages: tuple[str, ...] = ()) -> tuple[str, ...]:
         """``stages`` (all of the recipe's when none are named) in the pipeline's order; one the recipe lacks
         is a user error (``--stages`` of vlmjobs run and pipeline)."""
@@ -260,7 +273,7 @@ def load(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | No
     if recipe:
         path = Path(recipe)
         if not path.is_file():
-            raise UserError(f"recipe {path}: no such file")
+            raise UserError(f"recipe {path}: no such file{_did_you_mean_file(path)}")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
@@ -277,7 +290,15 @@ def load(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | No
     return from_dict(data, overrides, origin=origin)
 
 
-def from_dict(data: dict, overrides: dict[str, Any] | None = None, *, origin: str = "recipe") -> Recipe:
+def _did_you_mean_file(path: Path) -> str:
+    """"; did you mean recipes/tiny-demo.yaml?" for tiny-demo, tiny-demo.yaml or recipes/tiny-dmeo.yaml."""
+    known = {p.stem: p for folder in {path.parent, Path("recipes")} if folder.is_dir() for p in sorted(folder.glob("*.yaml"))}
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    match = known.get(name) or next((known[m] for m in difflib.get_close_matches(name, list(known), n=1)), None)
+    return f"; did you mean {match}?" if match else ""
+
+
+def from_dict(data: dict, overrides: dict[str, Any] | None = None, *, origin: str | None = None) -> Recipe:
     data = json.loads(json.dumps(data))  # a deep copy that overrides may change
     errors: list[str] = []
     for key, value in (overrides or {}).items():
@@ -286,8 +307,18 @@ def from_dict(data: dict, overrides: dict[str, Any] | None = None, *, origin: st
     if not errors:
         errors.extend(_semantic_errors(recipe))
     if errors:
-        raise UserError(f"recipe {origin}: " + "; ".join(errors))
+        raise UserError(f"{_recipe_named(origin)}: " + "; ".join(errors))
+    object.__setattr__(recipe, "_origin", origin)  # for later messages; not a field, so not in the fingerprint
     return recipe
+
+
+def recipe_origin(recipe: Recipe) -> str:
+    """The recipe's name in messages: "recipe recipes/x.yaml" (or "recipe $VLMJOBS_RECIPE")."""
+    return _recipe_named(getattr(recipe, "_origin", None))
+
+
+def _recipe_named(origin: str | None) -> str:
+    return f"recipe {origin}" if origin else "recipe"
 
 
 def _cli_literal(value: Any) -> Any:
@@ -486,72 +517,175 @@ STAGE_OWNED_ARGS = {  # set by the stage from the run folder; a recipe value wou
 }
 
 
+# The classes the pass-through sections are handed to; BitsAndBytesConfig is a plain class whose __init__ is the schema.
+PASSTHROUGH_CLASSES = {"SFTConfig": "trl", "DPOConfig": "trl", "LoraConfig": "peft", "BitsAndBytesConfig": "transformers"}
+SCHEMA_CACHE_FORMAT = 1  # bump when _describe changes what it writes
+
+
 def check_passthrough(recipe: Recipe) -> None:
     """Check sft/dpo args, lora and quantization keys and value types against TRL, peft and transformers."""
-    from peft import LoraConfig
-    from transformers import BitsAndBytesConfig
-    from trl import DPOConfig, SFTConfig
+    errors = passthrough_errors(recipe)
+    if errors:
+        raise UserError(f"{recipe_origin(recipe)}: " + "; ".join(errors))
 
+
+def passthrough_errors(recipe: Recipe) -> list[str]:
+    schemas = passthrough_schemas()
     errors: list[str] = []
-    for stage, config_cls in (("sft", SFTConfig), ("dpo", DPOConfig)):
+    for stage, config_cls in (("sft", "SFTConfig"), ("dpo", "DPOConfig")):
         if stage not in recipe.stages:
             continue
         train = getattr(recipe, stage)
         for key in train.args:
             if key in STAGE_OWNED_ARGS:
                 errors.append(f"{stage}.args.{key}: set by the stage ({STAGE_OWNED_ARGS[key]}); remove it")
-        errors += _check_fields(config_cls, train.args, f"{stage}.args")
-        errors += _check_fields(LoraConfig, train.lora, f"{stage}.lora")
-        errors += _check_fields(BitsAndBytesConfig, train.quantization, f"{stage}.quantization", init_only=True)
-    if errors:
-        raise UserError("recipe: " + "; ".join(errors))
-
-
-def _check_fields(cls, values: dict, where: str, init_only: bool = False) -> list[str]:
-    if dataclasses.is_dataclass(cls):
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-    else:  # BitsAndBytesConfig is a plain class: its __init__ is the schema
-        import inspect
-
-        params = inspect.signature(cls.__init__).parameters
-        known = {k: p for k, p in params.items() if k not in ("self", "kwargs")}
-        hints = {k: p.annotation for k, p in known.items() if p.annotation is not inspect.Parameter.empty}
-    errors = []
-    for key, value in values.items():
-        if key not in known:
-            errors.append(_unknown_key(f"{where}.{key}", key, known, owner=cls.__name__))
-        elif key in hints and not _matches(value, hints[key]):
-            errors.append(f"{where}.{key}: {_kind(value)} does not fit {cls.__name__}.{key} ({_hint_name(hints[key])})")
+        errors += _check_fields(config_cls, schemas[config_cls], train.args, f"{stage}.args")
+        errors += _check_fields("LoraConfig", schemas["LoraConfig"], train.lora, f"{stage}.lora")
+        errors += _check_fields("BitsAndBytesConfig", schemas["BitsAndBytesConfig"], train.quantization, f"{stage}.quantization")
     return errors
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Loose type check for library config fields: True when unsure."""
-    if isinstance(hint, str) or hint is Any:
-        return True
+def before_gpu_errors(recipe: Recipe) -> list[str]:
+    """What else can fail before a GPU is asked for (``vlmjobs validate``): local model and data paths that do
+    not exist, hub ids that are not well-formed, a primary metric evaluate does not report for this data.
+    Paths under kubernetes.mount_path are on the cluster's volume and not looked for here."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from jobs.evaluate import METRICS, benchmark_metrics
+    from jobs.hub import looks_like_path
+
+    errors = []
+    places = [("model.name_or_path", recipe.model.name_or_path, "model")]
+    places += [(f"data.{kind}.path", getattr(recipe.data, kind).path, "data set") for kind in ("sft", "dpo") if getattr(recipe.data, kind)]
+    if recipe.merge_push.push and recipe.merge_push.repo_id:
+        places.append(("merge_push.repo_id", recipe.merge_push.repo_id, "hub repo"))
+    on_cluster = recipe.kubernetes.mount_path.rstrip("/") + "/"
+    for key, value, what in places:
+        local = key != "merge_push.repo_id"
+        if local and (Path(value).expanduser().exists() or value.startswith(on_cluster)):
+            continue  # here, or on the cluster's volume
+        if local and looks_like_path(value):
+            built = "; make demo builds it" if value.startswith(".cache/") else ""
+            kind = "folder" if what == "model" else "file or folder"
+            errors.append(f"{key}: {value}: no such {kind} on this machine (a hub id is org/name){built}")
+            continue
+        try:
+            validate_repo_id(value)
+        except HFValidationError as e:
+            errors.append(f"{key}: {value!r} is neither a local path nor a hub id ({str(e).split('. ')[0]})")
+    if "evaluate" in recipe.stages:
+        reported = [m for kind, names in METRICS.items() if kind == "yes/no" or getattr(recipe.data, kind) for m in names]
+        reported += benchmark_metrics(recipe.evaluate.benchmarks)
+        metric = recipe.evaluate.primary_metric
+        needs = next((kind for kind, names in METRICS.items() if metric in names), None)
+        if metric not in reported and needs:
+            errors.append(f"evaluate.primary_metric: {metric!r} is reported only with data.{needs}; this recipe's evaluate "
+                          f"reports {', '.join(reported)}")
+        elif metric not in reported:
+            close = difflib.get_close_matches(metric, reported, n=1)
+            errors.append(f"evaluate.primary_metric: evaluate reports no {metric!r} for this recipe's data"
+                          + (f"; did you mean {close[0]!r}?" if close else f" (it reports {', '.join(reported)})"))
+    return errors
+
+
+def passthrough_schemas() -> dict[str, dict[str, dict]]:
+    """{class: {field: {"type": description, "shown": type as the message names it}}} for the pass-through classes.
+
+    Importing TRL takes ~10 s; the field names and types only change with the installed versions, so they are
+    read from the classes once per set of versions and kept in a cache file outside the tree
+    ($VLMJOBS_CACHE, else ~/.cache/vlmjobs). A cache that cannot be written is only slower."""
+    from importlib import metadata
+
+    versions = {package: metadata.version(package) for package in sorted(set(PASSTHROUGH_CLASSES.values()))}
+    key = hashlib.sha256(json.dumps([SCHEMA_CACHE_FORMAT, versions], sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / f"passthrough-{key}.json"
+    try:
+        return json.loads(path.read_text())["schemas"]
+    except (OSError, ValueError, KeyError):
+        pass
+    schemas = describe_passthrough_classes()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"versions": versions, "schemas": schemas}, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return schemas
+
+
+def cache_dir() -> Path:
+    if os.environ.get("VLMJOBS_CACHE"):
+        return Path(os.environ["VLMJOBS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlmjobs"
+
+
+def describe_passthrough_classes() -> dict[str, dict[str, dict]]:
+    """The pass-through classes' fields read off the classes themselves (imports TRL, peft, transformers)."""
+    import importlib
+    import inspect
+
+    schemas = {}
+    for name, package in PASSTHROUGH_CLASSES.items():
+        cls = getattr(importlib.import_module(package), name)
+        if dataclasses.is_dataclass(cls):
+            known = [f.name for f in dataclasses.fields(cls)]
+            hints = typing.get_type_hints(cls)
+        else:
+            params = inspect.signature(cls.__init__).parameters
+            known = [k for k in params if k not in ("self", "kwargs")]
+            hints = {k: params[k].annotation for k in known if params[k].annotation is not inspect.Parameter.empty}
+        schemas[name] = {
+            key: {"type": _describe(hints[key]), "shown": _hint_name(hints[key])} if key in hints else {"type": "any", "shown": "any"}
+            for key in known
+        }
+    return schemas
+
+
+def _check_fields(owner: str, known: dict[str, dict], values: dict, where: str) -> list[str]:
+    errors = []
+    for key, value in values.items():
+        if key not in known:
+            errors.append(_unknown_key(f"{where}.{key}", key, known, owner=owner))
+        elif not _fits(value, known[key]["type"]):
+            errors.append(f"{where}.{key}: {_kind(value)} does not fit {owner}.{key} ({known[key]['shown']})")
+    return errors
+
+
+def _describe(hint: Any) -> Any:
+    """A type hint as JSON, for the loose check of ``_fits``: "any" where unsure."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
+        return {"any_of": [_describe(a) for a in args]}
     if origin is typing.Literal:
-        return value in args
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
+        return {"one_of": list(args)}
+    for kind, cls in (("none", type(None)), ("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if hint is cls:
+            return kind
     if origin in (list, tuple) or hint in (list, tuple):
-        return isinstance(value, (list, tuple))
+        return "list"
     if origin is dict or hint is dict:
-        return isinstance(value, dict)
+        return "dict"
     if isinstance(hint, type) and issubclass(hint, __import__("enum").Enum):
-        return value in {m.value for m in hint} or value in {m.name for m in hint}
-    return True
+        return {"one_of": [m.value for m in hint] + [m.name for m in hint]}
+    return "any"
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Loose type check for library config fields: True when unsure."""
+    if isinstance(kind, dict):
+        return any(_fits(value, k) for k in kind["any_of"]) if "any_of" in kind else value in kind["one_of"]
+    checks = {
+        "none": lambda: value is None,
+        "bool": lambda: isinstance(value, bool),
+        "int": lambda: isinstance(value, int) and not isinstance(value, bool),
+        "float": lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": lambda: isinstance(value, str),
+        "list": lambda: isinstance(value, (list, tuple)),
+        "dict": lambda: isinstance(value, dict),
+    }
+    return checks[kind]() if kind in checks else True
 
 
 def _unknown_key(where: str, key: str, known, owner: str | None = None) -> str:

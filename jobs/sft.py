@@ -2,7 +2,7 @@
 
 LoRA, QLoRA (4-bit nf4 base, double quantisation) or full fine-tuning, as ``sft.method`` says.
 Checkpoints go to the run folder; started again after an interruption, the stage resumes from
-the newest complete checkpoint. On SIGTERM it writes a checkpoint and exits 143.
+the newest complete checkpoint. On SIGTERM (SIGINT) it writes a checkpoint and exits 143 (130).
 
     local:      python -m jobs.sft --recipe recipes/tiny-demo.yaml [--sft.args.learning_rate=1e-4]
                 vlmjobs run recipes/tiny-demo.yaml --stages sft
@@ -20,7 +20,7 @@ from jobs import recipe as recipes
 def main(recipe: str = "", force: bool = False, **overrides):
     cfg = recipes.load(recipe, overrides)
     recipes.check_passthrough(cfg)
-    stage = contract.begin("sft", cfg.run_dir, cfg.stage_config("sft"), needs=("prepare",), force=force, resumable=True)
+    stage = contract.begin("sft", cfg.run_dir, cfg.stage_config("sft"), needs=cfg.needs("sft"), force=force, resumable=True)
     if stage.skipped:
         return
 

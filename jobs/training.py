@@ -9,11 +9,13 @@ import json
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from jobs.contract import EXIT_SIGTERM, UserError, is_main_process
+from jobs.contract import UserError, is_main_process
+from jobs.progress import timing
 from jobs.recipe import Train
 
 # Stage defaults under the recipe's ``args``; printed at start so nothing is filled in silently.
@@ -77,10 +79,15 @@ def callbacks(stage: str, work: Path) -> list:
 
 
 class MetricsLog(TrainerCallback):
-    """Every logged step as one JSON line in the run folder, and one plain line on stdout."""
+    """Every logged step as one JSON line in the run folder, and one plain line on stdout with the elapsed
+    time, the rate and the ETA of this attempt (a resumed one counts from its checkpoint)."""
 
     def __init__(self, stage: str, path: Path):
         self.stage, self.path = stage, path
+        self.started, self.first_step = time.time(), 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.time(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -89,7 +96,8 @@ class MetricsLog(TrainerCallback):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in logs.items() if k in SHOWN_METRICS)
-        print(f"{self.stage}: step {state.global_step}/{state.max_steps} {shown}", flush=True)
+        clock = timing(time.time() - self.started, state.global_step - self.first_step, state.max_steps - state.global_step, "steps")
+        print(f"{self.stage}: step {state.global_step}/{state.max_steps} {shown} ({clock})", flush=True)
 
 
 SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "rewards/margins", "rewards/accuracies", "mean_token_accuracy",
@@ -97,20 +105,22 @@ SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "rewards/margins", "rewar
 
 
 class SaveOnSigterm(TrainerCallback):
-    """On SIGTERM (preemption, node drain, kubectl delete) write a checkpoint and stop, within the grace period."""
+    """On SIGTERM (preemption, node drain, kubectl delete) or SIGINT (Ctrl-C) write a checkpoint and stop,
+    within the grace period; the stage then exits 128 + the signal's number."""
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.requested: int | None = None  # the signal that asked to stop
+        self.previous: dict = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.previous = signal.signal(signal.SIGTERM, self._request)
+        self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def on_train_end(self, args, state, control, **kwargs):
-        signal.signal(signal.SIGTERM, self.previous or signal.SIG_DFL)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)
 
     def _request(self, signum, frame):
-        self.requested = True
+        self.requested = self.requested or signum
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -119,11 +129,13 @@ class SaveOnSigterm(TrainerCallback):
 
 
 def stop_if_interrupted(trainer, stage: str) -> None:
-    """After ``train()`` returns: exit with 143 if it stopped for SIGTERM, so the stage is not marked done."""
+    """After ``train()`` returns: exit with 128 + N if it stopped for signal N, so the stage is not marked done."""
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, SaveOnSigterm) and callback.requested:
-            print(f"{stage}: stopped on SIGTERM at step {trainer.state.global_step}; checkpoint saved, a restart resumes", flush=True)
-            sys.exit(EXIT_SIGTERM)
+            name = signal.Signals(callback.requested).name
+            print(f"{stage}: stopped on {name} at step {trainer.state.global_step}; checkpoint saved, running the same "
+                  "command again resumes from it", file=sys.stderr, flush=True)
+            sys.exit(128 + callback.requested)
 
 
 def save(trainer, processor, out: Path, **lineage) -> None:

@@ -15,6 +15,8 @@ On a cluster (the current kube context, or the pod's ServiceAccount):
     vlmjobs delete RECIPE --run=ID [--stage=sft]       delete a run's Jobs (their pods go with them)
     vlmjobs cronjob RECIPE                             print the nightly pipeline's CronJob
     vlmjobs k8s [RECIPE] --out=k8s                     write the cluster set-up manifests (make k8s)
+
+vlmjobs COMMAND --help says more about each.
 """
 
 from __future__ import annotations
@@ -43,34 +45,102 @@ def run(recipe: str, stages="", force: bool = False, **overrides):
     try:
         local.run(resolved, _stages(stages), force=force)
     except local.StageFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+        if e.returncode not in (contract.EXIT_SIGINT, contract.EXIT_SIGTERM):  # a stopped stage has said so itself
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
 
 
 def validate(recipe: str, **overrides):
-    """Check a recipe (schema, families, formats, TRL/peft fields) and print it resolved."""
+    """Check a recipe: its schema, families and formats, the TRL/peft/transformers fields of its args, lora and
+    quantization, local model and data paths, hub ids' form, and the metric names; print it resolved, ending with
+    the verdict (a YAML comment). Every problem is reported at once, in one line; exit 2 when there is any."""
     import yaml
 
     resolved = recipes.load(str(recipe), overrides)
-    recipes.check_passthrough(resolved)
+    errors = recipes.passthrough_errors(resolved) + recipes.before_gpu_errors(resolved)
+    if errors:
+        raise contract.UserError(f"{recipes.recipe_origin(resolved)}: {len(errors)} problem{'s' * (len(errors) > 1)}: " + "; ".join(errors))
     print(yaml.safe_dump(resolved.to_dict(), sort_keys=False), end="")
+    print(f"# {recipes.recipe_origin(resolved)} is valid: stages {', '.join(resolved.stages)}; checked the schema, TRL, peft and "
+          "transformers fields, local paths, hub ids' form and metric names (not whether the hub has them)")
 
 
 def memory(recipe: str, **overrides):
-    """The DPO blog's memory arithmetic for the recipe's training stages, from the model's config alone."""
+    """The DPO blog's memory arithmetic for the recipe's training stages, from the model's config alone, checked
+    against resources.gpu_memory_gib: exit 2 when a stage does not fit, with what would (method, GPU size, batch)."""
     from jobs import memory as arithmetic
 
     resolved = recipes.load(str(recipe), overrides)
+    misfits = []
     for stage in [s for s in recipes.TRAINING_STAGES if s in resolved.stages]:
         estimate, counts = arithmetic.for_stage(resolved, stage)
         method = getattr(resolved, stage).method
         print(f"{stage} ({method}, {counts['dtype']}): {counts['trainable']:,} of {counts['parameters']:,} parameters trained")
         print(f"  {estimate}, before activations")
         res = resolved.resources_for(stage)
-        if res.gpu_memory_gib:
-            available = res.gpu_memory_gib * 2**30 / arithmetic.GB
-            verdict = "fits" if estimate.total < available else "does NOT fit"
-            print(f"  {verdict} in one {res.gpu_product or 'GPU'} of {res.gpu_memory_gib} GiB ({available:.1f} GB) before activations")
+        if not res.gpu_memory_gib:
+            print(f"  no {stage} GPU size to check against: set resources.gpu_memory_gib")
+            continue
+        available = res.gpu_memory_gib * 2**30 / arithmetic.GB
+        gpu, note = _gpu_checked(res)
+        if note:
+            print(f"  note: {note}")
+        if estimate.total < available:
+            print(f"  fits in {gpu} ({available:.1f} GB) before activations")
+            continue
+        misfits.append(f"{stage} needs {estimate.total:.3g} GB")
+        print(f"  does NOT fit in {gpu} ({available:.1f} GB) before activations; what would:")
+        for suggestion in _what_would_fit(resolved, stage, estimate.total, available):
+            print(f"    - {suggestion}")
+    if misfits:
+        raise contract.UserError(f"memory: {'; '.join(misfits)} before activations, more than the GPU checked; "
+                                 "change the recipe as suggested above")
+
+
+# Memory of common data-centre GPUs (GiB as their products name it): the sizes suggested when a recipe does not fit.
+GPU_SIZES_GIB = (16, 24, 32, 40, 48, 80, 94, 141, 192)
+
+
+def _gpu_checked(res: recipes.Resources) -> tuple[str, str | None]:
+    """How to name the GPU checked, from resources.gpu_memory_gib (the number used), and a note when
+    resources.gpu_product names another size."""
+    import re
+
+    size = f"{res.gpu_memory_gib:g} GiB"
+    named = re.search(r"(\d+)\s*G[Bi]?B", res.gpu_product or "", re.I)
+    if not res.gpu_product:
+        return f"one GPU of {size} (resources.gpu_memory_gib)", None
+    if named and abs(float(named.group(1)) - res.gpu_memory_gib) > 0.1 * res.gpu_memory_gib:
+        note = (f"resources.gpu_product {res.gpu_product} names a {named.group(1)} GB GPU, but resources.gpu_memory_gib "
+                f"is {res.gpu_memory_gib:g}: checked against {size}")
+        return f"one GPU of {size} (resources.gpu_memory_gib)", note
+    return f"one {res.gpu_product} of {size}", None
+
+
+def _what_would_fit(resolved: recipes.Recipe, stage: str, total: float, available: float) -> list[str]:
+    import dataclasses
+
+    from jobs import memory as arithmetic
+
+    train = getattr(resolved, stage)
+    suggestions = []
+    lighter = {"full": ("lora", "qlora"), "lora": ("qlora",), "qlora": ()}[train.method]
+    for method in lighter:
+        other = dataclasses.replace(resolved, **{stage: dataclasses.replace(train, method=method)})
+        need = arithmetic.for_stage(other, stage)[0].total
+        verdict = "fits" if need < available else "does not fit either"
+        suggestions.append(f"--{stage}.method={method}: {need:.3g} GB, {verdict}")
+    bigger = next((gib for gib in GPU_SIZES_GIB if total < gib * 2**30 / arithmetic.GB), None)
+    if bigger:
+        suggestions.append(f"a GPU of {bigger} GiB or more: --{stage}.resources.gpu_memory_gib={bigger} with a matching gpu_product")
+    else:
+        suggestions.append(f"no single GPU holds {total:.3g} GB: use LoRA or QLoRA")
+    suggestions.append(
+        "activations come on top and grow with the batch: a smaller per_device_train_batch_size with a larger "
+        f"gradient_accumulation_steps keeps the effective batch (--{stage}.args.per_device_train_batch_size=1), "
+        "and gradient_checkpointing trades time for their memory"
+    )
+    return suggestions
 
 
 def tiny_model(family: str, out: str, seed: int = 0):
@@ -103,9 +173,9 @@ def _cluster_command(fn):
         except kube.KubeError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (contract.Interrupted)
             print("stopped following; what was created runs on (vlmjobs status)", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(128 + getattr(e, "signum", contract.EXIT_SIGINT - 128))
 
     return wrapper
 
@@ -270,8 +340,68 @@ COMMANDS = {
 }
 
 
+EXAMPLES = {
+    "run": "vlmjobs run recipes/tiny-demo.yaml --stages=prepare,sft --sft.args.max_steps=20",
+    "validate": "vlmjobs validate recipes/tiny-demo.yaml --sft.args.learning_rate=1e-4",
+    "memory": "vlmjobs memory recipes/idefics2-8b-rlaif-v-dpo.yaml --resources.gpu_memory_gib=24",
+    "tiny-model": "vlmjobs tiny-model --family=llava --out=.cache/tiny/llava",
+    "synth-data": "vlmjobs synth-data --kind=chartqa --out=.cache/data/chartqa --rows=400",
+    "render": "vlmjobs render recipes/idefics2-8b-rlaif-v-dpo.yaml --stage=dpo --run=exp-1",
+    "submit": "vlmjobs submit recipes/idefics2-8b-rlaif-v-dpo.yaml --stage=prepare --detach",
+    "pipeline": "vlmjobs pipeline recipes/idefics2-8b-rlaif-v-dpo.yaml --in-cluster --detach",
+    "status": "vlmjobs status recipes/idefics2-8b-rlaif-v-dpo.yaml --run=exp-1",
+    "logs": "vlmjobs logs recipes/idefics2-8b-rlaif-v-dpo.yaml --stage=dpo --run=exp-1",
+    "delete": "vlmjobs delete recipes/idefics2-8b-rlaif-v-dpo.yaml --run=exp-1 --stage=dpo",
+    "cronjob": "vlmjobs cronjob recipes/idefics2-8b-rlaif-v-dpo.yaml | kubectl apply -f -",
+    "k8s": "vlmjobs k8s recipes/idefics2-8b-rlaif-v-dpo.yaml --out=k8s --storage_class=standard",
+}
+
+
+def help_text(argv: list[str]) -> str:
+    """``vlmjobs --help``: the usage above; ``vlmjobs COMMAND --help``: that command's."""
+    from jobs import usage
+
+    name = next((arg for arg in argv if not arg.startswith("-")), "")
+    if name not in COMMANDS:
+        return f"{__doc__.strip()}\n\n{usage.overrides_and_stages()}"
+    lines = [line for line in __doc__.splitlines() if line.strip() == f"vlmjobs {name}" or line.strip().startswith(f"vlmjobs {name} ")]
+    return usage.command_help("vlmjobs", name, COMMANDS[name], lines, EXAMPLES[name])
+
+
 def main():
-    contract.entrypoint(COMMANDS)
+    from jobs import usage
+
+    argv = sys.argv[1:]
+    if not argv or usage.wants_help(argv):  # answered here: Fire would run the command (or page its help)
+        usage.print_help(help_text(argv))
+        return
+    contract.entrypoint({name: _options_checked(name, fn) for name, fn in COMMANDS.items()})
+
+
+def _options_checked(name: str, fn):
+    """A flag that is neither the command's option nor a recipe key (--forse, --detatch) gets "did you mean"
+    among both, instead of reaching the recipe as an unknown section."""
+    import dataclasses
+    import difflib
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    sections = [f.name for f in dataclasses.fields(recipes.Recipe)]
+    options = [p for p, spec in params.items() if spec.default is not spec.empty]
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        for key in kwargs:
+            top = key.split(".")[0]
+            if key in params or top in sections:
+                continue
+            close = difflib.get_close_matches(top, options + sections, n=1)
+            known = f" (options: {', '.join(options)}; recipe sections: {', '.join(sections)})"
+            hint = f"; did you mean --{close[0]}{key[len(top):]}?" if close else known
+            raise contract.UserError(f"--{key}: neither an option of vlmjobs {name} nor a recipe key{hint}")
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 if __name__ == "__main__":

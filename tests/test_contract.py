@@ -54,9 +54,10 @@ def test_a_stage_done_for_the_same_config_is_skipped_unless_forced(tmp_path, cap
 
 
 def test_output_of_another_config_is_never_replaced_silently(tmp_path):
-    finished(tmp_path, "prepare", {"x": 1})
-    with pytest.raises(UserError, match=r"prepare: .* holds output of another config .*: use another run.id, or --force to replace it"):
-        contract.begin("prepare", tmp_path, {"x": 2})
+    finished(tmp_path, "prepare", {"x": 1, "data": {"path": "a", "rows": 3}})
+    with pytest.raises(UserError, match=r"prepare: .* holds output of another config \(changed: data.path, x; fingerprint .*\): "
+                                        r"use another run.id, or --force to replace it"):
+        contract.begin("prepare", tmp_path, {"x": 2, "data": {"path": "b", "rows": 3}})
     assert (tmp_path / "prepare" / SUCCESS_FILE).is_file()
 
 

@@ -40,7 +40,7 @@ def test_a_bad_recipe_is_one_line_and_exit_code_2_before_anything_runs(write_rec
     done = vlmjobs("run", str(path), "--stages=prepare")
     assert done.returncode == contract.EXIT_USER_ERROR
     assert done.stderr.strip().splitlines() == [
-        "error: recipe: sft.args.learnig_rate: unknown key (SFTConfig has no field 'learnig_rate'); did you mean 'learning_rate'?"
+        f"error: recipe {path}: sft.args.learnig_rate: unknown key (SFTConfig has no field 'learnig_rate'); did you mean 'learning_rate'?"
     ]
     assert not (path.parent / "runs").exists()
 
@@ -59,8 +59,91 @@ def test_unknown_stages_tiny_families_and_data_kinds_are_one_line_each(write_rec
         (("run", str(path), "--stages=dpo"), "error: --stages: dpo not in the recipe's stages (prepare, sft)"),
         (("tiny-model", "--family=gpt2", f"--out={tmp_path / 'm'}"), "error: --family: no tiny model for 'gpt2' (have: llava,"),
         (("synth-data", "--kind=coco", f"--out={tmp_path / 'd'}"), "error: --kind: 'coco' is not one of chartqa,"),
+        (("run", str(path), "--forse"), "error: --forse: neither an option of vlmjobs run nor a recipe key; did you mean --force?"),
+        (("validate", str(path), "--modle.family=x"), "error: --modle.family: neither an option of vlmjobs validate nor a recipe key; did you mean --model.family?"),
     ]:
         done = vlmjobs(*args)
         assert done.returncode == contract.EXIT_USER_ERROR, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message), done.stderr
     assert not (path.parent / "runs").exists() and not (tmp_path / "m").exists() and not (tmp_path / "d").exists()
+
+
+def test_a_stage_without_its_input_is_refused_before_any_process_starts(write_recipe):
+    """Issue 13 (4): `vlmjobs run --stages=sft` on an empty run says "run prepare first", from the launcher."""
+    path = write_recipe()
+    done = vlmjobs("run", str(path), "--stages=sft")
+    assert done.returncode == contract.EXIT_USER_ERROR
+    assert done.stderr.strip().splitlines() == [
+        f"error: sft needs the prepare stage's output: {path.parent / 'runs' / 't' / 'prepare' / contract.SUCCESS_FILE} "
+        "not found; run prepare first (vlmjobs run RECIPE --stages=prepare,sft)"
+    ]
+    assert "==>" not in done.stdout and not (path.parent / "runs").exists()
+
+
+def test_the_skip_is_decided_from_the_marker_and_a_changed_input_is_not_skipped(write_recipe, monkeypatch):
+    """Issue 13 (4): a stage done for this config and these inputs starts no process."""
+    from jobs import recipe as recipes
+    from launcher import local
+
+    path = write_recipe()
+    recipe = recipes.load(path)
+    started = []
+    monkeypatch.setattr(local, "_call", lambda argv, env: started.append(argv[-1]) or 0)
+    run = recipe.run_dir
+    sft_config = {"stage": "sft", **recipe.stage_config("sft"), "inputs": {"prepare": "p1"}}
+    for stage, fingerprint in (("prepare", "p1"), ("sft", contract._fingerprint(sft_config))):
+        (run / stage).mkdir(parents=True)
+        contract.write_json_atomic(run / stage / contract.SUCCESS_FILE, {"fingerprint": fingerprint})
+    local.run(recipe)
+    assert started == ["jobs.prepare"], "prepare's marker is of another config; sft's matches prepare's p1"
+
+
+def interrupt(argv, ready, tmp_path):
+    """Start `vlmjobs run`, poll until ``ready(stdout so far)``, send SIGINT to it; returns (returncode, stdout, stderr)."""
+    import signal
+    import time
+
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "launcher.cli", *argv], env=subprocess_env(), stdout=stdout, stderr=stderr)
+        deadline = time.time() + 300
+        while not ready(out.read_text()):
+            assert process.poll() is None, "finished before the moment came: " + out.read_text() + err.read_text()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=300)
+    return process.returncode, out.read_text(), err.read_text()
+
+
+def test_sigint_at_three_moments_is_one_line_and_130_and_the_rerun_resumes(write_recipe):
+    """Issue 13 (3): Ctrl-C while importing, in prepare, in training: one line, exit 130, the attempt resumable."""
+    path = write_recipe(sft={"method": "full", "args": {"max_steps": 12, "save_steps": 1000, "per_device_train_batch_size": 2, "logging_steps": 1}})
+    run = path.parent / "runs" / "t"
+
+    def one_line(code, err):
+        assert code == 130, err
+        assert "Traceback" not in err and "terminate called" not in err, err
+        assert len([line for line in err.splitlines() if "stopped on SIGINT" in line]) == 1, err
+
+    # while importing: the stage has begun (its work folder is there) and is importing datasets and torch
+    code, out, err = interrupt(["run", str(path)], lambda out: (run / ".prepare.partial" / contract.CONFIG_FILE).is_file(), path.parent)
+    one_line(code, err)
+    assert "prepare: images shrunk" not in out, "stopped before the stage's first line"
+    assert err.strip().splitlines()[-1] == (
+        "stopped on SIGINT; the unfinished work stays in the run folder, and running the same command again resumes it")
+    # in prepare: converting rows
+    code, out, err = interrupt(["run", str(path)], lambda out: " converted, " in out, path.parent)
+    one_line(code, err)
+    assert "prepare: starting over; discarding an unfinished attempt" in out and not (run / "prepare").exists()
+    # in training: a few steps logged, with elapsed time, rate and ETA (issue 13, item 8)
+    code, out, err = interrupt(["run", str(path)], lambda out: "sft: step 3/12 " in out, path.parent)
+    one_line(code, err)
+    assert "elapsed, " in out and ", ETA " in out
+    checkpoint = contract.newest_complete_checkpoint(run / ".sft.partial" / "checkpoints")
+    assert checkpoint and not (run / "sft").exists()
+
+    resumed = vlmjobs("run", str(path))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "==> prepare: already done for this config" in resumed.stdout
+    assert f"sft: resuming from {checkpoint}" in resumed.stdout

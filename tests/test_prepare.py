@@ -64,9 +64,13 @@ def _recipe(write_recipe, **prepare_args):
     return write_recipe(stages=["prepare"], prepare=prepare_args)
 
 
-def test_prepare_writes_splits_in_trl_format_with_images_shrunk_to_the_processor(write_recipe, tiny_model):
+def test_prepare_writes_splits_in_trl_format_with_images_shrunk_to_the_processor(write_recipe, tiny_model, capsys):
     path = _recipe(write_recipe)
     prepare.main(recipe=str(path))
+    out = capsys.readouterr().out
+    assert "prepare: images shrunk to shortest side <= 32 px\n" in out, "only the side the processor bounds (issue 13)"
+    progress = [line for line in out.splitlines() if " converted, " in line]  # issue 13 (8): lines, no carriage returns
+    assert progress[0].startswith("prepare: data.sft (") and "/400 rows converted, " in progress[0] and "\r" not in out
     run = path.parent / "runs" / "t"
     record = contract.read_json(run / "prepare" / contract.SUCCESS_FILE)
     assert record["rows"]["sft"] == {"train": 400, "eval": 80, "test": 80}

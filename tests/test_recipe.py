@@ -138,3 +138,101 @@ def test_every_shipped_recipe_loads_and_validates(path):
     header = path.read_text().splitlines()[0]
     assert header.startswith("#"), "a recipe opens with a comment saying what it runs"
     assert yaml.safe_load(path.read_text())["name"] == recipe.name
+
+
+def test_passthrough_checks_from_the_cache_are_as_strict_as_from_the_classes(tmp_path, monkeypatch):
+    """Issue 13 (4): the classes' fields are cached per installed versions, so checks need not import TRL."""
+    monkeypatch.setenv("VLMJOBS_CACHE", str(tmp_path))
+    recipe = build({"sft": {"args": {"learnig_rate": 1e-4, "bf16": "yes", "lr_scheduler_type": "cosine"},
+                            "lora": {"r": "8", "target_modules": "all-linear"}}})
+    with pytest.raises(UserError) as fresh:
+        recipes.check_passthrough(recipe)
+    (cached,) = tmp_path.glob("passthrough-*.json")
+    assert json.loads(cached.read_text())["schemas"] == recipes.describe_passthrough_classes()
+
+    monkeypatch.setattr(recipes, "describe_passthrough_classes", lambda: pytest.fail("the cache was not used"))
+    with pytest.raises(UserError) as again:
+        recipes.check_passthrough(recipe)
+    assert str(again.value) == str(fresh.value)
+    assert "sft.args.learnig_rate: unknown key (SFTConfig has no field 'learnig_rate'); did you mean 'learning_rate'?" in str(again.value)
+    assert "sft.args.bf16: str 'yes' does not fit SFTConfig.bf16" in str(again.value)
+    assert "sft.lora.r: str '8' does not fit LoraConfig.r (int)" in str(again.value)
+    assert "lr_scheduler_type" not in str(again.value) and "target_modules" not in str(again.value)
+
+
+def test_validate_with_a_warm_cache_imports_neither_torch_nor_trl(tmp_path):
+    """Issue 13 (4): a second `vlmjobs validate` answers in well under torch's import time."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    script = (
+        "import sys\nfrom launcher import cli\n"
+        "cli.validate(sys.argv[1])\n"
+        "print('imported:', sorted(m for m in ('torch', 'trl', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    env = subprocess_env(VLMJOBS_CACHE=str(tmp_path))
+    path = str(ROOT / "recipes" / "idefics2-8b-rlaif-v-dpo.yaml")
+    first = subprocess.run([sys.executable, "-c", script, path], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run([sys.executable, "-c", script, path], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines()[-1] == "imported: []"
+
+
+def test_a_missing_recipe_file_suggests_the_shipped_one(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for given in ("tiny-demo", "tiny-dmeo.yaml", "recipes/tiny-dem.yaml"):
+        with pytest.raises(UserError, match=rf"^recipe {given}: no such file; did you mean recipes/tiny-demo.yaml\?$"):
+            recipes.load(given)
+
+
+def test_errors_of_the_args_name_the_recipe_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "sft": {"args": {"learnig_rate": 1e-4}}}))
+    with pytest.raises(UserError, match=rf"^recipe {path}: sft.args.learnig_rate: unknown key"):
+        recipes.check_passthrough(recipes.load(path))
+
+
+def test_validate_reports_every_problem_a_gpu_would_meet_later_in_one_line(tmp_path, capsys):
+    """Issue 13 (7): missing local paths, malformed hub ids and an unknown primary metric (which failed at
+    merge_push, after all training) are found by `vlmjobs validate`, with the pass-through fields, all at once."""
+    from launcher import cli
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        **MINIMAL, "stages": ["prepare", "sft", "evaluate"],
+        "model": {"name_or_path": str(tmp_path / "no-model"), "family": "llava"},
+        "data": {"sft": {"path": "org//data", "format": "chartqa"}},
+        "sft": {"args": {"learnig_rate": 1e-4}},
+        "evaluate": {"primary_metric": "preference_accuracy"},
+    }))
+    with pytest.raises(UserError) as error:
+        cli.validate(str(path))
+    assert str(error.value) == (
+        f"recipe {path}: 4 problems: "
+        "sft.args.learnig_rate: unknown key (SFTConfig has no field 'learnig_rate'); did you mean 'learning_rate'?; "
+        f"model.name_or_path: {tmp_path / 'no-model'}: no such folder on this machine (a hub id is org/name); "
+        "data.sft.path: org//data: no such file or folder on this machine (a hub id is org/name); "
+        "evaluate.primary_metric: 'preference_accuracy' is reported only with data.dpo; this recipe's evaluate reports accuracy, exact_match, "
+        "yes_no_accuracy, no_f1, no_precision, no_recall, yes_f1, yes_precision, yes_recall"
+    )
+    assert capsys.readouterr().out == ""
+
+
+def test_validate_ends_with_its_verdict_and_leaves_the_clusters_paths_alone(tmp_path, capsys):
+    from launcher import cli
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        **MINIMAL, "model": {"name_or_path": "/runs/models/base", "family": "llava"},
+        "data": {"sft": {"path": str(tmp_path), "format": "chartqa"}},
+        "evaluate": {"primary_metric": "exact_match"},
+    }))
+    cli.validate(str(path))
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["model"]["name_or_path"] == "/runs/models/base", "the output stays YAML"
+    assert out.splitlines()[-1].startswith(f"# recipe {path} is valid: stages prepare, sft; checked ")
+    with pytest.raises(UserError, match=r"evaluate.primary_metric: evaluate reports no 'acuracy' for this recipe's data; did you mean 'accuracy'\?$"):
+        cli.validate(str(path), **{"evaluate.primary_metric": "acuracy", "stages": ["prepare", "sft", "evaluate"]})

@@ -17,10 +17,12 @@ from tests.conftest import subprocess_env
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe, family, method):
+def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe, family, method, capsys):
     path = write_recipe(family=family, sft={"method": method, "lora": {"r": 4, "lora_alpha": 8}, "args": {"max_steps": 2, "per_device_train_batch_size": 2}})
     prepare.main(recipe=str(path))
     sft.main(recipe=str(path))
+    warned = "in 4 bits without CUDA: bitsandbytes' CPU fallback runs it" in capsys.readouterr().err
+    assert warned is (method == "qlora" and not __import__("torch").cuda.is_available()), "issue 13 (8): say when 4-bit runs on CPU"
     recipe = recipes.load(path)
     out = recipe.run_dir / "sft"
     record = contract.read_json(out / contract.SUCCESS_FILE)

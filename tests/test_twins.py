@@ -48,10 +48,17 @@ def test_every_shipped_recipe_runs_its_stages_as_its_tiny_twin(path, tmp_path, t
     recipe = run_stages(out)
     for stage in recipe.stages:
         assert (recipe.run_dir / stage / contract.SUCCESS_FILE).is_file(), stage
-    if recipe.evaluate.benchmarks:  # the recipe's benchmarks, on synthetic files in their released layouts
+    if "evaluate" in recipe.stages:
+        from jobs.evaluate import METRICS, benchmark_metrics
+
         report = contract.read_json(recipe.run_dir / "evaluate" / "report.json")
-        for variant in report["variants"].values():
-            assert {f"{b.key}_f1" for b in recipe.evaluate.benchmarks} <= set(variant["metrics"])
+        benchmarks = set(benchmark_metrics(recipe.evaluate.benchmarks))
+        for variant in report["variants"].values():  # the recipe's benchmarks, on synthetic files in their released layouts
+            assert benchmarks <= set(variant["metrics"])
+        # the names `vlmjobs validate` checks evaluate.primary_metric against (issue 13)
+        reported = {metric for variant in report["variants"].values() for metric in variant["metrics"]}
+        assert reported <= {m for names in METRICS.values() for m in names} | benchmarks, reported
+        assert recipe.evaluate.primary_metric in reported
     if "merge_push" in recipe.stages:
         trained = "dpo" if "dpo" in recipe.stages else "sft"
         record = contract.read_json(recipe.run_dir / "merge_push" / contract.SUCCESS_FILE)

@@ -173,3 +173,24 @@ def test_cronjob_prints_the_nightly_pipeline(recipe_file, capsys):
     cli.cronjob(recipe_file)
     cron = yaml.safe_load(capsys.readouterr().out)
     assert (cron["kind"], cron["metadata"]["name"]) == ("CronJob", "llava-chartqa-nightly")
+
+
+def test_the_readmes_cluster_examples_run_on_the_default_cluster_recipe():
+    """Issue 13 (2): `make render STAGE=sft` failed on the default cluster recipe, which has no sft stage."""
+    import re
+    import subprocess
+
+    from jobs import recipe as recipes
+    from tests.conftest import ROOT, subprocess_env
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## On a cluster"):].split("```sh\n", 1)[1].split("```", 1)[0]
+    default = re.search(r"^CLUSTER_RECIPE \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    stages = recipes.load(ROOT / default).stages
+    named = re.findall(r"STAGE=(\w+)", block)
+    assert named and all(stage in stages for stage in named), (named, stages)
+
+    first = next(line.split("#")[0].split() for line in block.splitlines() if line.startswith("make render"))
+    done = subprocess.run(first, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["kind"] == "Job"
