@@ -50,7 +50,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         # Full fine-tuning needs a frozen copy; TRL would reload it from the base model's id, which is not
         # the merged SFT weights this run starts from.
         ref_model=copy.deepcopy(model).eval() if cfg.dpo.method == "full" else None,
-        args=args, train_dataset=train, eval_dataset=held_out, processing_class=processor,
+        args=args, train_dataset=train, eval_dataset=held_out, processing_class=family.rendering_processor(processor),
         peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
         callbacks=training.callbacks("dpo", stage.work),
     )

@@ -43,8 +43,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from jobs.families import get_family
     from jobs.report import format_table, write_report
 
-    processor = modeling.load_processor(cfg.model)
     family = get_family(cfg.model.family)
+    processor = family.rendering_processor(modeling.load_processor(cfg.model))  # prompts as trained, BOS included
     prepared = stage.input("prepare")
     tests = {kind: _sample(load_from_disk(prepared / kind / "test"), cfg.evaluate.max_samples)
              for kind in ("sft", "dpo") if (prepared / kind).is_dir()}

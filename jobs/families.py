@@ -44,6 +44,9 @@ class Family:
     end_of_turn: str | None = None  # the token the template closes a turn with, where it is not the tokenizer's eos
     chat_template: str | None = None  # used where the checkpoint ships none
     prefix_lm: bool = False  # image and prompt attend both ways (token_type_ids 0), the answer causally (1)
+    # The checkpoint's tokenizer adds BOS (add_special_tokens) and its chat template writes none; TRL's collators tokenize
+    # with add_special_tokens=False, so the stages write it into the text they render (rendering_processor).
+    prepend_bos: bool = False
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
@@ -75,6 +78,23 @@ class Family:
         if factor < 1.0:
             image = image.resize((max(1, round(w * factor)), max(1, round(h * factor))))
         return image
+
+    def rendering_processor(self, processor):
+        """The processor the stages train and evaluate with: a copy whose chat template renders a conversation so that
+        tokenizing it with add_special_tokens=False, as TRL's collators and jobs.inference do, gives the ids the
+        checkpoint's own usage gives (``processor(text=processor.apply_chat_template(...), images=...)``): BOS where the
+        tokenizer would add it (prepend_bos), and nothing after a closing answer's end of turn, so that the labelled span
+        is the answer and the end token the model must learn to emit, not the separator the template puts after it.
+        The processor saved beside a model keeps the checkpoint's own template: its users add BOS the card's way."""
+        import copy
+
+        rendering = copy.copy(processor)
+        rendering.chat_template = (
+            "{% set rendered %}" + processor.chat_template + "{% endset %}"
+            + ("{{ bos_token }}" if self.prepend_bos else "")
+            + "{{ rendered.rstrip() if messages[-1]['role'] == 'assistant' and not add_generation_prompt else rendered }}"
+        )
+        return rendering
 
     def close_answers(self, dataset, processor):
         """Append the end token to every answer where the chat template closes none (see answer_needs_eos)."""
@@ -111,6 +131,7 @@ FAMILIES: dict[str, Family] = {
             # llava-hf's template ends an answer with a space, no </s>: without one the model never learns
             # to stop (the original LLaVA training format closed every answer with </s>).
             answer_needs_eos=True,
+            prepend_bos=True,  # its Llama tokenizer adds <s> (add_bos_token); the template has none
             hub_ids=("llava-hf/llava-1.5-7b-hf",),
         ),
         Family(
@@ -118,6 +139,7 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2VLForConditionalGeneration",
             model_types=("qwen2_vl",),
             image_bound="max_pixels",
+            # no BOS: Qwen2's tokenizer has none and the template opens with <|im_start|>, as the model was trained
             hub_ids=("Qwen/Qwen2-VL-7B-Instruct",),
         ),
         Family(
@@ -128,6 +150,7 @@ FAMILIES: dict[str, Family] = {
             # as the blog loads it: an image is 64 tokens, not 5 x 64 (four crops and the whole image)
             processor_kwargs={"do_image_splitting": False},
             end_of_turn="<end_of_utterance>",
+            prepend_bos=True,  # its Mistral (Llama) tokenizer adds <s> (add_bos_token); the template has none
             hub_ids=("HuggingFaceM4/idefics2-8b",),
         ),
         Family(
@@ -137,6 +160,7 @@ FAMILIES: dict[str, Family] = {
             image_bound="longest_edge",
             # turns end with <end_of_utterance>, which Idefics3 checkpoints do not all list as eos (mlx-vlm#1932)
             end_of_turn="<end_of_utterance>",
+            # no prepend_bos: SmolVLM's template writes its BOS (<|im_start|>) itself and its tokenizer adds nothing
             hub_ids=("HuggingFaceTB/SmolVLM-Instruct",),
         ),
         Family(
@@ -148,6 +172,7 @@ FAMILIES: dict[str, Family] = {
             # TRL's collators tokenize answers without images, which PaliGemmaProcessor refuses, and would mark
             # them as prefix (jobs.prefix_lm)
             prefix_lm=True,
+            # no prepend_bos: PaliGemmaProcessor writes "<bos>" after the image tokens itself, whatever add_special_tokens
             hub_ids=("google/paligemma-3b-pt-224",),
         ),
     ]
