@@ -4,16 +4,17 @@ tiny model in ``jobs.tiny``; every stage reads this table and nothing else about
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from jobs.contract import UserError
+from jobs.formats import Drop
 
 # How a processor bounds image size, which decides how prepare shrinks images before they are stored:
 #   longest_edge  the longest side is scaled down to size["longest_edge"] (Idefics2/3, SmolVLM)
 #   shortest_edge the shortest side is scaled to size["shortest_edge"], then cropped (CLIP, LLaVA)
 #   fixed         squashed to size["height"] x size["width"] (SigLIP, PaliGemma)
-#   max_pixels    scaled to keep height*width within size["longest_edge"] pixels (Qwen2-VL)
+#   max_pixels    an area budget: height*width within size["longest_edge"] pixels, sides multiples of patch x merge,
+#                 the aspect ratio kept (Qwen2-VL's smart_resize; "longest_edge" is its name for max_pixels)
 IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels")
 ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
 
@@ -63,11 +64,18 @@ class Family:
             return 0, int(size["shortest_edge"] * scale)
         if self.image_bound == "fixed":
             return 0, int(max(size["height"], size["width"]) * scale)
-        max_pixels = size.get("longest_edge") or image_processor.max_pixels
-        return int(math.sqrt(max_pixels) * scale), 0
+        return 0, 0  # max_pixels bounds the area, not a side (pixel_budget)
+
+    def pixel_budget(self, processor, scale: float = 1.0) -> int | None:
+        """Pixels (height * width) an image may keep, for processors that bound the area; the scale applies to the sides."""
+        if self.image_bound != "max_pixels":
+            return None
+        return int(processor.image_processor.size["longest_edge"] * scale**2)
 
     def shrink(self, image, processor, scale: float = 1.0):
         """Shrink (never enlarge) an image to what the processor will use anyway: the blog's thumbnail step."""
+        if self.image_bound == "max_pixels":
+            return self._shrink_to_budget(image, processor, scale)
         longest, shortest = self.max_image_edge(processor, scale)
         w, h = image.size
         factor = 1.0
@@ -78,6 +86,24 @@ class Family:
         if factor < 1.0:
             image = image.resize((max(1, round(w * factor)), max(1, round(h * factor))))
         return image
+
+    def _shrink_to_budget(self, image, processor, scale: float):
+        """An image over the pixel budget goes to the size Qwen2-VL's own smart_resize gives it for that budget (sides
+        multiples of patch x merge, 28 on the real model, aspect ratio kept), so the processor resizes it no further; one
+        within the budget is left alone (the processor only rounds its sides)."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        budget, image_processor = self.pixel_budget(processor, scale), processor.image_processor
+        w, h = image.size
+        if w * h <= budget:
+            return image
+        factor = image_processor.patch_size * image_processor.merge_size
+        min_pixels = min(image_processor.size["shortest_edge"], budget)
+        try:
+            height, width = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=budget)
+        except ValueError as e:  # an aspect ratio over 200, which the processor refuses too
+            raise Drop(f"image {w}x{h}: {e}") from None
+        return image.resize((width, height))
 
     def rendering_processor(self, processor):
         """The processor the stages train and evaluate with: a copy whose chat template renders a conversation so that

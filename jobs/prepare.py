@@ -34,7 +34,11 @@ def main(recipe: str = "", force: bool = False, **overrides):
     family = get_family(cfg.model.family)
     processor = modeling.load_processor(cfg.model)
     longest, shortest = family.max_image_edge(processor, cfg.prepare.image_scale)
-    print(f"prepare: images shrunk to longest side <= {longest or 'any'}, shortest side <= {shortest or 'any'} px")
+    budget = family.pixel_budget(processor, cfg.prepare.image_scale)
+    if budget:
+        print(f"prepare: images shrunk to at most {budget:,} pixels (height x width), aspect ratio kept")
+    else:
+        print(f"prepare: images shrunk to longest side <= {longest or 'any'}, shortest side <= {shortest or 'any'} px")
 
     def shrink(image):
         return family.shrink(image, processor, cfg.prepare.image_scale)
