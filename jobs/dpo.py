@@ -39,11 +39,13 @@ def main(recipe: str = "", force: bool = False, **overrides):
     family = get_family(cfg.model.family)
     processor = modeling.load_processor(cfg.model)
     precision = modeling.training_precision(cfg.model, cfg.dpo)  # fp32 master weights for full fine-tuning
+    # The config before the model: it sets up the processes (accelerate's PartialState) that rebuilding SFT's merged
+    # model in 4 bits waits on, one process writing it for all (modeling.load_trained).
+    args = training.trl_config(DPOConfig, cfg.dpo, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute)
     model, lineage, start = starting_point(cfg, stage.run_dir, from_sft, dtype=precision.weights)
     data = load_from_disk(stage.input("prepare") / "dpo")
     train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
 
-    args = training.trl_config(DPOConfig, cfg.dpo, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute)
     # A new adapter on top, unless SFT's adapter is being trained further (it is already on the model).
     new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None
     trainer = DPOTrainer(

@@ -166,16 +166,40 @@ def load_trained(
     adapter = Path(run_dir) / lineage["adapter"] if lineage["adapter"] else None
     if merge and adapter:
         merges, adapter = merges + [adapter], None
-    model = load_model(recipe.model, path=base_path, quantize=None if merges else quantize, dtype=dtype, device_map=device_map)
-    for path in merges:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
     if merges and quantize is not None:
-        scratch = Path(run_dir) / ".merged-scratch"
-        model.save_pretrained(scratch)
-        model = load_model(recipe.model, path=scratch, quantize=quantize, dtype=dtype, device_map=device_map)
-        shutil.rmtree(scratch)
+        model = _merged_in_4bit(recipe, run_dir, base_path, merges, quantize=quantize, dtype=dtype, device_map=device_map)
+    else:
+        model = _merged(recipe, base_path, merges, quantize=quantize, dtype=dtype, device_map=device_map)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    return model
+
+
+def _merged(recipe: Recipe, base_path: Path | None, merges: list[Path], **load):
+    from peft import PeftModel
+
+    model = load_model(recipe.model, path=base_path, **load)
+    for path in merges:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model
+
+
+def _merged_in_4bit(recipe: Recipe, run_dir: Path, base_path: Path | None, merges: list[Path], *, quantize: dict, dtype, device_map):
+    """Merge in full precision, save, reload in 4 bits. With several processes (one per GPU) the main one merges and
+    writes the copy while the others wait for it; all load it; the main one deletes it once every process has.
+    The processes are the ones the stage's TrainingArguments set up (built before this is called)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    scratch = Path(run_dir) / ".merged-scratch"
+    if state.is_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)  # left by an attempt that died here
+        _merged(recipe, base_path, merges, dtype=dtype).save_pretrained(scratch)
+    state.wait_for_everyone()
+    model = load_model(recipe.model, path=scratch, quantize=quantize, dtype=dtype, device_map=device_map)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shutil.rmtree(scratch)
     return model
 
 

@@ -42,8 +42,9 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
     args.setdefault("disable_tqdm", not sys.stdout.isatty())
     if not torch.cuda.is_available():
         args.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator; it only warns without one
-        if args.get("bf16"):  # transformers takes bf16 without a GPU only as CPU autocast, asked for by name
-            args.setdefault("use_cpu", True)
+    if not torch.accelerator.is_available():
+        # Said by name, or transformers refuses bf16 (CPU autocast) and runs the processes of a CPU launch each alone
+        args.setdefault("use_cpu", True)
     try:
         return config_class(output_dir=str(output_dir), **args)
     except (TypeError, ValueError) as e:
