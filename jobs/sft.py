@@ -40,8 +40,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
     args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute)
     peft_config = None if cfg.sft.method == "full" else modeling.lora_config(cfg.sft, family)
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=held_out,
-        processing_class=family.rendering_processor(processor), peft_config=peft_config, callbacks=training.callbacks("sft", stage.work),
+        model=model, args=args, train_dataset=train, eval_dataset=held_out, peft_config=peft_config,
+        processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
+        callbacks=training.callbacks("sft", stage.work),
     )
     checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train), extra={"method": cfg.sft.method})
     result = trainer.train(resume_from_checkpoint=checkpoint)
