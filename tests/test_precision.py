@@ -58,3 +58,22 @@ def test_pure_bf16_is_for_full_fine_tuning_with_a_bf16_model_only(write_recipe):
                                                    dpo={"method": "lora", "pure_bf16": True}), "float16"))
     assert "dpo.pure_bf16: only full fine-tuning has master weights to keep in bf16; lora's adapter stays fp32" in str(error.value)
     assert "sft.pure_bf16: trains bf16 weights, but model.dtype is float16; set auto or bfloat16" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "train, bf16_gpu, expected",
+    [
+        pytest.param({"method": "full"}, True, ("float32", "float32", "bfloat16"), id="full-on-a-bf16-gpu"),
+        pytest.param({"method": "full", "pure_bf16": True}, True, ("bfloat16",) * 3, id="full-pure-bf16"),
+        pytest.param({"method": "lora"}, True, ("bfloat16", "float32", "bfloat16"), id="lora-on-a-bf16-gpu"),
+        pytest.param({"method": "qlora"}, True, ("bfloat16",) * 3, id="qlora-adapter-cast-to-bf16-by-trl"),
+        pytest.param({"method": "full"}, False, ("float32",) * 3, id="full-without-a-bf16-gpu"),
+    ],
+)
+def test_model_dtype_auto_gives_each_method_its_precision(train, bf16_gpu, expected):
+    """(weights loaded, trainable parameters and their states, autocast) with model.dtype auto."""
+    from jobs.modeling import training_precision
+    from jobs.recipe import Model, Train
+
+    precision = training_precision(Model(name_or_path="org/m", family="llava"), Train(**train), bf16_gpu=bf16_gpu)
+    assert tuple(str(d).removeprefix("torch.") for d in (precision.weights, precision.trainable, precision.compute)) == expected
