@@ -37,11 +37,14 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     family = get_family(cfg.model.family)
     processor = modeling.load_processor(cfg.model)
-    model, lineage, start = starting_point(cfg, stage.run_dir, from_sft)
+    precision = modeling.training_precision(cfg.model, cfg.dpo)  # fp32 master weights for full fine-tuning
+    # The config before the model: it sets up the processes (accelerate's PartialState) that rebuilding SFT's merged
+    # model in 4 bits waits on, one process writing it for all (modeling.load_trained).
+    args = training.trl_config(DPOConfig, cfg.dpo, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute)
+    model, lineage, start = starting_point(cfg, stage.run_dir, from_sft, dtype=precision.weights)
     data = load_from_disk(stage.input("prepare") / "dpo")
     train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
 
-    args = training.trl_config(DPOConfig, cfg.dpo, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=model.dtype)
     # A new adapter on top, unless SFT's adapter is being trained further (it is already on the model).
     new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None
     trainer = DPOTrainer(
@@ -49,7 +52,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         # Full fine-tuning needs a frozen copy; TRL would reload it from the base model's id, which is not
         # the merged SFT weights this run starts from.
         ref_model=copy.deepcopy(model).eval() if cfg.dpo.method == "full" else None,
-        args=args, train_dataset=train, eval_dataset=held_out, processing_class=processor,
+        args=args, train_dataset=train, eval_dataset=held_out, processing_class=family.rendering_processor(processor),
         peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
         callbacks=training.callbacks("dpo", stage.work),
     )
@@ -79,23 +82,24 @@ def reference_kind(trainer) -> str:
     return "the model with its adapter switched off"
 
 
-def starting_point(cfg, run_dir, from_sft: bool):
-    """(model, lineage of the weights under DPO's adapter, description) for the recipe's dpo.init."""
+def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None):
+    """(model, lineage of the weights under DPO's adapter, description) for the recipe's dpo.init, loaded in ``dtype``."""
     from jobs import modeling
 
     quantize = modeling.quantization(cfg.dpo)
     if not from_sft:
-        return modeling.load_model(cfg.model, quantize=quantize), {"base": modeling.BASE, "merged": [], "adapter": None}, "base model"
+        model = modeling.load_model(cfg.model, quantize=quantize, dtype=dtype)
+        return model, {"base": modeling.BASE, "merged": [], "adapter": None}, "base model"
     sft = modeling.read_lineage(run_dir, "sft")
     if sft["adapter"] is None:  # SFT trained every weight: DPO starts from them
-        return (modeling.load_model(cfg.model, path=run_dir / sft["base"], quantize=quantize),
+        return (modeling.load_model(cfg.model, path=run_dir / sft["base"], quantize=quantize, dtype=dtype),
                 {"base": sft["base"], "merged": [], "adapter": None}, "sft weights")
     if cfg.dpo.sft_adapter == "continue":
         if cfg.dpo.method == "full":
             raise contract.UserError("dpo.sft_adapter: continue trains SFT's adapter further; it needs dpo.method lora or qlora")
-        model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, trainable=True)
+        model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, trainable=True, dtype=dtype)
         return model, sft, "sft adapter, trained further"
-    model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, merge=True)
+    model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, merge=True, dtype=dtype)
     return model, {"base": sft["base"], "merged": sft["merged"] + [sft["adapter"]], "adapter": None}, "sft adapter merged"
 
 

@@ -93,10 +93,12 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
 
 def scoring_processor(cfg):
-    """The processor every variant is scored with (a test re-scoring the shipped model takes the same)."""
+    """The processor every variant is scored with (a test re-scoring the shipped model takes the same): prompts rendered
+    as they were trained, BOS included (Family.rendering_processor)."""
     from jobs import modeling
+    from jobs.families import get_family
 
-    return modeling.load_processor(cfg.model)
+    return get_family(cfg.model.family).rendering_processor(modeling.load_processor(cfg.model))
 
 
 def test_sets(cfg, prepared, processor) -> tuple[dict[str, list[dict]], dict]:

@@ -4,16 +4,17 @@ tiny model in ``jobs.tiny``; every stage reads this table and nothing else about
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from jobs.contract import UserError
+from jobs.formats import Drop
 
 # How a processor bounds image size, which decides how prepare shrinks images before they are stored:
 #   longest_edge  the longest side is scaled down to size["longest_edge"] (Idefics2/3, SmolVLM)
 #   shortest_edge the shortest side is scaled to size["shortest_edge"], then cropped (CLIP, LLaVA)
 #   fixed         squashed to size["height"] x size["width"] (SigLIP, PaliGemma)
-#   max_pixels    scaled to keep height*width within size["longest_edge"] pixels (Qwen2-VL)
+#   max_pixels    an area budget: height*width within size["longest_edge"] pixels, sides multiples of patch x merge,
+#                 the aspect ratio kept (Qwen2-VL's smart_resize; "longest_edge" is its name for max_pixels)
 IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels")
 ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
 
@@ -44,6 +45,9 @@ class Family:
     end_of_turn: str | None = None  # the token the template closes a turn with, where it is not the tokenizer's eos
     chat_template: str | None = None  # used where the checkpoint ships none
     prefix_lm: bool = False  # image and prompt attend both ways (token_type_ids 0), the answer causally (1)
+    # The checkpoint's tokenizer adds BOS (add_special_tokens) and its chat template writes none; TRL's collators tokenize
+    # with add_special_tokens=False, so the stages write it into the text they render (rendering_processor).
+    prepend_bos: bool = False
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
@@ -60,11 +64,18 @@ class Family:
             return 0, int(size["shortest_edge"] * scale)
         if self.image_bound == "fixed":
             return 0, int(max(size["height"], size["width"]) * scale)
-        max_pixels = size.get("longest_edge") or image_processor.max_pixels
-        return int(math.sqrt(max_pixels) * scale), 0
+        return 0, 0  # max_pixels bounds the area, not a side (pixel_budget)
+
+    def pixel_budget(self, processor, scale: float = 1.0) -> int | None:
+        """Pixels (height * width) an image may keep, for processors that bound the area; the scale applies to the sides."""
+        if self.image_bound != "max_pixels":
+            return None
+        return int(processor.image_processor.size["longest_edge"] * scale**2)
 
     def shrink(self, image, processor, scale: float = 1.0):
         """Shrink (never enlarge) an image to what the processor will use anyway: the blog's thumbnail step."""
+        if self.image_bound == "max_pixels":
+            return self._shrink_to_budget(image, processor, scale)
         longest, shortest = self.max_image_edge(processor, scale)
         w, h = image.size
         factor = 1.0
@@ -75,6 +86,41 @@ class Family:
         if factor < 1.0:
             image = image.resize((max(1, round(w * factor)), max(1, round(h * factor))))
         return image
+
+    def _shrink_to_budget(self, image, processor, scale: float):
+        """An image over the pixel budget goes to the size Qwen2-VL's own smart_resize gives it for that budget (sides
+        multiples of patch x merge, 28 on the real model, aspect ratio kept), so the processor resizes it no further; one
+        within the budget is left alone (the processor only rounds its sides)."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        budget, image_processor = self.pixel_budget(processor, scale), processor.image_processor
+        w, h = image.size
+        if w * h <= budget:
+            return image
+        factor = image_processor.patch_size * image_processor.merge_size
+        min_pixels = min(image_processor.size["shortest_edge"], budget)
+        try:
+            height, width = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=budget)
+        except ValueError as e:  # an aspect ratio over 200, which the processor refuses too
+            raise Drop(f"image {w}x{h}: {e}") from None
+        return image.resize((width, height))
+
+    def rendering_processor(self, processor):
+        """The processor the stages train and evaluate with: a copy whose chat template renders a conversation so that
+        tokenizing it with add_special_tokens=False, as TRL's collators and jobs.inference do, gives the ids the
+        checkpoint's own usage gives (``processor(text=processor.apply_chat_template(...), images=...)``): BOS where the
+        tokenizer would add it (prepend_bos), and nothing after a closing answer's end of turn, so that the labelled span
+        is the answer and the end token the model must learn to emit, not the separator the template puts after it.
+        The processor saved beside a model keeps the checkpoint's own template: its users add BOS the card's way."""
+        import copy
+
+        rendering = copy.copy(processor)
+        rendering.chat_template = (
+            "{% set rendered %}" + processor.chat_template + "{% endset %}"
+            + ("{{ bos_token }}" if self.prepend_bos else "")
+            + "{{ rendered.rstrip() if messages[-1]['role'] == 'assistant' and not add_generation_prompt else rendered }}"
+        )
+        return rendering
 
     def close_answers(self, dataset, processor):
         """Append the end token to every answer where the chat template closes none (see answer_needs_eos)."""
@@ -111,6 +157,7 @@ FAMILIES: dict[str, Family] = {
             # llava-hf's template ends an answer with a space, no </s>: without one the model never learns
             # to stop (the original LLaVA training format closed every answer with </s>).
             answer_needs_eos=True,
+            prepend_bos=True,  # its Llama tokenizer adds <s> (add_bos_token); the template has none
             hub_ids=("llava-hf/llava-1.5-7b-hf",),
         ),
         Family(
@@ -118,6 +165,7 @@ FAMILIES: dict[str, Family] = {
             model_class="Qwen2VLForConditionalGeneration",
             model_types=("qwen2_vl",),
             image_bound="max_pixels",
+            # no BOS: Qwen2's tokenizer has none and the template opens with <|im_start|>, as the model was trained
             hub_ids=("Qwen/Qwen2-VL-7B-Instruct",),
         ),
         Family(
@@ -128,6 +176,7 @@ FAMILIES: dict[str, Family] = {
             # as the blog loads it: an image is 64 tokens, not 5 x 64 (four crops and the whole image)
             processor_kwargs={"do_image_splitting": False},
             end_of_turn="<end_of_utterance>",
+            prepend_bos=True,  # its Mistral (Llama) tokenizer adds <s> (add_bos_token); the template has none
             hub_ids=("HuggingFaceM4/idefics2-8b",),
         ),
         Family(
@@ -137,6 +186,7 @@ FAMILIES: dict[str, Family] = {
             image_bound="longest_edge",
             # turns end with <end_of_utterance>, which Idefics3 checkpoints do not all list as eos (mlx-vlm#1932)
             end_of_turn="<end_of_utterance>",
+            # no prepend_bos: SmolVLM's template writes its BOS (<|im_start|>) itself and its tokenizer adds nothing
             hub_ids=("HuggingFaceTB/SmolVLM-Instruct",),
         ),
         Family(
@@ -148,6 +198,7 @@ FAMILIES: dict[str, Family] = {
             # TRL's collators tokenize answers without images, which PaliGemmaProcessor refuses, and would mark
             # them as prefix (jobs.prefix_lm)
             prefix_lm=True,
+            # no prepend_bos: PaliGemmaProcessor writes "<bos>" after the image tokens itself, whatever add_special_tokens
             hub_ids=("google/paligemma-3b-pt-224",),
         ),
     ]

@@ -1,4 +1,7 @@
-"""Batched generation and completion log-likelihoods, tokenized exactly as TRL's collators do in training."""
+"""Batched generation and completion log-likelihoods, tokenized exactly as TRL's collators do in training.
+
+``processor`` is the family's rendering processor (``Family.rendering_processor``): its template writes the BOS that
+add_special_tokens would add, so the ids are the ones the checkpoint's own usage gives."""
 
 from __future__ import annotations
 
@@ -21,6 +24,14 @@ def _images(rows: list[dict]):
     return images if any(images) else None
 
 
+def prompt_inputs(processor, texts: list[str], rows: list[dict]):
+    """Rendered prompts with their rows' images, left-padded: ids and image inputs as TRL's collators build them
+    (add_special_tokens=False; the rendering processor's template wrote the BOS)."""
+    return processor(
+        text=texts, images=_images(rows), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False
+    )
+
+
 def generate_answers(
     model, processor, rows: list[dict], *, max_new_tokens: int = 32, batch_size: int = 8, progress=None,
     stop_token_ids: list[int] | None = None,
@@ -34,10 +45,7 @@ def generate_answers(
     answers = []
     for batch in _batches(rows, batch_size):
         texts = [processor.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False) for row in batch]
-        # add_special_tokens=False as in TRL's collators, so the prompt is the one the model was trained on
-        inputs = processor(
-            text=texts, images=_images(batch), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False
-        ).to(input_device(model))
+        inputs = prompt_inputs(processor, texts, batch).to(input_device(model))
         with torch.no_grad():
             output = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -60,10 +68,7 @@ def completion_logprobs(model, processor, rows: list[dict], key: str, *, batch_s
     scores = []
     for batch in _batches(rows, batch_size):
         rendered = [apply_chat_template({"prompt": row["prompt"], "completion": row[key]}, processor) for row in batch]
-        prompts = processor(
-            text=[r["prompt"] for r in rendered], images=_images(batch), padding=True, padding_side="left",
-            return_tensors="pt", add_special_tokens=False,
-        )
+        prompts = prompt_inputs(processor, [r["prompt"] for r in rendered], batch)
         completions = tokenizer(
             [r["completion"] for r in rendered], padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False
         )

@@ -2,10 +2,20 @@
 and AdamW's two states per trainable parameter. Activations come on top; they depend on batch size
 and sequence length and are left to measurement (``make bench``).
 
-    8B parameters, fp32, full fine-tune with a reference copy: 32 + 32 + 32 + 64 = 160 GB
-    8B parameters, bf16, LoRA (55.3M trainable), reference counted: 16 + 16 + 0.11 + 0.22 = 32.3 GB
+The blog's two tables, for Idefics2-8B (8B parameters):
 
-With LoRA vlmjobs takes the reference by switching the adapter off, so it holds no second copy.
+    full fine-tune, fp32, with a reference copy: 32 + 32 + 32 + 64 = 160 GB
+    LoRA on bf16 (55.3M trainable), reference counted: 16 + 16 + 0.1 + 0.2 = 32.3 GB
+
+The second counts every part at bf16's 2 bytes: 55.3M x 2 B = 0.11 GB of gradients and 2 x 0.11 = 0.22 GB
+of AdamW states, which the table rounds to 0.1 and 0.2 (16 + 16 + 0.11 + 0.22 = 32.33). peft keeps a LoRA
+adapter in fp32 on a bf16 base (autocast_adapter_dtype), so its weights take 4 bytes and its gradients and
+AdamW states 4 + 8: 16 + 16 + 0.22 + 0.44 (+ 0.11 for the adapter's own weights at 4 bytes, not 2) = 32.9 GB
+with the blog's reference copy. With LoRA vlmjobs takes the reference by switching the adapter off, so it
+holds no second copy: 16.8 GB. QLoRA's adapter is bf16 (TRL casts it, as the QLoRA paper does).
+
+Full fine-tuning keeps fp32 master weights under bf16 autocast (``modeling.training_precision``), which is
+the blog's first table; ``pure_bf16`` halves every part.
 """
 
 from __future__ import annotations
@@ -45,9 +55,15 @@ def parts(stored_bytes: float, trainable: float, trainable_bytes: float, *, refe
     )
 
 
-def arithmetic(parameters: float, trainable: float, bytes_per_parameter: float, *, reference_copy: bool) -> Estimate:
-    """The blog's arithmetic: every part in the training precision."""
-    return parts(parameters * bytes_per_parameter, trainable, bytes_per_parameter, reference_copy=reference_copy)
+def arithmetic(
+    parameters: float, trainable: float, bytes_per_parameter: float, *, reference_copy: bool,
+    trainable_bytes: float | None = None,
+) -> Estimate:
+    """The blog's arithmetic: every part in the training precision, unless the trainable parameters (and so their
+    gradients and AdamW states) are kept in another (``trainable_bytes``: 4 for a LoRA adapter on a bf16 base)."""
+    trainable_bytes = trainable_bytes or bytes_per_parameter
+    stored = (parameters - trainable) * bytes_per_parameter + trainable * trainable_bytes
+    return parts(stored, trainable, trainable_bytes, reference_copy=reference_copy)
 
 
 def estimate(model, *, trainable: int, reference_copy: bool) -> Estimate:
@@ -67,7 +83,7 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     from transformers import AutoConfig
 
     from jobs.families import get_family
-    from jobs.modeling import lora_config, resolve_dtype, user_errors
+    from jobs.modeling import lora_config, training_precision, user_errors
 
     family = get_family(recipe.model.family)
     train = getattr(recipe, stage)
@@ -86,8 +102,14 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
 
         model = get_peft_model(model, lora_config(train, family))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    dtype = resolve_dtype(recipe.model.dtype) if recipe.model.dtype != "auto" else torch.bfloat16  # auto on a GPU
-    width = dtype.itemsize
+    precision = training_precision(recipe.model, train, bf16_gpu=True)  # as on a GPU with bf16
+    width = precision.weights.itemsize
     stored = (linear * 0.5 + (total - linear) * width) if train.method == "qlora" else total * width
-    estimate = parts(stored, trainable, width, reference_copy=stage == "dpo" and train.method == "full")
-    return estimate, {"parameters": total, "trainable": trainable, "dtype": str(dtype).removeprefix("torch.")}
+    if train.method != "full":  # the adapter, on top of the base counted above
+        stored += trainable * precision.trainable.itemsize
+    estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=stage == "dpo" and train.method == "full")
+    names = {name: str(getattr(precision, name)).removeprefix("torch.") for name in ("weights", "trainable", "compute")}
+    described = (f"{names['weights']} weights" if train.method == "full" else f"{names['weights']} base, {names['trainable']} adapter")
+    if names["compute"] != names["weights"] or train.method != "full":
+        described += f", {names['compute']} compute"
+    return estimate, {"parameters": total, "trainable": trainable, "dtype": names["weights"], "precision": described}

@@ -12,7 +12,9 @@ import os
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jobs.contract import UserError, read_json
 from jobs.families import FAMILIES, Family, family_of, get_family
@@ -28,6 +30,34 @@ def resolve_dtype(name: str):
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes of a training stage, decided here only (the stages load and configure with it, ``vlmjobs memory``
+    counts with it)."""
+
+    weights: Any  # torch dtype the model is loaded in
+    trainable: Any  # of the trained parameters, hence of their gradients and AdamW states
+    compute: Any  # autocast dtype (TrainingArguments bf16 / fp16); float32 means none
+
+
+def training_precision(spec: Model, train: Train, *, bf16_gpu: bool | None = None) -> Precision:
+    """Full fine-tuning: fp32 master weights under autocast in model.dtype (bf16 on a GPU that has it, with ``auto``),
+    unless ``pure_bf16``; the blog's 160 GB arithmetic assumes these. LoRA: the frozen base in model.dtype, the adapter
+    in fp32 (peft's autocast_adapter_dtype). QLoRA: TRL casts the adapter to bf16, as the QLoRA paper does.
+    ``bf16_gpu`` says whether ``auto`` means bf16 (default: whether this machine has such a GPU)."""
+    import torch
+
+    if bf16_gpu is None:
+        bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    compute = (torch.bfloat16 if bf16_gpu else torch.float32) if spec.dtype == "auto" else getattr(torch, spec.dtype)
+    if train.method == "full":
+        if train.pure_bf16:
+            return Precision(weights=torch.bfloat16, trainable=torch.bfloat16, compute=torch.bfloat16)
+        return Precision(weights=torch.float32, trainable=torch.float32, compute=compute)
+    adapter = torch.bfloat16 if train.method == "qlora" else torch.float32
+    return Precision(weights=compute, trainable=adapter, compute=compute)
 
 
 def load_processor(spec: Model, path: str | Path | None = None):
@@ -175,13 +205,24 @@ def _trainer_of(recipe: Recipe, run_dir: Path, adapter: Path) -> Train:
 
 
 def _in_4bit(model, recipe: Recipe, run_dir: Path, base_path, quantize: dict, dtype, device_map):
-    """The weights in 4-bit: loaded so when still on disk, else saved and reloaded (bitsandbytes quantizes at load)."""
+    """The weights in 4-bit: loaded so when still on disk, else saved and reloaded (bitsandbytes quantizes at load).
+    With several processes (one per GPU) the main one writes the copy while the others wait for it; all load it; the
+    main one deletes it once every process has. The processes are the ones the stage's TrainingArguments set up (built
+    before this is called)."""
     if model is None:
         return load_model(recipe.model, path=base_path, quantize=quantize, dtype=dtype, device_map=device_map)
+    from accelerate import PartialState
+
+    state = PartialState()
     scratch = Path(run_dir) / ".merged-scratch"
-    model.save_pretrained(scratch)
+    if state.is_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)  # left by an attempt that died here
+        model.save_pretrained(scratch)
+    state.wait_for_everyone()
     model = load_model(recipe.model, path=scratch, quantize=quantize, dtype=dtype, device_map=device_map)
-    shutil.rmtree(scratch)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shutil.rmtree(scratch)
     return model
 
 

@@ -34,8 +34,12 @@ def main(recipe: str = "", force: bool = False, **overrides):
     family = get_family(cfg.model.family)
     processor = modeling.load_processor(cfg.model)
     longest, shortest = family.max_image_edge(processor, cfg.prepare.image_scale)
-    bounds = [f"{side} side <= {limit} px" for side, limit in (("longest", longest), ("shortest", shortest)) if limit]
-    print(f"prepare: images shrunk to {' and '.join(bounds) or 'their own size (the processor sets no limit)'}")
+    budget = family.pixel_budget(processor, cfg.prepare.image_scale)
+    if budget:
+        print(f"prepare: images shrunk to at most {budget:,} pixels (height x width), aspect ratio kept")
+    else:
+        bounds = [f"{side} side <= {limit} px" for side, limit in (("longest", longest), ("shortest", shortest)) if limit]
+        print(f"prepare: images shrunk to {' and '.join(bounds) or 'their own size (the processor sets no limit)'}")
 
     def shrink(image):
         return family.shrink(image, processor, cfg.prepare.image_scale)

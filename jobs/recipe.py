@@ -101,6 +101,10 @@ class Train:
     quantization: dict = field(default_factory=dict)  # BitsAndBytesConfig fields for qlora
     args: dict = field(default_factory=dict)  # trl SFTConfig / DPOConfig fields
     resources: dict = field(default_factory=dict)  # Resources fields overriding the recipe's
+    # Full fine-tuning keeps fp32 master weights (and fp32 gradients and AdamW states) under bf16 autocast where
+    # model.dtype is bf16 (auto on a GPU that has it). true trains the bf16 weights themselves: half the memory of
+    # weights, gradients and AdamW states, but updates below bf16's precision (about 1/256 of a weight) round away.
+    pure_bf16: bool = False
 
 
 @dataclass(frozen=True)
@@ -443,6 +447,11 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         train = getattr(recipe, stage)
         if train.method not in TRAINING_METHODS:
             errors.append(f"{stage}.method: {train.method!r} is not one of {', '.join(TRAINING_METHODS)}")
+        if train.pure_bf16 and train.method != "full":
+            errors.append(f"{stage}.pure_bf16: only full fine-tuning has master weights to keep in bf16; "
+                          f"{train.method}'s adapter stays {'bf16' if train.method == 'qlora' else 'fp32'} (remove the key)")
+        if train.pure_bf16 and recipe.model.dtype not in ("auto", "bfloat16"):
+            errors.append(f"{stage}.pure_bf16: trains bf16 weights, but model.dtype is {recipe.model.dtype}; set auto or bfloat16")
     if "prepare" in recipe.stages and recipe.data.sft is None and recipe.data.dpo is None:
         errors.append("data: give data.sft or data.dpo")
     if recipe.dpo.init not in ("sft", "base"):

@@ -32,15 +32,17 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     family = get_family(cfg.model.family)
     processor = modeling.load_processor(cfg.model)
-    model = modeling.load_model(cfg.model, quantize=modeling.quantization(cfg.sft))
+    precision = modeling.training_precision(cfg.model, cfg.sft)  # fp32 master weights for full fine-tuning
+    model = modeling.load_model(cfg.model, quantize=modeling.quantization(cfg.sft), dtype=precision.weights)
     data = load_from_disk(stage.input("prepare") / "sft")
     train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
 
-    args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=model.dtype)
+    args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute)
     peft_config = None if cfg.sft.method == "full" else modeling.lora_config(cfg.sft, family)
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=processor,
-        peft_config=peft_config, callbacks=training.callbacks("sft", stage.work),
+        model=model, args=args, train_dataset=train, eval_dataset=held_out, peft_config=peft_config,
+        processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
+        callbacks=training.callbacks("sft", stage.work),
     )
     checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train), extra={"method": cfg.sft.method})
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -78,12 +78,14 @@ def build(family: str, out: str | Path, seed: int = 0) -> Path:
 
 
 def train_tokenizer(
-    special: list[str], bos: str | None, eos: str, pad: str, unk: str | None = None, prepend_bos: bool = True, **extra
+    special: list[str], bos: str | None, eos: str, pad: str, unk: str | None = None, add_bos_token: bool = True, **extra
 ):
     """A byte-level BPE tokenizer trained on the synthetic data's text, wrapped as a transformers tokenizer.
 
-    ``prepend_bos`` puts ``bos`` in front of every encoded text, as Llama-style tokenizers do; others only name it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    ``add_bos_token`` as the real checkpoint's tokenizer sets it: true for Llama, Mistral and Gemma tokenizers, which
+    put ``bos`` in front of a text encoded with add_special_tokens through their post-processor ("<s> $A", "<s> $A <s>
+    $B", saved in tokenizer.json, which is what transformers 5 reads back); false where the tokenizer only names it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -93,12 +95,9 @@ def train_tokenizer(
         vocab_size=VOCAB_SIZE, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tokenizer.train_from_iterator(synthetic.corpus(), trainer)
-    if bos and prepend_bos:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
-        )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, **extra
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+        add_bos_token=bool(bos and add_bos_token), add_eos_token=False, **extra
     )
 
 
@@ -244,7 +243,7 @@ def _idefics3():
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
                "<end_of_utterance>", "<global-img>", *tiles]
     # SmolLM2's tokenizer names <|im_start|> bos and <|im_end|> eos but prepends nothing; turns end with <end_of_utterance>.
-    tokenizer = train_tokenizer(special, bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>", prepend_bos=False)
+    tokenizer = train_tokenizer(special, bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>", add_bos_token=False)
     patch, scale = 8, 2
     image_seq_len = (IMAGE_SIZE // patch) ** 2 // scale**2  # tokens per tile after pixel shuffle (81 in SmolVLM)
     image_processor = Idefics3ImageProcessor(

@@ -32,16 +32,21 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype):
-    """The stage's TRL config: stage defaults < recipe args; bf16 follows the model's dtype unless set."""
+    """The stage's TRL config: stage defaults < recipe args; bf16 / fp16 autocast in ``dtype`` (the compute dtype of
+    ``modeling.training_precision``) unless the recipe sets them."""
     import torch
 
     args = {**STAGE_DEFAULTS, "seed": seed, **train.args}
     if "bf16" not in train.args and "fp16" not in train.args:
         args["bf16"] = dtype == torch.bfloat16
+        args["fp16"] = dtype == torch.float16
     # Progress bars redraw with carriage returns, which pod logs keep as one endless line.
     args.setdefault("disable_tqdm", not sys.stdout.isatty())
     if not torch.cuda.is_available():
         args.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator; it only warns without one
+    if not torch.accelerator.is_available():
+        # Said by name, or transformers refuses bf16 (CPU autocast) and runs the processes of a CPU launch each alone
+        args.setdefault("use_cpu", True)
     try:
         return config_class(output_dir=str(output_dir), **args)
     except (TypeError, ValueError) as e:

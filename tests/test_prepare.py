@@ -160,3 +160,46 @@ def test_qwen2_vl_images_are_shrunk_to_its_pixel_budget(tiny_model):
     )
     assert max(FAMILIES["qwen2_vl"].shrink(image, processor).size) == 24
     assert processor(text=["<|image_pad|>"], images=[image])["image_grid_thw"].prod() <= 576 // 4**2
+
+
+@pytest.mark.parametrize("size", [(300, 40), (40, 300), (100, 100), (97, 61)], ids=str)
+def test_qwen2_vl_pixel_budget_is_an_area_spent_as_its_processors_smart_resize_spends_it(tiny_model, size):
+    """Issue 11 (6): max_pixels bounds height x width. As a longest-side cap (sqrt(576) = 24 px), a 300 x 40 image
+    kept 24 x 3 = 72 of its 576 pixels; smart_resize keeps 64 x 8."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    from jobs import modeling
+    from jobs.families import FAMILIES
+    from jobs.recipe import Model
+
+    processor = modeling.load_processor(
+        Model(name_or_path=str(tiny_model("qwen2_vl")), family="qwen2_vl", processor={"min_pixels": 64, "max_pixels": 576})
+    )
+    patch = processor.image_processor.patch_size
+    factor = patch * processor.image_processor.merge_size
+    shrunk = FAMILIES["qwen2_vl"].shrink(Image.new("RGB", size, "red"), processor)
+    assert (shrunk.height, shrunk.width) == smart_resize(size[1], size[0], factor=factor, min_pixels=64, max_pixels=576)
+    assert shrunk.width * shrunk.height <= 576
+    grid = processor(text=["<|image_pad|>"], images=[shrunk])["image_grid_thw"][0].tolist()
+    assert [grid[1] * patch, grid[2] * patch] == [shrunk.height, shrunk.width], "the processor resizes it no further"
+
+
+def test_qwen2_vl_pixel_budget_with_the_real_processors_factor_and_the_blogs_half_scale():
+    """The real image processor (patch 14 x merge 2 = 28) at the model card's max_pixels 1280 x 28 x 28; the blog's
+    thumbnail at half the size is a quarter of the area. An image within the budget is left as it is."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    from jobs.families import FAMILIES
+
+    max_pixels = 1280 * 28 * 28
+    processor = SimpleNamespace(image_processor=Qwen2VLImageProcessor(min_pixels=256 * 28 * 28, max_pixels=max_pixels))
+    family = FAMILIES["qwen2_vl"]
+    shrunk = family.shrink(Image.new("RGB", (4000, 600)), processor, scale=0.5)
+    assert (shrunk.height, shrunk.width) == smart_resize(600, 4000, factor=28, min_pixels=256 * 28 * 28, max_pixels=max_pixels // 4)
+    # spent, bar the sides' rounding down to multiples of 28; a longest-side cap (sqrt: 500 px) kept 500 x 75 of it
+    assert 0.8 * max_pixels // 4 < shrunk.width * shrunk.height <= max_pixels // 4
+    small = Image.new("RGB", (300, 200))
+    assert family.shrink(small, processor, scale=0.5) is small
