@@ -53,7 +53,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     verdict = gate(report, source, cfg)
     license_ = model_license(cfg)  # before the merge: a push without a license fails in seconds, not after it
 
-    processor = modeling.load_processor(cfg.model)
+    processor = modeling.load_processor(cfg.model)  # saved with the model: the checkpoint's own template
+    scoring = get_family(cfg.model.family).rendering_processor(processor)  # the check sees the tokens evaluate saw
     test = load_from_disk(stage.input("prepare") / source / "test")  # the data the source stage trained on
     rows = list(test.select(range(min(CHECK_SAMPLES, len(test)))))  # a small run's test split can hold fewer
     # The model evaluate scored, in float32: the adapter on the 4-bit base after QLoRA (computing in float32
@@ -63,13 +64,13 @@ def main(recipe: str = "", force: bool = False, **overrides):
     model = modeling.load_trained(cfg, stage.run_dir, source, quantize=quantize, dtype=torch.float32, device_map="auto")
     max_diff = None
     if isinstance(model, PeftModel):
-        before = sample_logits(model, processor, rows)
+        before = sample_logits(model, scoring, rows)
         if quantize is not None:  # merged into the dequantized NF4 weights, on a fresh full-precision load
             del model
             model = modeling.load_trained(cfg, stage.run_dir, source, merge=True, dtype=torch.float32, device_map="auto")
         else:
             model = model.merge_and_unload()
-        max_diff = (sample_logits(model, processor, rows) - before).abs().max().item()
+        max_diff = (sample_logits(model, scoring, rows) - before).abs().max().item()
         print(f"merge_push: merged logits differ from the evaluated model's by at most {max_diff:.2e} (limit {cfg.merge_push.logits_atol})")
         if not max_diff <= cfg.merge_push.logits_atol:
             raise contract.Failure(
@@ -90,15 +91,15 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
 
 def sample_logits(model, processor, rows):
-    """Logits of each sample's prompt and first answer, padded into one batch."""
+    """Logits of each sample's prompt and first answer, padded into one batch, tokenized as in training and evaluate
+    (BOS included: prompt_inputs)."""
     import torch
 
-    from jobs.inference import input_device
+    from jobs.inference import input_device, prompt_inputs
 
     answer = "completion" if "completion" in rows[0] else "chosen"
     texts = [processor.apply_chat_template(row["prompt"] + row[answer], tokenize=False) for row in rows]
-    images = [row["images"] for row in rows]
-    inputs = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt", add_special_tokens=False)
+    inputs = prompt_inputs(processor, texts, rows)
     with torch.no_grad():
         logits = model(**inputs.to(input_device(model))).logits.float()
     return logits * inputs["attention_mask"].unsqueeze(-1).to(logits.device)
