@@ -23,8 +23,8 @@ Failure handling, per Job:
   the newest checkpoint on the shared volume. This is JobSet's ``failurePolicy.maxRestarts``
   done with a plain Job: exit 2 ends it, a disruption restarts it without counting (up to
   ``kubernetes.max_disruption_restarts``), any other failure counts against ``backoff_limit``.
-  The launcher also restarts the group as soon as one pod is being deleted or disrupted, rather
-  than waiting for the failed rank's peers to time out. ``successPolicy`` is not needed: the
+  The launcher also restarts the group as soon as one pod is being disrupted (``DisruptionTarget``),
+  rather than waiting for the disrupted rank's peers to time out; what counts is ``state.next_step``. ``successPolicy`` is not needed: the
   group succeeds when every rank has (the default).
 - a target older than 1.31 (podFailurePolicy not GA): every stage Job is handled like a
   multi-node one (``backoffLimit: 0`` and retries by the launcher), since without the policy
@@ -381,7 +381,8 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
 def render_service(recipe: Recipe, stage: str) -> dict:
     """The headless Service that gives the pods of a multi-node Job their DNS names. Not-ready
     addresses are published, since ranks must find index 0 before anything is ready. The launcher
-    adds an ownerReference to the Job once the Job exists (its uid), so that it goes with the Job."""
+    creates it before the Job and then gives it an ownerReference to the Job (its uid), so that it
+    goes with the Job."""
     resolved = cluster_recipe(recipe)
     name = service_name(resolved, stage)
     return {
@@ -546,7 +547,10 @@ DRIVER_RULES = (
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},  # exit codes, terminated pods
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},  # streaming the stages' logs
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete"]},  # multi-node rendezvous
+    # multi-node rendezvous: created before its Job, then patched to be owned by it
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete", "patch"]},
+    # a multi-node stage is refused on a claim only one node can mount
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
 )
 
 

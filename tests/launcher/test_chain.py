@@ -90,7 +90,7 @@ def test_a_single_node_job_that_spent_its_retries_fails_with_exit_code_1(cluster
     )
     with pytest.raises(
         kube.JobFailed,
-        match=r"failed: BackoffLimitExceeded: Job has reached the specified backoff limit \(stage exit codes 1\)",
+        match=r"failed: BackoffLimitExceeded: Job has reached the specified backoff limit; pod p failed with exit code 1 \(stage exit codes 1\)",
     ) as info:
         chain.run_stage(cluster, single, "sft", IMAGE, logs=False)
     assert info.value.exit_code == 1 and created(server) == ["llava-chartqa-sft"]
@@ -119,7 +119,7 @@ def test_a_disrupted_group_is_restarted_whole_without_counting_a_failure(cluster
     assert created(server) == ["qwen2vl-chartqa-sft", "qwen2vl-chartqa-sft"]
     assert server.calls("DELETE", "/jobs/qwen2vl-chartqa-sft")[0].query["propagationPolicy"] == ["Foreground"]
     assert (
-        "==> sft: restarting Job vlmjobs/qwen2vl-chartqa-sft from its last checkpoint (pod r1 is being disrupted (preempted); disruption 1 of at most 2, not counted as a failure)"
+        "==> sft: restarting Job vlmjobs/qwen2vl-chartqa-sft from its last checkpoint (pod r1 was disrupted (PreemptionByScheduler: preempted); disruption 1 of at most 2, not counted as a failure)"
         in cluster.lines
     )
 
@@ -127,23 +127,27 @@ def test_a_disrupted_group_is_restarted_whole_without_counting_a_failure(cluster
 def test_each_attempts_service_is_owned_by_that_attempts_job(cluster, server, multi):
     server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=group_pods(disrupted_rank=0)), Attempt())
     chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
-    owners = [r.body["metadata"]["ownerReferences"][0]["uid"] for r in server.calls("POST", "/services")]
+    owners = [r.body["metadata"]["ownerReferences"][0]["uid"] for r in server.calls("PATCH", "/services")]
     assert owners == ["uid-1", "uid-2"]
 
 
 def test_a_group_restarts_at_most_backoff_limit_times_after_failures(cluster, server, multi):
-    broken = Attempt(statuses=[running()], pods=group_pods(failed_rank=1, code=1))
+    backoff = failed("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    broken = Attempt(statuses=[running(), backoff], pods=group_pods(failed_rank=1, code=1))
     server.script("qwen2vl-chartqa-sft", broken, broken)
     with pytest.raises(
         kube.JobFailed,
-        match=r"^stage sft: Job vlmjobs/qwen2vl-chartqa-sft failed after 1 restart\(s\): pod r1 failed \(stage exit codes 1\)",
+        match=r"^stage sft: Job vlmjobs/qwen2vl-chartqa-sft failed after 1 restart\(s\): BackoffLimitExceeded: Job has reached the specified backoff limit; pod r1 failed with exit code 1 \(stage exit codes 1\)",
     ) as info:
         chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
     assert info.value.exit_code == 1 and len(created(server)) == 2
 
 
 def test_a_group_whose_rank_exits_2_is_not_restarted(cluster, server, multi):
-    server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=group_pods(failed_rank=0, code=2)))
+    server.script(
+        "qwen2vl-chartqa-sft",
+        Attempt(statuses=[running(), failed("PodFailurePolicy", EXIT_2)], pods=group_pods(failed_rank=0, code=2)),
+    )
     with pytest.raises(kube.JobFailed) as info:
         chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
     assert info.value.exit_code == 2 and len(created(server)) == 1

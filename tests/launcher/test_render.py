@@ -351,5 +351,6 @@ def test_driver_role_has_exactly_the_verbs_the_launcher_uses():
         (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
         (("",), ("pods",)): {"get", "list", "watch"},
         (("",), ("pods/log",)): {"get"},
-        (("",), ("services",)): {"create", "delete"},
+        (("",), ("services",)): {"create", "delete", "patch"},
+        (("",), ("persistentvolumeclaims",)): {"get"},
     }
