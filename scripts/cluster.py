@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,7 @@ def k8s_wrapper(k8s_version: str, gomod: str) -> str:
     """go.mod of a module that builds k8s.io/kubernetes' commands: its go.mod requires every staging module at
     v0.0.0 and points it at ./staging; a dependency's replace lines don't apply, so the wrapper points each at
     its published release instead."""
-    staging = sorted(set(re.findall(r"^\s+(k8s\.io/[\w.-]+) v0\.0\.0$", gomod, re.M)))
+    staging = sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+) => \./staging/", gomod, re.M)))
     godebug = re.search(r"^godebug .*$", gomod, re.M)
     lines = [
         "module vlmjobs.local/kubernetes-build",
@@ -650,6 +651,8 @@ class ControlPlane:
     def start(self, component: str, args: list[str]) -> None:
         (self.state / "pids").mkdir(exist_ok=True)
         (self.state / "logs").mkdir(exist_ok=True)
+        # The kernel signals when the parent *thread* ends: a process started from another thread is not tied.
+        tie = self.tied and threading.current_thread() is threading.main_thread()
         with open(self.state / "logs" / f"{component}.log", "ab") as out:
             proc = subprocess.Popen(
                 [self.bins[component], *args],
@@ -658,7 +661,7 @@ class ControlPlane:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped by us, not by a Ctrl-C in make
                 cwd=self.state,
-                preexec_fn=die_with_parent if self.tied else None,
+                preexec_fn=die_with_parent if tie else None,
             )
         (self.state / "pids" / component).write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + 10

@@ -208,3 +208,13 @@ def test_the_api_server_restarts_on_the_same_port_with_its_state(real_cluster, r
     assert after[0] == before[0] and after[1] != before[1], (before, after)
     namespace = client.CoreV1Api(real_cluster.api_client()).read_namespace(real_namespace)  # etcd kept it
     assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_an_api_server_restarted_from_another_thread_outlives_that_thread(real_cluster):
+    # a test restarts it from a helper thread while following in the main one; the new process must not be
+    # tied to the helper thread's life
+    helper = threading.Thread(target=real_cluster.restart_apiserver)
+    helper.start()
+    helper.join()
+    time.sleep(3)
+    assert real_cluster.control_plane.healthy("kube-apiserver")
