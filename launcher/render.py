@@ -126,6 +126,21 @@ def check_names(recipe: Recipe) -> None:
             raise UserError(f"kubernetes.{key}: must be more than 0")
     if k.ttl_seconds_after_finished < 0:
         raise UserError("kubernetes.ttl_seconds_after_finished: must be 0 or more")
+    for key, value in k.pod_annotations.items():
+        check_annotation(f"kubernetes.pod_annotations.{key}", key, value)
+
+
+QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def check_annotation(where: str, key: str, value) -> None:
+    """An annotation key is a qualified name (an optional DNS subdomain and '/', then at most 63
+    characters); its value is text."""
+    prefix, _, name = key.rpartition("/")
+    if not QUALIFIED_NAME.match(name) or (prefix and (not DNS1123_SUBDOMAIN.match(prefix) or len(prefix) > 253)):
+        raise UserError(f"{where}: {key!r} is not an annotation key (e.g. example.com/name)")
+    if not isinstance(value, str):
+        raise UserError(f'{where}: annotation values are text; quote it ("{value}")')
 
 
 def check_resources(stage: str, res: Resources) -> None:
@@ -373,7 +388,7 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
         spec["podFailurePolicy"] = policy
     spec["activeDeadlineSeconds"] = k.active_deadline_seconds
     spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
-    template_meta = {"labels": labels(resolved, stage), "annotations": dict(meta["annotations"])}
+    template_meta = {"labels": labels(resolved, stage), "annotations": {**k.pod_annotations, **meta["annotations"]}}
     spec["template"] = {"metadata": template_meta, "spec": pod_spec}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
