@@ -216,6 +216,7 @@ class Cluster:
     retry_base_s: float = 1.0  # the first wait after a transient API error, doubled each time
     retry_cap_s: float = 30.0
     retry_give_up_s: float = 600.0
+    creating_too_long_s: float = state.CREATING_TOO_LONG_S  # then a pod in ContainerCreating is reported
     _reported: set = field(default_factory=set, init=False, repr=False)  # problems already said
 
     def __post_init__(self):
@@ -534,7 +535,7 @@ class Cluster:
         return now
 
     def _report_problems(self, pods: list[dict]) -> None:
-        for key, line in state.pod_problems(pods, datetime.now(timezone.utc)):
+        for key, line in state.pod_problems(pods, datetime.now(timezone.utc), creating_too_long_s=self.creating_too_long_s):
             if key not in self._reported:
                 self._reported.add(key)
                 self.out(f"warning: {line}")
