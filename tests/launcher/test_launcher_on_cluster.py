@@ -346,13 +346,13 @@ def test_an_api_server_restart_mid_follow_is_survived_without_a_request_storm(re
     with beside(restart):
         chain.run_stage(c, recipe(ns, {SIM_RUN_SECONDS: "15"}), "sft", IMAGE, logs=False)
     assert c.lines[-1] == "==> sft: succeeded"
-    job_requests = [
-        e for e in real_cluster.audit_events(mark)
-        if e["stage"] == "ResponseComplete" and e["objectRef"].get("resource") == "jobs"
-        and e["objectRef"].get("namespace") == ns and e["user"]["username"] != "system:serviceaccount:kube-system:job-controller"
-        and not e["user"]["username"].startswith("system:")
+    ours = [  # the test's own requests: the admin's client certificate, not a controller's
+        (e["verb"], e["requestURI"]) for e in real_cluster.audit_events(mark)
+        if e["stage"] == "ResponseComplete" and e.get("objectRef", {}).get("namespace") == ns
+        and not e["user"]["username"].startswith("system:serviceaccount:")
     ]  # fmt: skip
-    assert 3 <= len(job_requests) <= 15, [(e["verb"], e["requestURI"]) for e in job_requests]
+    print(f"{len(ours)} requests: {ours}")
+    assert 3 <= len([r for r in ours if "/jobs" in r[1]]) <= 15, ours
 
 
 def test_logs_resume_after_a_dropped_stream_without_losing_or_repeating_a_line(real_cluster, ns):
