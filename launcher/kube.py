@@ -505,11 +505,14 @@ class Cluster:
                                     name=name,
                                 )
                             version = obj["metadata"]["resourceVersion"]
-                            if kind != "BOOKMARK":
-                                job = obj
-                                said = self._announce(name, job, said)
-                                if state.is_finished(job):
-                                    break  # read it with its pods
+                            if kind == "BOOKMARK":
+                                continue
+                            job = obj
+                            said = self._announce(name, job, said)
+                            # A pod's change shows in the Job's status (active, ready, terminating):
+                            # read the pods now, while a disrupted rank still carries its condition.
+                            if state.read(job, self.list_pods(name), group=group).over:
+                                break
                     backoff.reset()
                 except (Gone, ApiUnavailable) as e:
                     # Compacted, or the API server restarted or is overloaded: wait, then start

@@ -309,6 +309,7 @@ def test_an_unschedulable_pod_is_reported_with_the_schedulers_reason(real_cluste
 
     with beside(follow):
         line = c.lines.wait_for(lambda x: "cannot be scheduled" in x, 60)
+        record("unschedulable", c, "sim-sft")
         c.delete_job("sim-sft")
     assert line.startswith("warning: pod sim-sft-")
     assert "cannot be scheduled: Unschedulable: 0/" in line and "didn't match Pod's node affinity/selector" in line
@@ -359,6 +360,7 @@ def test_logs_resume_after_a_dropped_stream_without_losing_or_repeating_a_line(r
     """kwok serves one log file to every simulated container (append_pod_log); an API server
     restart drops the stream, which resumes from the last line's time."""
     c = on(real_cluster, ns)
+    c.log_drain_s = 30  # the restart, then kwok's stream that outlives its pod (log_idle_s)
     r = recipe(ns, {SIM_RUN_SECONDS: "12"})
     marker = f"step-{time.time_ns()}"
 
