@@ -1,10 +1,15 @@
-"""A small Kubernetes API server on loopback, answering the calls the launcher makes, so that the
-official client really sends and parses them: create/get/list/watch/delete Jobs, list pods, stream
-a pod's log, create/delete Services, and the error answers (403, 409, 410, 5xx).
+"""A small Kubernetes API server on loopback, for what the real control plane cannot be made to do
+on demand (issue 10): answer a watch with a 5xx or a 429 with Retry-After, fail a request with 403
+or 409 at a chosen point, or script a Job's statuses for the launcher's own mechanics (what it
+creates, in which order, what it skips). It encodes our idea of Kubernetes, so what the Job
+controller does (retries, podFailurePolicy, disruptions, FailureTarget, deadlines, suspension)
+is tested on the real control plane instead (test_launcher_on_cluster.py, tests/simcluster.py).
 
-Time moves when the client watches: a created Job starts with an empty status; the statuses its
-scripted ``Attempt`` goes through are sent as MODIFIED events (newline-delimited JSON, chunked)
-to the next watch, and from then on GET answers the last of them.
+The official client really sends and parses the calls: create/get/list/watch/delete Jobs, list
+and get pods, stream a pod's log, create/patch/delete Services, and the error answers. Time moves
+when the client watches: a created Job starts with an empty status; the statuses its scripted
+``Attempt`` goes through are sent as MODIFIED events (newline-delimited JSON, chunked) to the next
+watch, and from then on GET answers the last of them.
 """
 
 from __future__ import annotations

@@ -111,17 +111,6 @@ def test_follow_streams_the_pods_log_line_by_line(cluster, server, single):
     assert server.calls("GET", "/pods/sft-a/log")[0].query["follow"] == ["true"]
 
 
-def test_follow_of_a_failed_job_carries_its_condition_and_the_stage_exit_code(cluster, server, single):
-    message = "Container stage for pod vlmjobs/sft-a failed with exit code 2 matching FailJob rule at index 1"
-    server.script(
-        "llava-chartqa-sft",
-        Attempt(statuses=[running(), failed("PodFailurePolicy", message)], pods=[pod("sft-a", "Failed", exit_code=2)]),
-    )
-    cluster.create_job(job_of(single))
-    result = cluster.follow("llava-chartqa-sft", logs=False)
-    assert (result.succeeded, result.user_error, result.message) == (False, True, f"PodFailurePolicy: {message}")
-
-
 def test_follow_of_a_job_deleted_meanwhile_raises(cluster, server, single):
     server.script("llava-chartqa-sft", Attempt(statuses=[running()], deleted=True))
     cluster.create_job(job_of(single))
@@ -180,18 +169,6 @@ def test_a_pod_that_cannot_pull_its_image_is_reported(cluster, server, single):
     cluster.create_job(job_of(single))
     cluster.follow("llava-chartqa-sft", logs=False)
     assert "warning: pod sft-a: ImagePullBackOff: ImagePullBackOff for the test" in cluster.lines
-
-
-def test_following_a_group_ends_as_soon_as_a_rank_is_disrupted(cluster, server, multi):
-    pods = [
-        pod("sft-0", "Running", index=0),
-        pod("sft-1", "Running", index=1, disrupted="preempted by a higher priority pod"),
-    ]
-    server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=pods))
-    cluster.create_job(job_of(multi))
-    result = cluster.follow("qwen2vl-chartqa-sft", logs=False, group=True)
-    assert (result.over, result.succeeded, result.disrupted, result.pod) == (True, False, True, "sft-1")
-    assert result.message == "pod sft-1 was disrupted (PreemptionByScheduler: preempted by a higher priority pod)"
 
 
 def test_delete_propagates_to_the_pods_in_the_foreground(cluster, server, single):
