@@ -397,12 +397,11 @@ def test_status_logs_and_delete_of_a_multi_node_stage(real_cluster, ns):
 def test_the_driver_runs_the_chain_with_its_own_token_and_role(real_cluster, ns, tmp_path):
     """The RBAC of k8s/rbac.yaml, through a token of the vlmjobs-driver ServiceAccount (TokenRequest),
     in a namespace enforcing the restricted Pod Security Standard."""
-    labels = real_cluster.api_client().call_api  # noqa: F841 - the admin only checks the namespace below
     admin = on(real_cluster, ns)
     namespace = admin.core.read_namespace(ns)
     assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
     driver = on(real_cluster, ns, real_cluster.token_kubeconfig(ns, render.DRIVER_SERVICE_ACCOUNT, tmp_path / "kc"))
     chain.pipeline(driver, group(ns), IMAGE, logs=True)
-    assert driver.lines[-1] == f"==> pipeline done: prepare, sft of run sim in /runs/sim"
-    assert {state_line for state_line in driver.lines if "forbidden" in state_line.lower()} == set()
+    assert driver.lines[-1] == "==> pipeline done: prepare, sft of run sim in /runs/sim"
+    assert [line for line in driver.lines if "forbidden" in line.lower()] == []
     assert len(admin.list_pods("sim-prepare")) == 1 and len(admin.list_pods("sim-sft")) == 2
