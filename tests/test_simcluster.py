@@ -218,3 +218,22 @@ def test_an_api_server_restarted_from_another_thread_outlives_that_thread(real_c
     helper.join()
     time.sleep(3)
     assert real_cluster.control_plane.healthy("kube-apiserver")
+
+
+def test_a_followed_log_shows_new_lines_and_ends_when_the_container_exits(clients, real_cluster, real_namespace):
+    core, batch, _ = clients
+    batch.create_namespaced_job(real_namespace, job_manifest("logs", {SIM_RUN_SECONDS: "6"}))
+    pod = wait_for(
+        "pod running",
+        lambda: next((p for p in core.list_namespaced_pod(real_namespace, label_selector="job-name=logs").items
+                      if p.status.phase == "Running"), None),  # fmt: skip
+    )
+    marker = f"line {uuid.uuid4().hex}"
+    threading.Timer(1, real_cluster.append_pod_log, args=(marker,)).start()
+    response = core.read_namespaced_pod_log(
+        pod.metadata.name, real_namespace, container="stage", follow=True, _preload_content=False
+    )
+    text = b"".join(response.stream(1024)).decode()  # through the API server and kwok's kubelet endpoint
+    assert marker in text.splitlines()
+    # the stream ended by itself, as the kubelet ends it: the container had exited
+    assert core.read_namespaced_pod(pod.metadata.name, real_namespace).status.phase == "Succeeded"
