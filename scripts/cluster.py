@@ -11,7 +11,8 @@ no container runs; a pod's exit code and run time come from its annotations (SIM
 
 The binaries are built from their Go modules through the Go module proxy into a cache outside the work
 tree, keyed by version, so a second build is free; binaries a user already has ($KUBEBUILDER_ASSETS, as
-envtest lays them out, or $PATH) are used when their versions fit. Standard library only.
+envtest lays them out, or $PATH) are used when their versions fit; kwok, which carries one patch
+(KWOK_PATCHES), is always built. Standard library only.
 """
 
 from __future__ import annotations
@@ -208,9 +209,14 @@ class Build:
 
     @property
     def patch_id(self) -> str:
-        import hashlib
+        return patch_id(self.patches)
 
-        return hashlib.sha256(json.dumps(self.patches, sort_keys=True).encode()).hexdigest()[:12] if self.patches else ""
+
+def patch_id(patches: dict) -> str:
+    """Names a set of patches in the cache (the binary's <name>.patch stamp); "" for none."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(patches, sort_keys=True).encode()).hexdigest()[:12] if patches else ""
 
 
 def builds(work: Path) -> list[Build]:
@@ -271,7 +277,7 @@ def build(force: bool = False) -> dict[str, Path]:
 
 def built(bin_dir: Path, binary: str) -> bool:
     """In the cache, and built with today's patches (kwok's: KWOK_PATCHES; a changed patch rebuilds only kwok)."""
-    want = Build("kwok", "", {}, patches=KWOK_PATCHES).patch_id if binary == "kwok" else ""
+    want = patch_id(KWOK_PATCHES) if binary == "kwok" else ""
     stamp = bin_dir / f"{binary}.patch"
     return (bin_dir / binary).is_file() and (stamp.read_text() if stamp.exists() else "") == want
 
@@ -487,12 +493,11 @@ def kwok_stages() -> list[dict]:
     """The kubelet's part, played by kwok: node heartbeats, and each pod from ContainerCreating to an exit code."""
     alive = _exists(".metadata.deletionTimestamp", False)
     node_ready = '.status.conditions.[] | select( .type == "Ready" ) | .status'
-    node_status = NODE_STATUS
     return [
         _stage("node-initialize", "Node", [{"key": node_ready, "operator": "NotIn", "values": ["True"]}],
-               {"statusTemplate": node_status}),
+               {"statusTemplate": NODE_STATUS}),
         _stage("node-heartbeat", "Node", [_is(".status.phase", "Running"), _is(node_ready, "True")],
-               {"statusTemplate": node_status}, delay='"20s"'),
+               {"statusTemplate": NODE_STATUS}, delay='"20s"'),
         _stage("pod-create", "Pod", [alive, _exists(".status.podIP", False)],
                {"statusTemplate": CONTAINERS_WAITING, "event": {"type": "Normal", "reason": "Created",
                                                               "message": "Created container (simulated by kwok)"}}),
