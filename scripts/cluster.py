@@ -11,7 +11,8 @@ no container runs; a pod's exit code and run time come from its annotations (SIM
 
 The binaries are built from their Go modules through the Go module proxy into a cache outside the work
 tree, keyed by version, so a second build is free; binaries a user already has ($KUBEBUILDER_ASSETS, as
-envtest lays them out, or $PATH) are used when their versions fit. Standard library only.
+envtest lays them out, or $PATH) are used when their versions fit; kwok, which carries one patch
+(KWOK_PATCHES), is always built. Standard library only.
 """
 
 from __future__ import annotations
@@ -40,6 +41,54 @@ KWOK_VERSION = os.environ.get("VLMJOBS_KWOK_VERSION", "v0.8.0")
 
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 BINARIES = ("etcd", *K8S_BINARIES, "kwok")
+
+# One change to kwok, so that it plays the kubelet's part in log streaming too: its log server asks a stub
+# container runtime whether a container still runs, the stub always says yes, and so a followed log never
+# ends. The kubelet ends it once the container has exited; patched, kwok asks its pod cache. Applied to a copy
+# of the pinned release (a replace line in the wrapper module); kwok is therefore always built, never found.
+KWOK_PATCHES = {
+    "pkg/kwok/server/debugging_logs.go": (
+        (
+            "\treturn readLogs(ctx, logsFile, opts, stdout, stderr)\n}\n",
+            """\trunning := func() bool {
+\t\tif s.podCacheGetter == nil {
+\t\t\treturn true
+\t\t}
+\t\tpod, ok := s.podCacheGetter.GetWithNamespace(podName, podNamespace)
+\t\tif !ok { // not yet in the cache, which fills after its first use
+\t\t\treturn true
+\t\t}
+\t\tfor _, status := range pod.Status.ContainerStatuses {
+\t\t\tif status.Name == container {
+\t\t\t\treturn status.State.Terminated == nil
+\t\t\t}
+\t\t}
+\t\treturn true
+\t}
+\treturn crilogs.ReadLogs(ctx, logsFile, "", opts, podRuntime{running: running}, stdout, stderr)
+}
+
+// podRuntime answers the log reader as the kubelet's runtime would: running until the pod says otherwise.
+type podRuntime struct {
+\tcriapi.RuntimeService
+\trunning func() bool
+}
+
+func (r podRuntime) ContainerStatus(ctx context.Context, containerID string, verbose bool) (*runtimeapi.ContainerStatusResponse, error) {
+\tstate := runtimeapi.ContainerState_CONTAINER_RUNNING
+\tif !r.running() {
+\t\tstate = runtimeapi.ContainerState_CONTAINER_EXITED
+\t}
+\treturn &runtimeapi.ContainerStatusResponse{Status: &runtimeapi.ContainerStatus{State: state}}, nil
+}
+""",
+        ),
+    ),
+    # the pod cache the log server reads is otherwise kept only when kwok serves metrics
+    "pkg/kwok/cmd/root.go": (
+        ("\t\tEnablePodCache:                        enableMetrics,\n", "\t\tEnablePodCache:                        true,\n"),
+    ),
+}
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,14 +129,16 @@ def fits(binary: str, path: Path) -> bool:
     found = re.search(r"v?(\d+)\.(\d+)\.(\d+)", out)
     if not found:
         return False
-    minor = ".".join(want.lstrip("v").split(".")[:2])
-    if binary == "kwok":  # kwok's Stage API moves between minors; take only the pinned release
+    if binary == "kwok":  # its Stage API moves between minors: only the pinned release
         return found.group(0).lstrip("v") == want.lstrip("v")
-    return ".".join(found.groups()[:2]) == minor
+    return ".".join(found.groups()[:2]) == ".".join(want.lstrip("v").split(".")[:2])
 
 
 def found_binary(binary: str) -> Path | None:
-    """A fitting binary the user already has: $KUBEBUILDER_ASSETS first (envtest's layout), then $PATH."""
+    """A fitting binary the user already has: $KUBEBUILDER_ASSETS first (envtest's layout), then $PATH.
+    Never kwok, which is patched (KWOK_PATCHES)."""
+    if binary == "kwok":
+        return None
     candidates = []
     if os.environ.get("KUBEBUILDER_ASSETS"):
         candidates.append(Path(os.environ["KUBEBUILDER_ASSETS"]) / binary)
@@ -153,6 +204,19 @@ class Build:
     gomod: str
     packages: dict[str, str]  # binary -> package
     ldflags: list[str] = field(default_factory=list)
+    module: str = ""  # module@version that ``patches`` (path in it -> (old, new) replacements) change
+    patches: dict = field(default_factory=dict)
+
+    @property
+    def patch_id(self) -> str:
+        return patch_id(self.patches)
+
+
+def patch_id(patches: dict) -> str:
+    """Names a set of patches in the cache (the binary's <name>.patch stamp); "" for none."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(patches, sort_keys=True).encode()).hexdigest()[:12] if patches else ""
 
 
 def builds(work: Path) -> list[Build]:
@@ -183,6 +247,8 @@ def builds(work: Path) -> list[Build]:
             f"module vlmjobs.local/kwok-build\n\ngo 1.26.0\n\nrequire sigs.k8s.io/kwok {KWOK_VERSION}\n",
             {"kwok": "sigs.k8s.io/kwok/cmd/kwok"},
             [f"-X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION}"],
+            module=f"sigs.k8s.io/kwok@{KWOK_VERSION}",
+            patches=KWOK_PATCHES,
         ),
     ]
 
@@ -193,7 +259,7 @@ def build(force: bool = False) -> dict[str, Path]:
     have = {} if force else {b: p for b in BINARIES if (p := found_binary(b))}
     for b, p in have.items():
         log(f"using {p} ({b})")
-    missing = [b for b in BINARIES if b not in have and (force or not (bin_dir / b).is_file())]
+    missing = [b for b in BINARIES if b not in have and (force or not built(bin_dir, b))]
     if missing:
         if not shutil.which("go"):
             raise ClusterError(
@@ -203,10 +269,43 @@ def build(force: bool = False) -> dict[str, Path]:
         bin_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(bin_dir.parent / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building the same key
-            missing = [b for b in missing if force or not (bin_dir / b).is_file()]
+            missing = [b for b in missing if force or not built(bin_dir, b)]
             if missing:
                 build_into(bin_dir, missing)
     return {b: have.get(b, bin_dir / b) for b in BINARIES}
+
+
+def built(bin_dir: Path, binary: str) -> bool:
+    """In the cache, and built with today's patches (kwok's: KWOK_PATCHES; a changed patch rebuilds only kwok)."""
+    want = patch_id(KWOK_PATCHES) if binary == "kwok" else ""
+    stamp = bin_dir / f"{binary}.patch"
+    return (bin_dir / binary).is_file() and (stamp.read_text() if stamp.exists() else "") == want
+
+
+def patched_source(b: Build, work: Path) -> str:
+    """A copy of ``b.module``'s pinned release with ``b.patches`` applied, as a replace line for the wrapper's
+    go.mod (the go command compiles nothing beneath the module cache but what was downloaded)."""
+    if not b.patches:
+        return ""
+    module, version = b.module.split("@")
+    proc = subprocess.run(
+        ["go", "mod", "download", "-json", b.module], cwd=work, env=go_env(in_module=False), capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise ClusterError(f"cannot download {b.module}: {proc.stdout.strip() or proc.stderr.strip()}")
+    source, copy = Path(json.loads(proc.stdout)["Dir"]), work / "patched"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(source, copy)
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)  # the module cache's files are read-only
+    for relative, changes in b.patches.items():
+        text = (copy / relative).read_text()
+        for old, new in changes:
+            if text.count(old) != 1:
+                raise ClusterError(f"the patch to {module} {version} {relative} no longer applies ({__file__})")
+            text = text.replace(old, new)
+        (copy / relative).write_text(text)
+    return f"\nreplace {module} => ./patched  // {version} with the patches of scripts/cluster.py ({b.patch_id})\n"
 
 
 def build_into(bin_dir: Path, wanted: list[str]) -> None:
@@ -219,8 +318,9 @@ def build_into(bin_dir: Path, wanted: list[str]) -> None:
             continue
         work = src / b.name
         work.mkdir(exist_ok=True)
-        if not (work / "go.mod").exists() or (work / "go.mod").read_text() != b.gomod:
-            (work / "go.mod").write_text(b.gomod)
+        gomod = b.gomod + patched_source(b, work)
+        if not (work / "go.mod").exists() or (work / "go.mod").read_text() != gomod:
+            (work / "go.mod").write_text(gomod)
             (work / "go.sum").unlink(missing_ok=True)
         started = time.monotonic()
         log(f"{b.name}: resolving and downloading modules for {', '.join(todo)}")
@@ -237,6 +337,7 @@ def build_into(bin_dir: Path, wanted: list[str]) -> None:
         go(["build", "-trimpath", f"-ldflags={ldflags}", "-o", out, *todo.values()], work)
         for name in todo:
             os.replace(tmp / name, bin_dir / name)  # a binary appears in bin/ only once it is whole
+            (bin_dir / f"{name}.patch").write_text(b.patch_id)
         tmp.rmdir()
         log(f"{b.name}: compiled in {time.monotonic() - downloaded:.0f} s")
 
@@ -392,12 +493,11 @@ def kwok_stages() -> list[dict]:
     """The kubelet's part, played by kwok: node heartbeats, and each pod from ContainerCreating to an exit code."""
     alive = _exists(".metadata.deletionTimestamp", False)
     node_ready = '.status.conditions.[] | select( .type == "Ready" ) | .status'
-    node_status = NODE_STATUS
     return [
         _stage("node-initialize", "Node", [{"key": node_ready, "operator": "NotIn", "values": ["True"]}],
-               {"statusTemplate": node_status}),
+               {"statusTemplate": NODE_STATUS}),
         _stage("node-heartbeat", "Node", [_is(".status.phase", "Running"), _is(node_ready, "True")],
-               {"statusTemplate": node_status}, delay='"20s"'),
+               {"statusTemplate": NODE_STATUS}, delay='"20s"'),
         _stage("pod-create", "Pod", [alive, _exists(".status.podIP", False)],
                {"statusTemplate": CONTAINERS_WAITING, "event": {"type": "Normal", "reason": "Created",
                                                               "message": "Created container (simulated by kwok)"}}),

@@ -114,10 +114,13 @@ def real_cluster(tmp_path_factory):
     except ClusterError as e:
         pytest.fail(f"the simulated cluster did not start: {e}", pytrace=False)
     yield sim
-    if started:
+    if started:  # stopped; its logs and audit log stay in pytest's temporary folder, for a failure's post-mortem
+        import shutil
+
         from scripts.cluster import down
 
-        down(sim.control_plane.state)
+        down(sim.control_plane.state, keep=True)
+        shutil.rmtree(sim.control_plane.state / "etcd", ignore_errors=True)
 
 
 @pytest.fixture

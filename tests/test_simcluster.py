@@ -218,3 +218,68 @@ def test_an_api_server_restarted_from_another_thread_outlives_that_thread(real_c
     helper.join()
     time.sleep(3)
     assert real_cluster.control_plane.healthy("kube-apiserver")
+
+
+def test_a_followed_log_shows_new_lines_and_ends_when_the_container_exits(clients, real_cluster, real_namespace):
+    core, batch, _ = clients
+    batch.create_namespaced_job(real_namespace, job_manifest("logs", {SIM_RUN_SECONDS: "6"}))
+    pod = wait_for(
+        "pod running",
+        lambda: next((p for p in core.list_namespaced_pod(real_namespace, label_selector="job-name=logs").items
+                      if p.status.phase == "Running"), None),  # fmt: skip
+    )
+    marker = f"line {uuid.uuid4().hex}"
+    threading.Timer(1, real_cluster.append_pod_log, args=(marker,)).start()
+    response = core.read_namespaced_pod_log(
+        pod.metadata.name, real_namespace, container="stage", follow=True, _preload_content=False
+    )
+    text = b"".join(response.stream(1024)).decode()  # through the API server and kwok's kubelet endpoint
+    assert marker in text.splitlines()
+    # the stream ended by itself, as the kubelet ends it: the container had exited
+    assert core.read_namespaced_pod(pod.metadata.name, real_namespace).status.phase == "Succeeded"
+
+
+def test_cluster_up_reuses_a_running_control_plane_and_down_leaves_no_process(tmp_path):
+    # make cluster-up / cluster-down, in a folder of their own
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.simcluster import NO_GO, go_missing
+
+    if go_missing():
+        pytest.skip(NO_GO)
+    state = tmp_path / "cluster"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        script = Path(devcluster.__file__)
+        return subprocess.run([sys.executable, str(script), f"--state={state}", *args], capture_output=True, text=True)
+
+    try:
+        first = cli("up")
+        assert first.returncode == 0, first.stderr
+        (printed,) = [line.split("=", 1)[1] for line in first.stdout.splitlines() if "export KUBECONFIG=" in line]
+        assert Path(printed).resolve() == state / "kubeconfig"
+        cp = devcluster.ControlPlane.load(state)
+        pids = {c: cp.pid(c) for c in devcluster.COMPONENTS}
+        assert all(pids.values()), pids
+        assert (state / "bin" / "kubectl").resolve() == Path(cp.bins["kubectl"]).resolve()
+        again = cli("up")
+        assert again.returncode == 0, again.stderr
+        assert {c: cp.pid(c) for c in devcluster.COMPONENTS} == pids, "a running control plane is reused"
+    finally:
+        down = cli("down")
+    assert down.returncode == 0, down.stderr
+    assert not state.exists()
+    for component, pid in pids.items():
+        assert not running(pid), f"{component} (pid {pid}) still running"
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child its new parent, init, has not reaped yet)."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
