@@ -20,11 +20,14 @@ import pytest
 from jobs.contract import UserError
 from launcher import chain, kube, render
 from tests.launcher.conftest import IMAGE, make
-from tests.simcluster import SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS, SIM_START_SECONDS
+from tests.simcluster import SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS, SIM_START_SECONDS, SIM_STOP_SECONDS
 
 pytestmark = pytest.mark.cluster
 RECORDED = Path(__file__).parent / "recorded"
-RWX = "runs-shared"  # a ReadWriteMany claim for the multi-node stages (the prepared namespace's is ReadWriteOnce)
+RWX = "runs-shared"
+# Pods that take their time to stop after SIGTERM, as ranks writing a checkpoint do (grace 300 s in production).
+SLOW_STOP = {SIM_STOP_SECONDS: "20"}
+SLOW_GRACE = {"kubernetes.termination_grace_period_seconds": 30}  # a ReadWriteMany claim for the multi-node stages (the prepared namespace's is ReadWriteOnce)
 
 BASE = {
     "name": "sim",
@@ -196,7 +199,7 @@ def test_an_eviction_is_not_counted_against_backoff_limit(real_cluster, ns):
 
 def test_active_deadline_ends_the_stage_as_a_failure(real_cluster, ns):
     c = on(real_cluster, ns)
-    r = group(ns, {SIM_RUN_SECONDS: "60"}, **{"kubernetes.active_deadline_seconds": 3})
+    r = group(ns, {SIM_RUN_SECONDS: "60", **SLOW_STOP}, **{"kubernetes.active_deadline_seconds": 3, **SLOW_GRACE})
     with pytest.raises(
         kube.JobFailed,
         match=rf"^stage sft: Job {ns}/sim-sft failed: DeadlineExceeded: Job was active longer than specified "
@@ -215,7 +218,7 @@ def test_active_deadline_ends_the_stage_as_a_failure(real_cluster, ns):
 def test_a_crashed_rank_is_counted_and_named(real_cluster, ns):
     """Issue 10, defect 1: the Job controller deletes the other rank (no DisruptionTarget)."""
     c = on(real_cluster, ns)
-    r = group(ns, {SIM_EXIT_CODE: "1", SIM_FAIL_INDEX: "1", SIM_RUN_SECONDS: "2"})
+    r = group(ns, {SIM_EXIT_CODE: "1", SIM_FAIL_INDEX: "1", SIM_RUN_SECONDS: "2", **SLOW_STOP}, **SLOW_GRACE)
     with pytest.raises(
         kube.JobFailed,
         match=rf"^stage sft: Job {ns}/sim-sft failed: BackoffLimitExceeded: Job has reached the specified backoff "
@@ -255,13 +258,13 @@ def test_a_suspended_job_is_waited_on_not_recreated(real_cluster, ns):
         uid = c.get_job("sim-sft")["metadata"]["uid"]
         c.batch.patch_namespaced_job("sim-sft", ns, {"spec": {"suspend": True}})
         c.lines.wait_for(lambda line: line.endswith(": Suspended"), 30)
-        time.sleep(2)  # its pods deleted meanwhile
+        time.sleep(12)  # longer than a watch: the pods are read while they terminate
         record("group-suspended", c, "sim-sft")
         c.batch.patch_namespaced_job("sim-sft", ns, {"spec": {"suspend": False}})
         assert c.get_job("sim-sft")["metadata"]["uid"] == uid
 
     with beside(suspend_then_resume):
-        chain.run_stage(c, group(ns, {SIM_RUN_SECONDS: "4"}), "sft", IMAGE, logs=False)
+        chain.run_stage(c, group(ns, {SIM_RUN_SECONDS: "4", **SLOW_STOP}, **SLOW_GRACE), "sft", IMAGE, logs=False)
     assert [line for line in c.lines if "restarting" in line or "created" in line] == [f"==> sft: created Job {ns}/sim-sft"]
     assert c.lines[-1] == "==> sft: succeeded"
 

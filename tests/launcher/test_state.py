@@ -67,7 +67,11 @@ def test_a_job_in_failure_target_counts_as_failed_already():
 
 
 def test_pods_terminating_are_not_pending():
-    assert state.job_state({"status": {"terminating": 1}}) == "Terminating"
+    """Issue 10, defect 4: status.active leaves out the pods being deleted (here, of a suspended Job)."""
+    job, _ = recorded("group-suspended")
+    unsuspended = {**job, "status": {**job["status"], "conditions": []}}
+    assert (job["status"].get("active", 0), job["status"]["terminating"]) == (0, 2)
+    assert state.job_state(unsuspended) == "Terminating"
 
 
 def test_an_unschedulable_pod_is_a_problem_with_the_schedulers_message():
