@@ -151,9 +151,8 @@ def pod_failure(pod: dict) -> str:
     """``pod NAME failed with exit code N (Reason)``, or ``was disrupted (...)``."""
     gone = disruption(pod)
     if gone:
-        return f"pod {name_of(pod)} was disrupted ({gone.get('reason', '')}: {gone.get('message', '')})".replace(
-            " (: )", ""
-        )
+        why = f"{gone.get('reason', '')}: {gone.get('message', '')}".strip(": ")
+        return f"pod {name_of(pod)} was disrupted" + (f" ({why})" if why else "")
     code, reason = exit_code(pod), (terminated(pod) or {}).get("reason") or pod.get("status", {}).get("reason")
     text = f"pod {name_of(pod)} failed"
     if code is not None:
@@ -206,12 +205,14 @@ def read(job: dict, pods: list[dict], *, group: bool = False) -> Reading:
     crashed = sorted((p for p in pods if failed_by_itself(p)), key=_finished_at)
     taken = [p for p in pods if disruption(p)]
     if EXIT_USER_ERROR in codes or ended.get("reason") == "PodFailurePolicy":
-        culprit = next((p for p in crashed if exit_code(p) == EXIT_USER_ERROR), None)
-        return Reading(state, True, False, "user-error", message, culprit and name_of(culprit), codes)
-    if taken:  # a rank taken away makes its peers fail too: the disruption is the cause
-        return Reading(state, True, False, "disruption", f"{message}; {pod_failure(taken[0])}", name_of(taken[0]), codes)
-    if crashed:
-        return Reading(state, True, False, "crash", f"{message}; {pod_failure(crashed[0])}", name_of(crashed[0]), codes)
+        culprit = next((name_of(p) for p in crashed if exit_code(p) == EXIT_USER_ERROR), None)
+        return Reading(state, over=True, cause="user-error", message=message, pod=culprit, exit_codes=codes)
+    # A rank taken away makes its peers fail too (NCCL errors): the disruption is the cause.
+    for cause, culprits in (("disruption", taken), ("crash", crashed)):
+        if culprits:
+            first = culprits[0]
+            message = f"{message}; {pod_failure(first)}"
+            return Reading(state, over=True, cause=cause, message=message, pod=name_of(first), exit_codes=codes)
     return Reading(state, over=True, cause="crash", message=message, exit_codes=codes)
 
 
