@@ -10,7 +10,7 @@ import time
 import pytest
 
 from jobs import recipe as recipes
-from launcher import chain, kube, render
+from launcher import chain, kube, render, state
 from tests.launcher.conftest import IMAGE, SINGLE
 from tests.simcluster import SIM_EXIT_CODE, SIM_RUN_SECONDS
 
@@ -46,7 +46,7 @@ def test_a_stage_that_exits_0_completes(real_cluster, real_namespace):
     chain.run_stage(c, recipe, "sft", IMAGE, logs=False)
     assert c.lines[-1] == "==> sft: succeeded"
     job = c.get_job(render.job_name(recipe, "sft"))
-    assert kube.job_state(job) == "Complete"
+    assert state.job_state(job) == "Complete"
     (pod,) = c.list_pods(job["metadata"]["name"])
     assert pod["spec"]["nodeName"].startswith("gpu-h100-"), "scheduled by the product it asked for"
     terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -61,7 +61,7 @@ def test_a_stage_that_exits_2_fails_at_once_through_the_pod_failure_policy(real_
     assert failed.value.exit_code == 2
     name = render.job_name(recipe, "sft")
     job = c.get_job(name)
-    reason = kube.condition(job, "Failed")["reason"]
+    reason = state.failure(job)["reason"]  # FailureTarget while the pod terminates, then Failed
     assert reason == "PodFailurePolicy", "the Job controller's own verdict, not the launcher's"
     assert len(c.list_pods(name)) == 1, "no retry despite backoffLimit 3"
 
