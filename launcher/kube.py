@@ -210,6 +210,7 @@ class Cluster:
     # One watch request's server-side timeout; the pods are read between two, so a pod that
     # cannot be scheduled is reported within this.
     watch_s: int = 30
+    read_timeout_s: float = READ_TIMEOUT_S  # for one answer: a half-open connection fails, then is retried
     log_idle_s: float = 300.0  # a followed log silent this long is reconnected (a half-open connection)
     pods_gone_timeout_s: float = 900.0  # waiting for a finished Job's pods to terminate
     log_drain_s: float = 30.0  # after the Job ends, for the rest of its pod's log
@@ -232,7 +233,7 @@ class Cluster:
 
     def _call(self, verb: str, kind: str, name: str | None, fn: Callable, *args, **kwargs):
         """One request, its errors wrapped; a read that meets a transient error is sent again."""
-        kwargs.setdefault("_request_timeout", (CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+        kwargs.setdefault("_request_timeout", (CONNECT_TIMEOUT_S, self.read_timeout_s))
         backoff = self.backoff()
         while True:
             try:
@@ -342,7 +343,7 @@ class Cluster:
             timeout_seconds=self.watch_s,  # the server ends the watch; with it, Watch does not retry by itself
             allow_watch_bookmarks=True,
             # The server is silent up to timeout_seconds (bookmarks aside): more than that is a dead connection.
-            _request_timeout=(CONNECT_TIMEOUT_S, self.watch_s + READ_TIMEOUT_S),
+            _request_timeout=(CONNECT_TIMEOUT_S, self.watch_s + self.read_timeout_s),
             # Not deserialize=False: with it, kubernetes 37.0.2 fails on an ERROR event (410) with
             # KeyError 'raw_object' inside Watch.stream. We read event["raw_object"], a plain dict.
         )
@@ -401,7 +402,7 @@ class Cluster:
 
         opened = self._call("get", "Pod log", pod, self._open_log, pod, follow=follow, timestamps=timestamps,
                             since_time=since_time,
-                            _request_timeout=(CONNECT_TIMEOUT_S, self.log_idle_s if follow else READ_TIMEOUT_S))  # fmt: skip
+                            _request_timeout=(CONNECT_TIMEOUT_S, self.log_idle_s if follow else self.read_timeout_s))  # fmt: skip
         buffer = b""
         try:
             for chunk in opened.stream(4096):

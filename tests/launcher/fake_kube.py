@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -87,7 +88,7 @@ class Attempt:
 class Fault:
     method: str
     path: str  # a regex on the URL path, which ends in "?watch" for a watch
-    status: int
+    status: int  # 0: no answer for ``message`` seconds, then the connection closes
     message: str
     times: int = 1
     retry_after: float | None = None
@@ -231,6 +232,14 @@ class FakeKube:
                         target = url.path + ("?watch" if query.get("watch") == ["true"] else "")
                         if fault.times and fault.method == method and re.search(fault.path, target):
                             fault.times -= 1
+                            if fault.status == 0:  # a half-open connection: no answer at all
+                                fake.lock.release()
+                                try:
+                                    time.sleep(float(fault.message))
+                                finally:
+                                    fake.lock.acquire()
+                                self.close_connection = True
+                                return None
                             reasons = {
                                 403: "Forbidden",
                                 409: "AlreadyExists",

@@ -140,6 +140,16 @@ def test_a_server_error_while_watching_is_retried_after_a_pause(cluster, server,
     assert "warning: cannot watch Job vlmjobs/llava-chartqa-sft: API server error 500 (watch cache not ready); retrying in 0.01s" in cluster.lines
 
 
+def test_a_request_left_unanswered_times_out(cluster, server, single):
+    """Issue 10 (defect 3): a half-open connection (the real API server always answers) fails the
+    request after the client-side timeout, and urllib3's retries and then the launcher's are spent."""
+    server.add_job(job_of(single), complete())
+    server.fail("GET", r"/jobs/llava-chartqa-sft$", 0, "2", times=100)
+    cluster.read_timeout_s = 0.2
+    with pytest.raises(kube.ApiUnavailable, match=r"^cannot get Job vlmjobs/llava-chartqa-sft: no answer from the API server \(.*Read timed out\. \(read timeout=0\.2\)"):
+        cluster.get_job("llava-chartqa-sft")
+
+
 def test_a_server_error_that_lasts_ends_the_follow_as_unavailable(cluster, server, single):
     cluster.create_job(job_of(single))
     server.fail("GET", r"/jobs$", 503, "etcdserver: leader changed", times=1000)
