@@ -399,7 +399,8 @@ def test_status_logs_and_delete_of_a_multi_node_stage(real_cluster, ns):
 
 def test_the_driver_runs_the_chain_with_its_own_token_and_role(real_cluster, ns, tmp_path):
     """The RBAC of k8s/rbac.yaml, through a token of the vlmjobs-driver ServiceAccount (TokenRequest),
-    in a namespace enforcing the restricted Pod Security Standard."""
+    in a namespace enforcing the restricted Pod Security Standard. kwok runs no container, so the
+    driver's chain runs here, with the credentials its pod would have."""
     admin = on(real_cluster, ns)
     namespace = admin.core.read_namespace(ns)
     assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
