@@ -9,9 +9,12 @@ RECIPE ?= recipes/tiny-demo.yaml
 CLUSTER_RECIPE ?= recipes/idefics2-8b-rlaif-v-dpo.yaml
 K8S_RECIPE = $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),$(CLUSTER_RECIPE))
 RUN_ARG = $(if $(RUN),--run=$(RUN))
-KUBECTL ?= kubectl
+# The simulated cluster's kubectl (a version its API server supports) while one is up, else PATH's.
+KUBECTL ?= $(if $(wildcard .cache/cluster/bin/kubectl),.cache/cluster/bin/kubectl,kubectl)
+SIMCLUSTER := $(PYTHON) scripts/cluster.py
 
-.PHONY: install demo test bench lock clean render submit pipeline status logs delete k8s k8s-apply goldens image push-image
+.PHONY: install demo test bench lock clean render submit pipeline status logs delete k8s k8s-apply goldens image push-image \
+	cluster-build cluster-up cluster-down
 
 install: $(STAMP)
 
@@ -33,7 +36,10 @@ demo: $(STAMP) .cache/tiny/llava/config.json .cache/data/chartqa/README.md .cach
 .cache/data/%/README.md: jobs/synthetic.py | $(STAMP)
 	$(VLMJOBS) synth-data --kind $* --out .cache/data/$*
 
+# The cluster tests' binaries first (built once into ~/.cache/vlmjobs/cluster, minutes; then free), so that
+# a build failure is a clear error here; without Go they are skipped, except under CI=true.
 test: $(STAMP)
+	$(SIMCLUSTER) build --unless-no-go
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Speed and memory of the sft stage beside the source documents' plain script (not a test: no timing asserts).
@@ -58,6 +64,17 @@ logs: $(STAMP)  ## make logs STAGE=dpo [RUN=...]: a stage's log, followed
 
 delete: $(STAMP)  ## make delete RUN=... [STAGE=...]: delete a run's Jobs
 	$(VLMJOBS) delete $(K8S_RECIPE) --run=$(RUN) $(if $(STAGE),--stage=$(STAGE))
+
+# A real control plane on loopback with simulated nodes (kwok), for trying the cluster targets without a
+# cluster; see README, "Try it without a cluster". cluster-up reuses a running one.
+cluster-build:
+	$(SIMCLUSTER) build
+
+cluster-up:
+	@$(SIMCLUSTER) up
+
+cluster-down:
+	$(SIMCLUSTER) down
 
 # k8s/ is generated: namespace, PVC, the driver's RBAC, and the Secret and Kueue templates.
 k8s: $(STAMP)

@@ -119,6 +119,7 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
                   "than a GPU (fine for a test, not for a real run)", file=sys.stderr, flush=True)
         kwargs["device_map"] = {"": device}
     model_class = getattr(transformers, family.model_class)
+    with user_errors(source, revision):
         model = model_class.from_pretrained(source, **kwargs)
     if quantize is not None and not torch.cuda.is_available():
         # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for its bf16 kernel at the first forward

@@ -7,16 +7,17 @@
 A stage starts only once the previous one succeeded and its pods terminated (a ReadWriteOnce
 volume attaches to one node at a time). A stage whose Job already succeeded is skipped; the stage
 itself also skips when its ``_SUCCESS.json`` matches (e.g. after the Job's TTL removed it). A Job
-that already exists is followed, never duplicated. Restarting a multi-node group (render.py's
-docstring) happens here: delete the failed Job, wait until it and its pods are gone, create it again.
+that already exists is followed, never duplicated; a suspended one (queued by Kueue) is waited on.
+Restarting a multi-node group (render.py's docstring) happens here: delete the failed Job, wait
+until it and its pods are gone, create it again; whether to is ``state.next_step``.
 """
 
 from __future__ import annotations
 
-from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR
+from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from jobs.recipe import Recipe
-from launcher import render
-from launcher.kube import AlreadyExists, Cluster, JobFailed, Outcome, job_state, outcome
+from launcher import render, state
+from launcher.kube import AlreadyExists, Cluster, JobFailed
 
 
 def _hint(recipe: Recipe, stage: str) -> str:
@@ -26,48 +27,63 @@ def _hint(recipe: Recipe, stage: str) -> str:
     return f"its log: vlmjobs logs --stage={stage} --run={run}; to run it again: vlmjobs delete --run={run} --stage={stage}"
 
 
-def _failed(cluster: Cluster, recipe: Recipe, stage: str, name: str, result: Outcome, restarts: str = "") -> JobFailed:
-    details = "; ".join(result.messages) or result.reason or "no reason given"
-    if result.user_error:
+def _failed(
+    cluster: Cluster, recipe: Recipe, stage: str, name: str, reading: state.Reading, restarts: str = ""
+) -> JobFailed:
+    details = reading.message or "no reason given"
+    if reading.user_error:
         cause = "the stage exited 2: a recipe or data error, which a retry cannot fix"
-    elif result.exit_codes:
-        cause = f"stage exit codes {', '.join(map(str, sorted(set(result.exit_codes))))}"
+    elif reading.exit_codes:
+        cause = f"stage exit codes {', '.join(map(str, sorted(set(reading.exit_codes))))}"
     else:
         cause = ""
     text = f"stage {stage}: Job {cluster.namespace}/{name} failed{restarts}: {details}"
     text += f" ({cause}); {_hint(recipe, stage)}" if cause else f"; {_hint(recipe, stage)}"
     return JobFailed(
         text,
-        conditions=result.messages,
-        exit_code=EXIT_USER_ERROR if result.user_error else EXIT_FAILURE,
+        conditions=(reading.message,) if reading.message else (),
+        exit_code=EXIT_USER_ERROR if reading.user_error else EXIT_FAILURE,
         kind="Job",
         namespace=cluster.namespace,
         name=name,
     )
 
 
+def _refuse_unshareable_claim(cluster: Cluster, recipe: Recipe, stage: str) -> None:
+    """A multi-node stage on a claim only one node can mount would sit in ContainerCreating: refuse it first."""
+    nodes = recipe.resources_for(stage).nodes
+    if nodes < 2:
+        return
+    pvc = cluster.get_pvc(recipe.kubernetes.pvc)
+    refusal = state.shared_claim_refusal(pvc, stage, nodes) if pvc else None
+    if refusal:
+        raise UserError(refusal)
+
+
 def _create(cluster: Cluster, manifests: list[dict], stage: str) -> dict:
-    """Create the Job, then its Service owned by it; a Job that exists already is returned as it is."""
-    job_manifest, *dependents = manifests
+    """Create the stage's Service first (as JobSet does, so that rank 0's name resolves from the
+    first pod on), then the Job, then make the Service the Job's, to go with it. A Job that exists
+    already is returned as it is."""
+    job_manifest, *services = manifests
     name = job_manifest["metadata"]["name"]
-    try:
-        job = cluster.create_job(job_manifest)
-        cluster.out(f"==> {stage}: created Job {cluster.namespace}/{name}")
-        created = True
-    except AlreadyExists:
-        job = cluster.get_job(name) or job_manifest
-        cluster.out(f"==> {stage}: Job {cluster.namespace}/{name} already exists: {job_state(job)}")
-        created = False
-    for dependent in dependents:
-        service = render.owned_by(dependent, job) if job.get("metadata", {}).get("uid") else dependent
+    for service in services:
         try:
             cluster.create_service(service)
         except AlreadyExists:
-            if not created:
-                continue  # it belongs to the Job that exists
-            # Left by an earlier attempt whose Job is gone; the garbage collector may not have got to it.
+            # Left by an earlier attempt whose Job is gone (the garbage collector may not have got
+            # to it yet), or by a launcher stopped between the two creates: start it afresh.
             cluster.delete_service(service["metadata"]["name"])
             cluster.create_service(service)
+    try:
+        job = cluster.create_job(job_manifest)
+        cluster.out(f"==> {stage}: created Job {cluster.namespace}/{name}")
+    except AlreadyExists:
+        job = cluster.get_job(name) or job_manifest
+        cluster.out(f"==> {stage}: Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
+    if job.get("metadata", {}).get("uid"):
+        for service in services:
+            owned = render.owned_by(service, job)
+            cluster.set_owner(owned["metadata"]["name"], owned["metadata"]["ownerReferences"])
     return job
 
 
@@ -78,45 +94,43 @@ def run_stage(
     manifests = render.render_stage(recipe, stage, image)
     name = manifests[0]["metadata"]["name"]
     k = recipe.kubernetes
+    group = recipe.resources_for(stage).nodes > 1
     job = cluster.get_job(name)
     if job is None:
+        _refuse_unshareable_claim(cluster, recipe, stage)
         job = _create(cluster, manifests, stage)
     else:
-        cluster.out(f"==> {stage}: Job {cluster.namespace}/{name} already exists: {job_state(job)}")
+        cluster.out(f"==> {stage}: Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
     # A Job that had failed before we came is reported, not retried: its retries are spent, and
     # running it again is the user's call (vlmjobs delete, then again).
-    found_failed = job_state(job) == "Failed"
+    restartable = render.retried_by_launcher(recipe, stage) and not state.is_finished(job)
     if not follow:
         return
-    restart_by_launcher = render.retried_by_launcher(recipe, stage)
-    group = recipe.resources_for(stage).nodes > 1
     failures = disruptions = 0
     while True:
-        state = job_state(job)
-        if state == "Complete":
-            result = Outcome(True)
-        elif state == "Failed":
-            result = outcome(job, cluster.list_pods(name))
+        if state.is_finished(job):
+            reading = state.read(job, cluster.list_pods(name), group=group)
         else:
-            result = cluster.follow(name, logs=logs, group=group)
-        if result.succeeded:
+            reading = cluster.follow(name, logs=logs, group=group)
+        step = state.next_step(
+            reading,
+            restartable=restartable,
+            failures=failures,
+            disruptions=disruptions,
+            backoff_limit=k.backoff_limit,
+            max_disruption_restarts=k.max_disruption_restarts,
+        )
+        if step.action == "succeeded":
             cluster.wait_pods_terminated(name)
             cluster.out(f"==> {stage}: succeeded")
             return
-        restarts = f" after {failures + disruptions} restart(s)" if failures + disruptions else ""
-        if result.user_error or result.deadline or not restart_by_launcher or found_failed:
-            raise _failed(cluster, recipe, stage, name, result, restarts)
-        if result.disrupted and disruptions < k.max_disruption_restarts:
-            disruptions += 1
-            why = f"disruption {disruptions} of at most {k.max_disruption_restarts}, not counted as a failure"
-        elif not result.disrupted and failures < k.backoff_limit:
-            failures += 1
-            why = f"failure {failures} of at most {k.backoff_limit} retries"
-        else:
-            raise _failed(cluster, recipe, stage, name, result, restarts)
+        if step.action == "failed":
+            restarts = f" after {failures + disruptions} restart(s)" if failures + disruptions else ""
+            raise _failed(cluster, recipe, stage, name, reading, restarts)
+        failures, disruptions = (failures + 1, disruptions) if step.counted else (failures, disruptions + 1)
         cluster.out(
             f"==> {stage}: restarting Job {cluster.namespace}/{name} from its last checkpoint "
-            f"({'; '.join(result.messages) or result.reason}; {why})"
+            f"({reading.message}; {step.why})"
         )
         cluster.delete_job(name)
         cluster.wait_job_gone(name)
@@ -145,9 +159,9 @@ def submit_driver(cluster: Cluster, recipe: Recipe, image: str, *, follow: bool 
         cluster.out(f"==> pipeline: created driver Job {cluster.namespace}/{name}; it runs on if you disconnect")
     except AlreadyExists:
         job = cluster.get_job(name) or {}
-        cluster.out(f"==> pipeline: driver Job {cluster.namespace}/{name} already exists: {job_state(job)}")
+        cluster.out(f"==> pipeline: driver Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
     if not follow:
         return
-    result = cluster.follow(name, logs=True)
-    if not result.succeeded:
-        raise _failed(cluster, recipe, render.DRIVER, name, result)
+    reading = cluster.follow(name, logs=True)
+    if not reading.succeeded:
+        raise _failed(cluster, recipe, render.DRIVER, name, reading)

@@ -2,16 +2,23 @@
 
 Objects travel as plain dicts both ways (the manifests from ``render``; answers read with
 ``_preload_content=False``, watch events from their ``raw_object``), so nothing here depends on
-the client's model classes. Every API
-error is wrapped with what was being done to which object, ``from`` the ApiException: 403 and
-409 keep their own exceptions (``Forbidden`` names the missing RBAC verb and resource;
-``AlreadyExists`` is a path, not a failure), 5xx and connection errors are ``ApiUnavailable``
-(exit 1: worth a retry), and a failed Job is ``JobFailed`` with its condition messages and exit 2
-when the stage exited 2.
+the client's model classes. What a Job and its pods mean is ``launcher.state``; this module only
+fetches them. Every API error is wrapped with what was being done to which object, ``from`` the
+ApiException: 403 and 409 keep their own exceptions (``Forbidden`` names the missing RBAC verb
+and resource; ``AlreadyExists`` is a path, not a failure), 5xx, 429 and connection errors are
+``ApiUnavailable`` (exit 1: worth a retry), and a failed Job is ``JobFailed`` with its condition
+message and exit 2 when the stage exited 2.
+
+Following a Job survives the control plane: reads and watches are retried with a bounded backoff
+(``Retry-After`` honoured), every request has a client-side timeout (a half-open connection
+cannot hang it) and every watch a server-side one, and a watch answered 410 Gone (its version
+compacted, or an API server restarted) starts again from a fresh list's resourceVersion, never
+from the Job's own, which is as old as the Job's last change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -19,26 +26,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, UserError
-from launcher.render import COMPLETION_INDEX_ANNOTATION, CONTAINER, JOB_NAME_LABEL
+from launcher import state
+from launcher.render import CONTAINER, JOB_NAME_LABEL
 
 POLL_S = 5.0  # between pod checks while following; the tests shorten it
-
-# Waiting reasons of a container that will not start by itself; reported once, as a warning.
-STUCK_REASONS = (
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-)
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0  # one answer; a watch or log stream waits longer (their own timeouts)
+RETRIED_VERBS = ("get", "list", "watch")  # safe to send again; a create or delete is not retried blindly
 RESOURCES = {  # kind -> (API group for the message, plural)
     "Job": ("batch", "jobs"),
     "Pod": ("", "pods"),
     "Pod log": ("", "pods/log"),
     "Service": ("", "services"),
+    "PersistentVolumeClaim": ("", "persistentvolumeclaims"),
 }
 
 
@@ -107,103 +112,7 @@ def _where(kind: str, namespace: str, name: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading Jobs and pods (pure)
-
-
-def condition(obj: dict, kind: str) -> dict | None:
-    for c in obj.get("status", {}).get("conditions") or []:
-        if c.get("type") == kind and c.get("status") == "True":
-            return c
-    return None
-
-
-def job_state(job: dict) -> str:
-    """Complete, Failed, Suspended (e.g. queued by Kueue), Running, or Pending."""
-    for kind in ("Complete", "Failed", "Suspended"):
-        if condition(job, kind):
-            return kind
-    return "Running" if job.get("status", {}).get("active") else "Pending"
-
-
-def is_finished(job: dict) -> bool:
-    return job_state(job) in ("Complete", "Failed")
-
-
-def failure_messages(job: dict) -> tuple[str, ...]:
-    return tuple(
-        f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
-        for c in job.get("status", {}).get("conditions") or []
-        if c.get("type") in ("Failed", "FailureTarget") and c.get("status") == "True"
-    )
-
-
-def stage_exit_codes(pods: list[dict]) -> tuple[int, ...]:
-    codes = []
-    for pod in pods:
-        for status in pod.get("status", {}).get("containerStatuses") or []:
-            terminated = (status.get("state") or {}).get("terminated")
-            if status.get("name") == CONTAINER and terminated and terminated.get("exitCode"):
-                codes.append(int(terminated["exitCode"]))
-    return tuple(codes)
-
-
-def disrupted(pod: dict) -> bool:
-    return condition(pod, "DisruptionTarget") is not None
-
-
-def pod_done(pod: dict) -> bool:
-    return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
-
-
-def completion_index(pod: dict) -> int:
-    return int(pod.get("metadata", {}).get("annotations", {}).get(COMPLETION_INDEX_ANNOTATION, 0))
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a Job attempt ended, read from the Job and its pods."""
-
-    succeeded: bool
-    reason: str = ""
-    messages: tuple[str, ...] = ()
-    exit_codes: tuple[int, ...] = ()
-    disrupted: bool = False
-
-    @property
-    def user_error(self) -> bool:
-        return EXIT_USER_ERROR in self.exit_codes
-
-    @property
-    def deadline(self) -> bool:
-        return self.reason == "DeadlineExceeded"
-
-
-def outcome(job: dict, pods: list[dict]) -> Outcome:
-    if job_state(job) == "Complete":
-        return Outcome(True)
-    failed = condition(job, "Failed") or condition(job, "FailureTarget") or {}
-    return Outcome(
-        False,
-        reason=failed.get("reason", ""),
-        messages=failure_messages(job),
-        exit_codes=stage_exit_codes(pods),
-        disrupted=any(disrupted(p) for p in pods),
-    )
-
-
-def broken_group(pods: list[dict]) -> str | None:
-    """Why a multi-node group cannot go on while its Job still runs: a rank failed, is being
-    deleted, or is being disrupted. Its peers would otherwise wait in NCCL until the timeout."""
-    for pod in pods:
-        name = pod["metadata"]["name"]
-        if pod.get("status", {}).get("phase") == "Failed":
-            return f"pod {name} failed"
-        disruption = condition(pod, "DisruptionTarget")
-        if disruption:
-            return f"pod {name} is being disrupted ({disruption.get('message') or disruption.get('reason', '')})"
-        if pod.get("metadata", {}).get("deletionTimestamp"):
-            return f"pod {name} is being deleted"
-    return None
+# Showing Jobs (what they mean is launcher.state)
 
 
 def status_table(jobs: list[dict]) -> str:
@@ -219,12 +128,12 @@ def status_table(jobs: list[dict]) -> str:
         rows.append((
             meta.get("labels", {}).get(LABEL_RUN, ""),
             meta.get("labels", {}).get(LABEL_COMPONENT, ""),
-            job_state(job),
+            state.job_state(job),
             str(status.get("active", 0)),
             str(status.get("succeeded", 0)),
             str(status.get("failed", 0)),
             meta["name"],
-            "; ".join(failure_messages(job)),
+            state.failure_message(job),
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows).rstrip()
@@ -255,6 +164,42 @@ def connect(*, in_cluster: bool | None = None):
 
 
 @dataclass
+class Backoff:
+    """Waits between attempts: doubling from ``base_s`` up to ``cap_s`` (or the server's
+    Retry-After), giving up ``give_up_s`` after the first failure of a run of failures."""
+
+    base_s: float = 1.0
+    cap_s: float = 30.0
+    give_up_s: float = 600.0  # a control-plane upgrade takes minutes, not hours
+    failures: int = 0
+    since: float | None = None
+
+    def wait(self, error: KubeError, out: Callable[[str], None], *, retry_after: float | None = None) -> None:
+        """Sleep before the next attempt, or raise ``error`` when retrying has gone on too long."""
+        now = time.monotonic()
+        self.since = self.since if self.since is not None else now
+        if now - self.since > self.give_up_s:
+            raise error
+        delay = min(self.base_s * 2**self.failures, self.cap_s)
+        if retry_after is not None:
+            delay = min(max(retry_after, delay), self.cap_s)
+        self.failures += 1
+        out(f"warning: {error}; retrying in {delay:g}s")
+        time.sleep(delay)
+
+    def reset(self) -> None:
+        self.failures, self.since = 0, None
+
+
+def _retry_after(error: BaseException) -> float | None:
+    headers = getattr(error.__cause__, "headers", None) or {}
+    try:
+        return float(headers.get("Retry-After"))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
 class Cluster:
     """One namespace of one cluster. ``out`` receives progress and log lines, one per call."""
 
@@ -262,10 +207,18 @@ class Cluster:
     namespace: str
     out: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
     poll_s: float = field(default_factory=lambda: POLL_S)  # between pod checks
-    watch_s: int = 60  # one watch request's server-side timeout; pods are checked between
+    # One watch request's server-side timeout; the pods are read between two, so a pod that
+    # cannot be scheduled is reported within this.
+    watch_s: int = 30
+    read_timeout_s: float = READ_TIMEOUT_S  # for one answer: a half-open connection fails, then is retried
+    log_idle_s: float = 300.0  # a followed log silent this long is reconnected (a half-open connection)
     pods_gone_timeout_s: float = 900.0  # waiting for a finished Job's pods to terminate
     log_drain_s: float = 30.0  # after the Job ends, for the rest of its pod's log
-    _reported: set = field(default_factory=set, init=False, repr=False)  # stuck pods already warned about
+    retry_base_s: float = 1.0  # the first wait after a transient API error, doubled each time
+    retry_cap_s: float = 30.0
+    retry_give_up_s: float = 600.0
+    creating_too_long_s: float = state.CREATING_TOO_LONG_S  # then a pod in ContainerCreating is reported
+    _reported: set = field(default_factory=set, init=False, repr=False)  # problems already said
 
     def __post_init__(self):
         from kubernetes import client
@@ -273,9 +226,24 @@ class Cluster:
         self.batch = client.BatchV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
 
+    def backoff(self) -> Backoff:
+        return Backoff(self.retry_base_s, self.retry_cap_s, self.retry_give_up_s)
+
     # -- one call, with its errors wrapped ------------------------------------------------------
 
     def _call(self, verb: str, kind: str, name: str | None, fn: Callable, *args, **kwargs):
+        """One request, its errors wrapped; a read that meets a transient error is sent again."""
+        kwargs.setdefault("_request_timeout", (CONNECT_TIMEOUT_S, self.read_timeout_s))
+        backoff = self.backoff()
+        while True:
+            try:
+                return self._call_once(verb, kind, name, fn, *args, **kwargs)
+            except ApiUnavailable as e:
+                if verb not in RETRIED_VERBS:
+                    raise
+                backoff.wait(e, self.out, retry_after=_retry_after(e))
+
+    def _call_once(self, verb: str, kind: str, name: str | None, fn: Callable, *args, **kwargs):
         import urllib3
         from kubernetes.client.exceptions import ApiException
 
@@ -284,28 +252,33 @@ class Cluster:
         try:
             return fn(*args, **kwargs)
         except ApiException as e:
-            message = _status_message(e)
-            group, resource = RESOURCES[kind]
-            if e.status == 403:
-                qualified = f"{resource}.{group}" if group else resource
-                raise Forbidden(
-                    f"cannot {verb} {where}: forbidden ({message}); the Role bound to your user or ServiceAccount "
-                    f"needs verb '{verb}' on resource '{qualified}' in namespace {self.namespace} (k8s/rbac.yaml)",
-                    verb=verb,
-                    resource=qualified,
-                    **ids,
-                ) from e
-            if e.status == 409:
-                raise AlreadyExists(f"{where} already exists", **ids) from e
-            if e.status == 404:
-                raise NotFound(f"{where} not found", **ids) from e
-            if e.status == 410:
-                raise Gone(f"cannot {verb} {where}: {message}", **ids) from e
-            if not e.status or e.status >= 500:
-                raise ApiUnavailable(f"cannot {verb} {where}: API server error {e.status} ({message})", **ids) from e
-            raise KubeError(f"cannot {verb} {where}: {e.status} {message}", **ids) from e
+            raise self._wrapped(e, verb, where, kind, ids) from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise ApiUnavailable(f"cannot {verb} {where}: no answer from the API server ({e})", **ids) from e
+
+    def _wrapped(self, e, verb: str, where: str, kind: str, ids: dict) -> KubeError:
+        message = _status_message(e)
+        group, resource = RESOURCES[kind]
+        if e.status == 403:
+            qualified = f"{resource}.{group}" if group else resource
+            return Forbidden(
+                f"cannot {verb} {where}: forbidden ({message}); the Role bound to your user or ServiceAccount "
+                f"needs verb '{verb}' on resource '{qualified}' in namespace {self.namespace} (k8s/rbac.yaml)",
+                verb=verb,
+                resource=qualified,
+                **ids,
+            )
+        if e.status == 409:
+            return AlreadyExists(f"{where} already exists", **ids)
+        if e.status == 404:
+            return NotFound(f"{where} not found", **ids)
+        if e.status == 410:
+            return Gone(f"cannot {verb} {where}: {message}", **ids)
+        if e.status == 429:  # API Priority and Fairness: come back after Retry-After
+            return ApiUnavailable(f"cannot {verb} {where}: too many requests ({message})", **ids)
+        if not e.status or e.status >= 500:
+            return ApiUnavailable(f"cannot {verb} {where}: API server error {e.status} ({message})", **ids)
+        return KubeError(f"cannot {verb} {where}: {e.status} {message}", **ids)
 
     @staticmethod
     def _json(response) -> dict:
@@ -328,9 +301,9 @@ class Cluster:
             return False
         return True
 
-    def _list(self, kind: str, list_: Callable, label_selector: str) -> list[dict]:
-        answer = self._call("list", kind, None, list_, self.namespace, label_selector=label_selector, _preload_content=False)
-        return self._json(answer).get("items", [])
+    def _list(self, kind: str, list_: Callable, **selectors) -> dict:
+        answer = self._call("list", kind, None, list_, self.namespace, _preload_content=False, **selectors)
+        return self._json(answer)
 
     # -- Jobs ------------------------------------------------------------------------------------
 
@@ -341,6 +314,13 @@ class Cluster:
             return None
         return self._json(answer)
 
+    def list_job(self, name: str) -> tuple[dict | None, str]:
+        """The Job (None if absent) and the list's resourceVersion: the version to watch from,
+        as new as the API server's, where the Job's own is only as new as its last change."""
+        answer = self._list("Job", self.batch.list_namespaced_job, field_selector=f"metadata.name={name}")
+        items = answer.get("items") or [None]
+        return items[0], answer.get("metadata", {}).get("resourceVersion", "")
+
     def create_job(self, manifest: dict) -> dict:
         return self._create("Job", self.batch.create_namespaced_job, manifest)
 
@@ -349,7 +329,7 @@ class Cluster:
         return self._delete("Job", self.batch.delete_namespaced_job, name, propagation_policy="Foreground")
 
     def list_jobs(self, label_selector: str) -> list[dict]:
-        return self._list("Job", self.batch.list_namespaced_job, label_selector)
+        return self._list("Job", self.batch.list_namespaced_job, label_selector=label_selector).get("items", [])
 
     def watch_job(self, name: str, resource_version: str) -> Iterator[dict]:
         """Events on one Job from ``resource_version`` on, for up to ``watch_s`` seconds."""
@@ -360,40 +340,115 @@ class Cluster:
             self.namespace,
             field_selector=f"metadata.name={name}",
             resource_version=resource_version,
-            timeout_seconds=self.watch_s,
+            timeout_seconds=self.watch_s,  # the server ends the watch; with it, Watch does not retry by itself
             allow_watch_bookmarks=True,
+            # The server is silent up to timeout_seconds (bookmarks aside): more than that is a dead connection.
+            _request_timeout=(CONNECT_TIMEOUT_S, self.watch_s + self.read_timeout_s),
             # Not deserialize=False: with it, kubernetes 37.0.2 fails on an ERROR event (410) with
             # KeyError 'raw_object' inside Watch.stream. We read event["raw_object"], a plain dict.
         )
-        while True:
-            try:
-                event = self._call("watch", "Job", name, next, stream)
-            except StopIteration:
-                return
-            yield event
+        try:
+            while True:
+                try:
+                    event = self._call_once("watch", "Job", name, next, stream)
+                except StopIteration:
+                    return
+                yield event
+        finally:
+            stream.close()
 
-    # -- pods and logs ---------------------------------------------------------------------------
+    # -- pods, claims and logs -------------------------------------------------------------------
 
     def list_pods(self, job: str) -> list[dict]:
-        return self._list("Pod", self.core.list_namespaced_pod, f"{JOB_NAME_LABEL}={job}")
+        return self._list("Pod", self.core.list_namespaced_pod, label_selector=f"{JOB_NAME_LABEL}={job}").get(
+            "items", []
+        )
 
-    def stream_log(self, pod: str, *, follow: bool = True) -> Iterator[str]:
-        """The stage container's log, line by line, as the kubelet sends it."""
-        response = self._call(
-            "get", "Pod log", pod, self.core.read_namespaced_pod_log, pod, self.namespace,
-            container=CONTAINER, follow=follow, _preload_content=False,
+    def get_pod(self, name: str) -> dict | None:
+        try:
+            answer = self._call("get", "Pod", name, self.core.read_namespaced_pod, name, self.namespace, _preload_content=False)
+        except NotFound:
+            return None
+        return self._json(answer)
+
+    def get_pvc(self, name: str) -> dict | None:
+        read = self.core.read_namespaced_persistent_volume_claim
+        try:
+            answer = self._call("get", "PersistentVolumeClaim", name, read, name, self.namespace, _preload_content=False)
+        except NotFound:
+            return None
+        return self._json(answer)
+
+    def _open_log(self, pod: str, *, follow: bool, timestamps: bool, since_time: str | None, _request_timeout):
+        """The log request. The generated client has no sinceTime (PodLogOptions has), so the
+        request is serialized by the client and the parameter added to its query."""
+        request = self.core._read_namespaced_pod_log_serialize(
+            name=pod, namespace=self.namespace, container=CONTAINER, follow=follow,
+            insecure_skip_tls_verify_backend=None, limit_bytes=None, pretty=None, previous=None,
+            since_seconds=None, stream=None, tail_lines=None, timestamps=timestamps or None,
+            _request_auth=None, _content_type=None, _headers=None, _host_index=0,
         )  # fmt: skip
+        if since_time:
+            method, url, *rest = request
+            request = (method, f"{url}{'&' if '?' in url else '?'}sinceTime={quote(since_time)}", *rest)
+        return self.api._call_with_legacy_options(request, {"200": "str"}, None, False, _request_timeout, True)
+
+    def stream_log(
+        self, pod: str, *, follow: bool = True, timestamps: bool = False, since_time: str | None = None
+    ) -> Iterator[str]:
+        """The stage container's log, line by line, as the kubelet sends it. A stream that breaks
+        (an API server restart, an idle timeout) ends with ApiUnavailable."""
+        import urllib3
+
+        opened = self._call("get", "Pod log", pod, self._open_log, pod, follow=follow, timestamps=timestamps,
+                            since_time=since_time,
+                            _request_timeout=(CONNECT_TIMEOUT_S, self.log_idle_s if follow else self.read_timeout_s))  # fmt: skip
         buffer = b""
         try:
-            for chunk in response.stream(4096):
+            for chunk in opened.stream(4096):
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     yield line.decode("utf-8", "replace")
             if buffer:
                 yield buffer.decode("utf-8", "replace")
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            where = _where("Pod log", self.namespace, pod)
+            raise ApiUnavailable(f"log stream of {where} broke ({e})", kind="Pod log", namespace=self.namespace,
+                                 name=pod) from e  # fmt: skip
         finally:
-            response.release_conn()
+            opened.release_conn()
+
+    def follow_log(self, pod: str) -> None:
+        """A pod's log to its end: a stream that drops while the pod runs is opened again from
+        the last line's time (LogCursor), so no line is lost or said twice."""
+        cursor = state.LogCursor()
+        backoff = self.backoff()
+        while True:
+            try:
+                for line in self.stream_log(pod, timestamps=True, since_time=cursor.since_time()):
+                    text = cursor.fresh(line)
+                    if text is not None:
+                        self.out(text)
+                        backoff.reset()
+                dropped = None
+            except ApiUnavailable as e:
+                dropped = e
+            now = self.get_pod(pod)
+            if now is None or state.pod_done(now):
+                # The stream ends when the container does; one last read catches what a drop may have lost.
+                cursor.resumed()
+                with contextlib.suppress(ApiUnavailable, NotFound):
+                    for line in self.stream_log(pod, follow=False, timestamps=True, since_time=cursor.since_time()):
+                        text = cursor.fresh(line)
+                        if text is not None:
+                            self.out(text)
+                return
+            cursor.resumed()
+            if dropped is not None:
+                backoff.wait(dropped, lambda line: print(line, file=sys.stderr, flush=True))
+            else:  # ended cleanly while the pod still shows Running: its container just exited
+                time.sleep(self.poll_s)
 
     # -- Services --------------------------------------------------------------------------------
 
@@ -403,13 +458,21 @@ class Cluster:
     def delete_service(self, name: str) -> bool:
         return self._delete("Service", self.core.delete_namespaced_service, name)
 
+    def set_owner(self, service: str, owner_references: list[dict]) -> dict:
+        """Give a Service its owner once that exists (a merge patch of ownerReferences)."""
+        body = {"metadata": {"ownerReferences": owner_references}}
+        patch = self.core.patch_namespaced_service
+        answer = self._call("patch", "Service", service, patch, service, self.namespace, body,
+                            _content_type="application/merge-patch+json", _preload_content=False)  # fmt: skip
+        return self._json(answer)
+
     # -- following -------------------------------------------------------------------------------
 
-    def follow(self, name: str, *, logs: bool = True, group: bool = False) -> Outcome:
-        """Follow a Job to its end: its state changes, and its pod's log when ``logs`` (the pod of
-        index 0 for a group). ``group``: end early, failed, when one rank of a multi-node Job goes
-        (see ``broken_group``). Raises JobDeleted if the Job disappears meanwhile."""
-        job = self.get_job(name)
+    def follow(self, name: str, *, logs: bool = True, group: bool = False) -> state.Reading:
+        """Follow a Job until its attempt is over (``state.read``): its state changes, pods that do
+        not start, and its pod's log when ``logs`` (the pod of index 0 for a group). Raises
+        JobDeleted if the Job disappears meanwhile."""
+        job, version = self.list_job(name)
         if job is None:
             raise JobDeleted(
                 f"Job {self.namespace}/{name} does not exist (deleted, or removed by its TTL)",
@@ -421,79 +484,82 @@ class Cluster:
         pump = threading.Thread(target=self._pump_logs, args=(name, stop), daemon=True) if logs else None
         if pump:
             pump.start()
+        said = None
+        backoff = self.backoff()
         try:
-            state = None
-
-            def announce(job: dict) -> None:
-                nonlocal state
-                if job_state(job) != state:
-                    state = job_state(job)
-                    self.out(f"==> Job {self.namespace}/{name}: {state}")
-
             while True:
-                announce(job)
-                if is_finished(job):
-                    return outcome(job, self.list_pods(name))
                 pods = self.list_pods(name)
-                self._report_stuck(pods)
-                reason = broken_group(pods) if group else None
-                if reason:
-                    went = any(disrupted(p) or p["metadata"].get("deletionTimestamp") for p in pods)
-                    return Outcome(
-                        False,
-                        reason="GroupBroken",
-                        messages=(reason,),
-                        exit_codes=stage_exit_codes(pods),
-                        disrupted=went,
-                    )
+                reading = state.read(job, pods, group=group)
+                said = self._announce(name, job, said)
+                self._report_problems(pods)
+                if reading.over:
+                    return reading
                 try:
-                    for event in self.watch_job(name, job["metadata"].get("resourceVersion", "")):
-                        kind, obj = event["type"], event["raw_object"]
-                        if kind == "DELETED":
-                            raise JobDeleted(
-                                f"Job {self.namespace}/{name} was deleted while being followed",
-                                kind="Job",
-                                namespace=self.namespace,
-                                name=name,
-                            )
-                        if kind == "BOOKMARK":
-                            job["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
-                            continue
-                        job = obj
-                        announce(job)
-                        if is_finished(job):
-                            break
-                except Gone:
-                    job = self.get_job(name) or job  # our version is too old to watch from: read it anew
+                    with contextlib.closing(self.watch_job(name, version)) as events:
+                        for event in events:
+                            kind, obj = event["type"], event["raw_object"]
+                            if kind == "DELETED":
+                                raise JobDeleted(
+                                    f"Job {self.namespace}/{name} was deleted while being followed",
+                                    kind="Job",
+                                    namespace=self.namespace,
+                                    name=name,
+                                )
+                            version = obj["metadata"]["resourceVersion"]
+                            if kind == "BOOKMARK":
+                                continue
+                            job = obj
+                            said = self._announce(name, job, said)
+                            # A pod's change shows in the Job's status (active, ready, terminating):
+                            # read the pods now, while a disrupted rank still carries its condition.
+                            if state.read(job, self.list_pods(name), group=group).over:
+                                break
+                    backoff.reset()
+                except (Gone, ApiUnavailable) as e:
+                    # Compacted, or the API server restarted or is overloaded: wait, then start
+                    # again from a fresh list (its version, not the Job's own, which may be as old).
+                    backoff.wait(e, self.out, retry_after=_retry_after(e))
+                    job, version = self.list_job(name)
+                    if job is None:
+                        raise JobDeleted(
+                            f"Job {self.namespace}/{name} was deleted while being followed",
+                            kind="Job",
+                            namespace=self.namespace,
+                            name=name,
+                        ) from e
         finally:
             stop.set()
             if pump:
                 pump.join(timeout=self.log_drain_s)
 
-    def _report_stuck(self, pods: list[dict]) -> None:
-        for pod in pods:
-            for status in pod.get("status", {}).get("containerStatuses") or []:
-                waiting = (status.get("state") or {}).get("waiting") or {}
-                key = (pod["metadata"]["name"], waiting.get("reason"))
-                if waiting.get("reason") in STUCK_REASONS and key not in self._reported:
-                    self._reported.add(key)
-                    message = f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
-                    self.out(f"warning: pod {self.namespace}/{key[0]}: {message}")
+    def _announce(self, name: str, job: dict, said: str | None) -> str:
+        now = state.job_state(job)
+        if now != said:
+            self.out(f"==> Job {self.namespace}/{name}: {now}")
+        return now
+
+    def _report_problems(self, pods: list[dict]) -> None:
+        for key, line in state.pod_problems(pods, datetime.now(timezone.utc), creating_too_long_s=self.creating_too_long_s):
+            if key not in self._reported:
+                self._reported.add(key)
+                self.out(f"warning: {line}")
 
     def _pump_logs(self, job: str, stop: threading.Event) -> None:
-        """Stream the leader pod's log; when a retry starts a new pod, stream that one too."""
-        streamed: set[str] = set()
+        """Follow the leader pod's log; when a retry starts a new pod, follow that one too."""
+        followed: set[str] = set()
         while True:
             try:
-                pods = [
-                    p for p in self.list_pods(job) if completion_index(p) == 0 and p["metadata"]["name"] not in streamed
+                started = [
+                    p
+                    for p in self.list_pods(job)
+                    if state.completion_index(p) == 0
+                    and state.name_of(p) not in followed
+                    and p.get("status", {}).get("phase") in ("Running", "Succeeded", "Failed")
                 ]
-                started = [p for p in pods if p.get("status", {}).get("phase") in ("Running", "Succeeded", "Failed")]
                 if started:
                     pod = max(started, key=lambda p: p["metadata"].get("creationTimestamp", ""))
-                    streamed.add(pod["metadata"]["name"])
-                    for line in self.stream_log(pod["metadata"]["name"]):
-                        self.out(line)
+                    followed.add(state.name_of(pod))
+                    self.follow_log(state.name_of(pod))
                     continue
             except KubeError as e:
                 print(f"warning: no logs: {e}", file=sys.stderr, flush=True)
@@ -511,14 +577,17 @@ class Cluster:
                 namespace=self.namespace,
                 name=job,
             )
-        pods = [p for p in self.list_pods(job) if completion_index(p) == index]
+        pods = [p for p in self.list_pods(job) if state.completion_index(p) == index]
         if not pods:
             raise NotFound(
                 f"Job {self.namespace}/{job} has no pod of index {index} yet", kind="Pod", namespace=self.namespace
             )
-        pod = max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
-        for line in self.stream_log(pod["metadata"]["name"], follow=follow):
-            self.out(line)
+        pod = state.name_of(max(pods, key=lambda p: p["metadata"].get("creationTimestamp", "")))
+        if follow:
+            self.follow_log(pod)
+        else:
+            for line in self.stream_log(pod, follow=False):
+                self.out(line)
 
     def wait_pods_terminated(self, name: str) -> None:
         """Until no pod of the Job is still running or terminating: a ReadWriteOnce volume
@@ -526,9 +595,9 @@ class Cluster:
         deadline = time.monotonic() + self.pods_gone_timeout_s
         while True:
             left = [
-                p["metadata"]["name"]
+                state.name_of(p)
                 for p in self.list_pods(name)
-                if not pod_done(p) or p["metadata"].get("deletionTimestamp")
+                if not state.pod_done(p) or state.deleting(p)
             ]
             if not left:
                 return

@@ -23,8 +23,8 @@ Failure handling, per Job:
   the newest checkpoint on the shared volume. This is JobSet's ``failurePolicy.maxRestarts``
   done with a plain Job: exit 2 ends it, a disruption restarts it without counting (up to
   ``kubernetes.max_disruption_restarts``), any other failure counts against ``backoff_limit``.
-  The launcher also restarts the group as soon as one pod is being deleted or disrupted, rather
-  than waiting for the failed rank's peers to time out. ``successPolicy`` is not needed: the
+  The launcher also restarts the group as soon as one pod is being disrupted (``DisruptionTarget``),
+  rather than waiting for the disrupted rank's peers to time out; what counts is ``state.next_step``. ``successPolicy`` is not needed: the
   group succeeds when every rank has (the default).
 - a target older than 1.31 (podFailurePolicy not GA): every stage Job is handled like a
   multi-node one (``backoffLimit: 0`` and retries by the launcher), since without the policy
@@ -126,6 +126,21 @@ def check_names(recipe: Recipe) -> None:
             raise UserError(f"kubernetes.{key}: must be more than 0")
     if k.ttl_seconds_after_finished < 0:
         raise UserError("kubernetes.ttl_seconds_after_finished: must be 0 or more")
+    for key, value in k.pod_annotations.items():
+        check_annotation(f"kubernetes.pod_annotations.{key}", key, value)
+
+
+QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def check_annotation(where: str, key: str, value) -> None:
+    """An annotation key is a qualified name (an optional DNS subdomain and '/', then at most 63
+    characters); its value is text."""
+    prefix, _, name = key.rpartition("/")
+    if not QUALIFIED_NAME.match(name) or (prefix and (not DNS1123_SUBDOMAIN.match(prefix) or len(prefix) > 253)):
+        raise UserError(f"{where}: {key!r} is not an annotation key (e.g. example.com/name)")
+    if not isinstance(value, str):
+        raise UserError(f'{where}: annotation values are text; quote it ("{value}")')
 
 
 def check_resources(stage: str, res: Resources) -> None:
@@ -373,7 +388,7 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
         spec["podFailurePolicy"] = policy
     spec["activeDeadlineSeconds"] = k.active_deadline_seconds
     spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
-    template_meta = {"labels": labels(resolved, stage), "annotations": dict(meta["annotations"])}
+    template_meta = {"labels": labels(resolved, stage), "annotations": {**k.pod_annotations, **meta["annotations"]}}
     spec["template"] = {"metadata": template_meta, "spec": pod_spec}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
@@ -381,7 +396,8 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
 def render_service(recipe: Recipe, stage: str) -> dict:
     """The headless Service that gives the pods of a multi-node Job their DNS names. Not-ready
     addresses are published, since ranks must find index 0 before anything is ready. The launcher
-    adds an ownerReference to the Job once the Job exists (its uid), so that it goes with the Job."""
+    creates it before the Job and then gives it an ownerReference to the Job (its uid), so that it
+    goes with the Job."""
     resolved = cluster_recipe(recipe)
     name = service_name(resolved, stage)
     return {
@@ -546,7 +562,10 @@ DRIVER_RULES = (
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},  # exit codes, terminated pods
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},  # streaming the stages' logs
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete"]},  # multi-node rendezvous
+    # multi-node rendezvous: created before its Job, then patched to be owned by it
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete", "patch"]},
+    # a multi-node stage is refused on a claim only one node can mount
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
 )
 
 

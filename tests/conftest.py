@@ -95,3 +95,53 @@ def write_recipe(tmp_path, tiny_model, synthetic_data):
         return recipe_file(tmp_path, tiny_model(family), sources, family=family, name=name, **sections)
 
     return write
+
+
+# ---------------------------------------------------------------------------------------------
+# The real control plane (issue 10): tests marked `cluster`, see tests/simcluster.py
+
+
+@pytest.fixture(scope="session")
+def real_cluster(tmp_path_factory):
+    """etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok on loopback, once per session."""
+    from scripts.cluster import ClusterError
+    from tests import simcluster
+
+    if simcluster.go_missing():
+        pytest.skip(simcluster.NO_GO)
+    try:
+        sim, started = simcluster.start(tmp_path_factory.mktemp("sim"))
+    except ClusterError as e:
+        pytest.fail(f"the simulated cluster did not start: {e}", pytrace=False)
+    yield sim
+    if started:  # stopped; its logs and audit log stay in pytest's temporary folder, for a failure's post-mortem
+        import shutil
+
+        from scripts.cluster import down
+
+        down(sim.control_plane.state, keep=True)
+        shutil.rmtree(sim.control_plane.state / "etcd", ignore_errors=True)
+
+
+@pytest.fixture
+def real_namespace(real_cluster):
+    """A fresh namespace prepared like make k8s-apply's (restricted Pod Security, the PVC, the driver's RBAC)."""
+    with real_cluster.namespace() as namespace:
+        yield namespace
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # a test on the control plane is a cluster test, marked or not
+        if "real_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped cluster test is a failure: CI has Go, so a skip there hides a broken set-up."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") == "true" and item.get_closest_marker("cluster"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a cluster test may not be skipped ({reason})"

@@ -93,8 +93,9 @@ def cluster(api):
 
     lines = Lines()
     c = kube_module.Cluster(
-        api, "vlmjobs", out=lines.append, poll_s=0.01, watch_s=5, pods_gone_timeout_s=0.5, log_drain_s=5
-    )
+        api, "vlmjobs", out=lines.append, poll_s=0.01, watch_s=5, pods_gone_timeout_s=0.5, log_drain_s=5,
+        retry_base_s=0.01, retry_cap_s=0.05, retry_give_up_s=0.5,
+    )  # fmt: skip
     c.lines = lines
     return c
 

@@ -1,10 +1,15 @@
-"""A small Kubernetes API server on loopback, answering the calls the launcher makes, so that the
-official client really sends and parses them: create/get/list/watch/delete Jobs, list pods, stream
-a pod's log, create/delete Services, and the error answers (403, 409, 410, 5xx).
+"""A small Kubernetes API server on loopback, for what the real control plane cannot be made to do
+on demand (issue 10): answer a watch with a 5xx or a 429 with Retry-After, fail a request with 403
+or 409 at a chosen point, or script a Job's statuses for the launcher's own mechanics (what it
+creates, in which order, what it skips). It encodes our idea of Kubernetes, so what the Job
+controller does (retries, podFailurePolicy, disruptions, FailureTarget, deadlines, suspension)
+is tested on the real control plane instead (test_launcher_on_cluster.py, tests/simcluster.py).
 
-Time moves when the client watches: a created Job starts with an empty status; the statuses its
-scripted ``Attempt`` goes through are sent as MODIFIED events (newline-delimited JSON, chunked)
-to the next watch, and from then on GET answers the last of them.
+The official client really sends and parses the calls: create/get/list/watch/delete Jobs, list
+and get pods, stream a pod's log, create/patch/delete Services, and the error answers. Time moves
+when the client watches: a created Job starts with an empty status; the statuses its scripted
+``Attempt`` goes through are sent as MODIFIED events (newline-delimited JSON, chunked) to the next
+watch, and from then on GET answers the last of them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -81,10 +87,11 @@ class Attempt:
 @dataclass
 class Fault:
     method: str
-    path: str  # a regex on the URL path
-    status: int
+    path: str  # a regex on the URL path, which ends in "?watch" for a watch
+    status: int  # 0: no answer for ``message`` seconds, then the connection closes
     message: str
     times: int = 1
+    retry_after: float | None = None
 
 
 @dataclass
@@ -128,8 +135,8 @@ class FakeKube:
             self._install(obj["metadata"]["name"], attempt or Attempt(statuses=[]))
             return obj
 
-    def fail(self, method: str, path: str, status: int, message: str = "", times: int = 1) -> None:
-        self.faults.append(Fault(method, path, status, message, times))
+    def fail(self, method: str, path: str, status: int, message: str = "", times: int = 1, retry_after=None) -> None:
+        self.faults.append(Fault(method, path, status, message, times, retry_after))
 
     def calls(self, method: str, path_part: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and path_part in r.path]
@@ -179,15 +186,17 @@ class FakeKube:
                 length = int(self.headers.get("Content-Length") or 0)
                 return json.loads(self.rfile.read(length)) if length else None
 
-            def _send(self, status: int, obj: dict) -> None:
+            def _send(self, status: int, obj: dict, headers: dict | None = None) -> None:
                 data = json.dumps(obj).encode()
                 self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _status(self, code: int, reason: str, message: str) -> None:
+            def _status(self, code: int, reason: str, message: str, headers: dict | None = None) -> None:
                 self._send(
                     code,
                     {
@@ -199,6 +208,7 @@ class FakeKube:
                         "reason": reason,
                         "code": code,
                     },
+                    headers,
                 )
 
             def _stream(self, chunks: list[bytes], content_type: str) -> None:
@@ -215,15 +225,25 @@ class FakeKube:
             def _route(self, method: str) -> None:
                 url = urlparse(self.path)
                 query = parse_qs(url.query)
-                body = self._body() if method in ("POST", "DELETE") else None
+                body = self._body() if method in ("POST", "DELETE", "PATCH") else None
                 with fake.lock:
                     fake.requests.append(Request(method, url.path, query, body))
                     for fault in fake.faults:
-                        if fault.times and fault.method == method and re.search(fault.path, url.path):
+                        target = url.path + ("?watch" if query.get("watch") == ["true"] else "")
+                        if fault.times and fault.method == method and re.search(fault.path, target):
                             fault.times -= 1
+                            if fault.status == 0:  # a half-open connection: no answer at all
+                                fake.lock.release()
+                                try:
+                                    time.sleep(float(fault.message))
+                                finally:
+                                    fake.lock.acquire()
+                                self.close_connection = True
+                                return None
                             reasons = {
                                 403: "Forbidden",
                                 409: "AlreadyExists",
+                                429: "TooManyRequests",
                                 500: "InternalError",
                                 503: "ServiceUnavailable",
                             }
@@ -231,12 +251,15 @@ class FakeKube:
                                 fault.status,
                                 reasons.get(fault.status, "Unknown"),
                                 fault.message or f"fault {fault.status}",
+                                {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None,
                             )
                 jobs = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/]+))?", url.path)
-                pods = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)/log)?", url.path)
+                pods = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/log)?)?", url.path)
                 services = re.fullmatch(r"/api/v1/namespaces/([^/]+)/services(?:/([^/]+))?", url.path)
                 if jobs:
                     return self._jobs(method, jobs.group(2), query, body)
+                if pods and pods.group(2) and not pods.group(3):
+                    return self._pod(pods.group(2))
                 if pods:
                     return self._pods(pods.group(2), query)
                 if services:
@@ -276,11 +299,13 @@ class FakeKube:
                 if query.get("watch") == ["true"]:
                     return self._watch(query)
                 selector = dict(part.split("=", 1) for part in query.get("labelSelector", [""])[0].split(",") if part)
+                by_name = query.get("fieldSelector", ["="])[0].split("=", 1)[1]
                 with fake.lock:
                     items = [
                         j
                         for j in fake.jobs.values()
                         if all(j["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())
+                        and by_name in ("", j["metadata"]["name"])
                     ]
                 return self._send(
                     200,
@@ -312,10 +337,19 @@ class FakeKube:
                 lines = [json.dumps({"type": kind, "object": obj}).encode() + b"\n" for kind, obj in events]
                 return self._stream(lines, "application/json")
 
+            def _pod(self, name: str) -> None:
+                with fake.lock:
+                    found = [p for ps in fake.pods.values() for p in ps if p["metadata"]["name"] == name]
+                if not found:
+                    return self._status(404, "NotFound", f'pods "{name}" not found')
+                return self._send(200, found[0])
+
             def _pods(self, name: str | None, query: dict) -> None:
-                if name:  # the log
+                if name:  # the log; with timestamps, one a nanosecond, as the kubelet would stamp them
                     with fake.lock:
                         lines = list(fake.logs.get(name, []))
+                    if query.get("timestamps") == ["true"]:
+                        lines = [f"2025-01-01T00:00:00.{i + 1}Z {line}" for i, line in enumerate(lines)]
                     return self._stream([line.encode() + b"\n" for line in lines], "text/plain")
                 selector = query.get("labelSelector", [""])[0]
                 job = selector.split("=", 1)[1] if selector.startswith(JOB_NAME_LABEL + "=") else None
@@ -325,6 +359,11 @@ class FakeKube:
 
             def _services(self, method: str, name: str | None, body: dict | None) -> None:
                 with fake.lock:
+                    if method == "PATCH":
+                        if name not in fake.services:
+                            return self._status(404, "NotFound", f'services "{name}" not found')
+                        fake.services[name]["metadata"].update(body["metadata"])
+                        return self._send(200, fake.services[name])
                     if method == "POST":
                         name = body["metadata"]["name"]
                         if name in fake.services:
@@ -345,6 +384,9 @@ class FakeKube:
 
             def do_DELETE(self):
                 self._route("DELETE")
+
+            def do_PATCH(self):
+                self._route("PATCH")
 
         return Handler
 

@@ -136,7 +136,7 @@ def test_logs_prints_the_stages_log(kubeconfig, server, recipe_file, capsys):
     server.add_job(
         render.render_stage(make(SINGLE), "sft", IMAGE)[0],
         running(),
-        Attempt(statuses=[], pods=[pod("p", "Running")], logs={"p": ["loss 0.9"]}),
+        Attempt(statuses=[], pods=[pod("p", "Succeeded")], logs={"p": ["loss 0.9"]}),
     )
     cli.logs(recipe_file, stage="sft")
     assert capsys.readouterr().out == "loss 0.9\n"

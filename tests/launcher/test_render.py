@@ -11,7 +11,7 @@ from jobs.contract import UserError
 from jobs.recipe import RECIPE_ENV
 from launcher import render
 from launcher.commands import stage_argv
-from tests.launcher.conftest import IMAGE, SINGLE, make
+from tests.launcher.conftest import IMAGE, MULTI, SINGLE, make
 
 
 def job(recipe, stage="sft", image=IMAGE) -> dict:
@@ -303,6 +303,51 @@ def test_names_and_quantities_are_checked_with_the_key_that_sets_them(key, value
         job(make(SINGLE, **{key: value}))
 
 
+def with_pod_annotations(base: dict, annotations: dict) -> dict:
+    # a dict, not dotted overrides: annotation keys hold dots
+    return {**base, "kubernetes": {**base["kubernetes"], "pod_annotations": annotations}}
+
+
+def test_pod_annotations_reach_every_stage_pod_and_only_the_pods(multi):
+    # issue 10: how a test (or a user: safe-to-evict) annotates the pods, e.g. the simulated cluster's exit codes
+    chosen = {"sim.vlmjobs.io/exit-code": "2", "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+    recipe = make(with_pod_annotations(MULTI, chosen))
+    for stage in recipe.stages:
+        manifest = job(recipe, stage)
+        pod_annotations = manifest["spec"]["template"]["metadata"]["annotations"]
+        assert {k: pod_annotations[k] for k in chosen} == chosen, stage
+        assert pod_annotations[render.ANNOTATION_FINGERPRINT] == manifest["metadata"]["annotations"][
+            render.ANNOTATION_FINGERPRINT
+        ]
+        assert not set(chosen) & set(manifest["metadata"]["annotations"]), "the Job itself is not annotated"
+    driver = render.render_driver_job(recipe, IMAGE)
+    assert "annotations" not in driver["spec"]["template"]["metadata"], "the driver's pod is not a stage pod"
+
+
+def test_pod_annotations_cannot_replace_the_fingerprint(single):
+    recipe = make(with_pod_annotations(SINGLE, {render.ANNOTATION_FINGERPRINT: "forged"}))
+    manifest = job(recipe)
+    assert manifest["spec"]["template"]["metadata"]["annotations"][render.ANNOTATION_FINGERPRINT] != "forged"
+
+
+def test_pod_annotations_default_to_none():
+    assert make(SINGLE).kubernetes.pod_annotations == {}
+
+
+@pytest.mark.parametrize(
+    "annotations, message",
+    [
+        ({"sim.vlmjobs.io/exit-code": 2}, r'^kubernetes\.pod_annotations\.sim\.vlmjobs\.io/exit-code: annotation values are text; quote it \("2"\)$'),
+        ({"bad key": "x"}, r"^kubernetes\.pod_annotations\.bad key: 'bad key' is not an annotation key"),
+        ({"Example.com/x": "x"}, r"is not an annotation key"),
+        ({"a/b/c": "x"}, r"is not an annotation key"),
+    ],
+)
+def test_pod_annotations_are_checked_with_the_key_that_sets_them(annotations, message):
+    with pytest.raises(UserError, match=message):
+        job(make(with_pod_annotations(SINGLE, annotations)))
+
+
 def test_run_ids_that_cannot_name_jobs_are_refused_by_the_recipe():
     with pytest.raises(UserError, match=r"run\.id: 'Run_1' must be a DNS-1123 label of at most 43 characters"):
         make(SINGLE, **{"run.id": "Run_1"})
@@ -351,5 +396,6 @@ def test_driver_role_has_exactly_the_verbs_the_launcher_uses():
         (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
         (("",), ("pods",)): {"get", "list", "watch"},
         (("",), ("pods/log",)): {"get"},
-        (("",), ("services",)): {"create", "delete"},
+        (("",), ("services",)): {"create", "delete", "patch"},
+        (("",), ("persistentvolumeclaims",)): {"get"},
     }

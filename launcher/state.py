@@ -1,0 +1,348 @@
+"""What a Job and its pods say happened, and what the launcher does next: Kubernetes' semantics in one place.
+
+Pure functions of the objects as the API returns them (plain dicts); no client, no clock of their
+own. What they rely on, from the Job controller of Kubernetes 1.34 (pkg/controller/job/
+job_controller.go, pod_failure_policy.go, success_policy.go) and the API server:
+
+- **Ending is two steps.** When a Job has failed (``backoffLimit`` spent, a ``FailJob`` rule of
+  its ``podFailurePolicy``, ``activeDeadlineSeconds``), the controller first adds the interim
+  condition ``FailureTarget`` with the reason and message, deletes the pods still running, and
+  adds ``Failed`` (a copy of the reason and message) only once they have terminated, which takes
+  up to their grace period. Success likewise: ``SuccessCriteriaMet``, then ``Complete``. So the
+  interim condition is the outcome already, and its message is said once.
+- **The controller's deletions are consequences, not causes.** The pods it deletes when the Job
+  fails get a ``deletionTimestamp`` and no ``DisruptionTarget``. The cause is a pod that failed
+  by itself (phase Failed, not being deleted: exit 1, OOM, an NCCL error) or a pod taken away,
+  which carries ``DisruptionTarget`` (set by the Eviction API, the scheduler's preemption, a node
+  drain or taint; never by the Job controller).
+- **Suspended is waiting.** A suspended Job (``spec.suspend``: Kueue queues Jobs this way) has its
+  pods deleted and the ``Suspended`` condition; whoever suspended it resumes it. Recreating it
+  would lose its place in the queue.
+- ``status.active`` leaves out the pods being deleted; ``status.terminating`` counts them.
+- A pod the scheduler cannot place has ``PodScheduled=False``, reason ``Unschedulable`` and a
+  message naming what every node lacked. One that stays ``ContainerCreating`` is stuck on its
+  volumes or its sandbox (the reason is in its Events).
+
+A multi-node stage is one Indexed Job with ``backoffLimit: 0`` that the launcher restarts whole
+(render.py's docstring); ``next_step`` is that policy: exit 2 and the deadline end the stage, a
+disruption restarts it without counting, anything else counts against ``backoff_limit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from jobs.contract import EXIT_USER_ERROR
+from launcher.render import COMPLETION_INDEX_ANNOTATION, CONTAINER
+
+# Waiting reasons of a container that will not start by itself; each reported once.
+STUCK_REASONS = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+)
+# A pod ContainerCreating longer than this is reported (an image pull of a large CUDA image can take minutes).
+CREATING_TOO_LONG_S = 300.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditions and states
+
+
+def condition(obj: dict, kind: str) -> dict | None:
+    """The condition ``kind`` of a Job or pod when it is True."""
+    for c in obj.get("status", {}).get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == "True":
+            return c
+    return None
+
+
+def failure(job: dict) -> dict | None:
+    """``Failed``, or the interim ``FailureTarget`` the controller sets while pods terminate."""
+    return condition(job, "Failed") or condition(job, "FailureTarget")
+
+
+def succeeded(job: dict) -> bool:
+    return bool(condition(job, "Complete") or condition(job, "SuccessCriteriaMet"))
+
+
+def job_state(job: dict) -> str:
+    """Complete, Failed, Suspended (e.g. queued by Kueue), Running, Terminating or Pending.
+    Complete and Failed include their interim conditions: nothing the Job does changes them."""
+    if succeeded(job):
+        return "Complete"
+    if failure(job):
+        return "Failed"
+    if condition(job, "Suspended"):
+        return "Suspended"
+    status = job.get("status", {})
+    if status.get("active"):
+        return "Running"
+    if status.get("terminating"):
+        return "Terminating"
+    return "Pending"
+
+
+def is_finished(job: dict) -> bool:
+    return job_state(job) in ("Complete", "Failed")
+
+
+def failure_message(job: dict) -> str:
+    """The failure's ``reason: message``, once (``Failed`` repeats its ``FailureTarget``)."""
+    c = failure(job) or {}
+    return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pods
+
+
+def name_of(obj: dict) -> str:
+    return obj["metadata"]["name"]
+
+
+def completion_index(pod: dict) -> int:
+    return int(pod.get("metadata", {}).get("annotations", {}).get(COMPLETION_INDEX_ANNOTATION, 0))
+
+
+def terminated(pod: dict) -> dict | None:
+    """The stage container's ``state.terminated``, once it has ended."""
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            return (status.get("state") or {}).get("terminated")
+    return None
+
+
+def exit_code(pod: dict) -> int | None:
+    ended = terminated(pod)
+    return int(ended["exitCode"]) if ended and ended.get("exitCode") is not None else None
+
+
+def exit_codes(pods: list[dict]) -> tuple[int, ...]:
+    """The non-zero exit codes of the stage container, one a pod."""
+    return tuple(code for code in map(exit_code, pods) if code)
+
+
+def disruption(pod: dict) -> dict | None:
+    return condition(pod, "DisruptionTarget")
+
+
+def deleting(pod: dict) -> bool:
+    return bool(pod.get("metadata", {}).get("deletionTimestamp"))
+
+
+def pod_done(pod: dict) -> bool:
+    return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+
+def failed_by_itself(pod: dict) -> bool:
+    """Failed, and not because someone deleted or disrupted it."""
+    return pod.get("status", {}).get("phase") == "Failed" and not deleting(pod) and not disruption(pod)
+
+
+def _finished_at(pod: dict) -> str:
+    return (terminated(pod) or {}).get("finishedAt") or pod["metadata"].get("creationTimestamp", "")
+
+
+def pod_failure(pod: dict) -> str:
+    """``pod NAME failed with exit code N (Reason)``, or ``was disrupted (...)``."""
+    gone = disruption(pod)
+    if gone:
+        why = f"{gone.get('reason', '')}: {gone.get('message', '')}".strip(": ")
+        return f"pod {name_of(pod)} was disrupted" + (f" ({why})" if why else "")
+    code, reason = exit_code(pod), (terminated(pod) or {}).get("reason") or pod.get("status", {}).get("reason")
+    text = f"pod {name_of(pod)} failed"
+    if code is not None:
+        text += f" with exit code {code}"
+    return text + (f" ({reason})" if reason and reason not in ("Error", "Failed") else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Job + pods -> what happened
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a Job attempt says: ``over`` once nothing more will come of it (or, for a group, once
+    it cannot go on); then ``succeeded``, or ``cause`` of the failure and the ``pod`` it began with."""
+
+    state: str
+    over: bool = False
+    succeeded: bool = False
+    cause: str = ""  # user-error, deadline, disruption, crash (another failure), or "" while it goes on
+    message: str = ""  # one line: why it failed
+    pod: str | None = None
+    exit_codes: tuple[int, ...] = ()
+
+    @property
+    def user_error(self) -> bool:
+        return self.cause == "user-error"
+
+    @property
+    def disrupted(self) -> bool:
+        return self.cause == "disruption"
+
+
+def read(job: dict, pods: list[dict], *, group: bool = False) -> Reading:
+    """Job + its pods -> a Reading. ``group``: a multi-node stage, over as soon as a rank is
+    being disrupted (its peers would wait in NCCL until the collective timeout)."""
+    state = job_state(job)
+    if state == "Complete":
+        return Reading(state, over=True, succeeded=True)
+    codes = exit_codes(pods)
+    ended = failure(job)
+    if ended is None:
+        taken = [p for p in pods if disruption(p)] if group else []
+        if taken:
+            return Reading(state, over=True, cause="disruption", message=pod_failure(taken[0]), pod=name_of(taken[0]))
+        return Reading(state)
+    message = failure_message(job)
+    if ended.get("reason") == "DeadlineExceeded":
+        return Reading(state, over=True, cause="deadline", message=message, exit_codes=codes)
+    crashed = sorted((p for p in pods if failed_by_itself(p)), key=_finished_at)
+    taken = [p for p in pods if disruption(p)]
+    if EXIT_USER_ERROR in codes or ended.get("reason") == "PodFailurePolicy":
+        culprit = next((name_of(p) for p in crashed if exit_code(p) == EXIT_USER_ERROR), None)
+        return Reading(state, over=True, cause="user-error", message=message, pod=culprit, exit_codes=codes)
+    # A rank taken away makes its peers fail too (NCCL errors): the disruption is the cause.
+    for cause, culprits in (("disruption", taken), ("crash", crashed)):
+        if culprits:
+            first = culprits[0]
+            message = f"{message}; {pod_failure(first)}"
+            return Reading(state, over=True, cause=cause, message=message, pod=name_of(first), exit_codes=codes)
+    return Reading(state, over=True, cause="crash", message=message, exit_codes=codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# What to do about it
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str  # succeeded, failed, restart
+    counted: bool = False  # a restart that spends one of backoff_limit
+    why: str = ""
+
+
+def next_step(
+    reading: Reading,
+    *,
+    restartable: bool,
+    failures: int,
+    disruptions: int,
+    backoff_limit: int,
+    max_disruption_restarts: int,
+) -> Step:
+    """After an attempt is over: done, failed for good, or restart (the launcher's retry of a group,
+    counted or not). ``restartable``: the launcher, not the Job, retries this stage (a group, or a
+    target without podFailurePolicy), and the Job was not found failed already."""
+    if reading.succeeded:
+        return Step("succeeded")
+    if reading.user_error or reading.cause == "deadline" or not restartable:
+        return Step("failed")
+    if reading.disrupted:
+        if disruptions < max_disruption_restarts:
+            why = f"disruption {disruptions + 1} of at most {max_disruption_restarts}, not counted as a failure"
+            return Step("restart", counted=False, why=why)
+        return Step("failed")
+    if failures < backoff_limit:
+        return Step("restart", counted=True, why=f"failure {failures + 1} of at most {backoff_limit} retries")
+    return Step("failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pods that do not start, and claims a group cannot share
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def pod_problems(pods: list[dict], now: datetime, *, creating_too_long_s: float = CREATING_TOO_LONG_S) -> list[tuple]:
+    """(key, line) for each pod that will not start by itself: unschedulable, an image that cannot
+    be pulled, or ContainerCreating for too long. The key is stable, so a caller says each once."""
+    problems = []
+    for pod in pods:
+        if deleting(pod) or pod_done(pod):
+            continue
+        name = name_of(pod)
+        unscheduled = next(
+            (c for c in pod.get("status", {}).get("conditions") or [] if c.get("type") == "PodScheduled"), None
+        )
+        if unscheduled and unscheduled.get("status") == "False":
+            why = f"{unscheduled.get('reason', '')}: {unscheduled.get('message', '')}".strip(": ")
+            problems.append(((name, "PodScheduled"), f"pod {name} cannot be scheduled: {why}"))
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in STUCK_REASONS:
+                problems.append(((name, reason), f"pod {name}: {reason}: {waiting.get('message', '')}".rstrip(": ")))
+            elif reason == "ContainerCreating" and unscheduled and unscheduled.get("lastTransitionTime"):
+                waited = (now - parse_time(unscheduled["lastTransitionTime"])).total_seconds()
+                if waited > creating_too_long_s:
+                    problems.append((
+                        (name, reason),
+                        f"pod {name} has been ContainerCreating for {waited:.0f}s: a volume that cannot attach or "
+                        f"mount (a ReadWriteOnce claim in use on another node?) or its sandbox; "
+                        f"kubectl describe pod {name} shows which",
+                    ))  # fmt: skip
+    return problems
+
+
+def shared_claim_refusal(pvc: dict, stage: str, nodes: int) -> str | None:
+    """Why ``nodes`` pods on different nodes cannot all mount the claim, or None: every rank
+    reads and writes the run folder, and ReadWriteOnce(Pod) attaches to one node at a time."""
+    modes = pvc.get("spec", {}).get("accessModes") or []
+    if nodes < 2 or "ReadWriteMany" in modes:
+        return None
+    return (
+        f"{stage}: {nodes} nodes cannot share PersistentVolumeClaim {pvc['metadata'].get('namespace')}/{name_of(pvc)} "
+        f"({', '.join(modes) or 'no access mode'}): a multi-node stage needs ReadWriteMany "
+        "(make k8s K8S_ARGS=--access_mode=ReadWriteMany, on a storage class that offers it)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a dropped log stream
+
+
+def _timestamp_key(stamp: str) -> tuple[str, int]:
+    """RFC3339Nano drops trailing zeros, so '...05.1Z' > '...05.09Z' is compared as numbers."""
+    base, _, frac = stamp.rstrip("Z").partition(".")
+    return base, int(frac.ljust(9, "0")[:9] or 0)
+
+
+@dataclass
+class LogCursor:
+    """Where a followed log got to, from the timestamps the kubelet puts on each line
+    (``timestamps=true``): the stream resumes from ``since_time()`` (whole seconds, all the API
+    takes), and ``fresh`` drops the lines of that second already shown, so none is repeated or lost."""
+
+    last: tuple[str, int] | None = None
+    seen_at_last: int = 0  # lines shown with exactly the last timestamp
+    replayed: int = 0  # lines of the last timestamp met again in this stream
+
+    def since_time(self) -> str | None:
+        return f"{self.last[0]}Z" if self.last else None
+
+    def fresh(self, stamped: str) -> str | None:
+        """The line without its timestamp if not shown yet, else None."""
+        stamp, _, text = stamped.partition(" ")
+        key = _timestamp_key(stamp)
+        if self.last is not None and key < self.last:
+            return None
+        if key == self.last:
+            self.replayed += 1
+            if self.replayed <= self.seen_at_last:
+                return None
+            self.seen_at_last += 1
+            return text
+        self.last, self.seen_at_last, self.replayed = key, 1, 1
+        return text
+
+    def resumed(self) -> None:
+        """A new stream starts: the lines of the last second come again and are counted anew."""
+        self.replayed = 0

@@ -1,0 +1,170 @@
+"""The real control plane of scripts/cluster.py, for the tests marked ``cluster`` (issue 10).
+
+    def test_something(real_cluster, real_namespace):    # a fresh namespace, prepared like make k8s-apply
+        kube = launcher.kube.Cluster(real_cluster.api_client(), real_namespace)
+        ...
+        real_cluster.restart_apiserver()                  # same port, etcd kept
+
+The ``real_cluster`` fixture (session-scoped) starts etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and kwok once per session in a temporary folder, or reuses the one running in
+$VLMJOBS_CLUSTER_STATE (e.g. .cache/cluster after make cluster-up; never stopped by the tests).
+Without a Go toolchain to build them the cluster tests are skipped, except under CI=true, where a
+skipped cluster test is a failure (the hook in tests/conftest.py).
+
+What a simulated pod does is chosen by its annotations, set through the recipe's
+``kubernetes.pod_annotations`` (the SIM_* names below, from scripts/cluster.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from scripts import cluster as devcluster
+
+SIM_EXIT_CODE = devcluster.SIM_EXIT_CODE
+SIM_RUN_SECONDS = devcluster.SIM_RUN_SECONDS
+SIM_FAIL_INDEX = devcluster.SIM_FAIL_INDEX
+SIM_START_SECONDS = devcluster.SIM_START_SECONDS
+SIM_STOP_SECONDS = devcluster.SIM_STOP_SECONDS
+SIM_STOP_EXIT_CODE = devcluster.SIM_STOP_EXIT_CODE
+STATE_ENV = "VLMJOBS_CLUSTER_STATE"
+NO_GO = (
+    "cluster tests need Go >= 1.24 to build etcd, kube-apiserver & co. (https://go.dev/dl; or the binaries "
+    "on PATH / in $KUBEBUILDER_ASSETS): install it and run make test"
+)
+
+
+@dataclass
+class SimCluster:
+    """What the tests get: where the control plane is, and the few things they do to it."""
+
+    control_plane: devcluster.ControlPlane
+
+    @property
+    def kubeconfig(self) -> Path:
+        """The admin's kubeconfig (a client certificate in system:masters)."""
+        return self.control_plane.kubeconfig
+
+    @property
+    def server(self) -> str:
+        """The API server's URL, https://127.0.0.1:<port>."""
+        return self.control_plane.server
+
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log: one JSON event per request (Metadata level; node leases left out)."""
+        return self.control_plane.audit_log
+
+    @property
+    def kubectl(self) -> str:
+        return self.control_plane.bins["kubectl"]
+
+    def restart_apiserver(self, extra_args: list[str] | None = None) -> None:
+        """Stop kube-apiserver and start it on the same port with the same etcd; ``extra_args`` (kept for
+        later restarts until replaced) add flags, e.g. ["--watch-cache=false"]."""
+        self.control_plane.restart_apiserver(extra_args)
+
+    def api_client(self, kubeconfig: Path | None = None):
+        """A kubernetes.client.ApiClient of the admin (or of ``kubeconfig``)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
+
+    def kubectl_run(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [self.kubectl, f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    # -- audit log: counting requests
+
+    def audit_mark(self) -> int:
+        """Where the audit log ends now; audit_events(mark) reads what was logged after it."""
+        return self.audit_log.stat().st_size if self.audit_log.exists() else 0
+
+    def audit_events(self, mark: int = 0) -> list[dict]:
+        with open(self.audit_log, "rb") as f:
+            f.seek(mark)
+            return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+
+    # -- logs: what the simulated containers print
+
+    def append_pod_log(self, *lines: str) -> None:
+        """Lines every simulated container's log then shows (kwok serves one log to all of them), as the
+        kubelet would stream a container's new output."""
+        with open(self.control_plane.pod_log, "a") as f:
+            for line in lines:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z"
+                f.write(f"{stamp} stdout F {line}\n")
+
+    # -- namespaces as make k8s-apply prepares them
+
+    def prepare_namespace(self, namespace: str) -> None:
+        """The namespace (Pod Security restricted), the PVC and the driver's RBAC, rendered as make k8s
+        renders k8s/ and applied with kubectl as make k8s-apply applies it."""
+        from jobs.recipe import Kubernetes
+        from launcher import setup
+
+        files = setup.files(
+            Kubernetes(namespace=namespace),
+            size="1Ti",
+            access_mode="ReadWriteOnce",
+            storage_class=None,
+            cluster_queue="unused",
+        )
+        text = "\n---\n".join(setup.text(*files[name]) for name in ("namespace.yaml", "pvc.yaml", "rbac.yaml"))
+        self.kubectl_run("apply", "-f", "-", stdin=text)
+
+    def delete_namespace(self, namespace: str) -> None:
+        self.kubectl_run("delete", "namespace", namespace, "--wait=false", "--ignore-not-found", check=False)
+
+    @contextlib.contextmanager
+    def namespace(self, prefix: str = "t") -> Iterator[str]:
+        """A fresh namespace prepared like make k8s-apply's, deleted afterwards."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.prepare_namespace(name)
+        try:
+            yield name
+        finally:
+            self.delete_namespace(name)
+
+    def token_kubeconfig(self, namespace: str, service_account: str, path: Path) -> Path:
+        """A kubeconfig holding a token of ``service_account`` (TokenRequest), as a pod of it gets one."""
+        token = self.kubectl_run(
+            "-n", namespace, "create", "token", service_account, "--duration=1h"
+        ).stdout.strip()
+        config = json.loads(self.kubeconfig.read_text())
+        config["users"] = [{"name": service_account, "user": {"token": token}}]
+        config["contexts"][0]["context"] = {"cluster": "vlmjobs-sim", "user": service_account, "namespace": namespace}
+        path.write_text(json.dumps(config))
+        return path
+
+
+def start(tmp_root: Path) -> tuple[SimCluster, bool]:
+    """(the cluster, whether this session started it and so stops it). Raises devcluster.ClusterError."""
+    reuse = os.environ.get(STATE_ENV)
+    if reuse:
+        return SimCluster(devcluster.up(Path(reuse))), False
+    return SimCluster(devcluster.up(tmp_root / "cluster", quiet=True, tied=True)), True
+
+
+def go_missing() -> bool:
+    """No Go to build the binaries with, and they are neither cached nor on the machine."""
+    import shutil
+
+    if shutil.which("go"):
+        return False
+    cached = devcluster.cache_root() / devcluster.build_key() / "bin"
+    return any(not (cached / b).is_file() and devcluster.found_binary(b) is None for b in devcluster.BINARIES)

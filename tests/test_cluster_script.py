@@ -1,0 +1,79 @@
+"""scripts/cluster.py's pure parts, without Go (issue 10): the wrapper module that builds k8s.io/kubernetes
+from the proxy, and which binaries already on the machine are used."""
+
+from __future__ import annotations
+
+import pytest
+
+from scripts import cluster as devcluster
+
+# The shape of k8s.io/kubernetes' go.mod: staging modules required at v0.0.0 and replaced by ./staging paths.
+KUBERNETES_GOMOD = """\
+module k8s.io/kubernetes
+
+go 1.24.0
+
+godebug default=go1.24
+
+require (
+\tgithub.com/spf13/cobra v1.9.1
+\tk8s.io/api v0.0.0
+\tk8s.io/client-go v0.0.0
+\tk8s.io/kube-openapi v0.0.0-20250710124328-f3f2b991d03b
+)
+
+require (
+\tk8s.io/cri-client v0.0.0 // indirect
+)
+
+replace (
+\tk8s.io/api => ./staging/src/k8s.io/api
+\tk8s.io/client-go => ./staging/src/k8s.io/client-go
+\tk8s.io/cri-client => ./staging/src/k8s.io/cri-client
+)
+"""
+
+
+def test_the_wrapper_points_every_staging_module_at_its_release():
+    wrapper = devcluster.k8s_wrapper("v1.34.4", KUBERNETES_GOMOD)
+    assert "require k8s.io/kubernetes v1.34.4" in wrapper
+    replaces = [line.strip() for line in wrapper.splitlines() if "=>" in line]
+    assert replaces == [
+        "k8s.io/api => k8s.io/api v0.34.4",
+        "k8s.io/client-go => k8s.io/client-go v0.34.4",
+        "k8s.io/cri-client => k8s.io/cri-client v0.34.4",
+    ]
+    assert "kube-openapi =>" not in wrapper  # a module of its own, required at a real version
+    assert "godebug default=go1.24" in wrapper  # the main module's GODEBUG defaults, which a dependency's are not
+
+
+@pytest.mark.parametrize("k8s, staging", [("v1.34.4", "v0.34.4"), ("v1.35.10", "v0.35.10")])
+def test_staging_modules_are_released_as_v0_minor_patch(k8s, staging):
+    assert devcluster.staging_version(k8s) == staging
+
+
+@pytest.mark.parametrize(
+    "binary, output, fits",
+    [
+        ("kube-apiserver", "Kubernetes v1.34.0", True),  # any 1.34 patch (envtest's assets, say)
+        ("kube-apiserver", "Kubernetes v1.33.5", False),
+        ("kubectl", "Client Version: v1.32.4-dispatcher\nKustomize Version: v5.5.0", False),
+        ("etcd", "etcd Version: 3.6.8\nGit SHA: abc", True),
+        ("etcd", "etcd Version: 3.5.21", False),
+        ("kube-scheduler", "", False),
+    ],
+)
+def test_a_binary_on_the_machine_is_used_only_when_its_version_fits(tmp_path, binary, output, fits):
+    path = tmp_path / binary
+    path.write_text(f"#!/bin/sh\nprintf '%s\\n' '{output}'\n")
+    path.chmod(0o755)
+    assert devcluster.fits(binary, path) is fits
+
+
+def test_kwok_is_never_taken_from_the_machine_since_ours_is_patched(tmp_path, monkeypatch):
+    kwok = tmp_path / "kwok"
+    kwok.write_text(f"#!/bin/sh\necho 'kwok version {devcluster.KWOK_VERSION} go1.26.8 (linux/amd64)'\n")
+    kwok.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert devcluster.fits("kwok", kwok)
+    assert devcluster.found_binary("kwok") is None
