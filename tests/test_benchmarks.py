@@ -131,7 +131,7 @@ def test_the_recipe_checks_its_benchmarks():
     with pytest.raises(contract.UserError) as error:
         recipes.from_dict({**base, "evaluate": {"benchmarks": entries}})
     assert str(error.value) == (
-        "recipe recipe: evaluate.benchmarks[0].annotations: required for amber (data/annotations.json of the AMBER "
+        "recipe: evaluate.benchmarks[0].annotations: required for amber (data/annotations.json of the AMBER "
         "repository); evaluate.benchmarks[2].name: 'pope' names another benchmark too; give each its own name (e.g. "
         "pope_random); evaluate.benchmarks[3].format: 'mme' is not one of amber, pope; evaluate.benchmarks[3].name: "
         "'MME' must be lower-case letters, digits and _, starting with a letter"
