@@ -474,12 +474,7 @@ class Cluster:
         JobDeleted if the Job disappears meanwhile."""
         job, version = self.list_job(name)
         if job is None:
-            raise JobDeleted(
-                f"Job {self.namespace}/{name} does not exist (deleted, or removed by its TTL)",
-                kind="Job",
-                namespace=self.namespace,
-                name=name,
-            )
+            raise self._deleted(name, "does not exist (deleted, or removed by its TTL)")
         stop = threading.Event()
         pump = threading.Thread(target=self._pump_logs, args=(name, stop), daemon=True) if logs else None
         if pump:
@@ -499,12 +494,7 @@ class Cluster:
                         for event in events:
                             kind, obj = event["type"], event["raw_object"]
                             if kind == "DELETED":
-                                raise JobDeleted(
-                                    f"Job {self.namespace}/{name} was deleted while being followed",
-                                    kind="Job",
-                                    namespace=self.namespace,
-                                    name=name,
-                                )
+                                raise self._deleted(name, "was deleted while being followed")
                             version = obj["metadata"]["resourceVersion"]
                             if kind == "BOOKMARK":
                                 continue
@@ -521,16 +511,14 @@ class Cluster:
                     backoff.wait(e, self.out, retry_after=_retry_after(e))
                     job, version = self.list_job(name)
                     if job is None:
-                        raise JobDeleted(
-                            f"Job {self.namespace}/{name} was deleted while being followed",
-                            kind="Job",
-                            namespace=self.namespace,
-                            name=name,
-                        ) from e
+                        raise self._deleted(name, "was deleted while being followed") from e
         finally:
             stop.set()
             if pump:
                 pump.join(timeout=self.log_drain_s)
+
+    def _deleted(self, name: str, how: str) -> JobDeleted:
+        return JobDeleted(f"Job {self.namespace}/{name} {how}", kind="Job", namespace=self.namespace, name=name)
 
     def _announce(self, name: str, job: dict, said: str | None) -> str:
         now = state.job_state(job)
