@@ -168,3 +168,16 @@ def go_missing() -> bool:
         return False
     cached = devcluster.cache_root() / devcluster.build_key() / "bin"
     return any(not (cached / b).is_file() and devcluster.found_binary(b) is None for b in devcluster.BINARIES)
+
+
+def wait_for(what: str, check, timeout: float = 90):
+    """check()'s first true answer, polled; a test failure naming ``what`` after ``timeout`` seconds (generous: the
+    control plane shares two cores with the rest of the suite)."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.3)
+    pytest.fail(f"{what}: not within {timeout:.0f} s")

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from scripts import cluster as devcluster
-from tests.simcluster import SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS, SIM_STOP_SECONDS
+from tests.simcluster import SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS, SIM_STOP_SECONDS, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -71,15 +71,6 @@ class PodLog:
 
     def stop(self):
         self._watch.stop()
-
-
-def wait_for(what: str, check, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.3)
-    pytest.fail(f"{what}: not within {timeout:.0f} s")
 
 
 @pytest.fixture

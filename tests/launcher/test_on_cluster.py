@@ -5,14 +5,13 @@ behaviour tests (retries, disruptions, restarts of the API server...) build on t
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 
 from jobs import recipe as recipes
 from launcher import chain, kube, render, state
 from tests.launcher.conftest import IMAGE, SINGLE
-from tests.simcluster import SIM_EXIT_CODE, SIM_RUN_SECONDS
+from tests.simcluster import SIM_EXIT_CODE, SIM_RUN_SECONDS, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -30,14 +29,6 @@ def connect(real_cluster, namespace: str) -> kube.Cluster:
     c.lines = lines
     return c
 
-
-def wait_for(what: str, check, timeout: float = 90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not within {timeout:.0f} s")
 
 
 def test_a_stage_that_exits_0_completes(real_cluster, real_namespace):
