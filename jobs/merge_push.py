@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 from jobs import contract
 from jobs import recipe as recipes
@@ -84,6 +85,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     model.to(modeling.resolve_dtype(cfg.merge_push.dtype)).save_pretrained(out)
     processor.save_pretrained(out)
     (out / "README.md").write_text(model_card(cfg, source, report, verdict, license_))
+    _same_mode(out)
     pushed = push(out, cfg) if cfg.merge_push.push else None
     metrics = report["variants"].get(source, {}).get("metrics") if report else None
     stage.finish(source=source, logits_max_diff=max_diff, pushed_to=pushed, evaluation=verdict, metrics=metrics, license=license_)
@@ -216,29 +218,80 @@ def base_model_card_license(spec) -> tuple[str | None, str]:
 
 
 def model_card(cfg, source: str, report: dict | None, verdict: dict | None, license_: str | None) -> str:
-    """The hub's README.md: what was tuned from what, on which data, how the shipped model scored, with which libraries."""
+    """The hub's README.md: what was tuned from what, on which data, how the shipped model scored, how to use it, with
+    which libraries."""
     import yaml
 
+    from jobs.hub import looks_like_path
     from jobs.report import format_table
 
-    datasets = [s.path for s in (cfg.data.sft, cfg.data.dpo) if s is not None]
-    metadata = {"base_model": cfg.model.name_or_path, **({"license": license_} if license_ else {}), "datasets": datasets,
-                "library_name": "transformers", "tags": ["vlmjobs", *(s for s in ("sft", "dpo") if s in cfg.stages)]}
+    base = cfg.model.name_or_path
+    local = looks_like_path(base) or Path(base).expanduser().exists()
+    datasets = [s.path for s in (cfg.data.sft, cfg.data.dpo) if s is not None and not looks_like_path(s.path)]
+    metadata = {**({} if local else {"base_model": base}), **({"license": license_} if license_ else {}),
+                **({"datasets": datasets} if datasets else {}), "library_name": "transformers",
+                "tags": ["vlmjobs", *(s for s in ("sft", "dpo") if s in cfg.stages)]}
     if report is None:
         evaluation = "Not evaluated.\n\n"
     else:
         shipped = (f"This model is the `{source}` row, merged as evaluated." if source in report["variants"]
                    else f"The `{source}` stage's model was not among the variants evaluated.")
-        evaluation = f"```\n{format_table(report)}\n```\n\n{shipped}\n\n"
+        evaluation = f"```\n{format_table(report)}\n```\n\n{shipped}{_better_before(report, source)}\n\n"
+    # The recipe as it trained, without where it ran (cluster, GPUs, namespaces): a reader reruns it elsewhere.
+    recipe = {key: ({k: v for k, v in value.items() if k != "resources"} if isinstance(value, dict) else value)
+              for key, value in cfg.to_dict().items() if key not in ("kubernetes", "resources")}
     versions = contract.library_versions()
+    described = f"a local model (`{base}`)" if local else f"[{base}](https://huggingface.co/{base})"
     return (
         f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n\n"
-        f"# {cfg.name}\n\n{cfg.model.name_or_path} fine-tuned with vlmjobs ({' -> '.join(cfg.stages)}), "
+        f"# {cfg.name}\n\n{described} fine-tuned with vlmjobs ({' -> '.join(cfg.stages)}), "
         f"merged from the {source} stage's output.\n\n"
         f"## Evaluation\n\n{evaluation}" + (f"{verdict['summary']}.\n\n" if verdict else "")
-        + f"## Recipe\n\n```yaml\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```\n\n"
+        + f"## Usage\n\n```python\n{usage(cfg)}```\n\n"
+        + f"## Recipe\n\n```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n\n"
         + "## Library versions\n\n" + "".join(f"- {k} {v}\n" for k, v in versions.items())
     )
+
+
+def usage(cfg) -> str:
+    """How a user runs the pushed model: its class and AutoProcessor, the chat template it was trained with (BOS
+    included, as processor(text=...) adds it), generation stopping where a turn ends."""
+    from jobs.families import get_family
+
+    model_id = cfg.merge_push.repo_id if cfg.merge_push.push and cfg.merge_push.repo_id else "path/to/this/folder"
+    model_class = get_family(cfg.model.family).model_class
+    return (
+        "from PIL import Image\n"
+        f"from transformers import AutoProcessor, {model_class}\n\n"
+        f"model_id = {model_id!r}\n"
+        f"model = {model_class}.from_pretrained(model_id)\n"
+        "processor = AutoProcessor.from_pretrained(model_id)\n"
+        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does the chart show?"}]}]\n'
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
+        'inputs = processor(text=prompt, images=[Image.open("image.png")], return_tensors="pt").to(model.device)\n'
+        "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)\n"
+        'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
+    )
+
+
+def _better_before(report: dict, source: str) -> str:
+    """A warning when another trained variant scored higher on the primary metric than the one shipped."""
+    metric = report["primary_metric"]
+    ours = report["variants"].get(source, {}).get("metrics", {}).get(metric)
+    if ours is None:
+        return ""
+    scores = {v: s.get("metrics", {}).get(metric) for v, s in report["variants"].items() if v in recipes.TRAINING_STAGES}
+    better = [(v, score) for v, score in scores.items() if v != source and score is not None and score > ours]
+    return "".join(f"\n\n**Warning:** the `{v}` model scored higher on {metric} ({score:.3f}) than this one ({ours:.3f})."
+                   for v, score in better)
+
+
+def _same_mode(folder: Path) -> None:
+    """Every file as readable as the card (safetensors writes its files through a private temporary file, mode 600)."""
+    mode = (folder / "README.md").stat().st_mode & 0o777
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
 
 
 def _scrub(text: str, token: str | None) -> str:

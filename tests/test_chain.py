@@ -114,8 +114,21 @@ def test_merged_model_loads_as_its_base_class_with_a_card_and_the_check_recorded
     assert str(model.dtype) == "torch.bfloat16"
     AutoProcessor.from_pretrained(model_dir)
     card = (model_dir / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ") and "## Evaluation" in card and "preference_accuracy" in card
+    assert "## Evaluation" in card and "preference_accuracy" in card and "## Usage" in card
     assert "transformers" in card and "trl" in card
+    # issue 13: a local base model is no hub id for the card's metadata; the recipe without where it ran
+    assert "base_model:" not in card.split("---")[1] and f"a local model (`{recipe.model.name_or_path}`)" in card
+    assert "\nkubernetes:" not in card and "gpu_memory_gib" not in card
+    modes = {path.name: path.stat().st_mode & 0o777 for path in model_dir.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_the_card_warns_when_an_earlier_stage_scored_higher_on_the_primary_metric():
+    report = {"primary_metric": "accuracy", "variants": {
+        "base": {"metrics": {"accuracy": 0.9}}, "sft": {"metrics": {"accuracy": 1.0}}, "dpo": {"metrics": {"accuracy": 0.013}}}}
+    assert merge_push._better_before(report, "dpo") == (
+        "\n\n**Warning:** the `sft` model scored higher on accuracy (1.000) than this one (0.013).")
+    assert merge_push._better_before(report, "sft") == "", "base is no earlier stage; the gate compares with it"
 
 
 def test_dpo_can_train_the_sft_adapter_further_against_a_frozen_copy_of_it(lora_chain, tmp_path):

@@ -35,7 +35,9 @@ def chain_sections(method: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 @pytest.mark.parametrize("family", CHAIN_FAMILIES)
-def test_every_family_runs_the_whole_chain_and_its_merged_model_generates(family, method, tmp_path, tiny_model, synthetic_data):
+def test_every_family_runs_the_whole_chain_and_its_merged_model_generates(
+    family, method, tmp_path, tiny_model, synthetic_data, monkeypatch, capsys
+):
     sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
     path = recipe_file(tmp_path, tiny_model(family), sources, family=family, name=f"chain-{family.replace('_', '-')}",
                        **chain_sections(method))
@@ -57,12 +59,16 @@ def test_every_family_runs_the_whole_chain_and_its_merged_model_generates(family
     assert processor.chat_template, "the merged model carries the template it was trained with"
     if get_family(family).end_of_turn:
         assert processor.tokenizer.convert_tokens_to_ids(get_family(family).end_of_turn) in model.generation_config.eos_token_id
-    row = load_from_disk(run / "prepare" / "dpo" / "test")[0]
-    text = processor.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text], images=[row["images"]], return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert output.shape[1] > inputs["input_ids"].shape[1]
+    # The model card's usage snippet, as a user copies it (issue 13): on this folder and a test image.
+    card = (out / "README.md").read_text()
+    snippet = card.split("## Usage\n\n```python\n")[1].split("```")[0]
+    assert "model_id = 'path/to/this/folder'\n" in snippet  # nothing pushed: the reader points it at the folder
+    snippet = snippet.replace("model_id = 'path/to/this/folder'", f"model_id = {str(out)!r}")
+    load_from_disk(run / "prepare" / "dpo" / "test")[0]["images"][0].save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(snippet, "model card usage", "exec"), {})
+    assert capsys.readouterr().out.endswith("\n"), "the snippet prints the generated answer"
 
 
 def test_each_family_has_a_tiny_model_of_its_class_with_its_processor_and_template(tiny_model):
