@@ -298,7 +298,8 @@ def library_versions() -> dict[str, str]:
     if "torch" in sys.modules:
         import torch
 
-        versions["cuda"] = torch.version.cuda or "none"
+        # torch.version.cuda is the CUDA torch was built with, there whether or not this run had a GPU
+        versions["cuda"] = f"{torch.version.cuda} ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "none (CPU)"
     return versions
 
 

@@ -119,6 +119,7 @@ def test_merged_model_loads_as_its_base_class_with_a_card_and_the_check_recorded
     # issue 13: a local base model is no hub id for the card's metadata; the recipe without where it ran
     assert "base_model:" not in card.split("---")[1] and f"a local model (`{recipe.model.name_or_path}`)" in card
     assert "\nkubernetes:" not in card and "gpu_memory_gib" not in card
+    assert "- cuda none (CPU)\n" in card, "the CUDA of a run, not of torch's build"
     modes = {path.name: path.stat().st_mode & 0o777 for path in model_dir.iterdir()}
     assert len(set(modes.values())) == 1, modes
 
