@@ -32,7 +32,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import DPOConfig, DPOTrainer
 
-    from jobs import modeling, training
+    from jobs import auto_batch, modeling, training
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -56,6 +56,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
         callbacks=training.callbacks("dpo", stage.work),
     )
+    auto_batch.fit(stage, trainer, cfg.dpo)  # per_device_train_batch_size: auto; before start prints the batch
     checkpoint = training.start(
         "dpo", trainer, work=stage.work, train_rows=len(train),
         extra={"method": cfg.dpo.method, "starting from": start, "beta": args.beta, "loss": args.loss_type,

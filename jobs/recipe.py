@@ -101,6 +101,9 @@ class Train:
     quantization: dict = field(default_factory=dict)  # BitsAndBytesConfig fields for qlora
     args: dict = field(default_factory=dict)  # trl SFTConfig / DPOConfig fields
     resources: dict = field(default_factory=dict)  # Resources fields overriding the recipe's
+    # Samples per optimizer step, all processes together, with args.per_device_train_batch_size: auto: the stage
+    # finds the largest micro-batch that fits and sets gradient_accumulation_steps to keep this (jobs.auto_batch).
+    effective_batch_size: int | None = None
     # Full fine-tuning keeps fp32 master weights (and fp32 gradients and AdamW states) under bf16 autocast where
     # model.dtype is bf16 (auto on a GPU that has it). true trains the bf16 weights themselves: half the memory of
     # weights, gradients and AdamW states, but updates below bf16's precision (about 1/256 of a weight) round away.
@@ -415,6 +418,7 @@ def _coerce(value: Any, hint: Any, where: str, errors: list[str]) -> Any:
 
 
 def _semantic_errors(recipe: Recipe) -> list[str]:
+    from jobs.auto_batch import recipe_errors as recipe_batch_errors
     from jobs.families import FAMILIES
     from jobs.formats import FORMATS
 
@@ -453,6 +457,9 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         if train.pure_bf16 and train.method != "full":
             errors.append(f"{stage}.pure_bf16: only full fine-tuning has master weights to keep in bf16; "
                           f"{train.method}'s adapter stays {'bf16' if train.method == 'qlora' else 'fp32'} (remove the key)")
+        if stage in recipe.stages:
+            resources = recipe.resources_for(stage)
+            errors += recipe_batch_errors(stage, train.effective_batch_size, train.args, max(resources.gpus, 1) * resources.nodes)
         if train.pure_bf16 and recipe.model.dtype not in ("auto", "bfloat16"):
             errors.append(f"{stage}.pure_bf16: trains bf16 weights, but model.dtype is {recipe.model.dtype}; set auto or bfloat16")
     if "prepare" in recipe.stages and recipe.data.sft is None and recipe.data.dpo is None:
@@ -551,7 +558,9 @@ def passthrough_errors(recipe: Recipe) -> list[str]:
         for key in train.args:
             if key in STAGE_OWNED_ARGS:
                 errors.append(f"{stage}.args.{key}: set by the stage ({STAGE_OWNED_ARGS[key]}); remove it")
-        errors += _check_fields(config_cls, schemas[config_cls], train.args, f"{stage}.args")
+        # auto: the stage finds the micro-batch (jobs.auto_batch), TRL sees a number
+        args = {k: v for k, v in train.args.items() if not (k == "per_device_train_batch_size" and v == "auto")}
+        errors += _check_fields(config_cls, schemas[config_cls], args, f"{stage}.args")
         errors += _check_fields("LoraConfig", schemas["LoraConfig"], train.lora, f"{stage}.lora")
         errors += _check_fields("BitsAndBytesConfig", schemas["BitsAndBytesConfig"], train.quantization, f"{stage}.quantization")
     return errors

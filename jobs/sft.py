@@ -27,7 +27,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    from jobs import modeling, training
+    from jobs import auto_batch, modeling, training
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -44,6 +44,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
         callbacks=training.callbacks("sft", stage.work),
     )
+    auto_batch.fit(stage, trainer, cfg.sft)  # per_device_train_batch_size: auto; before start prints the batch
     checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train), extra={"method": cfg.sft.method})
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "sft")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from jobs import auto_batch
 from jobs.contract import UserError, is_main_process
 from jobs.progress import timing
 from jobs.recipe import Train
@@ -37,6 +39,8 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
     import torch
 
     args = {**STAGE_DEFAULTS, "seed": seed, **train.args}
+    if auto_batch.is_auto(args):  # the whole batch at once until the stage's probe finds what fits (auto_batch.fit)
+        args.update(auto_batch.first_args(train.effective_batch_size, int(os.environ.get("WORLD_SIZE", "1"))))
     if "bf16" not in train.args and "fp16" not in train.args:
         args["bf16"] = dtype == torch.bfloat16
         args["fp16"] = dtype == torch.float16

@@ -1,0 +1,235 @@
+"""``per_device_train_batch_size: auto``: the blog's batch-halving loop, done by the stage before it trains.
+
+The recipe states the effective batch, the samples per optimizer step over all processes, and leaves the
+micro-batch to the stage::
+
+    sft:
+      effective_batch_size: 64            # samples per optimizer step, all processes together
+      args:
+        per_device_train_batch_size: auto  # the stage finds the largest micro-batch that fits
+
+Before training, every process runs the trainer's own ``training_step`` (forward and backward, DPO's reference
+included) on the longest rows of the training data at the largest micro-batch, with as much memory held aside as
+AdamW's two states take (and DDP's gradient buckets with several processes), since those come with the first
+optimizer step. On ``torch.OutOfMemoryError`` the micro-batch halves and gradient accumulation doubles, so the
+effective batch and the optimizer steps stay the same, until it fits or even 1 does not. The processes agree
+after every try (any one out of memory: all try smaller), so they train with one size. The probe leaves no trace:
+the weights, the random state and the logged metrics are as before, and gradients are dropped.
+
+The size found is kept in the run folder (``<run>/.<stage>.partial/auto_batch.json``, then ``<run>/<stage>/``)
+for the same effective batch, process count and device: a resumed stage (or one redone with ``--force``) starts
+its search there instead of at the top.
+
+Why a probe and not transformers' ``auto_find_batch_size``: that retries the whole training loop with a smaller
+per-device batch but the same accumulation (the effective batch shrinks, and so does the learning signal per
+step), and under several processes an out-of-memory on one rank leaves the others waiting in DDP's all-reduce;
+the probe runs with no collective inside the forward and backward, and agrees only after them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.contract import UserError, is_main_process, read_json, write_json_atomic
+
+AUTO = "auto"
+RECORD_FILE = "auto_batch.json"
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "text")  # what makes a row long
+
+
+@dataclass(frozen=True)
+class Batch:
+    micro: int  # per process
+    accumulation: int
+
+    def __str__(self) -> str:
+        return f"{self.micro} x accumulation {self.accumulation}"
+
+
+def is_auto(args: dict) -> bool:
+    return args.get("per_device_train_batch_size") == AUTO
+
+
+def recipe_errors(stage: str, effective: int | None, args: dict, processes: int) -> list[str]:
+    """The recipe's side of it, checked when the recipe loads (no GPU asked for yet)."""
+    if not is_auto(args):
+        return [f"{stage}.effective_batch_size: only read with {stage}.args.per_device_train_batch_size: auto; "
+                "set that, or remove effective_batch_size"] if effective is not None else []
+    errors = []
+    if effective is None or effective < 1:
+        errors.append(f"{stage}.effective_batch_size: required with per_device_train_batch_size: auto, a positive "
+                      "integer (samples per optimizer step, all processes together), e.g. 64")
+    elif effective % processes:
+        errors.append(f"{stage}.effective_batch_size: {effective} does not split evenly over the stage's {processes} "
+                      f"processes; use a multiple of {processes}")
+    if "gradient_accumulation_steps" in args:
+        errors.append(f"{stage}.args.gradient_accumulation_steps: set by the stage with per_device_train_batch_size: "
+                      "auto (effective_batch_size / processes / micro-batch); remove it")
+    return errors
+
+
+def first_args(effective: int, processes: int) -> dict:
+    """The TRL config's batch keys before the search: the whole per-process batch at once."""
+    return {"per_device_train_batch_size": effective // processes, "gradient_accumulation_steps": 1}
+
+
+def smaller(micro: int, per_process: int) -> int:
+    """Half the micro-batch, rounded down to a divisor of the per-process batch, so that accumulation stays whole."""
+    return next(m for m in range(micro // 2, 0, -1) if per_process % m == 0)
+
+
+def fit(stage, trainer, train) -> Batch | None:
+    """Find the micro-batch for ``per_device_train_batch_size: auto`` and set it on the trainer (see the module
+    docstring); None when the recipe gives a number."""
+    if not is_auto(train.args):
+        return None
+    import torch
+
+    accelerator, args = trainer.accelerator, trainer.args
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise UserError(f"{stage.name}.args.per_device_train_batch_size: auto does not run with FSDP yet (its probe "
+                        "would need the whole model on one GPU); give a number")
+    processes = args.world_size
+    per_process = train.effective_batch_size // processes
+    key = {"effective_batch_size": train.effective_batch_size, "processes": processes, "device": _device_name()}
+    recorded = _recorded(stage, key)
+    micro = recorded["micro_batch"] if recorded else per_process
+    # The smallest of the processes' starting points, should their run folders disagree (one per node)
+    micro = int(accelerator.gather(torch.tensor([micro], device=accelerator.device)).min())
+    say = print if is_main_process() else (lambda *a, **k: None)
+    where = f"recorded in {recorded['path']}" if recorded else f"effective batch {train.effective_batch_size} over {processes} processes"
+    say(f"{stage.name}: per_device_train_batch_size auto: starting at micro-batch {micro} ({where}); probing with "
+        f"the {micro} longest training rows", flush=True)
+    longest = _longest_rows(trainer.train_dataset, micro)
+    ran_out = list(recorded["ran_out_of_memory_at"]) if recorded else []
+    while True:
+        fits = _probe(trainer, trainer.train_dataset.select(longest[:micro]))
+        # Every process learns whether any ran out; all then try the same smaller size.
+        all_fit = bool(accelerator.gather(torch.tensor([int(fits)], device=accelerator.device)).min())
+        if all_fit:
+            break
+        ran_out.append(micro)
+        if micro == 1:
+            raise UserError(
+                f"{stage.name}: micro-batch 1 ran out of memory: the model does not fit even at "
+                "per_device_train_batch_size 1; turn on gradient_checkpointing, train lora or qlora instead of full, or "
+                "spread it over more GPUs (vlmjobs memory <recipe> shows the arithmetic)"
+            )
+        micro = smaller(micro, per_process)
+        say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory; trying {Batch(micro, per_process // micro)}", flush=True)
+
+    batch = Batch(micro, per_process // micro)
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = batch.micro, batch.accumulation
+    trainer._train_batch_size = args.train_batch_size  # the Trainer's copy, read by its dataloader and its state
+    record = stage.work / RECORD_FILE
+    if is_main_process():
+        write_json_atomic(record, {**key, "micro_batch": batch.micro, "gradient_accumulation_steps": batch.accumulation,
+                                   "ran_out_of_memory_at": sorted(set(ran_out), reverse=True)})
+    say(f"{stage.name}: micro-batch {batch} fits (effective batch {train.effective_batch_size}); recorded in {record}", flush=True)
+    return batch
+
+
+def _recorded(stage, key: dict) -> dict | None:
+    """The size found by an earlier attempt of this stage for the same key: the unfinished attempt's, else the
+    finished output's (a run redone with --force)."""
+    for folder in (stage.work, stage.out):
+        path = Path(folder) / RECORD_FILE
+        try:
+            record = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if all(record.get(k) == v for k, v in key.items()):
+            return {**record, "path": str(path)}
+    return None
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _longest_rows(dataset, count: int) -> list[int]:
+    """The indices of the ``count`` rows with the most tokens (or, before tokenization, the longest text), longest first: the
+    batch that needs the most memory. Images count as the processor turns them into tokens, row by row alike."""
+    if "input_ids" in dataset.column_names:
+        columns = [c for c in dataset.column_names if c.endswith("input_ids")]
+    else:
+        columns = [c for c in dataset.column_names if c in TEXT_COLUMNS]
+    texts = dataset.select_columns(columns)
+    lengths = [sum(len(v) if "input_ids" in c else len(json.dumps(v)) for c, v in row.items()) for row in texts]
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])[:count]
+
+
+def _probe(trainer, rows) -> bool:
+    """One forward and backward of the trainer's own training step on ``rows`` (a Dataset); False on out-of-memory."""
+    import torch
+
+    model = trainer.model
+    fits = True
+    held, inputs = [], None
+    try:
+        batch = trainer._remove_unused_columns(rows, description="training")  # as its dataloader does
+        inputs = trainer.data_collator([batch[i] for i in range(len(batch))])
+        _checkpoint_activations_as_training_will(trainer)
+        with _leaves_no_trace(trainer):
+            held = _optimizer_sized_reserve(model, processes=trainer.args.world_size)
+            trainer.training_step(model, inputs)
+    except torch.OutOfMemoryError:
+        fits = False
+    finally:
+        del held, inputs
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return fits
+
+
+def _optimizer_sized_reserve(model, *, processes: int) -> list:
+    """Memory the first optimizer step will take and keep, held during the probe: AdamW's exp_avg and exp_avg_sq
+    for every trainable weight (an optimizer with smaller states only gets more room), and with several processes
+    DDP's gradient buckets, one more copy of the gradients."""
+    import torch
+
+    copies = 2 + (processes > 1)
+    return [torch.empty_like(p) for p in model.parameters() if p.requires_grad for _ in range(copies)]
+
+
+def _checkpoint_activations_as_training_will(trainer) -> None:
+    """``train()`` turns on activation checkpointing only when it starts; the probe must measure what it will run."""
+    args, model = trainer.args, trainer.model
+    if args.activation_checkpointing and hasattr(model, "activation_checkpointing_enable"):
+        kwargs = dict(args.activation_checkpointing_kwargs or {})
+        every, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, every_n_layers=every, offload=offload)
+
+
+@contextmanager
+def _leaves_no_trace(trainer):
+    """The random state (dropout), the metrics TRL logs and the token count as before the probe. The metrics'
+    gathers run local: another process may have run out of memory before reaching its own, and a gather of one
+    process's metric with another's out-of-memory flag would mismatch them silently."""
+    import copy
+
+    import torch
+
+    accelerator = trainer.accelerator
+    saved = {name: copy.deepcopy(getattr(trainer, name)) for name in ("_metrics", "_total_train_tokens") if hasattr(trainer, name)}
+    had_accumulation = hasattr(trainer, "current_gradient_accumulation_steps")
+    trainer.current_gradient_accumulation_steps = getattr(trainer, "current_gradient_accumulation_steps", 1)
+    accelerator.gather = accelerator.gather_for_metrics = lambda data, *a, **k: data
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        del accelerator.gather, accelerator.gather_for_metrics  # the class's own again
+        for name, value in saved.items():
+            setattr(trainer, name, value)
+        if not had_accumulation:
+            del trainer.current_gradient_accumulation_steps

@@ -1,0 +1,186 @@
+"""per_device_train_batch_size: auto (issue 14, the batch-halving loop): out of memory above a chosen micro-batch.
+
+No CPU runs out of memory on a tiny model, so the tests make the forward pass do it: a global forward pre-hook
+(torch's ``register_module_forward_pre_hook``) on every ``nn.Embedding`` raises a real ``torch.OutOfMemoryError``
+when the token ids it embeds hold more rows than the limit, inside the model's forward, where CUDA would raise
+it. The hook is installed around the stage's own ``main`` (in-process), or by a two-line wrapper module before
+``runpy`` runs ``jobs.sft`` as ``__main__`` under ``accelerate launch`` (two processes, gloo); the stages' code
+is the code that runs on a GPU, nothing in it knows of the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from jobs import auto_batch, contract, dpo, prepare, sft
+from jobs import recipe as recipes
+from tests.conftest import ROOT
+
+
+@contextmanager
+def out_of_memory_above(rows: int):
+    """Every forward that embeds more than ``rows`` sequences at once runs out of memory."""
+
+    def hook(module, args):
+        if isinstance(module, torch.nn.Embedding) and args and args[0].dim() == 2 and args[0].shape[0] > rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated: {args[0].shape[0]} rows > {rows})")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def logged_losses(folder) -> list[float]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+TRAIN = {"method": "full", "args": {"max_steps": 2, "logging_steps": 1, "save_steps": 2}}
+
+
+@pytest.mark.parametrize(
+    "stage, main, rows_per_sample",
+    [("sft", sft.main, 1), ("dpo", dpo.main, 2)],  # DPO runs chosen and rejected in one forward
+)
+def test_auto_batch_halves_until_it_fits_keeps_the_effective_batch_and_trains_as_the_size_found(
+    write_recipe, capsys, stage, main, rows_per_sample
+):
+    auto = {**TRAIN, "effective_batch_size": 8, "args": {**TRAIN["args"], "per_device_train_batch_size": "auto"}}
+    path = write_recipe(stages=["prepare", stage], prepare={"max_rows": 40}, **{"sft": TRAIN, stage: auto})
+    prepare.main(recipe=str(path))
+    capsys.readouterr()
+    with out_of_memory_above(2 * rows_per_sample):
+        main(recipe=str(path))
+    out = capsys.readouterr().out
+    assert f"{stage}: micro-batch 8 ran out of memory; trying 4 x accumulation 2" in out
+    assert f"{stage}: micro-batch 4 ran out of memory; trying 2 x accumulation 4" in out
+    assert f"{stage}: micro-batch 2 x accumulation 4 fits (effective batch 8)" in out
+    assert f"{stage}: parameters" in out and "effective batch 8," in out, "the effective batch never changes"
+
+    run = recipes.load(path).run_dir
+    record = contract.read_json(run / stage / auto_batch.RECORD_FILE)
+    assert record == {"effective_batch_size": 8, "processes": 1, "device": "cpu", "micro_batch": 2,
+                      "gradient_accumulation_steps": 4, "ran_out_of_memory_at": [8, 4]}
+    state = json.loads((run / stage / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["train_batch_size"] == 2, "optimizer steps as asked, micro-batches of 2"
+    args = torch.load(run / stage / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 4)
+
+    # The same recipe with the size found written out: the probe changed nothing (weights, random state, metrics)
+    direct = {**TRAIN, "args": {**TRAIN["args"], "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}}
+    twin = write_recipe(name="direct", stages=["prepare", stage], prepare={"max_rows": 40}, **{"sft": TRAIN, stage: direct})
+    prepare.main(recipe=str(twin))
+    main(recipe=str(twin))
+    direct_run = recipes.load(twin).run_dir / stage
+    assert logged_losses(run / stage) == pytest.approx(logged_losses(direct_run), rel=1e-5)
+    assert len(logged_losses(run / stage)) == 2
+
+
+def test_auto_batch_a_resumed_or_redone_stage_starts_from_the_recorded_size(write_recipe, capsys):
+    auto = {**TRAIN, "effective_batch_size": 4, "args": {**TRAIN["args"], "per_device_train_batch_size": "auto"}}
+    path = write_recipe(prepare={"max_rows": 24}, sft=auto)
+    prepare.main(recipe=str(path))
+    run = recipes.load(path).run_dir
+    with out_of_memory_above(1):
+        sft.main(recipe=str(path))
+        (run / "sft" / contract.SUCCESS_FILE).unlink()  # as if stopped between the rename and the marker: resumes
+        capsys.readouterr()
+        sft.main(recipe=str(path))
+        resumed = capsys.readouterr().out
+        sft.main(recipe=str(path), force=True)
+        redone = capsys.readouterr().out
+    for out in (resumed, redone):
+        assert "sft: per_device_train_batch_size auto: starting at micro-batch 1 (recorded in" in out
+        assert "ran out of memory" not in out, "no try repeated"
+        assert "sft: micro-batch 1 x accumulation 4 fits" in out
+    assert "sft: resuming from" in resumed
+    assert contract.read_json(run / "sft" / auto_batch.RECORD_FILE)["ran_out_of_memory_at"] == [4, 2]
+
+
+def test_auto_batch_says_in_one_line_when_even_1_does_not_fit(write_recipe):
+    auto = {**TRAIN, "effective_batch_size": 2, "args": {**TRAIN["args"], "per_device_train_batch_size": "auto"}}
+    path = write_recipe(prepare={"max_rows": 16}, sft=auto)
+    prepare.main(recipe=str(path))
+    with out_of_memory_above(0), pytest.raises(contract.UserError, match=(
+        r"^sft: micro-batch 1 ran out of memory: the model does not fit even at per_device_train_batch_size 1; "
+        r"turn on gradient_checkpointing, .* \(vlmjobs memory <recipe> shows the arithmetic\)$")):
+        sft.main(recipe=str(path))
+    assert not (recipes.load(path).run_dir / "sft").exists()
+
+
+@pytest.mark.parametrize(
+    "name, sft_section, resources, message",
+    [
+        ("effective batch missing", {"args": {"per_device_train_batch_size": "auto"}}, {},
+         "sft.effective_batch_size: required with per_device_train_batch_size: auto"),
+        ("accumulation given too", {"effective_batch_size": 8, "args": {"per_device_train_batch_size": "auto", "gradient_accumulation_steps": 2}},
+         {}, "sft.args.gradient_accumulation_steps: set by the stage with per_device_train_batch_size: auto"),
+        ("uneven over the processes", {"effective_batch_size": 6, "args": {"per_device_train_batch_size": "auto"}},
+         {"gpus": 4}, "sft.effective_batch_size: 6 does not split evenly over the stage's 4 processes; use a multiple of 4"),
+        ("effective batch without auto", {"effective_batch_size": 8, "args": {"per_device_train_batch_size": 2}}, {},
+         "sft.effective_batch_size: only read with sft.args.per_device_train_batch_size: auto"),
+    ],
+)
+def test_auto_batch_recipe_errors_name_the_key(name, sft_section, resources, message):
+    data = {"name": "t", "model": {"name_or_path": "org/m", "family": "llava"}, "stages": ["prepare", "sft"],
+            "data": {"sft": {"path": "d", "format": "chartqa"}}, "sft": sft_section, "resources": resources}
+    with pytest.raises(contract.UserError, match=f"^recipe: .*{message}"):
+        recipes.from_dict(data)
+
+
+def test_auto_batch_recipe_passes_the_schema_check():
+    data = {"name": "t", "model": {"name_or_path": "org/m", "family": "llava"}, "stages": ["prepare", "sft"],
+            "data": {"sft": {"path": "d", "format": "chartqa"}},
+            "sft": {"effective_batch_size": 64, "args": {"per_device_train_batch_size": "auto"}}, "resources": {"gpus": 4}}
+    recipe = recipes.from_dict(data)
+    assert recipes.passthrough_errors(recipe) == []
+    assert [auto_batch.smaller(m, 16) for m in (16, 8, 4, 2)] == [8, 4, 2, 1]
+    assert [auto_batch.smaller(m, 12) for m in (12, 6, 3)] == [6, 3, 1], "accumulation stays whole: 12 = 3 x 4 = 1 x 12"
+
+
+WRAPPER = """
+import os, runpy, sys
+import torch
+
+limit = int(os.environ["OOM_ABOVE_RANK" + os.environ["RANK"]])
+def hook(module, args):
+    if isinstance(module, torch.nn.Embedding) and args and args[0].dim() == 2 and args[0].shape[0] > limit:
+        raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {args[0].shape[0]} rows > {limit})")
+torch.nn.modules.module.register_module_forward_pre_hook(hook)
+sys.argv = ["jobs.sft", *sys.argv[1:]]
+runpy.run_module("jobs.sft", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_auto_batch_two_processes_agree_when_only_one_runs_out_of_memory(write_recipe, tmp_path):
+    """Rank 1 runs out above micro-batch 2, rank 0 never: both train with 2 x accumulation 2 (8 over 2 processes)."""
+    auto = {**TRAIN, "effective_batch_size": 8, "args": {**TRAIN["args"], "per_device_train_batch_size": "auto"}}
+    path = write_recipe(prepare={"max_rows": 40}, sft=auto, resources={"gpus": 2})
+    prepare.main(recipe=str(path))
+    (tmp_path / "oom_wrapper.py").write_text(WRAPPER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]), "CUDA_VISIBLE_DEVICES": "",
+           "OOM_ABOVE_RANK0": "1000", "OOM_ABOVE_RANK1": "2"}
+    argv = [sys.executable, "-m", "launcher.distributed", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "oom_wrapper", f"--recipe={path}"]  # fmt: skip
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    print(done.stdout)  # the auto-batch log, for the note
+
+    assert "sft: micro-batch 4 ran out of memory; trying 2 x accumulation 2" in done.stdout
+    assert "sft: micro-batch 2 x accumulation 2 fits (effective batch 8)" in done.stdout
+    assert "processes 2, effective batch 8," in done.stdout
+    run = recipes.load(path).run_dir / "sft"
+    assert contract.read_json(run / auto_batch.RECORD_FILE) == {
+        "effective_batch_size": 8, "processes": 2, "device": "cpu", "micro_batch": 2, "gradient_accumulation_steps": 2,
+        "ran_out_of_memory_at": [4]}
+    state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["train_batch_size"] == 2
