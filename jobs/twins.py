@@ -10,7 +10,7 @@ What the twin changes, and nothing else (``CHANGED`` lists the keys; the tests h
 - data.<kind>.path: synthetic data in data.<kind>.format (jobs.synthetic); a hub config name and revision go, and
   each split keeps its name but not its slice ("train[:10%]" -> "train"): a slice is a size, and 1% of a small
   synthetic split can be no rows. prepare.max_rows caps every split instead.
-- sizes: one optimizer step of a batch of 2 at most, no accumulation, logging/eval/save intervals of one step (so
+- sizes: one optimizer step of a batch of 2 at most (per process, for ``effective_batch_size``), no accumulation, logging/eval/save intervals of one step (so
   that each of them runs once), a few evaluation samples and new tokens.
 - parallelism: no data-processing or DataLoader worker processes; the recipe's 32 on a 2-core test machine
   would only spend the seconds the twin is meant to save.
@@ -40,7 +40,7 @@ CHANGED = (  # dotted keys a twin may change; "*" stands for sft or dpo
     "data.*.path", "data.*.name", "data.*.revision", "data.*.train_split", "data.*.eval_split", "data.*.test_split",
     "prepare.max_rows", "prepare.num_proc",
     "*.args.max_steps", "*.args.per_device_train_batch_size", "*.args.per_device_eval_batch_size",
-    "*.args.gradient_accumulation_steps", *(f"*.args.{key}" for key in INTERVALS + WORKERS),
+    "*.args.gradient_accumulation_steps", "*.effective_batch_size", *(f"*.args.{key}" for key in INTERVALS + WORKERS),
     "evaluate.max_samples", "evaluate.max_new_tokens", "evaluate.batch_size", "evaluate.benchmarks",
     "merge_push.push", "run.root",
 )
@@ -70,6 +70,10 @@ def twin(
     for stage in ("sft", "dpo"):
         if stage in data:
             data[stage]["args"] = _shrunk_args(data[stage].get("args", {}))
+            if "effective_batch_size" in data[stage]:  # per_device_train_batch_size: auto; a multiple of the processes
+                resources = {**data.get("resources", {}), **data[stage].get("resources", {})}
+                processes = max(resources.get("gpus", 1), 1) * resources.get("nodes", 1)
+                data[stage]["effective_batch_size"] = min(data[stage]["effective_batch_size"], BATCH * processes)
     evaluate = data.setdefault("evaluate", {})
     evaluate["max_samples"] = SAMPLES
     evaluate["max_new_tokens"] = min(evaluate.get("max_new_tokens", NEW_TOKENS), NEW_TOKENS)
@@ -92,9 +96,11 @@ def _synthetic_benchmark(bench: dict, synthetic_data: Callable[[str], Path]) -> 
 
 
 def _shrunk_args(args: dict) -> dict:
-    args = {**args, "max_steps": STEPS, "gradient_accumulation_steps": 1}
+    auto = args.get("per_device_train_batch_size") == "auto"  # the stage sets the accumulation (jobs.auto_batch)
+    args = {**args, "max_steps": STEPS, **({} if auto else {"gradient_accumulation_steps": 1})}
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
-        args[key] = min(args.get(key, BATCH), BATCH)
+        if args.get(key) != "auto":
+            args[key] = min(args.get(key, BATCH), BATCH)
     for key in INTERVALS:
         if key in args:
             args[key] = min(args[key], STEPS)

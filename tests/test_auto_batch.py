@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -25,12 +26,18 @@ from tests.conftest import ROOT
 
 
 @contextmanager
-def out_of_memory_above(rows: int):
-    """Every forward that embeds more than ``rows`` sequences at once runs out of memory."""
+def out_of_memory_above(rows: int, *, sigint_at_forward: int | None = None):
+    """Every forward that embeds more than ``rows`` sequences at once runs out of memory; the forward numbered
+    ``sigint_at_forward`` (of those that fit) sends this process SIGINT, as Ctrl-C would."""
+    forwards = []
 
     def hook(module, args):
-        if isinstance(module, torch.nn.Embedding) and args and args[0].dim() == 2 and args[0].shape[0] > rows:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated: {args[0].shape[0]} rows > {rows})")
+        if isinstance(module, torch.nn.Embedding) and args and args[0].dim() == 2:
+            if args[0].shape[0] > rows:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated: {args[0].shape[0]} rows > {rows})")
+            forwards.append(args[0].shape[0])
+            if len(forwards) == sigint_at_forward:
+                os.kill(os.getpid(), signal.SIGINT)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
@@ -86,14 +93,20 @@ def test_auto_batch_halves_until_it_fits_keeps_the_effective_batch_and_trains_as
 
 
 def test_auto_batch_a_resumed_or_redone_stage_starts_from_the_recorded_size(write_recipe, capsys):
-    auto = {**TRAIN, "effective_batch_size": 4, "args": {**TRAIN["args"], "per_device_train_batch_size": "auto"}}
+    auto = {"method": "full", "effective_batch_size": 4,
+            "args": {"max_steps": 3, "logging_steps": 1, "save_steps": 1, "per_device_train_batch_size": "auto"}}
     path = write_recipe(prepare={"max_rows": 24}, sft=auto)
     prepare.main(recipe=str(path))
     run = recipes.load(path).run_dir
-    with out_of_memory_above(1):
+    # Ctrl-C a few forwards into training (the probe's forward at micro-batch 1 came first)
+    with out_of_memory_above(1, sigint_at_forward=1 + 4 + 2), pytest.raises(SystemExit) as stopped:
         sft.main(recipe=str(path))
-        (run / "sft" / contract.SUCCESS_FILE).unlink()  # as if stopped between the rename and the marker: resumes
-        capsys.readouterr()
+    assert stopped.value.code == 130
+    assert contract.read_json(run / ".sft.partial" / auto_batch.RECORD_FILE)["micro_batch"] == 1
+    checkpoint = contract.newest_complete_checkpoint(run / ".sft.partial" / "checkpoints")
+    assert checkpoint and not checkpoint.endswith("-3"), "stopped during training, before its end"
+    capsys.readouterr()
+    with out_of_memory_above(1):
         sft.main(recipe=str(path))
         resumed = capsys.readouterr().out
         sft.main(recipe=str(path), force=True)
@@ -102,8 +115,10 @@ def test_auto_batch_a_resumed_or_redone_stage_starts_from_the_recorded_size(writ
         assert "sft: per_device_train_batch_size auto: starting at micro-batch 1 (recorded in" in out
         assert "ran out of memory" not in out, "no try repeated"
         assert "sft: micro-batch 1 x accumulation 4 fits" in out
-    assert "sft: resuming from" in resumed
+    assert f"sft: resuming from {checkpoint}" in resumed
     assert contract.read_json(run / "sft" / auto_batch.RECORD_FILE)["ran_out_of_memory_at"] == [4, 2]
+    state = json.loads((run / "sft" / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["train_batch_size"] == 1
 
 
 def test_auto_batch_says_in_one_line_when_even_1_does_not_fit(write_recipe):
@@ -184,3 +199,17 @@ def test_auto_batch_two_processes_agree_when_only_one_runs_out_of_memory(write_r
         "ran_out_of_memory_at": [4]}
     state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 2
+
+
+def test_auto_batch_tiny_twin_of_a_recipe_with_auto_stays_valid(tmp_path):
+    """A shipped recipe may say auto: its twin (jobs.twins) keeps auto and shrinks the effective batch, per process."""
+    from jobs import twins
+
+    recipe = {"name": "t", "model": {"name_or_path": "org/m", "family": "llava"}, "stages": ["prepare", "dpo"],
+              "data": {"dpo": {"path": "org/d", "format": "rlaif-v"}}, "resources": {"gpus": 4},
+              "dpo": {"effective_batch_size": 64, "args": {"per_device_train_batch_size": "auto"}}}
+    data = twins.twin(recipe, lambda family: tmp_path, lambda kind: tmp_path, tmp_path)
+    assert data["dpo"]["effective_batch_size"] == 2 * 4
+    assert data["dpo"]["args"]["per_device_train_batch_size"] == "auto"
+    assert "gradient_accumulation_steps" not in data["dpo"]["args"], "the stage sets it"
+    assert recipes.from_dict(data).dpo.effective_batch_size == 8
