@@ -101,7 +101,8 @@ def fit(stage, trainer, train) -> Batch | None:
     # The smallest of the processes' starting points, should their run folders disagree (one per node)
     micro = int(accelerator.gather(torch.tensor([micro], device=accelerator.device)).min())
     say = print if is_main_process() else (lambda *a, **k: None)
-    where = f"recorded in {recorded['path']}" if recorded else f"effective batch {train.effective_batch_size} over {processes} processes"
+    over = f"{processes} processes" if processes > 1 else "1 process"
+    where = f"recorded in {recorded['path']}" if recorded else f"effective batch {train.effective_batch_size} over {over}"
     say(f"{stage.name}: per_device_train_batch_size auto: starting at micro-batch {micro} ({where}); probing with "
         f"the {micro} longest training rows", flush=True)
     longest = _longest_rows(trainer.train_dataset, micro)
