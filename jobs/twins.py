@@ -10,8 +10,8 @@ What the twin changes, and nothing else (``CHANGED`` lists the keys; the tests h
 - data.<kind>.path: synthetic data in data.<kind>.format (jobs.synthetic); a hub config name and revision go, and
   each split keeps its name but not its slice ("train[:10%]" -> "train"): a slice is a size, and 1% of a small
   synthetic split can be no rows. prepare.max_rows caps every split instead.
-- sizes: one optimizer step of a batch of 2 at most (per process, for ``effective_batch_size``), no accumulation, logging/eval/save intervals of one step (so
-  that each of them runs once), a few evaluation samples and new tokens.
+- sizes: one optimizer step of a batch of 2 at most (per process, for ``effective_batch_size``), no accumulation,
+  logging/eval/save intervals of one step (so that each of them runs once), a few evaluation samples and new tokens.
 - parallelism: no data-processing or DataLoader worker processes; the recipe's 32 on a 2-core test machine
   would only spend the seconds the twin is meant to save.
 - evaluate.benchmarks: each keeps its name and format, its files become synthetic ones in that benchmark's
