@@ -457,7 +457,7 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         if train.pure_bf16 and train.method != "full":
             errors.append(f"{stage}.pure_bf16: only full fine-tuning has master weights to keep in bf16; "
                           f"{train.method}'s adapter stays {'bf16' if train.method == 'qlora' else 'fp32'} (remove the key)")
-        if stage in recipe.stages:
+        if stage in recipe.stages and set(train.resources) <= {f.name for f in dataclasses.fields(Resources)}:  # else reported below
             resources = recipe.resources_for(stage)
             errors += recipe_batch_errors(stage, train.effective_batch_size, train.args, max(resources.gpus, 1) * resources.nodes)
         if train.pure_bf16 and recipe.model.dtype not in ("auto", "bfloat16"):
