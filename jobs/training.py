@@ -131,7 +131,35 @@ def start(stage: str, trainer, *, work: Path, train_rows: int, extra: dict | Non
 
 
 def callbacks(stage: str, work: Path) -> list:
-    return [MetricsLog(stage, work / METRICS_FILE), SaveOnSigterm()]
+    return [MetricsLog(stage, work / METRICS_FILE), SaveOnSigterm(), CompleteOptimizerState()]
+
+
+class CompleteOptimizerState(TrainerCallback):
+    """Before a sharded checkpoint is written: a fresh (zero) optimizer state for every trainable parameter that has
+    none yet, so that the checkpoint resumes.
+
+    AdamW makes a parameter's state at its first gradient, and some never get one: LLaVA's CLIP post_layernorm, as
+    LLaVA reads the features of an earlier layer. A sharded resume loads the optimizer through
+    torch.distributed.checkpoint, whose get_optimizer_state_dict first gives every parameter a state
+    (``_init_optim_state``) and then requires each in the checkpoint ("Missing key in checkpoint state_dict:
+    optimizer.state.model.vision_tower.post_layernorm.weight.step"). A zero state is the one AdamW would make at that
+    parameter's first step (step 0, zero moments), and a parameter without a gradient is skipped by every step, so
+    training is unchanged."""
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if not (args.fsdp and control.should_save and optimizer is not None):
+            return
+        import torch
+
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        made = next((optimizer.state[p] for p in params if optimizer.state.get(p)), None)
+        for param in [p for p in params if p.requires_grad and not optimizer.state.get(p)] if made else ():
+            # a scalar (the step count) as a zero scalar, a moment as zeros of this parameter's own shape
+            optimizer.state[param] = {
+                key: (torch.zeros_like(value) if value.dim() == 0 else torch.zeros_like(param)) if torch.is_tensor(value) else value
+                for key, value in made.items()
+            }
 
 
 class MetricsLog(TrainerCallback):
