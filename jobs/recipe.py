@@ -171,7 +171,7 @@ class Resources:
     nodes: int = 1
     gpu_product: str | None = None  # nodeSelector nvidia.com/gpu.product, e.g. NVIDIA-H100-80GB-HBM3
     gpu_memory_gib: float | None = None  # for the memory check before training
-    sharding: str = "none"  # none | fsdp | auto (see SHARDING): how a training stage on several GPUs spreads
+    sharding: str | None = "none"  # none | fsdp | auto (see SHARDING); a command line's none arrives as None, the same
     cpu: str = "8"
     memory: str = "64Gi"
     shm: str = "16Gi"  # /dev/shm for DataLoader workers and NCCL; counts against memory
@@ -479,14 +479,17 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             errors.append(f"prepare.{fraction}: must be in [0, 1)")
     if not 0 < recipe.prepare.image_scale <= 1:
         errors.append("prepare.image_scale: must be in (0, 1]")
-    if recipe.resources.sharding not in SHARDING:
+    if (recipe.resources.sharding or "none") not in SHARDING:
         errors.append(f"resources.sharding: {recipe.resources.sharding!r} is not one of {', '.join(SHARDING)}")
     for stage in STAGES:
         overrides = getattr(getattr(recipe, stage), "resources", {})
-        if overrides.get("sharding", "none") not in SHARDING:
+        if (overrides.get("sharding") or "none") not in SHARDING:
             errors.append(f"{stage}.resources.sharding: {overrides['sharding']!r} is not one of {', '.join(SHARDING)}")
         if stage in TRAINING_STAGES and stage in recipe.stages and set(overrides) <= {f.name for f in dataclasses.fields(Resources)}:
             res = recipe.resources_for(stage)
+            if res.sharding == "fsdp" and getattr(recipe, stage).method == "qlora":
+                errors.append(f"resources.sharding: fsdp does not shard qlora ({stage}.method) in vlmjobs: its 4-bit "
+                              "base fits one GPU where LoRA's does not; set sharding none, or method lora or full")
             if res.sharding == "auto" and not res.gpu_memory_gib:
                 errors.append(f"resources.sharding: auto shards {stage} when one GPU cannot hold it, which needs "
                               "resources.gpu_memory_gib; set it, or sharding fsdp or none")

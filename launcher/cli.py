@@ -87,7 +87,7 @@ def memory(recipe: str, **overrides):
         if shards > 1:
             print(f"  on {gpus} GPUs sharded with FSDP (resources.sharding {res.sharding}): {estimate}")
         elif gpus > 1:
-            print(f"  on {gpus} GPUs, each holding all of it (resources.sharding {res.sharding})")
+            print(f"  on {gpus} GPUs, each holding all of it (resources.sharding {res.sharding or 'none'})")
         if not res.gpu_memory_gib:
             print(f"  no {stage} GPU size to check against: set resources.gpu_memory_gib")
             continue
@@ -98,7 +98,7 @@ def memory(recipe: str, **overrides):
         if estimate.total < available:
             print(f"  fits in {gpu} ({available:.1f} GB) before activations")
             continue
-        misfits.append(f"{stage} needs {estimate.total:.3g} GB per GPU")
+        misfits.append(f"{stage} needs {estimate.total:.3g} GB" + (" per GPU" if shards > 1 else ""))
         print(f"  does NOT fit in {gpu} ({available:.1f} GB) before activations; what would:")
         for suggestion in _what_would_fit(resolved, stage, whole, available):
             print(f"    - {suggestion}")
@@ -148,7 +148,7 @@ def _what_would_fit(resolved: recipes.Recipe, stage: str, whole, available: floa
         other = dataclasses.replace(resolved, **{stage: dataclasses.replace(train, method=method)})
         need = arithmetic.for_stage(other, stage)[0].total
         verdict = "fits" if need < available else "does not fit either"
-        suggestions.append(f"--{stage}.method={method}: {need:.3g} GB on one GPU, {verdict}")
+        suggestions.append(f"--{stage}.method={method}: {need:.3g} GB, {verdict}")
     total = whole.sharded(1).total
     bigger = next((gib for gib in GPU_SIZES_GIB if total < arithmetic.gpu_gb(gib)), None)
     if bigger:
