@@ -103,6 +103,8 @@ def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None):
         model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, trainable=True, dtype=dtype)
         return model, sft, "sft adapter, trained further"
     model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, merge=True, dtype=dtype)
+    if cfg.dpo.method == "full":  # peft loaded the adapter for inference, freezing every weight; merged, they all train
+        model.requires_grad_(True)
     return model, {"base": sft["base"], "merged": sft["merged"] + [sft["adapter"]], "adapter": None}, "sft adapter merged"
 
 
