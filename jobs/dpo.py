@@ -40,27 +40,30 @@ def main(recipe: str = "", force: bool = False, **overrides):
     precision = modeling.training_precision(cfg.model, cfg.dpo)  # fp32 master weights for full fine-tuning
     # The config before the model: it sets up the processes (accelerate's PartialState) that rebuilding SFT's merged
     # model in 4 bits waits on, one process writing it for all (modeling.load_trained).
-    args = training.trl_config(DPOConfig, cfg.dpo, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute)
+    shards = training.shard_count(cfg, "dpo")  # sharded, a full fine-tune's reference copy is sharded like the policy
+    args = training.trl_config(DPOConfig, cfg.dpo, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute,
+                               shards=shards)
     model, lineage, start = starting_point(cfg, stage.run_dir, from_sft, dtype=precision.weights)
     data = load_from_disk(stage.input("prepare") / "dpo")
     train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
 
     # A new adapter on top, unless SFT's adapter is being trained further (it is already on the model).
     new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None
-    trainer = DPOTrainer(
-        model=model,
-        # Full fine-tuning needs a frozen copy; TRL would reload it from the base model's id, which is not
-        # the merged SFT weights this run starts from.
-        ref_model=copy.deepcopy(model).eval() if cfg.dpo.method == "full" else None,
-        args=args, train_dataset=train, eval_dataset=held_out, processing_class=family.rendering_processor(processor),
-        peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
-        callbacks=training.callbacks("dpo", stage.work),
-    )
+    with training.sharding(args, model):
+        trainer = DPOTrainer(
+            model=model,
+            # Full fine-tuning needs a frozen copy; TRL would reload it from the base model's id, which is not
+            # the merged SFT weights this run starts from.
+            ref_model=copy.deepcopy(model).eval() if cfg.dpo.method == "full" else None,
+            args=args, train_dataset=train, eval_dataset=held_out, processing_class=family.rendering_processor(processor),
+            peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
+            callbacks=training.callbacks("dpo", stage.work),
+        )
     auto_batch.fit(stage, trainer, cfg.dpo)  # per_device_train_batch_size: auto; before start prints the batch
     checkpoint = training.start(
         "dpo", trainer, work=stage.work, train_rows=len(train),
         extra={"method": cfg.dpo.method, "starting from": start, "beta": args.beta, "loss": args.loss_type,
-               "reference copy": cfg.dpo.method == "full"},
+               "reference copy": cfg.dpo.method == "full", "sharded over": shards},
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "dpo")
@@ -101,6 +104,8 @@ def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None):
         model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, trainable=True, dtype=dtype)
         return model, sft, "sft adapter, trained further"
     model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, merge=True, dtype=dtype)
+    if cfg.dpo.method == "full":  # peft loaded the adapter for inference, freezing every weight; merged, they all train
+        model.requires_grad_(True)
     return model, {"base": sft["base"], "merged": sft["merged"] + [sft["adapter"]], "adapter": None}, "sft adapter merged"
 
 

@@ -16,13 +16,18 @@ holds no second copy: 16.8 GB. QLoRA's adapter is bf16 (TRL casts it, as the QLo
 
 Full fine-tuning keeps fp32 master weights under bf16 autocast (``modeling.training_precision``), which is
 the blog's first table; ``pure_bf16`` halves every part.
+
+Sharded (``resources.sharding``: FSDP's fully_shard over the stage's N processes), every GPU holds 1/N of each
+part, the reference copy included (TRL shards it like the policy): the blog's 160 GB is 40 GB per GPU on 4.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 GB = 1e9  # the blog's gigabytes
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -31,16 +36,51 @@ class Estimate:
     reference: float  # GB of a second, frozen copy for DPO's reference
     gradients: float
     optimizer: float
+    shards: int = 1  # the GPUs each part is sharded over (FSDP); the parts are then what one GPU holds
 
     @property
     def total(self) -> float:
         return self.model + self.reference + self.gradients + self.optimizer
 
+    def sharded(self, shards: int) -> Estimate:
+        """What one of ``shards`` GPUs holds when every part is sharded over them."""
+        whole = self.shards
+        return replace(self, **{part: getattr(self, part) * whole / shards for part in PARTS}, shards=shards)
+
     def __str__(self) -> str:
+        per_gpu = f" per GPU, sharded over {self.shards}" if self.shards > 1 else ""
         return (
             f"model {self.model:.3g} GB + reference {self.reference:.3g} GB + gradients {self.gradients:.3g} GB"
-            f" + optimizer {self.optimizer:.3g} GB = {self.total:.3g} GB"
+            f" + optimizer {self.optimizer:.3g} GB = {self.total:.3g} GB{per_gpu}"
         )
+
+
+PARTS = ("model", "reference", "gradients", "optimizer")
+
+
+def gpu_gb(gpu_memory_gib: float) -> float:
+    """A GPU's size as products name it (GiB) in the blog's GB."""
+    return gpu_memory_gib * GIB / GB
+
+
+def fewest_shards(estimate: Estimate, available: float) -> int:
+    """The fewest GPUs of ``available`` GB whose shards of the whole estimate fit (before activations)."""
+    whole = estimate.sharded(1).total
+    return math.floor(whole / available) + 1
+
+
+def shard_count(recipe, stage: str, estimate: Estimate | None = None) -> int:
+    """Over how many GPUs a training stage shards its weights, gradients and optimizer states: all of its processes
+    under ``resources.sharding: fsdp``, and under ``auto`` when one GPU of ``resources.gpu_memory_gib`` cannot hold
+    the stage (``estimate``, computed when not given); 1 (each GPU holds everything) otherwise."""
+    res = recipe.resources_for(stage)
+    processes = max(res.gpus, 1) * res.nodes
+    if processes == 1 or res.sharding in (None, "none") or getattr(recipe, stage).method == "qlora":  # qlora: see recipe.py
+        return 1
+    if res.sharding == "fsdp":
+        return processes
+    estimate = estimate or for_stage(recipe, stage)[0]
+    return processes if estimate.sharded(1).total >= gpu_gb(res.gpu_memory_gib) else 1
 
 
 def parts(stored_bytes: float, trainable: float, trainable_bytes: float, *, reference_copy: bool) -> Estimate:
@@ -66,11 +106,12 @@ def arithmetic(
     return parts(stored, trainable, trainable_bytes, reference_copy=reference_copy)
 
 
-def estimate(model, *, trainable: int, reference_copy: bool) -> Estimate:
-    """The same arithmetic for a loaded model, taking the bytes its weights really occupy (4-bit included)."""
+def estimate(model, *, trainable: int, reference_copy: bool, shards: int = 1) -> Estimate:
+    """The same arithmetic for a loaded model (not yet sharded), taking the bytes its weights really occupy (4-bit
+    included); per GPU when sharded over ``shards``."""
     stored = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable_bytes = next((p.element_size() for p in model.parameters() if p.requires_grad), 4)
-    return parts(stored, trainable, trainable_bytes, reference_copy=reference_copy)
+    return parts(stored, trainable, trainable_bytes, reference_copy=reference_copy).sharded(shards)
 
 
 def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:

@@ -41,6 +41,10 @@ STAGE_SECTIONS = {  # what each stage's output depends on, besides its inputs' f
 }
 TRAINING_METHODS = ("lora", "qlora", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# How a training stage spreads over its GPUs: none = every GPU holds everything (data parallel); fsdp = weights,
+# gradients and optimizer states sharded over them (torch's fully_shard); auto = fsdp when the memory arithmetic
+# (jobs.memory) says one GPU of resources.gpu_memory_gib cannot hold the stage.
+SHARDING = ("none", "fsdp", "auto")
 RECIPE_ENV = "VLMJOBS_RECIPE"  # the resolved recipe as JSON, as the launcher hands it to a stage
 
 # Kubernetes object names are DNS-1123 labels: lower-case alphanumerics and '-', 63 at most.
@@ -170,6 +174,7 @@ class Resources:
     nodes: int = 1
     gpu_product: str | None = None  # nodeSelector nvidia.com/gpu.product, e.g. NVIDIA-H100-80GB-HBM3
     gpu_memory_gib: float | None = None  # for the memory check before training
+    sharding: str | None = "none"  # none | fsdp | auto (see SHARDING); a command line's none arrives as None, the same
     cpu: str = "8"
     memory: str = "64Gi"
     shm: str = "16Gi"  # /dev/shm for DataLoader workers and NCCL; counts against memory
@@ -481,8 +486,20 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             errors.append(f"prepare.{fraction}: must be in [0, 1)")
     if not 0 < recipe.prepare.image_scale <= 1:
         errors.append("prepare.image_scale: must be in (0, 1]")
+    if (recipe.resources.sharding or "none") not in SHARDING:
+        errors.append(f"resources.sharding: {recipe.resources.sharding!r} is not one of {', '.join(SHARDING)}")
     for stage in STAGES:
         overrides = getattr(getattr(recipe, stage), "resources", {})
+        if (overrides.get("sharding") or "none") not in SHARDING:
+            errors.append(f"{stage}.resources.sharding: {overrides['sharding']!r} is not one of {', '.join(SHARDING)}")
+        if stage in TRAINING_STAGES and stage in recipe.stages and set(overrides) <= {f.name for f in dataclasses.fields(Resources)}:
+            res = recipe.resources_for(stage)
+            if res.sharding == "fsdp" and getattr(recipe, stage).method == "qlora":
+                errors.append(f"resources.sharding: fsdp does not shard qlora ({stage}.method) in vlmjobs: its 4-bit "
+                              "base fits one GPU where LoRA's does not; set sharding none, or method lora or full")
+            if res.sharding == "auto" and not res.gpu_memory_gib:
+                errors.append(f"resources.sharding: auto shards {stage} when one GPU cannot hold it, which needs "
+                              "resources.gpu_memory_gib; set it, or sharding fsdp or none")
         if stage not in TRAINING_STAGES and overrides.get("nodes", 1) != 1:
             errors.append(f"{stage}.resources.nodes: only the training stages ({', '.join(TRAINING_STAGES)}) span nodes; set 1")
         for key in overrides:
@@ -533,6 +550,7 @@ STAGE_OWNED_ARGS = {  # set by the stage from the run folder; a recipe value wou
     "output_dir": "the stage writes into the run folder",
     "resume_from_checkpoint": "the stage resumes from the newest complete checkpoint by itself",
     "push_to_hub": "merge_push pushes once evaluation has passed",
+    "fsdp": "resources.sharding decides; fsdp_config tunes it",
 }
 
 

@@ -37,15 +37,18 @@ def main(recipe: str = "", force: bool = False, **overrides):
     data = load_from_disk(stage.input("prepare") / "sft")
     train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
 
-    args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute)
+    shards = training.shard_count(cfg, "sft")
+    args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute,
+                               shards=shards)
     peft_config = None if cfg.sft.method == "full" else modeling.lora_config(cfg.sft, family)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=held_out, peft_config=peft_config,
-        processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
-        callbacks=training.callbacks("sft", stage.work),
-    )
+    with training.sharding(args, model):
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=train, eval_dataset=held_out, peft_config=peft_config,
+            processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
+            callbacks=training.callbacks("sft", stage.work),
+        )
     auto_batch.fit(stage, trainer, cfg.sft)  # per_device_train_batch_size: auto; before start prints the batch
-    checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train), extra={"method": cfg.sft.method})
+    checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train), extra={"method": cfg.sft.method, "sharded over": shards})
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "sft")
 

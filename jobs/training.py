@@ -5,6 +5,7 @@ Imported inside the stages' ``main`` (it pulls in transformers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,16 +32,25 @@ STAGE_DEFAULTS = {
     "activation_checkpointing_kwargs": {"use_reentrant": False},  # transformers 5 name of gradient_checkpointing_kwargs
 }
 METRICS_FILE = "metrics.jsonl"
+# Sharded over several processes (resources.sharding), through transformers' own fsdp arguments: torch's fully_shard
+# (FSDP2) around each of the family's decoder and vision layers (the model's _no_split_modules). Checkpoints are
+# sharded (each process writes its part with torch.distributed.checkpoint, resumed on the same number of
+# processes); the final model is gathered whole by ``save``. Under recipe args.fsdp_config.
+FSDP_DEFAULTS = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "SHARDED_STATE_DICT"}
 
 
-def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype):
+def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype, shards: int = 1):
     """The stage's TRL config: stage defaults < recipe args; bf16 / fp16 autocast in ``dtype`` (the compute dtype of
-    ``modeling.training_precision``) unless the recipe sets them."""
+    ``modeling.training_precision``) unless the recipe sets them; FSDP when sharded over ``shards`` processes
+    (``memory.shard_count``)."""
     import torch
 
     args = {**STAGE_DEFAULTS, "seed": seed, **train.args}
     if auto_batch.is_auto(args):  # the whole batch at once until the stage's probe finds what fits (auto_batch.fit)
         args.update(auto_batch.first_args(train.effective_batch_size, int(os.environ.get("WORLD_SIZE", "1"))))
+    if shards > 1:
+        args["fsdp"] = True
+        args["fsdp_config"] = {**FSDP_DEFAULTS, **train.args.get("fsdp_config", {})}
     if "bf16" not in train.args and "fp16" not in train.args:
         args["bf16"] = dtype == torch.bfloat16
         args["fp16"] = dtype == torch.float16
@@ -55,6 +65,45 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
         return config_class(output_dir=str(output_dir), **args)
     except (TypeError, ValueError) as e:
         raise UserError(f"{config_class.__name__} rejects the recipe's args: {e}") from None
+
+
+def shard_count(cfg, stage: str) -> int:
+    """The processes this stage shards over: all of those launched when ``resources.sharding`` chooses to shard
+    (``memory.shard_count``), else 1; a stage run as one process (``python -m jobs.sft``) never shards."""
+    from jobs import memory
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return processes if processes > 1 and memory.shard_count(cfg, stage) > 1 else 1
+
+
+@contextlib.contextmanager
+def sharding(args, model):
+    """Around building the trainer of a sharded run (``args.fsdp``): fully_shard around each of the model's layers
+    that must not be split (its _no_split_modules, which accelerate takes whole and refuses when one is absent:
+    LLaVA lists CLIP's text embeddings, which it has not), and FSDP on CPU processes too.
+
+    accelerate turns FSDP on for accelerator backends only (``AcceleratorState.__init__`` 1.15: MULTI_GPU, MULTI_NPU,
+    MULTI_XPU...); for MULTI_CPU it drops the FSDP plugin without a word and runs plain data parallelism. torch's
+    fully_shard runs on a CPU mesh over gloo, so while the trainer's accelerator is made, CPU processes pass for GPU
+    ones (their device stays the CPU); made, it records FSDP for all of accelerate, as on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if not args.fsdp:
+        yield
+        return
+    present = {type(module).__name__ for module in model.modules()}
+    layers = [name for name in model._no_split_modules or () if name in present]
+    args.fsdp_plugin_args.setdefault("transformer_cls_names_to_wrap", ",".join(layers))
+    partial = PartialState._shared_state
+    on_cpu = partial.get("distributed_type") == DistributedType.MULTI_CPU
+    if on_cpu:
+        partial["distributed_type"] = DistributedType.MULTI_GPU
+    try:
+        yield
+    finally:
+        if on_cpu and partial["distributed_type"] == DistributedType.MULTI_GPU:  # no accelerator was made
+            partial["distributed_type"] = DistributedType.MULTI_CPU
 
 
 def start(stage: str, trainer, *, work: Path, train_rows: int, extra: dict | None = None) -> str | None:
@@ -76,15 +125,44 @@ def start(stage: str, trainer, *, work: Path, train_rows: int, extra: dict | Non
     checkpoint = newest_complete_checkpoint(work / "checkpoints")
     if is_main_process():
         print(f"{stage}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in numbers.items()))
+        shards = extra.get("sharded over", 1)
         print(f"{stage}: memory before activations, per process: "
-              f"{estimate(trainer.model, trainable=trainable, reference_copy=extra.get('reference copy', False))}")
+              f"{estimate(trainer.model, trainable=trainable, reference_copy=extra.get('reference copy', False), shards=shards)}")
         if checkpoint:
             print(f"{stage}: resuming from {checkpoint}")
     return checkpoint
 
 
 def callbacks(stage: str, work: Path) -> list:
-    return [MetricsLog(stage, work / METRICS_FILE), SaveOnSigterm()]
+    return [MetricsLog(stage, work / METRICS_FILE), SaveOnSigterm(), CompleteOptimizerState()]
+
+
+class CompleteOptimizerState(TrainerCallback):
+    """Before a sharded checkpoint is written: a fresh (zero) optimizer state for every trainable parameter that has
+    none yet, so that the checkpoint resumes.
+
+    AdamW makes a parameter's state at its first gradient, and some never get one: LLaVA's CLIP post_layernorm, as
+    LLaVA reads the features of an earlier layer. A sharded resume loads the optimizer through
+    torch.distributed.checkpoint, whose get_optimizer_state_dict first gives every parameter a state
+    (``_init_optim_state``) and then requires each in the checkpoint ("Missing key in checkpoint state_dict:
+    optimizer.state.model.vision_tower.post_layernorm.weight.step"). A zero state is the one AdamW would make at that
+    parameter's first step (step 0, zero moments), and a parameter without a gradient is skipped by every step, so
+    training is unchanged."""
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if not (args.fsdp and control.should_save and optimizer is not None):
+            return
+        import torch
+
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        made = next((optimizer.state[p] for p in params if optimizer.state.get(p)), None)
+        for param in [p for p in params if p.requires_grad and not optimizer.state.get(p)] if made else ():
+            # a scalar (the step count) as a zero scalar, a moment as zeros of this parameter's own shape
+            optimizer.state[param] = {
+                key: (torch.zeros_like(value) if value.dim() == 0 else torch.zeros_like(param)) if torch.is_tensor(value) else value
+                for key, value in made.items()
+            }
 
 
 class MetricsLog(TrainerCallback):
@@ -152,6 +230,8 @@ def save(trainer, processor, out: Path, **lineage) -> None:
     every process saves its part, the main one writes the rest once they all have."""
     from jobs.modeling import write_lineage
 
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is gathered whole, as save_pretrained writes it
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
     if is_main_process():

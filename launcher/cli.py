@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -66,31 +67,40 @@ def validate(recipe: str, **overrides):
 
 
 def memory(recipe: str, **overrides):
-    """The DPO blog's memory arithmetic for the recipe's training stages, from the model's config alone, checked
-    against resources.gpu_memory_gib: exit 2 when a stage does not fit, with what would (method, GPU size, batch)."""
+    """The DPO blog's memory arithmetic for the recipe's training stages, from the model's config alone, per GPU (sharded
+    over the stage's GPUs under resources.sharding), checked against resources.gpu_memory_gib: exit 2 when a stage does
+    not fit, with what would (GPU count with FSDP, method, GPU size, batch)."""
     from jobs import memory as arithmetic
 
     resolved = recipes.load(str(recipe), overrides)
     misfits = []
     for stage in [s for s in recipes.TRAINING_STAGES if s in resolved.stages]:
-        estimate, counts = arithmetic.for_stage(resolved, stage)
+        whole, counts = arithmetic.for_stage(resolved, stage)
         method = getattr(resolved, stage).method
-        print(f"{stage} ({method}, {counts['dtype']}): {counts['trainable']:,} of {counts['parameters']:,} parameters trained")
-        print(f"  {estimate}, before activations")
         res = resolved.resources_for(stage)
+        shards = arithmetic.shard_count(resolved, stage, whole)
+        estimate = whole.sharded(shards)
+        print(f"{stage} ({method}, {counts['dtype']}): {counts['trainable']:,} of {counts['parameters']:,} parameters trained")
+        print(f"  {whole}, before activations" + (f"; the reference {'counted' if whole.reference else 'none: not on the GPU'}"
+                                                    if stage == "dpo" else ""))
+        gpus = max(res.gpus, 1) * res.nodes
+        if shards > 1:
+            print(f"  on {gpus} GPUs sharded with FSDP (resources.sharding {res.sharding}): {estimate}")
+        elif gpus > 1:
+            print(f"  on {gpus} GPUs, each holding all of it (resources.sharding {res.sharding or 'none'})")
         if not res.gpu_memory_gib:
             print(f"  no {stage} GPU size to check against: set resources.gpu_memory_gib")
             continue
-        available = res.gpu_memory_gib * 2**30 / arithmetic.GB
+        available = arithmetic.gpu_gb(res.gpu_memory_gib)
         gpu, note = _gpu_checked(res)
         if note:
             print(f"  note: {note}")
         if estimate.total < available:
             print(f"  fits in {gpu} ({available:.1f} GB) before activations")
             continue
-        misfits.append(f"{stage} needs {estimate.total:.3g} GB")
+        misfits.append(f"{stage} needs {estimate.total:.3g} GB" + (" per GPU" if shards > 1 else ""))
         print(f"  does NOT fit in {gpu} ({available:.1f} GB) before activations; what would:")
-        for suggestion in _what_would_fit(resolved, stage, estimate.total, available):
+        for suggestion in _what_would_fit(resolved, stage, whole, available):
             print(f"    - {suggestion}")
     if misfits:
         raise contract.UserError(f"memory: {'; '.join(misfits)} before activations, more than the GPU checked; "
@@ -117,23 +127,33 @@ def _gpu_checked(res: recipes.Resources) -> tuple[str, str | None]:
     return f"one {res.gpu_product} of {size}", None
 
 
-def _what_would_fit(resolved: recipes.Recipe, stage: str, total: float, available: float) -> list[str]:
+def _what_would_fit(resolved: recipes.Recipe, stage: str, whole, available: float) -> list[str]:
     import dataclasses
 
     from jobs import memory as arithmetic
 
     train = getattr(resolved, stage)
+    res = resolved.resources_for(stage)
     suggestions = []
+    fewest = arithmetic.fewest_shards(whole, available)
+    if fewest > 1:
+        per_gpu = whole.sharded(fewest).total
+        nodes = math.ceil(fewest / GPUS_PER_NODE)
+        count = (f"--{stage}.resources.gpus={fewest}" if nodes == 1 else
+                 f"--{stage}.resources.nodes={nodes} --{stage}.resources.gpus={math.ceil(fewest / nodes)}")
+        suggestions.append(f"{fewest} GPUs of this size with FSDP: {per_gpu:.3g} GB per GPU ({count} "
+                           f"--{stage}.resources.sharding=fsdp)")
     lighter = {"full": ("lora", "qlora"), "lora": ("qlora",), "qlora": ()}[train.method]
     for method in lighter:
         other = dataclasses.replace(resolved, **{stage: dataclasses.replace(train, method=method)})
         need = arithmetic.for_stage(other, stage)[0].total
         verdict = "fits" if need < available else "does not fit either"
         suggestions.append(f"--{stage}.method={method}: {need:.3g} GB, {verdict}")
-    bigger = next((gib for gib in GPU_SIZES_GIB if total < gib * 2**30 / arithmetic.GB), None)
+    total = whole.sharded(1).total
+    bigger = next((gib for gib in GPU_SIZES_GIB if total < arithmetic.gpu_gb(gib)), None)
     if bigger:
         suggestions.append(f"a GPU of {bigger} GiB or more: --{stage}.resources.gpu_memory_gib={bigger} with a matching gpu_product")
-    else:
+    elif fewest <= 1:
         suggestions.append(f"no single GPU holds {total:.3g} GB: use LoRA or QLoRA")
     suggestions.append(
         "activations come on top and grow with the batch: a smaller per_device_train_batch_size with a larger "
@@ -141,6 +161,9 @@ def _what_would_fit(resolved: recipes.Recipe, stage: str, total: float, availabl
         "and gradient_checkpointing trades time for their memory"
     )
     return suggestions
+
+
+GPUS_PER_NODE = 8  # the usual most GPUs of one node: a larger count is suggested as several nodes
 
 
 def tiny_model(family: str, out: str, seed: int = 0):

@@ -1,0 +1,226 @@
+"""Sharded training (issue 14): a recipe with resources.gpus 2 and sharding fsdp runs each training stage as two
+CPU processes (gloo) under torch's fully_shard, launched as the local runner and the Job launch them. Against one
+process on the same global batch (2 processes x 2 rows = 1 x 4 rows, the same seed and so the same rows in each
+step), the logged losses and the saved model agree within TOLERANCE; a sharded checkpoint resumes; merge_push works
+from a sharded run. Kept small: two optimizer steps of tiny models, and the stages of both runs shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs import contract
+from jobs import recipe as recipes
+from tests.conftest import recipe_file, run_stages, subprocess_env
+
+# fp32 on one CPU: the two runs differ only in the order of the sums (a gradient reduced over two processes, a loss
+# averaged over their tokens), a few float32 roundings apart
+TOLERANCE = 1e-5
+STEPS = 2
+SHARDED = {"resources": {"gpus": 2, "sharding": "fsdp"}}
+
+
+def args(batch: int) -> dict:
+    # a learning rate large enough that two steps move every trained weight well past TOLERANCE
+    return {"max_steps": STEPS, "per_device_train_batch_size": batch, "logging_steps": 1, "save_steps": 1, "learning_rate": 1e-3}
+
+
+def vlmjobs(*argv: str):
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *argv], env=subprocess_env(CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=900)
+
+
+def both_runs(folder, model, sources, family: str, sft: dict, dpo: dict, stages: list[str]):
+    """The same recipe run by one process (in-process, a batch of 4) and sharded over two (a batch of 2 each)."""
+    lora = {"r": 4, "lora_alpha": 8}
+    common = {"family": family, "stages": stages, "prepare": {"max_rows": 8}}
+    one = recipe_file(folder, model, sources, name="one", **{**common, "sft": {**sft, "lora": lora, "args": args(4)},
+                                                             "dpo": {**dpo, "lora": lora, "args": args(4)}})
+    two = recipe_file(folder, model, sources, name="two", **{**common, "sft": {**sft, "lora": lora, "args": args(2)},
+                                                             "dpo": {**dpo, "lora": lora, "args": args(2)}}, **SHARDED)
+    run_stages(one, *[s for s in stages if s != "merge_push"])
+    sharded = vlmjobs("run", str(two), "--stages", ",".join(s for s in stages if s != "merge_push"))
+    assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-5000:]
+    return recipes.load(one).run_dir, recipes.load(two).run_dir, sharded.stdout
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def weights(model_dir) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (model_dir / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(model_dir / name)
+
+
+def assert_same_training(one, two, stage: str, start: dict[str, torch.Tensor]):
+    """Losses and saved weights of one stage within TOLERANCE, and the weights trained far past it (from ``start``)."""
+    logged = [r for r in map(json.loads, (one / stage / "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
+    assert all(r["grad_norm"] > 0 for r in logged), f"{stage} computed no gradient: the comparison would prove nothing"
+    assert losses(one / stage) == pytest.approx(losses(two / stage), rel=TOLERANCE, abs=TOLERANCE)
+    assert len(losses(two / stage)) == STEPS
+    a, b = weights(one / stage / "model"), weights(two / stage / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=TOLERANCE, rtol=0), f"{stage} {key}: {(a[key] - b[key]).abs().max()}"
+    moved = max(float((a[k].float() - start.get(k, torch.zeros_like(a[k])).float()).abs().max()) for k in a)
+    assert moved > 100 * TOLERANCE, f"{stage} barely trained: the comparison would prove nothing"
+
+
+def checkpoint_is_sharded(out) -> bool:
+    """Each process wrote its shards with torch.distributed.checkpoint, not one model.safetensors (plain DDP)."""
+    checkpoint = out / "checkpoints" / "checkpoint-1"
+    return (checkpoint / "pytorch_model_fsdp_0").is_dir() and not (checkpoint / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory, tiny_model, synthetic_data):
+    """LLaVA: full SFT, and DPO with LoRA on the base model (so that each is compared on its own); one process and two."""
+    folder = tmp_path_factory.mktemp("fsdp-llava")
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    one, two, out = both_runs(folder, tiny_model("llava"), sources, "llava", {"method": "full"}, {"method": "lora", "init": "base"},
+                              ["prepare", "sft", "dpo", "merge_push"])
+    return {"one": one, "two": two, "stdout": out, "folder": folder, "base": tiny_model("llava")}
+
+
+# Known, not fixed (issue 14): where lm_head trains, sharded training computes its gradient differently from one
+# process (DDP matches one process exactly), and gradient clipping then moves every weight differently. Step 1's
+# gradients, parameter by parameter: full SFT of LLaVA, lm_head.weight 4.59 sharded against 3.68 (64 others equal to
+# 1e-4); full DPO of Qwen2-VL, lm_head.weight 0.497 against 0.372 (57 others equal). Suspected: TRL 1.16's fused LM
+# head (trl.trainer.utils.add_fused_lm_head, in SFT and DPO) reads lm_head.weight directly and, when it is an FSDP2
+# DTensor, gathers it with full_tensor(), whose backward keeps each process's own gradient shard unreduced. LoRA SFT
+# (lm_head frozen) matches to 1e-5; LoRA DPO on LLaVA still differs at step 2 (loss 0.68919 against 0.68884), cause
+# not found. Strict: these pass the day it is fixed.
+DIVERGES = "sharded training differs from one process where lm_head trains; see the comment above (issue 14)"
+
+
+def test_fsdp_llava_runs_sharded(llava):
+    """What does hold for LLaVA: both stages ran sharded, checkpointed in shards and saved a whole model."""
+    assert "processes 2, effective batch 4" in llava["stdout"] and "per GPU, sharded over 2" in llava["stdout"]
+    assert checkpoint_is_sharded(llava["two"] / "sft") and checkpoint_is_sharded(llava["two"] / "dpo")
+    assert weights(llava["two"] / "sft" / "model").keys() == weights(llava["one"] / "sft" / "model").keys()
+    assert contract.read_json(llava["two"] / "dpo" / contract.SUCCESS_FILE)["reference"] == "the model with its adapter switched off"
+
+
+@pytest.mark.xfail(strict=True, reason=DIVERGES)
+def test_fsdp_llava_lora_dpo_matches_one_process(llava):
+    assert_same_training(llava["one"], llava["two"], "dpo", {})  # LoRA's B starts at zero
+
+
+@pytest.mark.xfail(strict=True, reason=DIVERGES)
+def test_fsdp_llava_full_sft_matches_one_process(llava):
+    assert_same_training(llava["one"], llava["two"], "sft", load_file(llava["base"] / "model.safetensors"))
+
+
+def test_fsdp_merge_push_works_from_a_sharded_run(llava):
+    run_stages(llava["folder"] / "two.yaml", "merge_push")  # checks merged against adapter logits itself
+    merged = llava["two"] / "merge_push"
+    assert contract.read_json(merged / contract.SUCCESS_FILE)
+    assert any(merged.rglob("*.safetensors"))
+
+
+def test_fsdp_sharded_checkpoint_resumes(llava):
+    """Interrupted after checkpoint-1 (the folder as a stopped attempt leaves it), the stage resumes from the sharded
+    checkpoint, optimizer state included: step 2 and the saved model as in the run that was not interrupted."""
+    run = llava["two"]
+    done = contract.read_json(run / "sft" / contract.SUCCESS_FILE)
+    uninterrupted = {"losses": losses(run / "sft"), "weights": weights(run / "sft" / "model")}
+    attempt = run / ".sft.partial"
+    (attempt / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "sft" / "checkpoints" / "checkpoint-1", attempt / "checkpoints" / "checkpoint-1")
+    (attempt / "metrics.jsonl").write_text((run / "sft" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    contract.write_json_atomic(attempt / contract.CONFIG_FILE, {"fingerprint": done["fingerprint"], "config": done["config"]})
+    shutil.rmtree(run / "sft")
+
+    resumed = vlmjobs("run", str(llava["folder"] / "two.yaml"), "--stages", "sft")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert f"sft: resuming from {attempt / 'checkpoints' / 'checkpoint-1'}" in resumed.stdout
+    assert losses(run / "sft") == pytest.approx(uninterrupted["losses"], rel=TOLERANCE)
+    again = weights(run / "sft" / "model")
+    for key, value in uninterrupted["weights"].items():
+        assert torch.allclose(again[key], value, atol=TOLERANCE, rtol=0), key
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tmp_path_factory, tiny_model, synthetic_data):
+    """Qwen2-VL: LoRA SFT, then full DPO from its merged weights, the reference a sharded frozen copy; one process and two."""
+    folder = tmp_path_factory.mktemp("fsdp-qwen2-vl")
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    one, two, out = both_runs(folder, tiny_model("qwen2_vl"), sources, "qwen2_vl", {"method": "lora"}, {"method": "full"},
+                              ["prepare", "sft", "dpo"])
+    return {"one": one, "two": two, "stdout": out}
+
+
+def test_fsdp_qwen2_vl_lora_sft_matches_one_process(qwen2_vl):
+    assert checkpoint_is_sharded(qwen2_vl["two"] / "sft")
+    assert_same_training(qwen2_vl["one"], qwen2_vl["two"], "sft", {})
+
+
+def test_fsdp_qwen2_vl_full_dpo_runs_with_a_sharded_reference(qwen2_vl):
+    assert checkpoint_is_sharded(qwen2_vl["two"] / "dpo")
+    assert "reference copy True, sharded over 2" in qwen2_vl["stdout"]
+    assert contract.read_json(qwen2_vl["two"] / "dpo" / contract.SUCCESS_FILE)["reference"] == "frozen copy of the model"
+
+
+@pytest.mark.xfail(strict=True, reason=DIVERGES)
+def test_fsdp_qwen2_vl_full_dpo_matches_one_process(qwen2_vl, tiny_model):
+    # step 1 equal (0.693147), step 2's loss 0.62103 sharded against 0.62533 on one process
+    assert_same_training(qwen2_vl["one"], qwen2_vl["two"], "dpo", load_file(tiny_model("qwen2_vl") / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic and the recipe keys, without training
+
+
+def test_fsdp_memory_per_gpu_verdict_and_the_fewest_gpus_that_fit(write_recipe, capsys):
+    from jobs import memory
+    from launcher import cli
+
+    path = write_recipe(sft={"method": "full"})
+    whole = memory.for_stage(recipes.load(path), "sft")[0].total
+    between = whole * 0.7 * memory.GB / 2**30  # GiB: holds half of the stage, not all of it
+    with pytest.raises(contract.UserError, match=r"^memory: sft needs .* GB before activations"):
+        cli.memory(str(path), **{"resources.gpu_memory_gib": between, "resources.gpus": 2, "resources.sharding": "none"})
+    out = capsys.readouterr().out
+    assert "on 2 GPUs, each holding all of it (resources.sharding none)" in out
+    assert f"2 GPUs of this size with FSDP: {whole / 2:.3g} GB per GPU (--sft.resources.gpus=2 --sft.resources.sharding=fsdp)" in out
+
+    for sharding in ("fsdp", "auto"):  # auto shards, since one GPU cannot hold it
+        cli.memory(str(path), **{"resources.gpu_memory_gib": between, "resources.gpus": 2, "resources.sharding": sharding})
+        out = capsys.readouterr().out
+        assert f"on 2 GPUs sharded with FSDP (resources.sharding {sharding}): " in out and "per GPU, sharded over 2" in out
+        assert f"= {whole / 2:.3g} GB per GPU" in out and "fits in one GPU of" in out
+    roomy = whole * 1.5 * memory.GB / 2**30
+    cli.memory(str(path), **{"resources.gpu_memory_gib": roomy, "resources.gpus": 2, "resources.sharding": "auto"})
+    assert "each holding all of it (resources.sharding auto)" in capsys.readouterr().out, "auto shards only what does not fit"
+
+
+def test_fsdp_estimate_divides_every_part_and_counts_the_reference_or_not():
+    from jobs import memory
+
+    blog = memory.arithmetic(8e9, 8e9, 4, reference_copy=True)  # the blog's 160 GB
+    assert blog.sharded(4).total == pytest.approx(40) and blog.sharded(4).reference == pytest.approx(8)
+    assert memory.arithmetic(8e9, 8e9, 4, reference_copy=False).sharded(4).total == pytest.approx(32)
+    assert memory.fewest_shards(blog, 80 * 2**30 / memory.GB) == 2 and memory.fewest_shards(blog, 40) == 5
+
+
+@pytest.mark.parametrize("case", [
+    {"name": "unknown", "resources": {"sharding": "zero3"}, "error": "resources.sharding: 'zero3' is not one of none, fsdp, auto"},
+    {"name": "auto without a GPU size", "resources": {"sharding": "auto"},
+     "error": "resources.sharding: auto shards sft when one GPU cannot hold it, which needs resources.gpu_memory_gib"},
+    {"name": "qlora", "resources": {"sharding": "fsdp"}, "sft": {"method": "qlora"},
+     "error": "resources.sharding: fsdp does not shard qlora (sft.method) in vlmjobs"},
+    {"name": "fsdp is the recipe's to choose", "resources": {"sharding": "fsdp"}, "sft": {"method": "full", "args": {"fsdp": True}},
+     "error": "sft.args.fsdp: set by the stage (resources.sharding decides; fsdp_config tunes it); remove it"},
+], ids=lambda case: case["name"])
+def test_fsdp_recipe_keys_refused_in_one_line(write_recipe, case):
+    sections = {key: case[key] for key in ("resources", "sft") if key in case}
+    path = write_recipe(**sections)
+    with pytest.raises(contract.UserError, match=__import__("re").escape(case["error"])):
+        recipes.check_passthrough(recipes.load(path))
