@@ -15,7 +15,9 @@ with the blog's reference copy. With LoRA vlmjobs takes the reference by switchi
 holds no second copy: 16.8 GB. QLoRA's adapter is bf16 (TRL casts it, as the QLoRA paper does).
 
 Full fine-tuning keeps fp32 master weights under bf16 autocast (``modeling.training_precision``), which is
-the blog's first table; ``pure_bf16`` halves every part.
+the blog's first table; ``pure_bf16`` halves every part. Its reference copy is held only with
+``dpo.reference_logprobs: recompute``: with the default ``cache`` the reference's log-probs are computed once by the
+policy before its first step (jobs.reference_logprobs), so the first table drops to 32 + 32 + 64 = 128 GB.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     stored = (linear * 0.5 + (total - linear) * width) if train.method == "qlora" else total * width
     if train.method != "full":  # the adapter, on top of the base counted above
         stored += trainable * precision.trainable.itemsize
-    estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=stage == "dpo" and train.method == "full")
+    reference_copy = stage == "dpo" and train.method == "full" and train.reference_logprobs == "recompute"
+    estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=reference_copy)
     names = {name: str(getattr(precision, name)).removeprefix("torch.") for name in ("weights", "trainable", "compute")}
     described = (f"{names['weights']} weights" if train.method == "full" else f"{names['weights']} base, {names['trainable']} adapter")
     if names["compute"] != names["weights"] or train.method != "full":
