@@ -145,12 +145,11 @@ def test_a_beta_sweep_in_another_run_reuses_them_and_another_sft_model_or_data_d
     recipe = recipes.load(other_data)
     from datasets import load_from_disk
 
-    prepared = recipe.run_dir / "prepare" / "dpo"
+    prepared = recipe.run_dir / "prepare" / "dpo" / "train"
     rows = load_from_disk(prepared)
-    rows["train"] = rows["train"].select(range(len(rows["train"]) - 1))  # one row fewer
-    rows.save_to_disk(tmp_path / "dpo-rows")
+    rows.select(range(len(rows) - 1)).save_to_disk(tmp_path / "train-rows")  # one row fewer
     shutil.rmtree(prepared)
-    shutil.copytree(tmp_path / "dpo-rows", prepared)
+    shutil.copytree(tmp_path / "train-rows", prepared)
     changed, _ = run_dpo(other_data)
     assert changed["reference_logprobs"]["splits"]["train"]["computed"] is True
     assert changed["reference_logprobs"]["splits"]["eval"]["computed"] is False, "the eval rows are the same"
