@@ -130,6 +130,10 @@ def _what_would_fit(resolved: recipes.Recipe, stage: str, total: float, availabl
         need = arithmetic.for_stage(other, stage)[0].total
         verdict = "fits" if need < available else "does not fit either"
         suggestions.append(f"--{stage}.method={method}: {need:.3g} GB, {verdict}")
+    if stage == "dpo" and train.method == "full" and train.reference_logprobs == "recompute":  # no reference copy
+        cached = dataclasses.replace(resolved, dpo=dataclasses.replace(train, reference_logprobs="cache"))
+        need = arithmetic.for_stage(cached, stage)[0].total
+        suggestions.append(f"--dpo.reference_logprobs=cache: {need:.3g} GB, {'fits' if need < available else 'does not fit either'}")
     bigger = next((gib for gib in GPU_SIZES_GIB if total < gib * 2**30 / arithmetic.GB), None)
     if bigger:
         suggestions.append(f"a GPU of {bigger} GiB or more: --{stage}.resources.gpu_memory_gib={bigger} with a matching gpu_product")

@@ -118,6 +118,21 @@ def test_the_memory_arithmetic_counts_a_reference_copy_only_when_full_dpo_recomp
     assert recomputed.total - cached.total == pytest.approx(cached.model)
 
 
+def test_vlmjobs_memory_shows_the_saving_and_suggests_the_cache_where_it_makes_full_dpo_fit(write_recipe, capsys):
+    from jobs import memory
+    from launcher import cli
+
+    path = write_recipe(stages=["prepare", "dpo"], dpo={"method": "full", "reference_logprobs": "recompute"})
+    recomputed = memory.for_stage(recipes.load(path), "dpo")[0]
+    cached = memory.for_stage(recipes.load(path, {"dpo.reference_logprobs": "cache"}), "dpo")[0]
+    between = (cached.total + recomputed.total) / 2 * memory.GB / 2**30  # GiB where only the cached run fits
+    with pytest.raises(contract.UserError, match=r"^memory: dpo needs"):
+        cli.memory(str(path), **{"resources.gpu_memory_gib": between})
+    assert f"--dpo.reference_logprobs=cache: {cached.total:.3g} GB, fits" in capsys.readouterr().out
+    cli.memory(str(path), **{"resources.gpu_memory_gib": between, "dpo.reference_logprobs": "cache"})
+    assert "+ reference 0 GB +" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_a_beta_sweep_in_another_run_reuses_them_and_another_sft_model_or_data_does_not(sft_run, tmp_path, monkeypatch):
     first, _ = run_dpo(copy_run(sft_run, tmp_path, "first", args={"max_steps": 1}))
