@@ -50,7 +50,10 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     # A new adapter on top, unless SFT's adapter is being trained further (it is already on the model).
     new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None
-    cached = cfg.dpo.reference_logprobs == "cache"
+    why_not = reference_logprobs.why_not_cached(args) if cfg.dpo.reference_logprobs == "cache" else None
+    if why_not and contract.is_main_process():
+        print(f"dpo: recomputing the reference at every step, not caching its log-probs: {why_not}")
+    cached = cfg.dpo.reference_logprobs == "cache" and not why_not
     reference_copy = cfg.dpo.method == "full" and not cached
     with reference_logprobs.without_reference_model() if cached else contextlib.nullcontext():
         trainer = DPOTrainer(
@@ -67,7 +70,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     checkpoint = training.start(
         "dpo", trainer, work=stage.work, train_rows=len(train),
         extra={"method": cfg.dpo.method, "starting from": start, "beta": args.beta, "loss": args.loss_type,
-               "reference copy": reference_copy, "reference log-probs": cfg.dpo.reference_logprobs},
+               "reference copy": reference_copy, "reference log-probs": "cached" if cached else "recomputed"},
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "dpo")

@@ -39,6 +39,17 @@ MODES = ("cache", "recompute")
 FORMAT = 1  # bump when what a file holds, or how its fingerprint is made, changes
 
 
+def why_not_cached(args) -> str | None:
+    """Why the stage recomputes the reference despite ``cache``, or None: FSDP and DeepSpeed place and shard the model
+    only when training starts, so before it the reference could not be run on the GPU, nor whole on one."""
+    env = {name: os.environ.get(name, "").lower() in ("1", "true") for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}
+    if getattr(args, "fsdp_plugin_args", None) or env["ACCELERATE_USE_FSDP"]:
+        return "FSDP shards the model only when training starts"
+    if getattr(args, "deepspeed_plugin", None) is not None or env["ACCELERATE_USE_DEEPSPEED"]:
+        return "DeepSpeed places the model only when training starts"
+    return None
+
+
 def store_for(run_dir: Path) -> Path:
     """The store shared by the runs under one root: ``<run.root>/.cache/reference_logprobs``."""
     return Path(run_dir).parent / ".cache" / "reference_logprobs"
@@ -79,14 +90,15 @@ def use_cached(trainer, store: Path) -> dict:
         started = time.time()
         if found[0]:
             chosen, rejected = stored or _read(path, len(rows))
-            print(f"dpo: reference log-probs of {len(rows)} {name} rows read from {path}", flush=True)
+            if trainer.accelerator.is_main_process:
+                print(f"dpo: reference log-probs of {len(rows)} {name} rows read from {path}", flush=True)
         else:
             chosen, rejected = compute(trainer, rows, name)
             if trainer.accelerator.is_main_process:
                 _write(path, chosen, rejected, parts={"split": name, **keys[0]["parts"]})
+                print(f"dpo: reference log-probs of {len(rows)} {name} rows computed in {time.time() - started:.1f}s, "
+                      f"stored in {path}", flush=True)
             trainer.accelerator.wait_for_everyone()
-            print(f"dpo: reference log-probs of {len(rows)} {name} rows computed in {time.time() - started:.1f}s, "
-                  f"stored in {path}", flush=True)
         splits[name] = rows.add_column(COLUMNS[0], chosen.tolist()).add_column(COLUMNS[1], rejected.tolist())
         record["splits"][name] = {"file": path.name, "computed": not found[0]}
     trainer.train_dataset = splits["train"]

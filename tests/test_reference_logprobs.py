@@ -247,3 +247,19 @@ def test_every_family_trains_on_cached_logprobs_equal_to_its_own_first_steps(fam
     for step in steps:
         assert abs(step["logps/chosen"]) > 1, "a real log-prob, not an empty answer"
         assert step["rewards/chosen"] == pytest.approx(0, abs=1e-5) and step["rewards/rejected"] == pytest.approx(0, abs=1e-5)
+
+
+@pytest.mark.parametrize("args, env, why", [
+    ({"fsdp_plugin_args": {"fsdp_sharding_strategy": "FULL_SHARD"}}, {}, "FSDP shards the model only when training starts"),
+    ({}, {"ACCELERATE_USE_FSDP": "true"}, "FSDP shards the model only when training starts"),
+    ({"deepspeed_plugin": object()}, {}, "DeepSpeed places the model only when training starts"),
+    ({"fsdp_plugin_args": None, "deepspeed_plugin": None}, {}, None),
+])
+def test_fsdp_and_deepspeed_recompute_the_reference_and_say_why(args, env, why, monkeypatch):
+    from types import SimpleNamespace
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert reference_logprobs.why_not_cached(SimpleNamespace(**args)) == why
