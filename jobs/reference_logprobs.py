@@ -160,6 +160,8 @@ def compute(trainer, rows, name: str):
                 progress.update(sum(len(c) for c in chosen))
     finally:
         model.train(training)
+    if not chosen:  # a split without rows (a small eval_fraction)
+        return torch.empty(0), torch.empty(0)
     return torch.cat(chosen), torch.cat(rejected)
 
 
