@@ -4,6 +4,8 @@ Starts from the SFT stage's output when the run has one (``dpo.init: sft``), its
 into the weights first or trained further (``dpo.sft_adapter``), else from the base model. With
 LoRA the reference model is the same weights with the adapter switched off, never a second copy;
 continuing SFT's adapter, TRL keeps a frozen copy of that adapter (not of the model) as reference.
+The reference's log-probs are computed once before training and reused (``dpo.reference_logprobs: cache``,
+jobs.reference_logprobs): full fine-tuning then needs no frozen copy of the model either.
 
     local:      python -m jobs.dpo --recipe recipes/tiny-demo.yaml [--dpo.args.beta=0.1]
                 vlmjobs run recipes/tiny-demo.yaml --stages dpo
@@ -27,12 +29,13 @@ def main(recipe: str = "", force: bool = False, **overrides):
     if stage.skipped:
         return
 
+    import contextlib
     import copy
 
     from datasets import load_from_disk
     from trl import DPOConfig, DPOTrainer
 
-    from jobs import auto_batch, modeling, training
+    from jobs import auto_batch, modeling, reference_logprobs, training
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -49,21 +52,30 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     # A new adapter on top, unless SFT's adapter is being trained further (it is already on the model).
     new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None
-    with training.sharding(args, model):
+    why_not = reference_logprobs.why_not_cached(args) if cfg.dpo.reference_logprobs == "cache" else None
+    if why_not and contract.is_main_process():
+        print(f"dpo: recomputing the reference at every step, not caching its log-probs: {why_not}")
+    cached = cfg.dpo.reference_logprobs == "cache" and not why_not
+    reference_copy = cfg.dpo.method == "full" and not cached
+    without_copy = reference_logprobs.without_reference_model() if cached else contextlib.nullcontext()
+    with training.sharding(args, model), without_copy:
         trainer = DPOTrainer(
             model=model,
-            # Full fine-tuning needs a frozen copy; TRL would reload it from the base model's id, which is not
-            # the merged SFT weights this run starts from.
-            ref_model=copy.deepcopy(model).eval() if cfg.dpo.method == "full" else None,
+            # Full fine-tuning recomputing the reference needs a frozen copy; TRL would reload it from the base
+            # model's id, which is not the merged SFT weights this run starts from.
+            ref_model=copy.deepcopy(model).eval() if reference_copy else None,
             args=args, train_dataset=train, eval_dataset=held_out, processing_class=family.rendering_processor(processor),
             peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
             callbacks=training.callbacks("dpo", stage.work),
         )
+    # Before training: for full fine-tuning the policy is still the reference
+    cache = reference_logprobs.use_cached(trainer, reference_logprobs.store_for(stage.run_dir)) if cached else None
     auto_batch.fit(stage, trainer, cfg.dpo)  # per_device_train_batch_size: auto; before start prints the batch
     checkpoint = training.start(
         "dpo", trainer, work=stage.work, train_rows=len(train),
         extra={"method": cfg.dpo.method, "starting from": start, "beta": args.beta, "loss": args.loss_type,
-               "reference copy": cfg.dpo.method == "full", "sharded over": shards},
+               "reference copy": reference_copy, "reference log-probs": "cached" if cached else "recomputed",
+               "sharded over": shards},
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "dpo")
@@ -73,7 +85,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
         method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
-        reference=reference_kind(trainer),
+        reference=reference_kind(trainer), reference_logprobs=cache or "recomputed at every step",
     )
 
 
@@ -83,6 +95,8 @@ def reference_kind(trainer) -> str:
         return "frozen copy of the model"
     if "ref" in getattr(trainer.model, "peft_config", {}):
         return "frozen copy of the adapter"
+    if not hasattr(trainer.model, "peft_config"):  # full fine-tuning on cached log-probs: no copy was made
+        return "the model before its first step"
     return "the model with its adapter switched off"
 
 

@@ -15,7 +15,9 @@ with the blog's reference copy. With LoRA vlmjobs takes the reference by switchi
 holds no second copy: 16.8 GB. QLoRA's adapter is bf16 (TRL casts it, as the QLoRA paper does).
 
 Full fine-tuning keeps fp32 master weights under bf16 autocast (``modeling.training_precision``), which is
-the blog's first table; ``pure_bf16`` halves every part.
+the blog's first table; ``pure_bf16`` halves every part. Its reference copy is held only with
+``dpo.reference_logprobs: recompute``: with the default ``cache`` the reference's log-probs are computed once by the
+policy before its first step (jobs.reference_logprobs), so the first table drops to 32 + 32 + 64 = 128 GB.
 
 Sharded (``resources.sharding``: FSDP's fully_shard over the stage's N processes), every GPU holds 1/N of each
 part, the reference copy included (TRL shards it like the policy): the blog's 160 GB is 40 GB per GPU on 4.
@@ -148,7 +150,12 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     stored = (linear * 0.5 + (total - linear) * width) if train.method == "qlora" else total * width
     if train.method != "full":  # the adapter, on top of the base counted above
         stored += trainable * precision.trainable.itemsize
-    estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=stage == "dpo" and train.method == "full")
+    full_dpo = stage == "dpo" and train.method == "full"
+    estimate = parts(stored, trainable, precision.trainable.itemsize,
+                     reference_copy=full_dpo and train.reference_logprobs == "recompute")
+    if full_dpo and train.reference_logprobs == "cache" and shard_count(recipe, stage, estimate) > 1:
+        # Sharded, the stage recomputes the reference (reference_logprobs.why_not_cached): its copy is sharded too
+        estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=True)
     names = {name: str(getattr(precision, name)).removeprefix("torch.") for name in ("weights", "trainable", "compute")}
     described = (f"{names['weights']} weights" if train.method == "full" else f"{names['weights']} base, {names['trainable']} adapter")
     if names["compute"] != names["weights"] or train.method != "full":

@@ -123,6 +123,10 @@ class SFT(Train):
 class DPO(Train):
     init: str = "sft"  # sft: start from the SFT stage's output when the run has one; base: from the base model
     sft_adapter: str = "merge"  # merge: fold SFT's adapter into the weights first; continue: train it further
+    # cache: the reference's log-probs of every pair computed once before training and reused by every epoch, a resumed
+    # attempt and a later DPO on the same reference and data (a beta sweep); full fine-tuning then holds no second
+    # copy of the model. recompute: TRL's reference forward at every step.
+    reference_logprobs: str = "cache"
 
 
 @dataclass(frozen=True)
@@ -473,6 +477,14 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         errors.append(f"dpo.init: {recipe.dpo.init!r} is not one of sft, base")
     if recipe.dpo.sft_adapter not in ("merge", "continue"):
         errors.append(f"dpo.sft_adapter: {recipe.dpo.sft_adapter!r} is not one of merge, continue")
+    if recipe.dpo.reference_logprobs not in ("cache", "recompute"):
+        errors.append(f"dpo.reference_logprobs: {recipe.dpo.reference_logprobs!r} is not one of cache, recompute")
+    if recipe.dpo.args.get("precompute_ref_log_probs"):
+        errors.append("dpo.args.precompute_ref_log_probs: TRL refuses it for image data; dpo.reference_logprobs: cache "
+                      "(the default) precomputes them; remove the key")
+    if recipe.dpo.args.get("sync_ref_model") and recipe.dpo.reference_logprobs == "cache":
+        errors.append("dpo.args.sync_ref_model: updates the reference during training, which cached log-probs cannot "
+                      "follow; set dpo.reference_logprobs: recompute")
     for variant in recipe.evaluate.variants:
         if variant not in VARIANTS:
             errors.append(f"evaluate.variants: {variant!r} is not one of {', '.join(VARIANTS)}")

@@ -149,6 +149,10 @@ def _what_would_fit(resolved: recipes.Recipe, stage: str, whole, available: floa
         need = arithmetic.for_stage(other, stage)[0].total
         verdict = "fits" if need < available else "does not fit either"
         suggestions.append(f"--{stage}.method={method}: {need:.3g} GB, {verdict}")
+    if stage == "dpo" and train.method == "full" and train.reference_logprobs == "recompute":  # no reference copy
+        cached = dataclasses.replace(resolved, dpo=dataclasses.replace(train, reference_logprobs="cache"))
+        need = arithmetic.for_stage(cached, stage)[0].total
+        suggestions.append(f"--dpo.reference_logprobs=cache: {need:.3g} GB, {'fits' if need < available else 'does not fit either'}")
     total = whole.sharded(1).total
     bigger = next((gib for gib in GPU_SIZES_GIB if total < arithmetic.gpu_gb(gib)), None)
     if bigger:

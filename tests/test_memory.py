@@ -62,8 +62,9 @@ def test_a_stages_estimate_from_the_config_alone_counts_what_loading_the_model_c
     assert estimate.reference == 0 and estimate.optimizer == pytest.approx(2 * estimate.gradients)
     assert counts["precision"] == "bfloat16 base, float32 adapter, bfloat16 compute"
 
-    full_dpo, counts = memory.for_stage(recipes.load(write_recipe(stages=["prepare", "dpo"], dpo={"method": "full"})), "dpo")
-    assert full_dpo.reference == full_dpo.model, "full DPO holds a frozen copy"
+    recomputing = {"method": "full", "reference_logprobs": "recompute"}  # cached log-probs need no copy (issue 12)
+    full_dpo, counts = memory.for_stage(recipes.load(write_recipe(stages=["prepare", "dpo"], dpo=recomputing)), "dpo")
+    assert full_dpo.reference == full_dpo.model, "full DPO recomputing the reference holds a frozen copy"
     assert full_dpo.model == pytest.approx(counts["parameters"] * 4 / 1e9), "fp32 master weights"
     assert (full_dpo.gradients, full_dpo.optimizer) == (full_dpo.model, 2 * full_dpo.model), "the blog's 32 + 32 + 32 + 64"
     assert counts["precision"] == "float32 weights, bfloat16 compute"

@@ -1,0 +1,287 @@
+"""DPO's reference log-probs computed once and reused (issue 12): ``dpo.reference_logprobs: cache``, the default.
+
+DPO compares the policy's log-probs of each pair's chosen and rejected answers with the reference model's, and the
+reference never changes: yet TRL runs it at every step, in every epoch, in every resumed attempt and in every rerun.
+Here the stage computes them once before training, with TRL's own ``compute_ref_log_probs`` (the adapter switched
+off, SFT's adapter kept as "ref", or the policy itself before its first step) under ``torch.no_grad`` in batches of
+``precompute_ref_batch_size`` (else ``per_device_eval_batch_size``), sharded over the processes and gathered, and
+stores them as ``<run.root>/.cache/reference_logprobs/<fingerprint>.safetensors``, one file per split, written by one
+process and renamed into place, so that no half-written file ever looks complete.
+
+The fingerprint is that of what the numbers depend on, and nothing else: the reference's weights as loaded (hashed,
+so a new SFT model, another quantization or dtype misses), the rows as the trainer sees them, and how they are
+rendered and scored (processor, tokenizer, chat template, max_length, ld_alpha, autocast, attention, library
+versions). ``beta``, ``loss_type`` and the rest of the training config are not in it: a sweep over them reuses the
+file. The store sits beside the run folders rather than in one, because a sweep is several runs and a nightly rerun
+replaces its dpo folder, while the reference (SFT's model) and the data are the same; in a cluster it is on the runs
+volume, as HF_HOME is. Deleting the folder only costs a recomputation.
+
+Not ``torch.inference_mode``: a model that fills a buffer in its forward (a rotary cache) would keep an inference
+tensor that training then cannot save for backward.
+
+TRL 1.16 refuses ``precompute_ref_log_probs`` for vision data in ``DPOTrainer.__init__``, but its training and
+evaluation steps read ``ref_chosen_logps``/``ref_rejected_logps`` from the batch whenever ``precompute_ref_logps`` is
+set. So the stage builds the trainer as usual, then adds the two columns to its datasets, keeps them through
+``remove_unused_columns`` and passes them around the vision collator (which drops them), and sets the flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+MODES = ("cache", "recompute")
+FORMAT = 1  # bump when what a file holds, or how its fingerprint is made, changes
+
+
+def why_not_cached(args) -> str | None:
+    """Why the stage recomputes the reference despite ``cache``, or None: FSDP and DeepSpeed place and shard the model
+    only when training starts, so before it the reference could not be run on the GPU, nor whole on one."""
+    env = {name: os.environ.get(name, "").lower() in ("1", "true") for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}
+    if getattr(args, "fsdp_plugin_args", None) or env["ACCELERATE_USE_FSDP"]:
+        return "FSDP shards the model only when training starts"
+    if getattr(args, "deepspeed_plugin", None) is not None or env["ACCELERATE_USE_DEEPSPEED"]:
+        return "DeepSpeed places the model only when training starts"
+    return None
+
+
+def store_for(run_dir: Path) -> Path:
+    """The store shared by the runs under one root: ``<run.root>/.cache/reference_logprobs``."""
+    return Path(run_dir).parent / ".cache" / "reference_logprobs"
+
+
+@contextlib.contextmanager
+def without_reference_model():
+    """Build a full fine-tuning DPOTrainer with no reference model: given none, TRL loads a second copy from the model's
+    id (for a vision dataset it cannot know that the log-probs will come from the batches). With cached log-probs the
+    reference is the policy itself, before its first step, and no copy is ever made."""
+    from trl.trainer import dpo_trainer
+
+    loader = dpo_trainer.create_model_from_path
+    dpo_trainer.create_model_from_path = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        dpo_trainer.create_model_from_path = loader
+
+
+def use_cached(trainer, store: Path) -> dict:
+    """Give the trainer's train and eval rows their reference log-probs, from the store or computed and stored first,
+    and make the trainer read them from its batches. Returns what the stage's record says about it."""
+    from accelerate.utils import broadcast_object_list
+
+    splits = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+    splits = {name: rows for name, rows in splits.items() if rows is not None}
+    keys = [None]
+    if trainer.accelerator.is_main_process:  # hashing weights and rows once; every process uses the same files
+        keys = [fingerprints(trainer, splits)]
+    broadcast_object_list(keys, from_process=0)
+    record = {"store": str(store), "fingerprint": keys[0]["reference"], "splits": {}}
+    for name, rows in list(splits.items()):
+        path = store / f"{keys[0]['splits'][name]}.safetensors"
+        stored = _read(path, len(rows)) if trainer.accelerator.is_main_process else None
+        found = [stored is not None]
+        broadcast_object_list(found, from_process=0)  # one decision for all, or they would wait on each other
+        started = time.time()
+        if found[0]:
+            chosen, rejected = stored or _read(path, len(rows))
+            if trainer.accelerator.is_main_process:
+                print(f"dpo: reference log-probs of {len(rows)} {name} rows read from {path}", flush=True)
+        else:
+            chosen, rejected = compute(trainer, rows, name)
+            if trainer.accelerator.is_main_process:
+                _write(path, chosen, rejected, parts={"split": name, **keys[0]["parts"]})
+                print(f"dpo: reference log-probs of {len(rows)} {name} rows computed in {time.time() - started:.1f}s, "
+                      f"stored in {path}", flush=True)
+            trainer.accelerator.wait_for_everyone()
+        splits[name] = rows.add_column(COLUMNS[0], chosen.tolist()).add_column(COLUMNS[1], rejected.tolist())
+        record["splits"][name] = {"file": path.name, "computed": not found[0]}
+    trainer.train_dataset = splits["train"]
+    trainer.eval_dataset = splits.get("eval")
+    read_from_batches(trainer)
+    return record
+
+
+def read_from_batches(trainer) -> None:
+    """Make the trainer take the reference log-probs from its batches (TRL's precompute path), not from a forward."""
+    trainer._set_signature_columns_if_needed()  # for a vision dataset TRL lists the columns its collator reads
+    trainer._signature_columns = [*trainer._signature_columns, *(c for c in COLUMNS if c not in trainer._signature_columns)]
+    trainer.data_collator = WithReferenceLogps(trainer.data_collator)
+    trainer.precompute_ref_logps = True
+
+
+class WithReferenceLogps:
+    """A collator that passes the rows' reference log-probs through as tensors, around one that drops them (TRL's
+    vision collator)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch = self.collator([{k: v for k, v in example.items() if k not in COLUMNS} for example in examples])
+        for column in COLUMNS:
+            batch[column] = torch.tensor([example[column] for example in examples], dtype=torch.float32)
+        return batch
+
+
+def compute(trainer, rows, name: str):
+    """(chosen, rejected) reference log-probs of every row, in order: the rows sharded over the processes in batches,
+    each scored by TRL's ``compute_ref_log_probs`` (which picks the reference: ref_model, the "ref" adapter or the
+    adapter switched off), and gathered."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from jobs.progress import Progress
+
+    args = trainer.args
+    loader = trainer.accelerator.prepare(DataLoader(
+        rows, batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size, shuffle=False,
+        collate_fn=trainer.data_collator, num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+    ))
+    model = trainer.ref_model or trainer.model
+    training = model.training
+    model.eval()  # the reference as a model, not a training step: no dropout, whatever disable_dropout says
+    progress = Progress(f"dpo: reference log-probs of the {name} rows", len(rows)) if trainer.accelerator.is_main_process else None
+    chosen, rejected = [], []
+    try:
+        for batch in loader:
+            pair = trainer.compute_ref_log_probs(model, batch)
+            pair = trainer.accelerator.gather_for_metrics(tuple(t.float() for t in pair))
+            chosen.append(pair[0].cpu())
+            rejected.append(pair[1].cpu())
+            if progress:
+                progress.update(sum(len(c) for c in chosen))
+    finally:
+        model.train(training)
+    if not chosen:  # a split without rows (a small eval_fraction)
+        return torch.empty(0), torch.empty(0)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def fingerprints(trainer, splits: dict) -> dict:
+    """{"reference": hash of the reference's weights, "parts": what the file's numbers depend on besides the rows,
+    "splits": {name: the file's key}}."""
+    parts = {"format": FORMAT, "reference": reference_digest(trainer), **scoring(trainer)}
+    common = _digest(json.dumps(parts, sort_keys=True, default=str).encode())
+    return {
+        "reference": parts["reference"],
+        "parts": parts,
+        "splits": {name: _digest(f"{common}:{rows_digest(rows)}".encode()) for name, rows in splits.items()},
+    }
+
+
+def reference_digest(trainer) -> str:
+    """sha256 of the weights the reference runs with, as loaded (4-bit, dtype, merged adapters): the model's state
+    without the adapter being trained, named as in the plain model, so that a LoRA rank or target change keeps it;
+    and its config (rope, image tokens) without the paths it was loaded from."""
+    import torch
+
+    model = trainer.accelerator.unwrap_model(trainer.ref_model or trainer.model)
+    trained = [f".{adapter}." for adapter in getattr(model, "peft_config", {}) if adapter != "ref"]
+    h = hashlib.sha256()
+    named = {}
+    for name, value in model.state_dict().items():
+        if not any(marker in name for marker in trained):
+            named[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value
+    for name, value in sorted(named.items()):
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to("cpu").contiguous()
+            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def scoring(trainer) -> dict:
+    """How rows become the numbers: rendering (processor, tokenizer, chat template), the collator and the parts of the
+    config that change a log-prob (max_length, ld_alpha, autocast, attention), and the libraries doing it."""
+    from importlib import metadata
+
+    args, processor = trainer.args, trainer.processing_class
+    tokenizer = getattr(processor, "tokenizer", processor)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return {
+        "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
+        "tokenizer": _digest((backend.to_str() if backend else repr(tokenizer.get_vocab())).encode()),
+        "special_tokens": json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+        "chat_template": processor.chat_template,
+        "collator": type(trainer.data_collator).__qualname__,
+        "max_length": args.max_length,
+        "truncation_mode": args.truncation_mode,
+        "ld_alpha": args.ld_alpha,
+        "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else None,
+        "attention": getattr(trainer.model.config, "_attn_implementation", None),
+        "versions": {p: metadata.version(p) for p in ("torch", "transformers", "trl", "peft")},
+    }
+
+
+def rows_digest(rows) -> str:
+    """sha256 of the rows' Arrow data as IPC: the same rows read from the same files hash the same, other rows or
+    another order differ (a slice may carry bytes of its parent, which only makes a match rarer)."""
+    import pyarrow as pa
+
+    if getattr(rows, "_indices", None) is not None:
+        rows = rows.flatten_indices()
+    sink = _HashingFile()
+    table = rows.data.table
+    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
+        writer.write_table(table)
+    return sink.hash.hexdigest()
+
+
+class _HashingFile:
+    """A write-only file that keeps nothing but the sha256 of what was written."""
+
+    def __init__(self):
+        self.hash, self.closed = hashlib.sha256(), False
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _read(path: Path, rows: int):
+    """(chosen, rejected) from a stored file holding ``rows`` rows, or None (absent, unreadable, another length)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+        chosen, rejected = tensors["chosen"], tensors["rejected"]
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError):
+        return None
+    if len(chosen) != rows or len(rejected) != rows:
+        return None
+    return chosen, rejected
+
+
+def _write(path: Path, chosen, rejected, parts: dict) -> None:
+    """Written beside its final name and renamed into place: a reader sees the whole file or none."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    metadata = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for k, v in parts.items()}
+    save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(partial), metadata=metadata)
+    os.replace(partial, path)
