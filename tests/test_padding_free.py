@@ -131,3 +131,19 @@ def test_recipe_refuses_padding_free_where_it_cannot_work():
     assert default.sft.padding_free is None
     assert packing.enabled(default.sft.padding_free, get_family("llava"), "sdpa") is True
     assert packing.enabled(False, get_family("llava"), "sdpa") is False
+
+
+def test_synthetic_charts_vary_in_size_on_request_and_keep_their_answers():
+    """The bench's data (issue 12): image sizes drawn from a range; the default data set stays as it was."""
+    import io
+
+    from jobs import synthetic
+
+    varied = synthetic.chartqa_rows(40, seed=3, image_sides=(16, 160))
+    plain = synthetic.chartqa_rows(40, seed=3)
+    sizes = {Image.open(io.BytesIO(row["image"]["bytes"])).size for row in varied}
+    assert len(sizes) > 30 and all(16 <= side <= 160 for size in sizes for side in size)
+    assert {Image.open(io.BytesIO(row["image"]["bytes"])).size for row in plain} == {(synthetic.WIDTH, synthetic.HEIGHT)}
+    assert [(r["query"], r["label"]) for r in varied] == [(r["query"], r["label"]) for r in plain]
+    with pytest.raises(UserError, match="only chartqa images vary in size"):
+        synthetic.write("rlaif-v", "/nonexistent", image_sides=(16, 160))
