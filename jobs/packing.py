@@ -74,7 +74,7 @@ def pack(batch: dict, rope_index=None) -> dict:
             packed[key] = batch[key][real][None]
     starts = torch.cumsum(lengths, 0) - lengths
     packed["labels"][0, starts] = -100
-    if batch["input_ids"].shape[0] > 1 and batch.get("pixel_values") is not None and batch["pixel_values"].ndim == 5:
+    if batch.get("pixel_values") is not None and batch["pixel_values"].ndim == 5:
         for key in IMAGE_SLOT_KEYS:
             if key in batch:
                 packed[key] = batch[key].flatten(0, 1)[None]
