@@ -17,6 +17,9 @@ from jobs.formats import Drop
 #                 the aspect ratio kept (Qwen2-VL's smart_resize; "longest_edge" is its name for max_pixels)
 IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels")
 ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
+# Attention implementations that give packed rows (restarting position_ids, no attention_mask) a per-row mask in
+# transformers 5 (masking_utils.find_packed_sequence_indices; varlen kernels for flash attention): sft.padding_free
+PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 # PaliGemma's own format is a prefix and a suffix: "<image>...<bos>{prefix}\n" attended bidirectionally, then
 # "{suffix}<eos>" causally. The processor writes the "<bos>" and "\n" itself around a text that starts with the image
@@ -48,6 +51,7 @@ class Family:
     # The checkpoint's tokenizer adds BOS (add_special_tokens) and its chat template writes none; TRL's collators tokenize
     # with add_special_tokens=False, so the stages write it into the text they render (rendering_processor).
     prepend_bos: bool = False
+    packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
@@ -198,6 +202,9 @@ FAMILIES: dict[str, Family] = {
             # TRL's collators tokenize answers without images, which PaliGemmaProcessor refuses, and would mark
             # them as prefix (jobs.prefix_lm)
             prefix_lm=True,
+            # transformers gives every prefix token the same block id (token_type_ids 0 -> 0) and lets blocks attend
+            # both ways after the per-row mask is applied: packed, one row's prefix would see the other rows' prefixes
+            packing_unsupported="its prefix-LM mask joins the prompts of packed rows",
             # no prepend_bos: PaliGemmaProcessor writes "<bos>" after the image tokens itself, whatever add_special_tokens
             hub_ids=("google/paligemma-3b-pt-224",),
         ),

@@ -116,7 +116,9 @@ class Train:
 
 @dataclass(frozen=True)
 class SFT(Train):
-    pass
+    # Each batch's rows joined into one sequence, positions restarting per row, instead of padded to the longest
+    # (jobs.packing): the same loss and gradients, fewer tokens. None: on where the family and attention allow it.
+    padding_free: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -471,6 +473,12 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             errors += recipe_batch_errors(stage, train.effective_batch_size, train.args, max(resources.gpus, 1) * resources.nodes)
         if train.pure_bf16 and recipe.model.dtype not in ("auto", "bfloat16"):
             errors.append(f"{stage}.pure_bf16: trains bf16 weights, but model.dtype is {recipe.model.dtype}; set auto or bfloat16")
+    if recipe.sft.padding_free and recipe.model.family in FAMILIES:
+        from jobs.packing import unsupported
+
+        why_not = unsupported(FAMILIES[recipe.model.family], recipe.model.attn_implementation)
+        if why_not:
+            errors.append(f"sft.padding_free: {why_not}; set it false (or remove the key)")
     if "prepare" in recipe.stages and recipe.data.sft is None and recipe.data.dpo is None:
         errors.append("data: give data.sft or data.dpo")
     if recipe.dpo.init not in ("sft", "base"):

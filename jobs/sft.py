@@ -27,7 +27,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    from jobs import auto_batch, modeling, training
+    from jobs import auto_batch, modeling, packing, training
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -47,8 +47,12 @@ def main(recipe: str = "", force: bool = False, **overrides):
             processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
             callbacks=training.callbacks("sft", stage.work),
         )
+    padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
+    if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded
+        trainer.data_collator = packing.PaddingFree(trainer.data_collator, model.config)
     auto_batch.fit(stage, trainer, cfg.sft)  # per_device_train_batch_size: auto; before start prints the batch
-    checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train), extra={"method": cfg.sft.method, "sharded over": shards})
+    checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train),
+                                extra={"method": cfg.sft.method, "sharded over": shards, "padding-free": padding_free})
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "sft")
 
@@ -56,7 +60,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     training.save(trainer, processor, stage.work / "model", **lineage)
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
-        method=cfg.sft.method, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        method=cfg.sft.method, padding_free=padding_free, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
     )
 
 

@@ -42,16 +42,18 @@ WIDTH, HEIGHT = 72, 72  # square, so that center-cropping processors (CLIP) keep
 MAX_BARS = 3
 
 
-def chart(bars: list[tuple[str, int]]) -> bytes:
+def chart(bars: list[tuple[str, int]], size: tuple[int, int] = (WIDTH, HEIGHT)) -> bytes:
     """A bar chart as PNG bytes: one bar per (colour, value 1..9), left to right, on white."""
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (WIDTH, HEIGHT), (255, 255, 255))
+    width, height = size
+    image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    slot = WIDTH // len(bars)
+    slot = width // len(bars)
+    margin = max(1, min(4, slot // 4, height // 8))
     for i, (colour, value) in enumerate(bars):
-        top = HEIGHT - 4 - int(value * (HEIGHT - 8) / 9)
-        draw.rectangle([i * slot + 4, top, (i + 1) * slot - 4, HEIGHT - 4], fill=COLOURS[colour])
+        top = height - margin - int(value * (height - 2 * margin) / 9)
+        draw.rectangle([i * slot + margin, top, (i + 1) * slot - margin, height - margin], fill=COLOURS[colour])
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -72,12 +74,16 @@ def chartqa_question(rng: random.Random) -> tuple[list[tuple[str, int]], str, st
     return bars, "How many bars are there?", str(len(bars))
 
 
-def chartqa_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
+def chartqa_rows(n: int, seed: int = 0, image_sides: tuple[int, int] | None = None) -> list[dict]:
+    """ChartQA rows; ``image_sides`` (smallest, largest) draws each image's width and height from that range, as real
+    charts differ in size (what dynamic-resolution processors such as Qwen2-VL's turn into differing token counts)."""
+    rng, sizes = random.Random(seed), random.Random(seed + 1)
     rows = []
     for _ in range(n):
         bars, query, answer = chartqa_question(rng)
-        rows.append({"image": {"bytes": chart(bars), "path": None}, "query": query, "label": [answer], "human_or_machine": rng.randint(0, 1)})
+        size = (sizes.randint(*image_sides), sizes.randint(*image_sides)) if image_sides else (WIDTH, HEIGHT)
+        rows.append({"image": {"bytes": chart(bars, size), "path": None}, "query": query, "label": [answer],
+                     "human_or_machine": rng.randint(0, 1)})
     return rows
 
 
@@ -217,16 +223,19 @@ def write_pope(out: str | Path, rows: int = 400, seed: int = 0) -> Path:
 BENCHMARKS = {"amber": write_amber, "pope": write_pope}
 
 
-def write(kind: str, out: str | Path, rows: int = 400, seed: int = 0) -> Path:
+def write(kind: str, out: str | Path, rows: int = 400, seed: int = 0, image_sides: tuple[int, int] | None = None) -> Path:
     """Write a synthetic data set of ``kind`` (a source format, or a benchmark) into ``out``; held-out splits get
-    rows/5 each."""
+    rows/5 each. ``image_sides``: images of varying size (chartqa only, see chartqa_rows)."""
     if kind in BENCHMARKS:
         return BENCHMARKS[kind](out, rows, seed)
     if kind not in ROWS:
         raise UserError(f"--kind: {kind!r} is not one of {', '.join([*ROWS, *BENCHMARKS])}")
+    if image_sides and kind != "chartqa":
+        raise UserError(f"--image-sides: only chartqa images vary in size, not {kind}'s")
+    options = {"image_sides": image_sides} if image_sides else {}
     splits = {}
     for i, split in enumerate(SPLITS[kind]):
-        splits[split] = ROWS[kind](rows if split == "train" else max(1, rows // 5), seed=seed * 1000 + i)
+        splits[split] = ROWS[kind](rows if split == "train" else max(1, rows // 5), seed=seed * 1000 + i, **options)
     return write_splits(kind, out, splits)
 
 

@@ -1,0 +1,114 @@
+"""Padding-free SFT batches: a batch's rows joined into one sequence, positions restarting at 0 for each row.
+
+TRL 1.16's SFTTrainer refuses ``padding_free`` and ``packing`` for vision data, so its vision collator pads every
+batch to its longest row; with dynamic-resolution images (Qwen2-VL) rows differ several-fold in length. transformers 5
+turns restarting ``position_ids`` with no ``attention_mask`` into a block-diagonal causal mask
+(``masking_utils.find_packed_sequence_indices``) for eager, sdpa and flex attention, and into varlen kernels for flash
+attention, so each row sees only itself, with the positions it has in a padded batch.
+
+``PaddingFree`` wraps the collator SFTTrainer built (its labels, completion-only masking and image inputs unchanged)
+and takes the padding out of what it returns:
+- per-token tensors (input_ids, labels, token types) keep each row's real tokens, rows one after another, batch 1;
+- each row's first label is -100: in a padded batch it is never a target (the loss shifts labels by one), packed it
+  would be the target of the previous row's last token. The trainer's token count (num_items_in_batch) and so the
+  loss normalisation are then those of the padded batch;
+- image inputs are already in row order; Idefics2/3's per-row image slots (batch, images, ...) become one row's
+  (1, batch * images, ...), the all-zero padding images that the model drops included;
+- Qwen2-VL's multimodal rotary positions are computed per row on the padded batch, by the model class's own
+  get_rope_index, and joined; the text positions go in front ((4, 1, length)), which Qwen2-VL reads as packed input.
+
+The recipe's validation imports it too: torch is imported only where a batch is packed.
+"""
+
+from __future__ import annotations
+
+from jobs.contract import UserError
+from jobs.families import PACKED_ATTENTION, Family
+
+TOKEN_KEYS = ("input_ids", "labels", "token_type_ids", "mm_token_type_ids")  # one value per token, per row
+IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")  # Idefics2/3: (batch, images per row, ...)
+
+
+def enabled(setting: bool | None, family: Family, attn_implementation: str | None) -> bool:
+    """Whether SFT batches go padding-free: ``sft.padding_free`` (None: wherever the family and the model's attention
+    implementation support it); true where they do not is the user's error."""
+    why_not = unsupported(family, attn_implementation)
+    if setting is None:
+        return why_not is None
+    if setting and why_not:
+        raise UserError(f"sft.padding_free: {why_not}; set it false (or remove the key)")
+    return setting
+
+
+def unsupported(family: Family, attn_implementation: str | None) -> str | None:
+    """Why rows of this family and attention implementation cannot be packed, or None."""
+    if family.packing_unsupported:
+        return f"{family.name} cannot train packed rows: {family.packing_unsupported}"
+    if attn_implementation is not None and attn_implementation not in PACKED_ATTENTION:
+        return (f"attention implementation {attn_implementation!r} gets no per-row mask from restarting positions "
+                f"(packing works with {', '.join(PACKED_ATTENTION)})")
+    return None
+
+
+class PaddingFree:
+    """Wraps a padding collator: its batch, rows concatenated (batch dimension 1), positions restarting per row."""
+
+    def __init__(self, collator, model_config=None):
+        self.collator = collator
+        # Qwen2-VL's rotary positions depend on each image's grid: computed with the model class's own function
+        self.rope_index = _rope_index(model_config) if model_config is not None else None
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return pack(self.collator(examples), self.rope_index)
+
+
+def pack(batch: dict, rope_index=None) -> dict:
+    """A padded batch (input_ids, attention_mask, labels, image inputs) as one padding-free row."""
+    import torch
+
+    real = batch["attention_mask"].bool()
+    lengths = real.sum(dim=1)
+    packed = {key: value for key, value in batch.items() if key != "attention_mask"}
+    for key in TOKEN_KEYS:
+        if key in batch:
+            packed[key] = batch[key][real][None]
+    starts = torch.cumsum(lengths, 0) - lengths
+    packed["labels"][0, starts] = -100
+    if batch.get("pixel_values") is not None and batch["pixel_values"].ndim == 5:
+        for key in IMAGE_SLOT_KEYS:
+            if key in batch:
+                packed[key] = batch[key].flatten(0, 1)[None]
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])[None]
+    if rope_index is not None:
+        rope = rope_index(batch)  # (3, batch, padded length), each row's own
+        rope = rope[:, real][:, None]  # (3, 1, packed length), rows in order
+        positions = torch.cat([positions[None], rope])
+    packed["position_ids"] = positions
+    return packed
+
+
+def _rope_index(model_config):
+    """Qwen2-VL's get_rope_index bound to the config alone, so the collator holds no model (data loader workers copy
+    it); None for the families whose positions are plain 0, 1, 2, ..."""
+    if model_config.model_type != "qwen2_vl":
+        return None
+    return _Qwen2VLRope(model_config)
+
+
+class _Qwen2VLRope:
+    def __init__(self, config):
+        self.config = config
+
+    def get_vision_position_ids(self, *args, **kwargs):
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+        return Qwen2VLModel.get_vision_position_ids(self, *args, **kwargs)
+
+    def __call__(self, batch: dict):
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+        positions, _ = Qwen2VLModel.get_rope_index(
+            self, batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"],
+        )
+        return positions

@@ -1,0 +1,149 @@
+"""Padding-free SFT batches (issue 12): the same loss and gradients as TRL's padded batches, per family.
+
+The oracle is TRL's own padded SFT: one SFTTrainer per family builds its vision collator; its padded batch and the same
+batch through jobs.packing.PaddingFree go through the trainer's compute_loss with the trainer's own token count
+(num_items_in_batch), in float32 on CPU. The negative control packs the rows with positions that do not restart: one
+causal sequence where each row attends to the rows before it, which must change the loss.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from jobs import modeling, packing
+from jobs import recipe as recipes
+from jobs.contract import UserError
+from jobs.families import get_family
+
+# float32 on CPU: a packed row and the same row padded differ only in summation order inside the kernels
+LOSS_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOLERANCE = dict(rtol=1e-4, atol=1e-6)
+PACKED_FAMILIES = ["llava", "qwen2_vl", "idefics2", "idefics3"]
+
+
+def rows(n: int = 3) -> list[dict]:
+    """Prompt/completion rows as prepare writes them: images of different sizes, questions and answers of different
+    lengths, so that the padded batch has real padding on both sides of the prompt."""
+    sizes = [(64, 48), (112, 84), (40, 90), (96, 96)]
+    out = []
+    for i in range(n):
+        image = Image.new("RGB", sizes[i % len(sizes)], (40 * i, 255 - 30 * i, 90))
+        question = "What is the value of the " + "highest " * (3 * i) + f"bar number {i}?"
+        answer = " ".join(["twelve"] * (1 + 4 * i))
+        out.append({
+            "images": [image],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+        })
+    return out
+
+
+def trainer_for(family_name: str, model_dir, tmp_path, attn: str):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    spec = recipes.Model(name_or_path=str(model_dir), family=family_name, attn_implementation=attn)
+    family = get_family(family_name)
+    processor = modeling.load_processor(spec)
+    model = modeling.load_model(spec, dtype=torch.float32)
+    model.eval()  # no dropout: the two batches must see the same function
+    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_length=None, bf16=False,
+                     dataloader_pin_memory=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(4)),
+                         processing_class=family.rendering_processor(processor))
+    return trainer, model
+
+
+def loss_and_grads(trainer, model, batch):
+    model.zero_grad(set_to_none=True)
+    count = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=count)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, int(count)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", PACKED_FAMILIES)
+def test_padding_free_loss_and_gradients_equal_padded_sft(family, attn, tiny_model, tmp_path):
+    trainer, model = trainer_for(family, tiny_model(family), tmp_path, attn)
+    examples = rows(3)
+    padded = trainer.data_collator([dict(e) for e in examples])
+    assert (padded["attention_mask"] == 0).any(), "the rows must differ in length, or there is nothing to unpad"
+    packed = packing.PaddingFree(trainer.data_collator, model.config)([dict(e) for e in examples])
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
+
+    padded_loss, padded_grads, padded_count = loss_and_grads(trainer, model, padded)
+    packed_loss, packed_grads, packed_count = loss_and_grads(trainer, model, packed)
+    assert packed_count == padded_count, "num_items_in_batch (the loss's normaliser) must count the same tokens"
+    torch.testing.assert_close(packed_loss, padded_loss, **LOSS_TOLERANCE)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], **GRAD_TOLERANCE, msg=lambda m: f"{name}: {m}")
+
+    # Negative control: the same packed row with positions running on across rows is one causal sequence in which
+    # each row attends to those before it (and, in Qwen2-VL, sits at the wrong rotary positions)
+    crossing = dict(packed)
+    length = packed["input_ids"].shape[1]
+    if packed["position_ids"].ndim == 3:  # Qwen2-VL: text positions in front of the three rotary axes
+        crossing["position_ids"] = torch.cat([torch.arange(length)[None, None], packed["position_ids"][1:]])
+    else:
+        crossing["position_ids"] = torch.arange(length)[None]
+    crossing_loss, _, _ = loss_and_grads(trainer, model, crossing)
+    gap, allowed = abs(crossing_loss - padded_loss), LOSS_TOLERANCE["atol"] + LOSS_TOLERANCE["rtol"] * abs(padded_loss)
+    assert gap > 10 * allowed, f"the control must fail the equivalence by far (gap {gap:.2e}, tolerance {allowed:.2e})"
+
+
+def test_qwen2_vl_rotary_positions_are_each_rows_own(tiny_model, tmp_path):
+    """Each row's multimodal positions start at 0 and are what get_rope_index gives that row alone."""
+    trainer, model = trainer_for("qwen2_vl", tiny_model("qwen2_vl"), tmp_path, "sdpa")
+    examples = rows(3)
+    packed = packing.PaddingFree(trainer.data_collator, model.config)([dict(e) for e in examples])
+    start = 0
+    for example in examples:
+        alone = trainer.data_collator([dict(example)])
+        n = alone["input_ids"].shape[1]
+        own, _ = model.model.get_rope_index(alone["input_ids"], alone["mm_token_type_ids"], alone["image_grid_thw"])
+        torch.testing.assert_close(packed["position_ids"][1:, 0, start:start + n], own[:, 0])
+        assert packed["position_ids"][0, 0, start:start + n].tolist() == list(range(n))
+        start += n
+    assert start == packed["input_ids"].shape[1]
+
+
+def test_paligemma_is_refused_with_a_one_line_error_and_off_by_default():
+    family = get_family("paligemma")
+    assert packing.enabled(None, family, None) is False
+    with pytest.raises(UserError, match=r"^sft.padding_free: paligemma cannot train packed rows: .*prefix-LM") as caught:
+        packing.enabled(True, family, "sdpa")
+    assert "\n" not in str(caught.value)
+
+
+def test_recipe_refuses_padding_free_where_it_cannot_work():
+    base = {"name": "t", "stages": ["prepare", "sft"], "data": {"sft": {"path": "x", "format": "chartqa"}}}
+    with pytest.raises(UserError, match="sft.padding_free: paligemma cannot train packed rows"):
+        recipes.from_dict({**base, "model": {"name_or_path": "x", "family": "paligemma"}, "sft": {"padding_free": True}})
+    with pytest.raises(UserError, match="sft.padding_free: attention implementation 'kernels-community/x'"):
+        recipes.from_dict({**base, "model": {"name_or_path": "x", "family": "llava", "attn_implementation": "kernels-community/x"},
+                           "sft": {"padding_free": True}})
+    default = recipes.from_dict({**base, "model": {"name_or_path": "x", "family": "llava"}})
+    assert default.sft.padding_free is None
+    assert packing.enabled(default.sft.padding_free, get_family("llava"), "sdpa") is True
+    assert packing.enabled(False, get_family("llava"), "sdpa") is False
+
+
+def test_synthetic_charts_vary_in_size_on_request_and_keep_their_answers():
+    """The bench's data (issue 12): image sizes drawn from a range; the default data set stays as it was."""
+    import io
+
+    from jobs import synthetic
+
+    varied = synthetic.chartqa_rows(40, seed=3, image_sides=(16, 160))
+    plain = synthetic.chartqa_rows(40, seed=3)
+    sizes = {Image.open(io.BytesIO(row["image"]["bytes"])).size for row in varied}
+    assert len(sizes) > 30 and all(16 <= side <= 160 for size in sizes for side in size)
+    assert {Image.open(io.BytesIO(row["image"]["bytes"])).size for row in plain} == {(synthetic.WIDTH, synthetic.HEIGHT)}
+    assert [(r["query"], r["label"]) for r in varied] == [(r["query"], r["label"]) for r in plain]
+    with pytest.raises(UserError, match="only chartqa images vary in size"):
+        synthetic.write("rlaif-v", "/nonexistent", image_sides=(16, 160))
