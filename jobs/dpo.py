@@ -10,7 +10,7 @@ continuing SFT's adapter, TRL keeps a frozen copy of that adapter (not of the mo
     in cluster: python -m jobs.dpo            (accelerate launch ... -m jobs.dpo with several GPUs)
 
 Output: <run>/dpo/model/ (adapter or weights, processor, lineage.json), metrics.jsonl with rewards,
-margins, accuracies and log-probs at every logging step, and _SUCCESS.json.
+margins, accuracies and log-probs at every logging step, tensorboard/ (the same as event files), and _SUCCESS.json.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ the newest complete checkpoint. On SIGTERM (SIGINT) it writes a checkpoint and e
                 vlmjobs run recipes/tiny-demo.yaml --stages sft
     in cluster: python -m jobs.sft            (accelerate launch ... -m jobs.sft with several GPUs)
 
-Output: <run>/sft/model/ (adapter or weights, processor, lineage.json), metrics.jsonl, _SUCCESS.json.
+Output: <run>/sft/model/ (adapter or weights, processor, lineage.json), metrics.jsonl with the training loss and the
+eval split's loss, tensorboard/ (event files: tensorboard --logdir <run>), _SUCCESS.json.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     data = load_from_disk(stage.input("prepare") / "sft")
     train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
 
-    args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute)
+    args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute,
+                               defaults=training.SFT_DEFAULTS)
     peft_config = None if cfg.sft.method == "full" else modeling.lora_config(cfg.sft, family)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=held_out, peft_config=peft_config,

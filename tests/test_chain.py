@@ -60,6 +60,35 @@ def test_every_stage_commits_and_dpo_logs_its_metrics_at_each_step(lora_chain):
         assert all(key in r for r in steps), key
 
 
+def event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every scalar in a folder's TensorBoard event files, read as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_each_training_stage_writes_tensorboard_events_into_its_own_folder(lora_chain):
+    """Issue 13 (9): curves to watch live, by default, in <run>/<stage>/tensorboard; SFT's with its eval loss."""
+    recipe, _ = lora_chain
+    scalars = {}
+    for stage in ("sft", "dpo"):
+        folder = recipe.run_dir / stage / "tensorboard"
+        assert len(list(folder.glob("events.out.tfevents.*"))) == 1, f"{stage}: one event file, from the main process"
+        scalars[stage] = event_scalars(folder)
+        assert [step for step, _ in scalars[stage]["train/loss"]] == [1, 2], stage  # logging_steps 1, max_steps 2
+        assert not (recipe.run_dir / stage / "checkpoints" / "runs").exists(), "not transformers' default folder"
+    assert "train/rewards/margins" in scalars["dpo"] and "train/rewards/accuracies" in scalars["dpo"]
+
+    # SFT evaluates on the eval split (at the last step here: its default interval is save_steps' 100), and
+    # metrics.jsonl, which report.md plots, holds the same number as the event file.
+    logged = [json.loads(line) for line in (recipe.run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [(r["step"], r["eval_loss"]) for r in logged if "eval_loss" in r]
+    assert len(evaluated) == 1 and evaluated[0][0] == 2 and evaluated[0][1] > 0
+    assert scalars["sft"]["eval/loss"] == [(2, pytest.approx(evaluated[0][1]))]
+
+
 def test_lora_dpo_on_merged_sft_uses_the_adapter_switched_off_as_reference(lora_chain):
     recipe, _ = lora_chain
     record = contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)
