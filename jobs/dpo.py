@@ -68,6 +68,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     training.save(trainer, processor, stage.work / "model", **trained)
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
+        steps=result.global_step,
         method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
         reference=reference_kind(trainer),
     )

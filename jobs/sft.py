@@ -54,6 +54,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     training.save(trainer, processor, stage.work / "model", **lineage)
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
+        steps=result.global_step,
         method=cfg.sft.method, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
     )
 

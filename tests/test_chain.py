@@ -111,9 +111,33 @@ def test_evaluate_reports_every_variant_with_the_same_samples(lora_chain):
     assert len(predictions) == 4 * 8
     assert {p["split"] for p in predictions} == {"sft/test", "dpo/test"}
     assert all({"question", "answer", "gold", "correct"} <= set(p) for p in predictions)
+
+
+def test_the_report_tells_the_run_s_story(lora_chain):
+    """Issue 13 (10): the run, the comparison in one figure, each metric's samples and definition, answers side by side."""
+    recipe, _ = lora_chain
+    out = recipe.run_dir / "evaluate"
+    report = json.loads((out / "report.json").read_text())
+    for variant in report["variants"].values():
+        assert set(variant["counts"]) == set(variant["metrics"])
+        assert variant["counts"]["accuracy"] == 4 and variant["counts"]["preference_accuracy"] == 4
+    reported = {metric for variant in report["variants"].values() for metric in variant["metrics"]}
+    assert set(report["definitions"]) == reported, "every metric evaluate reports has its definition"
+    assert report["family"] == "llava"
+
     markdown = (out / "report.md").read_text()
-    assert "| dpo |" in markdown.replace("  ", " ") or "dpo" in markdown
-    assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in out.iterdir())
+    assert "![every metric of every variant](comparison.png)" in markdown and (out / "comparison.png").stat().st_size > 5000
+    assert not list(out.glob("metric_*.png"))
+    assert f"- `accuracy` (4 samples): {report['definitions']['accuracy']}" in markdown
+    run = markdown.split("## The run\n\n")[1].split("\n## ")[0]
+    assert run.startswith(f"- model: `{recipe.model.name_or_path}` (family `llava`)")
+    assert re.search(r"^\| sft \| lora \| 2 \| [0-9.]+ \| \d+ \| [0-9.]+ \| \d+s \|$", run, re.M), run
+    assert re.search(r"^\| dpo \| lora, from sft adapter merged \| 2 \| ", run, re.M), run
+    examples = markdown.split("## Example answers\n\n")[1].split("\n## ")[0]
+    for split in ("sft/test", "dpo/test"):
+        table = examples.split(f"### {split}\n\n")[1].split("\n\n")[0].splitlines()
+        assert table[0] == "| question | reference | `base` | `prompted` | `sft` | `dpo` |"
+        assert len(table) == 2 + 3, "the first three questions"
 
 
 def test_prompted_variant_gets_a_system_prompt_and_base_none():
