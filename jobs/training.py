@@ -64,8 +64,8 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
 
 
 def _check_trackers(report_to: list[str], where: str) -> None:
-    """A tracker the recipe asks for that this environment lacks is the user's to fix, said before the model loads
-    (transformers would raise it as a traceback when the trainer is built)."""
+    """A tracker the recipe asks for that this environment lacks is the user's to fix, said in one line (transformers
+    would raise it as a traceback when the trainer is built)."""
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
@@ -88,7 +88,7 @@ def start(stage: str, trainer, *, work: Path, train_rows: int, extra: dict | Non
     from jobs.modeling import count_parameters
 
     trainer.remove_callback(PrinterCallback)  # MetricsLog prints the same, as one line per step
-    _log_tensorboard_to(trainer, work / TENSORBOARD_FOLDER)
+    tensorboard = _log_tensorboard_to(trainer, work / TENSORBOARD_FOLDER)
     args, extra = trainer.args, extra or {}
     trainable, total = count_parameters(trainer.model)
     effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -100,20 +100,25 @@ def start(stage: str, trainer, *, work: Path, train_rows: int, extra: dict | Non
         print(f"{stage}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in numbers.items()))
         print(f"{stage}: memory before activations, per process: "
               f"{estimate(trainer.model, trainable=trainable, reference_copy=extra.get('reference copy', False))}")
+        if tensorboard:
+            print(f"{stage}: curves in {tensorboard} (watch them: tensorboard --logdir {work.parent})")
         if checkpoint:
             print(f"{stage}: resuming from {checkpoint}")
     return checkpoint
 
 
-def _log_tensorboard_to(trainer, folder: Path) -> None:
+def _log_tensorboard_to(trainer, folder: Path) -> str | None:
     """Event files into the stage's folder, which moves into <run>/<stage> when the stage is done (the default,
     <output_dir>/runs/<date>_<host>, would be among the checkpoints). TENSORBOARD_LOGGING_DIR, where set, wins,
-    as transformers documents it. Only the main process writes (TensorBoardCallback checks is_world_process_zero)."""
+    as transformers documents it. Only the main process writes (TensorBoardCallback checks is_world_process_zero).
+    Returns where they go, None without TensorBoard in report_to."""
     from transformers.integrations import TensorBoardCallback
 
     for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
-            callback.logging_dir = str(folder)
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = callback.logging_dir or str(folder)
+            return callback.logging_dir
+    return None
 
 
 def callbacks(stage: str, work: Path) -> list:

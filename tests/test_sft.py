@@ -23,7 +23,8 @@ def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe,
     path = write_recipe(family=family, sft={"method": method, "lora": {"r": 4, "lora_alpha": 8}, "args": {"max_steps": 2, "per_device_train_batch_size": 2}})
     prepare.main(recipe=str(path))
     sft.main(recipe=str(path))
-    warned = "in 4 bits without CUDA: bitsandbytes' CPU fallback runs it" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    warned = "in 4 bits without CUDA: bitsandbytes' CPU fallback runs it" in captured.err
     assert warned is (method == "qlora" and not __import__("torch").cuda.is_available()), "issue 13 (8): say when 4-bit runs on CPU"
     recipe = recipes.load(path)
     out = recipe.run_dir / "sft"
@@ -32,6 +33,9 @@ def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe,
     assert record["quantized"] is (method == "qlora")
     assert record["metrics"]["train_loss"] > 0
     assert modeling.read_lineage(recipe.run_dir, "sft") == {"base": "base", "merged": [], "adapter": "sft/model"}
+    tensorboard = recipe.run_dir / ".sft.partial" / "tensorboard"
+    assert f"sft: curves in {tensorboard} (watch them: tensorboard --logdir {recipe.run_dir})" in captured.out
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "issue 13 (9): the stage's curves moved with it"
     model = modeling.load_trained(recipe, recipe.run_dir, "sft", quantize=modeling.quantization(recipe.sft))
     assert isinstance(model, PeftModel)
     assert any("lora_A" in name for name, _ in model.named_parameters())
@@ -68,11 +72,12 @@ def test_sigterm_writes_a_checkpoint_and_a_restart_resumes_from_it(write_recipe)
     assert len(logged) == steps, "each step logged once: the resumed run starts after the checkpoint"
 
 
-def test_report_to_from_the_recipe_replaces_tensorboard_and_none_writes_no_events(write_recipe):
+def test_report_to_from_the_recipe_replaces_tensorboard_and_none_writes_no_events(write_recipe, capsys):
     """Issue 13 (9): the recipe's args.report_to passes through to TRL; "none" turns tracking off."""
     path = write_recipe(sft={"method": "full", "args": {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": "none"}})
     prepare.main(recipe=str(path))
     sft.main(recipe=str(path))
+    assert "curves in" not in capsys.readouterr().out
     out = recipes.load(path).run_dir / "sft"
     assert (out / contract.SUCCESS_FILE).is_file()
     assert not (out / "tensorboard").exists()
@@ -107,6 +112,6 @@ def test_sft_evaluates_as_often_as_it_checkpoints_unless_the_recipe_says_otherwi
     ("wandb", "sft.args.report_to: wandb is not installed in this environment (pip install wandb, or remove report_to"),
     (["tensorboard", "tensorbord"], "sft.args.report_to: 'tensorbord' is not a tracker transformers knows"),
 ])
-def test_a_tracker_the_environment_lacks_is_a_user_error_before_the_model_loads(report_to, message):
+def test_a_tracker_the_environment_lacks_is_a_one_line_user_error(report_to, message):
     with pytest.raises(contract.UserError, match=re.escape(message)):
         sft_config(report_to=report_to)
