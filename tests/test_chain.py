@@ -131,7 +131,7 @@ def test_the_report_tells_the_run_s_story(lora_chain):
     assert f"- `accuracy` (4 samples): {report['definitions']['accuracy']}" in markdown
     run = markdown.split("## The run\n\n")[1].split("\n## ")[0]
     assert run.startswith(f"- model: `{recipe.model.name_or_path}` (family `llava`)")
-    assert re.search(r"^\| sft \| lora \| 2 \| [0-9.]+ \| \d+ \| [0-9.]+ \| \d+s \|$", run, re.M), run
+    assert re.search(r"^\| sft \| lora \| 2 \| [0-9.]+ \| 400 \| [0-9.]+ \| (\d+m )?\d+s \|$", run, re.M), run
     assert re.search(r"^\| dpo \| lora, from sft adapter merged \| 2 \| ", run, re.M), run
     examples = markdown.split("## Example answers\n\n")[1].split("\n## ")[0]
     for split in ("sft/test", "dpo/test"):
