@@ -35,7 +35,7 @@ class Kind:
     score: Callable[[list[str], list[str]], dict]  # (answers, labels) -> metrics, as the official script
     correct: Callable[[str, str], bool]  # (answer, label) -> whether the official script counts it right
     description: str
-    metrics: tuple[str, ...]  # the keys of score's result, as the official script prints them
+    metrics: dict[str, str]  # the keys of score's result, as the official script prints them: their definitions
 
 
 def _load_json(path: str | Path, where: str, *, lines: bool = False):
@@ -104,10 +104,22 @@ def _pope_score(answers, labels):
 
 
 KINDS = {
-    "amber": Kind(read_amber, _amber_score, _amber_correct, "AMBER discriminative task (junyangwang0410/AMBER inference.py)",
-                   ("accuracy", "precision", "recall", "f1")),
-    "pope": Kind(read_pope, _pope_score, _pope_correct, "POPE (RUCAIBox/POPE evaluate.py)",
-                  ("accuracy", "precision", "recall", "f1", "yes_ratio")),
+    "amber": Kind(read_amber, _amber_score, _amber_correct,
+                  "AMBER discriminative task (junyangwang0410/AMBER inference.py)", {
+        "accuracy": "answers exactly `Yes` where the truth is yes or `No` where it is not, over all questions",
+        "precision": "answered `No` where the truth is no, over the answers `No` (no is the positive class: "
+                     "saying no to what is not there)",
+        "recall": "answered `No` where the truth is not yes, over those questions",
+        "f1": "from precision and recall rounded to 0.1%, as the script prints it",
+    }),
+    "pope": Kind(read_pope, _pope_score, _pope_correct, "POPE (RUCAIBox/POPE evaluate.py)", {
+        "accuracy": "answers read right (no when the first sentence has the word no or not, else yes), over all "
+                    "questions",
+        "precision": "answers read yes where the label is yes, over the answers read yes",
+        "recall": "answers read yes where the label is yes, over the yes labels",
+        "f1": "of precision and recall, yes being the positive class",
+        "yes_ratio": "answers read yes, over all questions (0.5 is balanced)",
+    }),
 }
 
 

@@ -12,7 +12,7 @@ jobs.reference_logprobs): full fine-tuning then needs no frozen copy of the mode
     in cluster: python -m jobs.dpo            (accelerate launch ... -m jobs.dpo with several GPUs)
 
 Output: <run>/dpo/model/ (adapter or weights, processor, lineage.json), metrics.jsonl with rewards,
-margins, accuracies and log-probs at every logging step, and _SUCCESS.json.
+margins, accuracies and log-probs at every logging step, tensorboard/ (the same as event files), and _SUCCESS.json.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     training.save(trainer, processor, stage.work / "model", **trained)
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
+        steps=result.global_step,
         method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
         reference=reference_kind(trainer), reference_logprobs=cache or "recomputed at every step",
     )

@@ -15,7 +15,8 @@ are scored as their official scripts score them, under their names (``amber_f1``
     local:      python -m jobs.evaluate --recipe recipes/tiny-demo.yaml
     in cluster: python -m jobs.evaluate
 
-Output: <run>/evaluate/report.json, predictions.jsonl, report.md with the comparison table and plots.
+Output: <run>/evaluate/report.json (each variant's metrics and the samples behind each, the metrics' definitions),
+predictions.jsonl, report.md (jobs.report: the run, the comparison, example answers side by side, training curves).
 """
 
 from __future__ import annotations
@@ -28,11 +29,29 @@ from jobs import recipe as recipes
 TRAINED_VARIANTS = recipes.TRAINING_STAGES  # a variant per training stage: the model it trained
 # What evaluate reports, by the rows it scores: answer rows (data.sft), preference rows (data.dpo), and either kind where
 # the gold answers are yes/no; each benchmark's as <its key>_<its official metric> (jobs.benchmarks). evaluate.primary_metric
-# must be one of them (vlmjobs validate checks, before any GPU).
+# must be one of them (vlmjobs validate checks, before any GPU). Each with the definition report.md gives.
 METRICS = {
-    "sft": ("accuracy", "exact_match"),
-    "dpo": ("preference_accuracy", "mean_margin"),
-    "yes/no": ("yes_no_accuracy", "no_f1", "no_precision", "no_recall", "yes_f1", "yes_precision", "yes_recall"),
+    "sft": {
+        "accuracy": "answers judged right: ChartQA's relaxed accuracy for chartqa sources (a number within 5% of the "
+                    "gold one, else the same text), exact match otherwise",
+        "exact_match": "answers equal to a gold answer, ignoring case, surrounding spaces and trailing punctuation",
+    },
+    "dpo": {
+        "preference_accuracy": "pairs in which the model gives the chosen answer a higher log-probability than the "
+                               "rejected one",
+        "mean_margin": "mean of log p(chosen) - log p(rejected) over the pairs, in nats: how clear the preference is "
+                       "(not a fraction)",
+    },
+    "yes/no": {
+        "yes_no_accuracy": "yes/no questions whose generated answer says the gold yes or no (saying neither counts "
+                           "wrong)",
+        "no_f1": "F1 of answering no, no being the positive class",
+        "no_precision": "answers saying no where the gold answer is no, over the answers saying no",
+        "no_recall": "gold no answers the model answered no, over the gold no answers",
+        "yes_f1": "F1 of answering yes, yes being the positive class",
+        "yes_precision": "answers saying yes where the gold answer is yes, over the answers saying yes",
+        "yes_recall": "gold yes answers the model answered yes, over the gold yes answers",
+    },
 }
 
 
@@ -41,6 +60,17 @@ def benchmark_metrics(benchmarks) -> tuple[str, ...]:
     from jobs.benchmarks import KINDS
 
     return tuple(f"{bench.key}_{name}" for bench in benchmarks for name in KINDS[bench.format].metrics)
+
+
+def metric_definitions(benchmarks) -> dict[str, str]:
+    """Every metric evaluate can report for these benchmarks, with its definition (report.json's ``definitions``)."""
+    from jobs.benchmarks import KINDS
+
+    definitions = {name: text for names in METRICS.values() for name, text in names.items()}
+    for bench in benchmarks:
+        kind = KINDS[bench.format]
+        definitions |= {f"{bench.key}_{name}": f"{kind.description}: {text}" for name, text in kind.metrics.items()}
+    return definitions
 
 
 def main(recipe: str = "", force: bool = False, **overrides):
@@ -61,7 +91,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     processor = scoring_processor(cfg)
     tests, benchmarks = test_sets(cfg, stage.input("prepare"), processor)
 
-    report = {"model": cfg.model.name_or_path, "variants": {}, "primary_metric": cfg.evaluate.primary_metric,
+    report = {"model": cfg.model.name_or_path, "family": cfg.model.family, "variants": {},
+              "primary_metric": cfg.evaluate.primary_metric,
               "benchmarks": {key: {"format": bench.format, "path": bench.path, "questions": len(rows)}
                              for key, (bench, rows) in benchmarks.items()}}
     samples = sum(len(rows) for rows in tests.values()) + sum(len(rows) for _, rows in benchmarks.values())
@@ -82,11 +113,14 @@ def main(recipe: str = "", force: bool = False, **overrides):
         if variant in TRAINED_VARIANTS:
             model = None  # the next variant loads its own; free this one first
 
+    reported = {metric for entry in report["variants"].values() for metric in entry["metrics"]}
+    definitions = metric_definitions([bench for bench, _ in benchmarks.values()])
+    report["definitions"] = {metric: text for metric, text in definitions.items() if metric in reported}
     (stage.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(stage.work / "predictions.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in predictions)
     logs = {s: stage.input(s) / "metrics.jsonl" for s in TRAINED_VARIANTS if s in cfg.stages}
-    write_report(report, stage.work, training_logs=logs)
+    write_report(report, stage.work, training_logs=logs, stages=stage.inputs, predictions=predictions)
     print(format_table(report))
     rows = {kind: len(rows) for kind, rows in tests.items()} | {key: len(rows) for key, (_, rows) in benchmarks.items()}
     stage.finish(report=report["variants"], rows=rows)

@@ -1,10 +1,16 @@
-"""The evaluate stage's readable output: report.md with the comparison table and plots, and the table for a terminal.
+"""The evaluate stage's readable output: report.md, and the table for a terminal.
 
-    write_report(report, out_dir, training_logs={"sft": <run>/sft/metrics.jsonl, "dpo": ...}) -> out_dir/report.md
+    write_report(report, out_dir, training_logs={"sft": <run>/sft/metrics.jsonl, "dpo": ...},
+                 stages={"sft": <its _SUCCESS.json record>, ...}, predictions=<predictions.jsonl rows>) -> out_dir/report.md
     format_table(report) -> the comparison table as aligned plain text (printed at the end of ``make demo``)
 
+report.md tells the run's story top to bottom: what ran (model, each stage's method, steps, rows, time), the
+comparison of every variant on every metric (a table and one figure), the samples behind each metric and what it
+means, a few test questions with every variant's answer side by side, then benchmarks and training curves.
+
 ``report`` is the content of the evaluate stage's report.json:
-``{"variants": {name: {"metrics": {metric: float}, "samples": int}}, "primary_metric": "accuracy", ...}``.
+``{"variants": {name: {"metrics": {metric: float}, "counts": {metric: int}, "samples": int}},
+"primary_metric": "accuracy", "definitions": {metric: str}, "model": ..., "family": ..., ...}``.
 matplotlib is imported inside the plotting functions, so importing this module stays cheap.
 """
 
@@ -36,6 +42,9 @@ CURVE_PANELS = {
     ),
 }
 DEFAULT_PANELS = (("loss", ("loss",)),)  # a stage without its own entry still gets its loss curve
+COMPARISON_FIGURE = "comparison.png"
+EXAMPLES_PER_SPLIT = 3  # the first questions of each test split, not chosen by outcome
+EXAMPLE_TEXT_CHARS = 80  # a longer question or answer is cut there, marked with "…"
 
 
 # ---- the table -------------------------------------------------------------------------------------------------
@@ -105,6 +114,23 @@ def table_cells(report: dict) -> tuple[list[str], list[list[tuple[str, bool]]]]:
     return ["variant", *metrics], rows
 
 
+def metric_count(report: dict, metric: str) -> str:
+    """The number of test samples behind the metric (report.json's ``counts``): one number where every variant was
+    scored on as many, a range where they differ, the dash where the report does not say."""
+    counts = sorted({
+        count for variant in ordered_variants(report)
+        if isinstance(count := report["variants"][variant].get("counts", {}).get(metric), int)
+    })
+    if not counts:
+        return MISSING
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def count_row(report: dict) -> list[str]:
+    """The table's last row: the samples behind each metric's values."""
+    return ["samples", *(metric_count(report, metric) for metric in metric_names(report))]
+
+
 def _align(rows: list[list[str]]) -> list[list[str]]:
     """Pad every column to its widest cell: the first (names) to the left, the numbers to the right."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -118,6 +144,7 @@ def markdown_table(report: dict) -> str:
     """The comparison table in Markdown, the best value per metric in bold, columns padded for the raw text too."""
     header, rows = table_cells(report)
     texts = [header] + [[f"**{text}**" if is_best else text for text, is_best in row] for row in rows]
+    texts.append([f"*{cell}*" for cell in count_row(report)])
     aligned = _align(texts)
     rule = ["-" * len(aligned[0][0])] + ["-" * (len(cell) - 1) + ":" for cell in aligned[0][1:]]
     lines = [aligned[0], rule, *aligned[1:]]
@@ -129,6 +156,8 @@ def format_table(report: dict) -> str:
     header, rows = table_cells(report)
     # Non-best numbers get a trailing space where the best get "*", so the decimal points stay in one column.
     texts = [header] + [[row[0][0]] + [text + ("*" if is_best else " ") for text, is_best in row[1:]] for row in rows]
+    counts = count_row(report)
+    texts.append([counts[0]] + [count + " " for count in counts[1:]])
     lines = ["  ".join(cells).rstrip() for cells in _align(texts)]
     if any(is_best for row in rows for _, is_best in row):
         lines.append("* best per metric")
@@ -171,8 +200,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def plot_training_curves(stage: str, records: list[dict], path: Path) -> bool:
-    """One PNG with a panel per watched quantity the log holds; returns False (and writes nothing) if it holds none."""
+def curve_panels(stage: str, records: list[dict]) -> list[tuple[str, list[tuple]]]:
+    """(title, [(logged key, line style, steps, values)]) of each panel the log has data for: a watched key drawn
+    solid, its ``eval_`` twin (SFT's eval loss on the eval split) dashed beside it."""
     panels = []
     for title, keys in CURVE_PANELS.get(stage, DEFAULT_PANELS):
         lines = []
@@ -183,6 +213,12 @@ def plot_training_curves(stage: str, records: list[dict], path: Path) -> bool:
                     lines.append((logged, style, steps, values))
         if lines:
             panels.append((title, lines))
+    return panels
+
+
+def plot_training_curves(stage: str, records: list[dict], path: Path) -> bool:
+    """One PNG with a panel per watched quantity the log holds; returns False (and writes nothing) if it holds none."""
+    panels = curve_panels(stage, records)
     if not panels:
         return False
 
@@ -208,28 +244,66 @@ def plot_training_curves(stage: str, records: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_metric_bars(report: dict, metric: str, path: Path) -> bool:
-    """A bar per variant that has a finite value of the metric, the best highlighted; False (nothing written)
-    where no variant has one."""
-    values = {}
-    for variant in ordered_variants(report):
-        value = metric_value(report, variant, metric)
-        if value is not None and math.isfinite(value):
-            values[variant] = value
-    if not values:
+# ---- the comparison figure -------------------------------------------------------------------------------------
+
+
+def comparison_grid(report: dict) -> tuple[list[str], list[str], list[list[float | None]], list[list[float | None]]]:
+    """(metrics, variants, values, shades) of the comparison figure: a row per metric, a column per variant, None
+    where a variant has no finite value. A fraction (every value of the row in [0, 1], higher better) is shaded by
+    its value, so near-equal scores look near-equal; any other metric (a margin in nats, a loss) by its place between
+    the row's worst (0) and best (1), all 1 where the row's values are equal."""
+    metrics, variants = metric_names(report), ordered_variants(report)
+    values, shades = [], []
+    for metric in metrics:
+        row = [metric_value(report, variant, metric) for variant in variants]
+        row = [v if v is not None and math.isfinite(v) else None for v in row]
+        present = [v for v in row if v is not None]
+        low, high = (min(present), max(present)) if present else (0.0, 0.0)
+        if not lower_is_better(metric) and 0 <= low and high <= 1:
+            shade = list(row)
+        else:
+            shade = [None if v is None else 1.0 if high == low else (v - low) / (high - low) for v in row]
+            if lower_is_better(metric):
+                shade = [None if x is None else 1.0 - x for x in shade]
+        values.append(row)
+        shades.append(shade)
+    return metrics, variants, values, shades
+
+
+def plot_comparison(report: dict, path: Path) -> bool:
+    """Every metric (rows) of every variant (columns) in one figure: each cell shows the value, shaded as
+    ``comparison_grid`` says, the best in bold; a row's label carries its sample count. False (nothing written) where
+    no variant has a value."""
+    metrics, variants, values, shades = comparison_grid(report)
+    if not any(v is not None for row in values for v in row):
         return False
-    best = best_variants(report, metric)
 
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(1.3 * len(values) + 2, 3.2), layout="constrained")
+    fig = Figure(figsize=(2.2 + 1.2 * len(variants), 0.9 + 0.38 * len(metrics)), layout="constrained")
     ax = fig.subplots()
-    colors = ["tab:orange" if variant in best else "tab:blue" for variant in values]
-    bars = ax.bar(list(values), list(values.values()), color=colors)
-    ax.bar_label(bars, fmt=f"%.{DECIMALS}f", fontsize=8)
-    ax.set_title(metric + (" (lower is better)" if lower_is_better(metric) else ""), fontsize=10)
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.margins(y=0.15)  # room for the value labels above the tallest bar
+    grid = [[float("nan") if x is None else x for x in row] for row in shades]
+    ax.imshow(grid, cmap="Greens", vmin=-0.15, vmax=1.15, aspect="auto")  # margins keep the ends readable
+    best = {metric: best_variants(report, metric) for metric in metrics}
+    for i, metric in enumerate(metrics):
+        for j, variant in enumerate(variants):
+            value = values[i][j]
+            ax.text(j, i, format_value(value), ha="center", va="center", fontsize=9,
+                    fontweight="bold" if variant in best[metric] else "normal",
+                    color="white" if shades[i][j] is not None and shades[i][j] > 0.6 else "black")
+    ax.set_xticks(range(len(variants)), variants)
+    ax.xaxis.tick_top()
+    labels = [f"{metric}{' (lower is better)' if lower_is_better(metric) else ''}  n={metric_count(report, metric)}"
+              for metric in metrics]
+    ax.set_yticks(range(len(metrics)), labels, fontsize=9)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_xticks([j + 0.5 for j in range(len(variants) - 1)], minor=True)
+    ax.set_yticks([i + 0.5 for i in range(len(metrics) - 1)], minor=True)
+    ax.grid(which="minor", color="white", linewidth=2)
+    fig.suptitle("every metric of every variant: darker is better (fractions by value, others within their row)",
+                 fontsize=9)
     fig.savefig(path, dpi=100)
     return True
 
@@ -297,38 +371,136 @@ def _published_section(report: dict) -> list[str]:
     return lines + [""]
 
 
+# ---- the run and the examples ----------------------------------------------------------------------------------
+
+
+def _duration(seconds) -> str:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        return MISSING
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _number(value, spec: str) -> str:
+    return MISSING if isinstance(value, bool) or not isinstance(value, (int, float)) else format(value, spec)
+
+
+def run_rows(stages: dict[str, dict]) -> list[list[str]]:
+    """A row per stage (stage, method, optimizer steps, epochs, train rows, final train loss, wall time), read from
+    the stages' _SUCCESS.json records in the order given; prepare's rows are per data kind, train/eval/test."""
+    rows = []
+    for name, record in stages.items():
+        metrics, rows_of = record.get("metrics") or {}, record.get("rows") or {}
+        if name == "prepare":
+            made = ", ".join(f"{kind} {' / '.join(str(n) for n in split.values())}" for kind, split in rows_of.items()
+                             if isinstance(split, dict))
+            rows.append([name, *[MISSING] * 3, made or MISSING, MISSING, _duration(record.get("duration_s"))])
+            continue
+        start = record.get("starting_from")
+        method = str(record.get("method", MISSING)) + (f", from {start}" if start else "")
+        rows.append([name, method, _number(record.get("steps"), "d"), _number(metrics.get("epoch"), ".3g"),
+                     _number(rows_of.get("train"), "d"), _number(metrics.get("train_loss"), ".4g"),
+                     _duration(record.get("duration_s"))])
+    return rows
+
+
+def _run_section(report: dict, stages: dict[str, dict]) -> list[str]:
+    """What ran: the model, its family, and each stage's method, length and wall time."""
+    family = f" (family `{report['family']}`)" if report.get("family") else ""
+    lines = ["## The run", ""] + ([f"- model: `{report['model']}`{family}"] if report.get("model") else [])
+    # Other plain top-level fields (task, ...) say what was evaluated too; nested ones are report.json's business.
+    lines += [f"- {key}: {value}" for key, value in report.items()
+              if key not in ("variants", "primary_metric", "model", "family") and isinstance(value, (str, int, float))]
+    rows = run_rows(stages)
+    if rows:
+        header = ["stage", "method", "steps", "epochs", "train rows", "train loss", "wall time"]
+        lines += ["", "| " + " | ".join(header) + " |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", "prepare's rows are train / eval / test of each data kind; times are each stage's own "
+                  "(`_SUCCESS.json`)."]
+    return lines + [""] if len(lines) > 2 else []
+
+
+def _cell(text, limit: int = EXAMPLE_TEXT_CHARS) -> str:
+    """Text safe inside a Markdown table cell, on one line, cut at ``limit`` characters."""
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return re.sub(r"([\\`*_|<>\[\]#])", r"\\\1", text) if text else "(empty)"
+
+
+def prediction_examples(predictions: list[dict], per_split: int = EXAMPLES_PER_SPLIT) -> dict[str, list[dict]]:
+    """The first ``per_split`` test questions of each split, each with every variant's answer:
+    ``{split: [{"question", "gold", "answers": {variant: (answer, correct)}}]}``. evaluate writes each variant's
+    predictions in the order of the rows, so the i-th prediction of a split is the same question for every variant."""
+    examples: dict[str, list[dict]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for row in predictions:
+        split, variant = row.get("split", "?"), row.get("variant", "?")
+        index = seen[split, variant] = seen.get((split, variant), -1) + 1
+        if index >= per_split:
+            continue
+        questions = examples.setdefault(split, [])
+        if index == len(questions):
+            questions.append({"question": row.get("question", ""), "gold": row.get("gold", ""), "answers": {}})
+        questions[index]["answers"][variant] = (row.get("answer", ""), row.get("correct"))
+    return examples
+
+
+def _gold(gold) -> str:
+    return " / ".join(map(str, gold)) if isinstance(gold, list) else str(gold)
+
+
+def _examples_section(report: dict, predictions: list[dict]) -> list[str]:
+    """A table per test split: the question, the reference answer and every variant's answer, marked right or wrong."""
+    examples = prediction_examples(predictions)
+    if not examples:
+        return []
+    known = ordered_variants(report)
+    lines = ["## Example answers", "",
+             f"The first {EXAMPLES_PER_SPLIT} questions of each test split, every variant's answer beside the reference "
+             "(✓ right, ✗ wrong as the split's metric counts it); all of them are in `predictions.jsonl`.", ""]
+    for split, questions in examples.items():
+        variants = [v for v in known if any(v in q["answers"] for q in questions)]
+        variants += [v for q in questions for v in q["answers"] if v not in variants]
+        lines += [f"### {split}", "", "| question | reference | " + " | ".join(f"`{v}`" for v in variants) + " |",
+                  "| --- | --- |" + " --- |" * len(variants)]
+        for q in questions:
+            answers = []
+            for variant in variants:
+                answer, correct = q["answers"].get(variant, (None, None))
+                mark = {True: " ✓", False: " ✗"}.get(correct, "")
+                answers.append(MISSING if answer is None else _cell(answer) + mark)
+            lines.append(f"| {_cell(q['question'])} | {_cell(_gold(q['gold']))} | " + " | ".join(answers) + " |")
+        lines.append("")
+    return lines
+
+
 # ---- report.md -------------------------------------------------------------------------------------------------
 
 
-def _summary_section(report: dict) -> list[str]:
-    """What was evaluated, the comparison table, and the sample count of each variant."""
-    # Other plain top-level fields (task, model, ...) say what was evaluated; nested ones are report.json's business.
-    context = [
-        (key, value) for key, value in report.items()
-        if key not in ("variants", "primary_metric") and isinstance(value, (str, int, float))
-    ]
-    lines = [f"- {key}: {value}" for key, value in context] + ([""] if context else [])
+def _results_section(report: dict, out_dir: Path) -> list[str]:
+    """The comparison table, the same as one figure, and what each metric is, over how many samples."""
     primary = report.get("primary_metric")
-    lines += [
+    lines = [
+        "## Results",
+        "",
         (f"Primary metric: `{primary}`. " if primary else "")
-        + f"Best value per metric in **bold**; {MISSING} where a variant has no value.",
+        + f"Best value per metric in **bold**; {MISSING} where a variant has no value; the last row is the number of "
+        "test samples each metric was computed on.",
         "",
         markdown_table(report),
         "",
     ]
-    for variant in ordered_variants(report):
-        samples = report["variants"][variant].get("samples")
-        lines.append(f"- `{variant}`: {samples if samples is not None else MISSING} samples")
-    return lines + [""]
-
-
-def _metric_bars_section(report: dict, out_dir: Path) -> list[str]:
-    lines = []
-    for metric in metric_names(report):
-        name = f"metric_{_slug(metric)}.png"
-        if plot_metric_bars(report, metric, out_dir / name):
-            lines += [f"![{metric} across variants]({name})", ""]
-    return ["## Metrics across variants", "", *lines] if lines else []
+    if plot_comparison(report, out_dir / COMPARISON_FIGURE):
+        lines += [f"![every metric of every variant]({COMPARISON_FIGURE})", ""]
+    definitions = report.get("definitions") or {}
+    described = [metric for metric in metric_names(report) if metric in definitions]
+    if described:
+        lines += ["### The metrics", "", "Fractions of the samples counted, unless said otherwise.", ""]
+        lines += [f"- `{metric}` ({metric_count(report, metric)} samples): {definitions[metric]}" for metric in described]
+        lines.append("")
+    return lines
 
 
 def _training_curves_section(training_logs: dict[str, Path], out_dir: Path) -> list[str]:
@@ -343,20 +515,26 @@ def _training_curves_section(training_logs: dict[str, Path], out_dir: Path) -> l
     return ["## Training curves", "", *lines] if lines else []
 
 
-def write_report(report: dict, out_dir: Path, *, training_logs: dict[str, Path]) -> Path:
+def write_report(
+    report: dict, out_dir: Path, *, training_logs: dict[str, Path], stages: dict[str, dict] | None = None,
+    predictions: list[dict] | None = None,
+) -> Path:
     """Write ``out_dir/report.md`` and its PNGs (linked by relative path); return the report.md path.
 
-    A stage whose metrics.jsonl is missing, or logs nothing plottable, is left out; so is a metric no variant has.
+    ``stages``: the run's _SUCCESS.json records by stage, for the run summary; ``predictions``: the rows of
+    predictions.jsonl, for the example answers. A section without its data is left out: a stage whose metrics.jsonl
+    is missing or logs nothing plottable, the figure where no variant has a value, the examples without predictions.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Evaluation report",
         "",
-        *_summary_section(report),
+        *_run_section(report, stages or {}),
+        *_results_section(report, out_dir),
+        *_examples_section(report, predictions or []),
         *_benchmarks_section(report),
         *_published_section(report),
-        *_metric_bars_section(report, out_dir),
         *_training_curves_section(training_logs, out_dir),
     ]
     report_path = out_dir / "report.md"

@@ -8,7 +8,8 @@ the newest complete checkpoint. On SIGTERM (SIGINT) it writes a checkpoint and e
                 vlmjobs run recipes/tiny-demo.yaml --stages sft
     in cluster: python -m jobs.sft            (accelerate launch ... -m jobs.sft with several GPUs)
 
-Output: <run>/sft/model/ (adapter or weights, processor, lineage.json), metrics.jsonl, _SUCCESS.json.
+Output: <run>/sft/model/ (adapter or weights, processor, lineage.json), metrics.jsonl with the training loss and the
+eval split's loss, tensorboard/ (event files: tensorboard --logdir <run>), _SUCCESS.json.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     shards = training.shard_count(cfg, "sft")
     args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute,
-                               shards=shards)
+                               shards=shards, defaults=training.SFT_DEFAULTS)
     peft_config = None if cfg.sft.method == "full" else modeling.lora_config(cfg.sft, family)
     with training.sharding(args, model):
         trainer = SFTTrainer(
@@ -60,7 +61,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     training.save(trainer, processor, stage.work / "model", **lineage)
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
-        method=cfg.sft.method, padding_free=padding_free, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        steps=result.global_step, method=cfg.sft.method, padding_free=padding_free,
+        quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
     )
 
 

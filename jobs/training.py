@@ -27,25 +27,34 @@ STAGE_DEFAULTS = {
     "save_strategy": "steps",
     "save_steps": 100,
     "save_total_limit": 2,
-    "report_to": "none",
+    # Curves a user can watch while a stage runs: event files in <run>/<stage>/tensorboard (``start`` points them
+    # there). A recipe's report_to replaces it (trackio, wandb, mlflow, or a list; "none" turns tracking off).
+    "report_to": "tensorboard",
     "max_length": None,  # truncating a VLM sample can cut through its image tokens
     "activation_checkpointing_kwargs": {"use_reentrant": False},  # transformers 5 name of gradient_checkpointing_kwargs
 }
+# SFT's own: its eval loss on the eval split, as often as it checkpoints (``trl_config`` matches eval_steps to
+# save_steps unless the recipe sets it) and at the last step (transformers 5 adds that evaluation itself).
+SFT_DEFAULTS = {"eval_strategy": "steps"}
 METRICS_FILE = "metrics.jsonl"
 # Sharded over several processes (resources.sharding), through transformers' own fsdp arguments: torch's fully_shard
 # (FSDP2) around each of the family's decoder and vision layers (the model's _no_split_modules). Checkpoints are
 # sharded (each process writes its part with torch.distributed.checkpoint, resumed on the same number of
 # processes); the final model is gathered whole by ``save``. Under recipe args.fsdp_config.
 FSDP_DEFAULTS = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "SHARDED_STATE_DICT"}
+TENSORBOARD_FOLDER = "tensorboard"
 
 
-def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype, shards: int = 1):
-    """The stage's TRL config: stage defaults < recipe args; bf16 / fp16 autocast in ``dtype`` (the compute dtype of
-    ``modeling.training_precision``) unless the recipe sets them; FSDP when sharded over ``shards`` processes
-    (``memory.shard_count``)."""
+def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype, shards: int = 1,
+               defaults: dict | None = None):
+    """The stage's TRL config: stage defaults < the stage's own ``defaults`` < recipe args; bf16 / fp16 autocast in
+    ``dtype`` (the compute dtype of ``modeling.training_precision``) unless the recipe sets them; FSDP when sharded
+    over ``shards`` processes (``memory.shard_count``)."""
     import torch
 
-    args = {**STAGE_DEFAULTS, "seed": seed, **train.args}
+    args = {**STAGE_DEFAULTS, **(defaults or {}), "seed": seed, **train.args}
+    if args.get("eval_strategy") == "steps":
+        args.setdefault("eval_steps", args["save_steps"])  # an eval loss beside every checkpoint
     if auto_batch.is_auto(args):  # the whole batch at once until the stage's probe finds what fits (auto_batch.fit)
         args.update(auto_batch.first_args(train.effective_batch_size, int(os.environ.get("WORLD_SIZE", "1"))))
     if shards > 1:
@@ -62,9 +71,26 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
         # Said by name, or transformers refuses bf16 (CPU autocast) and runs the processes of a CPU launch each alone
         args.setdefault("use_cpu", True)
     try:
-        return config_class(output_dir=str(output_dir), **args)
+        config = config_class(output_dir=str(output_dir), **args)
     except (TypeError, ValueError) as e:
         raise UserError(f"{config_class.__name__} rejects the recipe's args: {e}") from None
+    _check_trackers(config.report_to, where=f"{config_class.__name__.removesuffix('Config').lower()}.args.report_to")
+    return config
+
+
+def _check_trackers(report_to: list[str], where: str) -> None:
+    """A tracker the recipe asks for that this environment lacks is the user's to fix, said in one line (transformers
+    would raise it as a traceback when the trainer is built)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    available = get_available_reporting_integrations()
+    for name in report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"{where}: {name!r} is not a tracker transformers knows ({', '.join(INTEGRATION_TO_CALLBACK)})")
+        if name not in available and name != "flyte":  # flyte has no availability check in transformers
+            raise UserError(f"{where}: {name} is not installed in this environment (pip install {name}, "
+                            f"or remove report_to for the default, TensorBoard event files in the stage's folder)")
 
 
 def shard_count(cfg, stage: str) -> int:
@@ -116,6 +142,7 @@ def start(stage: str, trainer, *, work: Path, train_rows: int, extra: dict | Non
     from jobs.modeling import count_parameters
 
     trainer.remove_callback(PrinterCallback)  # MetricsLog prints the same, as one line per step
+    tensorboard = _log_tensorboard_to(trainer, work / TENSORBOARD_FOLDER)
     args, extra = trainer.args, extra or {}
     trainable, total = count_parameters(trainer.model)
     effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -128,9 +155,25 @@ def start(stage: str, trainer, *, work: Path, train_rows: int, extra: dict | Non
         shards = extra.get("sharded over", 1)
         print(f"{stage}: memory before activations, per process: "
               f"{estimate(trainer.model, trainable=trainable, reference_copy=extra.get('reference copy', False), shards=shards)}")
+        if tensorboard:
+            print(f"{stage}: curves in {tensorboard} (watch them: tensorboard --logdir {work.parent})")
         if checkpoint:
             print(f"{stage}: resuming from {checkpoint}")
     return checkpoint
+
+
+def _log_tensorboard_to(trainer, folder: Path) -> str | None:
+    """Event files into the stage's folder, which moves into <run>/<stage> when the stage is done (the default,
+    <output_dir>/runs/<date>_<host>, would be among the checkpoints). TENSORBOARD_LOGGING_DIR, where set, wins,
+    as transformers documents it. Only the main process writes (TensorBoardCallback checks is_world_process_zero).
+    Returns where they go, None without TensorBoard in report_to."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = callback.logging_dir or str(folder)
+            return callback.logging_dir
+    return None
 
 
 def callbacks(stage: str, work: Path) -> list:

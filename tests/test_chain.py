@@ -60,6 +60,35 @@ def test_every_stage_commits_and_dpo_logs_its_metrics_at_each_step(lora_chain):
         assert all(key in r for r in steps), key
 
 
+def event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every scalar in a folder's TensorBoard event files, read as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_each_training_stage_writes_tensorboard_events_into_its_own_folder(lora_chain):
+    """Issue 13 (9): curves to watch live, by default, in <run>/<stage>/tensorboard; SFT's with its eval loss."""
+    recipe, _ = lora_chain
+    scalars = {}
+    for stage in ("sft", "dpo"):
+        folder = recipe.run_dir / stage / "tensorboard"
+        assert len(list(folder.glob("events.out.tfevents.*"))) == 1, f"{stage}: one event file, from the main process"
+        scalars[stage] = event_scalars(folder)
+        assert [step for step, _ in scalars[stage]["train/loss"]] == [1, 2], stage  # logging_steps 1, max_steps 2
+        assert not (recipe.run_dir / stage / "checkpoints" / "runs").exists(), "not transformers' default folder"
+    assert "train/rewards/margins" in scalars["dpo"] and "train/rewards/accuracies" in scalars["dpo"]
+
+    # SFT evaluates on the eval split (at the last step here: its default interval is save_steps' 100), and
+    # metrics.jsonl, which report.md plots, holds the same number as the event file.
+    logged = [json.loads(line) for line in (recipe.run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [(r["step"], r["eval_loss"]) for r in logged if "eval_loss" in r]
+    assert len(evaluated) == 1 and evaluated[0][0] == 2 and evaluated[0][1] > 0
+    assert scalars["sft"]["eval/loss"] == [(2, pytest.approx(evaluated[0][1]))]
+
+
 def test_lora_dpo_on_merged_sft_uses_the_adapter_switched_off_as_reference(lora_chain):
     recipe, _ = lora_chain
     record = contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)
@@ -82,9 +111,33 @@ def test_evaluate_reports_every_variant_with_the_same_samples(lora_chain):
     assert len(predictions) == 4 * 8
     assert {p["split"] for p in predictions} == {"sft/test", "dpo/test"}
     assert all({"question", "answer", "gold", "correct"} <= set(p) for p in predictions)
+
+
+def test_the_report_tells_the_run_s_story(lora_chain):
+    """Issue 13 (10): the run, the comparison in one figure, each metric's samples and definition, answers side by side."""
+    recipe, _ = lora_chain
+    out = recipe.run_dir / "evaluate"
+    report = json.loads((out / "report.json").read_text())
+    for variant in report["variants"].values():
+        assert set(variant["counts"]) == set(variant["metrics"])
+        assert variant["counts"]["accuracy"] == 4 and variant["counts"]["preference_accuracy"] == 4
+    reported = {metric for variant in report["variants"].values() for metric in variant["metrics"]}
+    assert set(report["definitions"]) == reported, "every metric evaluate reports has its definition"
+    assert report["family"] == "llava"
+
     markdown = (out / "report.md").read_text()
-    assert "| dpo |" in markdown.replace("  ", " ") or "dpo" in markdown
-    assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in out.iterdir())
+    assert "![every metric of every variant](comparison.png)" in markdown and (out / "comparison.png").stat().st_size > 5000
+    assert not list(out.glob("metric_*.png"))
+    assert f"- `accuracy` (4 samples): {report['definitions']['accuracy']}" in markdown
+    run = markdown.split("## The run\n\n")[1].split("\n## ")[0]
+    assert run.startswith(f"- model: `{recipe.model.name_or_path}` (family `llava`)")
+    assert re.search(r"^\| sft \| lora \| 2 \| [0-9.]+ \| 400 \| [0-9.]+ \| (\d+m )?\d+s \|$", run, re.M), run
+    assert re.search(r"^\| dpo \| lora, from sft adapter merged \| 2 \| ", run, re.M), run
+    examples = markdown.split("## Example answers\n\n")[1].split("\n## ")[0]
+    for split in ("sft/test", "dpo/test"):
+        table = examples.split(f"### {split}\n\n")[1].split("\n\n")[0].splitlines()
+        assert table[0] == "| question | reference | `base` | `prompted` | `sft` | `dpo` |"
+        assert len(table) == 2 + 3, "the first three questions"
 
 
 def test_prompted_variant_gets_a_system_prompt_and_base_none():

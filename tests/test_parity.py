@@ -88,7 +88,7 @@ def test_sft_dpo_and_evaluate_build_what_the_checkpoints_own_processor_builds(fa
     record(monkeypatch, DataCollatorForVisionPreference, "torch_call", dpo_batches)
     monkeypatch.setattr(inference, "prompt_inputs", _recording(inference.prompt_inputs, prompts))
     train = {"method": "lora", "lora": {"r": 4, "lora_alpha": 8},
-             "args": {"max_steps": 1, "per_device_train_batch_size": 1, "logging_steps": 1}}
+             "args": {"max_steps": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "logging_steps": 1}}
     path = write_recipe(
         family=family_name, stages=["prepare", "sft", "dpo", "evaluate"], prepare={"max_rows": 8}, sft=train, dpo=train,
         evaluate={"variants": ["sft"], "max_samples": 1, "max_new_tokens": 1, "batch_size": 1},

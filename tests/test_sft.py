@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from peft import PeftModel
@@ -21,7 +23,8 @@ def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe,
     path = write_recipe(family=family, sft={"method": method, "lora": {"r": 4, "lora_alpha": 8}, "args": {"max_steps": 2, "per_device_train_batch_size": 2}})
     prepare.main(recipe=str(path))
     sft.main(recipe=str(path))
-    warned = "in 4 bits without CUDA: bitsandbytes' CPU fallback runs it" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    warned = "in 4 bits without CUDA: bitsandbytes' CPU fallback runs it" in captured.err
     assert warned is (method == "qlora" and not __import__("torch").cuda.is_available()), "issue 13 (8): say when 4-bit runs on CPU"
     recipe = recipes.load(path)
     out = recipe.run_dir / "sft"
@@ -31,6 +34,9 @@ def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe,
     assert record["padding_free"] is True, "issue 12: padding-free batches by default where the family supports them"
     assert record["metrics"]["train_loss"] > 0
     assert modeling.read_lineage(recipe.run_dir, "sft") == {"base": "base", "merged": [], "adapter": "sft/model"}
+    tensorboard = recipe.run_dir / ".sft.partial" / "tensorboard"
+    assert f"sft: curves in {tensorboard} (watch them: tensorboard --logdir {recipe.run_dir})" in captured.out
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "issue 13 (9): the stage's curves moved with it"
     model = modeling.load_trained(recipe, recipe.run_dir, "sft", quantize=modeling.quantization(recipe.sft))
     assert isinstance(model, PeftModel)
     assert any("lora_A" in name for name, _ in model.named_parameters())
@@ -65,3 +71,48 @@ def test_sigterm_writes_a_checkpoint_and_a_restart_resumes_from_it(write_recipe)
     assert record["resumed_from"] == checkpoint
     logged = [line for line in (run / "sft" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(logged) == steps, "each step logged once: the resumed run starts after the checkpoint"
+
+
+def test_report_to_from_the_recipe_replaces_tensorboard_and_none_writes_no_events(write_recipe, capsys):
+    """Issue 13 (9): the recipe's args.report_to passes through to TRL; "none" turns tracking off."""
+    path = write_recipe(sft={"method": "full", "args": {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": "none"}})
+    prepare.main(recipe=str(path))
+    sft.main(recipe=str(path))
+    assert "curves in" not in capsys.readouterr().out
+    out = recipes.load(path).run_dir / "sft"
+    assert (out / contract.SUCCESS_FILE).is_file()
+    assert not (out / "tensorboard").exists()
+    assert not list(out.rglob("events.out.tfevents.*"))
+
+
+def sft_config(**args):
+    from trl import SFTConfig
+
+    from jobs import training
+
+    return training.trl_config(SFTConfig, recipes.SFT(args=args), output_dir=Path("unused"), seed=0, dtype=None,
+                               defaults=training.SFT_DEFAULTS)
+
+
+def test_sft_evaluates_as_often_as_it_checkpoints_unless_the_recipe_says_otherwise():
+    """Issue 13 (9): SFT's eval loss by default, beside every checkpoint; DPO's only when asked."""
+    from trl import DPOConfig
+
+    from jobs import training
+
+    assert (sft_config().eval_strategy, sft_config().eval_steps) == ("steps", 100)
+    assert sft_config(save_steps=50).eval_steps == 50
+    assert sft_config(save_steps=50, eval_steps=10).eval_steps == 10
+    assert sft_config(eval_strategy="no").eval_strategy == "no"
+    assert sft_config().report_to == ["tensorboard"] and sft_config(report_to=["none"]).report_to == []
+    dpo = training.trl_config(DPOConfig, recipes.DPO(), output_dir=Path("unused"), seed=0, dtype=None)
+    assert dpo.eval_strategy == "no" and dpo.report_to == ["tensorboard"]
+
+
+@pytest.mark.parametrize("report_to, message", [
+    ("wandb", "sft.args.report_to: wandb is not installed in this environment (pip install wandb, or remove report_to"),
+    (["tensorboard", "tensorbord"], "sft.args.report_to: 'tensorbord' is not a tracker transformers knows"),
+])
+def test_a_tracker_the_environment_lacks_is_a_one_line_user_error(report_to, message):
+    with pytest.raises(contract.UserError, match=re.escape(message)):
+        sft_config(report_to=report_to)

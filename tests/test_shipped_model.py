@@ -55,8 +55,9 @@ def reevaluate_shipped(recipe, variant: str) -> tuple[dict, list[dict]]:
 def shown_row(text: str, variant: str) -> dict[str, str]:
     """A variant's row of a comparison table (the card's plain text, or report.md's Markdown) as shown."""
     lines = [line.strip("| ").replace("**", "") for line in text.splitlines()]
-    header = next(re.split(r"\s*\|\s*|\s{2,}", line) for line in lines if line.startswith("variant"))
-    row = next(re.split(r"\s*\|\s*|\s{2,}", line) for line in lines if line.split(" ")[0] == variant)
+    start = next(i for i, line in enumerate(lines) if line.startswith("variant"))  # report.md's run table comes first
+    header = re.split(r"\s*\|\s*|\s{2,}", lines[start])
+    row = next(re.split(r"\s*\|\s*|\s{2,}", line) for line in lines[start + 1:] if line.split(" ")[0] == variant)
     return {name: cell.rstrip("*") for name, cell in zip(header[1:], row[1:])}
 
 
