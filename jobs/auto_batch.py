@@ -126,6 +126,10 @@ def fit(stage, trainer, train) -> Batch | None:
     batch = Batch(micro, per_process // micro)
     args.per_device_train_batch_size, args.gradient_accumulation_steps = batch.micro, batch.accumulation
     trainer._train_batch_size = args.train_batch_size  # the Trainer's copy, read by its dataloader and its state
+    if "per_device_eval_batch_size" not in train.args:
+        # An evaluation batch as large as the one that fits in training fits (no gradients, no optimizer states);
+        # transformers' default (8) might not where training had to halve below it.
+        args.per_device_eval_batch_size = min(args.per_device_eval_batch_size, batch.micro)
     record = stage.work / RECORD_FILE
     if is_main_process():
         write_json_atomic(record, {**key, "micro_batch": batch.micro, "gradient_accumulation_steps": batch.accumulation,

@@ -68,9 +68,10 @@ def main(recipe: str = "", force: bool = False, **overrides):
             peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
             callbacks=training.callbacks("dpo", stage.work),
         )
+    with reference_logprobs.as_if_cached(trainer) if cached else contextlib.nullcontext():
+        auto_batch.fit(stage, trainer, cfg.dpo)  # per_device_train_batch_size: auto; before start prints the batch
     # Before training: for full fine-tuning the policy is still the reference
     cache = reference_logprobs.use_cached(trainer, reference_logprobs.store_for(stage.run_dir)) if cached else None
-    auto_batch.fit(stage, trainer, cfg.dpo)  # per_device_train_batch_size: auto; before start prints the batch
     checkpoint = training.start(
         "dpo", trainer, work=stage.work, train_rows=len(train),
         extra={"method": cfg.dpo.method, "starting from": start, "beta": args.beta, "loss": args.loss_type,

@@ -115,6 +115,32 @@ def read_from_batches(trainer) -> None:
     trainer.precompute_ref_logps = True
 
 
+@contextlib.contextmanager
+def as_if_cached(trainer):
+    """While ``auto_batch`` probes the micro-batch, before the log-probs exist: the trainer steps as it will train,
+    reading (zero) reference log-probs from its batches rather than running a reference, so that the probe measures
+    training's memory; the precompute then runs in batches no larger than the one found."""
+    collator, flag = trainer.data_collator, trainer.precompute_ref_logps
+    trainer.data_collator, trainer.precompute_ref_logps = _WithZeroLogps(collator), True
+    try:
+        yield
+    finally:
+        trainer.data_collator, trainer.precompute_ref_logps = collator, flag
+
+
+class _WithZeroLogps:
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch = self.collator(examples)
+        for column in COLUMNS:
+            batch[column] = torch.zeros(len(examples))
+        return batch
+
+
 class WithReferenceLogps:
     """A collator that passes the rows' reference log-probs through as tensors, around one that drops them (TRL's
     vision collator)."""

@@ -46,6 +46,18 @@ def out_of_memory_above(rows: int, *, sigint_at_forward: int | None = None):
         handle.remove()
 
 
+@pytest.fixture
+def write_recipe(write_recipe):
+    """The shared fixture, SFT padded: the hook above counts a batch's rows, and padding-free SFT joins them into one
+    (the probe and the halving are the same either way)."""
+
+    def write(**sections):
+        sections["sft"] = {**sections.get("sft", TRAIN), "padding_free": False}
+        return write_recipe(**sections)
+
+    return write
+
+
 def logged_steps(folder) -> list[dict]:
     """What the stage logged at each step (loss, grad norm, TRL's metrics, token count), without the clock."""
     lines = (folder / "metrics.jsonl").read_text().splitlines()
