@@ -32,7 +32,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import DPOConfig, DPOTrainer
 
-    from jobs import modeling, training
+    from jobs import modeling, shared_prefix, training
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -47,7 +47,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     # A new adapter on top, unless SFT's adapter is being trained further (it is already on the model).
     new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None
-    trainer = DPOTrainer(
+    packed = shared_prefix.wanted(cfg.dpo.shared_prefix, model)
+    trainer = (shared_prefix.SharedPrefixDPOTrainer if packed else DPOTrainer)(
         model=model,
         # Full fine-tuning needs a frozen copy; TRL would reload it from the base model's id, which is not
         # the merged SFT weights this run starts from.
@@ -59,7 +60,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     checkpoint = training.start(
         "dpo", trainer, work=stage.work, train_rows=len(train),
         extra={"method": cfg.dpo.method, "starting from": start, "beta": args.beta, "loss": args.loss_type,
-               "reference copy": cfg.dpo.method == "full"},
+               "reference copy": cfg.dpo.method == "full",
+               "prompt encoded": "once per pair (shared prefix)" if packed else "twice per pair (dpo.shared_prefix off)"},
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "dpo")
@@ -69,7 +71,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
         method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
-        reference=reference_kind(trainer),
+        reference=reference_kind(trainer), shared_prefix=packed,
     )
 
 

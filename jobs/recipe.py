@@ -116,6 +116,10 @@ class SFT(Train):
 class DPO(Train):
     init: str = "sft"  # sft: start from the SFT stage's output when the run has one; base: from the base model
     sft_adapter: str = "merge"  # merge: fold SFT's adapter into the weights first; continue: train it further
+    # Each pair's image and prompt encoded once, both answers continuing from it (jobs.shared_prefix), for the policy
+    # and the reference: the same loss and gradients as TRL's two rows per pair. None: on where the model's attention
+    # implementation takes a custom mask (eager, sdpa); true: refuse where not; false: TRL's rows.
+    shared_prefix: bool | None = None
 
 
 @dataclass(frozen=True)

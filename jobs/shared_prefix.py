@@ -50,6 +50,16 @@ def unsupported(model) -> str | None:
     return None
 
 
+def wanted(setting: bool | None, model) -> bool:
+    """Whether the stage packs pairs: the recipe's dpo.shared_prefix, None meaning wherever the model can."""
+    if setting is False:
+        return False
+    reason = unsupported(model)
+    if reason and setting:
+        raise UserError(f"dpo.shared_prefix: {reason}; or set dpo.shared_prefix: false")
+    return reason is None
+
+
 @dataclass(frozen=True)
 class Packing:
     """Where each token of the B packed rows comes from in TRL's 2B rows, and where each of TRL's per-token outputs
@@ -180,8 +190,7 @@ class SharedPrefixDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if reason := unsupported(self.model):
-            raise UserError(f"dpo.shared_prefix: {reason}; or set dpo.shared_prefix: false")
+        wanted(True, self.model)
         self._family = family_of(self.model.config.model_type).name
 
     @contextlib.contextmanager

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from trl import DPOConfig, DPOTrainer
 
-from jobs import modeling, shared_prefix, synthetic
+from jobs import contract, modeling, shared_prefix, synthetic
+from jobs.contract import UserError
 from jobs.families import FAMILIES, get_family
 from jobs.recipe import Model
 
@@ -155,9 +156,23 @@ def test_qwen2_vl_answers_continue_the_prompts_multimodal_positions(tiny_model, 
     assert abs(moved[1]["logps/chosen"] - expected[1]["logps/chosen"]) > 1e-3
 
 
-def test_attention_without_custom_masks_is_refused_in_one_line(tiny_model):
+def test_attention_without_custom_masks_is_refused_in_one_line_or_left_to_trls_rows(tiny_model):
     model = modeling.load_model(Model(name_or_path=str(tiny_model("llava")), family="llava"))
+    assert shared_prefix.wanted(None, model), "on by default where supported"
     model.config.get_text_config()._attn_implementation = "flash_attention_2"
-    reason = shared_prefix.unsupported(model)
-    assert reason.startswith("model.attn_implementation flash_attention_2 takes no custom attention mask")
-    assert "\n" not in reason
+    with pytest.raises(UserError) as error:
+        shared_prefix.wanted(True, model)
+    assert str(error.value) == (
+        "dpo.shared_prefix: model.attn_implementation flash_attention_2 takes no custom attention mask, which each "
+        "answer's view of the shared prompt needs; use eager or sdpa; or set dpo.shared_prefix: false")
+    assert not shared_prefix.wanted(None, model), "the default falls back to TRL's rows"
+    assert not shared_prefix.wanted(False, model)
+
+
+def test_the_dpo_stage_encodes_each_prompt_once_by_default(write_recipe, capsys):
+    from tests.conftest import run_stages
+
+    train = {"method": "lora", "lora": {"r": 4, "lora_alpha": 8}, "args": {"max_steps": 1, "per_device_train_batch_size": 2}}
+    recipe = run_stages(write_recipe(stages=["prepare", "dpo"], prepare={"max_rows": 8}, dpo=train))
+    assert "prompt encoded once per pair (shared prefix)" in capsys.readouterr().out
+    assert contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)["shared_prefix"] is True
