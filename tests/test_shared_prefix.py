@@ -176,3 +176,14 @@ def test_the_dpo_stage_encodes_each_prompt_once_by_default(write_recipe, capsys)
     recipe = run_stages(write_recipe(stages=["prepare", "dpo"], prepare={"max_rows": 8}, dpo=train))
     assert "prompt encoded once per pair (shared prefix)" in capsys.readouterr().out
     assert contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)["shared_prefix"] is True
+
+
+def test_the_benchs_sentence_answers_keep_the_charts_and_the_truth():
+    """jobs.synthetic's sentences=True (the DPO bench's data): the same charts and questions, the chosen answer still
+    the true one, answers of varying length."""
+    words, sentences = synthetic.rlaif_v_rows(20), synthetic.rlaif_v_rows(20, sentences=True)
+    assert [(r["image"], r["question"]) for r in words] == [(r["image"], r["question"]) for r in sentences]
+    for word, sentence in zip(words, sentences):
+        assert sentence["chosen"].startswith(word["chosen"] + ", there is")
+        assert sentence["rejected"].startswith(word["rejected"] + ", there is")
+    assert len({len(r["chosen"]) for r in sentences}) > 5
