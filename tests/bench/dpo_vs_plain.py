@@ -9,7 +9,7 @@ so that what the shared prefix alone gives shows. Runs alternate, each in a fres
 runs are printed: samples/s of the training loop (the trainer's train_samples_per_second) and of the whole process
 (samples / wall time: start-up, load, data, train, save), the ratio to the blog's, peak resident memory, the mean train
 loss and the preference accuracy (rewards/accuracies) over the last quarter of the steps. For vlmjobs also the seconds
-before the launcher starts the first stage and before each stage prints its first line (start-up: imports).
+before the launcher starts the first stage and before each stage prints anything (start-up: imports, loading).
 
 The data is RLAIF-V-shaped with answers that are sentences of varying length (jobs.synthetic, sentences=True).
 
@@ -174,7 +174,7 @@ def main() -> None:
                      f"{m['peak_rss_mb']:.0f} | {m['loss']:.3f} | {m['accuracy']:.2f} |")
     startup = {key: statistics.median(r["startup"][key] for r in runs["shared"]) for key in runs["shared"][0]["startup"]}
     lines += ["", "vlmjobs start-up (median s): " + ", ".join(
-        f"{'launcher until the first stage starts' if k == 'launcher' else k + ' until its first line'} {v:.1f}"
+        f"{'launcher until the first stage starts' if k == 'launcher' else k + ' until its first output'} {v:.1f}"
         for k, v in startup.items())]
     print("\n".join(lines))
     (work / "bench-dpo.md").write_text("\n".join(lines) + "\n")
