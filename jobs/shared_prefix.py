@@ -45,8 +45,8 @@ def unsupported(model) -> str | None:
         return f"no shared-prefix forward for model type {model.config.model_type!r}"
     attention = model.config.get_text_config()._attn_implementation
     if attention not in ATTENTION:
-        return (f"model.attn_implementation {attention} takes no custom attention mask, which each answer's view of the "
-                f"shared prompt needs; use {' or '.join(ATTENTION)}")
+        return (f"model.attn_implementation {attention} takes no custom attention mask, which each answer's view of "
+                f"the shared prompt needs; use {' or '.join(ATTENTION)}")
     return None
 
 
@@ -79,7 +79,8 @@ class Packing:
         real = attention_mask.bool()
         answer = real & (labels != IGNORE)
         prompt_len, answer_len = (real & ~answer).sum(1), answer.sum(1)
-        if attention_mask.size(0) % 2 or not torch.equal(prompt_len[:pairs], prompt_len[pairs:]) or prompt_len.min() < 1:
+        shared = torch.equal(prompt_len[:pairs], prompt_len[pairs:])
+        if attention_mask.size(0) % 2 or not shared or prompt_len.min() < 1:
             raise ValueError("shared prefix: the batch is not TRL's [prompt + chosen; prompt + rejected] rows")
         prompts, chosen, rejected = (t.tolist() for t in (prompt_len[:pairs], answer_len[:pairs], answer_len[pairs:]))
         width = max(p + c + 1 + r for p, c, r in zip(prompts, chosen, rejected))
@@ -116,7 +117,8 @@ class Packing:
         if prefix is not None:
             prompt = self.real & prefix & (self.segment == 0)
             sees |= q(prompt) & k(prompt)
-        sees |= torch.eye(sees.size(-1), dtype=torch.bool, device=sees.device)  # a padding row attends somewhere, not NaN
+        # a padding row attends to itself: a row that sees nothing gives sdpa NaN
+        sees |= torch.eye(sees.size(-1), dtype=torch.bool, device=sees.device)
         sees = sees[:, None]
         if dtype is None:
             return sees
@@ -173,9 +175,9 @@ def packed_forward(model, forward, family: str):
         # Padding gets the pad token: a copy of a real one could be an image placeholder with no image behind it
         pad = model.config.get_text_config().pad_token_id or 0
         out = forward(
-            input_ids=packing.gather(input_ids).masked_fill(~packing.real, pad), attention_mask=mask, position_ids=packing.gather(position_ids),
-            labels=packing.gather(labels).masked_fill(~packing.real, IGNORE), fused_lm_head=True,
-            **first_images(kwargs, packing.rows.size(0)),
+            input_ids=packing.gather(input_ids).masked_fill(~packing.real, pad), attention_mask=mask,
+            position_ids=packing.gather(position_ids), labels=packing.gather(labels).masked_fill(~packing.real, IGNORE),
+            fused_lm_head=True, **first_images(kwargs, packing.rows.size(0)),
         )
         fields = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
         unpacked = {name: None if getattr(out, name) is None else packing.unpack(getattr(out, name)) for name in fields}
