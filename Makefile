@@ -42,9 +42,10 @@ test: $(STAMP)
 	$(SIMCLUSTER) build --unless-no-go
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# Speed and memory of the sft stage beside the source documents' plain script (not a test: no timing asserts).
+# Speed and memory of the sft and dpo stages beside the source documents' plain scripts (not a test: no timing asserts).
 bench: $(STAMP)
 	$(BIN)/python tests/bench/sft_vs_plain.py $(BENCH_ARGS)
+	$(BIN)/python tests/bench/dpo_vs_plain.py $(DPO_BENCH_ARGS)
 
 # On a cluster: the current kube context (see README, "On a cluster"). render needs no cluster.
 render: $(STAMP)  ## make render STAGE=dpo [RECIPE=... RUN=...]: print the stage's manifests, change nothing

@@ -35,7 +35,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import DPOConfig, DPOTrainer
 
-    from jobs import auto_batch, modeling, reference_logprobs, training
+    from jobs import auto_batch, modeling, reference_logprobs, shared_prefix, training
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -58,8 +58,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
     cached = cfg.dpo.reference_logprobs == "cache" and not why_not
     reference_copy = cfg.dpo.method == "full" and not cached
     without_copy = reference_logprobs.without_reference_model() if cached else contextlib.nullcontext()
+    packed = shared_prefix.wanted(cfg.dpo.shared_prefix, model)
     with training.sharding(args, model), without_copy:
-        trainer = DPOTrainer(
+        trainer = (shared_prefix.SharedPrefixDPOTrainer if packed else DPOTrainer)(
             model=model,
             # Full fine-tuning recomputing the reference needs a frozen copy; TRL would reload it from the base
             # model's id, which is not the merged SFT weights this run starts from.
@@ -76,7 +77,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
         "dpo", trainer, work=stage.work, train_rows=len(train),
         extra={"method": cfg.dpo.method, "starting from": start, "beta": args.beta, "loss": args.loss_type,
                "reference copy": reference_copy, "reference log-probs": "cached" if cached else "recomputed",
-               "sharded over": shards},
+               "sharded over": shards,
+               "prompt encoded": "once per pair (shared prefix)" if packed else "twice per pair (dpo.shared_prefix off)"},
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "dpo")
@@ -87,7 +89,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
         steps=result.global_step,
         method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
-        reference=reference_kind(trainer), reference_logprobs=cache or "recomputed at every step",
+        reference=reference_kind(trainer), reference_logprobs=cache or "recomputed at every step", shared_prefix=packed,
     )
 
 

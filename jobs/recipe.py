@@ -129,6 +129,10 @@ class DPO(Train):
     # attempt and a later DPO on the same reference and data (a beta sweep); full fine-tuning then holds no second
     # copy of the model. recompute: TRL's reference forward at every step.
     reference_logprobs: str = "cache"
+    # Each pair's image and prompt encoded once, both answers continuing from it (jobs.shared_prefix), for the policy
+    # and the reference: the same loss and gradients as TRL's two rows per pair. None: on where the model's attention
+    # implementation takes a custom mask (eager, sdpa); true: refuse where not; false: TRL's rows.
+    shared_prefix: bool | None = None
 
 
 @dataclass(frozen=True)

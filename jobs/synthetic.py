@@ -87,9 +87,11 @@ def chartqa_rows(n: int, seed: int = 0, image_sides: tuple[int, int] | None = No
     return rows
 
 
-def rlaif_v_rows(n: int, seed: int = 0) -> list[dict]:
-    """Yes/no questions about colours that may be absent, as RLAIF-V and AMBER ask about objects."""
-    rng = random.Random(seed)
+def rlaif_v_rows(n: int, seed: int = 0, sentences: bool = False) -> list[dict]:
+    """Yes/no questions about colours that may be absent, as RLAIF-V and AMBER ask about objects. ``sentences``: the
+    answers are descriptions of varying length, as RLAIF-V's are (the chosen one true, the rejected one not), for
+    benchmarks; the charts and questions are the same as without."""
+    rng, wording = random.Random(seed), random.Random(seed + 1)
     rows = []
     for i in range(n):
         colour = "red"
@@ -98,6 +100,10 @@ def rlaif_v_rows(n: int, seed: int = 0) -> list[dict]:
         while any(c == colour for c, _ in bars) != present:
             bars = _random_bars(rng)
         yes, no = "Yes", "No"
+        if sentences:
+            truth = _description(colour, bars, present, wording)
+            made_up = _description(colour, _random_bars(wording), not present, wording)
+            yes, no = (truth, made_up) if present else (made_up, truth)
         rows.append({
             "ds_name": "synthetic-charts",
             "image": {"bytes": chart(bars), "path": None},
@@ -110,6 +116,17 @@ def rlaif_v_rows(n: int, seed: int = 0) -> list[dict]:
             "image_path": f"synthetic/{i}.png",
         })
     return rows
+
+
+def _description(colour: str, bars: list[tuple[str, int]], present: bool, rng: random.Random) -> str:
+    """An answer that says whether ``colour`` is there and describes ``bars``, in one to four sentences."""
+    said = f"Yes, there is a {colour} bar in the chart." if present else f"No, there is no {colour} bar in the chart."
+    listed = ", ".join(f"a {c} bar of height {v}" for c, v in bars)
+    sentences = [said, f"The chart has {len(bars)} bar{'s' * (len(bars) > 1)}: {listed}."]
+    tallest = max(bars, key=lambda bar: bar[1])[0]
+    extra = [f"The {tallest} bar is the tallest.", "The bars stand side by side on a white background.",
+             "There is no title, legend or axis label."]
+    return " ".join(sentences[: rng.randint(1, 2)] + rng.sample(extra, rng.randint(0, len(extra))))
 
 
 def messages_rows(n: int, seed: int = 0) -> list[dict]:

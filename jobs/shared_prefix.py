@@ -1,0 +1,221 @@
+"""Shared-prefix DPO: each pair's image and prompt encoded once, its two answers continuing from it.
+
+TRL's DPOTrainer scores B pairs as 2B rows, [prompt + chosen] then [prompt + rejected] (its
+DataCollatorForVisionPreference, rows flushed left), so the policy and the reference each run the vision tower and the
+prompt twice per pair. Here the model sees the same batch packed into B rows,
+
+    [prompt, chosen, last prompt token again, rejected]
+
+under a 4D attention mask in which the prompt attends as in TRL's rows (causally; PaliGemma's prefix both ways) and
+each answer sees the prompt and itself, never the other answer; every token keeps the position it has in TRL's row
+(Qwen2-VL's multimodal rotary positions from the model's own get_rope_index). The repeated last prompt token scores the
+rejected answer's first token: it has the original's token, position and context (the prompt before it), so its
+hidden state is the original's, and the rejected answer attends to it instead of the original, which the chosen
+answer's first token already needs. The outputs of TRL's fused LM head (per-token log-probs, entropy, ...) are laid
+back out as TRL's 2B rows, so TRL's own loss, rewards and metrics run unchanged, and gradients reach the prompt's
+computation through both answers.
+
+The packing wraps the model's forward only while the trainer computes the DPO loss or reference log-probs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from trl import DPOTrainer
+
+from jobs.contract import UserError
+from jobs.families import family_of
+
+# A custom 4D mask is what these attention implementations take as is; flash-attention takes only padding (or
+# varlen sequences, which cannot let two answers share one prompt), flex-attention a BlockMask.
+ATTENTION = ("eager", "sdpa")
+FIRST_POSITION = {"paligemma": 1}  # PaliGemmaModel counts positions from 1, the others from 0
+IGNORE = -100  # TRL's label for a token that is not scored (the prompt, padding)
+
+
+def unsupported(model) -> str | None:
+    """Why this model cannot run the shared-prefix forward, or None when it can."""
+    family = family_of(model.config.model_type)
+    if family is None:
+        return f"no shared-prefix forward for model type {model.config.model_type!r}"
+    attention = model.config.get_text_config()._attn_implementation
+    if attention not in ATTENTION:
+        return (f"model.attn_implementation {attention} takes no custom attention mask, which each answer's view of "
+                f"the shared prompt needs; use {' or '.join(ATTENTION)}")
+    return None
+
+
+def wanted(setting: bool | None, model) -> bool:
+    """Whether the stage packs pairs: the recipe's dpo.shared_prefix, None meaning wherever the model can."""
+    if setting is False:
+        return False
+    reason = unsupported(model)
+    if reason and setting:
+        raise UserError(f"dpo.shared_prefix: {reason}; or set dpo.shared_prefix: false")
+    return reason is None
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each token of the B packed rows comes from in TRL's 2B rows, and where each of TRL's per-token outputs
+    comes from in the packed rows. Built from the batch's attention mask and labels alone."""
+
+    rows: torch.Tensor  # [B, N] source row in TRL's batch
+    cols: torch.Tensor  # [B, N] source column: the token's position in its own sequence
+    real: torch.Tensor  # [B, N] false for padding
+    segment: torch.Tensor  # [B, N] 0 prompt, 1 chosen, 2 rejected (from the repeated last prompt token on)
+    start: torch.Tensor  # [B, N] the column the token's segment starts at: an answer sees prompt columns before it
+    out_cols: torch.Tensor  # [2B, L-1] packed column of each of TRL's outputs (row i and B+i come from packed row i)
+    out_real: torch.Tensor  # [2B, L-1] false where TRL's output is 0 (no label there)
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor, labels: torch.Tensor) -> Packing:
+        pairs, length = attention_mask.size(0) // 2, attention_mask.size(1)
+        real = attention_mask.bool()
+        answer = real & (labels != IGNORE)
+        prompt_len, answer_len = (real & ~answer).sum(1), answer.sum(1)
+        shared = torch.equal(prompt_len[:pairs], prompt_len[pairs:])
+        if attention_mask.size(0) % 2 or not shared or prompt_len.min() < 1:
+            raise ValueError("shared prefix: the batch is not TRL's [prompt + chosen; prompt + rejected] rows")
+        prompts, chosen, rejected = (t.tolist() for t in (prompt_len[:pairs], answer_len[:pairs], answer_len[pairs:]))
+        width = max(p + c + 1 + r for p, c, r in zip(prompts, chosen, rejected))
+        device = attention_mask.device
+        rows, cols, segment, start = (torch.zeros(pairs, width, dtype=torch.long) for _ in range(4))
+        packed_real = torch.zeros(pairs, width, dtype=torch.bool)
+        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+            n = p + c + 1 + r
+            rows[i] = i
+            rows[i, p + c:n] = pairs + i
+            cols[i, :p + c] = torch.arange(p + c)
+            cols[i, p + c:n] = torch.arange(p - 1, p + r)
+            segment[i, p:p + c], segment[i, p + c:n] = 1, 2
+            start[i, p:p + c], start[i, p + c:n] = p, p - 1
+            packed_real[i, :n] = True
+        # TRL's output j of a row scores its token j+1 from the hidden state at j
+        j = torch.arange(length - 1)[None]
+        p, c, r = (torch.tensor(v)[:, None] for v in (prompts, chosen, rejected))
+        out_cols = torch.cat([j.expand(pairs, -1), j + c + 1])
+        out_real = torch.cat([j < p + c - 1, (j >= p - 1) & (j < p + r - 1)])
+        out_cols = torch.where(out_real, out_cols, 0)
+        return cls(*(t.to(device) for t in (rows, cols, packed_real, segment, start, out_cols, out_real)))
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """TRL's [2B, L] (or [k, 2B, L]) per-token tensor in the packed layout, [B, N] (or [k, B, N])."""
+        return tensor[..., self.rows, self.cols]
+
+    def attention(self, prefix: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+        """The [B, 1, N, N] mask: bool, or additive in ``dtype`` (eager attention adds it to the scores).
+        ``prefix``: PaliGemma's bidirectional prompt tokens (token type 0), packed."""
+        q, k = (lambda t: t[:, :, None]), (lambda t: t[:, None, :])
+        shares = (k(self.segment) == q(self.segment)) | ((k(self.segment) == 0) & (k(self.cols) < q(self.start)))
+        sees = k(self.real) & shares & (k(self.cols) <= q(self.cols))
+        if prefix is not None:
+            prompt = self.real & prefix & (self.segment == 0)
+            sees |= q(prompt) & k(prompt)
+        # a padding row attends to itself: a row that sees nothing gives sdpa NaN
+        sees |= torch.eye(sees.size(-1), dtype=torch.bool, device=sees.device)
+        sees = sees[:, None]
+        if dtype is None:
+            return sees
+        return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+
+    def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A packed [B, N-1] output of the fused LM head as TRL's [2B, L-1], zero where TRL's is."""
+        pairs = per_token.size(0)
+        rows = torch.arange(pairs, device=per_token.device).repeat(2)[:, None]
+        return per_token[rows, self.out_cols].masked_fill(~self.out_real, 0)
+
+
+def first_images(kwargs: dict, pairs: int) -> dict:
+    """The image inputs of the first B rows: TRL's collator repeats every pair's images for its second row."""
+    kwargs = dict(kwargs)
+    grid = kwargs.get("image_grid_thw")
+    if grid is not None:  # Qwen2-VL: every image's patches in one flat tensor, the chosen rows' images first
+        grid = grid[: grid.size(0) // 2]
+        kwargs["image_grid_thw"], kwargs["pixel_values"] = grid, kwargs["pixel_values"][: int(grid.prod(-1).sum())]
+    for key in ("pixel_values", "pixel_attention_mask", "image_sizes"):
+        value = kwargs.get(key)
+        if grid is None and value is not None and value.size(0) == 2 * pairs:
+            kwargs[key] = value[:pairs]
+    return kwargs
+
+
+def positions(model, family: str, input_ids, attention_mask, kwargs) -> torch.Tensor:
+    """The position ids the model gives TRL's rows itself: [2B, L], or [3, 2B, L] for multimodal rotary positions."""
+    if kwargs.get("mm_token_type_ids") is not None:  # Qwen2-VL
+        ids, _ = model.model.get_rope_index(
+            input_ids, mm_token_type_ids=kwargs["mm_token_type_ids"], image_grid_thw=kwargs.get("image_grid_thw"),
+            video_grid_thw=kwargs.get("video_grid_thw"), attention_mask=attention_mask,
+        )
+        return ids
+    offset = FIRST_POSITION.get(family, 0)
+    return (torch.arange(input_ids.size(1), device=input_ids.device) + offset).expand_as(input_ids)
+
+
+def packed_forward(model, forward, family: str):
+    """``forward`` (TRL's fused-LM-head forward of ``model``) scoring TRL's pair rows through the packed rows."""
+
+    @functools.wraps(forward)
+    def pack(*args, fused_lm_head=False, labels=None, **kwargs):
+        if args or not fused_lm_head or labels is None or kwargs.get("input_ids") is None:
+            return forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
+        token_types = kwargs.pop("token_type_ids", None)
+        position_ids = positions(model, family, input_ids, attention_mask, kwargs)
+        kwargs.pop("mm_token_type_ids", None)  # only get_rope_index reads it
+        packing = Packing.of(attention_mask, labels)
+        eager = model.config.get_text_config()._attn_implementation == "eager"
+        mask = packing.attention(None if token_types is None else packing.gather(token_types) == 0,
+                                 torch.float32 if eager else None)
+        # Padding gets the pad token: a copy of a real one could be an image placeholder with no image behind it
+        pad = model.config.get_text_config().pad_token_id or 0
+        out = forward(
+            input_ids=packing.gather(input_ids).masked_fill(~packing.real, pad), attention_mask=mask,
+            position_ids=packing.gather(position_ids), labels=packing.gather(labels).masked_fill(~packing.real, IGNORE),
+            fused_lm_head=True, **first_images(kwargs, packing.rows.size(0)),
+        )
+        fields = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+        unpacked = {name: None if getattr(out, name) is None else packing.unpack(getattr(out, name)) for name in fields}
+        return type(out)(loss=out.loss, **unpacked, label_mask=labels[:, 1:] != IGNORE, aux_loss=out.aux_loss)
+
+    pack.shared_prefix = True
+    return pack
+
+
+class SharedPrefixDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer whose policy and reference passes score each pair's answers from one pass over its prompt."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        wanted(True, self.model)
+        self._family = family_of(self.model.config.model_type).name
+
+    @contextlib.contextmanager
+    def _shared_prefix(self):
+        models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
+        models = [m.get_base_model() if isinstance(m, PeftModel) else m for m in models]
+        wrapped = [m for m in models if not getattr(m.forward, "shared_prefix", False)]
+        originals = [m.__dict__.get("forward") for m in wrapped]  # TRL's fused-head forward, set on the instance
+        for model in wrapped:
+            model.forward = packed_forward(model, model.forward, self._family)
+        try:
+            yield
+        finally:
+            for model, original in zip(wrapped, originals):
+                if original is None:
+                    del model.forward
+                else:
+                    model.forward = original
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        with self._shared_prefix():
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        with self._shared_prefix():
+            return super().compute_ref_log_probs(model, inputs)

@@ -1,0 +1,190 @@
+"""make bench: the dpo stage against the DPO blog's own plain script, on the same tiny model, data and arguments.
+
+The plain script is the blog's ("Preference Optimization for VLMs with TRL", dpo_idefics2-8b.py): load_dataset, its
+format function (chat template applied to strings, the thumbnail step at half the processor's size), DPOTrainer with
+LoRA all-linear and the adapter switched off as reference; changed only where this machine forces it (the tiny model's
+folder; no bf16 or 32 workers on a CPU; the model class transformers 5 names). vlmjobs runs as a user does,
+``vlmjobs run`` of prepare + dpo, with its shared-prefix forward (the default) and without (dpo.shared_prefix: false),
+so that what the shared prefix alone gives shows. Runs alternate, each in a fresh process; the medians of --repeats
+runs are printed: samples/s of the training loop (the trainer's train_samples_per_second) and of the whole process
+(samples / wall time: start-up, load, data, train, save), the ratio to the blog's, peak resident memory, the mean train
+loss and the preference accuracy (rewards/accuracies) over the last quarter of the steps. For vlmjobs also the seconds
+before the launcher starts the first stage and before each stage prints anything (start-up: imports, loading).
+
+The data is RLAIF-V-shaped with answers that are sentences of varying length (jobs.synthetic, sentences=True).
+
+    make bench                    # or: python tests/bench/dpo_vs_plain.py [--family=idefics2] [--steps=40] [--repeats=3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The blog's script, as close as this machine and transformers 5 allow.
+PLAIN = r'''
+import json, sys
+from datasets import features, load_dataset
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import DPOConfig, DPOTrainer
+from peft import LoraConfig
+
+model_dir, data_dir, out, steps, batch, lr, beta = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7])]
+model = AutoModelForImageTextToText.from_pretrained(model_dir)
+processor = AutoProcessor.from_pretrained(model_dir, do_image_splitting=False)
+dataset = load_dataset(data_dir, split="train")
+
+def format(example):
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example["question"]}]}]
+    chosen = [{"role": "assistant", "content": [{"type": "text", "text": example["chosen"]}]}]
+    rejected = [{"role": "assistant", "content": [{"type": "text", "text": example["rejected"]}]}]
+    prompt = processor.apply_chat_template(prompt, tokenize=False)
+    chosen = processor.apply_chat_template(chosen, tokenize=False)
+    rejected = processor.apply_chat_template(rejected, tokenize=False)
+    max_size = processor.image_processor.size["longest_edge"] // 2
+    example["image"].thumbnail((max_size, max_size))
+    return {"images": [example["image"]], "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+dataset = dataset.map(format, remove_columns=dataset.column_names)
+f = dataset.features
+f["images"] = features.Sequence(features.Image(decode=True))
+dataset = dataset.cast(f)
+training_args = DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr, beta=beta,
+                          gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none",
+                          max_length=None, bf16=False, use_cpu=True, dataloader_pin_memory=False, disable_tqdm=True)
+trainer = DPOTrainer(model, ref_model=None, args=training_args, train_dataset=dataset, processing_class=processor,
+                     peft_config=LoraConfig(target_modules="all-linear"))
+result = trainer.train()
+trainer.save_model(out)
+print("METRICS " + json.dumps({"metrics": result.metrics, "log": trainer.state.log_history}))
+'''
+
+
+def measured(argv: list[str], env: dict) -> dict:
+    """Run argv in a fresh process: wall seconds, peak RSS of the largest process in it, and when each output line
+    came (seconds from the start)."""
+    wrapper = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+               "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+    started = time.time()
+    process = subprocess.Popen([sys.executable, "-c", wrapper, *argv], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines = [(time.time() - started, line) for line in process.stdout]
+    if process.wait():
+        tail = "".join(line for _, line in lines[-40:])
+        raise SystemExit(f"bench: {' '.join(argv[:4])} failed:\n{tail}")
+    peak = int(lines[-1][1].split()[1])
+    return {"wall_s": time.time() - started, "peak_rss_mb": peak / 1024, "lines": lines}
+
+
+def last_quarter(log: list[dict], key: str) -> float:
+    values = [entry[key] for entry in log if key in entry]
+    return statistics.mean(values[-max(1, len(values) // 4):])
+
+
+def plain_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict) -> dict:
+    run = measured([sys.executable, "-c", PLAIN, str(model_dir), str(data_dir), str(work / "plain"), str(options.steps),
+                    str(options.batch), str(options.lr), str(options.beta)], env)
+    out = json.loads(next(line for _, line in run["lines"] if line.startswith("METRICS ")).split(" ", 1)[1])
+    return {**run, "train_sps": out["metrics"]["train_samples_per_second"],
+            "loss": last_quarter(out["log"], "loss"), "accuracy": last_quarter(out["log"], "rewards/accuracies")}
+
+
+def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict, *, shared_prefix: bool) -> dict:
+    name = "shared" if shared_prefix else "unshared"
+    recipe = {
+        "name": name, "stages": ["prepare", "dpo"], "run": {"root": str(work / "runs")},
+        "model": {"name_or_path": str(model_dir), "family": options.family},
+        "data": {"dpo": {"path": str(data_dir), "format": "rlaif-v"}},
+        "prepare": {"image_scale": 0.5},  # the blog's thumbnail at half the processor's size
+        "dpo": {"init": "base", "method": "lora", "shared_prefix": shared_prefix,
+                "args": {"max_steps": options.steps, "per_device_train_batch_size": options.batch,
+                         "learning_rate": options.lr, "beta": options.beta, "activation_checkpointing": True,
+                         "logging_steps": 1, "save_strategy": "no"}},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    run = measured([str(Path(sys.executable).with_name("vlmjobs")), "run", str(path), "--force"], env)
+    record = json.loads((work / "runs" / name / "dpo" / "_SUCCESS.json").read_text())
+    log = [json.loads(line) for line in (work / "runs" / name / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    # start-up: the launcher until it starts prepare; each stage from its start until its own first line
+    times = [(t, line) for t, line in run["lines"]]
+    starts = [i for i, (_, line) in enumerate(times) if line.startswith("==> ")]
+    startup = {"launcher": times[starts[0]][0]}
+    for i in starts[:-1]:
+        stage = times[i][1].split()[1].rstrip(":")
+        startup[stage] = times[i + 1][0] - times[i][0]
+    return {**run, "train_sps": record["metrics"]["train_samples_per_second"], "startup": startup,
+            "loss": last_quarter(log, "loss"), "accuracy": last_quarter(log, "rewards/accuracies")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="idefics2", help="the tiny model's family (the blog trains Idefics2)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    options = parser.parse_args()
+    work = options.out or Path(tempfile.mkdtemp(prefix="vlmjobs-dpo-bench-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+
+    sys.path.insert(0, str(ROOT))
+    from jobs import synthetic, tiny
+
+    model_dir, data_dir = work / f"tiny-{options.family}", work / "rlaif-v-sentences"
+    if not model_dir.is_dir():
+        tiny.build(options.family, model_dir)
+    if not data_dir.is_dir():
+        synthetic.write_splits("rlaif-v", data_dir, {"train": synthetic.rlaif_v_rows(options.rows, sentences=True)})
+
+    runs = {"plain": [], "shared": [], "unshared": []}
+    for repeat in range(options.repeats):  # alternating, so that a slow minute on a shared machine hits all three
+        runs["plain"].append(plain_run(work, model_dir, data_dir, options, env))
+        runs["shared"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=True))
+        runs["unshared"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=False))
+        print(f"repeat {repeat + 1}/{options.repeats}: " + ", ".join(
+            f"{name} {r[-1]['train_sps']:.2f} train samples/s, {r[-1]['wall_s']:.0f} s" for name, r in runs.items()), flush=True)
+
+    samples = options.steps * options.batch
+    median = {name: {key: statistics.median(r[key] for r in rs) for key in ("train_sps", "wall_s", "peak_rss_mb", "loss", "accuracy")}
+              for name, rs in runs.items()}
+    base = median["plain"]
+    titles = {"plain": "blog script (one process)", "shared": "vlmjobs run: prepare + dpo, shared prefix",
+              "unshared": "vlmjobs run: prepare + dpo, dpo.shared_prefix false"}
+    lines = [f"DPO of the tiny {options.family}, LoRA all-linear, {options.steps} steps of {options.batch} pairs, lr {options.lr}, "
+             f"beta {options.beta}, medians of {options.repeats} alternating runs, on {device()} ({os.cpu_count()} cores)", "",
+             "| run | train samples/s | × blog | whole-process samples/s | × blog | wall s | peak RSS MB | loss | pref. accuracy |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, m in median.items():
+        lines.append(f"| {titles[name]} | {m['train_sps']:.2f} | {m['train_sps'] / base['train_sps']:.2f} | "
+                     f"{samples / m['wall_s']:.2f} | {base['wall_s'] / m['wall_s']:.2f} | {m['wall_s']:.1f} | "
+                     f"{m['peak_rss_mb']:.0f} | {m['loss']:.3f} | {m['accuracy']:.2f} |")
+    startup = {key: statistics.median(r["startup"][key] for r in runs["shared"]) for key in runs["shared"][0]["startup"]}
+    lines += ["", "vlmjobs start-up (median s): " + ", ".join(
+        f"{'launcher until the first stage starts' if k == 'launcher' else k + ' until its first output'} {v:.1f}"
+        for k, v in startup.items())]
+    print("\n".join(lines))
+    (work / "bench-dpo.md").write_text("\n".join(lines) + "\n")
+    print(f"\n(runs and this table in {work})")
+
+
+def device() -> str:
+    probe = "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+
+
+if __name__ == "__main__":
+    main()
