@@ -69,7 +69,7 @@ TRAIN = {"method": "full", "args": {"max_steps": 2, "logging_steps": 1, "save_st
 
 @pytest.mark.parametrize(
     "stage, main, rows_per_sample",
-    [("sft", sft.main, 1), ("dpo", dpo.main, 2)],  # DPO runs chosen and rejected in one forward
+    [("sft", sft.main, 1), ("dpo", dpo.main, 1)],  # DPO's shared prefix packs a pair's chosen and rejected in one row
 )
 def test_auto_batch_halves_until_it_fits_keeps_the_effective_batch_and_trains_as_the_size_found(
     write_recipe, capsys, stage, main, rows_per_sample

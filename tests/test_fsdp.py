@@ -164,7 +164,9 @@ def test_fsdp_qwen2_vl_lora_sft_matches_one_process(qwen2_vl):
 
 def test_fsdp_qwen2_vl_full_dpo_runs_with_a_sharded_reference(qwen2_vl):
     assert checkpoint_is_sharded(qwen2_vl["two"] / "dpo")
-    assert "reference copy True, sharded over 2" in qwen2_vl["stdout"]
+    # Sharded, the cache (the default) falls back to TRL's reference forward, its copy sharded like the policy
+    assert "reference copy True, reference log-probs recomputed, sharded over 2" in qwen2_vl["stdout"]
+    assert "dpo: recomputing the reference at every step, not caching its log-probs: FSDP" in qwen2_vl["stdout"]
     assert contract.read_json(qwen2_vl["two"] / "dpo" / contract.SUCCESS_FILE)["reference"] == "frozen copy of the model"
 
 
