@@ -92,11 +92,14 @@ def llava(tmp_path_factory, tiny_model, synthetic_data):
 # Known, not fixed (issue 14): where lm_head trains, sharded training computes its gradient differently from one
 # process (DDP matches one process exactly), and gradient clipping then moves every weight differently. Step 1's
 # gradients, parameter by parameter: full SFT of LLaVA, lm_head.weight 4.59 sharded against 3.68 (64 others equal to
-# 1e-4); full DPO of Qwen2-VL, lm_head.weight 0.497 against 0.372 (57 others equal). Suspected: TRL 1.16's fused LM
-# head (trl.trainer.utils.add_fused_lm_head, in SFT and DPO) reads lm_head.weight directly and, when it is an FSDP2
-# DTensor, gathers it with full_tensor(), whose backward keeps each process's own gradient shard unreduced. LoRA SFT
-# (lm_head frozen) matches to 1e-5; LoRA DPO on LLaVA still differs at step 2 (loss 0.68919 against 0.68884), cause
-# not found. Strict: these pass the day it is fixed.
+# 1e-4); full DPO of Qwen2-VL, lm_head.weight 0.497 against 0.372 (57 others equal). The cause: TRL 1.16's fused LM
+# head (trl.trainer.utils.add_fused_lm_head, in SFT and DPO) reads lm_head.weight directly and, as it is an FSDP2
+# DTensor there, gathers it with full_tensor(), whose backward keeps each process's own gradient shard unreduced.
+# Shown on its own with a fully_shard'ed Linear on 2 gloo processes: through the module, the gradient equals one
+# process's to 1e-6; through weight.full_tensor() it is off by 9.0; through
+# weight.redistribute([Replicate()]).to_local(grad_placements=[Partial("avg")]) it is right again (the fix, in TRL).
+# LoRA SFT (lm_head frozen) matches to 1e-5; LoRA DPO on LLaVA still differs at step 2 (loss 0.68919 against
+# 0.68884), cause not found. Strict: these pass the day it is fixed.
 DIVERGES = "sharded training differs from one process where lm_head trains; see the comment above (issue 14)"
 
 
