@@ -23,18 +23,18 @@ The recipe's validation imports it too: torch is imported only where a batch is 
 from __future__ import annotations
 
 from jobs.contract import UserError
-from jobs.families import PACKED_ATTENTION, Family
+from jobs.families import PACKED_ATTENTION, VARLEN_ATTENTION, Family
 
 TOKEN_KEYS = ("input_ids", "labels", "token_type_ids", "mm_token_type_ids")  # one value per token, per row
 IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")  # Idefics2/3: (batch, images per row, ...)
 
 
 def enabled(setting: bool | None, family: Family, attn_implementation: str | None) -> bool:
-    """Whether SFT batches go padding-free: ``sft.padding_free`` (None: wherever the family and the model's attention
-    implementation support it); true where they do not is the user's error."""
+    """Whether SFT batches go padding-free: ``sft.padding_free`` (None: where the family supports it and the attention
+    implementation attends within each row, ``VARLEN_ATTENTION``); true where they do not is the user's error."""
     why_not = unsupported(family, attn_implementation)
     if setting is None:
-        return why_not is None
+        return why_not is None and attn_implementation in VARLEN_ATTENTION
     if setting and why_not:
         raise UserError(f"sft.padding_free: {why_not}; set it false (or remove the key)")
     return setting

@@ -117,7 +117,8 @@ class Train:
 @dataclass(frozen=True)
 class SFT(Train):
     # Each batch's rows joined into one sequence, positions restarting per row, instead of padded to the longest
-    # (jobs.packing): the same loss and gradients, fewer tokens. None: on where the family and attention allow it.
+    # (jobs.packing): the same loss and gradients, fewer tokens. None: on with flash attention's varlen kernels, where
+    # each row attends only within itself (families.VARLEN_ATTENTION); true: also with eager, sdpa and flex.
     padding_free: bool | None = None
 
 

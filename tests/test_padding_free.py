@@ -129,7 +129,9 @@ def test_recipe_refuses_padding_free_where_it_cannot_work():
                            "sft": {"padding_free": True}})
     default = recipes.from_dict({**base, "model": {"name_or_path": "x", "family": "llava"}})
     assert default.sft.padding_free is None
-    assert packing.enabled(default.sft.padding_free, get_family("llava"), "sdpa") is True
+    assert packing.enabled(default.sft.padding_free, get_family("llava"), "sdpa") is False, "a whole-batch mask: slower"
+    assert packing.enabled(default.sft.padding_free, get_family("llava"), "flash_attention_2") is True
+    assert packing.enabled(True, get_family("llava"), "sdpa") is True
     assert packing.enabled(False, get_family("llava"), "sdpa") is False
 
 

@@ -117,7 +117,9 @@ def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict,
         "sft": {"method": "lora", "lora": lora, "padding_free": padding_free,
                 "args": {"max_steps": options.steps, "per_device_train_batch_size": options.batch, "gradient_accumulation_steps": 1,
                          "optim": "adamw_torch_fused", "learning_rate": options.lr, "max_grad_norm": 0.3, "warmup_steps": 0.03,
-                         "logging_steps": max(1, options.steps // 5), "save_steps": options.steps}},
+                         "logging_steps": max(1, options.steps // 5), "save_steps": options.steps,
+                         # the script evaluates nothing; the stage's eval loss (its default) would be timed in its loop
+                         "eval_strategy": "no"}},
     }
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
