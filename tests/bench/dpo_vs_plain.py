@@ -138,7 +138,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
     work = options.out or Path(tempfile.mkdtemp(prefix="vlmjobs-dpo-bench-"))
+    # datasets' own cache in the bench's folder: its key for a local folder need not change with the rows in it, so
+    # the default cache handed the script an earlier bench's 40 rows instead of these 400 (vlmjobs' prepare keeps its own)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="datasets-cache-", dir=work),
            "TOKENIZERS_PARALLELISM": "false"}
 
     sys.path.insert(0, str(ROOT))

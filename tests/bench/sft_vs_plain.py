@@ -159,7 +159,10 @@ def main() -> None:
     options = parser.parse_args()
     work = options.out or Path(tempfile.mkdtemp(prefix="vlmjobs-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # datasets' own cache in the bench's folder: its key for a local folder need not change with the rows in it, so
+    # the default cache can hand the script an earlier bench's data (vlmjobs' prepare keeps its own for that reason)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="datasets-cache-", dir=work)}
 
     sys.path.insert(0, str(ROOT))
     from jobs import synthetic, tiny
