@@ -22,7 +22,7 @@ ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
 PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 # Of those, the ones that attend within each packed row (varlen kernels): padding-free by default only there. The
 # others materialise one mask over the whole joined batch, whose attention grows with its length squared (eight
-# rows of L tokens: (8L)^2 against 8 L^2); `make bench` measured padding-free SFT with sdpa at 0.57x padded.
+# rows of L tokens: (8L)^2 against 8 L^2); `make bench` measured padding-free SFT with sdpa at 0.58x padded.
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 # PaliGemma's own format is a prefix and a suffix: "<image>...<bos>{prefix}\n" attended bidirectionally, then
