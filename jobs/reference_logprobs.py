@@ -121,39 +121,27 @@ def as_if_cached(trainer):
     reading (zero) reference log-probs from its batches rather than running a reference, so that the probe measures
     training's memory; the precompute then runs in batches no larger than the one found."""
     collator, flag = trainer.data_collator, trainer.precompute_ref_logps
-    trainer.data_collator, trainer.precompute_ref_logps = _WithZeroLogps(collator), True
+    trainer.data_collator, trainer.precompute_ref_logps = WithReferenceLogps(collator, zeros=True), True
     try:
         yield
     finally:
         trainer.data_collator, trainer.precompute_ref_logps = collator, flag
 
 
-class _WithZeroLogps:
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, examples: list[dict]) -> dict:
-        import torch
-
-        batch = self.collator(examples)
-        for column in COLUMNS:
-            batch[column] = torch.zeros(len(examples))
-        return batch
-
-
 class WithReferenceLogps:
     """A collator that passes the rows' reference log-probs through as tensors, around one that drops them (TRL's
-    vision collator)."""
+    vision collator); with ``zeros``, zeros in their place, for rows that have none yet."""
 
-    def __init__(self, collator):
-        self.collator = collator
+    def __init__(self, collator, zeros: bool = False):
+        self.collator, self.zeros = collator, zeros
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
         batch = self.collator([{k: v for k, v in example.items() if k not in COLUMNS} for example in examples])
         for column in COLUMNS:
-            batch[column] = torch.tensor([example[column] for example in examples], dtype=torch.float32)
+            values = [0.0] * len(examples) if self.zeros else [example[column] for example in examples]
+            batch[column] = torch.tensor(values, dtype=torch.float32)
         return batch
 
 
