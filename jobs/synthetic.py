@@ -87,13 +87,18 @@ def chartqa_rows(n: int, seed: int = 0, image_sides: tuple[int, int] | None = No
     return rows
 
 
-def rlaif_v_rows(n: int, seed: int = 0, sentences: bool = False) -> list[dict]:
+def rlaif_v_rows(n: int, seed: int = 0, sentences: bool = False, chart_share: float = 0.15) -> list[dict]:
     """Yes/no questions about colours that may be absent, as RLAIF-V and AMBER ask about objects. ``sentences``: the
     answers are descriptions of varying length, as RLAIF-V's are (the chosen one true, the rejected one not), for
-    benchmarks; the charts and questions are the same as without."""
-    rng, wording = random.Random(seed), random.Random(seed + 1)
+    benchmarks; the charts and questions are the same as without. ``chart_share``: about this share of the rows ask
+    a ChartQA question instead (the true answer chosen, a wrong one of its kind rejected), as RLAIF-V mixes many
+    tasks; DPO on these keeps what SFT taught. The yes/no rows, in order, are the same whatever the share."""
+    rng, wording, mixing = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
     rows = []
     for i in range(n):
+        if mixing.random() < chart_share:
+            rows.append(_chart_pair(i, mixing))
+            continue
         colour = "red"
         present = rng.random() < 0.5
         bars = _random_bars(rng)
@@ -116,6 +121,16 @@ def rlaif_v_rows(n: int, seed: int = 0, sentences: bool = False) -> list[dict]:
             "image_path": f"synthetic/{i}.png",
         })
     return rows
+
+
+def _chart_pair(i: int, rng: random.Random) -> dict:
+    bars, query, answer = chartqa_question(rng)
+    kind = list(COLOURS) if query.startswith("What colour") else [str(k) for k in range(1, MAX_BARS + 1)]
+    return {
+        "ds_name": "synthetic-charts", "image": {"bytes": chart(bars), "path": None}, "question": query,
+        "chosen": answer, "rejected": rng.choice([wrong for wrong in kind if wrong != answer]),
+        "origin_dataset": "vlmjobs.synthetic", "origin_split": "train", "idx": str(i), "image_path": f"synthetic/{i}.png",
+    }
 
 
 def _description(colour: str, bars: list[tuple[str, int]], present: bool, rng: random.Random) -> str:

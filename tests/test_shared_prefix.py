@@ -181,7 +181,7 @@ def test_the_dpo_stage_encodes_each_prompt_once_by_default(write_recipe, capsys)
 def test_the_benchs_sentence_answers_keep_the_charts_and_the_truth():
     """jobs.synthetic's sentences=True (the DPO bench's data): the same charts and questions, the chosen answer still
     the true one, answers of varying length."""
-    words, sentences = synthetic.rlaif_v_rows(20), synthetic.rlaif_v_rows(20, sentences=True)
+    words, sentences = synthetic.rlaif_v_rows(20, chart_share=0), synthetic.rlaif_v_rows(20, sentences=True, chart_share=0)
     assert [(r["image"], r["question"]) for r in words] == [(r["image"], r["question"]) for r in sentences]
     for word, sentence in zip(words, sentences):
         assert sentence["chosen"].startswith(word["chosen"] + ", there is")

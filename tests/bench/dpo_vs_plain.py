@@ -151,7 +151,7 @@ def main() -> None:
     if not model_dir.is_dir():
         tiny.build(options.family, model_dir)
     if not data_dir.is_dir():
-        synthetic.write_splits("rlaif-v", data_dir, {"train": synthetic.rlaif_v_rows(options.rows, sentences=True)})
+        synthetic.write_splits("rlaif-v", data_dir, {"train": synthetic.rlaif_v_rows(options.rows, sentences=True, chart_share=0)})
 
     runs = {"plain": [], "shared": [], "unshared": []}
     for repeat in range(options.repeats):  # alternating, so that a slow minute on a shared machine hits all three
