@@ -1,8 +1,9 @@
 """Sharded training (issue 14): a recipe with resources.gpus 2 and sharding fsdp runs each training stage as two
 CPU processes (gloo) under torch's fully_shard, launched as the local runner and the Job launch them. Against one
 process on the same global batch (2 processes x 2 rows = 1 x 4 rows, the same seed and so the same rows in each
-step), the logged losses and the saved model agree within TOLERANCE; a sharded checkpoint resumes; merge_push works
-from a sharded run. Kept small: two optimizer steps of tiny models, and the stages of both runs shared by the tests."""
+step), the logged losses agree within TOLERANCE and the saved model within WEIGHT_TOLERANCE; a sharded checkpoint
+resumes; merge_push works from a sharded run. Kept small: two optimizer steps of tiny models, and the stages of both
+runs shared by the tests."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from tests.conftest import recipe_file, run_stages, subprocess_env
 # fp32 on one CPU: the two runs differ only in the order of the sums (a gradient reduced over two processes, a loss
 # averaged over their tokens), a few float32 roundings apart
 TOLERANCE = 1e-5
+# Saved weights: Adam divides each gradient element by its own running RMS, so the few elements whose gradient is
+# near zero turn those roundings into up to a step's difference; seen up to 1.1e-5 in 3 of Qwen2-VL's 65536 merger
+# weights after 2 steps at learning rate 1e-3, against 1.9e-6 for lm_head. 5% of one step.
+WEIGHT_TOLERANCE = 5e-5
 STEPS = 2
 SHARDED = {"resources": {"gpus": 2, "sharding": "fsdp"}}
 
@@ -39,7 +44,10 @@ def vlmjobs(*argv: str):
 def both_runs(folder, model, sources, family: str, sft: dict, dpo: dict, stages: list[str]):
     """The same recipe run by one process (in-process, a batch of 4) and sharded over two (a batch of 2 each)."""
     lora = {"r": 4, "lora_alpha": 8}
-    common = {"family": family, "stages": stages, "prepare": {"max_rows": 8}}
+    # 10 rows: DPO keeps 8 for training (one each held out), so both steps take 4 whole rows. With 6, step 2 has 2
+    # left, which one process takes as its batch and two processes fill to 2 each from the start (accelerate's
+    # even_batches), and the comparison would be between different rows.
+    common = {"family": family, "stages": stages, "prepare": {"max_rows": 10}}
     one = recipe_file(folder, model, sources, name="one", **{**common, "sft": {**sft, "lora": lora, "args": args(4)},
                                                              "dpo": {**dpo, "lora": lora, "args": args(4)}})
     two = recipe_file(folder, model, sources, name="two", **{**common, "sft": {**sft, "lora": lora, "args": args(2)},
@@ -60,7 +68,7 @@ def weights(model_dir) -> dict[str, torch.Tensor]:
 
 
 def assert_same_training(one, two, stage: str, start: dict[str, torch.Tensor]):
-    """Losses and saved weights of one stage within TOLERANCE, and the weights trained far past it (from ``start``)."""
+    """Losses and saved weights of one stage within their tolerances, and the weights trained far past them (from ``start``)."""
     logged = [r for r in map(json.loads, (one / stage / "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
     assert all(r["grad_norm"] > 0 for r in logged), f"{stage} computed no gradient: the comparison would prove nothing"
     assert losses(one / stage) == pytest.approx(losses(two / stage), rel=TOLERANCE, abs=TOLERANCE)
@@ -68,7 +76,7 @@ def assert_same_training(one, two, stage: str, start: dict[str, torch.Tensor]):
     a, b = weights(one / stage / "model"), weights(two / stage / "model")
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=TOLERANCE, rtol=0), f"{stage} {key}: {(a[key] - b[key]).abs().max()}"
+        assert torch.allclose(a[key], b[key], atol=WEIGHT_TOLERANCE, rtol=0), f"{stage} {key}: {(a[key] - b[key]).abs().max()}"
     moved = max(float((a[k].float() - start.get(k, torch.zeros_like(a[k])).float()).abs().max()) for k in a)
     assert moved > 100 * TOLERANCE, f"{stage} barely trained: the comparison would prove nothing"
 
@@ -89,18 +97,9 @@ def llava(tmp_path_factory, tiny_model, synthetic_data):
     return {"one": one, "two": two, "stdout": out, "folder": folder, "base": tiny_model("llava")}
 
 
-# Known, not fixed (issue 14): where lm_head trains, sharded training computes its gradient differently from one
-# process (DDP matches one process exactly), and gradient clipping then moves every weight differently. Step 1's
-# gradients, parameter by parameter: full SFT of LLaVA, lm_head.weight 4.59 sharded against 3.68 (64 others equal to
-# 1e-4); full DPO of Qwen2-VL, lm_head.weight 0.497 against 0.372 (57 others equal). The cause: TRL 1.16's fused LM
-# head (trl.trainer.utils.add_fused_lm_head, in SFT and DPO) reads lm_head.weight directly and, as it is an FSDP2
-# DTensor there, gathers it with full_tensor(), whose backward keeps each process's own gradient shard unreduced.
-# Shown on its own with a fully_shard'ed Linear on 2 gloo processes: through the module, the gradient equals one
-# process's to 1e-6; through weight.full_tensor() it is off by 9.0; through
-# weight.redistribute([Replicate()]).to_local(grad_placements=[Partial("avg")]) it is right again (the fix, in TRL).
-# LoRA SFT (lm_head frozen) matches to 1e-5; LoRA DPO on LLaVA still differs at step 2 (loss 0.68919 against
-# 0.68884), cause not found. Strict: these pass the day it is fixed.
-DIVERGES = "sharded training differs from one process where lm_head trains; see the comment above (issue 14)"
+# Where lm_head trains, these held only once TRL's fused LM head was made to average lm_head's gradient over the
+# processes (jobs.training._average_the_fused_heads_gradient): without it, step 1's lm_head gradient of LLaVA's full
+# SFT was 4.59 sharded against 3.68 on one process, and every later step differed.
 
 
 def test_fsdp_llava_runs_sharded(llava):
@@ -111,12 +110,10 @@ def test_fsdp_llava_runs_sharded(llava):
     assert contract.read_json(llava["two"] / "dpo" / contract.SUCCESS_FILE)["reference"] == "the model with its adapter switched off"
 
 
-@pytest.mark.xfail(strict=True, reason=DIVERGES)
 def test_fsdp_llava_lora_dpo_matches_one_process(llava):
     assert_same_training(llava["one"], llava["two"], "dpo", {})  # LoRA's B starts at zero
 
 
-@pytest.mark.xfail(strict=True, reason=DIVERGES)
 def test_fsdp_llava_full_sft_matches_one_process(llava):
     assert_same_training(llava["one"], llava["two"], "sft", load_file(llava["base"] / "model.safetensors"))
 
@@ -173,9 +170,7 @@ def test_fsdp_qwen2_vl_full_dpo_runs_with_a_sharded_reference(qwen2_vl):
     assert contract.read_json(qwen2_vl["two"] / "dpo" / contract.SUCCESS_FILE)["reference"] == "frozen copy of the model"
 
 
-@pytest.mark.xfail(strict=True, reason=DIVERGES)
 def test_fsdp_qwen2_vl_full_dpo_matches_one_process(qwen2_vl, tiny_model):
-    # step 1 equal (0.693147), step 2's loss 0.62103 sharded against 0.62533 on one process
     assert_same_training(qwen2_vl["one"], qwen2_vl["two"], "dpo", load_file(tiny_model("qwen2_vl") / "model.safetensors"))
 
 
