@@ -58,12 +58,9 @@ def both_runs(folder, model, sources, family: str, sft: dict, dpo: dict, stages:
     return recipes.load(one).run_dir, recipes.load(two).run_dir, sharded.stdout
 
 
-def losses(out) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
-def eval_losses(out) -> list[float]:
-    return [r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+def losses(out, key: str = "loss") -> list[float]:
+    """The stage's logged ``key`` (loss, eval_loss), step by step."""
+    return [r[key] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
 def weights(model_dir) -> dict[str, torch.Tensor]:
@@ -129,17 +126,24 @@ def test_fsdp_merge_push_works_from_a_sharded_run(llava):
     assert any(merged.rglob("*.safetensors"))
 
 
+def stopped_after_checkpoint_1(run, stage: str):
+    """Beside the finished stage, its attempt as a stop after checkpoint-1 leaves it: the checkpoint, the first
+    step's metrics and the config; returns the attempt's folder."""
+    done = contract.read_json(run / stage / contract.SUCCESS_FILE)
+    attempt = run / f".{stage}.partial"
+    (attempt / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / stage / "checkpoints" / "checkpoint-1", attempt / "checkpoints" / "checkpoint-1")
+    (attempt / "metrics.jsonl").write_text((run / stage / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    contract.write_json_atomic(attempt / contract.CONFIG_FILE, {"fingerprint": done["fingerprint"], "config": done["config"]})
+    return attempt
+
+
 def test_fsdp_sharded_checkpoint_resumes(llava):
     """Interrupted after checkpoint-1 (the folder as a stopped attempt leaves it), the stage resumes from the sharded
     checkpoint, optimizer state included: step 2 and the saved model as in the run that was not interrupted."""
     run = llava["two"]
-    done = contract.read_json(run / "sft" / contract.SUCCESS_FILE)
     uninterrupted = {"losses": losses(run / "sft"), "weights": weights(run / "sft" / "model")}
-    attempt = run / ".sft.partial"
-    (attempt / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run / "sft" / "checkpoints" / "checkpoint-1", attempt / "checkpoints" / "checkpoint-1")
-    (attempt / "metrics.jsonl").write_text((run / "sft" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
-    contract.write_json_atomic(attempt / contract.CONFIG_FILE, {"fingerprint": done["fingerprint"], "config": done["config"]})
+    attempt = stopped_after_checkpoint_1(run, "sft")
     shutil.rmtree(run / "sft")
 
     resumed = vlmjobs("run", str(llava["folder"] / "two.yaml"), "--stages", "sft")
@@ -157,24 +161,19 @@ def test_fsdp_sharded_checkpoint_resumes_on_another_number_of_processes(llava, t
     not equal: within two Adam steps (2 x learning rate 1e-3) per weight, where shards loaded into the wrong places
     would be off by the weights' own size (about 0.02), and the eval loss within 1%."""
     run = llava["two"]
-    done = contract.read_json(run / "sft" / contract.SUCCESS_FILE)
-    uninterrupted = {"eval": eval_losses(run / "sft"), "weights": weights(run / "sft" / "model")}
-    attempt = run / ".sft.partial"
-    (attempt / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run / "sft" / "checkpoints" / "checkpoint-1", attempt / "checkpoints" / "checkpoint-1")
-    (attempt / "metrics.jsonl").write_text((run / "sft" / "metrics.jsonl").read_text().splitlines()[0] + "\n")
-    contract.write_json_atomic(attempt / contract.CONFIG_FILE, {"fingerprint": done["fingerprint"], "config": done["config"]})
+    uninterrupted = {"eval": losses(run / "sft", "eval_loss"), "weights": weights(run / "sft" / "model")}
+    attempt = stopped_after_checkpoint_1(run, "sft")
     kept = tmp_path / "sft"
     shutil.move(run / "sft", kept)
     try:
         resumed = vlmjobs("run", str(llava["folder"] / "two.yaml"), "--stages", "sft", "--resources.gpus=3")
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
         assert "sharded over 3" in resumed.stdout and f"sft: resuming from {attempt / 'checkpoints' / 'checkpoint-1'}" in resumed.stdout
-        assert eval_losses(run / "sft")[-1] == pytest.approx(uninterrupted["eval"][-1], rel=0.01)
+        assert losses(run / "sft", "eval_loss")[-1] == pytest.approx(uninterrupted["eval"][-1], rel=0.01)
         again = weights(run / "sft" / "model")
         assert again.keys() == uninterrupted["weights"].keys()
         worst = max(float((again[k] - v).abs().max()) for k, v in uninterrupted["weights"].items())
-        print(f"resumed on 3 processes against 2 uninterrupted: eval loss {eval_losses(run / 'sft')[-1]:.5f} against "
+        print(f"resumed on 3 processes against 2 uninterrupted: eval loss {losses(run / 'sft', 'eval_loss')[-1]:.5f} against "
               f"{uninterrupted['eval'][-1]:.5f}, largest weight difference {worst:.2e}")
         assert worst <= 2e-3
     finally:
