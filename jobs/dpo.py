@@ -44,7 +44,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     precision = modeling.training_precision(cfg.model, cfg.dpo)  # fp32 master weights for full fine-tuning
     # The config before the model: it sets up the processes (accelerate's PartialState) that rebuilding SFT's merged
     # model in 4 bits waits on, one process writing it for all (modeling.load_trained).
-    shards = training.shard_count(cfg, "dpo")  # sharded, a full fine-tune's reference copy is sharded like the policy
+    shards = training.shard_count(cfg, "dpo")
     args = training.trl_config(DPOConfig, cfg.dpo, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute,
                                shards=shards)
     model, lineage, start = starting_point(cfg, stage.run_dir, from_sft, dtype=precision.weights)
@@ -53,10 +53,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     # A new adapter on top, unless SFT's adapter is being trained further (it is already on the model).
     new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None
-    why_not = reference_logprobs.why_not_cached(args) if cfg.dpo.reference_logprobs == "cache" else None
-    if why_not and contract.is_main_process():
-        print(f"dpo: recomputing the reference at every step, not caching its log-probs: {why_not}")
-    cached = cfg.dpo.reference_logprobs == "cache" and not why_not
+    cached = reference_logprobs.cached(cfg.dpo, args)  # says why not where the recipe asks for it and cannot have it
     reference_copy = cfg.dpo.method == "full" and not cached
     without_copy = reference_logprobs.without_reference_model() if cached else contextlib.nullcontext()
     packed = shared_prefix.wanted(cfg.dpo.shared_prefix, model)

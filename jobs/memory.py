@@ -20,7 +20,8 @@ the blog's first table; ``pure_bf16`` halves every part. Its reference copy is h
 policy before its first step (jobs.reference_logprobs), so the first table drops to 32 + 32 + 64 = 128 GB.
 
 Sharded (``resources.sharding``: FSDP's fully_shard over the stage's N processes), every GPU holds 1/N of each
-part, the reference copy included (TRL shards it like the policy): the blog's 160 GB is 40 GB per GPU on 4.
+part, a reference copy included (TRL shards it like the policy): the blog's 160 GB is 40 GB per GPU on 4, and
+32 GB with the cached log-probs (computed by the sharded policy when training starts).
 """
 
 from __future__ import annotations
@@ -153,9 +154,6 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     full_dpo = stage == "dpo" and train.method == "full"
     estimate = parts(stored, trainable, precision.trainable.itemsize,
                      reference_copy=full_dpo and train.reference_logprobs == "recompute")
-    if full_dpo and train.reference_logprobs == "cache" and shard_count(recipe, stage, estimate) > 1:
-        # Sharded, the stage recomputes the reference (reference_logprobs.why_not_cached): its copy is sharded too
-        estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=True)
     names = {name: str(getattr(precision, name)).removeprefix("torch.") for name in ("weights", "trainable", "compute")}
     described = (f"{names['weights']} weights" if train.method == "full" else f"{names['weights']} base, {names['trainable']} adapter")
     if names["compute"] != names["weights"] or train.method != "full":

@@ -23,6 +23,10 @@ TRL 1.16 refuses ``precompute_ref_log_probs`` for vision data in ``DPOTrainer.__
 evaluation steps read ``ref_chosen_logps``/``ref_rejected_logps`` from the batch whenever ``precompute_ref_logps`` is
 set. So the stage builds the trainer as usual, then adds the two columns to its datasets, keeps them through
 ``remove_unused_columns`` and passes them around the vision collator (which drops them), and sets the flag.
+
+Under FSDP the model is placed and sharded only when training starts (before that it is whole, on the CPU), so what
+the store lacks is computed then, by the sharded model before its first step: the rows carry their number instead
+of the two columns, and the collator looks them up in a table filled at ``on_train_begin``.
 """
 
 from __future__ import annotations
@@ -34,20 +38,40 @@ import os
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+ROW = "ref_logps_row"  # under FSDP, until training starts: the row's number in the table of computed log-probs
 MODES = ("cache", "recompute")
 FORMAT = 1  # bump when what a file holds, or how its fingerprint is made, changes
 
 
+def cached(train, args) -> bool:
+    """Whether the stage reads the reference's log-probs from its batches: ``dpo.reference_logprobs: cache`` where the
+    launch allows it. Where it does not, the stage recomputes the reference at every step, and says why."""
+    from jobs.contract import is_main_process
+
+    why_not = why_not_cached(args) if train.reference_logprobs == "cache" else None
+    if why_not and is_main_process():
+        print(f"dpo: recomputing the reference at every step, not caching its log-probs: {why_not}")
+    return train.reference_logprobs == "cache" and not why_not
+
+
 def why_not_cached(args) -> str | None:
-    """Why the stage recomputes the reference despite ``cache``, or None: FSDP and DeepSpeed place and shard the model
-    only when training starts, so before it the reference could not be run on the GPU, nor whole on one."""
-    env = {name: os.environ.get(name, "").lower() in ("1", "true") for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}
-    if getattr(args, "fsdp_plugin_args", None) or env["ACCELERATE_USE_FSDP"]:
-        return "FSDP shards the model only when training starts"
-    if getattr(args, "deepspeed_plugin", None) is not None or env["ACCELERATE_USE_DEEPSPEED"]:
+    """Why the stage recomputes the reference despite ``cache``, or None: DeepSpeed places and shards the model when
+    training starts, and vlmjobs does not hook its start as it does FSDP's (``sharded``)."""
+    if getattr(args, "deepspeed_plugin", None) is not None or _env("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed places the model only when training starts"
     return None
+
+
+def sharded(args) -> bool:
+    """FSDP: the model is placed and sharded only when training starts, and the log-probs computed then."""
+    return bool(getattr(args, "fsdp_plugin_args", None)) or _env("ACCELERATE_USE_FSDP")
+
+
+def _env(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true")
 
 
 def store_for(run_dir: Path) -> Path:
@@ -77,6 +101,7 @@ def use_cached(trainer, store: Path) -> dict:
 
     splits = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
     splits = {name: rows for name, rows in splits.items() if rows is not None}
+    later = {}  # under FSDP, the splits the store lacks: {name: (rows, file, first row number)}
     keys = [None]
     if trainer.accelerator.is_main_process:  # hashing weights and rows once; every process uses the same files
         keys = [fingerprints(trainer, splits)]
@@ -92,6 +117,12 @@ def use_cached(trainer, store: Path) -> dict:
             chosen, rejected = stored or _read(path, len(rows))
             if trainer.accelerator.is_main_process:
                 print(f"dpo: reference log-probs of {len(rows)} {name} rows read from {path}", flush=True)
+        elif sharded(trainer.args):
+            first = sum(len(r) for r, _, _ in later.values())
+            later[name] = (rows, path, first)
+            splits[name] = rows.add_column(ROW, list(range(first, first + len(rows))))
+            record["splits"][name] = {"file": path.name, "computed": True}
+            continue
         else:
             chosen, rejected = compute(trainer, rows, name)
             if trainer.accelerator.is_main_process:
@@ -103,16 +134,47 @@ def use_cached(trainer, store: Path) -> dict:
         record["splits"][name] = {"file": path.name, "computed": not found[0]}
     trainer.train_dataset = splits["train"]
     trainer.eval_dataset = splits.get("eval")
-    read_from_batches(trainer)
+    table = {}
+    if later:
+        trainer.add_callback(ComputeWhenTrainingStarts(trainer, later, table, parts=keys[0]["parts"]))
+    read_from_batches(trainer, table)
     return record
 
 
-def read_from_batches(trainer) -> None:
+def read_from_batches(trainer, table: dict | None = None) -> None:
     """Make the trainer take the reference log-probs from its batches (TRL's precompute path), not from a forward."""
     trainer._set_signature_columns_if_needed()  # for a vision dataset TRL lists the columns its collator reads
-    trainer._signature_columns = [*trainer._signature_columns, *(c for c in COLUMNS if c not in trainer._signature_columns)]
-    trainer.data_collator = WithReferenceLogps(trainer.data_collator)
+    kept = [*COLUMNS, ROW]
+    trainer._signature_columns = [*trainer._signature_columns, *(c for c in kept if c not in trainer._signature_columns)]
+    trainer.data_collator = WithReferenceLogps(trainer.data_collator, table=table)
     trainer.precompute_ref_logps = True
+
+
+class ComputeWhenTrainingStarts(TrainerCallback):
+    """Under FSDP: the log-probs the store lacks, computed by the sharded model when training starts, before its
+    first step, stored, and put in the table the collator reads."""
+
+    def __init__(self, trainer, later: dict, table: dict, parts: dict):
+        self.trainer, self.later, self.table, self.parts = trainer, later, table, parts
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from jobs.contract import UserError
+
+        policy_is_reference = self.trainer.ref_model is None and not hasattr(self.trainer.model, "peft_config")
+        if state.global_step > 0 and policy_is_reference:  # resumed full DPO: the policy has trained since
+            missing = ", ".join(str(path) for _, path, _ in self.later.values())
+            raise UserError(f"dpo: the reference log-probs in {missing} are gone, and the resumed policy is no longer "
+                            "the reference: rerun the stage from the start (--force), or set dpo.reference_logprobs: recompute")
+        collator = self.trainer.data_collator.collator  # TRL's own, around which WithReferenceLogps reads the table
+        for name, (rows, path, first) in self.later.items():
+            started = time.time()
+            chosen, rejected = compute(self.trainer, rows, name, collator=collator)
+            if self.trainer.accelerator.is_main_process:
+                _write(path, chosen, rejected, parts={"split": name, **self.parts})
+                print(f"dpo: reference log-probs of {len(rows)} {name} rows computed by the sharded model in "
+                      f"{time.time() - started:.1f}s, stored in {path}", flush=True)
+            self.table.update(zip(range(first, first + len(rows)), zip(chosen.tolist(), rejected.tolist())))
+        self.trainer.accelerator.wait_for_everyone()
 
 
 @contextlib.contextmanager
@@ -130,22 +192,26 @@ def as_if_cached(trainer):
 
 class WithReferenceLogps:
     """A collator that passes the rows' reference log-probs through as tensors, around one that drops them (TRL's
-    vision collator); with ``zeros``, zeros in their place, for rows that have none yet."""
+    vision collator); with ``zeros``, zeros in their place, for rows that have none yet; rows that carry their number
+    (``ROW``) instead read them from ``table``."""
 
-    def __init__(self, collator, zeros: bool = False):
-        self.collator, self.zeros = collator, zeros
+    def __init__(self, collator, zeros: bool = False, table: dict | None = None):
+        self.collator, self.zeros, self.table = collator, zeros, table
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        batch = self.collator([{k: v for k, v in example.items() if k not in COLUMNS} for example in examples])
-        for column in COLUMNS:
-            values = [0.0] * len(examples) if self.zeros else [example[column] for example in examples]
+        batch = self.collator([{k: v for k, v in example.items() if k not in (*COLUMNS, ROW)} for example in examples])
+        for i, column in enumerate(COLUMNS):
+            if self.zeros:
+                values = [0.0] * len(examples)
+            else:
+                values = [example[column] if column in example else self.table[example[ROW]][i] for example in examples]
             batch[column] = torch.tensor(values, dtype=torch.float32)
         return batch
 
 
-def compute(trainer, rows, name: str):
+def compute(trainer, rows, name: str, collator=None):
     """(chosen, rejected) reference log-probs of every row, in order: the rows sharded over the processes in batches,
     each scored by TRL's ``compute_ref_log_probs`` (which picks the reference: ref_model, the "ref" adapter or the
     adapter switched off), and gathered."""
@@ -157,14 +223,12 @@ def compute(trainer, rows, name: str):
     args = trainer.args
     loader = trainer.accelerator.prepare(DataLoader(
         rows, batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size, shuffle=False,
-        collate_fn=trainer.data_collator, num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+        collate_fn=collator or trainer.data_collator, num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
     ))
     model = trainer.ref_model or trainer.model
-    training = model.training
-    model.eval()  # the reference as a model, not a training step: no dropout, whatever disable_dropout says
     progress = Progress(f"dpo: reference log-probs of the {name} rows", len(rows)) if trainer.accelerator.is_main_process else None
     chosen, rejected = [], []
-    try:
+    with as_reference(model), keeping_what_trains(trainer.model):
         for batch in loader:
             pair = trainer.compute_ref_log_probs(model, batch)
             pair = trainer.accelerator.gather_for_metrics(tuple(t.float() for t in pair))
@@ -172,11 +236,41 @@ def compute(trainer, rows, name: str):
             rejected.append(pair[1].cpu())
             if progress:
                 progress.update(sum(len(c) for c in chosen))
-    finally:
-        model.train(training)
     if not chosen:  # a split without rows (a small eval_fraction)
         return torch.empty(0), torch.empty(0)
     return torch.cat(chosen), torch.cat(rejected)
+
+
+@contextlib.contextmanager
+def as_reference(model):
+    """The reference as a model, not a training step: no dropout, whatever disable_dropout says."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+@contextlib.contextmanager
+def keeping_what_trains(model):
+    """Every parameter's requires_grad as it was, on the parameters FSDP keeps. peft switches an adapter off and on
+    by setting requires_grad on the parameters its modules hold at that moment. Under FSDP2 a unit left gathered
+    after its forward (the root's: LLaVA's projector, whatever sits outside the layers) holds its gathered copies by
+    the time the adapter is switched back on, while it held the sharded ones when it was switched off: the sharded
+    parameters, from which FSDP takes requires_grad at every gather, stayed off, and those adapter weights silently
+    stopped training after the first step. Every unit resharded, the sharded parameters get their flags back."""
+    from torch.distributed.fsdp import FSDPModule
+
+    trains = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trains[name])
 
 
 def fingerprints(trainer, splits: dict) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs import contract
+from jobs import contract, reference_logprobs
 from jobs import recipe as recipes
 from tests.conftest import recipe_file, run_stages, subprocess_env
 
@@ -53,6 +53,10 @@ def both_runs(folder, model, sources, family: str, sft: dict, dpo: dict, stages:
     two = recipe_file(folder, model, sources, name="two", **{**common, "sft": {**sft, "lora": lora, "args": args(2)},
                                                              "dpo": {**dpo, "lora": lora, "args": args(2)}}, **SHARDED)
     run_stages(one, *[s for s in stages if s != "merge_push"])
+    # The one process's cached reference log-probs set aside, so that the sharded run computes its own
+    store = reference_logprobs.store_for(recipes.load(one).run_dir)
+    if store.is_dir():
+        store.rename(store.with_name("one-process"))
     sharded = vlmjobs("run", str(two), "--stages", ",".join(s for s in stages if s != "merge_push"))
     assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-5000:]
     return recipes.load(one).run_dir, recipes.load(two).run_dir, sharded.stdout
@@ -112,7 +116,28 @@ def test_fsdp_llava_runs_sharded(llava):
 
 
 def test_fsdp_llava_lora_dpo_matches_one_process(llava):
+    """On reference log-probs computed by the sharded model, adapter switched off, when training starts. peft
+    switches an adapter off and on through requires_grad, which FSDP took from the projector's sharded parameters
+    while the root unit held its gathered ones: until reference_logprobs.keeping_what_trains, the projector's adapter
+    silently stopped training after step 1, and this failed."""
+    assert "reference copy False, reference log-probs cached, sharded over 2" in llava["stdout"]
+    assert "dpo: reference log-probs of 8 train rows computed by the sharded model" in llava["stdout"]
     assert_same_training(llava["one"], llava["two"], "dpo", {})  # LoRA's B starts at zero
+
+
+def test_fsdp_lora_dpo_rerun_reads_the_log_probs_the_sharded_run_stored(llava):
+    """A rerun on the same reference and rows (a nightly run, a beta sweep) reads them from the store, never runs the
+    reference, and trains as the run that computed them."""
+    run = llava["two"].with_name("rerun")
+    for stage in ("prepare", "sft"):
+        shutil.copytree(llava["two"] / stage, run / stage)
+    done = vlmjobs("run", str(llava["folder"] / "two.yaml"), "--stages", "dpo", "--run.id=rerun")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "dpo: reference log-probs of 8 train rows read from" in done.stdout and "computed" not in done.stdout
+    assert losses(run / "dpo") == pytest.approx(losses(llava["two"] / "dpo"), rel=TOLERANCE, abs=TOLERANCE)
+    a, b = weights(run / "dpo" / "model"), weights(llava["two"] / "dpo" / "model")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=WEIGHT_TOLERANCE, rtol=0), key
 
 
 def test_fsdp_llava_full_sft_matches_one_process(llava):
@@ -184,12 +209,13 @@ def test_fsdp_sharded_checkpoint_resumes_on_another_number_of_processes(llava, t
 
 @pytest.fixture(scope="module")
 def qwen2_vl(tmp_path_factory, tiny_model, synthetic_data):
-    """Qwen2-VL: LoRA SFT, then full DPO from its merged weights, the reference a sharded frozen copy; one process and two."""
+    """Qwen2-VL: LoRA SFT, then full DPO from its merged weights, the reference's log-probs cached (computed by the
+    sharded policy when training starts); one process and two."""
     folder = tmp_path_factory.mktemp("fsdp-qwen2-vl")
     sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
     one, two, out = both_runs(folder, tiny_model("qwen2_vl"), sources, "qwen2_vl", {"method": "lora"}, {"method": "full"},
                               ["prepare", "sft", "dpo"])
-    return {"one": one, "two": two, "stdout": out}
+    return {"one": one, "two": two, "stdout": out, "folder": folder}
 
 
 def test_fsdp_qwen2_vl_lora_sft_matches_one_process(qwen2_vl):
@@ -197,12 +223,64 @@ def test_fsdp_qwen2_vl_lora_sft_matches_one_process(qwen2_vl):
     assert_same_training(qwen2_vl["one"], qwen2_vl["two"], "sft", {})
 
 
-def test_fsdp_qwen2_vl_full_dpo_runs_with_a_sharded_reference(qwen2_vl):
+def test_fsdp_qwen2_vl_full_dpo_caches_the_reference_computed_by_the_sharded_policy(qwen2_vl):
+    """No reference copy: the log-probs computed by the sharded policy before its first step, split by split those
+    one process computed before training. Not the same files: each run's reference is its own SFT model, equal to
+    the other's within the SFT test's tolerance, so the log-probs (sums over answer tokens) agree to 1e-4."""
+    from safetensors import safe_open
+
+    def by_split(store):
+        files = {}
+        for path in store.glob("*.safetensors"):
+            with safe_open(path, "pt") as f:
+                files[f.metadata()["split"]] = load_file(path)
+        return files
+
     assert checkpoint_is_sharded(qwen2_vl["two"] / "dpo")
-    # Sharded, the cache (the default) falls back to TRL's reference forward, its copy sharded like the policy
-    assert "reference copy True, reference log-probs recomputed, sharded over 2" in qwen2_vl["stdout"]
-    assert "dpo: recomputing the reference at every step, not caching its log-probs: FSDP" in qwen2_vl["stdout"]
-    assert contract.read_json(qwen2_vl["two"] / "dpo" / contract.SUCCESS_FILE)["reference"] == "frozen copy of the model"
+    assert "reference copy False, reference log-probs cached, sharded over 2" in qwen2_vl["stdout"]
+    assert "rows computed by the sharded model" in qwen2_vl["stdout"]
+    store = reference_logprobs.store_for(qwen2_vl["two"])
+    sharded, one = by_split(store), by_split(store.with_name("one-process"))
+    assert sharded.keys() == one.keys() == {"train", "eval"}
+    for split, logps in sharded.items():
+        for key, value in logps.items():
+            assert torch.allclose(value, one[split][key], atol=1e-4, rtol=0), f"{split} {key}: {(value - one[split][key]).abs().max()}"
+
+
+def test_fsdp_qwen2_vl_full_dpo_recomputing_shards_a_reference_copy(qwen2_vl):
+    """dpo.reference_logprobs: recompute keeps TRL's reference forward, its frozen copy sharded like the policy: the
+    same losses as the cached reference."""
+    run = qwen2_vl["two"].with_name("recompute")
+    for stage in ("prepare", "sft"):
+        shutil.copytree(qwen2_vl["two"] / stage, run / stage)
+    done = vlmjobs("run", str(qwen2_vl["folder"] / "two.yaml"), "--stages", "dpo", "--run.id=recompute",
+                   "--dpo.reference_logprobs=recompute")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "reference copy True, reference log-probs recomputed, sharded over 2" in done.stdout
+    assert contract.read_json(run / "dpo" / contract.SUCCESS_FILE)["reference"] == "frozen copy of the model"
+    assert losses(run / "dpo") == pytest.approx(losses(qwen2_vl["two"] / "dpo"), rel=TOLERANCE, abs=TOLERANCE)
+
+
+def test_fsdp_full_dpo_resumed_without_its_stored_log_probs_stops_in_one_line(qwen2_vl, tmp_path):
+    """Sharded, the log-probs are computed when training starts; a resumed full DPO has trained its policy since, so it
+    is no longer the reference: with the stored files gone it stops (exit 2, not retried) rather than train on the
+    wrong reference, and says what to do. The attempt stays, to resume once they are back."""
+    run = qwen2_vl["two"]
+    attempt = stopped_after_checkpoint_1(run, "dpo")
+    store = reference_logprobs.store_for(run)
+    finished, kept = tmp_path / "dpo", tmp_path / "store"
+    shutil.move(run / "dpo", finished)
+    shutil.move(store, kept)
+    try:
+        resumed = vlmjobs("run", str(qwen2_vl["folder"] / "two.yaml"), "--stages", "dpo")
+        assert resumed.returncode == 2, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+        assert "the resumed policy is no longer the reference: rerun the stage from the start (--force)" in resumed.stderr
+        assert "Traceback" not in resumed.stderr and (attempt / "checkpoints" / "checkpoint-1").is_dir()
+    finally:
+        shutil.rmtree(attempt, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.move(kept, store)
+        shutil.move(finished, run / "dpo")
 
 
 def test_fsdp_qwen2_vl_full_dpo_matches_one_process(qwen2_vl, tiny_model):

@@ -68,6 +68,10 @@ def test_a_stages_estimate_from_the_config_alone_counts_what_loading_the_model_c
     assert full_dpo.model == pytest.approx(counts["parameters"] * 4 / 1e9), "fp32 master weights"
     assert (full_dpo.gradients, full_dpo.optimizer) == (full_dpo.model, 2 * full_dpo.model), "the blog's 32 + 32 + 32 + 64"
     assert counts["precision"] == "float32 weights, bfloat16 compute"
+    sharded = {"resources": {"gpus": 2, "sharding": "fsdp"}, "stages": ["prepare", "dpo"]}
+    cached, _ = memory.for_stage(recipes.load(write_recipe(**sharded, dpo={"method": "full"})), "dpo")
+    assert cached.reference == 0, "sharded too, the cached log-probs (computed when training starts) need no copy"
+    assert memory.for_stage(recipes.load(write_recipe(**sharded, dpo=recomputing)), "dpo")[0].reference == full_dpo.model
 
     pure, counts = memory.for_stage(recipes.load(write_recipe(sft={"method": "full", "pure_bf16": True})), "sft")
     assert pure.model == pytest.approx(counts["parameters"] * 2 / 1e9) and pure.optimizer == 2 * pure.model
