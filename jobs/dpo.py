@@ -47,7 +47,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     shards = training.shard_count(cfg, "dpo")
     args = training.trl_config(DPOConfig, cfg.dpo, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute,
                                shards=shards)
-    model, lineage, start = starting_point(cfg, stage.run_dir, from_sft, dtype=precision.weights)
+    model, lineage, start = starting_point(cfg, stage.run_dir, from_sft, dtype=precision.weights, sharded=shards > 1)
     data = load_from_disk(stage.input("prepare") / "dpo")
     train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
 
@@ -88,6 +88,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         steps=result.global_step,
         method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
         reference=reference_kind(trainer), reference_logprobs=cache or "recomputed at every step", shared_prefix=packed,
+        sharding=training.what_was_sharded(trainer),
     )
 
 
@@ -102,11 +103,11 @@ def reference_kind(trainer) -> str:
     return "the model with its adapter switched off"
 
 
-def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None):
+def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None, sharded: bool = False):
     """(model, lineage of the weights under DPO's adapter, description) for the recipe's dpo.init, loaded in ``dtype``."""
     from jobs import modeling
 
-    quantize = modeling.quantization(cfg.dpo)
+    quantize = modeling.quantization(cfg.dpo, sharded=sharded, dtype=dtype)
     if not from_sft:
         model = modeling.load_model(cfg.model, quantize=quantize, dtype=dtype)
         return model, {"base": modeling.BASE, "merged": [], "adapter": None}, "base model"

@@ -78,7 +78,7 @@ def shard_count(recipe, stage: str, estimate: Estimate | None = None) -> int:
     the stage (``estimate``, computed when not given); 1 (each GPU holds everything) otherwise."""
     res = recipe.resources_for(stage)
     processes = max(res.gpus, 1) * res.nodes
-    if processes == 1 or res.sharding in (None, "none") or getattr(recipe, stage).method == "qlora":  # qlora: see recipe.py
+    if processes == 1 or res.sharding in (None, "none"):
         return 1
     if res.sharding == "fsdp":
         return processes

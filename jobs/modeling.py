@@ -139,8 +139,16 @@ def lora_config(train: Train, family: Family):
     return LoraConfig(**fields)
 
 
-def quantization(train: Train) -> dict | None:
-    return dict(train.quantization) if train.method == "qlora" else None
+def quantization(train: Train, *, sharded: bool = False, dtype=None) -> dict | None:
+    """BitsAndBytesConfig fields for qlora, else None. Sharded, the 4-bit weights are packed into ``dtype`` (the
+    weights' dtype) rather than bytes, so that FSDP shards them like every other weight (peft's and accelerate's
+    FSDP-QLoRA recipe); accelerate leaves byte-packed ones out of the shards, whole on every GPU."""
+    if train.method != "qlora":
+        return None
+    fields = dict(train.quantization)
+    if sharded:
+        fields.setdefault("bnb_4bit_quant_storage", dtype)
+    return fields
 
 
 # ---------------------------------------------------------------------------------------------

@@ -519,9 +519,11 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             errors.append(f"{stage}.resources.sharding: {overrides['sharding']!r} is not one of {', '.join(SHARDING)}")
         if stage in TRAINING_STAGES and stage in recipe.stages and set(overrides) <= {f.name for f in dataclasses.fields(Resources)}:
             res = recipe.resources_for(stage)
-            if res.sharding == "fsdp" and getattr(recipe, stage).method == "qlora":
-                errors.append(f"resources.sharding: fsdp does not shard qlora ({stage}.method) in vlmjobs: its 4-bit "
-                              "base fits one GPU where LoRA's does not; set sharding none, or method lora or full")
+            storage = str(getattr(recipe, stage).quantization.get("bnb_4bit_quant_storage", "")).removeprefix("torch.")
+            if res.sharding in ("fsdp", "auto") and getattr(recipe, stage).method == "qlora" and storage not in ("", *DTYPES[1:]):
+                errors.append(f"{stage}.quantization.bnb_4bit_quant_storage: {storage} packs the 4-bit weights into "
+                              "bytes, which FSDP cannot shard (accelerate would keep them whole on every GPU); remove it, "
+                              "and the stage packs them into the weights' dtype when it shards")
             if res.sharding == "auto" and not res.gpu_memory_gib:
                 errors.append(f"resources.sharding: auto shards {stage} when one GPU cannot hold it, which needs "
                               "resources.gpu_memory_gib; set it, or sharding fsdp or none")

@@ -260,15 +260,13 @@ def keeping_what_trains(model):
     the time the adapter is switched back on, while it held the sharded ones when it was switched off: the sharded
     parameters, from which FSDP takes requires_grad at every gather, stayed off, and those adapter weights silently
     stopped training after the first step. Every unit resharded, the sharded parameters get their flags back."""
-    from torch.distributed.fsdp import FSDPModule
+    from jobs.training import reshard
 
     trains = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     try:
         yield
     finally:
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        reshard(model)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(trains[name])
 

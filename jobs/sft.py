@@ -34,11 +34,12 @@ def main(recipe: str = "", force: bool = False, **overrides):
     family = get_family(cfg.model.family)
     processor = modeling.load_processor(cfg.model)
     precision = modeling.training_precision(cfg.model, cfg.sft)  # fp32 master weights for full fine-tuning
-    model = modeling.load_model(cfg.model, quantize=modeling.quantization(cfg.sft), dtype=precision.weights)
+    shards = training.shard_count(cfg, "sft")
+    quantize = modeling.quantization(cfg.sft, sharded=shards > 1, dtype=precision.weights)
+    model = modeling.load_model(cfg.model, quantize=quantize, dtype=precision.weights)
     data = load_from_disk(stage.input("prepare") / "sft")
     train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
 
-    shards = training.shard_count(cfg, "sft")
     args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute,
                                shards=shards, defaults=training.SFT_DEFAULTS)
     peft_config = None if cfg.sft.method == "full" else modeling.lora_config(cfg.sft, family)
@@ -62,7 +63,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
         steps=result.global_step, method=cfg.sft.method, padding_free=padding_free,
-        quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
+        quantized=bool(getattr(model, "is_loaded_in_4bit", False)), sharding=training.what_was_sharded(trainer),
     )
 
 

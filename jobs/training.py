@@ -299,6 +299,29 @@ def stop_if_interrupted(trainer, stage: str) -> None:
             sys.exit(128 + callback.requested)
 
 
+def reshard(model) -> None:
+    """Every FSDP unit of ``model`` back to its shards. FSDP2 leaves the root unit gathered after a forward (training
+    gathers it again at once), and until resharded its modules hold the gathered copies, not the parameters FSDP keeps."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def what_was_sharded(trainer) -> dict | None:
+    """For the stage's record, under FSDP: the parameters sharded over the processes, and those left whole on every
+    one (accelerate leaves out what fully_shard cannot split, such as 4-bit weights packed in bytes); None unsharded."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    reshard(trainer.model)
+    parameters = dict(trainer.model.named_parameters())
+    whole = [name for name, parameter in parameters.items() if not isinstance(parameter, DTensor)]
+    return {"processes": trainer.args.world_size, "parameters": len(parameters), "whole on every process": whole}
+
+
 def save(trainer, processor, out: Path, **lineage) -> None:
     """The trained adapter or weights, the processor and their lineage (``modeling.write_lineage``) in ``out``:
     every process saves its part, the main one writes the rest once they all have."""
