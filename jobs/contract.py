@@ -72,6 +72,27 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+def _wait_for_turn(imports: tuple[str, ...]) -> bool:
+    """Started ahead of its turn (``START_FD_ENV``): import what the stage will, then wait for the runner's go.
+    False when the runner closed the pipe instead (the stage before failed, or this one turned out to be done, or
+    the runner is gone): the stage then ends without having run."""
+    import importlib
+
+    fd = os.environ.pop(START_FD_ENV, None)  # popped: not for the processes this stage starts
+    if fd is None:
+        return True
+    started = time.time()
+    for name in imports:
+        module, _, attribute = name.partition(":")
+        loaded = importlib.import_module(module)
+        if attribute:
+            getattr(loaded, attribute)
+    _IMPORTED_AHEAD.append(round(time.time() - started, 2))  # for the stage's record
+    go = os.read(int(fd), 1)
+    os.close(int(fd))
+    return go == b"1"
+
+
 def handle_stop_signals() -> None:
     """SIGTERM and SIGINT raise ``Interrupted`` in this process: one line and exit 128 + N (``entrypoint``).
 
@@ -91,8 +112,15 @@ def stopped(signum: int) -> str:
     return f"stopped on {name}; the unfinished work stays in the run folder, and running the same command again resumes it"
 
 
-def entrypoint(main: Callable) -> None:
-    """Run a stage's ``main`` under Fire, turning user errors into one line and exit code 2."""
+# Set by the local runner on a stage it starts ahead of its turn: the file descriptor its go arrives on.
+START_FD_ENV = "VLMJOBS_START_FD"
+_IMPORTED_AHEAD: list[float] = []  # seconds the stage's imports took before its turn, when started ahead
+
+
+def entrypoint(main: Callable, *, imports: tuple[str, ...] = ()) -> None:
+    """Run a stage's ``main`` under Fire, turning user errors into one line and exit code 2. ``imports`` are the
+    heavy libraries ``main`` will import (``module`` or ``module:name``, for the lazy ones); a process the local
+    runner starts ahead of its turn imports them while the stage before it runs, then waits for its go."""
     import signal
 
     handle_stop_signals()
@@ -102,14 +130,14 @@ def entrypoint(main: Callable) -> None:
         usage.print_help(usage.stage_help(main))
         return
     try:
-        _run(main)
+        _run(main, imports)
     except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C before the handlers were in place
         signum = getattr(e, "signum", signal.SIGINT)
         print(stopped(signum), file=sys.stderr, flush=True)
         sys.exit(128 + signum)
 
 
-def _run(main: Callable) -> None:
+def _run(main: Callable, imports: tuple[str, ...] = ()) -> None:
     import logging
 
     import fire
@@ -121,6 +149,8 @@ def _run(main: Callable) -> None:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # On CPU bitsandbytes asks for an optional kernel from the hub; its own fallback is what runs here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if not _wait_for_turn(imports):
+        return
     try:
         fire.Fire(main)
     except (UserError, Failure) as e:
@@ -180,6 +210,7 @@ class Stage:
             "config": self.config,
             "inputs": {name: {"path": str(self.input(name)), "fingerprint": rec["fingerprint"]} for name, rec in self.inputs.items()},
             **record,
+            **({"imported_ahead_of_its_turn_s": _IMPORTED_AHEAD[0]} if _IMPORTED_AHEAD else {}),
             "started_at": _iso(self.started),
             "finished_at": _iso(time.time()),
             "duration_s": round(time.time() - self.started, 2),

@@ -127,4 +127,4 @@ def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None, sharded: bool = 
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main)
+    contract.entrypoint(main, imports=("datasets", "trl:DPOTrainer", "jobs.modeling", "jobs.training", "jobs.shared_prefix", "jobs.reference_logprobs"))

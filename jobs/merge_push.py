@@ -299,4 +299,4 @@ def _scrub(text: str, token: str | None) -> str:
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main)
+    contract.entrypoint(main, imports=("datasets", "peft:PeftModel", "jobs.modeling"))

@@ -68,4 +68,4 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main)
+    contract.entrypoint(main, imports=("datasets", "trl:SFTTrainer", "jobs.modeling", "jobs.training", "jobs.packing"))

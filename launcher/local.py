@@ -1,5 +1,10 @@
 """The local runner: the embedded default when there is no cluster. It runs each stage's command,
 the very argv and environment its Kubernetes Job would get, one after another on this machine.
+
+Each stage is a fresh process, and its imports (torch, transformers, TRL) take seconds before it does anything.
+So while a stage runs, the runner starts the next one (when it runs as one process and is not already done):
+it imports its libraries meanwhile and waits on a pipe for its turn (jobs.contract.START_FD_ENV). If the stage
+before fails, the pipe is closed and the waiting one ends without having run.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from jobs.contract import SUCCESS_FILE, UserError, exit_status, is_done, missing_input
+from jobs.contract import START_FD_ENV, SUCCESS_FILE, UserError, exit_status, is_done, missing_input
 from jobs.recipe import Recipe
 from launcher.commands import stage_argv, stage_env
 
@@ -43,15 +48,33 @@ def run(recipe: Recipe, stages: tuple[str, ...] = (), *, force: bool = False) ->
             if need not in stages[:i] and not (recipe.run_dir / need / SUCCESS_FILE).is_file():
                 raise UserError(f"{missing_input(stage, recipe.run_dir, need)} (vlmjobs run RECIPE --stages={need},{stage})")
     started = time.time()
-    for stage in stages:
-        argv = argvs[stage]
-        if not force and is_done(stage, recipe.run_dir, recipe.stage_config(stage), recipe.needs(stage)):
-            print(f"==> {stage}: already done for this config ({recipe.run_dir / stage}); skipping (--force redoes it)", flush=True)
-            continue
-        print(f"==> {stage} [{recipe.run_dir}]: {shlex.join(argv)}", flush=True)
-        returncode = _call(argv, env)
-        if returncode != 0:
-            raise StageFailed(stage, returncode, argv)
+
+    def done(stage: str) -> bool:
+        return not force and is_done(stage, recipe.run_dir, recipe.stage_config(stage), recipe.needs(stage))
+
+    ahead: Stage | None = None  # the next stage, started while this one runs
+    try:
+        for i, stage in enumerate(stages):
+            argv = argvs[stage]
+            if done(stage):
+                if ahead and ahead.name == stage:  # done after all: the stage before it remade the same input
+                    ahead.cancel()
+                    ahead = None
+                print(f"==> {stage}: already done for this config ({recipe.run_dir / stage}); skipping (--force redoes it)", flush=True)
+                continue
+            print(f"==> {stage} [{recipe.run_dir}]: {shlex.join(argv)}", flush=True)
+            current = ahead if ahead and ahead.name == stage else Stage.start(stage, argv, env)
+            following = stages[i + 1] if i + 1 < len(stages) else None
+            if following and _one_process(argvs[following]) and not done(following):
+                ahead = Stage.start(following, argvs[following], env, waiting=True)
+            else:
+                ahead = None
+            returncode = current.run()
+            if returncode != 0:
+                raise StageFailed(stage, returncode, argv)
+    finally:
+        if ahead:
+            ahead.cancel()
     print(f"==> done in {time.time() - started:.0f}s: {', '.join(stages)} in {recipe.run_dir}", flush=True)
     report = recipe.run_dir / "evaluate" / "report.json"
     if "evaluate" in stages and report.is_file():
@@ -61,17 +84,62 @@ def run(recipe: Recipe, stages: tuple[str, ...] = (), *, force: bool = False) ->
 
 
 
-def _call(argv: list[str], env: dict) -> int:
-    """Run a stage to its end. It runs in its own process group, so that Ctrl-C in a terminal reaches it once,
+def _one_process(argv: list[str]) -> bool:
+    """The stage runs as the module itself (``python -m jobs.<stage>``), not through accelerate's launcher, whose
+    processes would not inherit the pipe."""
+    return argv[1] == "-m" and argv[2].startswith("jobs.")
+
+
+class Stage:
+    """A stage's process. Started ``waiting``, it imports and then waits on a pipe for its turn (``run``), or
+    for the pipe's end (``cancel``). It runs in its own process group, so that Ctrl-C in a terminal reaches it once,
     from here: SIGINT and SIGTERM to this process are passed on, and the stage checkpoints and exits 130 / 143."""
-    process = subprocess.Popen(argv, env=env, process_group=0)
 
-    def forward(signum, frame):
-        process.send_signal(signum)
+    def __init__(self, name: str, process: subprocess.Popen, go: int | None):
+        self.name, self.process, self.go = name, process, go
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    @classmethod
+    def start(cls, name: str, argv: list[str], env: dict, *, waiting: bool = False) -> Stage:
+        if not waiting:
+            return cls(name, subprocess.Popen(argv, env=env, process_group=0), None)
+        read, write = os.pipe()
+        try:
+            process = subprocess.Popen(argv, env={**env, START_FD_ENV: str(read)}, process_group=0, pass_fds=(read,))
+        finally:
+            os.close(read)
+        return cls(name, process, write)
+
+    def run(self) -> int:
+        """Its turn: run it to its end."""
+        def forward(signum, frame):
+            self.process.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._release(b"1")
+            return self.process.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def cancel(self) -> None:
+        """Not its turn after all: it ends without having run (a closed pipe), or is stopped if it has not yet
+        reached its wait."""
+        self._release(b"")
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def _release(self, go: bytes) -> None:
+        if self.go is None:
+            return
+        try:
+            if go:
+                os.write(self.go, go)
+        except BrokenPipeError:  # it ended while importing: its exit code tells
+            pass
+        finally:
+            os.close(self.go)
+            self.go = None

@@ -33,6 +33,22 @@ def test_a_stage_s_user_error_stops_the_chain_with_its_exit_code(write_recipe, t
     assert f"error: data source {tmp_path / 'missing'}: not found" in done.stderr
     assert "error: stage prepare failed with exit code 2" in done.stderr
     assert "==> sft" not in done.stdout
+    # sft, started while prepare ran, ended on the closed pipe without having begun
+    run = path.parent / "runs" / "t"
+    assert not (run / ".sft.partial").exists() and not (run / "sft").exists() and "Traceback" not in done.stderr
+
+
+def test_the_next_stage_imports_while_the_one_before_runs_and_begins_after_it(write_recipe):
+    """The local runner starts sft while prepare runs: its imports (torch, TRL) overlap prepare's work, and it
+    begins only once prepare has finished."""
+    path = write_recipe()
+    done = vlmjobs("run", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = path.parent / "runs" / "t"
+    prepare, sft = (contract.read_json(run / stage / contract.SUCCESS_FILE) for stage in ("prepare", "sft"))
+    assert "imported_ahead_of_its_turn_s" not in prepare, "the first stage has nothing to overlap"
+    assert sft["imported_ahead_of_its_turn_s"] > 0
+    assert sft["started_at"] >= prepare["finished_at"]
 
 
 def test_a_bad_recipe_is_one_line_and_exit_code_2_before_anything_runs(write_recipe):
@@ -88,7 +104,14 @@ def test_the_skip_is_decided_from_the_marker_and_a_changed_input_is_not_skipped(
     path = write_recipe()
     recipe = recipes.load(path)
     started = []
-    monkeypatch.setattr(local, "_call", lambda argv, env: started.append(argv[-1]) or 0)
+
+    class Started:
+        name = "unused"
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr(local.Stage, "start", lambda name, argv, env, waiting=False: started.append(argv[-1]) or Started())
     run = recipe.run_dir
     sft_config = {"stage": "sft", **recipe.stage_config("sft"), "inputs": {"prepare": "p1"}}
     for stage, fingerprint in (("prepare", "p1"), ("sft", contract._fingerprint(sft_config))):
