@@ -61,14 +61,18 @@ IMAGE_SIZE = 32  # pixels; small enough to train in seconds on a CPU, large enou
 VISION_WIDTH = 64
 
 
-def build(family: str, out: str | Path, seed: int = 0) -> Path:
-    """Build and save the tiny model of ``family`` into ``out``; returns ``out``."""
+def build(family: str, out: str | Path, seed: int = 0, image_tokens: int | None = None) -> Path:
+    """Build and save the tiny model of ``family`` into ``out``; returns ``out``. ``image_tokens``: Idefics2's
+    tokens per image, its resampler's latents (4 by default, for fast tests; 64 in idefics2-8b, for a benchmark
+    whose prompts must weigh what real ones do)."""
     import torch
 
     if family not in BUILDERS:
         raise UserError(f"--family: no tiny model for {family!r} (have: {', '.join(BUILDERS)})")
+    if image_tokens is not None and family != "idefics2":
+        raise UserError(f"--image-tokens: only the tiny idefics2 takes it; {family}'s follow from its image size")
     torch.manual_seed(seed)
-    model, processor = BUILDERS[family]()
+    model, processor = BUILDERS[family](**({} if image_tokens is None else {"latents": image_tokens}))
     check_4bit_shapes(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +191,7 @@ def _qwen2_vl():
     return model, processor
 
 
-def _idefics2():
+def _idefics2(latents: int = 4):
     from transformers import (
         Idefics2Config,
         Idefics2ForConditionalGeneration,
@@ -198,7 +202,7 @@ def _idefics2():
     # Mistral-style tokenizer (<s> prepended) with the three tokens Idefics2Processor adds itself.
     special = ["<unk>", "<s>", "</s>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"]
     tokenizer = train_tokenizer(special, bos="<s>", eos="</s>", pad="<unk>", unk="<unk>")
-    latents = 4  # perceiver resampler output: the <image> tokens per image (64 in idefics2-8b)
+    # latents: the perceiver resampler's output, the <image> tokens per image (64 in idefics2-8b)
     # idefics2-8b saves do_image_splitting=True; the blog turns it off when loading (jobs.families).
     image_processor = Idefics2ImageProcessor(
         size={"longest_edge": IMAGE_SIZE, "shortest_edge": IMAGE_SIZE // 2}, do_image_splitting=True,

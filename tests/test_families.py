@@ -85,6 +85,24 @@ def test_each_family_has_a_tiny_model_of_its_class_with_its_processor_and_templa
             assert getattr(processor.image_processor, key) == value, (name, key)
 
 
+def test_the_tiny_idefics2_takes_idefics2_8bs_64_tokens_per_image_for_the_benchmark(tmp_path):
+    """make bench's twin: each image becomes as many <image> tokens as the resampler has latents, and the model
+    reads them (a count the processor and the model disagreed on would fail the forward)."""
+    from PIL import Image
+
+    from jobs import tiny
+
+    folder = tiny.build("idefics2", tmp_path / "m", image_tokens=64)
+    processor = modeling.load_processor(Model(name_or_path=str(folder), family="idefics2"))
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}])
+    inputs = processor(text=[prompt], images=[[Image.new("RGB", (32, 32))]], return_tensors="pt")
+    assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 64
+    model = modeling.load_model(Model(name_or_path=str(folder), family="idefics2"))
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+    with pytest.raises(UserError, match="--image-tokens: only the tiny idefics2 takes it"):
+        tiny.build("llava", tmp_path / "l", image_tokens=64)
+
+
 def test_an_unsupported_family_is_one_line_naming_the_supported_ones():
     with pytest.raises(UserError, match=r"^model family 'idefics' is not supported \(supported: llava, qwen2_vl, idefics2, idefics3, paligemma\)$"):
         get_family("idefics")

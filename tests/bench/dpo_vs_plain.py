@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--image-tokens", type=int, default=64,
+                        help="the tiny Idefics2's tokens per image: idefics2-8b's 64, so that prompts weigh what the blog's do")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
@@ -147,9 +149,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from jobs import synthetic, tiny
 
-    model_dir, data_dir = work / f"tiny-{options.family}", work / "rlaif-v-sentences"
+    image_tokens = options.image_tokens if options.family == "idefics2" else None
+    model_dir, data_dir = work / f"tiny-{options.family}-{image_tokens}", work / "rlaif-v-sentences"
     if not model_dir.is_dir():
-        tiny.build(options.family, model_dir)
+        tiny.build(options.family, model_dir, image_tokens=image_tokens)
     if not data_dir.is_dir():
         synthetic.write_splits("rlaif-v", data_dir, {"train": synthetic.rlaif_v_rows(options.rows, sentences=True, chart_share=0)})
 
@@ -167,7 +170,7 @@ def main() -> None:
     base = median["plain"]
     titles = {"plain": "blog script (one process)", "shared": "vlmjobs run: prepare + dpo, shared prefix",
               "unshared": "vlmjobs run: prepare + dpo, dpo.shared_prefix false"}
-    lines = [f"DPO of the tiny {options.family}, LoRA all-linear, {options.steps} steps of {options.batch} pairs, lr {options.lr}, "
+    lines = [f"DPO of the tiny {options.family}" + (f" ({image_tokens} tokens per image)" if image_tokens else "") + f", LoRA all-linear, {options.steps} steps of {options.batch} pairs, lr {options.lr}, "
              f"beta {options.beta}, medians of {options.repeats} alternating runs, on {device()} ({os.cpu_count()} cores)", "",
              "| run | train samples/s | × blog | whole-process samples/s | × blog | wall s | peak RSS MB | loss | pref. accuracy |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
