@@ -127,4 +127,6 @@ def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None, sharded: bool = 
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=("datasets", "trl:DPOTrainer", "jobs.modeling", "jobs.training", "jobs.shared_prefix", "jobs.reference_logprobs"))
+    contract.entrypoint(main, imports=(
+        "datasets", "trl:DPOTrainer", "jobs.modeling", "jobs.training", "jobs.shared_prefix", "jobs.reference_logprobs",
+    ))

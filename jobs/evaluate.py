@@ -262,4 +262,6 @@ def _sample(dataset, limit: int | None):
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=("datasets", "transformers:AutoProcessor", "jobs.modeling", "jobs.inference", "jobs.metrics", "jobs.report"))
+    contract.entrypoint(main, imports=(
+        "datasets", "transformers:AutoProcessor", "jobs.modeling", "jobs.inference", "jobs.metrics", "jobs.report",
+    ))

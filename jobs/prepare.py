@@ -79,4 +79,4 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=("datasets", "transformers:AutoProcessor", "jobs.data", "jobs.modeling"))
+    contract.entrypoint(main)

@@ -108,3 +108,24 @@ def test_entrypoint_turns_user_errors_into_one_line_and_exit_code_2(tmp_path):
     assert user.stderr == "error: data.sft: no rows\n"
     crash = subprocess.run([sys.executable, str(script), "--fail=crash"], capture_output=True, text=True, env=subprocess_env())
     assert crash.returncode == contract.EXIT_FAILURE and "Traceback" in crash.stderr
+
+
+def test_a_finished_stage_exits_at_once_with_its_exit_handlers_run_and_its_output_flushed(tmp_path):
+    """entrypoint skips the interpreter's teardown after a stage finishes, not what exiting owes: atexit handlers
+    (a tracker's last upload, logging's flush) run, and buffered output reaches the pipe."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import atexit, logging, sys\n"
+        "from jobs.contract import entrypoint\n"
+        "def main(out: str = ''):\n"
+        "    atexit.register(lambda: open(out, 'w').write('flushed'))\n"
+        "    logging.basicConfig(stream=sys.stderr)\n"
+        "    logging.getLogger('stage').warning('a last log line')\n"
+        "    sys.stdout.write('no newline, still buffered')\n"
+        "entrypoint(main)\n"
+    )
+    done = subprocess.run([sys.executable, str(script), f"--out={tmp_path / 'atexit'}"], capture_output=True, text=True,
+                          env=subprocess_env(PYTHONUNBUFFERED=""))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "atexit").read_text() == "flushed"
+    assert done.stdout == "no newline, still buffered" and "a last log line" in done.stderr
