@@ -22,7 +22,7 @@ The recipe's validation imports it too: torch is imported only where a batch is 
 
 from __future__ import annotations
 
-from jobs.contract import UserError
+from jobs.contract import UserError, is_main_process
 from jobs.families import PACKED_ATTENTION, VARLEN_ATTENTION, Family
 
 TOKEN_KEYS = ("input_ids", "labels", "token_type_ids", "mm_token_type_ids")  # one value per token, per row
@@ -112,3 +112,48 @@ class _Qwen2VLRope:
             video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"],
         )
         return positions
+
+
+GROUPING = ("group_by_length", "batch_rebalance")  # transformers' samplers that read each row's length
+CHUNK = 64  # rows measured per collator call
+
+
+def with_lengths(trainer) -> bool:
+    """Let transformers' ``train_sampling_strategy: group_by_length`` (or ``batch_rebalance``) batch rows of like
+    length together, so that a padded batch pads little. Its sampler reads each row's length from
+    ``length_column_name``, else from the rows' input_ids, which vision rows do not have. Here each train and eval
+    row's length is the number of tokens the trainer's own collator makes of it, image tokens included (Qwen2-VL's
+    grow with the image). Before any padding-free wrap: the padded batch's attention mask counts them. Returns whether
+    the rows are grouped."""
+    import time
+
+    args = trainer.args
+    if args.train_sampling_strategy not in GROUPING:
+        return False
+    column, started = args.length_column_name, time.time()
+    collator = trainer.data_collator
+    for split in ("train_dataset", "eval_dataset"):
+        rows = getattr(trainer, split)
+        if rows is not None and column not in rows.column_names:
+            lengths = []
+            for start in range(0, len(rows), CHUNK):  # the processor batched: each row's real tokens, unpadded
+                chunk = rows.select(range(start, min(start + CHUNK, len(rows))))
+                lengths += collator(list(chunk))["attention_mask"].sum(dim=1).tolist()
+            setattr(trainer, split, rows.add_column(column, lengths))
+    trainer._set_signature_columns_if_needed()  # kept through remove_unused_columns, for the sampler
+    trainer._signature_columns = [*trainer._signature_columns, column]
+    trainer.data_collator = WithoutColumn(collator, column)
+    if is_main_process():
+        print(f"sft: rows batched by length ({args.train_sampling_strategy}); lengths of {len(trainer.train_dataset)} "
+              f"rows in {time.time() - started:.1f}s", flush=True)
+    return True
+
+
+class WithoutColumn:
+    """A collator that drops a column the sampler reads before the one it wraps sees the rows."""
+
+    def __init__(self, collator, column: str):
+        self.collator, self.column = collator, column
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return self.collator([{k: v for k, v in example.items() if k != self.column} for example in examples])

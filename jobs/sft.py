@@ -50,11 +50,13 @@ def main(recipe: str = "", force: bool = False, **overrides):
             callbacks=training.callbacks("sft", stage.work),
         )
     padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
+    grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows
     if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded
         trainer.data_collator = packing.PaddingFree(trainer.data_collator, model.config)
     auto_batch.fit(stage, trainer, cfg.sft)  # per_device_train_batch_size: auto; before start prints the batch
     checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train),
-                                extra={"method": cfg.sft.method, "sharded over": shards, "padding-free": padding_free})
+                                extra={"method": cfg.sft.method, "sharded over": shards, "padding-free": padding_free,
+                                       "batched by length": grouped})
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "sft")
 
@@ -62,7 +64,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     training.save(trainer, processor, stage.work / "model", **lineage)
     stage.finish(
         rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
-        steps=result.global_step, method=cfg.sft.method, padding_free=padding_free,
+        steps=result.global_step, method=cfg.sft.method, padding_free=padding_free, grouped_by_length=grouped,
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)), sharding=training.what_was_sharded(trainer),
     )
 

@@ -106,8 +106,10 @@ def plain_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict, i
     return {**run, "train_sps": metrics["train_samples_per_second"], "final_loss": metrics["final_loss"]}
 
 
-def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict, i: int, padding_free: bool) -> dict:
-    name = f"bench-{'packed' if padding_free else 'padded'}-{i}"
+def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict, i: int, padding_free: bool,
+                grouped: bool = False) -> dict:
+    name = f"bench-{'packed' if padding_free else 'grouped' if grouped else 'padded'}-{i}"
+    grouping = {"train_sampling_strategy": "group_by_length"} if grouped else {}
     lora = {k: v for k, v in LORA.items() if k != "task_type"}  # the stage sets the task type
     recipe = {
         "name": name, "stages": ["prepare", "sft"], "run": {"root": str(work / "runs")},
@@ -119,7 +121,7 @@ def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict,
                          "optim": "adamw_torch_fused", "learning_rate": options.lr, "max_grad_norm": 0.3, "warmup_steps": 0.03,
                          "logging_steps": max(1, options.steps // 5), "save_steps": options.steps,
                          # the script evaluates nothing; the stage's eval loss (its default) would be timed in its loop
-                         "eval_strategy": "no"}},
+                         "eval_strategy": "no", **grouping}},
     }
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
@@ -179,6 +181,8 @@ def main() -> None:
         "plain script (cookbook)": lambda i: plain_run(work, model_dir, data_dir, options, env, i),
         "vlmjobs run (prepare + sft, padding-free)": lambda i: vlmjobs_run(work, model_dir, data_dir, options, env, i, True),
         "vlmjobs run (prepare + sft, padded)": lambda i: vlmjobs_run(work, model_dir, data_dir, options, env, i, False),
+        "vlmjobs run (prepare + sft, padded, group_by_length)":
+            lambda i: vlmjobs_run(work, model_dir, data_dir, options, env, i, False, grouped=True),
     }
     results: dict[str, list[dict]] = {name: [] for name in arms}
     names = list(arms)
