@@ -141,11 +141,12 @@ def entrypoint(main: Callable, *, imports: tuple[str, ...] = ()) -> None:
 def _exit_at_once() -> None:
     """End a finished one-process stage as the interpreter would, less its teardown: the atexit handlers run
     (logging's flush among them) and the streams are flushed, but the 2 s CPython then spends freeing torch's and
-    transformers' modules one by one (measured after importing TRL) is skipped. Processes under accelerate launch
-    end as they always have."""
+    transformers' modules one by one (measured after importing TRL) is skipped. Processes under accelerate launch,
+    and under a profiler or tracer (python -m cProfile, coverage), which write their results after the stage's
+    module has run, end as they always have."""
     import atexit
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or sys.getprofile() or sys.gettrace():
         return
     atexit._run_exitfuncs()
     sys.stdout.flush()

@@ -129,3 +129,7 @@ def test_a_finished_stage_exits_at_once_with_its_exit_handlers_run_and_its_outpu
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "atexit").read_text() == "flushed"
     assert done.stdout == "no newline, still buffered" and "a last log line" in done.stderr
+    # under a profiler, which writes its results after the module has run, the stage ends as Python would
+    profiled = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "prof"), str(script),
+                               f"--out={tmp_path / 'atexit'}"], capture_output=True, text=True, env=subprocess_env())
+    assert profiled.returncode == 0 and (tmp_path / "prof").stat().st_size > 0, profiled.stderr
