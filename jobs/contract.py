@@ -214,6 +214,12 @@ class Stage:
     def work(self) -> Path:
         return self.run_dir / f".{self.name}.partial"
 
+    @property
+    def scratch(self) -> Path:
+        """Files the stage needs only while it runs (datasets' cache of what it derives from its inputs, which
+        would otherwise land beside the input stage's finished files): removed before the output is committed."""
+        return self.work / "scratch"
+
     def input(self, name: str) -> Path:
         return self.run_dir / name
 
@@ -221,6 +227,7 @@ class Stage:
         """Move the work folder into place and write the commit marker; returns the output folder."""
         if not is_main_process():
             return self.out
+        shutil.rmtree(self.scratch, ignore_errors=True)
         success = {
             "stage": self.name,
             "fingerprint": self.fingerprint,

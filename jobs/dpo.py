@@ -49,7 +49,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
                                shards=shards)
     model, lineage, start = starting_point(cfg, stage.run_dir, from_sft, dtype=precision.weights, sharded=shards > 1)
     data = load_from_disk(stage.input("prepare") / "dpo")
-    train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
+    train, held_out = (family.close_answers(data[split], processor, scratch=stage.scratch) for split in ("train", "eval"))
 
     # A new adapter on top, unless SFT's adapter is being trained further (it is already on the model).
     new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None

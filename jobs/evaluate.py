@@ -89,7 +89,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from jobs.report import format_table, write_report
 
     processor = scoring_processor(cfg)
-    tests, benchmarks = test_sets(cfg, stage.input("prepare"), processor)
+    tests, benchmarks = test_sets(cfg, stage.input("prepare"), processor, scratch=stage.scratch)
 
     report = {"model": cfg.model.name_or_path, "family": cfg.model.family, "variants": {},
               "primary_metric": cfg.evaluate.primary_metric,
@@ -135,7 +135,7 @@ def scoring_processor(cfg):
     return get_family(cfg.model.family).rendering_processor(modeling.load_processor(cfg.model))
 
 
-def test_sets(cfg, prepared, processor) -> tuple[dict[str, list[dict]], dict]:
+def test_sets(cfg, prepared, processor, *, scratch=None) -> tuple[dict[str, list[dict]], dict]:
     """(held-out rows by kind, {benchmark name: (its recipe entry, its rows)}): what every variant is scored on."""
     from datasets import load_from_disk
 
@@ -146,7 +146,7 @@ def test_sets(cfg, prepared, processor) -> tuple[dict[str, list[dict]], dict]:
     tests = {kind: _sample(load_from_disk(prepared / kind / "test"), cfg.evaluate.max_samples)
              for kind in ("sft", "dpo") if (prepared / kind).is_dir()}
     if "dpo" in tests:  # log-likelihoods score the answers as they were trained on: closed as the family closes them
-        closed = family.close_answers(tests["dpo"], processor)
+        closed = family.close_answers(tests["dpo"], processor, scratch=scratch)
         tests["dpo"] = [{**row, "closed_chosen": c["chosen"], "closed_rejected": c["rejected"]} for row, c in zip(tests["dpo"], closed)]
     tests = {kind: list(rows) for kind, rows in tests.items()}
 

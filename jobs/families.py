@@ -5,6 +5,7 @@ tiny model in ``jobs.tiny``; every stage reads this table and nothing else about
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from jobs.contract import UserError
 from jobs.formats import Drop
@@ -130,8 +131,10 @@ class Family:
         )
         return rendering
 
-    def close_answers(self, dataset, processor):
-        """Append the end token to every answer where the chat template closes none (see answer_needs_eos)."""
+    def close_answers(self, dataset, processor, *, scratch=None):
+        """Append the end token to every answer where the chat template closes none (see answer_needs_eos). The
+        mapped rows are cached in ``scratch`` (a stage's ``Stage.scratch``), not beside the rows read: those are
+        another stage's finished output."""
         if not self.answer_needs_eos:
             return dataset
         eos = processor.tokenizer.eos_token
@@ -143,7 +146,10 @@ class Family:
                 text_parts[-1]["text"] += eos
             return dict(zip(columns, answers))
 
-        return dataset.map(close, input_columns=columns, desc=f"closing answers with {eos}")
+        cache = None if scratch is None else str(Path(scratch) / f"closed-answers-{dataset._fingerprint}.arrow")
+        if cache:
+            Path(scratch).mkdir(parents=True, exist_ok=True)
+        return dataset.map(close, input_columns=columns, desc=f"closing answers with {eos}", cache_file_name=cache)
 
     def stop_token_ids(self, processor, generation_config) -> list[int]:
         """Ids that end a generated answer: the checkpoint's eos ids, the tokenizer's, and the template's end of turn."""

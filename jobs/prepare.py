@@ -13,8 +13,6 @@ Output: <run>/prepare/{sft,dpo}/{train,eval,test}/ (datasets.save_to_disk) and _
 
 from __future__ import annotations
 
-import shutil
-
 from jobs import contract
 from jobs import recipe as recipes
 
@@ -55,7 +53,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
             if name is None:
                 continue
             where = f"data.{kind} ({source.path}, split {name})"
-            raw = data.load_split(source, name, scratch=stage.work / "scratch")
+            raw = data.load_split(source, name, scratch=stage.scratch)
             if cfg.prepare.max_rows is not None:
                 raw = raw.select(range(min(cfg.prepare.max_rows, len(raw))))
             prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc, what=where)
@@ -73,7 +71,6 @@ def main(recipe: str = "", force: bool = False, **overrides):
         DatasetDict(prepared).save_to_disk(stage.work / kind)
         rows[kind] = {split: len(ds) for split, ds in prepared.items()}
 
-    shutil.rmtree(stage.work / "scratch", ignore_errors=True)
     stage.finish(rows=rows, drops=drops)
     print(f"prepare: rows {rows}")
 

@@ -38,7 +38,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     quantize = modeling.quantization(cfg.sft, sharded=shards > 1, dtype=precision.weights)
     model = modeling.load_model(cfg.model, quantize=quantize, dtype=precision.weights)
     data = load_from_disk(stage.input("prepare") / "sft")
-    train, held_out = (family.close_answers(data[split], processor) for split in ("train", "eval"))
+    train, held_out = (family.close_answers(data[split], processor, scratch=stage.scratch) for split in ("train", "eval"))
 
     args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute,
                                shards=shards, defaults=training.SFT_DEFAULTS)

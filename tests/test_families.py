@@ -45,6 +45,9 @@ def test_every_family_runs_the_whole_chain_and_its_merged_model_generates(
     run = recipe.run_dir
     for stage in recipe.stages:
         assert (run / stage / contract.SUCCESS_FILE).is_file(), stage
+        assert not (run / stage / "scratch").exists(), stage
+    # the stages that read prepare's rows leave its finished folder as prepare wrote it (no datasets cache files)
+    assert not [path.name for path in (run / "prepare").rglob("cache-*.arrow")]
     for stage in ("sft", "dpo"):
         assert modeling.is_adapter(run / stage / "model"), stage
         assert contract.read_json(run / stage / contract.SUCCESS_FILE)["quantized"] is (method == "qlora"), stage
