@@ -87,7 +87,8 @@ def _wait_for_turn(imports: tuple[str, ...]) -> bool:
         loaded = importlib.import_module(module)
         if attribute:
             getattr(loaded, attribute)
-    _IMPORTED_AHEAD.append(round(time.time() - started, 2))  # for the stage's record
+    global _imported_ahead_s
+    _imported_ahead_s = round(time.time() - started, 2)  # for the stage's record
     go = os.read(int(fd), 1)
     os.close(int(fd))
     return go == b"1"
@@ -114,7 +115,7 @@ def stopped(signum: int) -> str:
 
 # Set by the local runner on a stage it starts ahead of its turn: the file descriptor its go arrives on.
 START_FD_ENV = "VLMJOBS_START_FD"
-_IMPORTED_AHEAD: list[float] = []  # seconds the stage's imports took before its turn, when started ahead
+_imported_ahead_s: float | None = None  # seconds the stage's imports took before its turn, when started ahead
 
 
 def entrypoint(main: Callable, *, imports: tuple[str, ...] = ()) -> None:
@@ -234,7 +235,7 @@ class Stage:
             "config": self.config,
             "inputs": {name: {"path": str(self.input(name)), "fingerprint": rec["fingerprint"]} for name, rec in self.inputs.items()},
             **record,
-            **({"imported_ahead_of_its_turn_s": _IMPORTED_AHEAD[0]} if _IMPORTED_AHEAD else {}),
+            **({} if _imported_ahead_s is None else {"imported_ahead_of_its_turn_s": _imported_ahead_s}),
             "started_at": _iso(self.started),
             "finished_at": _iso(time.time()),
             "duration_s": round(time.time() - self.started, 2),

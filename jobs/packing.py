@@ -140,20 +140,12 @@ def with_lengths(trainer) -> bool:
                 chunk = rows.select(range(start, min(start + CHUNK, len(rows))))
                 lengths += collator(list(chunk))["attention_mask"].sum(dim=1).tolist()
             setattr(trainer, split, rows.add_column(column, lengths))
-    trainer._set_signature_columns_if_needed()  # kept through remove_unused_columns, for the sampler
-    trainer._signature_columns = [*trainer._signature_columns, column]
-    trainer.data_collator = WithoutColumn(collator, column)
+    from jobs.training import WithoutColumns, keep_columns
+
+    keep_columns(trainer, column)  # for the sampler
+    trainer.data_collator = WithoutColumns(collator, (column,))
     if is_main_process():
         print(f"sft: rows batched by length ({args.train_sampling_strategy}); lengths of {len(trainer.train_dataset)} "
               f"rows in {time.time() - started:.1f}s", flush=True)
     return True
 
-
-class WithoutColumn:
-    """A collator that drops a column the sampler reads before the one it wraps sees the rows."""
-
-    def __init__(self, collator, column: str):
-        self.collator, self.column = collator, column
-
-    def __call__(self, examples: list[dict]) -> dict:
-        return self.collator([{k: v for k, v in example.items() if k != self.column} for example in examples])

@@ -41,6 +41,7 @@ STAGE_SECTIONS = {  # what each stage's output depends on, besides its inputs' f
 }
 TRAINING_METHODS = ("lora", "qlora", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+FLOAT_DTYPES = tuple(d for d in DTYPES if d != "auto")
 # How a training stage spreads over its GPUs: none = every GPU holds everything (data parallel); fsdp = weights,
 # gradients and optimizer states sharded over them (torch's fully_shard); auto = fsdp when the memory arithmetic
 # (jobs.memory) says one GPU of resources.gpu_memory_gib cannot hold the stage.
@@ -519,8 +520,9 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             errors.append(f"{stage}.resources.sharding: {overrides['sharding']!r} is not one of {', '.join(SHARDING)}")
         if stage in TRAINING_STAGES and stage in recipe.stages and set(overrides) <= {f.name for f in dataclasses.fields(Resources)}:
             res = recipe.resources_for(stage)
-            storage = str(getattr(recipe, stage).quantization.get("bnb_4bit_quant_storage", "")).removeprefix("torch.")
-            if res.sharding in ("fsdp", "auto") and getattr(recipe, stage).method == "qlora" and storage not in ("", *DTYPES[1:]):
+            train = getattr(recipe, stage)
+            storage = str(train.quantization.get("bnb_4bit_quant_storage", "")).removeprefix("torch.")
+            if res.sharding in ("fsdp", "auto") and train.method == "qlora" and storage not in ("", *FLOAT_DTYPES):
                 errors.append(f"{stage}.quantization.bnb_4bit_quant_storage: {storage} packs the 4-bit weights into "
                               "bytes, which FSDP cannot shard (accelerate would keep them whole on every GPU); remove it, "
                               "and the stage packs them into the weights' dtype when it shards")

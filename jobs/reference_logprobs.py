@@ -40,6 +40,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from jobs.training import WithoutColumns, keep_columns
+
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 ROW = "ref_logps_row"  # under FSDP, until training starts: the row's number in the table of computed log-probs
 MODES = ("cache", "recompute")
@@ -59,19 +61,11 @@ def cached(train, args) -> bool:
 
 def why_not_cached(args) -> str | None:
     """Why the stage recomputes the reference despite ``cache``, or None: DeepSpeed places and shards the model when
-    training starts, and vlmjobs does not hook its start as it does FSDP's (``sharded``)."""
-    if getattr(args, "deepspeed_plugin", None) is not None or _env("ACCELERATE_USE_DEEPSPEED"):
+    training starts, and vlmjobs does not hook its start as it does FSDP's (``ComputeWhenTrainingStarts``)."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if getattr(args, "deepspeed_plugin", None) is not None or deepspeed:
         return "DeepSpeed places the model only when training starts"
     return None
-
-
-def sharded(args) -> bool:
-    """FSDP: the model is placed and sharded only when training starts, and the log-probs computed then."""
-    return bool(getattr(args, "fsdp_plugin_args", None)) or _env("ACCELERATE_USE_FSDP")
-
-
-def _env(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true")
 
 
 def store_for(run_dir: Path) -> Path:
@@ -117,7 +111,7 @@ def use_cached(trainer, store: Path) -> dict:
             chosen, rejected = stored or _read(path, len(rows))
             if trainer.accelerator.is_main_process:
                 print(f"dpo: reference log-probs of {len(rows)} {name} rows read from {path}", flush=True)
-        elif sharded(trainer.args):
+        elif trainer.is_fsdp_enabled:
             first = sum(len(r) for r, _, _ in later.values())
             later[name] = (rows, path, first)
             splits[name] = rows.add_column(ROW, list(range(first, first + len(rows))))
@@ -143,9 +137,7 @@ def use_cached(trainer, store: Path) -> dict:
 
 def read_from_batches(trainer, table: dict | None = None) -> None:
     """Make the trainer take the reference log-probs from its batches (TRL's precompute path), not from a forward."""
-    trainer._set_signature_columns_if_needed()  # for a vision dataset TRL lists the columns its collator reads
-    kept = [*COLUMNS, ROW]
-    trainer._signature_columns = [*trainer._signature_columns, *(c for c in kept if c not in trainer._signature_columns)]
+    keep_columns(trainer, *COLUMNS, ROW)
     trainer.data_collator = WithReferenceLogps(trainer.data_collator, table=table)
     trainer.precompute_ref_logps = True
 
@@ -190,18 +182,19 @@ def as_if_cached(trainer):
         trainer.data_collator, trainer.precompute_ref_logps = collator, flag
 
 
-class WithReferenceLogps:
+class WithReferenceLogps(WithoutColumns):
     """A collator that passes the rows' reference log-probs through as tensors, around one that drops them (TRL's
     vision collator); with ``zeros``, zeros in their place, for rows that have none yet; rows that carry their number
     (``ROW``) instead read them from ``table``."""
 
     def __init__(self, collator, zeros: bool = False, table: dict | None = None):
-        self.collator, self.zeros, self.table = collator, zeros, table
+        super().__init__(collator, (*COLUMNS, ROW))
+        self.zeros, self.table = zeros, table
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        batch = self.collator([{k: v for k, v in example.items() if k not in (*COLUMNS, ROW)} for example in examples])
+        batch = super().__call__(examples)
         for i, column in enumerate(COLUMNS):
             if self.zeros:
                 values = [0.0] * len(examples)

@@ -299,6 +299,23 @@ def stop_if_interrupted(trainer, stage: str) -> None:
             sys.exit(128 + callback.requested)
 
 
+def keep_columns(trainer, *columns: str) -> None:
+    """Keep ``columns`` of the trainer's rows through its ``remove_unused_columns``, for what reads them besides the
+    model (a sampler, a collator wrapper). For a vision dataset TRL lists the columns its collator reads."""
+    trainer._set_signature_columns_if_needed()
+    trainer._signature_columns = [*trainer._signature_columns, *(c for c in columns if c not in trainer._signature_columns)]
+
+
+class WithoutColumns:
+    """A collator that drops ``columns`` (kept by ``keep_columns``) before the collator it wraps sees the rows."""
+
+    def __init__(self, collator, columns: tuple[str, ...]):
+        self.collator, self.columns = collator, columns
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return self.collator([{k: v for k, v in example.items() if k not in self.columns} for example in examples])
+
+
 def reshard(model) -> None:
     """Every FSDP unit of ``model`` back to its shards. FSDP2 leaves the root unit gathered after a forward (training
     gathers it again at once), and until resharded its modules hold the gathered copies, not the parameters FSDP keeps."""

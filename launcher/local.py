@@ -52,7 +52,7 @@ def run(recipe: Recipe, stages: tuple[str, ...] = (), *, force: bool = False) ->
     def done(stage: str) -> bool:
         return not force and is_done(stage, recipe.run_dir, recipe.stage_config(stage), recipe.needs(stage))
 
-    ahead: Stage | None = None  # the next stage, started while this one runs
+    ahead: StageProcess | None = None  # the next stage, started while this one runs
     try:
         for i, stage in enumerate(stages):
             argv = argvs[stage]
@@ -63,10 +63,10 @@ def run(recipe: Recipe, stages: tuple[str, ...] = (), *, force: bool = False) ->
                 print(f"==> {stage}: already done for this config ({recipe.run_dir / stage}); skipping (--force redoes it)", flush=True)
                 continue
             print(f"==> {stage} [{recipe.run_dir}]: {shlex.join(argv)}", flush=True)
-            current = ahead if ahead and ahead.name == stage else Stage.start(stage, argv, env)
+            current = ahead if ahead and ahead.name == stage else StageProcess.start(stage, argv, env)
             following = stages[i + 1] if i + 1 < len(stages) else None
             if following and _one_process(argvs[following]) and not done(following):
-                ahead = Stage.start(following, argvs[following], env, waiting=True)
+                ahead = StageProcess.start(following, argvs[following], env, waiting=True)
             else:
                 ahead = None
             returncode = current.run()
@@ -90,7 +90,7 @@ def _one_process(argv: list[str]) -> bool:
     return argv[1] == "-m" and argv[2].startswith("jobs.")
 
 
-class Stage:
+class StageProcess:
     """A stage's process. Started ``waiting``, it imports and then waits on a pipe for its turn (``run``), or
     for the pipe's end (``cancel``). It runs in its own process group, so that Ctrl-C in a terminal reaches it once,
     from here: SIGINT and SIGTERM to this process are passed on, and the stage checkpoints and exits 130 / 143."""
@@ -99,7 +99,7 @@ class Stage:
         self.name, self.process, self.go = name, process, go
 
     @classmethod
-    def start(cls, name: str, argv: list[str], env: dict, *, waiting: bool = False) -> Stage:
+    def start(cls, name: str, argv: list[str], env: dict, *, waiting: bool = False) -> StageProcess:
         if not waiting:
             return cls(name, subprocess.Popen(argv, env=env, process_group=0), None)
         read, write = os.pipe()
@@ -123,8 +123,8 @@ class Stage:
                 signal.signal(sig, handler)
 
     def cancel(self) -> None:
-        """Not its turn after all: it ends without having run (a closed pipe), or is stopped if it has not yet
-        reached its wait."""
+        """Not its turn after all: the pipe closed, it ends without having run once its imports are done (killed if
+        it has not ended within a minute)."""
         self._release(b"")
         try:
             self.process.wait(timeout=60)

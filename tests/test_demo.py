@@ -59,7 +59,8 @@ def test_the_preference_data_mixes_in_chart_questions_without_changing_the_yes_n
     charts = [row for row in mixed if not row["question"].startswith("Is there")]
     assert 0.1 * 400 <= len(charts) <= 0.2 * 400
     for row in charts:
-        kind = synthetic.COLOURS if row["question"].startswith("What colour") else {"1", "2", "3"}
+        counts = {str(k) for k in range(1, synthetic.MAX_BARS + 1)}
+        kind = synthetic.COLOURS if row["question"].startswith("What colour") else counts
         assert row["chosen"] in kind and row["rejected"] in kind and row["chosen"] != row["rejected"]
     yes_no = [row for row in mixed if row["question"].startswith("Is there")]
     keys = ("image", "question", "chosen", "rejected")

@@ -111,7 +111,7 @@ def test_the_skip_is_decided_from_the_marker_and_a_changed_input_is_not_skipped(
         def run(self):
             return 0
 
-    monkeypatch.setattr(local.Stage, "start", lambda name, argv, env, waiting=False: started.append(argv[-1]) or Started())
+    monkeypatch.setattr(local.StageProcess, "start", lambda name, argv, env, waiting=False: started.append(argv[-1]) or Started())
     run = recipe.run_dir
     sft_config = {"stage": "sft", **recipe.stage_config("sft"), "inputs": {"prepare": "p1"}}
     for stage, fingerprint in (("prepare", "p1"), ("sft", contract._fingerprint(sft_config))):

@@ -170,7 +170,8 @@ def main() -> None:
     base = median["plain"]
     titles = {"plain": "blog script (one process)", "shared": "vlmjobs run: prepare + dpo, shared prefix",
               "unshared": "vlmjobs run: prepare + dpo, dpo.shared_prefix false"}
-    lines = [f"DPO of the tiny {options.family}" + (f" ({image_tokens} tokens per image)" if image_tokens else "") + f", LoRA all-linear, {options.steps} steps of {options.batch} pairs, lr {options.lr}, "
+    model = f"the tiny {options.family}" + (f" ({image_tokens} tokens per image)" if image_tokens else "")
+    lines = [f"DPO of {model}, LoRA all-linear, {options.steps} steps of {options.batch} pairs, lr {options.lr}, "
              f"beta {options.beta}, medians of {options.repeats} alternating runs, on {device()} ({os.cpu_count()} cores)", "",
              "| run | train samples/s | × blog | whole-process samples/s | × blog | wall s | peak RSS MB | loss | pref. accuracy |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
