@@ -36,6 +36,8 @@ from jobs.families import family_of
 ATTENTION = ("eager", "sdpa")
 FIRST_POSITION = {"paligemma": 1}  # PaliGemmaModel counts positions from 1, the others from 0
 IGNORE = -100  # TRL's label for a token that is not scored (the prompt, padding)
+# The processors' image outputs in the families' batches: each lists the batch's images, their patches or its rows
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw")
 
 
 def unsupported(model) -> str | None:
@@ -131,17 +133,22 @@ class Packing:
         return per_token[rows, self.out_cols].masked_fill(~self.out_real, 0)
 
 
-def first_images(kwargs: dict, pairs: int) -> dict:
-    """The image inputs of the first B rows: TRL's collator repeats every pair's images for its second row."""
+def first_images(kwargs: dict) -> dict:
+    """The image inputs of TRL's first B rows (the chosen ones), which the packed rows share with the rejected ones.
+
+    TRL's collator passes the processor the pairs' image lists twice over (``[example["images"] ...] * 2``), so every
+    image tensor lists the chosen rows' entries first and the same entries again for the rejected rows: its first half,
+    whatever the number of images in each row. That holds for a flat tensor of the batch's images (LLaVA's and
+    PaliGemma's pixel_values, LLaVA-style image_sizes), one of their patches (Qwen2-VL's pixel_values, with one
+    image_grid_thw per image) and one of rows (Idefics2/3's pixel_values and pixel_attention_mask, padded to the most
+    images in a row)."""
     kwargs = dict(kwargs)
-    grid = kwargs.get("image_grid_thw")
-    if grid is not None:  # Qwen2-VL: every image's patches in one flat tensor, the chosen rows' images first
-        grid = grid[: grid.size(0) // 2]
-        kwargs["image_grid_thw"], kwargs["pixel_values"] = grid, kwargs["pixel_values"][: int(grid.prod(-1).sum())]
-    for key in ("pixel_values", "pixel_attention_mask", "image_sizes"):
+    for key in IMAGE_INPUTS:
         value = kwargs.get(key)
-        if grid is None and value is not None and value.size(0) == 2 * pairs:
-            kwargs[key] = value[:pairs]
+        if value is not None:
+            if value.size(0) % 2:
+                raise ValueError(f"shared prefix: {key} has {value.size(0)} entries, not TRL's twice-listed images")
+            kwargs[key] = value[: value.size(0) // 2]
     return kwargs
 
 
@@ -177,7 +184,7 @@ def packed_forward(model, forward, family: str):
         out = forward(
             input_ids=packing.gather(input_ids).masked_fill(~packing.real, pad), attention_mask=mask,
             position_ids=packing.gather(position_ids), labels=packing.gather(labels).masked_fill(~packing.real, IGNORE),
-            fused_lm_head=True, **first_images(kwargs, packing.rows.size(0)),
+            fused_lm_head=True, **first_images(kwargs),
         )
         fields = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
         unpacked = {name: None if getattr(out, name) is None else packing.unpack(getattr(out, name)) for name in fields}

@@ -27,24 +27,27 @@ ATOL, RTOL, GRAD_RTOL = 1e-5, 5e-5, 1e-4
 WORDS = "the chart has a red bar and a blue bar and the green bar is the tallest of the bars".split()
 
 
-def pairs(n: int = 3) -> list[dict]:
-    """Preference rows whose prompts, images and answers all differ in length, as a padded batch has them."""
+def pairs(images: tuple[int, ...] = (1, 1, 1)) -> list[dict]:
+    """Preference rows whose prompts, images and answers all differ in length, as a padded batch has them; row i has
+    images[i] images (the preference_messages format takes any number)."""
     rows = []
-    for i, row in enumerate(synthetic.rlaif_v_rows(n, seed=3)):
-        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize((40 + 16 * i, 72 - 8 * i))
+    for i, row in enumerate(synthetic.rlaif_v_rows(len(images), seed=3)):
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        sizes = [(40 + 16 * i + 24 * k, 72 - 8 * i - 16 * k) for k in range(images[i])]
         question = row["question"] + " " + " ".join(WORDS[: 3 * i])
         chosen = row["chosen"] + ", " + " ".join(WORDS[: 2 + 5 * i]) + "."
         rejected = row["rejected"] + ", " + " ".join(WORDS[: 9 - 4 * i]) + "."
         rows.append({
-            "images": [image],
-            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            "images": [image.resize(size) for size in sizes],
+            "prompt": [{"role": "user", "content": [{"type": "image"}] * images[i] + [{"type": "text", "text": question}]}],
             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
         })
     return rows
 
 
-def trainer(family: str, folder, tmp_path, *, full: bool = False, attn_implementation: str | None = None):
+def trainer(family: str, folder, tmp_path, *, full: bool = False, attn_implementation: str | None = None,
+            images: tuple[int, ...] = (1, 1, 1)):
     """Our trainer on the tiny model: a random LoRA adapter (reference: adapter off), or full fine-tuning with the
     policy nudged off its reference copy, so that rewards are not all zero."""
     from datasets import Dataset
@@ -62,7 +65,7 @@ def trainer(family: str, folder, tmp_path, *, full: bool = False, attn_implement
                 p.add_(torch.randn_like(p) * 0.02)
     peft = None if full else LoraConfig(
         target_modules=modeling._listify(fam.lora_target_modules), task_type="CAUSAL_LM", init_lora_weights=False)
-    data = fam.close_answers(Dataset.from_list(pairs()), processor)
+    data = fam.close_answers(Dataset.from_list(pairs(images)), processor)
     args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, report_to=[], use_cpu=True,
                      beta=0.5, max_length=None)
     return shared_prefix.SharedPrefixDPOTrainer(
@@ -113,6 +116,17 @@ def test_shared_prefix_equals_trls_concatenated_forward(family, tiny_model, tmp_
     assert_same(expected, run(t, SHARED, inputs))
 
     # The reference pass, as a cache of reference log-probs calls it
+    for mine, theirs in zip(t.compute_ref_log_probs(t.model, inputs), DPOTrainer.compute_ref_log_probs(t, t.model, inputs)):
+        torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rows_with_two_one_or_no_images_give_trls_result(family, tiny_model, tmp_path):
+    """Issue 23 (2): TRL's collator lists each pair's images twice, so the chosen rows' images are the first half of
+    every image tensor whatever the count per row; 7 images for 4 pairs is neither one per pair nor one per row."""
+    t = trainer(family, tiny_model(family), tmp_path, images=(2, 0, 1, 2))
+    inputs = batch(t)
+    assert_same(run(t, TRL, inputs), run(t, SHARED, inputs))
     for mine, theirs in zip(t.compute_ref_log_probs(t.model, inputs), DPOTrainer.compute_ref_log_probs(t, t.model, inputs)):
         torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=RTOL)
 
