@@ -151,7 +151,8 @@ class Packing:
         """TRL's [2B, L] (or [k, 2B, L]) per-token tensor in the packed layout, [B, N] (or [k, B, N])."""
         return tensor[..., self.rows, self.cols]
 
-    def attention(self, prefix: torch.Tensor | None, dtype: torch.dtype | None, window: int | None = None) -> torch.Tensor:
+    def attention(self, prefix: torch.Tensor | None, dtype: torch.dtype | None,
+                  window: int | None = None) -> torch.Tensor:
         """The [B, 1, N, N] mask: bool, or additive in ``dtype`` (eager attention adds it to the scores).
         ``prefix``: PaliGemma's bidirectional prompt tokens (token type 0), packed. ``window``: a sliding window in
         tokens, over the columns of TRL's rows as transformers' sliding mask has it (the prefix still sees itself

@@ -41,7 +41,8 @@ def pairs(images: tuple[int, ...] = (1, 1, 1)) -> list[dict]:
         rejected = row["rejected"] + ", " + " ".join(WORDS[: 9 - 4 * i]) + "."
         rows.append({
             "images": [image.resize(size) for size in sizes],
-            "prompt": [{"role": "user", "content": [{"type": "image"}] * images[i] + [{"type": "text", "text": question}]}],
+            "prompt": [{"role": "user",
+                        "content": [{"type": "image"}] * images[i] + [{"type": "text", "text": question}]}],
             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
         })
@@ -107,6 +108,13 @@ def assert_same(expected, actual):
         torch.testing.assert_close(grads2[name], grads[name], atol=ATOL, rtol=GRAD_RTOL, msg=lambda m: f"{name}: {m}")
 
 
+def assert_same_reference(t, inputs):
+    """The reference pass, as a cache of reference log-probs calls it."""
+    theirs = DPOTrainer.compute_ref_log_probs(t, t.model, inputs)
+    for mine, expected in zip(t.compute_ref_log_probs(t.model, inputs), theirs):
+        torch.testing.assert_close(mine, expected, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_shared_prefix_equals_trls_concatenated_forward(family, tiny_model, tmp_path):
     t = trainer(family, tiny_model(family), tmp_path)
@@ -117,9 +125,7 @@ def test_shared_prefix_equals_trls_concatenated_forward(family, tiny_model, tmp_
     assert expected[1]["rewards/chosen"] != 0 and expected[1]["rewards/rejected"] != 0
     assert_same(expected, run(t, SHARED, inputs))
 
-    # The reference pass, as a cache of reference log-probs calls it
-    for mine, theirs in zip(t.compute_ref_log_probs(t.model, inputs), DPOTrainer.compute_ref_log_probs(t, t.model, inputs)):
-        torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=RTOL)
+    assert_same_reference(t, inputs)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -157,8 +163,7 @@ def test_a_sliding_window_shorter_than_the_rows_is_in_the_packed_mask(tiny_model
     inputs = batch(t)
     assert inputs["attention_mask"].sum(1).min() > WINDOW, "every row must be longer than the window"
     assert_same(run(t, TRL, inputs), run(t, SHARED, inputs))
-    for mine, theirs in zip(t.compute_ref_log_probs(t.model, inputs), DPOTrainer.compute_ref_log_probs(t, t.model, inputs)):
-        torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=RTOL)
+    assert_same_reference(t, inputs)
     assert "TRL's rows" not in capsys.readouterr().out, "packed, not left to TRL's rows"
 
 
@@ -172,8 +177,7 @@ def test_full_and_sliding_layers_give_trls_result_whatever_the_window(window, ti
     assert set(t.model.config.get_text_config().layer_types) == {"sliding_attention", "full_attention"}
     inputs = batch(t)
     assert_same(run(t, TRL, inputs), run(t, SHARED, inputs))
-    for mine, theirs in zip(t.compute_ref_log_probs(t.model, inputs), DPOTrainer.compute_ref_log_probs(t, t.model, inputs)):
-        torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=RTOL)
+    assert_same_reference(t, inputs)
     out = capsys.readouterr().out  # two batches scored, one line
     if window < inputs["attention_mask"].sum(1).max():
         assert out.count("TRL's rows") == 1, out
