@@ -65,8 +65,10 @@ class Window:
     def outrun_by(self, attention_mask: torch.Tensor) -> int | None:
         """The longest row of TRL's batch where one packed mask cannot give every layer what TRL's rows get (a row
         longer than a window that not every layer has), else None."""
+        if self.tokens is None or self.everywhere:
+            return None
         longest = int(attention_mask.sum(1).max())
-        return longest if self.tokens is not None and not self.everywhere and longest > self.tokens else None
+        return longest if longest > self.tokens else None
 
 
 def layer_kinds(text_config) -> set[str]:
