@@ -15,6 +15,12 @@ answer's first token already needs. The outputs of TRL's fused LM head (per-toke
 back out as TRL's 2B rows, so TRL's own loss, rewards and metrics run unchanged, and gradients reach the prompt's
 computation through both answers.
 
+A text model with a sliding window attends, in its sliding layers, to the tokens of the window before each token in
+TRL's row (transformers builds that mask from ``config.sliding_window``), but it hands a 4D mask as is to every layer.
+Where every layer slides (Mistral: Idefics2, and LLaVA on a Mistral), the packed mask keeps each token's window over
+its own row's columns. Where full and sliding layers alternate (Gemma 2: PaliGemma 2), one mask cannot serve both, so
+a batch with a row longer than the window is scored as TRL's rows, said once.
+
 The packing wraps the model's forward only while the trainer computes the DPO loss or reference log-probs.
 """
 
@@ -36,6 +42,42 @@ from jobs.families import family_of
 ATTENTION = ("eager", "sdpa")
 FIRST_POSITION = {"paligemma": 1}  # PaliGemmaModel counts positions from 1, the others from 0
 IGNORE = -100  # TRL's label for a token that is not scored (the prompt, padding)
+# The processors' image outputs in the families' batches: each lists the batch's images, their patches or its rows
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw")
+# The layer kinds (config.layer_types) whose mask the packing can build: causal, or causal within a sliding window
+LAYER_KINDS = {"full_attention", "sliding_attention"}
+
+
+@dataclass(frozen=True)
+class Window:
+    """The text model's sliding window as its config declares it (``config.sliding_window``)."""
+
+    tokens: int | None
+    everywhere: bool  # every layer slides, so the one mask the model hands all its layers can carry the window
+
+    @classmethod
+    def of(cls, text_config) -> Window:
+        tokens = getattr(text_config, "sliding_window", None)
+        # Where the config also lists full layers, or lists no sliding one, the packed rows cannot say which layers
+        # the window applies to (Mistral reads sliding_window alone), so long rows go to TRL's (outrun_by): correct
+        return cls(tokens, tokens is not None and layer_kinds(text_config) == {"sliding_attention"})
+
+    def outrun_by(self, attention_mask: torch.Tensor) -> int | None:
+        """The longest row of TRL's batch where one packed mask cannot give every layer what TRL's rows get (a row
+        longer than a window that not every layer has), else None."""
+        if self.tokens is None or self.everywhere:
+            return None
+        longest = int(attention_mask.sum(1).max())
+        return longest if longest > self.tokens else None
+
+
+def layer_kinds(text_config) -> set[str]:
+    """The kinds of attention layer the text model's config lists; one that lists none (Llama, Mistral) has one kind,
+    sliding where it sets a window."""
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        return set(layer_types)
+    return {"full_attention" if getattr(text_config, "sliding_window", None) is None else "sliding_attention"}
 
 
 def unsupported(model) -> str | None:
@@ -47,6 +89,9 @@ def unsupported(model) -> str | None:
     if attention not in ATTENTION:
         return (f"model.attn_implementation {attention} takes no custom attention mask, which each answer's view of "
                 f"the shared prompt needs; use {' or '.join(ATTENTION)}")
+    other = layer_kinds(model.config.get_text_config()) - LAYER_KINDS
+    if other:  # transformers would hand these layers the packed mask too, and lose what sets them apart
+        return f"the text model's {', '.join(sorted(other))} layers take no packed mask"
     return None
 
 
@@ -108,12 +153,17 @@ class Packing:
         """TRL's [2B, L] (or [k, 2B, L]) per-token tensor in the packed layout, [B, N] (or [k, B, N])."""
         return tensor[..., self.rows, self.cols]
 
-    def attention(self, prefix: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+    def attention(self, prefix: torch.Tensor | None, dtype: torch.dtype | None,
+                  window: int | None = None) -> torch.Tensor:
         """The [B, 1, N, N] mask: bool, or additive in ``dtype`` (eager attention adds it to the scores).
-        ``prefix``: PaliGemma's bidirectional prompt tokens (token type 0), packed."""
+        ``prefix``: PaliGemma's bidirectional prompt tokens (token type 0), packed. ``window``: a sliding window in
+        tokens, over the columns of TRL's rows as transformers' sliding mask has it (the prefix still sees itself
+        whole, as transformers adds its blocks on top of the window)."""
         q, k = (lambda t: t[:, :, None]), (lambda t: t[:, None, :])
         shares = (k(self.segment) == q(self.segment)) | ((k(self.segment) == 0) & (k(self.cols) < q(self.start)))
         sees = k(self.real) & shares & (k(self.cols) <= q(self.cols))
+        if window is not None:
+            sees &= k(self.cols) > q(self.cols) - window
         if prefix is not None:
             prompt = self.real & prefix & (self.segment == 0)
             sees |= q(prompt) & k(prompt)
@@ -131,17 +181,22 @@ class Packing:
         return per_token[rows, self.out_cols].masked_fill(~self.out_real, 0)
 
 
-def first_images(kwargs: dict, pairs: int) -> dict:
-    """The image inputs of the first B rows: TRL's collator repeats every pair's images for its second row."""
+def first_images(kwargs: dict) -> dict:
+    """The image inputs of TRL's first B rows (the chosen ones), which the packed rows share with the rejected ones.
+
+    TRL's collator passes the processor the pairs' image lists twice over (``[example["images"] ...] * 2``), so every
+    image tensor lists the chosen rows' entries first and the same entries again for the rejected rows: its first half,
+    whatever the number of images in each row. That holds for a flat tensor of the batch's images (LLaVA's and
+    PaliGemma's pixel_values, LLaVA-style image_sizes), one of their patches (Qwen2-VL's pixel_values, with one
+    image_grid_thw per image) and one of rows (Idefics2/3's pixel_values and pixel_attention_mask, padded to the most
+    images in a row)."""
     kwargs = dict(kwargs)
-    grid = kwargs.get("image_grid_thw")
-    if grid is not None:  # Qwen2-VL: every image's patches in one flat tensor, the chosen rows' images first
-        grid = grid[: grid.size(0) // 2]
-        kwargs["image_grid_thw"], kwargs["pixel_values"] = grid, kwargs["pixel_values"][: int(grid.prod(-1).sum())]
-    for key in ("pixel_values", "pixel_attention_mask", "image_sizes"):
+    for key in IMAGE_INPUTS:
         value = kwargs.get(key)
-        if grid is None and value is not None and value.size(0) == 2 * pairs:
-            kwargs[key] = value[:pairs]
+        if value is not None:
+            if value.size(0) % 2:
+                raise ValueError(f"shared prefix: {key} has {value.size(0)} entries, not TRL's twice-listed images")
+            kwargs[key] = value[: value.size(0) // 2]
     return kwargs
 
 
@@ -159,6 +214,7 @@ def positions(model, family: str, input_ids, attention_mask, kwargs) -> torch.Te
 
 def packed_forward(model, forward, family: str):
     """``forward`` (TRL's fused-LM-head forward of ``model``) scoring TRL's pair rows through the packed rows."""
+    window = Window.of(model.config.get_text_config())
 
     @functools.wraps(forward)
     def pack(*args, fused_lm_head=False, labels=None, **kwargs):
@@ -171,13 +227,13 @@ def packed_forward(model, forward, family: str):
         packing = Packing.of(attention_mask, labels)
         eager = model.config.get_text_config()._attn_implementation == "eager"
         mask = packing.attention(None if token_types is None else packing.gather(token_types) == 0,
-                                 torch.float32 if eager else None)
+                                 torch.float32 if eager else None, window.tokens if window.everywhere else None)
         # Padding gets the pad token: a copy of a real one could be an image placeholder with no image behind it
         pad = model.config.get_text_config().pad_token_id or 0
         out = forward(
             input_ids=packing.gather(input_ids).masked_fill(~packing.real, pad), attention_mask=mask,
             position_ids=packing.gather(position_ids), labels=packing.gather(labels).masked_fill(~packing.real, IGNORE),
-            fused_lm_head=True, **first_images(kwargs, packing.rows.size(0)),
+            fused_lm_head=True, **first_images(kwargs),
         )
         fields = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
         unpacked = {name: None if getattr(out, name) is None else packing.unpack(getattr(out, name)) for name in fields}
@@ -194,9 +250,23 @@ class SharedPrefixDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         wanted(True, self.model)
         self._family = family_of(self.model.config.model_type).name
+        self._window = Window.of(self.model.config.get_text_config())
+        self._said_window = False
+
+    def _shared_prefix(self, inputs):
+        """Packed rows for this batch, or TRL's where its rows outrun a window that only some layers have."""
+        longest = self._window.outrun_by(inputs["attention_mask"])
+        if longest is None:
+            return self._packed()
+        if not self._said_window:
+            print(f"shared prefix: rows of up to {longest} tokens outrun the text model's {self._window.tokens}-token "
+                  "sliding window, which only some of its layers have (a packed mask serves all layers alike): such "
+                  "batches are scored as TRL's rows, the prompt encoded twice per pair", flush=True)
+            self._said_window = True
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _shared_prefix(self):
+    def _packed(self):
         models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
         models = [m.get_base_model() if isinstance(m, PeftModel) else m for m in models]
         wrapped = [m for m in models if not getattr(m.forward, "shared_prefix", False)]
@@ -213,9 +283,9 @@ class SharedPrefixDPOTrainer(DPOTrainer):
                     model.forward = original
 
     def _compute_loss(self, model, inputs, return_outputs):
-        with self._shared_prefix():
+        with self._shared_prefix(inputs):
             return super()._compute_loss(model, inputs, return_outputs)
 
     def compute_ref_log_probs(self, model, inputs):
-        with self._shared_prefix():
+        with self._shared_prefix(inputs):
             return super().compute_ref_log_probs(model, inputs)

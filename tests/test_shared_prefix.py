@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import shutil
 
 import pytest
 import torch
@@ -27,24 +29,28 @@ ATOL, RTOL, GRAD_RTOL = 1e-5, 5e-5, 1e-4
 WORDS = "the chart has a red bar and a blue bar and the green bar is the tallest of the bars".split()
 
 
-def pairs(n: int = 3) -> list[dict]:
-    """Preference rows whose prompts, images and answers all differ in length, as a padded batch has them."""
+def pairs(images: tuple[int, ...] = (1, 1, 1)) -> list[dict]:
+    """Preference rows whose prompts, images and answers all differ in length, as a padded batch has them; row i has
+    images[i] images (the preference_messages format takes any number)."""
     rows = []
-    for i, row in enumerate(synthetic.rlaif_v_rows(n, seed=3)):
-        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize((40 + 16 * i, 72 - 8 * i))
+    for i, row in enumerate(synthetic.rlaif_v_rows(len(images), seed=3)):
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        sizes = [(40 + 16 * i + 24 * k, 72 - 8 * i - 16 * k) for k in range(images[i])]
         question = row["question"] + " " + " ".join(WORDS[: 3 * i])
         chosen = row["chosen"] + ", " + " ".join(WORDS[: 2 + 5 * i]) + "."
         rejected = row["rejected"] + ", " + " ".join(WORDS[: 9 - 4 * i]) + "."
         rows.append({
-            "images": [image],
-            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            "images": [image.resize(size) for size in sizes],
+            "prompt": [{"role": "user",
+                        "content": [{"type": "image"}] * images[i] + [{"type": "text", "text": question}]}],
             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
         })
     return rows
 
 
-def trainer(family: str, folder, tmp_path, *, full: bool = False, attn_implementation: str | None = None):
+def trainer(family: str, folder, tmp_path, *, full: bool = False, attn_implementation: str | None = None,
+            images: tuple[int, ...] = (1, 1, 1)):
     """Our trainer on the tiny model: a random LoRA adapter (reference: adapter off), or full fine-tuning with the
     policy nudged off its reference copy, so that rewards are not all zero."""
     from datasets import Dataset
@@ -62,7 +68,7 @@ def trainer(family: str, folder, tmp_path, *, full: bool = False, attn_implement
                 p.add_(torch.randn_like(p) * 0.02)
     peft = None if full else LoraConfig(
         target_modules=modeling._listify(fam.lora_target_modules), task_type="CAUSAL_LM", init_lora_weights=False)
-    data = fam.close_answers(Dataset.from_list(pairs()), processor)
+    data = fam.close_answers(Dataset.from_list(pairs(images)), processor)
     args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, report_to=[], use_cpu=True,
                      beta=0.5, max_length=None)
     return shared_prefix.SharedPrefixDPOTrainer(
@@ -102,6 +108,13 @@ def assert_same(expected, actual):
         torch.testing.assert_close(grads2[name], grads[name], atol=ATOL, rtol=GRAD_RTOL, msg=lambda m: f"{name}: {m}")
 
 
+def assert_same_reference(t, inputs):
+    """The reference pass, as a cache of reference log-probs calls it."""
+    theirs = DPOTrainer.compute_ref_log_probs(t, t.model, inputs)
+    for mine, expected in zip(t.compute_ref_log_probs(t.model, inputs), theirs):
+        torch.testing.assert_close(mine, expected, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_shared_prefix_equals_trls_concatenated_forward(family, tiny_model, tmp_path):
     t = trainer(family, tiny_model(family), tmp_path)
@@ -112,9 +125,64 @@ def test_shared_prefix_equals_trls_concatenated_forward(family, tiny_model, tmp_
     assert expected[1]["rewards/chosen"] != 0 and expected[1]["rewards/rejected"] != 0
     assert_same(expected, run(t, SHARED, inputs))
 
-    # The reference pass, as a cache of reference log-probs calls it
-    for mine, theirs in zip(t.compute_ref_log_probs(t.model, inputs), DPOTrainer.compute_ref_log_probs(t, t.model, inputs)):
-        torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=RTOL)
+    assert_same_reference(t, inputs)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rows_with_two_one_or_no_images_give_trls_result(family, tiny_model, tmp_path):
+    """Issue 23 (2): TRL's collator lists each pair's images twice, so the chosen rows' images are the first half of
+    every image tensor whatever the count per row; 7 images for 4 pairs is neither one per pair nor one per row."""
+    t = trainer(family, tiny_model(family), tmp_path, images=(2, 0, 1, 2))
+    inputs = batch(t)
+    assert_same(run(t, TRL, inputs), run(t, SHARED, inputs))  # rewards: the reference (adapter off) packed too
+
+
+def with_text_config(family: str, folder, out, **changes):
+    """A copy of the tiny model in ``folder`` whose text model's config has ``changes``, its weights drawn anew (a
+    changed model_type has other weights)."""
+    import transformers
+
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"].update(changes)
+    (out / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model_class = getattr(transformers, get_family(family).model_class)
+    model_class(transformers.AutoConfig.from_pretrained(out)).save_pretrained(out)
+    return out
+
+
+WINDOW = 16  # tokens; the tiny models' rows are 30 to 60
+
+
+def test_a_sliding_window_shorter_than_the_rows_is_in_the_packed_mask(tiny_model, tmp_path, capsys):
+    """Issue 23 (3): Idefics2's Mistral attends within a sliding window in every layer (4096 tokens in idefics2-8b).
+    The packed mask keeps each token's window over its own row's columns, as transformers' masks give TRL's rows."""
+    folder = with_text_config("idefics2", tiny_model("idefics2"), tmp_path / "model", sliding_window=WINDOW)
+    t = trainer("idefics2", folder, tmp_path)
+    inputs = batch(t)
+    assert inputs["attention_mask"].sum(1).min() > WINDOW, "every row must be longer than the window"
+    assert_same(run(t, TRL, inputs), run(t, SHARED, inputs))
+    assert_same_reference(t, inputs)
+    assert "TRL's rows" not in capsys.readouterr().out, "packed, not left to TRL's rows"
+
+
+@pytest.mark.parametrize("window", [WINDOW, 512])
+def test_full_and_sliding_layers_give_trls_result_whatever_the_window(window, tiny_model, tmp_path, capsys):
+    """Issue 23 (3): PaliGemma 2's Gemma 2 alternates sliding-window and full layers; transformers hands a 4D mask to
+    both alike, so a batch whose rows outrun the window is scored as TRL's rows, saying so once; within it, packed."""
+    folder = with_text_config("paligemma", tiny_model("paligemma"), tmp_path / "model", model_type="gemma2",
+                              sliding_window=window)
+    t = trainer("paligemma", folder, tmp_path)
+    assert set(t.model.config.get_text_config().layer_types) == {"sliding_attention", "full_attention"}
+    inputs = batch(t)
+    assert_same(run(t, TRL, inputs), run(t, SHARED, inputs))
+    assert_same_reference(t, inputs)
+    out = capsys.readouterr().out  # two batches scored, one line
+    if window < inputs["attention_mask"].sum(1).max():
+        assert out.count("TRL's rows") == 1, out
+    else:
+        assert "TRL's rows" not in out
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "paligemma"])
@@ -133,8 +201,8 @@ def test_an_answer_that_sees_the_other_answer_changes_the_result(family, tiny_mo
     expected = run(t, TRL, inputs)
     right = shared_prefix.Packing.attention
 
-    def leaky(self, prefix, dtype):
-        mask = right(self, prefix, None)
+    def leaky(self, prefix, dtype, window=None):
+        mask = right(self, prefix, None, window)
         chosen_to_rejected = (self.segment[:, :, None] == 2) & (self.segment[:, None, :] == 1)
         mask = mask | chosen_to_rejected[:, None]
         return mask if dtype is None else torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
@@ -167,6 +235,17 @@ def test_attention_without_custom_masks_is_refused_in_one_line_or_left_to_trls_r
         "answer's view of the shared prompt needs; use eager or sdpa; or set dpo.shared_prefix: false")
     assert not shared_prefix.wanted(None, model), "the default falls back to TRL's rows"
     assert not shared_prefix.wanted(False, model)
+
+
+def test_a_text_model_with_layers_of_another_kind_is_left_to_trls_rows(tiny_model):
+    """Issue 23 (3): transformers would hand a chunked (or linear) attention layer the packed mask like any other."""
+    model = modeling.load_model(Model(name_or_path=str(tiny_model("llava")), family="llava"))
+    model.config.get_text_config().layer_types = ["chunked_attention", "full_attention"]
+    with pytest.raises(UserError) as error:
+        shared_prefix.wanted(True, model)
+    assert str(error.value) == ("dpo.shared_prefix: the text model's chunked_attention layers take no packed mask; "
+                                "or set dpo.shared_prefix: false")
+    assert not shared_prefix.wanted(None, model)
 
 
 def test_the_dpo_stage_encodes_each_prompt_once_by_default(write_recipe, capsys):
