@@ -52,7 +52,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
     grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows
     if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded
-        trainer.data_collator = packing.PaddingFree(trainer.data_collator, model.config)
+        trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
     auto_batch.fit(stage, trainer, cfg.sft)  # per_device_train_batch_size: auto; before start prints the batch
     checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train),
                                 extra={"method": cfg.sft.method, "sharded over": shards, "padding-free": padding_free,
