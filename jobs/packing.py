@@ -145,8 +145,26 @@ class _Qwen2VLRope:
         return positions
 
 
-GROUPING = ("group_by_length", "batch_rebalance")  # transformers' samplers that read each row's length
 CHUNK = 64  # rows measured per collator call
+
+
+def token_counts(collator, rows) -> list[int]:
+    """How many tokens ``collator`` (the trainer's own) makes of each of ``rows``: image tokens included, which grow
+    with the image's area in Qwen2-VL and with its tiles in Idefics3, and truncation applied. The real tokens of the
+    padded batch, counted by its attention mask (a padding-free collator's batch before it is joined), the processor
+    called on CHUNK rows at a time. A collator that makes several sequences of each row lists them as blocks of the
+    batch (TRL's preference collator: every pair's prompt + chosen, then every pair's prompt + rejected): a row
+    counts them all, as its memory does."""
+    padded = collator.collator if isinstance(collator, PaddingFree) else collator
+    counts = []
+    for start in range(0, len(rows), CHUNK):
+        chunk = rows.select(range(start, min(start + CHUNK, len(rows))))
+        per_sequence = padded(list(chunk))["attention_mask"].sum(dim=1)
+        counts += per_sequence.view(-1, len(chunk)).sum(dim=0).tolist()
+    return counts
+
+
+GROUPING = ("group_by_length", "batch_rebalance")  # transformers' samplers that read each row's length
 
 
 def with_lengths(trainer) -> bool:
@@ -166,11 +184,7 @@ def with_lengths(trainer) -> bool:
     for split in ("train_dataset", "eval_dataset"):
         rows = getattr(trainer, split)
         if rows is not None and column not in rows.column_names:
-            lengths = []
-            for start in range(0, len(rows), CHUNK):  # the processor batched: each row's real tokens, unpadded
-                chunk = rows.select(range(start, min(start + CHUNK, len(rows))))
-                lengths += collator(list(chunk))["attention_mask"].sum(dim=1).tolist()
-            setattr(trainer, split, rows.add_column(column, lengths))
+            setattr(trainer, split, rows.add_column(column, token_counts(collator, rows)))
     from jobs.training import WithoutColumns, keep_columns
 
     keep_columns(trainer, column)  # for the sampler
