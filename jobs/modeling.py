@@ -42,7 +42,8 @@ class Precision:
     compute: Any  # autocast dtype (TrainingArguments bf16 / fp16); float32 means none
 
     def __str__(self) -> str:
-        return ", ".join(f"{part} {str(getattr(self, part)).removeprefix('torch.')}" for part in ("weights", "trainable", "compute"))
+        parts = ("weights", "trainable", "compute")
+        return ", ".join(f"{part} {str(getattr(self, part)).removeprefix('torch.')}" for part in parts)
 
 
 def training_precision(spec: Model, train: Train, *, bf16_gpu: bool | None = None) -> Precision:

@@ -30,6 +30,7 @@ from jobs.families import PACKED_ATTENTION, VARLEN_ATTENTION, Family
 
 TOKEN_KEYS = ("input_ids", "labels", "token_type_ids", "mm_token_type_ids")  # one value per token, per row
 IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")  # Idefics2/3: (batch, images per row, ...)
+MROPE_KEY = "mrope_position_ids"  # Qwen2-VL's (temporal, height, width) rotary positions of a packed batch
 
 
 def enabled(setting: bool | None, family: Family, attn_implementation: str | None) -> bool:
@@ -90,9 +91,6 @@ def pack(batch: dict, rope_index=None) -> dict:
         rope = rope_index(batch)  # (3, batch, padded length), each row's own
         packed[MROPE_KEY] = rope[:, real][:, None]  # (3, 1, packed length), rows in order
     return packed
-
-
-MROPE_KEY = "mrope_position_ids"  # Qwen2-VL's (temporal, height, width) rotary positions of a packed batch
 
 
 def _take_packed_rope(model) -> None:
