@@ -11,14 +11,20 @@ micro-batch to the stage::
 Before training, every process runs the trainer's own ``training_step`` (forward and backward, DPO's reference
 included) on the longest rows of the training data at the largest micro-batch, with as much memory held aside as
 AdamW's two states take (and DDP's gradient buckets with several processes), since those come with the first
-optimizer step. On ``torch.OutOfMemoryError`` the micro-batch halves and gradient accumulation doubles, so the
-effective batch and the optimizer steps stay the same, until it fits or even 1 does not. The processes agree
-after every try (any one out of memory: all try smaller), so they train with one size. The probe leaves no trace:
-the weights, the random state and the logged metrics are as before, and gradients are dropped.
+optimizer step. Longest means the most tokens as the trainer's own collator makes them (``packing.token_counts``),
+image tokens included: they grow with the image's area in Qwen2-VL and with its tiles in Idefics3, so a row's text
+says little; a DPO pair counts its chosen and rejected sequences together. On ``torch.OutOfMemoryError`` the
+micro-batch halves and gradient accumulation doubles, so the effective batch and the optimizer steps stay the same,
+until it fits or even 1 does not. The processes agree after every try (any one out of memory: all try smaller), so
+they train with one size. The probe leaves no trace: the weights, the random state and the logged metrics are as
+before, and gradients are dropped.
 
 The size found is kept in the run folder (``<run>/.<stage>.partial/auto_batch.json``, then ``<run>/<stage>/``)
-for the same effective batch, process count and device: a resumed stage (or one redone with ``--force``) starts
-its search there instead of at the top.
+under what it depends on: the model, the stage and method (sft or dpo; lora, qlora or full), ``max_length``, the
+precision, activation checkpointing, the effective batch, the process count and the device. A resumed stage (or one
+redone with ``--force``) of the same starts its search there instead of at the top; a changed recipe probes again.
+An out-of-memory in training after all (a longer evaluation batch, fragmentation) ends in one line that gives the
+smaller size to write in the recipe.
 
 Why a probe and not transformers' ``auto_find_batch_size``: that retries the whole training loop with a smaller
 per-device batch but the same accumulation (the effective batch shrinks, and so does the learning signal per
@@ -29,16 +35,16 @@ the probe runs with no collective inside the forward and backward, and agrees on
 from __future__ import annotations
 
 import gc
-import json
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs import packing
 from jobs.contract import UserError, is_main_process, read_json, write_json_atomic
 
 AUTO = "auto"
 RECORD_FILE = "auto_batch.json"
-TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "text")  # what makes a row long
 
 
 @dataclass(frozen=True)
@@ -82,9 +88,10 @@ def smaller(micro: int, per_process: int) -> int:
     return next(m for m in range(micro // 2, 0, -1) if per_process % m == 0)
 
 
-def fit(stage, trainer, train) -> Batch | None:
+def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     """Find the micro-batch for ``per_device_train_batch_size: auto`` and set it on the trainer (see the module
-    docstring); None when the recipe gives a number."""
+    docstring); None when the recipe gives a number. ``model`` is the recipe's model section, ``precision`` the
+    stage's (jobs.modeling.Precision): with the trainer's max_length and checkpointing, what the size found holds for."""
     if not is_auto(train.args):
         return None
     import torch
@@ -95,7 +102,10 @@ def fit(stage, trainer, train) -> Batch | None:
                         "would need the whole model on one GPU); give a number")
     processes = args.world_size
     per_process = train.effective_batch_size // processes
-    key = {"effective_batch_size": train.effective_batch_size, "processes": processes, "device": _device_name()}
+    key = {"effective_batch_size": train.effective_batch_size, "processes": processes, "device": _device_name(),
+           "model": model.name_or_path if model.revision is None else f"{model.name_or_path}@{model.revision}",
+           "method": f"{stage.name} {train.method}", "max_length": args.max_length, "precision": str(precision),
+           "activation_checkpointing": bool(args.activation_checkpointing)}
     recorded = _recorded(stage, key)
     micro = recorded["micro_batch"] if recorded else per_process
     # The smallest of the processes' starting points, should their run folders disagree (one per node)
@@ -103,9 +113,11 @@ def fit(stage, trainer, train) -> Batch | None:
     say = print if is_main_process() else (lambda *a, **k: None)
     over = f"{processes} processes" if processes > 1 else "1 process"
     where = f"recorded in {recorded['path']}" if recorded else f"effective batch {train.effective_batch_size} over {over}"
+    started = time.time()
+    longest, tokens = _longest_rows(trainer, per_process)
     say(f"{stage.name}: per_device_train_batch_size auto: starting at micro-batch {micro} ({where}); probing with "
-        f"the {micro} longest training rows", flush=True)
-    longest = _longest_rows(trainer.train_dataset, micro)
+        f"the {micro} longest training rows ({tokens[:micro][-1]} to {tokens[0]} tokens, of {len(trainer.train_dataset)} "
+        f"rows counted in {time.time() - started:.1f}s)", flush=True)
     ran_out = list(recorded["ran_out_of_memory_at"]) if recorded else []
     while True:
         fits = _probe(trainer, trainer.train_dataset.select(longest[:micro]))
@@ -138,6 +150,31 @@ def fit(stage, trainer, train) -> Batch | None:
     return batch
 
 
+@contextmanager
+def out_of_memory_in_training(stage_name: str, batch: Batch | None):
+    """Training with the size ``fit`` found (``batch``; None: the recipe's own numbers, whose out-of-memory the stage
+    contract explains): an out-of-memory says, in one line, what to write in the recipe instead of auto. A rerun with
+    auto would start from the recorded size and run out again."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if batch is None:
+            raise
+        found = (f"{stage_name}: out of GPU memory in training ({str(e).splitlines()[0]}) at micro-batch {batch}, the "
+                 "size per_device_train_batch_size: auto found on the longest training rows")
+        if batch.micro == 1:
+            raise UserError(f"{found}; turn on gradient_checkpointing, train lora or qlora instead of full, or spread it "
+                            "over more GPUs (vlmjobs memory <recipe> shows the arithmetic)") from e
+        half = smaller(batch.micro, batch.micro * batch.accumulation)
+        raise UserError(
+            f"{found}; give a smaller one in its place: {stage_name}.args.per_device_train_batch_size: {half} and "
+            f"{stage_name}.args.gradient_accumulation_steps: {batch.micro * batch.accumulation // half}, without "
+            f"{stage_name}.effective_batch_size (the same effective batch), or turn on gradient_checkpointing"
+        ) from e
+
+
 def _recorded(stage, key: dict) -> dict | None:
     """The size found by an earlier attempt of this stage for the same key: the unfinished attempt's, else the
     finished output's (a run redone with --force)."""
@@ -158,16 +195,14 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def _longest_rows(dataset, count: int) -> list[int]:
-    """The indices of the ``count`` rows with the most tokens (or, before tokenization, the longest text), longest first: the
-    batch that needs the most memory. Images count as the processor turns them into tokens, row by row alike."""
-    if "input_ids" in dataset.column_names:
-        columns = [c for c in dataset.column_names if c.endswith("input_ids")]
-    else:
-        columns = [c for c in dataset.column_names if c in TEXT_COLUMNS]
-    texts = dataset.select_columns(columns)
-    lengths = [sum(len(v) if "input_ids" in c else len(json.dumps(v)) for c, v in row.items()) for row in texts]
-    return sorted(range(len(lengths)), key=lambda i: -lengths[i])[:count]
+def _longest_rows(trainer, count: int) -> tuple[list[int], list[int]]:
+    """The indices of the ``count`` training rows the trainer's collator makes the most tokens of, longest first (the
+    batch that needs the most memory), and their token counts. Counted once for every row, unless the stage has
+    already counted them for transformers' length grouping (packing.with_lengths, the same count)."""
+    rows, column = trainer.train_dataset, trainer.args.length_column_name
+    lengths = rows[column] if column in rows.column_names else packing.token_counts(trainer.data_collator, rows)
+    longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:count]
+    return longest, [lengths[i] for i in longest]
 
 
 def _probe(trainer, rows) -> bool:

@@ -68,7 +68,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
             callbacks=training.callbacks("dpo", stage.work),
         )
     with reference_logprobs.as_if_cached(trainer) if cached else contextlib.nullcontext():
-        auto_batch.fit(stage, trainer, cfg.dpo)  # per_device_train_batch_size: auto; before start prints the batch
+        # per_device_train_batch_size: auto; before start prints the batch
+        batch = auto_batch.fit(stage, trainer, cfg.dpo, model=cfg.model, precision=precision)
     # Before training: for full fine-tuning the policy is still the reference
     cache = reference_logprobs.use_cached(trainer, reference_logprobs.store_for(stage.run_dir)) if cached else None
     checkpoint = training.start(
@@ -78,7 +79,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
                "sharded over": shards,
                "prompt encoded": "once per pair (shared prefix)" if packed else "twice per pair (dpo.shared_prefix off)"},
     )
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with auto_batch.out_of_memory_in_training("dpo", batch):
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "dpo")
 
     trained = {"base": "dpo/model"} if cfg.dpo.method == "full" else {**lineage, "adapter": "dpo/model"}

@@ -41,6 +41,10 @@ class Precision:
     trainable: Any  # of the trained parameters, hence of their gradients and AdamW states
     compute: Any  # autocast dtype (TrainingArguments bf16 / fp16); float32 means none
 
+    def __str__(self) -> str:
+        parts = ("weights", "trainable", "compute")
+        return ", ".join(f"{part} {str(getattr(self, part)).removeprefix('torch.')}" for part in parts)
+
 
 def training_precision(spec: Model, train: Train, *, bf16_gpu: bool | None = None) -> Precision:
     """Full fine-tuning: fp32 master weights under autocast in model.dtype (bf16 on a GPU that has it, with ``auto``),

@@ -15,7 +15,10 @@ and takes the padding out of what it returns:
 - image inputs are already in row order; Idefics2/3's per-row image slots (batch, images, ...) become one row's
   (1, batch * images, ...), the all-zero padding images that the model drops included;
 - Qwen2-VL's multimodal rotary positions are computed per row on the padded batch, by the model class's own
-  get_rope_index, and joined; the text positions go in front ((4, 1, length)), which Qwen2-VL reads as packed input.
+  get_rope_index, and joined, under ``mrope_position_ids`` (3, 1, length); ``position_ids`` stays the text positions
+  (1, length), which TRL counts a padding-free batch's tokens by (its ``num_tokens``, the throughput). A forward
+  pre-hook on the model's Qwen2VLModel puts the text positions in front ((4, 1, length)), which Qwen2-VL reads as
+  packed input.
 
 The recipe's validation imports it too: torch is imported only where a batch is packed.
 """
@@ -27,6 +30,7 @@ from jobs.families import PACKED_ATTENTION, VARLEN_ATTENTION, Family
 
 TOKEN_KEYS = ("input_ids", "labels", "token_type_ids", "mm_token_type_ids")  # one value per token, per row
 IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")  # Idefics2/3: (batch, images per row, ...)
+MROPE_KEY = "mrope_position_ids"  # Qwen2-VL's (temporal, height, width) rotary positions of a packed batch
 
 
 def enabled(setting: bool | None, family: Family, attn_implementation: str | None) -> bool:
@@ -51,12 +55,16 @@ def unsupported(family: Family, attn_implementation: str | None) -> str | None:
 
 
 class PaddingFree:
-    """Wraps a padding collator: its batch, rows concatenated (batch dimension 1), positions restarting per row."""
+    """Wraps a padding collator: its batch, rows concatenated (batch dimension 1), positions restarting per row.
+    ``model`` is the one trained on these batches: for Qwen2-VL it gets the hook that hands it its rotary positions."""
 
-    def __init__(self, collator, model_config=None):
+    def __init__(self, collator, model=None):
         self.collator = collator
-        # Qwen2-VL's rotary positions depend on each image's grid: computed with the model class's own function
-        self.rope_index = _rope_index(model_config) if model_config is not None else None
+        # Qwen2-VL's rotary positions depend on each image's grid: computed with the model class's own function. The
+        # collator keeps the config alone, not the model: data loader workers copy it.
+        self.rope_index = _rope_index(model.config) if model is not None else None
+        if self.rope_index is not None:
+            _take_packed_rope(model)
 
     def __call__(self, examples: list[dict]) -> dict:
         return pack(self.collator(examples), self.rope_index)
@@ -78,13 +86,34 @@ def pack(batch: dict, rope_index=None) -> dict:
         for key in IMAGE_SLOT_KEYS:
             if key in batch:
                 packed[key] = batch[key].flatten(0, 1)[None]
-    positions = torch.cat([torch.arange(int(n)) for n in lengths])[None]
+    packed["position_ids"] = torch.cat([torch.arange(int(n)) for n in lengths])[None]
     if rope_index is not None:
         rope = rope_index(batch)  # (3, batch, padded length), each row's own
-        rope = rope[:, real][:, None]  # (3, 1, packed length), rows in order
-        positions = torch.cat([positions[None], rope])
-    packed["position_ids"] = positions
+        packed[MROPE_KEY] = rope[:, real][:, None]  # (3, 1, packed length), rows in order
     return packed
+
+
+def _take_packed_rope(model) -> None:
+    """Qwen2-VL reads packed input as position_ids (4, 1, length), the text positions in front of the three rotary
+    axes; TRL counts a padding-free batch's tokens as ``position_ids.size(1)``, which is 1 there. So the batch carries
+    the text positions as position_ids (1, length), as every other family's, and the rotary ones beside them; this
+    forward pre-hook on the Qwen2VLModel inside ``model`` (under any PEFT or FSDP wrapping, and under TRL's fused LM
+    head, which calls it too) joins them as the model reads them."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    inner = [module for module in model.modules() if isinstance(module, Qwen2VLModel)]
+    if len(inner) != 1:
+        raise RuntimeError(f"padding-free Qwen2-VL: expected one Qwen2VLModel in {type(model).__name__}, found {len(inner)}")
+    inner[0].register_forward_pre_hook(_join_rope, with_kwargs=True)  # a second one finds nothing left to join
+
+
+def _join_rope(module, args, kwargs):
+    import torch
+
+    rope = kwargs.pop(MROPE_KEY, None)
+    if rope is not None:
+        kwargs["position_ids"] = torch.cat([kwargs["position_ids"][None], rope])
+    return args, kwargs
 
 
 def _rope_index(model_config):
@@ -114,8 +143,26 @@ class _Qwen2VLRope:
         return positions
 
 
-GROUPING = ("group_by_length", "batch_rebalance")  # transformers' samplers that read each row's length
 CHUNK = 64  # rows measured per collator call
+
+
+def token_counts(collator, rows) -> list[int]:
+    """How many tokens ``collator`` (the trainer's own) makes of each of ``rows``: image tokens included, which grow
+    with the image's area in Qwen2-VL and with its tiles in Idefics3, and truncation applied. The real tokens of the
+    padded batch, counted by its attention mask (a padding-free collator's batch before it is joined), the processor
+    called on CHUNK rows at a time. A collator that makes several sequences of each row lists them as blocks of the
+    batch (TRL's preference collator: every pair's prompt + chosen, then every pair's prompt + rejected): a row
+    counts them all, as its memory does."""
+    padded = collator.collator if isinstance(collator, PaddingFree) else collator
+    counts = []
+    for start in range(0, len(rows), CHUNK):
+        chunk = rows.select(range(start, min(start + CHUNK, len(rows))))
+        per_sequence = padded(list(chunk))["attention_mask"].sum(dim=1)
+        counts += per_sequence.view(-1, len(chunk)).sum(dim=0).tolist()
+    return counts
+
+
+GROUPING = ("group_by_length", "batch_rebalance")  # transformers' samplers that read each row's length
 
 
 def with_lengths(trainer) -> bool:
@@ -135,11 +182,7 @@ def with_lengths(trainer) -> bool:
     for split in ("train_dataset", "eval_dataset"):
         rows = getattr(trainer, split)
         if rows is not None and column not in rows.column_names:
-            lengths = []
-            for start in range(0, len(rows), CHUNK):  # the processor batched: each row's real tokens, unpadded
-                chunk = rows.select(range(start, min(start + CHUNK, len(rows))))
-                lengths += collator(list(chunk))["attention_mask"].sum(dim=1).tolist()
-            setattr(trainer, split, rows.add_column(column, lengths))
+            setattr(trainer, split, rows.add_column(column, token_counts(collator, rows)))
     from jobs.training import WithoutColumns, keep_columns
 
     keep_columns(trainer, column)  # for the sampler

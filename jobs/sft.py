@@ -52,12 +52,14 @@ def main(recipe: str = "", force: bool = False, **overrides):
     padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
     grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows
     if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded
-        trainer.data_collator = packing.PaddingFree(trainer.data_collator, model.config)
-    auto_batch.fit(stage, trainer, cfg.sft)  # per_device_train_batch_size: auto; before start prints the batch
+        trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
+    # per_device_train_batch_size: auto; before start prints the batch
+    batch = auto_batch.fit(stage, trainer, cfg.sft, model=cfg.model, precision=precision)
     checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train),
                                 extra={"method": cfg.sft.method, "sharded over": shards, "padding-free": padding_free,
                                        "batched by length": grouped})
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with auto_batch.out_of_memory_in_training("sft", batch):
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "sft")
 
     lineage = {"base": "sft/model"} if peft_config is None else {"adapter": "sft/model"}

@@ -19,22 +19,26 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from PIL import Image
 
-from jobs import auto_batch, contract, dpo, prepare, sft
+from jobs import auto_batch, contract, dpo, modeling, prepare, sft
 from jobs import recipe as recipes
 from tests.conftest import ROOT
 
 
 @contextmanager
-def out_of_memory_above(rows: int, *, sigint_at_forward: int | None = None):
+def out_of_memory_above(rows: int, *, sigint_at_forward: int | None = None, out_of_memory_at_batch: int | None = None):
     """Every forward that embeds more than ``rows`` sequences at once runs out of memory; the forward numbered
-    ``sigint_at_forward`` (of those that fit) sends this process SIGINT, as Ctrl-C would."""
-    forwards = []
+    ``sigint_at_forward`` (of those that fit) sends this process SIGINT, as Ctrl-C would; the embedding of several
+    sequences numbered ``out_of_memory_at_batch`` runs out of memory, as a batch the probe did not foresee would (a
+    vision tower's position embedding embeds one row)."""
+    forwards, batches = [], []
 
     def hook(module, args):
         if isinstance(module, torch.nn.Embedding) and args and args[0].dim() == 2:
-            if args[0].shape[0] > rows:
-                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated: {args[0].shape[0]} rows > {rows})")
+            batches.extend([args[0].shape[0]] if args[0].shape[0] > 1 else [])
+            if args[0].shape[0] > rows or (args[0].shape[0] > 1 and len(batches) == out_of_memory_at_batch):
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (simulated: {args[0].shape[0]} rows)")
             forwards.append(args[0].shape[0])
             if len(forwards) == sigint_at_forward:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -72,7 +76,7 @@ TRAIN = {"method": "full", "args": {"max_steps": 2, "logging_steps": 1, "save_st
     [("sft", sft.main, 1), ("dpo", dpo.main, 1)],  # DPO's shared prefix packs a pair's chosen and rejected in one row
 )
 def test_auto_batch_halves_until_it_fits_keeps_the_effective_batch_and_trains_as_the_size_found(
-    write_recipe, capsys, stage, main, rows_per_sample
+    write_recipe, tiny_model, capsys, stage, main, rows_per_sample
 ):
     auto = {**TRAIN, "effective_batch_size": 8, "args": {**TRAIN["args"], "per_device_train_batch_size": "auto"}}
     path = write_recipe(stages=["prepare", stage], prepare={"max_rows": 40}, **{"sft": TRAIN, stage: auto})
@@ -88,8 +92,10 @@ def test_auto_batch_halves_until_it_fits_keeps_the_effective_batch_and_trains_as
 
     run = recipes.load(path).run_dir
     record = contract.read_json(run / stage / auto_batch.RECORD_FILE)
-    assert record == {"effective_batch_size": 8, "processes": 1, "device": "cpu", "micro_batch": 2,
-                      "gradient_accumulation_steps": 4, "ran_out_of_memory_at": [8, 4]}
+    assert record == {"effective_batch_size": 8, "processes": 1, "device": "cpu", "model": str(tiny_model("llava")),
+                      "method": f"{stage} full", "max_length": None, "precision": "weights float32, trainable float32, compute float32",
+                      "activation_checkpointing": True, "micro_batch": 2, "gradient_accumulation_steps": 4,
+                      "ran_out_of_memory_at": [8, 4]}
     state = json.loads((run / stage / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 2, "optimizer steps as asked, micro-batches of 2"
     args = torch.load(run / stage / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
@@ -147,6 +153,20 @@ def test_auto_batch_says_in_one_line_when_even_1_does_not_fit(write_recipe):
     assert not (recipes.load(path).run_dir / "sft").exists()
 
 
+def test_auto_batch_out_of_memory_in_training_says_what_to_write_instead_of_auto(write_recipe):
+    """Issue 23: out of memory in training after the probe, the stage contract's advice (halve
+    per_device_train_batch_size) meant nothing for auto, and a rerun would start from the recorded size again."""
+    auto = {**TRAIN, "effective_batch_size": 4, "args": {**TRAIN["args"], "per_device_train_batch_size": "auto"}}
+    path = write_recipe(prepare={"max_rows": 16}, sft=auto)
+    prepare.main(recipe=str(path))
+    with out_of_memory_above(1000, out_of_memory_at_batch=2), pytest.raises(contract.UserError, match=(
+        r"^sft: out of GPU memory in training \(CUDA out of memory\. .*\) at micro-batch 4 x accumulation 1, the size "
+        r"per_device_train_batch_size: auto found on the longest training rows; give a smaller one in its place: "
+        r"sft.args.per_device_train_batch_size: 2 and sft.args.gradient_accumulation_steps: 2, without "
+        r"sft.effective_batch_size \(the same effective batch\), or turn on gradient_checkpointing$")):
+        sft.main(recipe=str(path))
+
+
 @pytest.mark.parametrize(
     "name, sft_section, resources, message",
     [
@@ -191,7 +211,7 @@ runpy.run_module("jobs.sft", run_name="__main__", alter_sys=True)
 """
 
 
-def test_auto_batch_two_processes_agree_when_only_one_runs_out_of_memory(write_recipe, tmp_path):
+def test_auto_batch_two_processes_agree_when_only_one_runs_out_of_memory(write_recipe, tiny_model, tmp_path):
     """Rank 1 runs out above micro-batch 2, rank 0 never: both train with 2 x accumulation 2 (8 over 2 processes)."""
     auto = {**TRAIN, "effective_batch_size": 8, "args": {**TRAIN["args"], "per_device_train_batch_size": "auto"}}
     path = write_recipe(prepare={"max_rows": 40}, sft=auto, resources={"gpus": 2})
@@ -210,8 +230,9 @@ def test_auto_batch_two_processes_agree_when_only_one_runs_out_of_memory(write_r
     assert "processes 2, effective batch 8," in done.stdout
     run = recipes.load(path).run_dir / "sft"
     assert contract.read_json(run / auto_batch.RECORD_FILE) == {
-        "effective_batch_size": 8, "processes": 2, "device": "cpu", "micro_batch": 2, "gradient_accumulation_steps": 2,
-        "ran_out_of_memory_at": [4]}
+        "effective_batch_size": 8, "processes": 2, "device": "cpu", "model": str(tiny_model("llava")), "method": "sft full",
+        "max_length": None, "precision": "weights float32, trainable float32, compute float32",
+        "activation_checkpointing": True, "micro_batch": 2, "gradient_accumulation_steps": 2, "ran_out_of_memory_at": [4]}
     state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 2
 
@@ -228,3 +249,120 @@ def test_auto_batch_tiny_twin_of_a_recipe_with_auto_stays_valid(tmp_path):
     assert data["dpo"]["args"]["per_device_train_batch_size"] == "auto"
     assert "gradient_accumulation_steps" not in data["dpo"]["args"], "the stage sets it"
     assert recipes.from_dict(data).dpo.effective_batch_size == 8
+
+
+# Issue 23, defect 1: the probe's rows are the ones the collator makes the most tokens of. On the tiny Qwen2-VL with
+# a realistic pixel budget (up to 1024 image tokens an image, as Qwen2-VL-7B gives an 896x896 image) a row's tokens
+# follow its image's area, not its text: the longest text here has a small chart, the shortest a large one.
+PIXEL_BUDGET = {"size": {"shortest_edge": 64, "longest_edge": 256 * 256}}
+CHART_SIZES = [(48, 40), (24, 48), (256, 240), (40, 56)]  # the third makes ~900 image tokens, the others under 40
+
+
+SPEC = recipes.Model(name_or_path="tiny-qwen2-vl", family="qwen2_vl")  # the recipe's model, as the key names it
+FP32 = modeling.Precision(weights=torch.float32, trainable=torch.float32, compute=torch.float32)
+BF16_LORA = modeling.Precision(weights=torch.bfloat16, trainable=torch.float32, compute=torch.bfloat16)
+
+
+def chart_rows(preference: bool) -> list[dict]:
+    """Rows as prepare writes them: the first has the longest question and answers and a small image, the third
+    a one-word question and answer and the largest image."""
+    questions = ["What is the value of the highest bar, and of the one beside it? " * 4, "Which?", "Max?",
+                 "How many bars are there in the chart?"]
+    answers = [("twelve and fourteen " * 8, "eleven and three " * 8), ("no", "yes"), ("7", "9"), ("three bars", "two")]
+    rows = []
+    for i, (size, question, (good, bad)) in enumerate(zip(CHART_SIZES, questions, answers)):
+        row = {"images": [Image.new("RGB", size, (30 * i, 200, 90))],
+               "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]}
+        if preference:
+            row["chosen"] = [{"role": "assistant", "content": [{"type": "text", "text": good}]}]
+            row["rejected"] = [{"role": "assistant", "content": [{"type": "text", "text": bad}]}]
+        else:
+            row["completion"] = [{"role": "assistant", "content": [{"type": "text", "text": good}]}]
+        rows.append(row)
+    return rows
+
+
+def qwen2_vl_trainer(kind: str, model_dir, tmp_path, pixel_budget: dict = PIXEL_BUDGET):
+    """TRL's own trainer of ``kind`` (sft or dpo) on the tiny Qwen2-VL with the pixel budget above, in float32."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from jobs.families import get_family
+
+    spec = recipes.Model(name_or_path=str(model_dir), family="qwen2_vl", attn_implementation="sdpa", processor=pixel_budget)
+    processor = get_family("qwen2_vl").rendering_processor(modeling.load_processor(spec))
+    model = modeling.load_model(spec, dtype=torch.float32)
+    common = dict(output_dir=str(tmp_path / "checkpoints"), report_to="none", use_cpu=True, bf16=False,
+                  dataloader_pin_memory=False, per_device_train_batch_size=1)
+    if kind == "sft":
+        return SFTTrainer(model=model, args=SFTConfig(**common, max_length=None), processing_class=processor,
+                          train_dataset=Dataset.from_list(chart_rows(preference=False)))
+    return DPOTrainer(model=model, args=DPOConfig(**common, max_length=None), processing_class=processor,
+                      train_dataset=Dataset.from_list(chart_rows(preference=True)))
+
+
+def probed_batches(trainer) -> list[dict]:
+    """Spies on the trainer's public training_step: every batch the probe runs, as it runs it."""
+    seen, step = [], trainer.training_step
+
+    def recording(model, inputs, *args, **kwargs):
+        seen.append({k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()})
+        return step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = recording
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_auto_batch_probes_the_rows_with_the_most_tokens_not_the_longest_text(kind, tiny_model, tmp_path):
+    """Issue 23: the probe ranked rows by their text and picked the long-text row with a small chart (247 tokens)
+    over the one-word row with a large one (990). The oracle is the collator on each row (pair) alone: its attention
+    mask counts the row's tokens, image tokens included; a DPO pair is its chosen and rejected sequences together."""
+    trainer = qwen2_vl_trainer(kind, tiny_model("qwen2_vl"), tmp_path)
+    alone = [int(trainer.data_collator([dict(row)])["attention_mask"].sum()) for row in trainer.train_dataset]
+    longest = max(range(len(alone)), key=alone.__getitem__)
+    text = [len(json.dumps(row)) for row in trainer.train_dataset.remove_columns("images")]
+    assert longest == 2 and max(range(len(text)), key=text.__getitem__) == 0, (alone, text)  # the case in point
+    assert alone[2] > 2 * max(alone[:2] + alone[3:]), alone
+
+    stage = contract.Stage(kind, tmp_path / "run", {}, "fingerprint")
+    stage.work.mkdir(parents=True)
+    train = (recipes.SFT if kind == "sft" else recipes.DPO)(
+        method="full", effective_batch_size=1, args={"per_device_train_batch_size": "auto"})
+    seen = probed_batches(trainer)
+    assert auto_batch.fit(stage, trainer, train, model=SPEC, precision=FP32) == auto_batch.Batch(1, 1)
+    want = trainer.data_collator([dict(trainer.train_dataset[longest])])
+    probed_longest = len(seen) == 1 and torch.equal(seen[0]["input_ids"], want["input_ids"])
+    assert probed_longest, f"probed a row of {int(seen[0]['attention_mask'].sum())} tokens; the longest has {alone[longest]}"
+
+
+def test_auto_batch_a_changed_recipe_misses_the_stored_size(tiny_model, tmp_path, capsys):
+    """Issue 23: the stored size was keyed by effective batch, processes and device only, so a --force'd stage with a
+    longer max_length (or full instead of lora, fp32 instead of bf16, checkpointing off, another model) started from
+    a size found for a lighter recipe. Each change must probe from the top; the same recipe reads the record."""
+    trainer = qwen2_vl_trainer("sft", tiny_model("qwen2_vl"), tmp_path, pixel_budget={})  # small images: quick probes
+    stage = contract.Stage("sft", tmp_path / "run", {}, "fingerprint")
+    stage.work.mkdir(parents=True)
+    base = dict(train=recipes.SFT(method="lora", effective_batch_size=1, args={"per_device_train_batch_size": "auto"}),
+                max_length=512, checkpointing=False, model=SPEC, precision=BF16_LORA)
+
+    def starts_from_record(**changes) -> bool:
+        recipe = {**base, **changes}
+        trainer.args.max_length, trainer.args.activation_checkpointing = recipe["max_length"], recipe["checkpointing"]
+        capsys.readouterr()
+        auto_batch.fit(stage, trainer, recipe["train"], model=recipe["model"], precision=recipe["precision"])
+        return "starting at micro-batch 1 (recorded in" in capsys.readouterr().out
+
+    assert not starts_from_record(), "nothing recorded yet"
+    assert starts_from_record(), "the same recipe: the size found"
+    record = (stage.work / auto_batch.RECORD_FILE).read_text()
+    changes = {
+        "max_length": dict(max_length=2048),
+        "method": dict(train=recipes.SFT(**{**vars(base["train"]), "method": "full"})),
+        "precision": dict(precision=FP32),
+        "activation checkpointing": dict(checkpointing=True),
+        "model": dict(model=recipes.Model(name_or_path="Qwen/Qwen2-VL-7B-Instruct", family="qwen2_vl")),
+    }
+    for name, change in changes.items():
+        (stage.work / auto_batch.RECORD_FILE).write_text(record)  # the unchanged recipe's record, as it was written
+        assert not starts_from_record(**change), f"{name} changed: the size found for another recipe was used"

@@ -72,7 +72,7 @@ def test_padding_free_loss_and_gradients_equal_padded_sft(family, attn, tiny_mod
     examples = rows(3)
     padded = trainer.data_collator([dict(e) for e in examples])
     assert (padded["attention_mask"] == 0).any(), "the rows must differ in length, or there is nothing to unpad"
-    packed = packing.PaddingFree(trainer.data_collator, model.config)([dict(e) for e in examples])
+    packed = packing.PaddingFree(trainer.data_collator, model)([dict(e) for e in examples])
     assert "attention_mask" not in packed and packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
 
     padded_loss, padded_grads, padded_count = loss_and_grads(trainer, model, padded)
@@ -84,13 +84,9 @@ def test_padding_free_loss_and_gradients_equal_padded_sft(family, attn, tiny_mod
         torch.testing.assert_close(packed_grads[name], padded_grads[name], **GRAD_TOLERANCE, msg=lambda m: f"{name}: {m}")
 
     # Negative control: the same packed row with positions running on across rows is one causal sequence in which
-    # each row attends to those before it (and, in Qwen2-VL, sits at the wrong rotary positions)
+    # each row attends to those before it (Qwen2-VL's rotary positions, beside them, stay each row's own)
     crossing = dict(packed)
-    length = packed["input_ids"].shape[1]
-    if packed["position_ids"].ndim == 3:  # Qwen2-VL: text positions in front of the three rotary axes
-        crossing["position_ids"] = torch.cat([torch.arange(length)[None, None], packed["position_ids"][1:]])
-    else:
-        crossing["position_ids"] = torch.arange(length)[None]
+    crossing["position_ids"] = torch.arange(packed["input_ids"].shape[1])[None]
     crossing_loss, _, _ = loss_and_grads(trainer, model, crossing)
     gap, allowed = abs(crossing_loss - padded_loss), LOSS_TOLERANCE["atol"] + LOSS_TOLERANCE["rtol"] * abs(padded_loss)
     assert gap > 10 * allowed, f"the control must fail the equivalence by far (gap {gap:.2e}, tolerance {allowed:.2e})"
@@ -100,14 +96,14 @@ def test_qwen2_vl_rotary_positions_are_each_rows_own(tiny_model, tmp_path):
     """Each row's multimodal positions start at 0 and are what get_rope_index gives that row alone."""
     trainer, model = trainer_for("qwen2_vl", tiny_model("qwen2_vl"), tmp_path, "sdpa")
     examples = rows(3)
-    packed = packing.PaddingFree(trainer.data_collator, model.config)([dict(e) for e in examples])
+    packed = packing.PaddingFree(trainer.data_collator, model)([dict(e) for e in examples])
     start = 0
     for example in examples:
         alone = trainer.data_collator([dict(example)])
         n = alone["input_ids"].shape[1]
         own, _ = model.model.get_rope_index(alone["input_ids"], alone["mm_token_type_ids"], alone["image_grid_thw"])
-        torch.testing.assert_close(packed["position_ids"][1:, 0, start:start + n], own[:, 0])
-        assert packed["position_ids"][0, 0, start:start + n].tolist() == list(range(n))
+        torch.testing.assert_close(packed[packing.MROPE_KEY][:, 0, start:start + n], own[:, 0])
+        assert packed["position_ids"][0, start:start + n].tolist() == list(range(n))
         start += n
     assert start == packed["input_ids"].shape[1]
 
@@ -176,3 +172,18 @@ def test_group_by_length_batches_vision_rows_of_like_length_counting_their_image
     assert grouped < shuffled / 2, (grouped, shuffled)  # seen: 3606 against 9160 (megabatches of 10 rows here)
     trainer.args.train_sampling_strategy = "group_by_length"
     assert float(trainer.compute_loss(model, dict(next(iter(trainer.get_train_dataloader()))))) > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_padding_free_logs_the_number_of_tokens_trained_on(family, tiny_model, tmp_path):
+    """Issue 23: TRL counts a padding-free batch's tokens as position_ids.size(1); Qwen2-VL's packed positions were
+    (4, 1, length), so it logged 1 token a batch. The oracle is the same rows padded: their attention mask's sum
+    (what TRL counts of a padded batch), over one optimizer step of the trainer's own loop."""
+    trainer, model = trainer_for(family, tiny_model(family), tmp_path, "sdpa")
+    padded = trainer.data_collator([dict(row) for row in trainer.train_dataset])  # the step's one batch: all 4 rows
+    trainer.data_collator = packing.PaddingFree(trainer.data_collator, model)
+    trainer.args.max_steps = trainer.args.logging_steps = 1
+    model.train()
+    trainer.train()
+    logged = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
+    assert logged == [int(padded["attention_mask"].sum())]
