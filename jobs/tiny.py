@@ -50,12 +50,12 @@ SMOLVLM_TEMPLATE = (  # HuggingFaceTB/SmolVLM-Instruct: Idefics2's, opened with 
     "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-# families-a (issue 20). Qwen/Qwen2.5-VL-7B-Instruct's chat_template.json is Qwen2-VL's, byte for byte (the default
-# system prompt, <|vision_start|><|image_pad|><|vision_end|> per image, <|im_end|>\n after every turn)
+# families-a (issue 20). Each as its checkpoint ships it and TRL 1.16 quotes it byte for byte (trl/chat_templates/:
+# qwen2_5_vl.jinja, qwen3_vl.jinja, smolvlm.jinja; tests/test_families.py compares them).
+# Qwen/Qwen2.5-VL-7B-Instruct: Qwen2-VL's template, byte for byte (the default system prompt, one
+# <|vision_start|><|image_pad|><|vision_end|> per image, <|im_end|>\n after every turn)
 QWEN2_5_VL_TEMPLATE = QWEN2_VL_TEMPLATE
-# Qwen/Qwen3-VL-8B-Instruct's chat_template.json (as NVIDIA TAO's tao-vl-reason loader quotes it, "byte-identical to
-# the chat templates shipped with Qwen/Qwen3-VL-8B-Instruct"): no default system prompt, tool calls, images in tool
-# responses
+# Qwen/Qwen3-VL-8B-Instruct: no default system prompt, tool calls, images in tool responses
 QWEN3_VL_TEMPLATE = (
     "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n        {%- if messages[0].content is string %}\n"
     "            {{- messages[0].content }}\n        {%- else %}\n            {%- for content in messages[0].content %}\n"
@@ -115,15 +115,9 @@ QWEN3_VL_TEMPLATE = (
     "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n"
     "    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
 )
-# SmolVLM2's template: SmolVLM's with a <video> branch, as transformers 5.23 ships it for SmolVLM2
-# (models/smolvlm/processing_smolvlm.py DEFAULT_CHAT_TEMPLATE, "the correct chat template to be used for videos after
-# #38105"; SmolVLMProcessor.apply_chat_template swaps it in for any conversation holding a video)
-SMOLVLM2_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == "
-    "'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
-    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}"
-    "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+# HuggingFaceTB/SmolVLM2-2.2B-Instruct: SmolVLM's template, byte for byte. It renders no video; SmolVLMProcessor's
+# apply_chat_template swaps in transformers' own template with a <video> branch for a conversation that holds one.
+SMOLVLM2_TEMPLATE = SMOLVLM_TEMPLATE
 # google/paligemma-3b-pt-224 ships no chat template (a pretrained prefix-LM, not a chat model); the template the
 # stages give it is jobs.families.PALIGEMMA_TEMPLATE, applied when the processor is loaded.
 
