@@ -14,8 +14,9 @@ and takes the padding out of what it returns:
   loss normalisation are then those of the padded batch;
 - image inputs are already in row order; Idefics2/3's per-row image slots (batch, images, ...) become one row's
   (1, batch * images, ...), the all-zero padding images that the model drops included;
-- Qwen2-VL's multimodal rotary positions are computed per row on the padded batch, by the model class's own
-  get_rope_index, and joined; the text positions go in front ((4, 1, length)), which Qwen2-VL reads as packed input.
+- Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's multimodal rotary positions are computed per row on the padded batch, by
+  the model class's own get_rope_index, and joined; the text positions go in front ((4, 1, length)), which these
+  models read as packed input.
 
 The recipe's validation imports it too: torch is imported only where a batch is packed.
 """
@@ -87,29 +88,44 @@ def pack(batch: dict, rope_index=None) -> dict:
     return packed
 
 
+# The families with multimodal rotary positions (3 per token) and the model class whose get_rope_index computes them;
+# each reads position_ids of shape (4, 1, length) as packed input, the text positions in front
+ROPE_MODELS = {
+    "qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel"),
+    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel"),  # families-a (issue 20)
+    "qwen3_vl": ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLModel"),  # families-a (issue 20)
+}
+
+
 def _rope_index(model_config):
-    """Qwen2-VL's get_rope_index bound to the config alone, so the collator holds no model (data loader workers copy
-    it); None for the families whose positions are plain 0, 1, 2, ..."""
-    if model_config.model_type != "qwen2_vl":
+    """The model class's get_rope_index bound to the config alone, so the collator holds no model (data loader workers
+    copy it); None for the families whose positions are plain 0, 1, 2, ..."""
+    if model_config.model_type not in ROPE_MODELS:
         return None
-    return _Qwen2VLRope(model_config)
+    return _MultimodalRope(model_config)
 
 
-class _Qwen2VLRope:
+class _MultimodalRope:
+    """What get_rope_index reads of its model: the config and get_vision_position_ids (a method of the same class)."""
+
     def __init__(self, config):
         self.config = config
 
-    def get_vision_position_ids(self, *args, **kwargs):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+    def _model_class(self):
+        import importlib
 
-        return Qwen2VLModel.get_vision_position_ids(self, *args, **kwargs)
+        module, name = ROPE_MODELS[self.config.model_type]
+        return getattr(importlib.import_module(module), name)
+
+    def get_vision_position_ids(self, *args, **kwargs):
+        return self._model_class().get_vision_position_ids(self, *args, **kwargs)
 
     def __call__(self, batch: dict):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
-
-        positions, _ = Qwen2VLModel.get_rope_index(
+        # Qwen2.5-VL spaces a video's frames by second_per_grid_ts; the others take no such input
+        timing = {"second_per_grid_ts": batch["second_per_grid_ts"]} if batch.get("second_per_grid_ts") is not None else {}
+        positions, _ = self._model_class().get_rope_index(
             self, batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
-            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"],
+            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"], **timing,
         )
         return positions
 
