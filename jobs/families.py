@@ -228,6 +228,8 @@ FAMILIES: dict[str, Family] = {
             # fullatt_block_indexes, RMSNorm and SwiGLU), which changes no input the stages build
             image_bound="max_pixels",
             # no BOS: Qwen2.5's tokenizer has none and its template (Qwen2-VL's) opens with <|im_start|>
+            # Its class sets accepts_loss_kwargs = False (Qwen3-VL's too, Qwen2-VL's not): the Trainer passes no
+            # num_items_in_batch, so under gradient accumulation each micro-batch's loss is its own token mean
             hub_ids=("Qwen/Qwen2.5-VL-7B-Instruct",),
         ),
         Family(
