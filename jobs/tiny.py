@@ -492,7 +492,8 @@ def _smolvlm2():
     tiles = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
                "<end_of_utterance>", "<global-img>", *tiles]
-    # SmolLM2's tokenizer names <|im_start|> bos and <|im_end|> eos but prepends nothing; turns end with <end_of_utterance>.
+    # As SmolVLM's SmolLM2 tokenizer (the Idefics3 twin's): <|im_start|> named BOS but never prepended, which the
+    # template writes itself; turns end with <end_of_utterance>. Taken from SmolVLM (v1), not read off SmolVLM2's files.
     tokenizer = train_tokenizer(special, bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>", add_bos_token=False)
     patch, scale = 8, 2
     image_seq_len = (IMAGE_SIZE // patch) ** 2 // scale**2  # tokens per tile after pixel shuffle (81 in SmolVLM2-2.2B)
