@@ -218,6 +218,38 @@ FAMILIES: dict[str, Family] = {
             # no prepend_bos: PaliGemmaProcessor writes "<bos>" after the image tokens itself, whatever add_special_tokens
             hub_ids=("google/paligemma-3b-pt-224",),
         ),
+        # families-a (issue 20): Qwen2.5-VL, Qwen3-VL, SmolVLM2
+        Family(
+            name="qwen2_5_vl",
+            model_class="Qwen2_5_VLForConditionalGeneration",
+            model_types=("qwen2_5_vl",),
+            # Qwen2-VL's image processor (transformers' auto mapping) with 14 px patches merged 2 x 2: the same area
+            # budget and smart_resize; the vision tower differs inside (window attention over 112 px windows but in
+            # fullatt_block_indexes, RMSNorm and SwiGLU), which changes no input the stages build
+            image_bound="max_pixels",
+            # no BOS: Qwen2.5's tokenizer has none and its template (Qwen2-VL's) opens with <|im_start|>
+            # Its class sets accepts_loss_kwargs = False (Qwen3-VL's too, Qwen2-VL's not): the Trainer passes no
+            # num_items_in_batch, so under gradient accumulation each micro-batch's loss is its own token mean
+            hub_ids=("Qwen/Qwen2.5-VL-7B-Instruct",),
+        ),
+        Family(
+            name="qwen3_vl",
+            model_class="Qwen3VLForConditionalGeneration",
+            model_types=("qwen3_vl",),  # the dense checkpoints; the MoE ones are qwen3_vl_moe, another class
+            # Qwen2-VL's image processor again, with 16 px patches merged 2 x 2 (32 px per image token)
+            image_bound="max_pixels",
+            # no BOS, no default system prompt (unlike Qwen2/2.5-VL's template): the template opens with the first turn
+            hub_ids=("Qwen/Qwen3-VL-8B-Instruct",),
+        ),
+        Family(
+            name="smolvlm2",
+            model_class="SmolVLMForConditionalGeneration",
+            model_types=("smolvlm",),  # SmolVLM2 checkpoints; SmolVLM (v1) ones are idefics3
+            image_bound="longest_edge",  # Idefics3's tiling: max_image_size tiles within size["longest_edge"]
+            end_of_turn="<end_of_utterance>",  # its template closes every turn with it, as SmolVLM's does
+            # no prepend_bos: the template writes <|im_start|> itself and SmolLM2's tokenizer adds nothing
+            hub_ids=("HuggingFaceTB/SmolVLM2-2.2B-Instruct",),
+        ),
     ]
 }
 

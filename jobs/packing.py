@@ -14,11 +14,11 @@ and takes the padding out of what it returns:
   loss normalisation are then those of the padded batch;
 - image inputs are already in row order; Idefics2/3's per-row image slots (batch, images, ...) become one row's
   (1, batch * images, ...), the all-zero padding images that the model drops included;
-- Qwen2-VL's multimodal rotary positions are computed per row on the padded batch, by the model class's own
-  get_rope_index, and joined, under ``mrope_position_ids`` (3, 1, length); ``position_ids`` stays the text positions
-  (1, length), which TRL counts a padding-free batch's tokens by (its ``num_tokens``, the throughput). A forward
-  pre-hook on the model's Qwen2VLModel puts the text positions in front ((4, 1, length)), which Qwen2-VL reads as
-  packed input.
+- Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's multimodal rotary positions are computed per row on the padded batch, by
+  the model class's own get_rope_index, and joined, under ``mrope_position_ids`` (3, 1, length); ``position_ids``
+  stays the text positions (1, length), which TRL counts a padding-free batch's tokens by (its ``num_tokens``, the
+  throughput). A forward pre-hook on the model's inner Qwen model puts the text positions in front ((4, 1, length)),
+  which these models read as packed input.
 
 The recipe's validation imports it too: torch is imported only where a batch is packed.
 """
@@ -56,7 +56,7 @@ def unsupported(family: Family, attn_implementation: str | None) -> str | None:
 
 class PaddingFree:
     """Wraps a padding collator: its batch, rows concatenated (batch dimension 1), positions restarting per row.
-    ``model`` is the one trained on these batches: for Qwen2-VL it gets the hook that hands it its rotary positions."""
+    ``model`` is the one trained on these batches: for the Qwen families it gets the hook that hands it its rotary positions."""
 
     def __init__(self, collator, model=None):
         self.collator = collator
@@ -93,17 +93,26 @@ def pack(batch: dict, rope_index=None) -> dict:
     return packed
 
 
-def _take_packed_rope(model) -> None:
-    """Qwen2-VL reads packed input as position_ids (4, 1, length), the text positions in front of the three rotary
-    axes; TRL counts a padding-free batch's tokens as ``position_ids.size(1)``, which is 1 there. So the batch carries
-    the text positions as position_ids (1, length), as every other family's, and the rotary ones beside them; this
-    forward pre-hook on the Qwen2VLModel inside ``model`` (under any PEFT or FSDP wrapping, and under TRL's fused LM
-    head, which calls it too) joins them as the model reads them."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+# The families with multimodal rotary positions (3 per token) and the model class whose get_rope_index computes them;
+# each reads position_ids of shape (4, 1, length) as packed input, the text positions in front
+ROPE_MODELS = {
+    "qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLModel"),
+    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLModel"),
+    "qwen3_vl": ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLModel"),
+}
 
-    inner = [module for module in model.modules() if isinstance(module, Qwen2VLModel)]
+
+def _take_packed_rope(model) -> None:
+    """The Qwen models of ROPE_MODELS read packed input as position_ids (4, 1, length), the text positions in front of
+    the three rotary axes; TRL counts a padding-free batch's tokens as ``position_ids.size(1)``, which is 1 there. So
+    the batch carries the text positions as position_ids (1, length), as every other family's, and the rotary ones
+    beside them; this forward pre-hook on the Qwen model inside ``model`` (under any PEFT or FSDP wrapping, and under
+    TRL's fused LM head, which calls it too) joins them as the model reads them."""
+    inner_class = _rope_model_class(model.config.model_type)
+    inner = [module for module in model.modules() if isinstance(module, inner_class)]
     if len(inner) != 1:
-        raise RuntimeError(f"padding-free Qwen2-VL: expected one Qwen2VLModel in {type(model).__name__}, found {len(inner)}")
+        raise RuntimeError(f"padding-free {model.config.model_type}: expected one {inner_class.__name__} in "
+                           f"{type(model).__name__}, found {len(inner)}")
     inner[0].register_forward_pre_hook(_join_rope, with_kwargs=True)  # a second one finds nothing left to join
 
 
@@ -116,29 +125,39 @@ def _join_rope(module, args, kwargs):
     return args, kwargs
 
 
+def _rope_model_class(model_type: str):
+    import importlib
+
+    module, name = ROPE_MODELS[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
 def _rope_index(model_config):
-    """Qwen2-VL's get_rope_index bound to the config alone, so the collator holds no model (data loader workers copy
-    it); None for the families whose positions are plain 0, 1, 2, ..."""
-    if model_config.model_type != "qwen2_vl":
+    """The model class's get_rope_index bound to the config alone, so the collator holds no model (data loader workers
+    copy it); None for the families whose positions are plain 0, 1, 2, ..."""
+    if model_config.model_type not in ROPE_MODELS:
         return None
-    return _Qwen2VLRope(model_config)
+    return _MultimodalRope(model_config)
 
 
-class _Qwen2VLRope:
+class _MultimodalRope:
+    """What get_rope_index reads of its model: the config and get_vision_position_ids (a method of the same class)."""
+
     def __init__(self, config):
         self.config = config
 
-    def get_vision_position_ids(self, *args, **kwargs):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+    def _model_class(self):
+        return _rope_model_class(self.config.model_type)
 
-        return Qwen2VLModel.get_vision_position_ids(self, *args, **kwargs)
+    def get_vision_position_ids(self, *args, **kwargs):
+        return self._model_class().get_vision_position_ids(self, *args, **kwargs)
 
     def __call__(self, batch: dict):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
-
-        positions, _ = Qwen2VLModel.get_rope_index(
+        # Qwen2.5-VL spaces a video's frames by second_per_grid_ts; the others take no such input
+        timing = {"second_per_grid_ts": batch["second_per_grid_ts"]} if batch.get("second_per_grid_ts") is not None else {}
+        positions, _ = self._model_class().get_rope_index(
             self, batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
-            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"],
+            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"], **timing,
         )
         return positions
 

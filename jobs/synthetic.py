@@ -8,7 +8,7 @@ so a model that learns shows it in the numbers.
     ChartQA-shaped    image, query, label (list of strings), human_or_machine     splits train, val, test
     RLAIF-V-shaped    ds_name, image, question, chosen, rejected, origin_dataset,  split train
                       origin_split, idx, image_path
-    messages          messages (role/content parts), images                       split train
+    messages          messages (role/content parts), images                       splits train, test
     preference-       chosen, rejected, images, prompt (messages, as              splits train, test
     messages          HuggingFaceH4/rlaif-v_formatted)
 
@@ -191,7 +191,9 @@ def features(kind: str):
 
 # Keyed by the source format (jobs.formats) whose schema the rows have.
 ROWS = {"chartqa": chartqa_rows, "rlaif-v": rlaif_v_rows, "messages": messages_rows, "preference-messages": preference_messages_rows}
-SPLITS = {"chartqa": ("train", "val", "test"), "rlaif-v": ("train",), "messages": ("train",), "preference-messages": ("train", "test")}
+# messages: HuggingFaceH4/llava-instruct-mix-vsft's train and test (issue 20's recipes read both)
+SPLITS = {"chartqa": ("train", "val", "test"), "rlaif-v": ("train",), "messages": ("train", "test"),
+          "preference-messages": ("train", "test")}
 
 
 def _benchmark_questions(n: int, seed: int) -> list[tuple[int, bytes, str, str]]:

@@ -50,6 +50,74 @@ SMOLVLM_TEMPLATE = (  # HuggingFaceTB/SmolVLM-Instruct: Idefics2's, opened with 
     "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+# families-a (issue 20). Each as its checkpoint ships it and TRL 1.16 quotes it byte for byte (trl/chat_templates/:
+# qwen2_5_vl.jinja, qwen3_vl.jinja, smolvlm.jinja; tests/test_families.py compares them).
+# Qwen/Qwen2.5-VL-7B-Instruct: Qwen2-VL's template, byte for byte (the default system prompt, one
+# <|vision_start|><|image_pad|><|vision_end|> per image, <|im_end|>\n after every turn)
+QWEN2_5_VL_TEMPLATE = QWEN2_VL_TEMPLATE
+# Qwen/Qwen3-VL-8B-Instruct: no default system prompt, tool calls, images in tool responses
+QWEN3_VL_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0].role == 'system' %}\n        {%- if messages[0].content is string %}\n"
+    "            {{- messages[0].content }}\n        {%- else %}\n            {%- for content in messages[0].content %}\n"
+    "                {%- if 'text' in content %}\n                    {{- content.text }}\n                {%- endif %}\n"
+    "            {%- endfor %}\n        {%- endif %}\n        {{- '\\n\\n' }}\n    {%- endif %}\n"
+    "    {{- \"# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function "
+    "signatures within <tools></tools> XML tags:\\n<tools>\" }}\n    {%- for tool in tools %}\n        {{- \"\\n\" }}\n"
+    "        {{- tool | tojson }}\n    {%- endfor %}\n    {{- \"\\n</tools>\\n\\nFor each function call, return a json object "
+    "with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": "
+    "<function-name>, \\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
+    "    {%- if messages[0].role == 'system' %}\n        {{- '<|im_start|>system\\n' }}\n"
+    "        {%- if messages[0].content is string %}\n            {{- messages[0].content }}\n        {%- else %}\n"
+    "            {%- for content in messages[0].content %}\n                {%- if 'text' in content %}\n"
+    "                    {{- content.text }}\n                {%- endif %}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- set image_count = namespace(value=0) %}\n"
+    "{%- set video_count = namespace(value=0) %}\n{%- for message in messages %}\n    {%- if message.role == \"user\" %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' }}\n        {%- if message.content is string %}\n"
+    "            {{- message.content }}\n        {%- else %}\n            {%- for content in message.content %}\n"
+    "                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}\n"
+    "                    {%- set image_count.value = image_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|image_pad|><|vision_end|>\n"
+    "                {%- elif content.type == 'video' or 'video' in content %}\n"
+    "                    {%- set video_count.value = video_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|video_pad|><|vision_end|>\n                {%- elif 'text' in content %}\n"
+    "                    {{- content.text }}\n                {%- endif %}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"assistant\" %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' }}\n        {%- if message.content is string %}\n"
+    "            {{- message.content }}\n        {%- else %}\n            {%- for content_item in message.content %}\n"
+    "                {%- if 'text' in content_item %}\n                    {{- content_item.text }}\n"
+    "                {%- endif %}\n            {%- endfor %}\n        {%- endif %}\n        {%- if message.tool_calls %}\n"
+    "            {%- for tool_call in message.tool_calls %}\n"
+    "                {%- if (loop.first and message.content) or (not loop.first) %}\n                    {{- '\\n' }}\n"
+    "                {%- endif %}\n                {%- if tool_call.function %}\n"
+    "                    {%- set tool_call = tool_call.function %}\n                {%- endif %}\n"
+    "                {{- '<tool_call>\\n{\"name\": \"' }}\n                {{- tool_call.name }}\n"
+    "                {{- '\", \"arguments\": ' }}\n                {%- if tool_call.arguments is string %}\n"
+    "                    {{- tool_call.arguments }}\n                {%- else %}\n"
+    "                    {{- tool_call.arguments | tojson }}\n                {%- endif %}\n"
+    "                {{- '}\\n</tool_call>' }}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if loop.first or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {%- if message.content is string %}\n            {{- message.content }}\n        {%- else %}\n"
+    "            {%- for content in message.content %}\n"
+    "                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}\n"
+    "                    {%- set image_count.value = image_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|image_pad|><|vision_end|>\n"
+    "                {%- elif content.type == 'video' or 'video' in content %}\n"
+    "                    {%- set video_count.value = video_count.value + 1 %}\n"
+    "                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}\n"
+    "                    <|vision_start|><|video_pad|><|vision_end|>\n                {%- elif 'text' in content %}\n"
+    "                    {{- content.text }}\n                {%- endif %}\n            {%- endfor %}\n        {%- endif %}\n"
+    "        {{- '\\n</tool_response>' }}\n        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+)
+# HuggingFaceTB/SmolVLM2-2.2B-Instruct: SmolVLM's template, byte for byte. It renders no video; SmolVLMProcessor's
+# apply_chat_template swaps in transformers' own template with a <video> branch for a conversation that holds one.
+SMOLVLM2_TEMPLATE = SMOLVLM_TEMPLATE
 # google/paligemma-3b-pt-224 ships no chat template (a pretrained prefix-LM, not a chat model); the template the
 # stages give it is jobs.families.PALIGEMMA_TEMPLATE, applied when the processor is loaded.
 
@@ -316,6 +384,151 @@ def _paligemma():
     return model, processor
 
 
+
+# families-a (issue 20)
+def _qwen2_5_vl():
+    """Qwen2.5-VL-7B-Instruct's layout: Qwen2-VL's processor and tokenizer, a vision tower with window attention
+    (window_size pixels a side, blocks in fullatt_block_indexes attending over the whole image), RMSNorm, SwiGLU."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = train_tokenizer(special, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    patch, merge = 4, 2
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=patch, merge_size=merge, temporal_patch_size=2,
+        min_pixels=(patch * merge) ** 2, max_pixels=IMAGE_SIZE * IMAGE_SIZE,
+    )
+    video_processor = Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=QWEN2_5_VL_TEMPLATE
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=2, hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_heads=2, out_hidden_size=64,
+            patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2,
+            # 16 px windows: a 32 px image is 2 x 2 windows, so block 0 attends within each and block 1 over all
+            # (the 7B: 112 px windows, full attention in blocks 7, 15, 23, 31 of 32)
+            window_size=2 * patch * merge, fullatt_block_indexes=[1],
+        ),
+        text_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=len(tokenizer), max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]  # as the 7B's generation config
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    return model, processor
+
+
+def _qwen3_vl():
+    """Qwen3-VL-8B-Instruct's layout: learned vision position embeddings, DeepStack (features of chosen vision blocks
+    added to the first text layers' hidden states), interleaved multimodal rotary positions, a Qwen3 text model with
+    q/k norms; Qwen2-VL's image processor with 16 px patches, and Qwen3-VL's video processor (timestamps per frame)."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = train_tokenizer(special, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    patch, merge = 4, 2
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=patch, merge_size=merge, temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        min_pixels=(patch * merge) ** 2, max_pixels=IMAGE_SIZE * IMAGE_SIZE,
+    )
+    video_processor = Qwen3VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=QWEN3_VL_TEMPLATE
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        vision_config=dict(
+            depth=2, hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_heads=2, out_hidden_size=64,
+            patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2,
+            num_position_embeddings=(IMAGE_SIZE // patch) ** 2,  # a grid of 8 x 8 learned positions (48 x 48 in the 8B)
+            deepstack_visual_indexes=[0],  # the 8B: blocks 8, 16, 24 of 27
+        ),
+        text_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=len(tokenizer), max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    return model, processor
+
+
+def _smolvlm2():
+    """SmolVLM2-2.2B-Instruct's layout: SmolVLM classes (Idefics3's SigLIP tiles, pixel shuffle, image splitting), a
+    SmolLM2 tokenizer, and a video processor that samples frames and writes each as a tile with its timestamp."""
+    from transformers import (
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+    )
+
+    tiles = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
+               "<end_of_utterance>", "<global-img>", *tiles]
+    # As SmolVLM's SmolLM2 tokenizer (the Idefics3 twin's): <|im_start|> named BOS but never prepended, which the
+    # template writes itself; turns end with <end_of_utterance>. Taken from SmolVLM (v1), not read off SmolVLM2's files.
+    tokenizer = train_tokenizer(special, bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>", add_bos_token=False)
+    patch, scale = 8, 2
+    image_seq_len = (IMAGE_SIZE // patch) ** 2 // scale**2  # tokens per tile after pixel shuffle (81 in SmolVLM2-2.2B)
+    tile = {"longest_edge": IMAGE_SIZE}
+    image_processor = SmolVLMImageProcessor(
+        size={"longest_edge": 4 * IMAGE_SIZE}, max_image_size=tile, do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    video_processor = SmolVLMVideoProcessor(
+        size={"longest_edge": IMAGE_SIZE}, max_image_size=tile, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor = SmolVLMProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, image_seq_len=image_seq_len,
+        chat_template=SMOLVLM2_TEMPLATE,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = SmolVLMConfig(
+        vision_config=dict(
+            hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+            image_size=IMAGE_SIZE, patch_size=patch,
+        ),
+        text_config=dict(
+            model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+            bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<end_of_utterance>"), pad_token_id=ids("<|im_end|>"),
+        ),
+        scale_factor=scale,
+        image_token_id=ids("<image>"),
+    )
+    model = SmolVLMForConditionalGeneration(config)
+    _widen_vision_init(model, ("model.vision_model", "model.connector"))
+    model.generation_config.eos_token_id = ids("<end_of_utterance>")
+    model.generation_config.pad_token_id = ids("<|im_end|>")
+    return model, processor
+
 def check_4bit_shapes(model) -> None:
     """Fail on a linear layer that bitsandbytes' CPU inference kernel cannot pack (see VISION_WIDTH)."""
     import torch
@@ -341,4 +554,5 @@ def _widen_vision_init(model, prefixes: tuple[str, ...], std: float = 0.1) -> No
 
 BUILDERS: dict[str, Callable] = {
     "llava": _llava, "qwen2_vl": _qwen2_vl, "idefics2": _idefics2, "idefics3": _idefics3, "paligemma": _paligemma,
+    "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "smolvlm2": _smolvlm2,  # families-a (issue 20)
 }

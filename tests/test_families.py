@@ -107,7 +107,8 @@ def test_the_tiny_idefics2_takes_idefics2_8bs_64_tokens_per_image_for_the_benchm
 
 
 def test_an_unsupported_family_is_one_line_naming_the_supported_ones():
-    with pytest.raises(UserError, match=r"^model family 'idefics' is not supported \(supported: llava, qwen2_vl, idefics2, idefics3, paligemma\)$"):
+    supported = "llava, qwen2_vl, idefics2, idefics3, paligemma, " + "qwen2_5_vl, qwen3_vl, smolvlm2"  # issue 20
+    with pytest.raises(UserError, match=rf"^model family 'idefics' is not supported \(supported: {supported}\)$"):
         get_family("idefics")
 
 
@@ -117,7 +118,7 @@ def test_a_model_of_another_family_is_one_line_naming_its_family_and_the_support
         modeling.load_model(spec)
     message = str(error.value)
     assert "is a idefics3 model, but the recipe says family idefics2 (Idefics2ForConditionalGeneration)" in message
-    assert "set model.family: idefics3 (supported: llava, qwen2_vl, idefics2, idefics3, paligemma)" in message
+    assert "set model.family: idefics3 (supported: llava, qwen2_vl, idefics2, idefics3, paligemma, qwen2_5_vl, " in message
     assert "\n" not in message
 
 
@@ -188,7 +189,8 @@ def test_paligemma_gets_its_prefix_suffix_template_and_saves_as_its_own_processo
 # Idefics: turns end with <end_of_utterance>; Idefics3's tiles
 
 
-@pytest.mark.parametrize("family", ["idefics2", "idefics3"])
+@pytest.mark.parametrize("family", ["idefics2", "idefics3"]
+                         + ["smolvlm2"])  # families-a (issue 20)
 def test_generation_stops_at_the_templates_end_of_turn(family, tiny_model):
     folder = tiny_model(family)
     processor = modeling.load_processor(Model(name_or_path=str(folder), family=family))
@@ -209,3 +211,18 @@ def test_idefics3_images_are_stored_at_one_tile_when_the_processor_does_not_spli
     assert family.max_image_edge(splitting) == (splitting.image_processor.size["longest_edge"], 0)
     assert family.max_image_edge(whole) == (tile, 0)
     assert family.shrink(Image.new("RGB", (4 * tile, 2 * tile)), whole).size == (tile, tile // 2)
+
+
+# families-a (issue 20): the checkpoints' own templates as TRL quotes them byte for byte (trl/chat_templates/, "Original
+# Qwen2.5-VL chat template", "Original Qwen3-VL chat template", "Original SmolVLM chat template. Also matches SmolVLM2,
+# which ships a byte-identical template"); a template written from memory would pass the parity test unnoticed.
+PUBLISHED_TEMPLATES = {"qwen2_5_vl": "qwen2_5_vl_chat_template", "qwen3_vl": "qwen3_vl_chat_template",
+                       "smolvlm2": "smolvlm_chat_template"}
+
+
+@pytest.mark.parametrize("family", sorted(PUBLISHED_TEMPLATES))
+def test_a_tiny_twin_saves_its_checkpoints_own_chat_template(family, tiny_model):
+    from trl import chat_template_utils
+
+    processor = transformers.AutoProcessor.from_pretrained(tiny_model(family))
+    assert processor.chat_template == getattr(chat_template_utils, PUBLISHED_TEMPLATES[family])

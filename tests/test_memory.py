@@ -76,3 +76,56 @@ def test_a_stages_estimate_from_the_config_alone_counts_what_loading_the_model_c
     pure, counts = memory.for_stage(recipes.load(write_recipe(sft={"method": "full", "pure_bf16": True})), "sft")
     assert pure.model == pytest.approx(counts["parameters"] * 2 / 1e9) and pure.optimizer == 2 * pure.model
     assert counts["precision"] == "bfloat16 weights"
+
+
+# families-a (issue 20): `vlmjobs memory` counts a published checkpoint's parameters from its config alone. Each config
+# holds the checkpoint's config.json values that decide a weight's shape; each count is the one the model's hub page
+# gives ("Model size", the safetensors' total).
+PUBLISHED = [
+    pytest.param(
+        "qwen2_5_vl", "Qwen2_5_VLConfig", 8.29e9, {  # Qwen/Qwen2.5-VL-7B-Instruct: 8.29B params
+            "text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                            "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
+            "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                              "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                              "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+            "tie_word_embeddings": False,
+        }, id="Qwen2.5-VL-7B-Instruct"),
+    pytest.param(
+        "qwen3_vl", "Qwen3VLConfig", 8.77e9, {  # Qwen/Qwen3-VL-8B-Instruct: 8.77B params
+            "text_config": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                                "mrope_interleaved": True}},
+            "vision_config": {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                              "out_hidden_size": 4096, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                              "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]},
+            "tie_word_embeddings": False,
+        }, id="Qwen3-VL-8B-Instruct"),
+    pytest.param(
+        "smolvlm2", "SmolVLMConfig", 2.25e9, {  # HuggingFaceTB/SmolVLM2-2.2B-Instruct: 2.25B params
+            "text_config": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49280},
+            "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                              "num_attention_heads": 16, "patch_size": 14, "image_size": 384},
+            "scale_factor": 3, "tie_word_embeddings": False,
+        }, id="SmolVLM2-2.2B-Instruct"),
+]
+
+
+@pytest.mark.parametrize("family, config_class, published, fields", PUBLISHED)
+def test_vlmjobs_memory_counts_a_published_checkpoints_parameters_from_its_config(family, config_class, published, fields, tmp_path):
+    import transformers
+
+    from jobs import memory
+    from jobs import recipe as recipes
+
+    folder = tmp_path / "model"
+    getattr(transformers, config_class)(**fields).save_pretrained(folder)  # config.json only: no weights anywhere
+    recipe = recipes.from_dict({"name": "m", "model": {"name_or_path": str(folder), "family": family},
+                                "data": {"sft": {"path": str(tmp_path), "format": "chartqa"}},
+                                "run": {"root": str(tmp_path)}, "stages": ["prepare", "sft"], "sft": {"method": "lora"}})
+    estimate, counts = memory.for_stage(recipe, "sft")
+    assert counts["parameters"] == pytest.approx(published, rel=0.02)
+    assert estimate.model == pytest.approx((counts["parameters"] * 2 + counts["trainable"] * 4) / 1e9)  # bf16 base

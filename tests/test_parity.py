@@ -28,6 +28,9 @@ from tests.conftest import run_stages
 # special tokens (its tokenizer.json post-processor, add_bos_token in its tokenizer_config.json; None: it has no BOS).
 # PaliGemma's processor switches its tokenizer's off and writes <bos> itself.
 REAL_ADD_BOS = {"llava": True, "idefics2": True, "idefics3": False, "qwen2_vl": None}
+# families-a (issue 20): Qwen2.5-VL's and Qwen3-VL's Qwen2 tokenizers have no BOS; SmolVLM2's SmolLM2 tokenizer names
+# <|im_start|> BOS and prepends nothing (its template writes it)
+REAL_ADD_BOS |= {"qwen2_5_vl": None, "qwen3_vl": None, "smolvlm2": False}
 TOKEN_TYPES = ("token_type_ids", "mm_token_type_ids")  # per token, not per image: checked position by position
 
 
