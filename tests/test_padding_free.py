@@ -177,7 +177,7 @@ def test_group_by_length_batches_vision_rows_of_like_length_counting_their_image
     assert float(trainer.compute_loss(model, dict(next(iter(trainer.get_train_dataloader()))))) > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"])
 def test_padding_free_logs_the_number_of_tokens_trained_on(family, tiny_model, tmp_path):
     """Issue 23: TRL counts a padding-free batch's tokens as position_ids.size(1); Qwen2-VL's packed positions were
     (4, 1, length), so it logged 1 token a batch. The oracle is the same rows padded: their attention mask's sum
