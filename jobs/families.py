@@ -218,6 +218,19 @@ FAMILIES: dict[str, Family] = {
             # no prepend_bos: PaliGemmaProcessor writes "<bos>" after the image tokens itself, whatever add_special_tokens
             hub_ids=("google/paligemma-3b-pt-224",),
         ),
+        Family(
+            name="gemma3",
+            model_class="Gemma3ForConditionalGeneration",
+            model_types=("gemma3",),
+            # SigLIP squashes every image (and, with pan-and-scan, each crop) to 896 x 896; stored with the shortest side
+            # at that size, an image keeps the aspect ratio pan-and-scan decides its crops from
+            image_bound="fixed",
+            # turns end with <end_of_turn>; gemma-3-12b-it's generation config stops there and at <eos>
+            end_of_turn="<end_of_turn>",
+            # no prepend_bos: its template writes {{ bos_token }} itself. Images: token_type_ids 1 on an image's soft
+            # tokens, which attend to each other both ways (Gemma3Processor marks them; the model builds the mask)
+            hub_ids=("google/gemma-3-12b-it",),
+        ),
     ]
 }
 

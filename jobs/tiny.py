@@ -50,6 +50,28 @@ SMOLVLM_TEMPLATE = (  # HuggingFaceTB/SmolVLM-Instruct: Idefics2's, opened with 
     "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+# google/gemma-3-12b-it's chat_template.json (the same text its tokenizer_config.json carries and llama.cpp's GGUF of it
+# reports: huggingface.co/api/models/ggml-org/gemma-3-12b-it-GGUF, "chat_template"). It writes BOS itself, folds a
+# system message into the first user turn, names the assistant "model" and closes every turn with <end_of_turn>\n.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n            {%- endif -%}\n"
+    "        {%- endfor -%}\n    {%- else -%}\n        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
 # google/paligemma-3b-pt-224 ships no chat template (a pretrained prefix-LM, not a chat model); the template the
 # stages give it is jobs.families.PALIGEMMA_TEMPLATE, applied when the processor is loaded.
 
@@ -316,6 +338,50 @@ def _paligemma():
     return model, processor
 
 
+def _gemma3():
+    """gemma-3-12b-it's layout: SigLIP at a fixed size, its patches average-pooled to mm_tokens_per_image soft tokens,
+    a Gemma 3 decoder whose sliding-window layers alternate with global ones (5:1 in the real model), images attended
+    both ways among their own tokens (token_type_ids 1)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    # Gemma's tokenizer puts <bos> in front (add_bos_token), as does the template: the card tokenizes inside
+    # apply_chat_template, which then adds none. The three image tokens are named as the real tokenizer_config.json
+    # names them (Gemma3Processor reads tokenizer.boi_token, eoi_token and image_token).
+    image_tokens = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *image_tokens.values()]
+    tokenizer = train_tokenizer(special, bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", extra_special_tokens=image_tokens)
+    patch, tokens_per_image = 8, 4  # 4 x 4 patches pooled 2 x 2 (64 x 64 pooled 4 x 4 in the real model: 256 tokens)
+    image_processor = Gemma3ImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image, chat_template=GEMMA3_TEMPLATE
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2,
+            num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=patch, vision_use_head=False,
+        ),
+        text_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, query_pre_attn_scalar=16, vocab_size=len(tokenizer), max_position_embeddings=512,
+            # a window shorter than a prompt with its image, so rows run past it as real ones run past 1024
+            sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+            bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")], pad_token_id=ids("<pad>"),
+        ),
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    _widen_vision_init(model, ("model.vision_tower", "model.multi_modal_projector"))
+    # as gemma-3-12b-it's generation_config.json: a turn ends at <end_of_turn> (106) or <eos> (1)
+    model.generation_config.eos_token_id = [ids("<eos>"), ids("<end_of_turn>")]
+    model.generation_config.pad_token_id = ids("<pad>")
+    model.generation_config.bos_token_id = ids("<bos>")
+    return model, processor
+
+
 def check_4bit_shapes(model) -> None:
     """Fail on a linear layer that bitsandbytes' CPU inference kernel cannot pack (see VISION_WIDTH)."""
     import torch
@@ -341,4 +407,5 @@ def _widen_vision_init(model, prefixes: tuple[str, ...], std: float = 0.1) -> No
 
 BUILDERS: dict[str, Callable] = {
     "llava": _llava, "qwen2_vl": _qwen2_vl, "idefics2": _idefics2, "idefics3": _idefics3, "paligemma": _paligemma,
+    "gemma3": _gemma3,
 }
