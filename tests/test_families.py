@@ -107,7 +107,7 @@ def test_the_tiny_idefics2_takes_idefics2_8bs_64_tokens_per_image_for_the_benchm
 
 
 def test_an_unsupported_family_is_one_line_naming_the_supported_ones():
-    with pytest.raises(UserError, match=r"^model family 'idefics' is not supported \(supported: llava, qwen2_vl, idefics2, idefics3, paligemma\)$"):
+    with pytest.raises(UserError, match=rf"^model family 'idefics' is not supported \(supported: {', '.join(FAMILIES)}\)$"):
         get_family("idefics")
 
 
@@ -117,8 +117,19 @@ def test_a_model_of_another_family_is_one_line_naming_its_family_and_the_support
         modeling.load_model(spec)
     message = str(error.value)
     assert "is a idefics3 model, but the recipe says family idefics2 (Idefics2ForConditionalGeneration)" in message
-    assert "set model.family: idefics3 (supported: llava, qwen2_vl, idefics2, idefics3, paligemma)" in message
+    assert f"set model.family: idefics3 (supported: {', '.join(FAMILIES)})" in message
     assert "\n" not in message
+
+
+def test_a_checkpoint_of_a_model_type_no_family_knows_is_one_line_naming_the_families_and_how_to_add_one(tmp_path):
+    """Issue 20: e.g. a LLaVA-NeXT checkpoint (model type llava_next) under any family."""
+    transformers.LlavaNextConfig().save_pretrained(tmp_path)
+    with pytest.raises(UserError) as error:
+        modeling.load_model(Model(name_or_path=str(tmp_path), family="llava"))
+    message = str(error.value)
+    assert "is a llava_next model, but the recipe says family llava (LlavaForConditionalGeneration)" in message
+    assert "no supported family has llava_next models; adding one is a row of jobs/families.py and a tiny model" in message
+    assert f"(supported: {', '.join(FAMILIES)})" in message and "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------------
