@@ -16,7 +16,9 @@ from jobs.formats import Drop
 #   fixed         squashed to size["height"] x size["width"] (SigLIP, PaliGemma)
 #   max_pixels    an area budget: height*width within size["longest_edge"] pixels, sides multiples of patch x merge,
 #                 the aspect ratio kept (Qwen2-VL's smart_resize; "longest_edge" is its name for max_pixels)
-IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels")
+#   tiles         cut into tiles of size["height"] x size["width"] on the grid closest to the aspect ratio, at most
+#                 max_patches of them (InternVL's crop_to_patches): the longest side is bounded by max_patches tiles
+IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels", "tiles")
 ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
 # Attention implementations that give packed rows (restarting position_ids, no attention_mask) a per-row mask in
 # transformers 5 (masking_utils.find_packed_sequence_indices; varlen kernels for flash attention): sft.padding_free
@@ -57,6 +59,7 @@ class Family:
     # with add_special_tokens=False, so the stages write it into the text they render (rendering_processor).
     prepend_bos: bool = False
     packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
+    shared_prefix_unsupported: str | None = None  # why DPO cannot score a pair's answers off one prompt (jobs.shared_prefix)
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
@@ -73,6 +76,8 @@ class Family:
             return 0, int(size["shortest_edge"] * scale)
         if self.image_bound == "fixed":
             return 0, int(max(size["height"], size["width"]) * scale)
+        if self.image_bound == "tiles":  # the widest canvas the processor tiles to: max_patches tiles in a row
+            return int(image_processor.max_patches * max(size["height"], size["width"]) * scale), 0
         return 0, 0  # max_pixels bounds the area, not a side (pixel_budget)
 
     def pixel_budget(self, processor, scale: float = 1.0) -> int | None:
@@ -229,7 +234,19 @@ FAMILIES: dict[str, Family] = {
             end_of_turn="<end_of_turn>",
             # no prepend_bos: its template writes {{ bos_token }} itself. Images: token_type_ids 1 on an image's soft
             # tokens, which attend to each other both ways (Gemma3Processor marks them; the model builds the mask)
+            # A shared-prefix pair is one custom 4D mask, which transformers hands every layer as it is (masking_utils):
+            # it would give the image tokens no two-way attention and the sliding-window layers no window.
+            shared_prefix_unsupported="its images' two-way attention (token_type_ids) and its sliding-window layers need "
+                                      "masks of their own, which one custom attention mask for the pair cannot give",
             hub_ids=("google/gemma-3-12b-it",),
+        ),
+        Family(
+            name="internvl",
+            model_class="InternVLForConditionalGeneration",
+            model_types=("internvl",),  # the -hf conversions of InternVL2.5, InternVL3 and InternVL3.5
+            image_bound="tiles",  # 448-px tiles, up to 12 and a thumbnail (InternVLProcessor's crop_to_patches)
+            # no prepend_bos and no end_of_turn: Qwen2's tokenizer has no BOS, and <|im_end|> closing a turn is its eos
+            hub_ids=("OpenGVLab/InternVL3-8B-hf",),
         ),
     ]
 }

@@ -43,6 +43,8 @@ def unsupported(model) -> str | None:
     family = family_of(model.config.model_type)
     if family is None:
         return f"no shared-prefix forward for model type {model.config.model_type!r}"
+    if family.shared_prefix_unsupported:
+        return f"{family.name}: {family.shared_prefix_unsupported}"
     attention = model.config.get_text_config()._attn_implementation
     if attention not in ATTENTION:
         return (f"model.attn_implementation {attention} takes no custom attention mask, which each answer's view of "
@@ -138,10 +140,12 @@ def first_images(kwargs: dict, pairs: int) -> dict:
     if grid is not None:  # Qwen2-VL: every image's patches in one flat tensor, the chosen rows' images first
         grid = grid[: grid.size(0) // 2]
         kwargs["image_grid_thw"], kwargs["pixel_values"] = grid, kwargs["pixel_values"][: int(grid.prod(-1).sum())]
+    # The others stack images (LLaVA), rows (Idefics) or tiles (InternVL: a varying number per image) along the first
+    # dimension, in row order: the second half repeats the first
     for key in ("pixel_values", "pixel_attention_mask", "image_sizes"):
         value = kwargs.get(key)
-        if grid is None and value is not None and value.size(0) == 2 * pairs:
-            kwargs[key] = value[:pairs]
+        if grid is None and value is not None:
+            kwargs[key] = value[: value.size(0) // 2]
     return kwargs
 
 

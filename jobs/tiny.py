@@ -72,6 +72,16 @@ GEMMA3_TEMPLATE = (
     "    {{ '<end_of_turn>\n' }}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n"
     "{%- endif -%}\n"
 )
+# OpenGVLab/InternVL3-8B-hf's chat template: the one transformers' conversion script wrote into every InternVL -hf
+# repository (src/transformers/models/internvl/convert_internvl_weights_to_hf.py, chat_template), no default system
+# message, an image as <IMG_CONTEXT> on its own line (the processor widens it into <img>, its tiles' tokens, </img>).
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}{% endif %}"
+)
 # google/paligemma-3b-pt-224 ships no chat template (a pretrained prefix-LM, not a chat model); the template the
 # stages give it is jobs.families.PALIGEMMA_TEMPLATE, applied when the processor is loaded.
 
@@ -382,6 +392,55 @@ def _gemma3():
     return model, processor
 
 
+def _internvl():
+    """InternVL3-8B-hf's layout: InternViT on 448-px tiles (an image cut into up to 12 of them plus a thumbnail),
+    pixel-shuffled to a quarter of its patches, an MLP projector, a Qwen2 decoder."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    # Qwen2.5-VL's tokenizer, which the conversion script gives InternVL3 (convert_internvl_weights_to_hf.py,
+    # write_tokenizer): no BOS, <|im_end|> ends a turn and is eos (151645), and InternVL's image tokens named as it
+    # names them (InternVLProcessor reads tokenizer.start_image_token, end_image_token, context_image_token, video_token)
+    image_tokens = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                    "video_token": "<video>"}
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *image_tokens.values()]
+    tokenizer = train_tokenizer(special, bos=None, eos="<|im_end|>", pad="<|endoftext|>", extra_special_tokens=image_tokens)
+    patch, downsample = 8, 0.5
+    image_seq_length = int((IMAGE_SIZE // patch) ** 2 * downsample**2)  # per tile: 4 here, (448 / 14)^2 / 4 = 256 real
+    tile = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # the conversion script's ImageNet statistics
+    image_processor = GotOcr2ImageProcessor(size=tile, min_patches=1, max_patches=4, image_mean=mean, image_std=std)
+    video_processor = InternVLVideoProcessor(size=tile, image_mean=mean, image_std=std)
+    processor = InternVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        image_seq_length=image_seq_length, chat_template=INTERNVL_TEMPLATE,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+            image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[patch, patch],
+        ),
+        text_config=dict(
+            model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=image_seq_length, downsample_ratio=downsample,
+        tie_word_embeddings=False,  # Qwen2.5-7B's are not tied
+    )
+    model = InternVLForConditionalGeneration(config)
+    _widen_vision_init(model, ("model.vision_tower", "model.multi_modal_projector"))
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    return model, processor
+
+
 def check_4bit_shapes(model) -> None:
     """Fail on a linear layer that bitsandbytes' CPU inference kernel cannot pack (see VISION_WIDTH)."""
     import torch
@@ -408,4 +467,5 @@ def _widen_vision_init(model, prefixes: tuple[str, ...], std: float = 0.1) -> No
 BUILDERS: dict[str, Callable] = {
     "llava": _llava, "qwen2_vl": _qwen2_vl, "idefics2": _idefics2, "idefics3": _idefics3, "paligemma": _paligemma,
     "gemma3": _gemma3,
+    "internvl": _internvl,
 }

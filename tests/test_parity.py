@@ -27,13 +27,13 @@ from tests.conftest import run_stages
 # Whether the tokenizer of each family's checkpoint in the source documents puts BOS in front of a text encoded with
 # special tokens (its tokenizer.json post-processor, add_bos_token in its tokenizer_config.json; None: it has no BOS).
 # PaliGemma's processor switches its tokenizer's off and writes <bos> itself.
-REAL_ADD_BOS = {"llava": True, "idefics2": True, "idefics3": False, "qwen2_vl": None, "gemma3": True}
-TOKEN_TYPES = ("token_type_ids", "mm_token_type_ids")
+REAL_ADD_BOS = {"llava": True, "idefics2": True, "idefics3": False, "qwen2_vl": None, "gemma3": True, "internvl": None}
+TOKEN_TYPES = ("token_type_ids", "mm_token_type_ids")  # per token, not per image: checked position by position
 # The families whose model card has apply_chat_template tokenize, the images in the messages (gemma-3-12b-it's:
 # tokenize=True, return_dict=True), rather than render text and call the processor on it. Tokenizing, transformers adds
 # no special tokens to a text the template already starts with BOS (ProcessorMixin.apply_chat_template): calling the
 # processor on Gemma 3's rendered text would put a second <bos> in front.
-CARD_TOKENIZES = {"gemma3"}  # per token, not per image: checked position by position
+CARD_TOKENIZES = {"gemma3", "internvl"}  # and InternVL3-8B-hf's card
 
 
 def card_processor(folder, family):
