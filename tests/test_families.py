@@ -220,3 +220,21 @@ def test_idefics3_images_are_stored_at_one_tile_when_the_processor_does_not_spli
     assert family.max_image_edge(splitting) == (splitting.image_processor.size["longest_edge"], 0)
     assert family.max_image_edge(whole) == (tile, 0)
     assert family.shrink(Image.new("RGB", (4 * tile, 2 * tile)), whole).size == (tile, tile // 2)
+
+
+def test_internvl_images_are_stored_within_the_widest_canvas_of_its_tiles_and_keep_their_tiling(tiny_model):
+    """InternVL cuts an image into at most max_patches tiles on the grid nearest its aspect ratio (and a thumbnail):
+    prepare bounds the longest side by max_patches tiles in a row, and the shrunk image gets the tiles the original
+    would have."""
+    from PIL import Image
+
+    family = get_family("internvl")
+    processor = modeling.load_processor(Model(name_or_path=str(tiny_model("internvl")), family="internvl"))
+    tile, most = processor.image_processor.size["height"], processor.image_processor.max_patches
+    assert family.max_image_edge(processor) == (most * tile, 0)
+    for size in [(10 * most * tile, 2 * tile), (3 * tile, 5 * most * tile), (tile // 2, tile // 3)]:
+        image = Image.new("RGB", size, (120, 30, 200))
+        stored = family.shrink(image, processor)
+        assert max(stored.size) <= most * tile
+        tiles = [processor.image_processor(picture, crop_to_patches=True)["num_patches"] for picture in (image, stored)]
+        assert tiles[0] == tiles[1], size
