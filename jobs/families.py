@@ -16,7 +16,9 @@ from jobs.formats import Drop
 #   fixed         squashed to size["height"] x size["width"] (SigLIP, PaliGemma)
 #   max_pixels    an area budget: height*width within size["longest_edge"] pixels, sides multiples of patch x merge,
 #                 the aspect ratio kept (Qwen2-VL's smart_resize; "longest_edge" is its name for max_pixels)
-IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels")
+#   tiles         cut into tiles of size["height"] x size["width"] on the grid closest to the aspect ratio, at most
+#                 max_patches of them (InternVL's crop_to_patches): the longest side is bounded by max_patches tiles
+IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels", "tiles")
 ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
 # Attention implementations that give packed rows (restarting position_ids, no attention_mask) a per-row mask in
 # transformers 5 (masking_utils.find_packed_sequence_indices; varlen kernels for flash attention): sft.padding_free
@@ -57,6 +59,7 @@ class Family:
     # with add_special_tokens=False, so the stages write it into the text they render (rendering_processor).
     prepend_bos: bool = False
     packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
+    shared_prefix_unsupported: str | None = None  # why DPO cannot score a pair's answers off one prompt (jobs.shared_prefix)
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
@@ -73,6 +76,8 @@ class Family:
             return 0, int(size["shortest_edge"] * scale)
         if self.image_bound == "fixed":
             return 0, int(max(size["height"], size["width"]) * scale)
+        if self.image_bound == "tiles":  # the widest canvas the processor tiles to: max_patches tiles in a row
+            return int(image_processor.max_patches * max(size["height"], size["width"]) * scale), 0
         return 0, 0  # max_pixels bounds the area, not a side (pixel_budget)
 
     def pixel_budget(self, processor, scale: float = 1.0) -> int | None:
@@ -218,7 +223,6 @@ FAMILIES: dict[str, Family] = {
             # no prepend_bos: PaliGemmaProcessor writes "<bos>" after the image tokens itself, whatever add_special_tokens
             hub_ids=("google/paligemma-3b-pt-224",),
         ),
-        # families-a (issue 20): Qwen2.5-VL, Qwen3-VL, SmolVLM2
         Family(
             name="qwen2_5_vl",
             model_class="Qwen2_5_VLForConditionalGeneration",
@@ -249,6 +253,37 @@ FAMILIES: dict[str, Family] = {
             end_of_turn="<end_of_utterance>",  # its template closes every turn with it, as SmolVLM's does
             # no prepend_bos: the template writes <|im_start|> itself and SmolLM2's tokenizer adds nothing
             hub_ids=("HuggingFaceTB/SmolVLM2-2.2B-Instruct",),
+        ),
+        Family(
+            name="gemma3",
+            model_class="Gemma3ForConditionalGeneration",
+            model_types=("gemma3",),
+            # SigLIP squashes every image (and, with pan-and-scan, each crop) to 896 x 896; stored with the shortest side
+            # at that size, an image keeps the aspect ratio pan-and-scan decides its crops from
+            image_bound="fixed",
+            # turns end with <end_of_turn>; gemma-3-12b-it's generation config stops there and at <eos>
+            end_of_turn="<end_of_turn>",
+            # no prepend_bos: its template writes {{ bos_token }} itself. Images: token_type_ids 1 on an image's soft
+            # tokens, which attend to each other both ways (Gemma3Processor marks them; the model builds the mask)
+            # A shared-prefix pair is one custom 4D mask, which transformers hands every layer as it is (masking_utils):
+            # it would give the image tokens no two-way attention and the sliding-window layers no window.
+            shared_prefix_unsupported="its images' two-way attention (token_type_ids) and its sliding-window layers need "
+                                      "masks of their own, which one custom attention mask for the pair cannot give",
+            # Measured: tests/test_padding_free.py's tiny Gemma 3 gave 6.15764 packed against 6.15745 padded (eager and
+            # sdpa alike). The padded rows' logits equal each row's alone; packed, every row after the first drifts from
+            # some token on (up to 0.44), and only with token_type_ids: transformers' image-block mask (block ids over
+            # the joined row) and the per-row mask of packed rows do not compose in 5.23. Without images typed, equal.
+            packing_unsupported="its packed loss differs from padded SFT's (6.15764 against 6.15745 on the tests' tiny "
+                                "Gemma 3: image blocks and a sliding window under the per-row mask)",
+            hub_ids=("google/gemma-3-12b-it",),
+        ),
+        Family(
+            name="internvl",
+            model_class="InternVLForConditionalGeneration",
+            model_types=("internvl",),  # the -hf conversions of InternVL2.5, InternVL3 and InternVL3.5
+            image_bound="tiles",  # 448-px tiles, up to 12 and a thumbnail (InternVLProcessor's crop_to_patches)
+            # no prepend_bos and no end_of_turn: Qwen2's tokenizer has no BOS, and <|im_end|> closing a turn is its eos
+            hub_ids=("OpenGVLab/InternVL3-8B-hf",),
         ),
     ]
 }

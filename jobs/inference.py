@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+PER_TOKEN = ("token_type_ids", "mm_token_type_ids")  # inputs a processor gives per token beside the ids
+
+
 def _batches(rows: list, size: int) -> Iterable[list]:
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
@@ -64,21 +67,22 @@ def completion_logprobs(model, processor, rows: list[dict], key: str, *, batch_s
     from trl.data_utils import apply_chat_template
 
     model.eval()
-    tokenizer = processor.tokenizer
     scores = []
     for batch in _batches(rows, batch_size):
         rendered = [apply_chat_template({"prompt": row["prompt"], "completion": row[key]}, processor) for row in batch]
         prompts = prompt_inputs(processor, [r["prompt"] for r in rendered], batch)
-        completions = tokenizer(
-            [r["completion"] for r in rendered], padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False
+        # The answers through the processor, as TRL's collators tokenize them: its per-token types are the family's own
+        # for text (PaliGemma's suffix 1, Gemma 3's and Qwen2-VL's 0: there 1 marks an image's tokens)
+        completions = processor(
+            text=[r["completion"] for r in rendered], padding=True, padding_side="right", return_tensors="pt",
+            add_special_tokens=False,
         )
         input_ids = torch.cat([prompts["input_ids"], completions["input_ids"]], dim=1)
         attention = torch.cat([prompts["attention_mask"], completions["attention_mask"]], dim=1)
         inputs = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")}
-        if "mm_token_type_ids" in inputs:  # Qwen2-VL marks image positions; completions hold none
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(completions["input_ids"])], dim=1)
-        if "token_type_ids" in inputs:  # PaliGemma: 1 marks the answer (suffix) tokens
-            inputs["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.ones_like(completions["input_ids"])], dim=1)
+        for key in PER_TOKEN:
+            if key in inputs:
+                inputs[key] = torch.cat([inputs[key], completions[key]], dim=1)
         device = input_device(model)
         with torch.no_grad():
             logits = model(

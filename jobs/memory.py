@@ -123,7 +123,6 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     Returns the estimate and the counts it was made from."""
     import torch
     import transformers
-    from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     from jobs.families import get_family
@@ -133,7 +132,9 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     train = getattr(recipe, stage)
     with user_errors(recipe.model.name_or_path, recipe.model.revision):
         config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
-    with init_empty_weights():
+    # Built on the meta device rather than under accelerate's init_empty_weights, which re-registers every parameter
+    # as its own meta copy and so unties tied embeddings: Gemma 3's 262208 x 3840 matrix counted twice (13.2B, not 12.2B)
+    with torch.device("meta"):
         model = getattr(transformers, family.model_class)._from_config(config)
     total = sum(p.numel() for p in model.parameters())
     # bitsandbytes stores every Linear but the output head in 4 bits; the rest stays in the compute dtype

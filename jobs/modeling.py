@@ -99,7 +99,8 @@ def load_model(spec: Model, *, path: str | Path | None = None, quantize: dict | 
         config = AutoConfig.from_pretrained(source, revision=revision)
     if config.model_type not in family.model_types:
         match = family_of(config.model_type)
-        fix = f"set model.family: {match.name}" if match else f"no supported family has {config.model_type} models"
+        fix = (f"set model.family: {match.name}" if match else f"no supported family has {config.model_type} models; "
+               f"adding one is a row of jobs/families.py and a tiny model in jobs/tiny.py (README: Adding a family)")
         raise UserError(
             f"model {source} is a {config.model_type} model, but the recipe says family {family.name} "
             f"({family.model_class}); {fix} (supported: {', '.join(FAMILIES)})"

@@ -85,6 +85,8 @@ def unsupported(model) -> str | None:
     family = family_of(model.config.model_type)
     if family is None:
         return f"no shared-prefix forward for model type {model.config.model_type!r}"
+    if family.shared_prefix_unsupported:
+        return f"{family.name}: {family.shared_prefix_unsupported}"
     attention = model.config.get_text_config()._attn_implementation
     if attention not in ATTENTION:
         return (f"model.attn_implementation {attention} takes no custom attention mask, which each answer's view of "
@@ -188,8 +190,8 @@ def first_images(kwargs: dict) -> dict:
     image tensor lists the chosen rows' entries first and the same entries again for the rejected rows: its first half,
     whatever the number of images in each row. That holds for a flat tensor of the batch's images (LLaVA's and
     PaliGemma's pixel_values, LLaVA-style image_sizes), one of their patches (Qwen2-VL's pixel_values, with one
-    image_grid_thw per image) and one of rows (Idefics2/3's pixel_values and pixel_attention_mask, padded to the most
-    images in a row)."""
+    image_grid_thw per image), one of rows (Idefics2/3's pixel_values and pixel_attention_mask, padded to the most
+    images in a row) and one of tiles (InternVL's, a varying number per image)."""
     kwargs = dict(kwargs)
     for key in IMAGE_INPUTS:
         value = kwargs.get(key)

@@ -50,7 +50,7 @@ SMOLVLM_TEMPLATE = (  # HuggingFaceTB/SmolVLM-Instruct: Idefics2's, opened with 
     "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-# families-a (issue 20). Each as its checkpoint ships it and TRL 1.16 quotes it byte for byte (trl/chat_templates/:
+# Issue 20's families. Each as its checkpoint ships it and TRL 1.16 quotes it byte for byte (trl/chat_templates/:
 # qwen2_5_vl.jinja, qwen3_vl.jinja, smolvlm.jinja; tests/test_families.py compares them).
 # Qwen/Qwen2.5-VL-7B-Instruct: Qwen2-VL's template, byte for byte (the default system prompt, one
 # <|vision_start|><|image_pad|><|vision_end|> per image, <|im_end|>\n after every turn)
@@ -118,6 +118,38 @@ QWEN3_VL_TEMPLATE = (
 # HuggingFaceTB/SmolVLM2-2.2B-Instruct: SmolVLM's template, byte for byte. It renders no video; SmolVLMProcessor's
 # apply_chat_template swaps in transformers' own template with a <video> branch for a conversation that holds one.
 SMOLVLM2_TEMPLATE = SMOLVLM_TEMPLATE
+# google/gemma-3-12b-it's chat_template.json (the same text its tokenizer_config.json carries and llama.cpp's GGUF of it
+# reports: huggingface.co/api/models/ggml-org/gemma-3-12b-it-GGUF, "chat_template"). It writes BOS itself, folds a
+# system message into the first user turn, names the assistant "model" and closes every turn with <end_of_turn>\n.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n            {%- endif -%}\n"
+    "        {%- endfor -%}\n    {%- else -%}\n        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+# OpenGVLab/InternVL3-8B-hf's chat template: the one transformers' conversion script wrote into every InternVL -hf
+# repository (src/transformers/models/internvl/convert_internvl_weights_to_hf.py, chat_template), no default system
+# message, an image as <IMG_CONTEXT> on its own line (the processor widens it into <img>, its tiles' tokens, </img>).
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}{% endif %}"
+)
 # google/paligemma-3b-pt-224 ships no chat template (a pretrained prefix-LM, not a chat model); the template the
 # stages give it is jobs.families.PALIGEMMA_TEMPLATE, applied when the processor is loaded.
 
@@ -384,8 +416,6 @@ def _paligemma():
     return model, processor
 
 
-
-# families-a (issue 20)
 def _qwen2_5_vl():
     """Qwen2.5-VL-7B-Instruct's layout: Qwen2-VL's processor and tokenizer, a vision tower with window attention
     (window_size pixels a side, blocks in fullatt_block_indexes attending over the whole image), RMSNorm, SwiGLU."""
@@ -529,6 +559,99 @@ def _smolvlm2():
     model.generation_config.pad_token_id = ids("<|im_end|>")
     return model, processor
 
+def _gemma3():
+    """gemma-3-12b-it's layout: SigLIP at a fixed size, its patches average-pooled to mm_tokens_per_image soft tokens,
+    a Gemma 3 decoder whose sliding-window layers alternate with global ones (5:1 in the real model), images attended
+    both ways among their own tokens (token_type_ids 1)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    # Gemma's tokenizer puts <bos> in front (add_bos_token), as does the template: the card tokenizes inside
+    # apply_chat_template, which then adds none. The three image tokens are named as the real tokenizer_config.json
+    # names them (Gemma3Processor reads tokenizer.boi_token, eoi_token and image_token).
+    image_tokens = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *image_tokens.values()]
+    tokenizer = train_tokenizer(special, bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", extra_special_tokens=image_tokens)
+    patch, tokens_per_image = 8, 4  # 4 x 4 patches pooled 2 x 2 (64 x 64 pooled 4 x 4 in the real model: 256 tokens)
+    image_processor = Gemma3ImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=tokens_per_image, chat_template=GEMMA3_TEMPLATE
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2,
+            num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=patch, vision_use_head=False,
+        ),
+        text_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, query_pre_attn_scalar=16, vocab_size=len(tokenizer), max_position_embeddings=512,
+            # a window shorter than a prompt with its image, so rows run past it as real ones run past 1024
+            sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+            bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")], pad_token_id=ids("<pad>"),
+        ),
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    _widen_vision_init(model, ("model.vision_tower", "model.multi_modal_projector"))
+    # as gemma-3-12b-it's generation_config.json: a turn ends at <end_of_turn> (106) or <eos> (1)
+    model.generation_config.eos_token_id = [ids("<eos>"), ids("<end_of_turn>")]
+    model.generation_config.pad_token_id = ids("<pad>")
+    model.generation_config.bos_token_id = ids("<bos>")
+    return model, processor
+
+
+def _internvl():
+    """InternVL3-8B-hf's layout: InternViT on 448-px tiles (an image cut into up to 12 of them plus a thumbnail),
+    pixel-shuffled to a quarter of its patches, an MLP projector, a Qwen2 decoder."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    # Qwen2.5-VL's tokenizer, which the conversion script gives InternVL3 (convert_internvl_weights_to_hf.py,
+    # write_tokenizer): no BOS, <|im_end|> ends a turn and is eos (151645), and InternVL's image tokens named as it
+    # names them (InternVLProcessor reads tokenizer.start_image_token, end_image_token, context_image_token, video_token)
+    image_tokens = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                    "video_token": "<video>"}
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *image_tokens.values()]
+    tokenizer = train_tokenizer(special, bos=None, eos="<|im_end|>", pad="<|endoftext|>", extra_special_tokens=image_tokens)
+    patch, downsample = 8, 0.5
+    image_seq_length = int((IMAGE_SIZE // patch) ** 2 * downsample**2)  # per tile: 4 here, (448 / 14)^2 / 4 = 256 real
+    tile = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # the conversion script's ImageNet statistics
+    image_processor = GotOcr2ImageProcessor(size=tile, min_patches=1, max_patches=4, image_mean=mean, image_std=std)
+    video_processor = InternVLVideoProcessor(size=tile, image_mean=mean, image_std=std)
+    processor = InternVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        image_seq_length=image_seq_length, chat_template=INTERNVL_TEMPLATE,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+            image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[patch, patch],
+        ),
+        text_config=dict(
+            model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=image_seq_length, downsample_ratio=downsample,
+        tie_word_embeddings=False,  # Qwen2.5-7B's are not tied
+    )
+    model = InternVLForConditionalGeneration(config)
+    _widen_vision_init(model, ("model.vision_tower", "model.multi_modal_projector"))
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    return model, processor
+
+
 def check_4bit_shapes(model) -> None:
     """Fail on a linear layer that bitsandbytes' CPU inference kernel cannot pack (see VISION_WIDTH)."""
     import torch
@@ -554,5 +677,5 @@ def _widen_vision_init(model, prefixes: tuple[str, ...], std: float = 0.1) -> No
 
 BUILDERS: dict[str, Callable] = {
     "llava": _llava, "qwen2_vl": _qwen2_vl, "idefics2": _idefics2, "idefics3": _idefics3, "paligemma": _paligemma,
-    "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "smolvlm2": _smolvlm2,  # families-a (issue 20)
+    "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "smolvlm2": _smolvlm2, "gemma3": _gemma3, "internvl": _internvl,
 }

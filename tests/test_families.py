@@ -107,8 +107,7 @@ def test_the_tiny_idefics2_takes_idefics2_8bs_64_tokens_per_image_for_the_benchm
 
 
 def test_an_unsupported_family_is_one_line_naming_the_supported_ones():
-    supported = "llava, qwen2_vl, idefics2, idefics3, paligemma, " + "qwen2_5_vl, qwen3_vl, smolvlm2"  # issue 20
-    with pytest.raises(UserError, match=rf"^model family 'idefics' is not supported \(supported: {supported}\)$"):
+    with pytest.raises(UserError, match=rf"^model family 'idefics' is not supported \(supported: {', '.join(FAMILIES)}\)$"):
         get_family("idefics")
 
 
@@ -118,8 +117,19 @@ def test_a_model_of_another_family_is_one_line_naming_its_family_and_the_support
         modeling.load_model(spec)
     message = str(error.value)
     assert "is a idefics3 model, but the recipe says family idefics2 (Idefics2ForConditionalGeneration)" in message
-    assert "set model.family: idefics3 (supported: llava, qwen2_vl, idefics2, idefics3, paligemma, qwen2_5_vl, " in message
+    assert f"set model.family: idefics3 (supported: {', '.join(FAMILIES)})" in message
     assert "\n" not in message
+
+
+def test_a_checkpoint_of_a_model_type_no_family_knows_is_one_line_naming_the_families_and_how_to_add_one(tmp_path):
+    """Issue 20: e.g. a LLaVA-NeXT checkpoint (model type llava_next) under any family."""
+    transformers.LlavaNextConfig().save_pretrained(tmp_path)
+    with pytest.raises(UserError) as error:
+        modeling.load_model(Model(name_or_path=str(tmp_path), family="llava"))
+    message = str(error.value)
+    assert "is a llava_next model, but the recipe says family llava (LlavaForConditionalGeneration)" in message
+    assert "no supported family has llava_next models; adding one is a row of jobs/families.py and a tiny model" in message
+    assert f"(supported: {', '.join(FAMILIES)})" in message and "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,3 +236,21 @@ def test_a_tiny_twin_saves_its_checkpoints_own_chat_template(family, tiny_model)
 
     processor = transformers.AutoProcessor.from_pretrained(tiny_model(family))
     assert processor.chat_template == getattr(chat_template_utils, PUBLISHED_TEMPLATES[family])
+
+
+def test_internvl_images_are_stored_within_the_widest_canvas_of_its_tiles_and_keep_their_tiling(tiny_model):
+    """InternVL cuts an image into at most max_patches tiles on the grid nearest its aspect ratio (and a thumbnail):
+    prepare bounds the longest side by max_patches tiles in a row, and the shrunk image gets the tiles the original
+    would have."""
+    from PIL import Image
+
+    family = get_family("internvl")
+    processor = modeling.load_processor(Model(name_or_path=str(tiny_model("internvl")), family="internvl"))
+    tile, most = processor.image_processor.size["height"], processor.image_processor.max_patches
+    assert family.max_image_edge(processor) == (most * tile, 0)
+    for size in [(10 * most * tile, 2 * tile), (3 * tile, 5 * most * tile), (tile // 2, tile // 3)]:
+        image = Image.new("RGB", size, (120, 30, 200))
+        stored = family.shrink(image, processor)
+        assert max(stored.size) <= most * tile
+        tiles = [processor.image_processor(picture, crop_to_patches=True)["num_patches"] for picture in (image, stored)]
+        assert tiles[0] == tiles[1], size

@@ -78,7 +78,7 @@ def test_a_stages_estimate_from_the_config_alone_counts_what_loading_the_model_c
     assert counts["precision"] == "bfloat16 weights"
 
 
-# families-a (issue 20): `vlmjobs memory` counts a published checkpoint's parameters from its config alone. Each config
+# Issue 20: `vlmjobs memory` counts a published checkpoint's parameters from its config alone. Each config
 # holds the checkpoint's config.json values that decide a weight's shape; each count is the one the model's hub page
 # gives ("Model size", the safetensors' total).
 PUBLISHED = [
@@ -129,3 +129,40 @@ def test_vlmjobs_memory_counts_a_published_checkpoints_parameters_from_its_confi
     estimate, counts = memory.for_stage(recipe, "sft")
     assert counts["parameters"] == pytest.approx(published, rel=0.02)
     assert estimate.model == pytest.approx((counts["parameters"] * 2 + counts["trainable"] * 4) / 1e9)  # bf16 base
+
+
+# google/gemma-3-12b-it's config.json as published (the keys it names; transformers' defaults fill the rest, as they do
+# when it is loaded): a 48-layer Gemma 3 decoder of width 3840 and SigLIP-so400m at 896 px, embeddings tied.
+GEMMA3_12B = {
+    "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999,
+    "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02,
+    "mm_tokens_per_image": 256,
+    "text_config": {"hidden_size": 3840, "intermediate_size": 15360, "model_type": "gemma3_text", "num_attention_heads": 16,
+                    "num_hidden_layers": 48, "num_key_value_heads": 8, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                      "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False},
+}
+# Published parameter counts: keras-hub's gemma3_instruct_12b preset (keras_hub/src/models/gemma3/gemma3_presets.py,
+# "params": 12187079280; the hub's safetensors of google/gemma-3-12b-it: 12.2B).
+PUBLISHED_CONFIG_JSON = {"gemma3": (GEMMA3_12B, 12_187_079_280)}
+
+
+@pytest.mark.parametrize("family", sorted(PUBLISHED_CONFIG_JSON))
+def test_vlmjobs_memory_counts_a_real_checkpoints_published_parameters_from_its_config(family, synthetic_data, tmp_path):
+    """Issue 20: the count `vlmjobs memory` starts from, for the real checkpoint's config, within 2% of the published one.
+    Tied input and output embeddings are one matrix (Gemma's 262208 x 3840, 1.0B of the 12.2B)."""
+    import json
+
+    from jobs import memory
+    from jobs import recipe as recipes
+    from tests.conftest import recipe_file
+
+    config, published = PUBLISHED_CONFIG_JSON[family]
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    recipe = recipes.load(recipe_file(tmp_path, folder, sources, family=family))
+    _, counts = memory.for_stage(recipe, "sft")
+    assert counts["parameters"] == pytest.approx(published, rel=0.02)

@@ -27,11 +27,16 @@ from tests.conftest import run_stages
 # Whether the tokenizer of each family's checkpoint in the source documents puts BOS in front of a text encoded with
 # special tokens (its tokenizer.json post-processor, add_bos_token in its tokenizer_config.json; None: it has no BOS).
 # PaliGemma's processor switches its tokenizer's off and writes <bos> itself.
-REAL_ADD_BOS = {"llava": True, "idefics2": True, "idefics3": False, "qwen2_vl": None}
-# families-a (issue 20): Qwen2.5-VL's and Qwen3-VL's Qwen2 tokenizers have no BOS; SmolVLM2's SmolLM2 tokenizer names
-# <|im_start|> BOS and prepends nothing (its template writes it)
-REAL_ADD_BOS |= {"qwen2_5_vl": None, "qwen3_vl": None, "smolvlm2": False}
+REAL_ADD_BOS = {"llava": True, "idefics2": True, "idefics3": False, "qwen2_vl": None, "gemma3": True, "internvl": None,
+                # Qwen2.5-VL's and Qwen3-VL's Qwen2 tokenizers have no BOS; SmolVLM2's SmolLM2 tokenizer names <|im_start|>
+                # BOS and prepends nothing (its template writes it)
+                "qwen2_5_vl": None, "qwen3_vl": None, "smolvlm2": False}
 TOKEN_TYPES = ("token_type_ids", "mm_token_type_ids")  # per token, not per image: checked position by position
+# The families whose model card has apply_chat_template tokenize, the images in the messages (gemma-3-12b-it's:
+# tokenize=True, return_dict=True), rather than render text and call the processor on it. Tokenizing, transformers adds
+# no special tokens to a text the template already starts with BOS (ProcessorMixin.apply_chat_template): calling the
+# processor on Gemma 3's rendered text would put a second <bos> in front.
+CARD_TOKENIZES = {"gemma3", "internvl"}  # and InternVL3-8B-hf's card
 
 
 def card_processor(folder, family):
@@ -41,8 +46,14 @@ def card_processor(folder, family):
     return processor
 
 
-def card_prompt(card, prompt: list[dict], images: list):
-    """The model card's way: the template's text, then the processor with its default special tokens."""
+def card_prompt(card, prompt: list[dict], images: list, *, tokenize: bool = False):
+    """The model card's way: the template's text, then the processor with its default special tokens; or, ``tokenize``,
+    the template tokenizing with the images in the messages (CARD_TOKENIZES)."""
+    if tokenize:
+        pictures = iter(images)
+        messages = [{**message, "content": [{**part, "image": next(pictures)} if part["type"] == "image" else part
+                                            for part in message["content"]]} for message in prompt]
+        return card.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     text = card.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     return card(text=[text], images=[images] if images else None, return_tensors="pt")
 
@@ -87,6 +98,7 @@ def test_sft_dpo_and_evaluate_build_what_the_checkpoints_own_processor_builds(fa
     card = card_processor(tiny_model(family_name), family)
     bos = card.tokenizer.bos_token_id
     sft_batches, dpo_batches, prompts = [], [], []
+    tokenize = family_name in CARD_TOKENIZES
     record(monkeypatch, DataCollatorForVisionLanguageModeling, "torch_call", sft_batches)
     record(monkeypatch, DataCollatorForVisionPreference, "torch_call", dpo_batches)
     monkeypatch.setattr(inference, "prompt_inputs", _recording(inference.prompt_inputs, prompts))
@@ -101,7 +113,7 @@ def test_sft_dpo_and_evaluate_build_what_the_checkpoints_own_processor_builds(fa
     assert sft_batches and dpo_batches and prompts
     for examples, batch in sft_batches:
         (row,) = examples
-        prompt = card_prompt(card, row["prompt"], row["images"])
+        prompt = card_prompt(card, row["prompt"], row["images"], tokenize=tokenize)
         prompt_ids = prompt["input_ids"][0].tolist()
         answer = card_answer(card, family, row["prompt"], row["completion"])
         assert batch["input_ids"][0].tolist() == prompt_ids + answer
@@ -115,7 +127,7 @@ def test_sft_dpo_and_evaluate_build_what_the_checkpoints_own_processor_builds(fa
 
     for examples, batch in dpo_batches:
         (row,) = examples
-        prompt = card_prompt(card, row["prompt"], row["images"])
+        prompt = card_prompt(card, row["prompt"], row["images"], tokenize=tokenize)
         prompt_ids = prompt["input_ids"][0].tolist()
         for i, key in enumerate(("chosen", "rejected")):
             kept = batch["attention_mask"][i] == 1
@@ -126,7 +138,7 @@ def test_sft_dpo_and_evaluate_build_what_the_checkpoints_own_processor_builds(fa
 
     for (texts, rows), inputs in prompts:  # evaluate: generated answers and answer log-likelihoods
         (row,) = rows
-        prompt = card_prompt(card, row["prompt"], row["images"])
+        prompt = card_prompt(card, row["prompt"], row["images"], tokenize=tokenize)
         assert inputs["input_ids"].tolist() == prompt["input_ids"].tolist()
         assert_same_image_inputs(inputs, prompt)
 
@@ -170,3 +182,41 @@ def test_the_tiny_llavas_training_prompt_starts_with_bos_as_its_card_prompt_does
     trained = collate([{"images": [], "prompt": prompt, "completion": answer}])["input_ids"][0].tolist()
     assert expected[0] == card.tokenizer.bos_token_id
     assert trained[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("family_name", [name for name in FAMILIES if not FAMILIES[name].prefix_lm])
+def test_evaluates_answer_log_likelihoods_are_the_cards_forward_of_the_whole_conversation(family_name, tiny_model):
+    """evaluate's completion_logprobs scores an answer as the model reads the whole conversation the card's way: the
+    answer's tokens typed as text. Gemma 3 attends both ways among tokens typed 1 (an image's soft tokens); typed so, an
+    answer would see its own next tokens. (PaliGemma, a prefix-LM whose answer is its suffix, types them 1 by design:
+    jobs.prefix_lm, tests/test_families.py.)"""
+    from PIL import Image
+
+    from jobs import modeling
+    from jobs.recipe import Model
+
+    folder, family = tiny_model(family_name), get_family(family_name)
+    card = card_processor(folder, family)
+    spec = Model(name_or_path=str(folder), family=family_name)
+    model = modeling.load_model(spec).eval()
+    image = Image.new("RGB", (40, 24), (200, 30, 30))
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which bar is the tallest?"}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": "The red bar, at 7 units."}]}]
+    closed = [{**answer[0], "content": [{"type": "text", "text": "The red bar, at 7 units." + card.tokenizer.eos_token}]}]
+    row = {"prompt": prompt, "images": [image], "chosen": closed if family.answer_needs_eos else answer}  # as evaluate
+    (scored,) = inference.completion_logprobs(model, family.rendering_processor(modeling.load_processor(spec)), [row], "chosen")
+
+    tokenize = family_name in CARD_TOKENIZES
+    prompt_ids = card_prompt(card, prompt, [image], tokenize=tokenize)["input_ids"][0].tolist()
+    answer_ids = card_answer(card, family, prompt, row["chosen"])
+    whole = card_prompt(card, prompt, [image], tokenize=tokenize)  # the card's prompt, the answer's ids after it
+    ids = torch.tensor([prompt_ids + answer_ids])
+    inputs = {k: v for k, v in whole.items() if k not in ("input_ids", "attention_mask", *TOKEN_TYPES)}
+    for key in TOKEN_TYPES:  # the answer is text: type 0, as the card's processor types every text token
+        if key in whole:
+            inputs[key] = torch.cat([whole[key], torch.zeros(1, len(answer_ids), dtype=whole[key].dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits.float()
+    logprobs = torch.log_softmax(logits[0, len(prompt_ids) - 1 : -1], dim=-1)
+    expected = logprobs.gather(-1, torch.tensor(answer_ids)[:, None]).sum().item()
+    assert scored == pytest.approx(expected, abs=1e-4)
