@@ -5,6 +5,7 @@ classes), and HF_HUB_OFFLINE=1 with an id the cache lacks. Each ends in one line
 from __future__ import annotations
 
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -48,13 +49,44 @@ def hub(tmp_path):
         server.shutdown()
 
 
+# huggingface_hub's own backoff (1, 2, 4, 8, 8 s) runs in the subprocess as it is, its waits written to
+# $VLMJOBS_HUB_WAITS instead of slept: its retries are what a test shows, not 23 s of waiting.
+WITHOUT_WAITS = """
+import atexit, json, os, runpy, sys, time
+from huggingface_hub.utils import _http
+assert _http.time is time and callable(_http._http_backoff_base), "huggingface_hub no longer backs off in utils._http"
+waits = []
+
+class Clock:
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, seconds):
+        waits.append(seconds)
+
+_http.time = Clock()
+atexit.register(lambda: open(os.environ["VLMJOBS_HUB_WAITS"], "w").write(json.dumps(waits)))
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def run(argv, tmp_path, endpoint=None, offline=False, **env):
-    extra = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1" if offline else "0", "HF_DATASETS_OFFLINE": "1" if offline else "0", **env}
+    """``python -m module args`` as its own process; with the hub's backoff waits recorded (``waits(tmp_path)``)."""
+    extra = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1" if offline else "0", "HF_DATASETS_OFFLINE": "1" if offline else "0",
+             "VLMJOBS_HUB_WAITS": str(tmp_path / "hub-waits.json"), **env}  # fmt: skip
     if endpoint:
         extra["HF_ENDPOINT"] = endpoint
     environment = subprocess_env(**extra)
     environment.pop("HF_TOKEN", None)
-    return subprocess.run([sys.executable, *argv], env=environment, capture_output=True, text=True, timeout=600)
+    assert argv[0] == "-m", argv
+    command = [sys.executable, "-c", WITHOUT_WAITS, *argv[1:]]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def waits(tmp_path) -> list[float]:
+    """The waits huggingface_hub's backoff made in the last ``run``."""
+    return json.loads((tmp_path / "hub-waits.json").read_text())
 
 
 def memory_of(model: str, tmp_path):
@@ -110,6 +142,7 @@ def test_an_unreachable_hub_is_retried_by_huggingface_hub_then_one_line_worth_a_
     done = run(memory_of("org/model", tmp_path), tmp_path, endpoint)
     assert done.returncode == contract.EXIT_FAILURE
     assert "Retry 5/5" in done.stderr, "huggingface_hub's bounded backoff says what it does"
+    assert waits(tmp_path) == [1, 2, 4, 8, 8], "its own backoff ran, five retries, without the 23 s"
     assert last_line(done) == (
         f"error: model org/model: the hub ({endpoint}) is unreachable (HTTP 503, after huggingface_hub's retries) and the local "
         "cache lacks it: check the network, proxy or HF_ENDPOINT and run again, or run with HF_HUB_OFFLINE=1 where the cache holds it"
