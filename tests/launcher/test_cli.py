@@ -4,13 +4,14 @@ what they print and the exit codes the Make targets pass on."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
 
 from launcher import cli, render
-from tests.launcher.conftest import IMAGE, SINGLE, make
-from tests.launcher.fake_kube import Attempt, complete, failed, pod, running
+from tests.launcher.conftest import IMAGE, MULTI, SINGLE, make
+from tests.launcher.fake_kube import Attempt, complete, pod, recorded, running
 
 
 @pytest.fixture
@@ -56,13 +57,14 @@ def test_submit_follows_the_job_and_prints_its_log(kubeconfig, server, recipe_fi
 
 
 def test_submit_exits_2_when_the_stage_exited_2(kubeconfig, server, recipe_file, capsys):
-    server.script(
-        "llava-chartqa-sft",
-        Attempt(statuses=[failed("PodFailurePolicy", "exit code 2")], pods=[pod("p", "Failed", exit_code=2)]),
-    )
+    exited_2 = recorded("exit-2", "llava-chartqa-sft")  # the Job controller's FailJob verdict
+    server.script("llava-chartqa-sft", Attempt(statuses=[exited_2.status], pods=exited_2.pods))
     assert exit_code(cli.submit, recipe_file, stage="sft", logs=False) == 2
-    assert capsys.readouterr().err.startswith(
-        "error: stage sft: Job vlmjobs/llava-chartqa-sft failed: PodFailurePolicy: exit code 2"
+    assert re.fullmatch(
+        r"error: stage sft: Job vlmjobs/llava-chartqa-sft failed: PodFailurePolicy: Container stage for pod "
+        r"vlmjobs/llava-chartqa-sft-\w+ failed with exit code 2 matching FailJob rule at index 1 \(the stage exited 2: "
+        r"a recipe or data error, which a retry cannot fix\); its log: .*\n",
+        capsys.readouterr().err,
     )
 
 

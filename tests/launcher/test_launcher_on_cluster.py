@@ -189,7 +189,13 @@ def test_exit_1_is_retried_by_the_job_up_to_backoff_limit(real_cluster, ns):
 def test_an_eviction_is_not_counted_against_backoff_limit(real_cluster, ns):
     c = on(real_cluster, ns)
     evicted = []
-    with beside(lambda: evicted.append(evict(c, "sim-sft"))):
+
+    def evict_the_running_pod():
+        running_pod(c, "sim-sft")
+        record("one-node-running", c, "sim-sft")  # what the fake server plays as a running Job
+        evicted.append(evict(c, "sim-sft"))
+
+    with beside(evict_the_running_pod):
         chain.run_stage(c, recipe(ns, {SIM_RUN_SECONDS: "4"}), "sft", IMAGE, logs=False)  # backoff_limit 0
     assert c.lines[-1] == "==> sft: succeeded"
     assert [p["metadata"]["name"] for p in c.list_pods("sim-sft")] != evicted  # a new pod did the work
