@@ -481,6 +481,7 @@ class Cluster:
             pump.start()
         said = None
         backoff = self.backoff()
+        interrupted = False
         try:
             while True:
                 pods = self.list_pods(name)
@@ -512,9 +513,12 @@ class Cluster:
                     job, version = self.list_job(name)
                     if job is None:
                         raise self._deleted(name, "was deleted while being followed") from e
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop now, not after the log's rest
+            interrupted = True
+            raise
         finally:
             stop.set()
-            if pump:
+            if pump and not interrupted:
                 pump.join(timeout=self.log_drain_s)
 
     def _deleted(self, name: str, how: str) -> JobDeleted:

@@ -205,3 +205,46 @@ def test_the_readmes_cluster_examples_run_on_the_default_cluster_recipe(capsys):
     assert command[0].endswith("/bin/vlmjobs"), command  # the console script of `launcher.cli:main`
     fire.Fire(cli.COMMANDS, command=command[1:])  # as contract.entrypoint hands them to Fire, from the checkout
     assert yaml.safe_load(capsys.readouterr().out)["kind"] == "Job"
+
+
+def test_ctrl_c_while_following_stops_at_once_in_one_line_leaving_the_job_running(kubeconfig, server, tmp_path):
+    """Issue 26. Ctrl-C (SIGINT from the terminal) on `vlmjobs submit` following a multi-node stage and its log: exit
+    130 within seconds, not after the 30 s the log is given to drain when a Job ends; one line; the Job, and its
+    Service owned by it, left running for `vlmjobs status`; nothing deleted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import subprocess_env
+
+    path = tmp_path / "qwen2vl-chartqa.yaml"
+    path.write_text(yaml.safe_dump(copy.deepcopy(MULTI)))
+    server.script(
+        "qwen2vl-chartqa-sft",
+        Attempt(statuses=[running()], pods=[pod("r0", "Running", index=0), pod("r1", "Running", index=1)],
+                logs={"r0": ["sft: step 1/100"]}),
+    )  # fmt: skip
+    env = subprocess_env(KUBECONFIG=str(kubeconfig))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    submit = subprocess.Popen([sys.executable, "-m", "launcher.cli", "submit", str(path), "--stage=sft"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        shown = []
+        for line in submit.stdout:  # following: the Job's state, then its log
+            shown.append(line)
+            if line == "sft: step 1/100\n":
+                break
+        assert shown[-1] == "sft: step 1/100\n", "".join(shown) + submit.stderr.read()
+        submit.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        out, err = submit.communicate(timeout=60)
+        took = time.monotonic() - interrupted
+    finally:
+        submit.kill()
+    assert (submit.returncode, err, out) == (130, "stopped following; what was created runs on (vlmjobs status)\n", "")
+    assert took < 15, f"{took:.1f}s from Ctrl-C to exit"
+    assert [r.method for r in server.requests if r.method not in ("GET",)] == ["POST", "POST", "PATCH"]  # Service, Job, owner
+    assert list(server.jobs) == ["qwen2vl-chartqa-sft"]
+    owner = server.services["qwen2vl-chartqa-sft"]["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"]) == ("Job", server.jobs["qwen2vl-chartqa-sft"]["metadata"]["uid"])
