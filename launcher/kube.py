@@ -100,6 +100,15 @@ class JobDeleted(KubeError):
     """The Job disappeared while it was being followed."""
 
 
+class StoppedMidway(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM where stopping leaves something undone that the user must know of (a group's failed
+    attempt deleted, the next not yet created): its message says what, in place of 'what was created runs on'."""
+
+    def __init__(self, message: str, interrupted: KeyboardInterrupt):
+        super().__init__(message)
+        self.signum = getattr(interrupted, "signum", 2)  # SIGINT, as a plain KeyboardInterrupt is
+
+
 def _status_message(e) -> str:
     try:
         return json.loads(e.body).get("message") or e.reason

@@ -248,3 +248,25 @@ def test_ctrl_c_while_following_stops_at_once_in_one_line_leaving_the_job_runnin
     assert list(server.jobs) == ["qwen2vl-chartqa-sft"]
     owner = server.services["qwen2vl-chartqa-sft"]["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"]) == ("Job", server.jobs["qwen2vl-chartqa-sft"]["metadata"]["uid"])
+
+
+def test_ctrl_c_between_a_groups_attempts_says_the_job_is_not_created_again(kubeconfig, server, tmp_path, monkeypatch, capsys):
+    """Issue 26. A rank disrupted: the launcher deletes the group's Job and waits for its pods to go before creating it
+    again. Ctrl-C in that wait leaves no Job at all, which 'what was created runs on' would hide."""
+    from launcher import kube
+
+    path = tmp_path / "qwen2vl-chartqa.yaml"
+    path.write_text(yaml.safe_dump(copy.deepcopy(MULTI)))
+    disrupted = [pod("r0", "Running", index=0, disrupted="preempted"), pod("r1", "Running", index=1)]
+    server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=disrupted))
+
+    def ctrl_c(self, name):  # where the signal lands: the old pods are still terminating
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kube.Cluster, "wait_job_gone", ctrl_c)
+    assert exit_code(cli.submit, str(path), stage="sft", logs=False) == 130
+    assert capsys.readouterr().err == (
+        "stopped while restarting stage sft: Job vlmjobs/qwen2vl-chartqa-sft is deleted and not created again; run the "
+        "same command again to create it (it resumes from the last checkpoint)\n"
+    )
+    assert server.jobs == {}
