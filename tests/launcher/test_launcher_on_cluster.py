@@ -2,7 +2,7 @@
 scheduler and the Eviction API are upstream Kubernetes 1.34; kwok plays the kubelet, and a pod's
 exit code and run time come from its annotations (tests/simcluster.py). One behaviour a test.
 
-Re-record the Job and pod objects that tests/launcher/test_state.py reads:
+Re-record the Job and pod objects that tests/launcher/test_state.py reads and fake_kube.py replays:
     VLMJOBS_RECORD=1 .venv/bin/pytest -m cluster tests/launcher/test_launcher_on_cluster.py
 """
 
