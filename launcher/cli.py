@@ -201,7 +201,8 @@ def _cluster_command(fn):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (contract.Interrupted)
-            print("stopped following; what was created runs on (vlmjobs status)", file=sys.stderr)
+            runs_on = "stopped following; what was created runs on (vlmjobs status)"
+            print(str(e) if isinstance(e, kube.StoppedMidway) else runs_on, file=sys.stderr)
             sys.exit(128 + getattr(e, "signum", contract.EXIT_SIGINT - 128))
 
     return wrapper

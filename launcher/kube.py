@@ -100,6 +100,15 @@ class JobDeleted(KubeError):
     """The Job disappeared while it was being followed."""
 
 
+class StoppedMidway(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM where stopping leaves something undone that the user must know of (a group's failed
+    attempt deleted, the next not yet created): its message says what, in place of 'what was created runs on'."""
+
+    def __init__(self, message: str, interrupted: KeyboardInterrupt):
+        super().__init__(message)
+        self.signum = getattr(interrupted, "signum", 2)  # SIGINT, as a plain KeyboardInterrupt is
+
+
 def _status_message(e) -> str:
     try:
         return json.loads(e.body).get("message") or e.reason
@@ -481,6 +490,7 @@ class Cluster:
             pump.start()
         said = None
         backoff = self.backoff()
+        interrupted = False
         try:
             while True:
                 pods = self.list_pods(name)
@@ -512,9 +522,12 @@ class Cluster:
                     job, version = self.list_job(name)
                     if job is None:
                         raise self._deleted(name, "was deleted while being followed") from e
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop now, not after the log's rest
+            interrupted = True
+            raise
         finally:
             stop.set()
-            if pump:
+            if pump and not interrupted:
                 pump.join(timeout=self.log_drain_s)
 
     def _deleted(self, name: str, how: str) -> JobDeleted:

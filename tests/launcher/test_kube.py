@@ -6,7 +6,7 @@ import pytest
 
 from launcher import kube, render
 from tests.launcher.conftest import IMAGE
-from tests.launcher.fake_kube import Attempt, complete, failed, pod, running
+from tests.launcher.fake_kube import Attempt, complete, pod, recorded, running
 
 FORBIDDEN = 'jobs.batch is forbidden: User "system:serviceaccount:vlmjobs:default" cannot create resource "jobs" in API group "batch" in the namespace "vlmjobs"'
 
@@ -226,13 +226,15 @@ def test_log_of_a_job_without_pods_yet(cluster, server, single):
 
 
 def test_status_table_shows_state_pods_and_why_a_job_failed(cluster, server, single):
+    """The Job controller's own statuses: a backoff limit of 1 spent by two pods that exited 1."""
     server.add_job(job_of(single, "prepare"), complete())
-    server.add_job(job_of(single, "sft"), failed("BackoffLimitExceeded", "Job has reached the specified backoff limit"))
+    failed = recorded("exit-1-backoff-limit", "llava-chartqa-sft")
+    server.add_job(job_of(single, "sft"), failed.status, Attempt(statuses=[], pods=failed.pods))
     table = kube.status_table(cluster.list_jobs("app.kubernetes.io/part-of=vlmjobs"))
     assert table.splitlines() == [
         "RUN            STAGE    STATE     ACTIVE  SUCCEEDED  FAILED  JOB                    MESSAGE",
         "llava-chartqa  prepare  Complete  0       1          0       llava-chartqa-prepare  ",
-        "llava-chartqa  sft      Failed    0       0          1       llava-chartqa-sft      BackoffLimitExceeded: Job has reached the specified backoff limit",
+        "llava-chartqa  sft      Failed    0       0          2       llava-chartqa-sft      BackoffLimitExceeded: Job has reached the specified backoff limit",
     ]
 
 
