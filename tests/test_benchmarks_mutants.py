@@ -37,6 +37,8 @@ def small(image):
 
 def test_amber_rows_are_its_queries_with_the_annotation_at_position_id_minus_1(tmp_path):
     folder = synthetic.write("amber", tmp_path, rows=4)  # 2 images: generative annotations 1-2, queries 3-6
+    with Image.open(folder / "image" / "AMBER_2.jpg") as colour:  # a greyscale JPEG, as some photographs are
+        colour.convert("L").save(folder / "image" / "AMBER_2.jpg")
     queries = json.loads((folder / "data" / "query" / "query_discriminative.json").read_text())
     annotations = json.loads((folder / "data" / "annotations.json").read_text())
     rows = benchmarks.load(amber(folder, prompt_suffix="Answer with Yes or No."), WHERE, shrink=small)

@@ -29,10 +29,11 @@ def test_each_variant_sees_its_own_prompt(variant, trained_with_system, expected
 
 
 def test_the_question_shown_is_the_last_user_turns_text():
-    row = {"prompt": [SYSTEM, USER, {"role": "assistant", "content": [{"type": "text", "text": "3"}]},
-                      {"role": "user", "content": [{"type": "text", "text": "And red"}, {"type": "image", "text": None},
-                                                   {"type": "text", "text": "ones?"}]}]}
-    assert evaluate._question(row) == "And red ones?"
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "3"}]}
+    last = {"role": "user", "content": [{"type": "text", "text": "And red"}, {"type": "image", "text": None},
+                                        {"type": "text", "text": ""}, {"type": "text", "text": "ones?"}]}
+    row = {"prompt": [SYSTEM, USER, answer, USER, answer, last]}
+    assert evaluate._question(row) == "And red ones?"  # empty texts and images add nothing
 
 
 def test_the_yes_no_columns_count_no_then_yes_as_the_positive_class():

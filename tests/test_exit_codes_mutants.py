@@ -19,8 +19,11 @@ STOPPED = "the unfinished work stays in the run folder, and running the same com
 
 @pytest.fixture
 def stage(monkeypatch):
-    """A stage process's state: Fire reads no arguments, and the signal handlers a stage installs are put back after."""
+    """A stage process's state: Fire reads no arguments, and the signal handlers a stage installs are put back after.
+    As under accelerate launch (WORLD_SIZE > 1), a stage that returns ends as Python would, not with os._exit(0),
+    which here would end pytest itself with a success."""
     monkeypatch.setattr(sys, "argv", ["stage"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
     handlers = {name: signal.getsignal(getattr(signal, name)) for name in contract.STOP_SIGNALS}
     yield
     for name, handler in handlers.items():
@@ -94,19 +97,44 @@ def test_a_stopped_stage_exits_128_plus_the_signal_in_one_line(stage, capsys, st
     assert capsys.readouterr().err == f"stopped on {name}; {STOPPED}\n"
 
 
-def test_the_stop_signals_raise_interrupted_once_in_the_stage_process(stage, monkeypatch):
+def test_help_is_the_stage_scripts_docstring_and_runs_nothing(stage, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["stage", "--help"])
+    ran = []
+
+    def main(recipe: str = ""):
+        ran.append(recipe)
+
+    contract.entrypoint(main)
+    assert capsys.readouterr().out.startswith(__doc__.split("\n")[0]) and ran == []
+
+
+def test_a_stage_started_ahead_imports_its_libraries_before_its_go(stage, monkeypatch):
+    read, write = os.pipe()
+    os.write(write, b"1")
+    os.close(write)
+    monkeypatch.setenv(contract.START_FD_ENV, str(read))
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    ran = []
+    contract.entrypoint(lambda: ran.append("colorsys" in sys.modules), imports=("colorsys",))
+    assert ran == [True]
+
+
+def test_interrupted_keeps_its_signal_across_processes():
+    """multiprocessing pickles an exception raised in a worker; unpickling calls the class with its args."""
+    import pickle
+
+    assert pickle.loads(pickle.dumps(contract.Interrupted(signal.SIGTERM))).signum == signal.SIGTERM
+
+
+def test_a_stage_handles_the_stop_signals(stage):
     contract.handle_stop_signals()
     assert all(signal.getsignal(getattr(signal, name)) is contract._raise_interrupted for name in contract.STOP_SIGNALS)
+
+
+def test_a_stop_signal_raises_in_the_stage_and_ends_a_forked_worker_with_128_plus_it(stage, monkeypatch):
+    """A datasets.map or DataLoader worker inherits the handlers; the main process reports, the worker just ends.
+    The worker first: a handler that wrongly ended the stage process itself would end pytest here."""
     monkeypatch.setattr(contract, "_HANDLER_PID", [os.getpid()])
-    with pytest.raises(contract.Interrupted) as stopped:
-        contract._raise_interrupted(signal.SIGTERM, None)
-    assert stopped.value.signum == signal.SIGTERM
-    # a second Ctrl-C while the stage stops changes nothing
-    assert all(signal.getsignal(getattr(signal, name)) is signal.SIG_IGN for name in contract.STOP_SIGNALS)
-
-
-def test_a_forked_worker_stopped_by_a_signal_exits_128_plus_it_at_once():
-    """A datasets.map or DataLoader worker inherits the handlers; the main process reports, the worker just ends."""
     pid = os.fork()
     if pid == 0:  # the worker: not the process that installed the handlers
         try:
@@ -115,6 +143,11 @@ def test_a_forked_worker_stopped_by_a_signal_exits_128_plus_it_at_once():
             os._exit(99)  # never reached unless the handler returned or raised
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 143
+    with pytest.raises(contract.Interrupted) as stopped:
+        contract._raise_interrupted(signal.SIGTERM, None)
+    assert stopped.value.signum == signal.SIGTERM
+    # a second Ctrl-C while the stage stops changes nothing
+    assert all(signal.getsignal(getattr(signal, name)) is signal.SIG_IGN for name in contract.STOP_SIGNALS)
 
 
 @pytest.mark.parametrize("returncode, shown", [(0, 0), (2, 2), (1, 1), (-15, 143), (-9, 137), (-2, 130)])

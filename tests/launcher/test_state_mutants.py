@@ -227,3 +227,66 @@ def test_log_timestamps_compare_as_numbers_and_lines_keep_their_spaces():
     cursor.resumed()
     assert [cursor.fresh(line) for line in lines[1:]] == [None, None, None]
     assert cursor.fresh("2026-01-01T00:00:06Z g") == "g" and cursor.since_time() == "2026-01-01T00:00:06Z"
+
+
+def test_a_failed_job_whose_pods_are_gone_or_deleted_still_reads_failed():
+    job, pods = recorded("exit-1-backoff-limit")
+    assert state.read(job, []) == Reading("Failed", over=True, cause="crash", message=BACKOFF)
+    deleted = copy.deepcopy(pods)
+    for pod in deleted:  # pod garbage collection deletes failed pods; their exit codes stay readable meanwhile
+        pod["metadata"]["deletionTimestamp"] = "2026-11-29T16:14:00Z"
+    assert state.read(job, deleted) == Reading("Failed", over=True, cause="crash", message=BACKOFF, exit_codes=(1, 1))
+    policy, _ = recorded("exit-2")  # the policy's reason alone says user error, with no pod left to name
+    assert state.read(policy, []) == Reading("Failed", over=True, cause="user-error", message=state.failure_message(policy))
+    deadline, _ = recorded("group-deadline")
+    _, crashed = recorded("group-crashed-rank")
+    assert state.read(deadline, crashed, group=True) == Reading(
+        "Failed", over=True, cause="deadline", message="DeadlineExceeded: Job was active longer than specified deadline",
+        exit_codes=(1,))
+
+
+def test_exit_2_is_a_user_error_even_without_the_pod_failure_policys_reason():
+    """Before Kubernetes 1.31 (no podFailurePolicy here) the Job fails by its backoff limit; the exit code still says it."""
+    job, _ = recorded("exit-1-backoff-limit")
+    _, pods = recorded("exit-2")
+    assert state.read(job, pods) == Reading("Failed", over=True, cause="user-error", message=BACKOFF, pod="sim-sft-9gk6j",
+                                            exit_codes=(2,))
+
+
+def test_the_first_pod_to_finish_is_the_cause_even_when_created_later():
+    job, pods = recorded("exit-1-backoff-limit")
+    later = copy.deepcopy(pods)
+    later[0]["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = "2026-11-29T16:14:00Z"
+    assert state.read(job, later).pod == "sim-sft-vjzpz"
+
+
+def test_one_node_is_the_default_reading():
+    job, pods = recorded("group-deadline")
+    assert state.read(without_conditions(job), [pods[0], with_condition(pods[1], EVICTED)]) == Reading("Terminating")
+
+
+def test_what_a_pod_without_annotations_or_status_says():
+    bare = {"metadata": {"name": "sim-sft-x"}}
+    assert state.completion_index(bare) == 0 and not state.failed_by_itself(bare)
+    assert state.pod_failure(bare) == "pod sim-sft-x failed"
+    _, pending = recorded("unschedulable")
+    assert not state.failed_by_itself(pending[0])  # not failed at all, though nobody deletes it
+    assert state.shared_claim_refusal({"metadata": {"name": "c", "namespace": "n"}}, "sft", 2).startswith(
+        "sft: 2 nodes cannot share PersistentVolumeClaim n/c (no access mode)")
+    claim = {"metadata": {"name": "c", "namespace": "n"}, "spec": {"accessModes": ["ReadWriteOnce", "ReadOnlyMany"]}}
+    assert "(ReadWriteOnce, ReadOnlyMany)" in state.shared_claim_refusal(claim, "sft", 2)
+
+
+def test_only_complete_and_failed_jobs_are_finished():
+    assert [state.is_finished(recorded(name)[0]) for name in
+            ("one-node-complete", "exit-2", "group-deadline", "group-suspended", "unschedulable")] == [
+        True, True, True, False, False]
+
+
+def test_a_scheduling_condition_without_a_message_and_pods_after_a_finished_one():
+    _, done = recorded("one-node-complete")
+    _, pods = recorded("unschedulable")
+    quiet = copy.deepcopy(pods[0])
+    del quiet["status"]["conditions"][0]["message"]
+    assert state.pod_problems([done[0], quiet], datetime.now(timezone.utc)) == [
+        (("sim-sft-xvdg5", "PodScheduled"), "pod sim-sft-xvdg5 cannot be scheduled: Unschedulable")]
