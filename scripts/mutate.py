@@ -1,6 +1,6 @@
 """make mutate: mutation testing (mutmut) of the code whose numbers users read or decide by, scored per module.
 
-    python scripts/mutate.py            every function in SCOPE, from a fresh copy (about 20 minutes on 2 cores)
+    python scripts/mutate.py            every function in SCOPE, from a fresh copy (7 to 13 minutes on 2 cores)
     python scripts/mutate.py 'jobs.metrics.x_amber*'    only these mutants (mutmut's names; `mutmut show NAME` diffs one)
 
 mutmut copies jobs/ and launcher/ into mutants/, rewrites each function of the modules named in pyproject.toml
