@@ -107,3 +107,24 @@ def test_every_broken_pope_file_or_image_is_one_line_naming_the_recipe_key(tmp_p
     image = folder / "val2014" / json.loads(lines[0])["image"]
     image.write_bytes(b"not a jpeg")
     assert errors(pope(folder)).startswith(f"{WHERE}.images: {image} does not decode (")
+
+
+@pytest.mark.parametrize("kind, answer, label, correct", [
+    # AMBER inference.py: right only as exactly "Yes" to a yes truth or "No" to any other
+    ("amber", "Yes", "yes", True), ("amber", "No", "no", True), ("amber", "yes", "yes", False),
+    ("amber", "No", "yes", False), ("amber", "Yes", "no", False), ("amber", "No.", "no", False),
+    # POPE evaluate.py: the answer as pope_answer reads it against the label, "no" the only negative one
+    ("pope", "No, there is none.", "no", True), ("pope", "I think so", "yes", True), ("pope", "There is not.", "yes", False),
+    ("pope", "Yes", "no", False),
+])
+def test_each_answer_is_judged_as_the_official_script_judges_it(kind, answer, label, correct):
+    assert benchmarks.KINDS[kind].correct(answer, label) is correct
+
+
+def test_each_benchmark_is_scored_by_its_official_rule():
+    from jobs.metrics import amber_discriminative, pope_scores
+
+    answers, labels = ["Yes", "No", "No.", "There is not"], ["yes", "no", "no", "yes"]
+    assert benchmarks.KINDS["amber"].score(answers, labels) == amber_discriminative(answers, labels)
+    assert benchmarks.KINDS["pope"].score(answers, labels) == pope_scores(answers, labels)
+    assert set(benchmarks.KINDS["pope"].score(answers, labels)) == set(benchmarks.KINDS["pope"].metrics)
