@@ -19,7 +19,7 @@ from jobs.formats import Drop
 #   tiles         cut into tiles of size["height"] x size["width"] on the grid closest to the aspect ratio, at most
 #                 max_patches of them (InternVL's crop_to_patches): the longest side is bounded by max_patches tiles
 IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels", "tiles")
-ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
+ANSWER_COLUMNS = {"prompt", "completion", "chosen", "rejected"}  # a multi-turn prompt holds answers too
 # Attention implementations that give packed rows (restarting position_ids, no attention_mask) a per-row mask in
 # transformers 5 (masking_utils.find_packed_sequence_indices; varlen kernels for flash attention): sft.padding_free
 PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -145,11 +145,13 @@ class Family:
         eos = processor.tokenizer.eos_token
         columns = sorted(ANSWER_COLUMNS.intersection(dataset.column_names))
 
-        def close(*answers):
-            for messages in answers:
-                text_parts = [part for part in messages[-1]["content"] if part["type"] == "text"]
-                text_parts[-1]["text"] += eos
-            return dict(zip(columns, answers))
+        def close(*conversations):
+            for column, messages in zip(columns, conversations):
+                # every answer of a multi-turn prompt too: SFT trains on each (jobs.turns), and DPO's context shows them closed
+                for message in messages if column == "prompt" else messages[-1:]:
+                    if message["role"] == "assistant":
+                        [part for part in message["content"] if part["type"] == "text"][-1]["text"] += eos
+            return dict(zip(columns, conversations))
 
         cache = None if scratch is None else str(Path(scratch) / f"closed-answers-{dataset._fingerprint}.arrow")
         if cache:
