@@ -60,6 +60,7 @@ class Family:
     prepend_bos: bool = False
     packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
     shared_prefix_unsupported: str | None = None  # why DPO cannot score a pair's answers off one prompt (jobs.shared_prefix)
+    multi_turn_unsupported: str | None = None  # why a conversation with earlier answers cannot be trained on (jobs.turns)
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
@@ -222,6 +223,8 @@ FAMILIES: dict[str, Family] = {
             # transformers gives every prefix token the same block id (token_type_ids 0 -> 0) and lets blocks attend
             # both ways after the per-row mask is applied: packed, one row's prefix would see the other rows' prefixes
             packing_unsupported="its prefix-LM mask joins the prompts of packed rows",
+            # an earlier answer would be prefix, which attends both ways: labelled, each token would see the next
+            multi_turn_unsupported="its template has no turns and earlier answers would sit in its two-way prefix",
             # no prepend_bos: PaliGemmaProcessor writes "<bos>" after the image tokens itself, whatever add_special_tokens
             hub_ids=("google/paligemma-3b-pt-224",),
         ),

@@ -47,7 +47,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     rendering = family.rendering_processor(processor)
 
     def check(row):
-        turns.check(rendering, row)
+        turns.check(rendering, row, family)
 
     rows, drops = {}, {}
     for kind in ("sft", "dpo"):

@@ -50,8 +50,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
             callbacks=training.callbacks("sft", stage.work),
         )
     # Every assistant turn of a multi-turn row is trained on, not only its completion; before the wraps below, which
-    # read the batches it makes. A prefix-LM's earlier answers are in its two-way prefix, where a token sees the next
-    if not family.prefix_lm:
+    # read the batches it makes (prepare dropped multi-turn rows where the family cannot: multi_turn_unsupported)
+    if not family.multi_turn_unsupported:
         trainer.data_collator = turns.EveryAnswer(trainer.data_collator, trainer.processing_class)
     padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
     grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows

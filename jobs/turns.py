@@ -23,11 +23,15 @@ def _render(rendering, messages: list[dict], *, reply: bool) -> str:
     return rendering.apply_chat_template(messages, tokenize=False, add_generation_prompt=reply)
 
 
-def check(rendering, row: dict) -> None:
+def check(rendering, row: dict, family) -> None:
     """Raise Drop for a row whose conversations (prompt + completion, or prompt + chosen and + rejected) the chat
     template refuses, or renders so that a shorter conversation is not the start of a longer one: then an earlier
-    answer's tokens would not be where its own rendering puts them."""
+    answer's tokens would not be where its own rendering puts them. Earlier answers at all, where the family cannot
+    train on them (Family.multi_turn_unsupported), drop the row too."""
     from jinja2 import TemplateError
+
+    if family.multi_turn_unsupported and any(message["role"] == "assistant" for message in row["prompt"]):
+        raise Drop(f"earlier answers in the conversation, which {family.name} cannot train on: {family.multi_turn_unsupported}")
 
     answers = [row[key] for key in ("completion", "chosen", "rejected") if row.get(key)]
     for answer in answers:

@@ -70,7 +70,7 @@ def sft_batch(family_name: str, folder, rows: list[dict]):
     return copy.deepcopy(examples), collator(examples)
 
 
-@pytest.mark.parametrize("family_name", [name for name in FAMILIES if not FAMILIES[name].prefix_lm])
+@pytest.mark.parametrize("family_name", [name for name in FAMILIES if not FAMILIES[name].multi_turn_unsupported])
 def test_every_assistant_turn_and_its_end_token_are_labelled_and_nothing_else(family_name, tiny_model):
     folder, family = tiny_model(family_name), get_family(family_name)
     images = [Image.new("RGB", size, (40 * i, 120, 200)) for i, size in enumerate(IMAGES)]
@@ -130,6 +130,16 @@ def test_gemma3s_template_refusing_two_user_turns_in_a_row_is_a_counted_drop_at_
         "the last turn is the user's, not the assistant's": 1,
     }
     assert list(drops["examples"].values()) == [[twice], [unanswered]]
+
+
+@pytest.mark.parametrize("family_name", [name for name in FAMILIES if FAMILIES[name].multi_turn_unsupported])
+def test_a_family_that_cannot_train_on_earlier_answers_drops_their_rows_and_keeps_one_turn_ones(family_name, tiny_model):
+    family = get_family(family_name)
+    rendering = family.rendering_processor(modeling.load_processor(Model(name_or_path=str(tiny_model(family_name)), family=family_name)))
+    several = formats.messages({"messages": CONVERSATION, "images": [1, 2]}, None)
+    with pytest.raises(formats.Drop, match=f"^earlier answers in the conversation, which {family_name} cannot train on: "):
+        turns.check(rendering, several, family)
+    turns.check(rendering, formats.messages({"messages": CONVERSATION[:3], "images": [1]}, None), family)
 
 
 def test_multi_turn_rows_train_on_every_answer_through_prepare_and_sft(tmp_path, tiny_model, monkeypatch):
