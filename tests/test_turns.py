@@ -187,3 +187,42 @@ def test_dpo_pairs_keep_one_answer_with_earlier_turns_as_their_prompt():
         formats.preference_messages({**row, "prompt": prompt[:3], "images": [1]}, None)
     with pytest.raises(formats.Drop, match="^chosen is not one assistant turn$"):
         formats.preference_messages({**row, "chosen": chosen + [{"role": "user", "content": "Sure?"}] + chosen}, None)
+
+
+def test_dpo_scores_one_answer_after_a_multi_turn_prompt_as_the_card_renders_it(tmp_path, tiny_model, monkeypatch):
+    """Pairs whose prompt holds earlier turns (images in the first and some later user turns) through prepare and
+    dpo: what the model reads is the card's rendering of the whole conversation, and only the pair's last answers
+    are scored (completion_mask), never an earlier one."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from tests.test_parity import record
+
+    batches = []
+    record(monkeypatch, DataCollatorForVisionPreference, "torch_call", batches)
+    pairs = []
+    for row in synthetic.multi_turn_messages_rows(12, seed=2):
+        *prompt, answer = row["messages"]
+        wrong = "no" if answer["content"][0]["text"] != "no" else "yes"
+        pairs.append({"prompt": prompt, "chosen": [answer], "images": row["images"],
+                      "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}]})
+    data = synthetic.write_splits("preference-messages", tmp_path / "data", {"train": pairs})
+    folder = tiny_model("qwen2_vl")
+    train = {"method": "lora", "lora": {"r": 4, "lora_alpha": 8}, "args": {"max_steps": 1, "per_device_train_batch_size": 2}}
+    path = recipe_file(tmp_path, folder, {"chartqa": data, "rlaif-v": data}, family="qwen2_vl", stages=["prepare", "dpo"],
+                       data={"dpo": {"path": str(data), "format": "preference-messages"}}, dpo=train,
+                       prepare={"eval_fraction": 0.1, "test_fraction": 0.1})
+    run_stages(path)
+
+    family = get_family("qwen2_vl")
+    card = card_processor(folder, family)
+    turns_seen = []
+    for examples, batch in batches:
+        for j, row in enumerate(examples):
+            prompt = card_prompt(card, row["prompt"], row["images"])["input_ids"][0].tolist()
+            for i, key in ((j, "chosen"), (len(examples) + j, "rejected")):
+                kept = batch["attention_mask"][i] == 1
+                answer = card_answer(card, family, row["prompt"], row[key])
+                assert batch["input_ids"][i][kept].tolist() == prompt + answer, key
+                assert batch["completion_mask"][i][kept].tolist() == [0] * len(prompt) + [1] * len(answer), key
+            turns_seen.append(sum(message["role"] == "user" for message in row["prompt"]))
+    assert max(turns_seen) > 1, f"user turns per prompt: {turns_seen}"
