@@ -110,7 +110,7 @@ def messages(row: dict, system_prompt: str | None) -> dict:
     first_user = roles.index("user") if "user" in roles else None
     if first_user is None or "assistant" not in roles[first_user:]:
         raise Drop("no assistant answer after a prompt")
-    if roles[-1] != "assistant":  # an answerless last turn: nothing to train on after it, so the row is not what it says
+    if roles[-1] != "assistant":  # it ends waiting for an answer it does not give: not a conversation to learn from
         raise Drop(f"the last turn is the {roles[-1]}'s, not the assistant's")
     if "assistant" in roles[:first_user]:
         raise Drop("an assistant turn before any user turn")

@@ -166,7 +166,7 @@ def test_multi_turn_rows_train_on_every_answer_through_prepare_and_sft(tmp_path,
 
     family = get_family("qwen2_vl")
     card = card_processor(folder, family)
-    # Each source row's answers as the card renders them, keyed by how many turns it has
+    # Each source row's answers as the card renders them, one list of ids per assistant turn
     candidates = [expected_answers(card, family, row["messages"]) for row in rows]
     turn_counts = []
     for batch in seen:
