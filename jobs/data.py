@@ -83,8 +83,9 @@ def load_split(source: Source, split: str, *, scratch: Path):
     return ds.select_columns(list(fmt.columns))
 
 
-def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = ""):
-    """Map source rows to conversational rows; returns (kept rows, Drops). Prints a progress line at each
+def convert(ds, source: Source, shrink, *, check=None, num_proc: int = 1, what: str = ""):
+    """Map source rows to conversational rows; returns (kept rows, Drops). ``check(row)`` may raise Drop for a
+    converted row (prepare: the chat template's verdict, jobs.turns.check). Prints a progress line at each
     tenth of the rows and at least every minute, from the worker that holds the first rows."""
     fmt = FORMATS[source.format]
     workers = max(num_proc, 1)
@@ -102,6 +103,8 @@ def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = ""):
             raw = raw if isinstance(raw, list) else [raw]
             images = [_encode(shrink(_decode(image))) for image in raw]
             out = fmt.convert({**row, "images": images}, source.system_prompt)
+            if check is not None:
+                check(out)
             return {**_empty(fmt.kind), **out, "images": images, DROP: ""}
         except Drop as e:
             return {**_empty(fmt.kind), "images": [], DROP: str(e)}

@@ -145,10 +145,13 @@ def test_sets(cfg, prepared, processor, *, scratch=None) -> tuple[dict[str, list
     family = get_family(cfg.model.family)
     tests = {kind: _sample(load_from_disk(prepared / kind / "test"), cfg.evaluate.max_samples)
              for kind in ("sft", "dpo") if (prepared / kind).is_dir()}
-    if "dpo" in tests:  # log-likelihoods score the answers as they were trained on: closed as the family closes them
-        closed = family.close_answers(tests["dpo"], processor, scratch=scratch)
-        tests["dpo"] = [{**row, "closed_chosen": c["chosen"], "closed_rejected": c["rejected"]} for row, c in zip(tests["dpo"], closed)]
-    tests = {kind: list(rows) for kind, rows in tests.items()}
+    # Answers read as they were trained on: closed as the family closes them, log-likelihoods' answers and the earlier
+    # answers of a multi-turn prompt alike
+    closed = {kind: family.close_answers(rows, processor, scratch=scratch).select_columns(
+        ["prompt", *(["chosen", "rejected"] if kind == "dpo" else [])]) for kind, rows in tests.items()}  # no images decoded
+    if "dpo" in tests:
+        tests["dpo"] = [{**row, "closed_chosen": c["chosen"], "closed_rejected": c["rejected"]} for row, c in zip(tests["dpo"], closed["dpo"])]
+    tests = {kind: [{**row, "prompt": c["prompt"]} for row, c in zip(rows, closed[kind])] for kind, rows in tests.items()}
 
     def shrink(image):  # as prepare shrinks the training images
         return family.shrink(image, processor, cfg.prepare.image_scale)

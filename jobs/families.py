@@ -19,7 +19,7 @@ from jobs.formats import Drop
 #   tiles         cut into tiles of size["height"] x size["width"] on the grid closest to the aspect ratio, at most
 #                 max_patches of them (InternVL's crop_to_patches): the longest side is bounded by max_patches tiles
 IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels", "tiles")
-ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
+ANSWER_COLUMNS = {"prompt", "completion", "chosen", "rejected"}  # a multi-turn prompt holds answers too
 # Attention implementations that give packed rows (restarting position_ids, no attention_mask) a per-row mask in
 # transformers 5 (masking_utils.find_packed_sequence_indices; varlen kernels for flash attention): sft.padding_free
 PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -60,6 +60,7 @@ class Family:
     prepend_bos: bool = False
     packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
     shared_prefix_unsupported: str | None = None  # why DPO cannot score a pair's answers off one prompt (jobs.shared_prefix)
+    multi_turn_unsupported: str | None = None  # why a conversation with earlier answers cannot be trained on (jobs.turns)
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
@@ -145,11 +146,13 @@ class Family:
         eos = processor.tokenizer.eos_token
         columns = sorted(ANSWER_COLUMNS.intersection(dataset.column_names))
 
-        def close(*answers):
-            for messages in answers:
-                text_parts = [part for part in messages[-1]["content"] if part["type"] == "text"]
-                text_parts[-1]["text"] += eos
-            return dict(zip(columns, answers))
+        def close(*conversations):
+            for column, messages in zip(columns, conversations):
+                # every answer of a multi-turn prompt too: SFT trains on each (jobs.turns), and DPO's context shows them closed
+                for message in messages if column == "prompt" else messages[-1:]:
+                    if message["role"] == "assistant":
+                        [part for part in message["content"] if part["type"] == "text"][-1]["text"] += eos
+            return dict(zip(columns, conversations))
 
         cache = None if scratch is None else str(Path(scratch) / f"closed-answers-{dataset._fingerprint}.arrow")
         if cache:
@@ -220,6 +223,8 @@ FAMILIES: dict[str, Family] = {
             # transformers gives every prefix token the same block id (token_type_ids 0 -> 0) and lets blocks attend
             # both ways after the per-row mask is applied: packed, one row's prefix would see the other rows' prefixes
             packing_unsupported="its prefix-LM mask joins the prompts of packed rows",
+            # an earlier answer would be prefix, which attends both ways: labelled, each token would see the next
+            multi_turn_unsupported="its template has no turns and earlier answers would sit in its two-way prefix",
             # no prepend_bos: PaliGemmaProcessor writes "<bos>" after the image tokens itself, whatever add_special_tokens
             hub_ids=("google/paligemma-3b-pt-224",),
         ),

@@ -91,27 +91,37 @@ def _messages(value: Any, key: str) -> list[dict]:
     return messages
 
 
-def _count_images(messages: list[dict]) -> int:
+def count_images(messages: list[dict]) -> int:
     return sum(part["type"] == "image" for message in messages for part in message["content"])
 
 
 def _check_images(row: dict, messages: list[dict]) -> None:
     images = row.get("images") or []
-    if _count_images(messages) != len(images):
+    if count_images(messages) != len(images):
         raise Drop("image placeholders do not match the images")
 
 
 def messages(row: dict, system_prompt: str | None) -> dict:
-    """Conversations (messages, images): trained on the last assistant turn, given everything before it."""
+    """Conversations (messages, images), one or several user/assistant turns with images in any user turn: trained on
+    every assistant turn (jobs.turns labels the earlier ones in the prompt), the last one the completion."""
     conversation = _messages(row.get("messages"), "messages")
     _check_images(row, conversation)
-    last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
-    if last is None or last == 0:
+    roles = [m["role"] for m in conversation]
+    first_user = roles.index("user") if "user" in roles else None
+    if first_user is None or "assistant" not in roles[first_user:]:
         raise Drop("no assistant answer after a prompt")
-    answer = " ".join(p["text"] for p in conversation[last]["content"] if p["type"] == "text").strip()
-    if not answer:
-        raise Drop("empty answer")
-    prompt = conversation[:last]
+    if roles[-1] != "assistant":  # it ends waiting for an answer it does not give: not a conversation to learn from
+        raise Drop(f"the last turn is the {roles[-1]}'s, not the assistant's")
+    if "assistant" in roles[:first_user]:
+        raise Drop("an assistant turn before any user turn")
+    for message in conversation:
+        if message["role"] == "assistant":
+            if any(part["type"] == "image" for part in message["content"]):  # would be labelled as the answer
+                raise Drop("an image in an assistant turn")
+            if not " ".join(p["text"] for p in message["content"]).strip():
+                raise Drop("empty answer")
+    answer = " ".join(p["text"] for p in conversation[-1]["content"]).strip()
+    prompt = conversation[:-1]
     if system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] + prompt
     return {"prompt": prompt, "completion": _answer(answer), "answers": [answer]}
@@ -122,6 +132,11 @@ def preference_messages(row: dict, system_prompt: str | None) -> dict:
     prompt = _messages(row.get("prompt"), "prompt")
     chosen, rejected = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
     _check_images(row, prompt)
+    if prompt[-1]["role"] != "user":  # the answers continue a conversation at its user's turn; earlier turns are context
+        raise Drop(f"the prompt's last turn is the {prompt[-1]['role']}'s, not the user's")
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if [m["role"] for m in answer] != ["assistant"]:
+            raise Drop(f"{key} is not one assistant turn")
     if chosen == rejected:
         raise Drop("chosen equals rejected")
     if system_prompt and prompt[0]["role"] != "system":

@@ -25,7 +25,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     from datasets import DatasetDict
 
-    from jobs import data, modeling
+    from jobs import data, modeling, turns
     from jobs.families import get_family
 
     # Images are shrunk to the processor's own size limit, so the processor decides what "too big" is.
@@ -42,6 +42,13 @@ def main(recipe: str = "", force: bool = False, **overrides):
     def shrink(image):
         return family.shrink(image, processor, cfg.prepare.image_scale)
 
+    # A conversation the chat template refuses (Gemma 3's two user turns in a row) is a counted drop here, not a
+    # crash in the training stage's collator
+    rendering = family.rendering_processor(processor)
+
+    def check(row):
+        turns.check(rendering, row, family)
+
     rows, drops = {}, {}
     for kind in ("sft", "dpo"):
         source = getattr(cfg.data, kind)
@@ -56,7 +63,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
             raw = data.load_split(source, name, scratch=stage.scratch)
             if cfg.prepare.max_rows is not None:
                 raw = raw.select(range(min(cfg.prepare.max_rows, len(raw))))
-            prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc, what=where)
+            prepared[split], dropped = data.convert(raw, source, shrink, check=check, num_proc=cfg.prepare.num_proc, what=where)
             data.check_drops(dropped, where, cfg.prepare)
             drops[f"{kind}/{split}"] = dropped.to_dict()
             print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))

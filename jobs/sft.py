@@ -28,7 +28,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    from jobs import auto_batch, modeling, packing, training
+    from jobs import auto_batch, modeling, packing, training, turns
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -49,6 +49,10 @@ def main(recipe: str = "", force: bool = False, **overrides):
             processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
             callbacks=training.callbacks("sft", stage.work),
         )
+    # Every assistant turn of a multi-turn row is trained on, not only its completion; before the wraps below, which
+    # read the batches it makes (prepare dropped multi-turn rows where the family cannot: multi_turn_unsupported)
+    if not family.multi_turn_unsupported:
+        trainer.data_collator = turns.EveryAnswer(trainer.data_collator, trainer.processing_class)
     padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
     grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows
     if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded

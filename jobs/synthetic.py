@@ -160,6 +160,29 @@ def messages_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def multi_turn_messages_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversations as HuggingFaceH4/llava-instruct-mix-vsft holds them (messages, images): one to three user/assistant
+    turns, each a chart's question, its chart shown in the first user turn and, for some, in a later one too (a second
+    image, of another size); others show none. Answers short and long (the chart described in a sentence or three)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages, images = [], []
+        for turn in range(rng.randint(1, 3)):
+            bars, query, answer = chartqa_question(rng)
+            content = [{"type": "text", "text": query}]
+            if turn == 0 or rng.random() < 0.5:
+                side = rng.randint(24, 96)
+                images.append({"bytes": chart(bars, (side, rng.randint(24, 96))), "path": None})
+                content.insert(0, {"type": "image", "text": None})
+            if rng.random() < 0.3:
+                listed = ", ".join(f"a {colour} bar of height {value}" for colour, value in bars)
+                answer = f"{answer}. The chart has {len(bars)} bar{'s' * (len(bars) > 1)}: {listed}."
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        rows.append({"messages": messages, "images": images})
+    return rows
+
+
 def preference_messages_rows(n: int, seed: int = 0) -> list[dict]:
     """RLAIF-V's questions in TRL's conversational preference format, as HuggingFaceH4/rlaif-v_formatted has them."""
     rows = []
