@@ -18,7 +18,7 @@ margins, accuracies and log-probs at every logging step, tensorboard/ (the same 
 
 from __future__ import annotations
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 
@@ -127,6 +127,6 @@ def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None, sharded: bool = 
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=(
+    entry.entrypoint(main, imports=(
         "datasets", "trl:DPOTrainer", "jobs.modeling", "jobs.training", "jobs.shared_prefix", "jobs.reference_logprobs",
     ))

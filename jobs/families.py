@@ -59,6 +59,16 @@ class Family:
     packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
+    def why_not_packed(self, attn_implementation: str | None) -> str | None:
+        """Why SFT cannot join rows of this family under this attention implementation into one sequence
+        (``sft.padding_free``, jobs.packing), or None."""
+        if self.packing_unsupported:
+            return f"{self.name} cannot train packed rows: {self.packing_unsupported}"
+        if attn_implementation is not None and attn_implementation not in PACKED_ATTENTION:
+            return (f"attention implementation {attn_implementation!r} gets no per-row mask from restarting positions "
+                    f"(packing works with {', '.join(PACKED_ATTENTION)})")
+        return None
+
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
         """(longest, shortest) side limits for stored images; 0 means no limit on that side."""
         image_processor = processor.image_processor

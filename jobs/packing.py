@@ -17,13 +17,13 @@ and takes the padding out of what it returns:
 - Qwen2-VL's multimodal rotary positions are computed per row on the padded batch, by the model class's own
   get_rope_index, and joined; the text positions go in front ((4, 1, length)), which Qwen2-VL reads as packed input.
 
-The recipe's validation imports it too: torch is imported only where a batch is packed.
+torch is imported only where a batch is packed.
 """
 
 from __future__ import annotations
 
 from jobs.contract import UserError, is_main_process
-from jobs.families import PACKED_ATTENTION, VARLEN_ATTENTION, Family
+from jobs.families import VARLEN_ATTENTION, Family
 
 TOKEN_KEYS = ("input_ids", "labels", "token_type_ids", "mm_token_type_ids")  # one value per token, per row
 IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")  # Idefics2/3: (batch, images per row, ...)
@@ -32,22 +32,12 @@ IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")  # Idefics2/3: (batch
 def enabled(setting: bool | None, family: Family, attn_implementation: str | None) -> bool:
     """Whether SFT batches go padding-free: ``sft.padding_free`` (None: where the family supports it and the attention
     implementation attends within each row, ``VARLEN_ATTENTION``); true where they do not is the user's error."""
-    why_not = unsupported(family, attn_implementation)
+    why_not = family.why_not_packed(attn_implementation)
     if setting is None:
         return why_not is None and attn_implementation in VARLEN_ATTENTION
     if setting and why_not:
         raise UserError(f"sft.padding_free: {why_not}; set it false (or remove the key)")
     return setting
-
-
-def unsupported(family: Family, attn_implementation: str | None) -> str | None:
-    """Why rows of this family and attention implementation cannot be packed, or None."""
-    if family.packing_unsupported:
-        return f"{family.name} cannot train packed rows: {family.packing_unsupported}"
-    if attn_implementation is not None and attn_implementation not in PACKED_ATTENTION:
-        return (f"attention implementation {attn_implementation!r} gets no per-row mask from restarting positions "
-                f"(packing works with {', '.join(PACKED_ATTENTION)})")
-    return None
 
 
 class PaddingFree:

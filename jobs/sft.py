@@ -14,7 +14,7 @@ eval split's loss, tensorboard/ (event files: tensorboard --logdir <run>), _SUCC
 
 from __future__ import annotations
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 
@@ -70,4 +70,4 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=("datasets", "trl:SFTTrainer", "jobs.modeling", "jobs.training", "jobs.packing"))
+    entry.entrypoint(main, imports=("datasets", "trl:SFTTrainer", "jobs.modeling", "jobs.training", "jobs.packing"))
