@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from jobs import usage
+from jobs import upstream, usage
 from jobs.contract import EXIT_USER_ERROR, Failure, UserError, handle_stop_signals, stopped, wait_for_turn
 
 
@@ -41,11 +41,9 @@ def _exit_at_once() -> None:
     transformers' modules one by one (measured after importing TRL) is skipped. Processes under accelerate launch,
     and under a profiler or tracer (python -m cProfile, coverage), which write their results after the stage's
     module has run, end as they always have."""
-    import atexit
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or sys.getprofile() or sys.gettrace():
         return
-    atexit._run_exitfuncs()
+    upstream.run_exit_handlers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

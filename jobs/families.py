@@ -156,7 +156,12 @@ class Family:
                 text_parts[-1]["text"] += eos
             return dict(zip(columns, answers))
 
-        cache = None if scratch is None else str(Path(scratch) / f"closed-answers-{dataset._fingerprint}.arrow")
+        if scratch is not None:
+            from jobs.upstream import dataset_fingerprint
+
+            cache = str(Path(scratch) / f"closed-answers-{dataset_fingerprint(dataset)}.arrow")
+        else:
+            cache = None
         if cache:
             Path(scratch).mkdir(parents=True, exist_ok=True)
         return dataset.map(close, input_columns=columns, desc=f"closing answers with {eos}", cache_file_name=cache)

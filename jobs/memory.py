@@ -134,7 +134,7 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     with user_errors(recipe.model.name_or_path, recipe.model.revision):
         config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
     with init_empty_weights():
-        model = getattr(transformers, family.model_class)._from_config(config)
+        model = getattr(transformers, family.model_class)(config)
     total = sum(p.numel() for p in model.parameters())
     # bitsandbytes stores every Linear but the output head in 4 bits; the rest stays in the compute dtype
     head = model.get_output_embeddings()

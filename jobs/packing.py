@@ -82,26 +82,9 @@ def _rope_index(model_config):
     it); None for the families whose positions are plain 0, 1, 2, ..."""
     if model_config.model_type != "qwen2_vl":
         return None
-    return _Qwen2VLRope(model_config)
+    from jobs import upstream
 
-
-class _Qwen2VLRope:
-    def __init__(self, config):
-        self.config = config
-
-    def get_vision_position_ids(self, *args, **kwargs):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
-
-        return Qwen2VLModel.get_vision_position_ids(self, *args, **kwargs)
-
-    def __call__(self, batch: dict):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
-
-        positions, _ = Qwen2VLModel.get_rope_index(
-            self, batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
-            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"],
-        )
-        return positions
+    return upstream.qwen2vl_rope_index(model_config)
 
 
 GROUPING = ("group_by_length", "batch_rebalance")  # transformers' samplers that read each row's length
@@ -130,10 +113,9 @@ def with_lengths(trainer) -> bool:
                 chunk = rows.select(range(start, min(start + CHUNK, len(rows))))
                 lengths += collator(list(chunk))["attention_mask"].sum(dim=1).tolist()
             setattr(trainer, split, rows.add_column(column, lengths))
-    from jobs.training import WithoutColumns, keep_columns
+    from jobs.training import WithoutColumns
 
-    keep_columns(trainer, column)  # for the sampler
-    trainer.data_collator = WithoutColumns(collator, (column,))
+    trainer.data_collator = WithoutColumns(collator, (column,))  # the sampler's, not the model's
     if is_main_process():
         print(f"sft: rows batched by length ({args.train_sampling_strategy}); lengths of {len(trainer.train_dataset)} "
               f"rows in {time.time() - started:.1f}s", flush=True)

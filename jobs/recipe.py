@@ -578,6 +578,7 @@ STAGE_OWNED_ARGS = {  # set by the stage from the run folder; a recipe value wou
     "resume_from_checkpoint": "the stage resumes from the newest complete checkpoint by itself",
     "push_to_hub": "merge_push pushes once evaluation has passed",
     "fsdp": "resources.sharding decides; fsdp_config tunes it",
+    "remove_unused_columns": "the stage's columns for its sampler and collator must reach them; TRL's collators read only theirs",
 }
 
 

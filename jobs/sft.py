@@ -28,7 +28,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    from jobs import auto_batch, modeling, packing, training
+    from jobs import auto_batch, modeling, packing, training, upstream
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -49,7 +49,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
             processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
             callbacks=training.callbacks("sft", stage.work),
         )
-    padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
+    padding_free = packing.enabled(cfg.sft.padding_free, family, upstream.attention_implementation(model.config))
     grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows
     if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded
         trainer.data_collator = packing.PaddingFree(trainer.data_collator, model.config)

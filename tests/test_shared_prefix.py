@@ -87,8 +87,8 @@ def run(trainer, compute_loss, inputs):
     return loss.detach(), metrics, grads
 
 
-TRL = DPOTrainer._compute_loss
-SHARED = shared_prefix.SharedPrefixDPOTrainer._compute_loss
+TRL = DPOTrainer.compute_loss
+SHARED = shared_prefix.SharedPrefixDPOTrainer.compute_loss
 
 
 def assert_same(expected, actual):
