@@ -111,6 +111,19 @@ def changed(library: str, relies_on: str, how: str) -> UpstreamChanged:
                            f"{library} {installed} {how}")
 
 
+def _takes_argument(function, name: str) -> bool:
+    """Whether ``function``, or one it wraps (accelerate wraps a prepared model's forward to cast its outputs), takes
+    ``name`` itself: read from each one's code, since functools.wraps gives a wrapper the signature of what it wraps."""
+    for _ in range(8):
+        code = getattr(getattr(function, "__func__", function), "__code__", None)
+        if code is not None and name in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+            return True
+        function = getattr(function, "__wrapped__", None)
+        if function is None:
+            return False
+    return False
+
+
 # --- trl ---------------------------------------------------------------------------------------------------------
 
 def building_dpo_without_reference_copy(build):
@@ -152,7 +165,7 @@ def trl_fused_forward(model):
     fused = vars(model).get("forward")
     if fused is None:
         raise changed("trl", relies_on, f"left no forward on the {type(model).__name__} instance")
-    if "fused_lm_head" not in inspect.signature(fused, follow_wrapped=False).parameters:
+    if not _takes_argument(fused, "fused_lm_head"):
         raise changed("trl", relies_on, "put a forward there that takes no fused_lm_head")
     fields = tuple(FusedCausalLMOutput.__dataclass_fields__)
     if fields != FUSED_OUTPUT_FIELDS:
