@@ -363,6 +363,48 @@ def test_averaging_the_lm_heads_gradient_trips_when_full_tensor_takes_no_grad_pl
     assert "forward" in vars(model) and vars(model)["forward"] is upstream.trl_fused_forward(model), "left as it was"
 
 
+def test_averaging_the_lm_heads_gradient_trips_when_the_fused_head_reads_the_shard_otherwise():
+    """A fused head that reads the sharded lm_head without DTensor.full_tensor: its gradient would not be averaged.
+    One CPU process (gloo) with lm_head's weight as a DTensor, as FSDP leaves it; TRL's way (full_tensor) passes."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 6, bias=False)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = Model()
+        mesh = init_device_mesh("cpu", (1,))
+        model.lm_head.weight = torch.nn.Parameter(distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)]))
+
+        def trls(*, fused_lm_head=False):
+            return model.lm_head.weight.full_tensor().sum()
+
+        def reading_the_shard(*, fused_lm_head=False):
+            return model.lm_head.weight.to_local().sum()
+
+        model.forward = trls
+        upstream.averaging_lm_head_gradient(model)
+        model(fused_lm_head=True).backward()
+        assert model.lm_head.weight.grad is not None
+        model.forward = reading_the_shard
+        upstream.averaging_lm_head_gradient(model)
+        model(fused_lm_head=False)  # not the fused head: nothing to check
+        with pytest.raises(upstream.UpstreamChanged) as e:
+            model(fused_lm_head=True)
+        assert_trips(e, "trl", "its fused LM head gathering the sharded lm_head with DTensor.full_tensor")
+    finally:
+        dist.destroy_process_group()
+
+
 # --- datasets --------------------------------------------------------------------------------------------------------
 
 def test_the_datasets_fingerprint_trips_without_it():
