@@ -157,8 +157,8 @@ def read_reference_logps_from_batches(trainer, read: bool = True) -> bool:
 
 
 def trl_fused_forward(model):
-    """TRL's fused-LM-head forward of ``model`` (``add_fused_lm_head`` puts it on the instance); checked as the
-    module docstring says. Call it on a model whose forward nothing has wrapped yet."""
+    """TRL's fused-LM-head forward of ``model`` (``add_fused_lm_head`` puts it on the instance), or what accelerate
+    wrapped it in (a prepared reference); checked as the module docstring says, before vlmjobs wraps it."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     relies_on = "trl.trainer.utils.add_fused_lm_head's forward on the model instance"
