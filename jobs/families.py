@@ -63,6 +63,16 @@ class Family:
     multi_turn_unsupported: str | None = None  # why a conversation with earlier answers cannot be trained on (jobs.turns)
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
+    def why_not_packed(self, attn_implementation: str | None) -> str | None:
+        """Why SFT cannot join rows of this family under this attention implementation into one sequence
+        (``sft.padding_free``, jobs.packing), or None."""
+        if self.packing_unsupported:
+            return f"{self.name} cannot train packed rows: {self.packing_unsupported}"
+        if attn_implementation is not None and attn_implementation not in PACKED_ATTENTION:
+            return (f"attention implementation {attn_implementation!r} gets no per-row mask from restarting positions "
+                    f"(packing works with {', '.join(PACKED_ATTENTION)})")
+        return None
+
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
         """(longest, shortest) side limits for stored images; 0 means no limit on that side."""
         image_processor = processor.image_processor
@@ -154,7 +164,12 @@ class Family:
                         [part for part in message["content"] if part["type"] == "text"][-1]["text"] += eos
             return dict(zip(columns, conversations))
 
-        cache = None if scratch is None else str(Path(scratch) / f"closed-answers-{dataset._fingerprint}.arrow")
+        if scratch is not None:
+            from jobs.upstream import dataset_fingerprint
+
+            cache = str(Path(scratch) / f"closed-answers-{dataset_fingerprint(dataset)}.arrow")
+        else:
+            cache = None
         if cache:
             Path(scratch).mkdir(parents=True, exist_ok=True)
         return dataset.map(close, input_columns=columns, desc=f"closing answers with {eos}", cache_file_name=cache)

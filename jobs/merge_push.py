@@ -25,7 +25,7 @@ import math
 import os
 from pathlib import Path
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 CHECK_SAMPLES = 4
@@ -302,4 +302,4 @@ def _scrub(text: str, token: str | None) -> str:
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=("datasets", "peft:PeftModel", "jobs.modeling"))
+    entry.entrypoint(main, imports=("datasets", "peft:PeftModel", "jobs.modeling"))

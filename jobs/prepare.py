@@ -13,7 +13,7 @@ Output: <run>/prepare/{sft,dpo}/{train,eval,test}/ (datasets.save_to_disk) and _
 
 from __future__ import annotations
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 
@@ -83,4 +83,4 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main)
+    entry.entrypoint(main)

@@ -480,9 +480,7 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         if train.pure_bf16 and recipe.model.dtype not in ("auto", "bfloat16"):
             errors.append(f"{stage}.pure_bf16: trains bf16 weights, but model.dtype is {recipe.model.dtype}; set auto or bfloat16")
     if recipe.sft.padding_free and recipe.model.family in FAMILIES:
-        from jobs.packing import unsupported
-
-        why_not = unsupported(FAMILIES[recipe.model.family], recipe.model.attn_implementation)
+        why_not = FAMILIES[recipe.model.family].why_not_packed(recipe.model.attn_implementation)
         if why_not:
             errors.append(f"sft.padding_free: {why_not}; set it false (or remove the key)")
     if "prepare" in recipe.stages and recipe.data.sft is None and recipe.data.dpo is None:
@@ -580,6 +578,7 @@ STAGE_OWNED_ARGS = {  # set by the stage from the run folder; a recipe value wou
     "resume_from_checkpoint": "the stage resumes from the newest complete checkpoint by itself",
     "push_to_hub": "merge_push pushes once evaluation has passed",
     "fsdp": "resources.sharding decides; fsdp_config tunes it",
+    "remove_unused_columns": "the stage's columns for its sampler and collator must reach them; TRL's collators read only theirs",
 }
 
 
@@ -620,8 +619,9 @@ def before_gpu_errors(recipe: Recipe) -> list[str]:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from jobs.evaluate import METRICS, benchmark_metrics
+    from jobs.benchmarks import benchmark_metrics
     from jobs.hub import looks_like_path
+    from jobs.metrics import METRICS
 
     errors = []
     places = [("model.name_or_path", recipe.model.name_or_path, "model")]

@@ -27,7 +27,7 @@ import math
 import sys
 from pathlib import Path
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 
@@ -403,7 +403,7 @@ def main():
     if not argv or usage.wants_help(argv):  # answered here: Fire would run the command (or page its help)
         usage.print_help(help_text(argv))
         return
-    contract.entrypoint({name: _options_checked(name, fn) for name, fn in COMMANDS.items()})
+    entry.entrypoint({name: _options_checked(name, fn) for name, fn in COMMANDS.items()})
 
 
 def _options_checked(name: str, fn):

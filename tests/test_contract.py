@@ -97,7 +97,8 @@ def test_newest_complete_checkpoint_ignores_one_still_being_written(tmp_path):
 def test_entrypoint_turns_user_errors_into_one_line_and_exit_code_2(tmp_path):
     script = tmp_path / "stage.py"
     script.write_text(
-        "from jobs.contract import entrypoint, UserError\n"
+        "from jobs.contract import UserError\n"
+        "from jobs.entry import entrypoint\n"
         "def main(fail: str = 'user'):\n"
         "    if fail == 'user': raise UserError('data.sft: no rows')\n"
         "    raise RuntimeError('disk on fire')\n"
@@ -116,7 +117,7 @@ def test_a_finished_stage_exits_at_once_with_its_exit_handlers_run_and_its_outpu
     script = tmp_path / "stage.py"
     script.write_text(
         "import atexit, logging, sys\n"
-        "from jobs.contract import entrypoint\n"
+        "from jobs.entry import entrypoint\n"
         "def main(out: str = ''):\n"
         "    atexit.register(lambda: open(out, 'w').write('flushed'))\n"
         "    logging.basicConfig(stream=sys.stderr)\n"

@@ -51,7 +51,7 @@ def trainer_for(family_name: str, model_dir, tmp_path, attn: str):
     model = modeling.load_model(spec, dtype=torch.float32)
     model.eval()  # no dropout: the two batches must see the same function
     args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_length=None, bf16=False,
-                     dataloader_pin_memory=False)
+                     dataloader_pin_memory=False, remove_unused_columns=False)  # as the stage sets it (training.trl_config)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(4)),
                          processing_class=family.rendering_processor(processor))
     return trainer, model

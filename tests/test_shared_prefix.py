@@ -96,8 +96,8 @@ def run(trainer, compute_loss, inputs):
 # Every family that packs pairs; one that cannot is left to TRL's rows, with its reason (Family.shared_prefix_unsupported)
 SHARING = [pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {family.shared_prefix_unsupported}"))
            if family.shared_prefix_unsupported else name for name, family in FAMILIES.items()]
-TRL = DPOTrainer._compute_loss
-SHARED = shared_prefix.SharedPrefixDPOTrainer._compute_loss
+TRL = DPOTrainer.compute_loss
+SHARED = shared_prefix.SharedPrefixDPOTrainer.compute_loss
 
 
 def assert_same(expected, actual):

@@ -111,6 +111,18 @@ def test_follow_streams_the_pods_log_line_by_line(cluster, server, single):
     assert server.calls("GET", "/pods/sft-a/log")[0].query["follow"] == ["true"]
 
 
+def test_a_reopened_log_asks_for_the_lines_since_the_last_ones_time(cluster, server, single):
+    """The log request carries sinceTime, which the generated client's read_namespaced_pod_log has no argument for
+    (issue 23: built with the client's public param_serialize, not its private serializer)."""
+    server.script("llava-chartqa-sft", Attempt(pods=[pod("sft-a", "Succeeded", exit_code=0)], logs={"sft-a": ["sft: done"]}))
+    cluster.create_job(job_of(single))
+    lines = list(cluster.stream_log("sft-a", follow=False, timestamps=True, since_time="2026-01-01T00:00:05Z"))
+    assert lines and lines[-1].endswith("sft: done")
+    query = server.calls("GET", "/pods/sft-a/log")[0].query
+    assert query == {"container": ["stage"], "follow": ["false"], "timestamps": ["true"],
+                     "sinceTime": ["2026-01-01T00:00:05Z"]}
+
+
 def test_follow_of_a_job_deleted_meanwhile_raises(cluster, server, single):
     server.script("llava-chartqa-sft", Attempt(statuses=[running()], deleted=True))
     cluster.create_job(job_of(single))
