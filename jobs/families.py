@@ -57,6 +57,7 @@ class Family:
     # with add_special_tokens=False, so the stages write it into the text they render (rendering_processor).
     prepend_bos: bool = False
     packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
+    takes_video: bool = False  # video rows (format video-messages) are trained on; for the others they are drops
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
@@ -230,6 +231,7 @@ FAMILIES: dict[str, Family] = {
             # no BOS: Qwen2.5's tokenizer has none and its template (Qwen2-VL's) opens with <|im_start|>
             # Its class sets accepts_loss_kwargs = False (Qwen3-VL's too, Qwen2-VL's not): the Trainer passes no
             # num_items_in_batch, so under gradient accumulation each micro-batch's loss is its own token mean
+            takes_video=True,  # frames spaced in time by second_per_grid_ts (jobs.video)
             hub_ids=("Qwen/Qwen2.5-VL-7B-Instruct",),
         ),
         Family(

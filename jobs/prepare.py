@@ -13,6 +13,8 @@ Output: <run>/prepare/{sft,dpo}/{train,eval,test}/ (datasets.save_to_disk) and _
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from jobs import contract
 from jobs import recipe as recipes
 
@@ -25,7 +27,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     from datasets import DatasetDict
 
-    from jobs import data, modeling
+    from jobs import data, modeling, video
     from jobs.families import get_family
 
     # Images are shrunk to the processor's own size limit, so the processor decides what "too big" is.
@@ -56,7 +58,10 @@ def main(recipe: str = "", force: bool = False, **overrides):
             raw = data.load_split(source, name, scratch=stage.scratch)
             if cfg.prepare.max_rows is not None:
                 raw = raw.select(range(min(cfg.prepare.max_rows, len(raw))))
-            prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc, what=where)
+            decode_video = video.decoder(family, processor, fps=cfg.prepare.video_fps,
+                                         folder=Path(source.path) if data.is_local(source) else None)
+            prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc, what=where,
+                                                    decode_video=decode_video)
             data.check_drops(dropped, where, cfg.prepare)
             drops[f"{kind}/{split}"] = dropped.to_dict()
             print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))

@@ -28,7 +28,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    from jobs import auto_batch, modeling, packing, training
+    from jobs import auto_batch, modeling, packing, training, video
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -49,6 +49,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
             processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
             callbacks=training.callbacks("sft", stage.work),
         )
+    if video.COLUMNS[0] in train.column_names:  # TRL's vision collator reads no videos; the wrapper hands them over
+        training.keep_columns(trainer, *video.COLUMNS)
+        trainer.data_collator = video.WithVideos(trainer.data_collator)
     padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
     grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows
     if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded

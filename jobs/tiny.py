@@ -404,7 +404,12 @@ def _qwen2_5_vl():
         patch_size=patch, merge_size=merge, temporal_patch_size=2,
         min_pixels=(patch * merge) ** 2, max_pixels=IMAGE_SIZE * IMAGE_SIZE,
     )
-    video_processor = Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    # frames within the images' pixel bounds: the default video budget (100k to 600k pixels a frame) would make a
+    # test's 40 x 56 frames thousands of tokens
+    video_processor = Qwen2VLVideoProcessor(
+        patch_size=patch, merge_size=merge, temporal_patch_size=2,
+        min_pixels=(patch * merge) ** 2, max_pixels=IMAGE_SIZE * IMAGE_SIZE * 4,
+    )
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=QWEN2_5_VL_TEMPLATE
     )

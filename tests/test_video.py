@@ -1,0 +1,173 @@
+"""Video rows (issue 20): prepare keeps the frames the video processor samples, and SFT feeds Qwen2.5-VL what its
+processor gives for the video when used as its card says (``processor.apply_chat_template(..., tokenize=True,
+return_dict=True)`` with the video and the card's fps, the processor sampling the frames itself).
+
+The oracle decodes each file with transformers' own loader (all frames) and lets the checkpoint's processor sample
+them; nothing of vlmjobs builds the expected tensors. Videos are written here with PyAV: frames of varied content
+(a square moving over a tinted background), of varied lengths and sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers.video_utils import load_video
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from jobs import data, video
+from jobs.families import get_family
+from jobs.recipe import Source
+from tests.test_parity import card_answer
+
+CARD_FPS = 2.0  # Qwen2.5-VL's card samples videos at 2 frames a second (qwen-vl-utils' FPS)
+VIDEO_COLUMNS = datasets.Features({
+    "messages": datasets.List({"role": datasets.Value("string"),
+                               "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")})}),
+    "videos": datasets.List(datasets.Value("string")),
+})
+
+
+def write_video(path, frames: int, fps: int, height: int, width: int) -> str:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            image = np.zeros((height, width, 3), np.uint8)
+            image[:, :, i % 3] = (15 * i) % 256
+            image[2 + i % (height - 10):10 + i % (height - 10), 4:20] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def turn(role: str, *parts) -> dict:
+    return {"role": role, "content": [{"type": p, "text": None} if p == "video" else {"type": "text", "text": p} for p in parts]}
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_model):
+    folder = tiny_model("qwen2_5_vl")
+    return folder, AutoProcessor.from_pretrained(folder), get_family("qwen2_5_vl")
+
+
+@pytest.fixture
+def source_rows(tmp_path):
+    """Rows as users bring them: one video, two videos of other lengths and sizes, and none; short and long answers."""
+    short = write_video(tmp_path / "short.mp4", frames=12, fps=4, height=40, width=56)  # 3 s: 6 frames at 2 fps
+    tall = write_video(tmp_path / "tall.mp4", frames=20, fps=10, height=64, width=32)  # 2 s: 4 frames
+    long = write_video(tmp_path / "long.mp4", frames=48, fps=8, height=24, width=48)  # 6 s: 12 frames
+    return [
+        {"messages": [turn("user", "video", "What moves?"), turn("assistant", "A white square.")], "videos": [short]},
+        {"messages": [turn("user", "Compare", "video", "with", "video"),
+                      turn("assistant", "The first is tall and short; the second is long and wide, with a square "
+                           "sliding down over a background that changes colour every frame.")], "videos": [tall, long]},
+        {"messages": [turn("user", "Say hello."), turn("assistant", "Hello.")], "videos": []},
+    ]
+
+
+def prepare(rows, processor, family, folder=None, format="video-messages"):
+    ds = datasets.Dataset.from_list(rows, features=VIDEO_COLUMNS)
+    decode = video.decoder(family, processor, fps=CARD_FPS, folder=folder)
+    return data.convert(ds, Source(path="videos", format=format), lambda image: image, decode_video=decode)
+
+
+def sft_batch(prepared, processor, family):
+    """What SFT's collator makes of the rows: TRL's, wrapped as jobs.sft wraps it."""
+    collator = video.WithVideos(DataCollatorForVisionLanguageModeling(family.rendering_processor(processor), completion_only_loss=True))
+    return collator([dict(row) for row in prepared])
+
+
+def card(processor, family, row: dict):
+    """The card's encoding of one conversation: the video decoded whole by transformers' loader, the processor sampling
+    it at the card's fps; and the ids the model must emit after the prompt."""
+    videos = [load_video(path, backend="pyav") for path in row["videos"]]
+    prompt, answer = copy.deepcopy(row["messages"][:-1]), row["messages"][-1:]
+    filled = iter(videos)
+    for message in prompt:
+        message["content"] = [({"type": "video", "video": next(filled)[0]} if part["type"] == "video" else part)
+                              for part in message["content"]]
+    kwargs = {"video_metadata": [metadata for _, metadata in videos], "do_sample_frames": True, "fps": CARD_FPS} if videos else {}
+    encoded = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt", processor_kwargs=kwargs)
+    return encoded, card_answer(processor, family, row["messages"][:-1], answer)
+
+
+def assert_card_parity(batch, rows, processor, family, model):
+    """Each batch row is its card encoding followed by its answer, labelled on the answer alone; the batch's video
+    tensors are the card's, row after row; and the 3-D rotary positions over the prompt are the card's."""
+    videos, grids, seconds = [], [], []
+    # the 3-D rotary positions the model computes from the whole batch
+    whole, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], video_grid_thw=batch["video_grid_thw"],
+                                         second_per_grid_ts=batch["second_per_grid_ts"], attention_mask=batch["attention_mask"])
+    for i, row in enumerate(rows):
+        encoded, answer = card(processor, family, row)
+        prompt = encoded["input_ids"][0].tolist()
+        length = int(batch["attention_mask"][i].sum())
+        assert batch["input_ids"][i, :length].tolist() == prompt + answer, f"row {i}: ids"
+        assert batch["labels"][i, :length].tolist() == [-100] * len(prompt) + answer, f"row {i}: labels"
+        if "pixel_values_videos" in encoded:
+            videos.append(encoded["pixel_values_videos"]), grids.append(encoded["video_grid_thw"])
+            seconds += encoded["second_per_grid_ts"].tolist()
+        theirs, _ = model.model.get_rope_index(encoded["input_ids"], encoded["mm_token_type_ids"],
+                                               video_grid_thw=encoded.get("video_grid_thw"),
+                                               second_per_grid_ts=encoded.get("second_per_grid_ts"))
+        assert torch.equal(whole[:, i:i + 1, : len(prompt)], theirs), f"row {i}: rotary positions"
+    assert torch.equal(batch["video_grid_thw"], torch.cat(grids)), "video_grid_thw"
+    assert torch.equal(batch["pixel_values_videos"], torch.cat(videos)), "pixel_values_videos"
+    assert batch["second_per_grid_ts"].tolist() == seconds, "second_per_grid_ts"
+
+
+def test_sft_feeds_qwen2_5_vl_what_its_card_gives_for_videos(qwen, source_rows, tmp_path):
+    folder, processor, family = qwen
+    prepared, drops = prepare(source_rows, processor, family)
+    assert drops.dropped == 0, drops.summary()
+    assert [len(frames) for row in prepared["videos"] for frames in row] == [6, 4, 12]  # 2 fps of 3, 2 and 6 seconds
+    batch = sft_batch(prepared, processor, family)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)
+    assert_card_parity(batch, source_rows, processor, family, model)
+    # and the model trains on it: a finite loss from the batch as the collator made it
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_the_parity_check_fails_when_prepare_drops_frames(qwen, source_rows):
+    """A prepare that kept fewer frames (here the last two of the first video, with their indices) is caught."""
+    _, processor, family = qwen
+    prepared, _ = prepare(source_rows, processor, family)
+    first = prepared[0]
+    first["videos"][0] = first["videos"][0][:-2]
+    first["video_metadata"][0]["frames_indices"] = first["video_metadata"][0]["frames_indices"][:-2]
+    rows = [first, *prepared.select(range(1, len(prepared)))]
+    batch = sft_batch(rows, processor, family)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen[0])
+    with pytest.raises(AssertionError, match="row 0: ids"):
+        assert_card_parity(batch, source_rows, processor, family, model)
+
+
+def test_bad_video_rows_are_counted_drops_with_their_reason(qwen, source_rows, tmp_path):
+    _, processor, family = qwen
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    rows = [
+        source_rows[0],
+        {**source_rows[0], "videos": []},  # a placeholder without its video
+        {**source_rows[0], "videos": [str(tmp_path / "missing.mp4")]},
+        {**source_rows[0], "videos": [str(broken)]},
+        {**source_rows[0], "videos": ["short.mp4"]},  # relative to the source's folder
+    ]
+    prepared, drops = prepare(rows, processor, family, folder=tmp_path)
+    assert len(prepared) == 2
+    assert dict(drops.reasons) == {"video placeholders do not match the videos": 1, "video file not found": 1,
+                                   "video does not decode": 1}
+    # a family without video: every row with a video is a drop naming the family, the row without one is kept
+    llava = get_family("llava")
+    prepared, drops = prepare(source_rows, processor, llava)
+    assert dict(drops.reasons) == {"video row: the llava family takes no video": 2} and len(prepared) == 1
