@@ -171,3 +171,60 @@ def test_bad_video_rows_are_counted_drops_with_their_reason(qwen, source_rows, t
     llava = get_family("llava")
     prepared, drops = prepare(source_rows, processor, llava)
     assert dict(drops.reasons) == {"video row: the llava family takes no video": 2} and len(prepared) == 1
+
+
+def test_frames_over_the_video_budget_are_shrunk_at_prepare_to_the_grid_the_card_gets(qwen, tmp_path):
+    """A frame larger than the video processor's pixel budget is stored at the size its smart_resize gives it, so the
+    processor resizes it no further and the model sees the card's grid of tokens."""
+    _, processor, family = qwen
+    big = write_video(tmp_path / "big.mp4", frames=8, fps=4, height=96, width=160)  # 15,360 pixels a frame
+    rows = [{"messages": [turn("user", "video", "What moves?"), turn("assistant", "A square.")], "videos": [big]}]
+    prepared, _ = prepare(rows, processor, family)
+    budget = processor.video_processor.size["longest_edge"]
+    assert all(frame.width * frame.height <= budget < 96 * 160 for frame in prepared[0]["videos"][0])
+    batch = sft_batch(prepared, processor, family)
+    encoded, _ = card(processor, family, rows[0])
+    assert torch.equal(batch["video_grid_thw"], encoded["video_grid_thw"])
+    assert batch["input_ids"][0, : encoded["input_ids"].shape[1]].tolist() == encoded["input_ids"][0].tolist()
+
+
+@pytest.mark.slow
+def test_prepare_and_sft_stages_train_qwen2_5_vl_on_video_rows(qwen, source_rows, tmp_path, monkeypatch):
+    """The stages as a recipe runs them: a local source of video rows (paths relative to its folder), one SFT step."""
+    import json
+
+    from tests.conftest import recipe_file, run_stages
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    lines = []
+    for i in range(8):
+        row = copy.deepcopy(source_rows[i % 3])
+        for j, path in enumerate(row["videos"]):
+            (folder / f"{i}-{j}.mp4").write_bytes(open(path, "rb").read())
+        row["videos"] = [f"{i}-{j}.mp4" for j in range(len(row["videos"]))]
+        lines.append(json.dumps(row))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    seen = []  # the video grids the model encoded (TRL's fused LM head replaces the outer class's forward)
+    encode = Qwen2_5_VLModel.get_video_features
+
+    def spy(self, pixel_values_videos, video_grid_thw=None, **kwargs):
+        seen.append(video_grid_thw.tolist())
+        return encode(self, pixel_values_videos, video_grid_thw, **kwargs)
+
+    monkeypatch.setattr(Qwen2_5_VLModel, "get_video_features", spy)
+    path = recipe_file(tmp_path, qwen[0], {"chartqa": folder, "rlaif-v": folder}, family="qwen2_5_vl", data={"sft": {"path": str(folder), "format": "video-messages"}},
+                       sft={"method": "full", "args": {"max_steps": 1, "per_device_train_batch_size": 6, "logging_steps": 1,
+                                                        "report_to": "none", "save_strategy": "no", "eval_strategy": "no"}})
+    recipe = run_stages(path, "prepare", "sft")
+    done = json.loads((recipe.run_dir / "sft" / "_SUCCESS.json").read_text())
+    assert done["rows"]["train"] == 6
+    # the training step's batch held the videos of its six rows, at the grids the card gives each
+    from datasets import load_from_disk
+
+    answers = [row["messages"][-1]["content"][0]["text"] for row in source_rows]
+    trained = [answers.index(row[0]["content"][0]["text"]) for row in load_from_disk(recipe.run_dir / "prepare" / "sft" / "train")["completion"]]
+    expected = [grid for k in trained if source_rows[k]["videos"] for grid in card(qwen[1], qwen[2], source_rows[k])[0]["video_grid_thw"].tolist()]
+    assert sorted(seen[0]) == sorted(expected)
