@@ -20,6 +20,7 @@ from transformers.video_utils import load_video
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from jobs import data, video
+from jobs.contract import UserError
 from jobs.families import get_family
 from jobs.recipe import Source
 from tests.test_parity import card_answer
@@ -189,7 +190,7 @@ def test_frames_over_the_video_budget_are_shrunk_at_prepare_to_the_grid_the_card
 
 
 @pytest.mark.slow
-def test_prepare_and_sft_stages_train_qwen2_5_vl_on_video_rows(qwen, source_rows, tmp_path, monkeypatch):
+def test_prepare_and_sft_stages_train_qwen2_5_vl_on_video_rows_and_evaluate_refuses_them(qwen, source_rows, tmp_path, monkeypatch):
     """The stages as a recipe runs them: a local source of video rows (paths relative to its folder), one SFT step."""
     import json
 
@@ -228,3 +229,6 @@ def test_prepare_and_sft_stages_train_qwen2_5_vl_on_video_rows(qwen, source_rows
     trained = [answers.index(row[0]["content"][0]["text"]) for row in load_from_disk(recipe.run_dir / "prepare" / "sft" / "train")["completion"]]
     expected = [grid for k in trained if source_rows[k]["videos"] for grid in card(qwen[1], qwen[2], source_rows[k])[0]["video_grid_thw"].tolist()]
     assert sorted(seen[0]) == sorted(expected)
+    # evaluate scores no video yet: one line, not a traceback from the processor
+    with pytest.raises(UserError, match=r"evaluate: data.sft \(.*\) has video rows, which evaluate does not score yet"):
+        run_stages(path, "evaluate")
