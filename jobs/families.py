@@ -241,6 +241,8 @@ FAMILIES: dict[str, Family] = {
             # Qwen2-VL's image processor again, with 16 px patches merged 2 x 2 (32 px per image token)
             image_bound="max_pixels",
             # no BOS, no default system prompt (unlike Qwen2/2.5-VL's template): the template opens with the first turn
+            # Video frames carry their timestamps as text (<t seconds>), from the stored metadata (jobs.video)
+            takes_video=True,
             hub_ids=("Qwen/Qwen3-VL-8B-Instruct",),
         ),
         Family(

@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import transformers
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.video_utils import load_video
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
@@ -54,10 +55,18 @@ def turn(role: str, *parts) -> dict:
     return {"role": role, "content": [{"type": p, "text": None} if p == "video" else {"type": "text", "text": p} for p in parts]}
 
 
+def load(tiny_model, name: str):
+    folder = tiny_model(name)
+    return folder, AutoProcessor.from_pretrained(folder), get_family(name)
+
+
 @pytest.fixture(scope="module")
 def qwen(tiny_model):
-    folder = tiny_model("qwen2_5_vl")
-    return folder, AutoProcessor.from_pretrained(folder), get_family("qwen2_5_vl")
+    return load(tiny_model, "qwen2_5_vl")
+
+
+def model_of(folder, family):
+    return getattr(transformers, family.model_class).from_pretrained(folder)
 
 
 @pytest.fixture
@@ -108,7 +117,7 @@ def assert_card_parity(batch, rows, processor, family, model):
     videos, grids, seconds = [], [], []
     # the 3-D rotary positions the model computes from the whole batch
     whole, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], video_grid_thw=batch["video_grid_thw"],
-                                         second_per_grid_ts=batch["second_per_grid_ts"], attention_mask=batch["attention_mask"])
+                                         second_per_grid_ts=batch.get("second_per_grid_ts"), attention_mask=batch["attention_mask"])
     for i, row in enumerate(rows):
         encoded, answer = card(processor, family, row)
         prompt = encoded["input_ids"][0].tolist()
@@ -117,23 +126,25 @@ def assert_card_parity(batch, rows, processor, family, model):
         assert batch["labels"][i, :length].tolist() == [-100] * len(prompt) + answer, f"row {i}: labels"
         if "pixel_values_videos" in encoded:
             videos.append(encoded["pixel_values_videos"]), grids.append(encoded["video_grid_thw"])
-            seconds += encoded["second_per_grid_ts"].tolist()
+            seconds += encoded.get("second_per_grid_ts", torch.tensor([])).tolist()
         theirs, _ = model.model.get_rope_index(encoded["input_ids"], encoded["mm_token_type_ids"],
                                                video_grid_thw=encoded.get("video_grid_thw"),
                                                second_per_grid_ts=encoded.get("second_per_grid_ts"))
         assert torch.equal(whole[:, i:i + 1, : len(prompt)], theirs), f"row {i}: rotary positions"
     assert torch.equal(batch["video_grid_thw"], torch.cat(grids)), "video_grid_thw"
     assert torch.equal(batch["pixel_values_videos"], torch.cat(videos)), "pixel_values_videos"
-    assert batch["second_per_grid_ts"].tolist() == seconds, "second_per_grid_ts"
+    if seconds:  # Qwen2.5-VL's; Qwen3-VL's processor writes each frame's time into the text instead
+        assert batch["second_per_grid_ts"].tolist() == seconds, "second_per_grid_ts"
 
 
-def test_sft_feeds_qwen2_5_vl_what_its_card_gives_for_videos(qwen, source_rows, tmp_path):
-    folder, processor, family = qwen
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_sft_feeds_each_video_family_what_its_card_gives_for_videos(name, tiny_model, source_rows):
+    folder, processor, family = load(tiny_model, name)
     prepared, drops = prepare(source_rows, processor, family)
     assert drops.dropped == 0, drops.summary()
     assert [len(frames) for row in prepared["videos"] for frames in row] == [6, 4, 12]  # 2 fps of 3, 2 and 6 seconds
     batch = sft_batch(prepared, processor, family)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)
+    model = model_of(folder, family)
     assert_card_parity(batch, source_rows, processor, family, model)
     # and the model trains on it: a finite loss from the batch as the collator made it
     assert torch.isfinite(model(**batch).loss)
