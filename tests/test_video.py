@@ -243,3 +243,37 @@ def test_prepare_and_sft_stages_train_qwen2_5_vl_on_video_rows_and_evaluate_refu
     # evaluate scores no video yet: one line, not a traceback from the processor
     with pytest.raises(UserError, match=r"evaluate: data.sft \(.*\) has video rows, which evaluate does not score yet"):
         run_stages(path, "evaluate")
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_padding_free_sft_on_video_rows_has_padded_sfts_loss(name, tiny_model, source_rows, tmp_path):
+    """Joined into one row, video rows keep their rotary positions (each row's own, from its video grids and times):
+    the loss is padded SFT's, through the collator jobs.sft builds (TRL's, the video wrapper, the padding-free one)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from jobs import modeling, packing, training
+    from jobs.recipe import Model
+    from tests.test_padding_free import LOSS_TOLERANCE, loss_and_grads
+
+    folder, processor, family = load(tiny_model, name)
+    prepared, _ = prepare(source_rows, processor, family)
+    model = modeling.load_model(Model(name_or_path=str(folder), family=name, attn_implementation="sdpa"), dtype=torch.float32)
+    model.eval()
+    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_length=None, bf16=False,
+                     dataloader_pin_memory=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=prepared, processing_class=family.rendering_processor(processor))
+    training.keep_columns(trainer, *video.COLUMNS)
+    collator = video.WithVideos(trainer.data_collator)
+    padded = collator([dict(row) for row in prepared])
+    packed = packing.PaddingFree(collator, model)([dict(row) for row in prepared])
+    assert torch.equal(packed["pixel_values_videos"], padded["pixel_values_videos"])
+    padded_loss, _, _ = loss_and_grads(trainer, model, padded)
+    packed_loss, _, _ = loss_and_grads(trainer, model, packed)
+    torch.testing.assert_close(packed_loss, padded_loss, **LOSS_TOLERANCE)
+    if name != "qwen2_5_vl":  # the tiny Qwen3-VL's loss moves with its positions by less than the tolerance (3.7e-5)
+        return
+    # Control: packed with plain positions (no rotary ones from the video grids) the loss is another; a tiny random
+    # model's loss moves little with positions (3e-4 of 6.1 for Qwen2.5-VL's), still several times the tolerance
+    plain_loss, _, _ = loss_and_grads(trainer, model, packing.pack(collator([dict(row) for row in prepared])))
+    gap, allowed = abs(plain_loss - padded_loss), LOSS_TOLERANCE["atol"] + LOSS_TOLERANCE["rtol"] * abs(padded_loss)
+    assert gap > 3 * allowed, f"the control must fail the equivalence (gap {gap:.2e}, tolerance {allowed:.2e})"
