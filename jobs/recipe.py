@@ -515,6 +515,8 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             errors.append(f"prepare.{fraction}: must be in [0, 1)")
     if not 0 < recipe.prepare.image_scale <= 1:
         errors.append("prepare.image_scale: must be in (0, 1]")
+    if not recipe.prepare.video_fps > 0:
+        errors.append("prepare.video_fps: must be above 0 (frames per second kept of a video)")
     if (recipe.resources.sharding or "none") not in SHARDING:
         errors.append(f"resources.sharding: {recipe.resources.sharding!r} is not one of {', '.join(SHARDING)}")
     for stage in STAGES:

@@ -277,3 +277,12 @@ def test_padding_free_sft_on_video_rows_has_padded_sfts_loss(name, tiny_model, s
     plain_loss, _, _ = loss_and_grads(trainer, model, packing.pack(collator([dict(row) for row in prepared])))
     gap, allowed = abs(plain_loss - padded_loss), LOSS_TOLERANCE["atol"] + LOSS_TOLERANCE["rtol"] * abs(padded_loss)
     assert gap > 3 * allowed, f"the control must fail the equivalence (gap {gap:.2e}, tolerance {allowed:.2e})"
+
+
+def test_a_video_fps_of_zero_is_refused_by_the_recipe(tmp_path):
+    from jobs import recipe as recipes
+    from tests.conftest import recipe_file
+
+    path = recipe_file(tmp_path, tmp_path, {"chartqa": tmp_path, "rlaif-v": tmp_path}, prepare={"video_fps": 0})
+    with pytest.raises(UserError, match=r"prepare.video_fps: must be above 0"):
+        recipes.load(path)
