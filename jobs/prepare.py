@@ -29,6 +29,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     from jobs import data, modeling, video
     from jobs.families import get_family
+    from jobs.formats import FORMATS
 
     # Images are shrunk to the processor's own size limit, so the processor decides what "too big" is.
     family = get_family(cfg.model.family)
@@ -40,6 +41,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
     else:
         bounds = [f"{side} side <= {limit} px" for side, limit in (("longest", longest), ("shortest", shortest)) if limit]
         print(f"prepare: images shrunk to {' and '.join(bounds) or 'their own size (the processor sets no limit)'}")
+
+    if any(FORMATS[source.format].video_column for source in (cfg.data.sft, cfg.data.dpo) if source):
+        print(video.describe(family, processor, cfg.prepare.video_fps))
 
     def shrink(image):
         return family.shrink(image, processor, cfg.prepare.image_scale)

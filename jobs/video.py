@@ -33,10 +33,7 @@ def decoder(family, processor, *, fps: float, folder: Path | None) -> Callable[[
             raise Drop(f"video row: the {family.name} family takes no video")
         return refuse
     video_processor = processor.video_processor
-    own = {"fps": video_processor.fps} if getattr(video_processor, "fps", None) else {}
-    if getattr(video_processor, "num_frames", None):
-        own = {"num_frames": video_processor.num_frames}
-    sample = partial(video_processor.sample_frames, **(own or {"fps": fps}))
+    sample = partial(video_processor.sample_frames, **sampling(video_processor, fps))
 
     def decode(video) -> tuple[list, dict]:
         from transformers.video_utils import load_video
@@ -49,13 +46,31 @@ def decoder(family, processor, *, fps: float, folder: Path | None) -> Callable[[
         try:
             frames, metadata = load_video(str(path), backend="pyav", sample_indices_fn=sample)
         except Exception:  # PyAV's errors (InvalidDataError, ...) and a video too short to sample
-            raise Drop("video does not decode") from None
+            raise Drop("video does not decode or is too short to sample") from None
         return [shrink_frame(frame, video_processor) for frame in frames], {
             "fps": float(metadata.fps), "total_num_frames": int(metadata.total_num_frames),
             "frames_indices": [int(i) for i in metadata.frames_indices],
         }
 
     return decode
+
+
+def sampling(video_processor, fps: float) -> dict:
+    """The video processor's own fps or num_frames, else ``fps`` (prepare.video_fps)."""
+    if getattr(video_processor, "num_frames", None):
+        return {"num_frames": video_processor.num_frames}
+    return {"fps": getattr(video_processor, "fps", None) or fps}
+
+
+def describe(family, processor, fps: float) -> str:
+    """prepare's line on what it keeps of a video."""
+    if not family.takes_video:
+        return f"prepare: video rows are dropped: the {family.name} family takes no video"
+    video_processor = processor.video_processor
+    (how, value), = sampling(video_processor, fps).items()
+    kept = f"{value:g} frames a second" if how == "fps" else f"{value} frames"
+    return (f"prepare: videos sampled at {kept} ({video_processor.min_frames} to {video_processor.max_frames}), frames "
+            f"shrunk to at most {video_processor.size['longest_edge']:,} pixels")
 
 
 def shrink_frame(frame, video_processor):

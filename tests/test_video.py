@@ -173,12 +173,13 @@ def test_bad_video_rows_are_counted_drops_with_their_reason(qwen, source_rows, t
         {**source_rows[0], "videos": []},  # a placeholder without its video
         {**source_rows[0], "videos": [str(tmp_path / "missing.mp4")]},
         {**source_rows[0], "videos": [str(broken)]},
+        {**source_rows[0], "videos": [write_video(tmp_path / "one.mp4", frames=1, fps=4, height=16, width=16)]},
         {**source_rows[0], "videos": ["short.mp4"]},  # relative to the source's folder
     ]
     prepared, drops = prepare(rows, processor, family, folder=tmp_path)
     assert len(prepared) == 2
     assert dict(drops.reasons) == {"video placeholders do not match the videos": 1, "video file not found": 1,
-                                   "video does not decode": 1}
+                                   "video does not decode or is too short to sample": 2}
     # a family without video: every row with a video is a drop naming the family, the row without one is kept
     llava = get_family("llava")
     prepared, drops = prepare(source_rows, processor, llava)
