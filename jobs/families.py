@@ -61,6 +61,7 @@ class Family:
     packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
     shared_prefix_unsupported: str | None = None  # why DPO cannot score a pair's answers off one prompt (jobs.shared_prefix)
     multi_turn_unsupported: str | None = None  # why a conversation with earlier answers cannot be trained on (jobs.turns)
+    takes_video: bool = False  # video rows (format video-messages) are trained on; for the others they are drops
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def why_not_packed(self, attn_implementation: str | None) -> str | None:
@@ -254,6 +255,7 @@ FAMILIES: dict[str, Family] = {
             # no BOS: Qwen2.5's tokenizer has none and its template (Qwen2-VL's) opens with <|im_start|>
             # Its class sets accepts_loss_kwargs = False (Qwen3-VL's too, Qwen2-VL's not): the Trainer passes no
             # num_items_in_batch, so under gradient accumulation each micro-batch's loss is its own token mean
+            takes_video=True,  # frames spaced in time by second_per_grid_ts (jobs.video)
             hub_ids=("Qwen/Qwen2.5-VL-7B-Instruct",),
         ),
         Family(
@@ -263,6 +265,8 @@ FAMILIES: dict[str, Family] = {
             # Qwen2-VL's image processor again, with 16 px patches merged 2 x 2 (32 px per image token)
             image_bound="max_pixels",
             # no BOS, no default system prompt (unlike Qwen2/2.5-VL's template): the template opens with the first turn
+            # Video frames carry their timestamps as text (<t seconds>), from the stored metadata (jobs.video)
+            takes_video=True,
             hub_ids=("Qwen/Qwen3-VL-8B-Instruct",),
         ),
         Family(

@@ -21,9 +21,10 @@ class Drop(Exception):
 class Format:
     kind: str  # "sft" (prompt/completion) or "dpo" (prompt/chosen/rejected)
     columns: tuple[str, ...]  # source columns it reads
-    image_column: str  # holds one image, or a list of images when it is "images"
+    image_column: str | None  # holds one image, or a list of images when it is "images"; None: the rows have none
     convert: Callable[[dict, str | None], dict]  # (row, system_prompt) -> row without images
     description: str
+    video_column: str | None = None  # a list of video files per row, each matching a {"type": "video"} placeholder
 
 
 def _text(row: dict, key: str) -> str:
@@ -70,7 +71,7 @@ def rlaif_v(row: dict, system_prompt: str | None) -> dict:
     return {"prompt": _user_turn(question, system_prompt), "chosen": _answer(chosen), "rejected": _answer(rejected)}
 
 
-def _messages(value: Any, key: str) -> list[dict]:
+def _messages(value: Any, key: str, parts_allowed: tuple[str, ...] = ("text", "image")) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise Drop(f"{key} is not a list of messages" if value else f"empty {key}")
     messages = []
@@ -84,15 +85,19 @@ def _messages(value: Any, key: str) -> list[dict]:
             raise Drop(f"{key} has a message whose content is neither text nor a list of parts")
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-                raise Drop(f"{key} has a content part that is neither text nor image")
-            parts.append({"type": "image"} if part["type"] == "image" else {"type": "text", "text": part.get("text") or ""})
+            if not isinstance(part, dict) or part.get("type") not in parts_allowed:
+                raise Drop(f"{key} has a content part that is not {' or '.join(parts_allowed)}")
+            parts.append({"type": "text", "text": part.get("text") or ""} if part["type"] == "text" else {"type": part["type"]})
         messages.append({"role": message["role"], "content": parts})
     return messages
 
 
+def count_parts(messages: list[dict], kind: str) -> int:
+    return sum(part["type"] == kind for message in messages for part in message["content"])
+
+
 def count_images(messages: list[dict]) -> int:
-    return sum(part["type"] == "image" for message in messages for part in message["content"])
+    return count_parts(messages, "image")
 
 
 def _check_images(row: dict, messages: list[dict]) -> None:
@@ -104,7 +109,18 @@ def _check_images(row: dict, messages: list[dict]) -> None:
 def messages(row: dict, system_prompt: str | None) -> dict:
     """Conversations (messages, images), one or several user/assistant turns with images in any user turn: trained on
     every assistant turn (jobs.turns labels the earlier ones in the prompt), the last one the completion."""
-    conversation = _messages(row.get("messages"), "messages")
+    return _conversation(_messages(row.get("messages"), "messages"), row, system_prompt)
+
+
+def video_messages(row: dict, system_prompt: str | None) -> dict:
+    """Conversations with videos (messages, videos: video files; images optional), as ``messages``."""
+    conversation = _messages(row.get("messages"), "messages", ("text", "image", "video"))
+    if count_parts(conversation, "video") != len(row.get("videos") or []):
+        raise Drop("video placeholders do not match the videos")
+    return _conversation(conversation, row, system_prompt)
+
+
+def _conversation(conversation: list[dict], row: dict, system_prompt: str | None) -> dict:
     _check_images(row, conversation)
     roles = [m["role"] for m in conversation]
     first_user = roles.index("user") if "user" in roles else None
@@ -147,6 +163,9 @@ def preference_messages(row: dict, system_prompt: str | None) -> dict:
 FORMATS: dict[str, Format] = {
     "chartqa": Format("sft", ("image", "query", "label"), "image", chartqa, "HuggingFaceM4/ChartQA"),
     "messages": Format("sft", ("messages", "images"), "images", messages, "conversations with an images column"),
+    "video-messages": Format(
+        "sft", ("messages", "videos"), None, video_messages, "conversations with a videos column (video files)", video_column="videos"
+    ),
     "rlaif-v": Format("dpo", ("image", "question", "chosen", "rejected"), "image", rlaif_v, "openbmb/RLAIF-V-Dataset"),
     "preference-messages": Format(
         "dpo", ("images", "prompt", "chosen", "rejected"), "images", preference_messages, "HuggingFaceH4/rlaif-v_formatted"

@@ -13,6 +13,8 @@ Output: <run>/prepare/{sft,dpo}/{train,eval,test}/ (datasets.save_to_disk) and _
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from jobs import contract, entry
 from jobs import recipe as recipes
 
@@ -25,8 +27,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     from datasets import DatasetDict
 
-    from jobs import data, modeling, turns
+    from jobs import data, modeling, turns, video
     from jobs.families import get_family
+    from jobs.formats import FORMATS
 
     # Images are shrunk to the processor's own size limit, so the processor decides what "too big" is.
     family = get_family(cfg.model.family)
@@ -38,6 +41,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
     else:
         bounds = [f"{side} side <= {limit} px" for side, limit in (("longest", longest), ("shortest", shortest)) if limit]
         print(f"prepare: images shrunk to {' and '.join(bounds) or 'their own size (the processor sets no limit)'}")
+
+    if any(FORMATS[source.format].video_column for source in (cfg.data.sft, cfg.data.dpo) if source):
+        print(video.describe(family, processor, cfg.prepare.video_fps))
 
     def shrink(image):
         return family.shrink(image, processor, cfg.prepare.image_scale)
@@ -63,7 +69,10 @@ def main(recipe: str = "", force: bool = False, **overrides):
             raw = data.load_split(source, name, scratch=stage.scratch)
             if cfg.prepare.max_rows is not None:
                 raw = raw.select(range(min(cfg.prepare.max_rows, len(raw))))
-            prepared[split], dropped = data.convert(raw, source, shrink, check=check, num_proc=cfg.prepare.num_proc, what=where)
+            decode_video = video.decoder(family, processor, fps=cfg.prepare.video_fps,
+                                         folder=Path(source.path) if data.is_local(source) else None)
+            prepared[split], dropped = data.convert(raw, source, shrink, check=check, num_proc=cfg.prepare.num_proc,
+                                                    what=where, decode_video=decode_video)
             data.check_drops(dropped, where, cfg.prepare)
             drops[f"{kind}/{split}"] = dropped.to_dict()
             print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))

@@ -28,7 +28,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    from jobs import auto_batch, modeling, packing, training, turns, upstream
+    from jobs import auto_batch, modeling, packing, training, turns, upstream, video
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -49,6 +49,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
             processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
             callbacks=training.callbacks("sft", stage.work),
         )
+    if video.COLUMNS[0] in train.column_names:  # TRL's vision collator reads no videos; the wrapper hands them over
+        trainer.data_collator = video.WithVideos(trainer.data_collator)
     # Every assistant turn of a multi-turn row is trained on, not only its completion; before the wraps below, which
     # read the batches it makes (prepare dropped multi-turn rows where the family cannot: multi_turn_unsupported)
     if not family.multi_turn_unsupported:
