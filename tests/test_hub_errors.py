@@ -192,3 +192,33 @@ def test_a_malformed_model_id_is_one_line_before_any_request(hub, tmp_path):
     assert done.returncode == contract.EXIT_USER_ERROR
     assert done.stderr.strip().splitlines() == [f"error: model {name}: neither a local path nor a hub id (org/name)"]
     assert waits(tmp_path) == [], "nothing was sent, so nothing was retried"
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["as huggingface_hub raises it", "as transformers wraps it"])
+def test_the_hubs_429_after_huggingface_hubs_retries_is_the_hub_unreachable(wrapped):
+    """Issue 26 (9): the hub rate-limits with 429 (huggingface_hub retries it, honouring Retry-After, then raises);
+    what is left is the network's trouble, worth a retry later (exit 1), not an unknown error. The exception is
+    huggingface_hub's own, from a 429 answer as the hub sends it; transformers' cached_file wraps it in an OSError
+    ("There was a specific connection error ...") from it."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import hf_raise_for_status
+
+    from jobs import hub
+
+    url = f"{constants.ENDPOINT}/org/model/resolve/main/config.json"
+    response = httpx2.Response(429, headers={"Retry-After": "60"}, request=httpx2.Request("HEAD", url))
+    with pytest.raises(Exception) as raised:  # whatever huggingface_hub makes of a 429
+        hf_raise_for_status(response)
+    error = raised.value
+    if wrapped:
+        try:
+            raise OSError(f"There was a specific connection error when trying to load org/model:\n{error}") from error
+        except OSError as raised:
+            error = raised
+    found = hub.problem(error, "model", "org/model")
+    assert isinstance(found, contract.Failure) and found.exit_code == contract.EXIT_FAILURE
+    assert str(found) == (
+        f"model org/model: the hub ({constants.ENDPOINT}) is unreachable (HTTP 429, after huggingface_hub's retries) and the "
+        "local cache lacks it: check the network, proxy or HF_ENDPOINT and run again, or run with HF_HUB_OFFLINE=1 where "
+        "the cache holds it")

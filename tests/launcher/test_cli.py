@@ -118,6 +118,32 @@ def test_pipeline_in_the_driver_reads_the_recipe_from_its_environment(kubeconfig
     assert [r.body["metadata"]["name"] for r in server.calls("POST", "/jobs")] == ["llava-chartqa-prepare"]
 
 
+def test_the_nightly_cronjobs_command_runs_the_pipeline_on_the_run_id_dated_today(kubeconfig, server):
+    """Issue 26 (7): the CronJob's own container command and environment, run as the pod runs them (a process,
+    through Fire), creates the night's Jobs under run.id-YYYYMMDD: undated, every night after the first would find
+    the first night's Jobs and skip every stage as done."""
+    import datetime
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    cron = render.render_cronjob(make(SINGLE, stages=["prepare"]), IMAGE)
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["python", "-m", "launcher.cli"]
+    env = subprocess_env(KUBECONFIG=os.environ["KUBECONFIG"], **{v["name"]: v["value"] for v in container["env"]})
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    days = {datetime.datetime.now(datetime.UTC).strftime("%Y%m%d")}
+    done = subprocess.run([sys.executable, *container["command"][1:]], env=env, capture_output=True, text=True, timeout=120)
+    days.add(datetime.datetime.now(datetime.UTC).strftime("%Y%m%d"))  # a run across midnight may take either day
+    assert done.returncode == 0, done.stderr
+    (created,) = [request.body["metadata"] for request in server.calls("POST", "/jobs")]
+    run_id = created["labels"]["app.kubernetes.io/instance"]
+    assert run_id in {f"llava-chartqa-{day}" for day in days} and created["name"] == f"{run_id}-prepare"
+    assert f"==> pipeline done: prepare of run {run_id} in " in done.stdout
+
+
 def test_status_lists_the_runs_jobs(kubeconfig, server, recipe_file, capsys):
     server.add_job(render.render_stage(make(SINGLE), "prepare", IMAGE)[0], complete())
     cli.status(recipe_file, run="llava-chartqa")

@@ -183,6 +183,28 @@ def test_too_many_requests_are_retried_past_urllib3s_own_retries(cluster, server
     ]
 
 
+def test_a_retry_after_longer_than_the_launchers_backoff_is_waited_out(server, api, single, monkeypatch):
+    """Issue 26 (5): API Priority and Fairness asks for 7 s; the launcher's own first wait would be 1 s. After
+    urllib3's three waits of 7 s the fourth 429 reaches the launcher, which waits 7 s too. No time passes: every
+    sleep in this process (urllib3's and the launcher's) is recorded instead of slept."""
+    import time
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    lines = []
+    cluster = kube.Cluster(api, "vlmjobs", out=lines.append, poll_s=0.01, watch_s=5, pods_gone_timeout_s=0.5,
+                           log_drain_s=5)  # the launcher's own backoff: 1 s first, doubling up to 30 s
+    server.script("llava-chartqa-sft", Attempt(statuses=[complete()]))
+    cluster.create_job(job_of(single))
+    server.fail("GET", r"/jobs\?watch$", 429, "too many requests, please try again later", times=4, retry_after=7)
+    assert cluster.follow("llava-chartqa-sft", logs=False).succeeded
+    assert [line for line in lines if "retrying" in line] == [
+        "warning: cannot watch Job vlmjobs/llava-chartqa-sft: too many requests (too many requests, please try "
+        "again later); retrying in 7s"
+    ]
+    assert [s for s in slept if s >= 1] == [7, 7, 7, 7], "urllib3's three waits, then the launcher's"
+
+
 def test_a_pod_that_cannot_pull_its_image_is_reported(cluster, server, single):
     server.script(
         "llava-chartqa-sft",

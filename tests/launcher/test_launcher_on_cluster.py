@@ -173,6 +173,24 @@ def test_exit_2_fails_at_once_through_the_pod_failure_policy(real_cluster, ns):
     record("exit-2", c, "sim-sft")
 
 
+def test_exit_2_before_kubernetes_1_31_is_a_user_error_the_launcher_reads_from_the_pod(real_cluster, ns):
+    """Issue 26 (6): a 1.29 target has no podFailurePolicy (not GA before 1.31), so the Job, rendered with
+    backoffLimit 0 for the launcher to retry, fails as BackoffLimitExceeded whatever the exit code; the launcher reads
+    the pod's exit code 2 and stops, though kubernetes.backoff_limit would allow a restart."""
+    c = on(real_cluster, ns)
+    old = recipe(ns, {SIM_EXIT_CODE: "2"}, **{"kubernetes.target_version": "1.29", "kubernetes.backoff_limit": 1})
+    assert "podFailurePolicy" not in render.render_stage(old, "sft", IMAGE)[0]["spec"]
+    with pytest.raises(
+        kube.JobFailed,
+        match=rf"^stage sft: Job {ns}/sim-sft failed: BackoffLimitExceeded: Job has reached the specified backoff "
+        r"limit \(the stage exited 2: a recipe or data error, which a retry cannot fix\); its log",
+    ) as info:
+        chain.run_stage(c, old, "sft", IMAGE, logs=False)
+    assert info.value.exit_code == 2 and len(c.list_pods("sim-sft")) == 1
+    assert [line for line in c.lines if "restarting" in line] == []
+    record("exit-2-target-1.29", c, "sim-sft")
+
+
 def test_exit_1_is_retried_by_the_job_up_to_backoff_limit(real_cluster, ns):
     c = on(real_cluster, ns)
     with pytest.raises(
