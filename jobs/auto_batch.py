@@ -129,7 +129,7 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
         if micro == 1:
             raise UserError(
                 f"{stage.name}: micro-batch 1 ran out of memory: the model does not fit even at "
-                "per_device_train_batch_size 1; turn on gradient_checkpointing, train lora or qlora instead of full, or "
+                "per_device_train_batch_size 1; turn on activation_checkpointing, train lora or qlora instead of full, or "
                 "spread it over more GPUs (vlmjobs memory <recipe> shows the arithmetic)"
             )
         micro = smaller(micro, per_process)
@@ -166,13 +166,13 @@ def out_of_memory_in_training(stage_name: str, batch: Batch | None):
         found = (f"{stage_name}: out of GPU memory in training ({str(e).splitlines()[0]}) at micro-batch {batch}, the "
                  "size per_device_train_batch_size: auto found on the longest training rows")
         if batch.micro == 1:
-            raise UserError(f"{found}; turn on gradient_checkpointing, train lora or qlora instead of full, or spread it "
+            raise UserError(f"{found}; turn on activation_checkpointing, train lora or qlora instead of full, or spread it "
                             "over more GPUs (vlmjobs memory <recipe> shows the arithmetic)") from e
         half = smaller(batch.micro, batch.micro * batch.accumulation)
         raise UserError(
             f"{found}; give a smaller one in its place: {stage_name}.args.per_device_train_batch_size: {half} and "
             f"{stage_name}.args.gradient_accumulation_steps: {batch.micro * batch.accumulation // half}, without "
-            f"{stage_name}.effective_batch_size (the same effective batch), or turn on gradient_checkpointing"
+            f"{stage_name}.effective_batch_size (the same effective batch), or turn on activation_checkpointing"
         ) from e
 
 

@@ -72,7 +72,7 @@ def _run(main: Callable, imports: tuple[str, ...] = ()) -> None:
         if type(e).__name__ == "OutOfMemoryError":  # torch's; the same batch will not fit on a retry either
             print(
                 f"error: out of GPU memory ({str(e).splitlines()[0]}): halve per_device_train_batch_size and double "
-                "gradient_accumulation_steps, or turn on gradient_checkpointing",
+                "gradient_accumulation_steps, or turn on activation_checkpointing",
                 file=sys.stderr,
             )
             sys.exit(EXIT_USER_ERROR)

@@ -31,8 +31,8 @@ SCOPE = {
     "jobs.inference": ["x_completion_logprobs", "x_prompt_inputs", "x__images", "x__batches"],
     "jobs.merge_push": ["x_gate", "x_compare_with_base"],  # the push gate
     "launcher.state": ["*"],  # what a Job's objects say happened, and whether to retry on GPUs
-    "jobs.contract": ["x__run", "x_entrypoint", "x_exit_status", "x__raise_interrupted", "x_stopped",
-                      "xǁInterruptedǁ__init__"],  # exit codes
+    "jobs.entry": ["x__run", "x_entrypoint"],  # a stage's exit codes
+    "jobs.contract": ["x_exit_status", "x__raise_interrupted", "x_stopped", "xǁInterruptedǁ__init__"],  # and signals
 }
 MUTMUT = [sys.executable, "-c", "from mutmut.__main__ import cli; cli()"]
 

@@ -118,7 +118,7 @@ def test_out_of_gpu_memory_outside_the_batch_search_is_one_line_with_advice_and_
     script = tmp_path / "stage.py"
     script.write_text(
         "import torch\n"
-        "from jobs.contract import entrypoint\n"
+        "from jobs.entry import entrypoint\n"
         "def out_of_memory(module, args):\n"
         "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of '\n"
         "                                 '79.19 GiB of which 1.06 GiB is free.\\nSee documentation for Memory Management')\n"
@@ -133,7 +133,7 @@ def test_out_of_gpu_memory_outside_the_batch_search_is_one_line_with_advice_and_
     assert done.stderr == (
         "error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB "
         "of which 1.06 GiB is free.): halve per_device_train_batch_size and double gradient_accumulation_steps, or turn on "
-        "gradient_checkpointing\n"
+        "activation_checkpointing\n"
     )
 
 

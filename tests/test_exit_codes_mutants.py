@@ -1,6 +1,6 @@
 """The exit codes a stage ends with, which decide whether Kubernetes or the launcher retries it on GPUs: 2 for what a
 retry cannot fix, 1 for the rest, 128 + N when stopped by signal N (the shell's and Kubernetes' convention). Run in
-this process, so that make mutate maps jobs.contract's exit paths to them (issue 26: test_contract.py runs them in
+this process, so that make mutate maps the exit paths of jobs.entry and jobs.contract to them (issue 26: test_contract.py runs them in
 subprocesses, which left all 94 of their mutants without a test)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from jobs import contract
+from jobs import contract, entry
 
 STOPPED = "the unfinished work stays in the run folder, and running the same command again resumes it"
 
@@ -44,9 +44,9 @@ def raising(error: BaseException):
 
 
 def test_user_errors_exit_2_and_failures_exit_1_in_one_line(stage, capsys):
-    assert ended(contract._run, raising(contract.UserError("data.sft: no rows"))) == 2
+    assert ended(entry._run, raising(contract.UserError("data.sft: no rows"))) == 2
     assert capsys.readouterr().err == "error: data.sft: no rows\n"
-    assert ended(contract._run, raising(contract.Failure("the hub is unreachable"))) == 1
+    assert ended(entry._run, raising(contract.Failure("the hub is unreachable"))) == 1
     assert capsys.readouterr().err == "error: the hub is unreachable\n"
 
 
@@ -55,15 +55,15 @@ def test_out_of_gpu_memory_exits_2_with_its_first_line_and_the_advice(stage, cap
     import torch
 
     error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has a total capacity of 79 GiB")
-    assert ended(contract._run, raising(error)) == 2
+    assert ended(entry._run, raising(error)) == 2
     assert capsys.readouterr().err == (
         "error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.): halve per_device_train_batch_size "
-        "and double gradient_accumulation_steps, or turn on gradient_checkpointing\n")
+        "and double gradient_accumulation_steps, or turn on activation_checkpointing\n")
 
 
 def test_anything_else_is_raised_for_a_traceback_and_exit_1(stage):
     with pytest.raises(MemoryError):  # the host's memory, not the GPU's: worth a retry elsewhere
-        contract._run(raising(MemoryError("host")))
+        entry._run(raising(MemoryError("host")))
 
 
 def test_without_a_terminal_the_progress_bars_are_off_and_bitsandbytes_cpu_hint_quiet(stage, monkeypatch):
@@ -71,7 +71,7 @@ def test_without_a_terminal_the_progress_bars_are_off_and_bitsandbytes_cpu_hint_
         monkeypatch.delenv(name, raising=False)
     quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
     monkeypatch.setattr(quiet, "level", logging.NOTSET)
-    contract._run(lambda: None)  # pytest's captured stderr is no terminal
+    entry._run(lambda: None)  # pytest's captured stderr is no terminal
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
     assert quiet.level == logging.ERROR
 
@@ -83,7 +83,7 @@ def test_a_stage_started_ahead_runs_only_on_its_go(stage, monkeypatch, go, runs)
     os.close(write)
     monkeypatch.setenv(contract.START_FD_ENV, str(read))
     ran = []
-    assert contract._run(lambda: ran.append(True)) is None
+    assert entry._run(lambda: ran.append(True)) is None
     assert ran == ([True] if runs else [])
 
 
@@ -93,7 +93,7 @@ def test_a_stage_started_ahead_runs_only_on_its_go(stage, monkeypatch, go, runs)
     (contract.Interrupted(signal.SIGTERM), 143, "SIGTERM"),  # kubectl delete, preemption
 ])
 def test_a_stopped_stage_exits_128_plus_the_signal_in_one_line(stage, capsys, stop, code, name):
-    assert ended(contract.entrypoint, raising(stop)) == code
+    assert ended(entry.entrypoint, raising(stop)) == code
     assert capsys.readouterr().err == f"stopped on {name}; {STOPPED}\n"
 
 
@@ -104,7 +104,7 @@ def test_help_is_the_stage_scripts_docstring_and_runs_nothing(stage, monkeypatch
     def main(recipe: str = ""):
         ran.append(recipe)
 
-    contract.entrypoint(main)
+    entry.entrypoint(main)
     assert capsys.readouterr().out.startswith(__doc__.split("\n")[0]) and ran == []
 
 
@@ -115,7 +115,7 @@ def test_a_stage_started_ahead_imports_its_libraries_before_its_go(stage, monkey
     monkeypatch.setenv(contract.START_FD_ENV, str(read))
     monkeypatch.delitem(sys.modules, "colorsys", raising=False)
     ran = []
-    contract.entrypoint(lambda: ran.append("colorsys" in sys.modules), imports=("colorsys",))
+    entry.entrypoint(lambda: ran.append("colorsys" in sys.modules), imports=("colorsys",))
     assert ran == [True]
 
 

@@ -229,7 +229,7 @@ def test_the_readmes_cluster_examples_run_on_the_default_cluster_recipe(capsys):
     assert planned.returncode == 0, planned.stderr
     command = shlex.split(next(line for line in planned.stdout.splitlines() if "vlmjobs render" in line))
     assert command[0].endswith("/bin/vlmjobs"), command  # the console script of `launcher.cli:main`
-    fire.Fire(cli.COMMANDS, command=command[1:])  # as contract.entrypoint hands them to Fire, from the checkout
+    fire.Fire(cli.COMMANDS, command=command[1:])  # as entry.entrypoint hands them to Fire, from the checkout
     assert yaml.safe_load(capsys.readouterr().out)["kind"] == "Job"
 
 
