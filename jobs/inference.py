@@ -80,9 +80,9 @@ def completion_logprobs(model, processor, rows: list[dict], key: str, *, batch_s
         input_ids = torch.cat([prompts["input_ids"], completions["input_ids"]], dim=1)
         attention = torch.cat([prompts["attention_mask"], completions["attention_mask"]], dim=1)
         inputs = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")}
-        for key in PER_TOKEN:
-            if key in inputs:
-                inputs[key] = torch.cat([inputs[key], completions[key]], dim=1)
+        for name in PER_TOKEN:  # not ``key``: that names the answer column, read again for the next batch
+            if name in inputs:
+                inputs[name] = torch.cat([inputs[name], completions[name]], dim=1)
         device = input_device(model)
         with torch.no_grad():
             logits = model(

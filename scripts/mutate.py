@@ -26,8 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCOPE = {
     "jobs.metrics": ["*"],  # every scoring rule
     "jobs.benchmarks": ["*"],  # AMBER's and POPE's files, read as their scripts read them
-    "jobs.evaluate": ["x_evaluate_variant", "x__yes_no_scores", "x_with_prompt", "x_benchmark_metrics",
-                      "x_metric_definitions", "x__text", "x__question", "x__sample"],
+    "jobs.evaluate": ["x_evaluate_variant", "x__yes_no_scores", "x_with_prompt", "x__text", "x__question", "x__sample"],
     "jobs.inference": ["x_completion_logprobs", "x_prompt_inputs", "x__images", "x__batches"],
     "jobs.merge_push": ["x_gate", "x_compare_with_base"],  # the push gate
     "launcher.state": ["*"],  # what a Job's objects say happened, and whether to retry on GPUs

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import evaluate
+from jobs import benchmarks, evaluate, metrics
 from jobs import recipe as recipes
 from tests.test_chain import quick_recipe
 
@@ -48,14 +48,14 @@ def test_the_yes_no_columns_count_no_then_yes_as_the_positive_class():
 def test_a_benchmark_adds_its_official_metrics_under_its_name_with_their_definitions():
     pope = recipes.Benchmark(format="pope", name="pope_random", path="p.json", images="i")
     amber = recipes.Benchmark(format="amber", path="q.json", images="i", annotations="a.json")
-    assert evaluate.benchmark_metrics([amber, pope]) == (
+    assert benchmarks.benchmark_metrics([amber, pope]) == (
         "amber_accuracy", "amber_precision", "amber_recall", "amber_f1",
         "pope_random_accuracy", "pope_random_precision", "pope_random_recall", "pope_random_f1", "pope_random_yes_ratio")
-    definitions = evaluate.metric_definitions([pope])
+    definitions = benchmarks.metric_definitions([pope])
     assert definitions["pope_random_yes_ratio"] == ("POPE (RUCAIBox/POPE evaluate.py): answers read yes, over all questions "
                                                     "(0.5 is balanced)")
     assert definitions["no_f1"] == "F1 of answering no, no being the positive class" and "amber_f1" not in definitions
-    assert set(evaluate.metric_definitions([])) == {name for names in evaluate.METRICS.values() for name in names}
+    assert set(benchmarks.metric_definitions([])) == {name for names in metrics.METRICS.values() for name in names}
 
 
 def test_max_samples_takes_the_first_rows():

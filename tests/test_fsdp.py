@@ -78,12 +78,15 @@ def assert_same_training(one, two, stage: str, start: dict[str, torch.Tensor]):
     past them (from ``start``)."""
     assert all(norm > 0 for norm in losses(one / stage, "grad_norm")), f"{stage} computed no gradient: the comparison would prove nothing"
     assert losses(one / stage) == pytest.approx(losses(two / stage), rel=TOLERANCE, abs=TOLERANCE)
-    # Adam's first steps barely depend on the gradient's scale: a gradient summed rather than averaged shows here
-    assert losses(one / stage, "grad_norm") == pytest.approx(losses(two / stage, "grad_norm"), rel=TOLERANCE)
-    assert len(losses(two / stage)) == STEPS
     a, b = weights(one / stage / "model"), weights(two / stage / "model")
+    bf16 = any(value.dtype == torch.bfloat16 for value in a.values())
+    # Adam's first steps barely depend on the gradient's scale: a gradient summed rather than averaged (2x) shows here.
+    # bf16 gradients (QLoRA's adapter) are reduced over the processes in another order: a few roundings apart
+    norm_tolerance = 2 * torch.finfo(torch.bfloat16).eps if bf16 else TOLERANCE
+    assert losses(one / stage, "grad_norm") == pytest.approx(losses(two / stage, "grad_norm"), rel=norm_tolerance)
+    assert len(losses(two / stage)) == STEPS
     assert a.keys() == b.keys()
-    if any(value.dtype == torch.bfloat16 for value in a.values()):
+    if bf16:
         assert_within_bf16(a, b, stage)
     for key in (k for k in a if a[k].dtype != torch.bfloat16):
         assert torch.allclose(a[key], b[key], atol=WEIGHT_TOLERANCE, rtol=0), f"{stage} {key}: {(a[key] - b[key]).abs().max()}"

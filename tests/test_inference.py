@@ -41,3 +41,9 @@ def test_completion_logprobs_are_trls_dpo_log_probs_on_answers_of_unequal_length
     for key, expected in zip(("chosen", "rejected"), theirs):
         ours = torch.tensor(completion_logprobs(trainer.model, processor, scored, key, batch_size=len(rows)))
         torch.testing.assert_close(ours, expected.cpu().float(), atol=ATOL, rtol=RTOL, msg=lambda m: f"{key}: {m}")
+
+    # In batches smaller than the rows, as evaluate scores them (evaluate.batch_size): the same sums, batch after batch
+    for key in ("chosen", "rejected"):
+        whole = completion_logprobs(trainer.model, processor, scored, key, batch_size=len(rows))
+        in_pairs = completion_logprobs(trainer.model, processor, scored, key, batch_size=2)
+        torch.testing.assert_close(torch.tensor(in_pairs), torch.tensor(whole), atol=ATOL, rtol=RTOL)

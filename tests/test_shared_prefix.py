@@ -277,6 +277,6 @@ def test_the_benchs_sentence_answers_keep_the_charts_and_the_truth():
     words, sentences = synthetic.rlaif_v_rows(20, chart_share=0), synthetic.rlaif_v_rows(20, sentences=True, chart_share=0)
     assert [(r["image"], r["question"]) for r in words] == [(r["image"], r["question"]) for r in sentences]
     for word, sentence in zip(words, sentences):  # "Yes" or "Yes, there is a red bar." against a description
-        assert sentence["chosen"].startswith(word["chosen"].split(",")[0] + ", there is")
-        assert sentence["rejected"].startswith(word["rejected"].split(",")[0] + ", there is")
+        assert sentence["chosen"].startswith(word["chosen"].split(",")[0].rstrip(".") + ", there is")
+        assert sentence["rejected"].startswith(word["rejected"].split(",")[0].rstrip(".") + ", there is")
     assert len({len(r["chosen"]) for r in sentences}) > 5
