@@ -83,9 +83,10 @@ def load_split(source: Source, split: str, *, scratch: Path):
     return ds.select_columns(list(fmt.columns))
 
 
-def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = ""):
-    """Map source rows to conversational rows; returns (kept rows, Drops). Prints a progress line at each
-    tenth of the rows and at least every minute, from the worker that holds the first rows."""
+def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = "", max_images: int | None = None):
+    """Map source rows to conversational rows; returns (kept rows, Drops). A row with more than ``max_images`` images
+    (the family's limit) is dropped. Prints a progress line at each tenth of the rows and at least every minute, from
+    the worker that holds the first rows."""
     fmt = FORMATS[source.format]
     workers = max(num_proc, 1)
     progress = Progress(f"prepare: {what or source.path}", len(ds), every=60.0)
@@ -100,6 +101,8 @@ def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = ""):
         try:
             raw = row[fmt.image_column]
             raw = raw if isinstance(raw, list) else [raw]
+            if max_images is not None and len(raw) > max_images:
+                raise Drop(f"more than {max_images} image{'s' if max_images > 1 else ''} (the model family reads at most that many)")
             images = [_encode(shrink(_decode(image))) for image in raw]
             out = fmt.convert({**row, "images": images}, source.system_prompt)
             return {**_empty(fmt.kind), **out, "images": images, DROP: ""}

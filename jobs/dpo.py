@@ -67,6 +67,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
             peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
             callbacks=training.callbacks("dpo", stage.work),
         )
+    trainer.data_collator = family.collator(trainer.data_collator, processor)
     with reference_logprobs.as_if_cached(trainer) if cached else contextlib.nullcontext():
         # per_device_train_batch_size: auto; before start prints the batch
         batch = auto_batch.fit(stage, trainer, cfg.dpo, model=cfg.model, precision=precision)

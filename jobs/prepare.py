@@ -56,7 +56,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
             raw = data.load_split(source, name, scratch=stage.scratch)
             if cfg.prepare.max_rows is not None:
                 raw = raw.select(range(min(cfg.prepare.max_rows, len(raw))))
-            prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc, what=where)
+            prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc, what=where,
+                                                     max_images=family.max_images)
             data.check_drops(dropped, where, cfg.prepare)
             drops[f"{kind}/{split}"] = dropped.to_dict()
             print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))

@@ -49,6 +49,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
             processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
             callbacks=training.callbacks("sft", stage.work),
         )
+    trainer.data_collator = family.collator(trainer.data_collator, processor)
     padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
     grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows
     if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded
