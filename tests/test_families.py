@@ -254,3 +254,57 @@ def test_internvl_images_are_stored_within_the_widest_canvas_of_its_tiles_and_ke
         assert max(stored.size) <= most * tile
         tiles = [processor.image_processor(picture, crop_to_patches=True)["num_patches"] for picture in (image, stored)]
         assert tiles[0] == tiles[1], size
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3.2 Vision (mllama): one image per conversation, no system message beside images (issue 20)
+
+
+def two_image_conversations(folder, rows: int = 12, every: int = 3):
+    """A messages source like llava-instruct-mix-vsft's, every ``every``-th conversation asking about two images."""
+    from datasets import Dataset
+
+    from jobs import synthetic
+
+    out = synthetic.messages_rows(rows)
+    for row in out[::every]:
+        row["messages"][0]["content"].insert(0, {"type": "image", "text": None})
+        row["images"] = row["images"] * 2
+    (folder / "data").mkdir(parents=True)
+    Dataset.from_list(out, features=synthetic.features("messages")).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    return folder, len(out[::every])
+
+
+def test_mllama_drops_a_conversation_with_more_than_one_image_counted(tmp_path, tiny_model, synthetic_data):
+    """"You can't query about two different images at the same time" (Hugging Face's Llama 3.2 post): the model reads
+    one image per conversation, so prepare drops the others with their count, as it drops any unusable row."""
+    source, two = two_image_conversations(tmp_path / "conversations")
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    path = recipe_file(tmp_path, tiny_model("mllama"), sources, family="mllama", stages=["prepare"],
+                       data={"sft": {"path": str(source), "format": "messages"}}, prepare={"max_drop_fraction": 0.5})
+    recipe = run_stages(path)
+    drops = contract.read_json(recipe.run_dir / "prepare" / contract.SUCCESS_FILE)["drops"]["sft/train"]
+    assert drops["reasons"] == {"more than 1 image (the model family reads at most that many)": two}
+    kept = load_from_disk(recipe.run_dir / "prepare" / "sft")
+    assert {len(row["images"]) for split in kept.values() for row in split} == {1}
+
+
+def test_mllama_renders_a_system_message_beside_an_image_into_the_first_user_turn(tiny_model):
+    """Its template raises "Prompting with images is incompatible with system messages."; the stages (and evaluate's
+    prompted variant) render the system text at the head of the user's turn instead, as the template itself renders
+    that conversation written so."""
+    import jinja2
+
+    processor = modeling.load_processor(Model(name_or_path=str(tiny_model("mllama")), family="mllama"))
+    system = {"role": "system", "content": [{"type": "text", "text": "Answer with one word."}]}
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which bar is the tallest?"}]}
+    with pytest.raises(jinja2.TemplateError, match="Prompting with images is incompatible with system messages"):
+        processor.apply_chat_template([system, user], add_generation_prompt=True, tokenize=False)
+    folded = {"role": "user", "content": [{"type": "text", "text": "Answer with one word.\n\n"}, *user["content"]]}
+    expected = processor.apply_chat_template([folded], add_generation_prompt=True, tokenize=False)
+    rendering = get_family("mllama").rendering_processor(processor)
+    assert rendering.apply_chat_template([system, user], add_generation_prompt=True, tokenize=False) == expected
+    # without an image the template takes a system message itself: left to it
+    text_only = [system, {"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]
+    assert (rendering.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False)
+            == processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False))
