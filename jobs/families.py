@@ -80,6 +80,9 @@ class Family:
     system_beside_images: bool = True
     # Images reach the text through cross-attention, per token as cross_attention_mask says (jobs.cross_attention)
     cross_attention: bool = False
+    # The model card calls the processor with add_special_tokens=False: the template writes BOS, which the tokenizer would
+    # put in front a second time (the usage snippet of a pushed model does the same)
+    card_special_tokens: bool = True
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
@@ -332,6 +335,7 @@ FAMILIES: dict[str, Family] = {
             # "the system role is not supported" with images (the same post): its template raises "Prompting with images
             # is incompatible with system messages."
             system_beside_images=False,
+            card_special_tokens=False,  # Llama-3.2-11B-Vision-Instruct's card: processor(image, input_text, add_special_tokens=False, ...)
             hub_ids=("meta-llama/Llama-3.2-11B-Vision-Instruct",),
         ),
     ]

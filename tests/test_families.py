@@ -308,3 +308,26 @@ def test_mllama_renders_a_system_message_beside_an_image_into_the_first_user_tur
     text_only = [system, {"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]
     assert (rendering.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False)
             == processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False))
+
+
+def test_mllama_model_card_snippet_gives_the_model_one_bos_as_its_card_does(tiny_model, tmp_path, monkeypatch):
+    """The pushed model's usage snippet, run up to generation: its ids are the card's (processor(image, input_text,
+    add_special_tokens=False)), with the one <|begin_of_text|> the template writes, not a second one from the tokenizer."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from jobs import merge_push
+
+    folder = tiny_model("mllama")
+    cfg = SimpleNamespace(model=SimpleNamespace(family="mllama"), merge_push=SimpleNamespace(push=False, repo_id=None))
+    snippet = merge_push.usage(cfg).replace("'path/to/this/folder'", repr(str(folder))).split("output = ")[0]
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(snippet, "model card usage", "exec"), scope)
+    card = transformers.AutoProcessor.from_pretrained(folder)
+    text = card.apply_chat_template(scope["messages"], add_generation_prompt=True)
+    expected = card(Image.open(tmp_path / "image.png"), text, add_special_tokens=False, return_tensors="pt")
+    assert scope["inputs"]["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert scope["inputs"]["input_ids"][0, 1] != card.tokenizer.bos_token_id
