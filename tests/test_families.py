@@ -331,3 +331,21 @@ def test_mllama_model_card_snippet_gives_the_model_one_bos_as_its_card_does(tiny
     expected = card(Image.open(tmp_path / "image.png"), text, add_special_tokens=False, return_tensors="pt")
     assert scope["inputs"]["input_ids"].tolist() == expected["input_ids"].tolist()
     assert scope["inputs"]["input_ids"][0, 1] != card.tokenizer.bos_token_id
+
+
+def test_mllama_images_are_stored_within_four_tiles_in_a_row_and_keep_their_canvas(tiny_model):
+    """MllamaImageProcessor resizes an image onto the canvas of at most max_image_tiles tiles nearest its aspect ratio:
+    prepare bounds the longest side by that many tiles in a row, and the shrunk image gets the canvas (aspect_ratio_ids)
+    the original would have."""
+    from PIL import Image
+
+    family = get_family("mllama")
+    processor = modeling.load_processor(Model(name_or_path=str(tiny_model("mllama")), family="mllama"))
+    tile, most = processor.image_processor.size["height"], processor.image_processor.max_image_tiles
+    assert family.max_image_edge(processor) == (most * tile, 0)
+    for size in [(10 * most * tile, 2 * tile), (3 * tile, 5 * most * tile), (9 * tile, 8 * tile), (tile // 2, tile // 3)]:
+        image = Image.new("RGB", size, (120, 30, 200))
+        stored = family.shrink(image, processor)
+        assert max(stored.size) <= most * tile
+        canvases = [processor.image_processor([[picture]])["aspect_ratio_ids"].tolist() for picture in (image, stored)]
+        assert canvases[0] == canvases[1], size
