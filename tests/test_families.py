@@ -349,3 +349,27 @@ def test_mllama_images_are_stored_within_four_tiles_in_a_row_and_keep_their_canv
         assert max(stored.size) <= most * tile
         canvases = [processor.image_processor([[picture]])["aspect_ratio_ids"].tolist() for picture in (image, stored)]
         assert canvases[0] == canvases[1], size
+
+
+def test_the_tiny_mllama_template_renders_images_as_transformers_tests_of_the_checkpoint_expect(tiny_model):
+    """transformers' tests/models/mllama/test_processing_mllama.py (test_apply_chat_template) renders a conversation with
+    images through the 11B checkpoint's processor and expects exactly this text; the twin's template must agree."""
+    processor = transformers.AutoProcessor.from_pretrained(tiny_model("mllama"))
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What do these images show?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The first image shows the statue of Liberty in New York."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And who is that?"}]},
+    ]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
+        "<|begin_of_text|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+        "<|image|><|image|>What do these images show?"
+        "<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "The first image shows the statue of Liberty in New York."
+        "<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+        "And who is that?"
+        "<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
