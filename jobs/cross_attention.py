@@ -16,6 +16,11 @@ So the answers are tokenized as text (``CrossAttentionProcessor``: the template 
 the mask is rebuilt over the joined rows with transformers' own functions (``complete_masks``), which gives what the
 processor gives for the whole conversation in one text, as the model card calls it.
 
+A third, in transformers 5.23 itself: ``MllamaImageProcessor`` cannot batch a row without an image beside rows with one
+(an image-less first row raises IndexError in ``pad_batches_and_tiles``; a later one leaves aspect_ratio_ids a row short,
+which the model refuses). ``CrossAttentionProcessor`` then processes the rows that have images and gives the others
+empty image slots, as the processor pads a row with fewer images than the batch's most.
+
 Imported only for families with ``cross_attention`` (it imports transformers).
 """
 
@@ -33,7 +38,27 @@ class CrossAttentionProcessor(MllamaProcessor):
     def __call__(self, images=None, text=None, **kwargs):
         if images is None and text is not None:  # an answer on its own (or a row without images): text as it is
             return self.tokenizer(text, **kwargs)
+        if text is not None and isinstance(images, list) and any(not row for row in images) and any(images):
+            return self._beside_imageless_rows(images, text, **kwargs)
         return super().__call__(images=images, text=text, **kwargs)
+
+    def _beside_imageless_rows(self, images: list[list], text: list[str], return_tensors=None, **kwargs):
+        """A batch in which some rows have no image: the image inputs of the rows that have, each other row's slots
+        empty (zero pixels, aspect-ratio id 0, only the first tile marked, as the processor pads a missing image), and
+        cross_attention_mask from the ids (complete_masks). The texts come from the template, which wrote their BOS."""
+        from transformers import BatchFeature
+
+        encoded = self.tokenizer(text, return_tensors="pt", **kwargs)
+        with_images = [i for i, row in enumerate(images) if row]
+        pictures = self.image_processor([images[i] for i in with_images], return_tensors="pt")
+        for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+            value = pictures[key]
+            full = value.new_zeros((len(images), *value.shape[1:]))
+            if key == "aspect_ratio_mask":
+                full[..., 0] = 1
+            full[with_images] = value
+            encoded[key] = full
+        return BatchFeature(data=dict(complete_masks(encoded, self.image_token_id)), tensor_type=return_tensors)
 
     def to_dict(self):
         # Saved as the processor it is on disk, so that AutoProcessor loads a saved model without vlmjobs

@@ -373,3 +373,41 @@ def test_the_tiny_mllama_template_renders_images_as_transformers_tests_of_the_ch
         "<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+def test_mllama_trains_a_batch_mixing_rows_with_and_without_an_image(tiny_model):
+    """transformers 5.23's MllamaImageProcessor cannot batch a row without an image beside rows with one (IndexError when
+    the first row has none, aspect_ratio_ids a row short otherwise). SFT's batch gives each row what the card's
+    processor gives that conversation alone, and the model trains on it."""
+    from PIL import Image
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    folder, family = tiny_model("mllama"), get_family("mllama")
+    spec = Model(name_or_path=str(folder), family="mllama")
+    processor, card = modeling.load_processor(spec), transformers.AutoProcessor.from_pretrained(folder)
+    collate = family.collator(DataCollatorForVisionLanguageModeling(
+        processor=family.rendering_processor(processor), completion_only_loss=True), processor)
+
+    def row(question, answer, images):
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
+        return {"images": images, "prompt": [{"role": "user", "content": content}],
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+    rows = [row("Hello, which colour do bars come in?", "Red, green and blue.", []),
+            row("Which bar is the tallest?", "The red one.", [Image.new("RGB", (90, 24), (200, 10, 10))]),
+            row("Is there a bar?", "No.", []),
+            row("How many bars?", "Two", [Image.new("RGB", (20, 64), (0, 100, 10))])]
+    batch = collate([dict(r) for r in rows])
+    for i, r in enumerate(rows):
+        text = card.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
+        alone = card(text=[text], images=[r["images"]] if r["images"] else None, add_special_tokens=False, return_tensors="pt")
+        n = alone["input_ids"].shape[1]
+        assert batch["input_ids"][i, :n].tolist() == alone["input_ids"][0].tolist(), i
+        if r["images"]:
+            for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+                assert torch.equal(batch[key][i], alone[key][0]), (i, key)
+            assert batch["cross_attention_mask"][i, :n].tolist() == alone["cross_attention_mask"][0].tolist(), i
+        else:
+            assert not batch["cross_attention_mask"][i].any(), i
+    loss = modeling.load_model(spec)(**batch).loss
+    assert torch.isfinite(loss)
