@@ -28,10 +28,22 @@ from __future__ import annotations
 
 import torch
 from transformers import MllamaProcessor
-from transformers.models.mllama.processing_mllama import (
-    convert_sparse_cross_attention_mask_to_dense,
-    get_cross_attention_token_mask,
-)
+
+WRITTEN_FOR = "transformers 5.23"
+
+
+def mask_functions():
+    """transformers' own two functions that build MllamaProcessor's cross_attention_mask (processing_mllama's
+    get_cross_attention_token_mask and convert_sparse_cross_attention_mask_to_dense: module functions, not exported),
+    checked to be there and to give one image's span as they did in the version this was written for."""
+    from transformers.models.mllama import processing_mllama
+
+    spans = getattr(processing_mllama, "get_cross_attention_token_mask", None)
+    dense = getattr(processing_mllama, "convert_sparse_cross_attention_mask_to_dense", None)
+    if spans is None or dense is None or spans([7, 9, 9], 7) != [[0, -1]]:
+        raise RuntimeError(f"jobs.cross_attention: transformers' processing_mllama no longer builds cross_attention_mask "
+                           f"as in {WRITTEN_FOR} (get_cross_attention_token_mask, convert_sparse_cross_attention_mask_to_dense)")
+    return spans, dense
 
 
 class CrossAttentionProcessor(MllamaProcessor):
@@ -70,6 +82,7 @@ def complete_masks(batch, image_token_id: int):
     counts read back from ``aspect_ratio_mask``), in place; a batch without images is left alone."""
     if "aspect_ratio_mask" not in batch:
         return batch
+    get_cross_attention_token_mask, convert_sparse_cross_attention_mask_to_dense = mask_functions()
     ids, tiles = batch["input_ids"], batch["aspect_ratio_mask"]
     spans = [get_cross_attention_token_mask(row, image_token_id) for row in ids.tolist()]
     dense = convert_sparse_cross_attention_mask_to_dense(
