@@ -102,7 +102,8 @@ def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = "", ma
             raw = row[fmt.image_column]
             raw = raw if isinstance(raw, list) else [raw]
             if max_images is not None and len(raw) > max_images:
-                raise Drop(f"more than {max_images} image{'s' if max_images > 1 else ''} (the model family reads at most that many)")
+                plural = "s" if max_images > 1 else ""
+                raise Drop(f"more than {max_images} image{plural} (the model family reads at most that many)")
             images = [_encode(shrink(_decode(image))) for image in raw]
             out = fmt.convert({**row, "images": images}, source.system_prompt)
             return {**_empty(fmt.kind), **out, "images": images, DROP: ""}

@@ -332,10 +332,11 @@ FAMILIES: dict[str, Family] = {
             # "the model works best when attending to a single image ... You can't query about two different images at
             # the same time" (Hugging Face's Llama 3.2 release post): a row with more is dropped at prepare, counted
             max_images=1,
-            # "the system role is not supported" with images (the same post): its template raises "Prompting with images
-            # is incompatible with system messages."
+            # "the system role is not supported" (the same post): its template raises "Prompting with images is
+            # incompatible with system messages." for a conversation with images, and takes one without
             system_beside_images=False,
-            card_special_tokens=False,  # Llama-3.2-11B-Vision-Instruct's card: processor(image, input_text, add_special_tokens=False, ...)
+            # Llama-3.2-11B-Vision-Instruct's card: processor(image, input_text, add_special_tokens=False, ...)
+            card_special_tokens=False,
             hub_ids=("meta-llama/Llama-3.2-11B-Vision-Instruct",),
         ),
     ]
