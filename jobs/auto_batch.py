@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import packing
+from jobs import packing, upstream
 from jobs.contract import UserError, is_main_process, read_json, write_json_atomic
 
 AUTO = "auto"
@@ -129,15 +129,16 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
         if micro == 1:
             raise UserError(
                 f"{stage.name}: micro-batch 1 ran out of memory: the model does not fit even at "
-                "per_device_train_batch_size 1; turn on gradient_checkpointing, train lora or qlora instead of full, or "
+                "per_device_train_batch_size 1; turn on activation_checkpointing, train lora or qlora instead of full, or "
                 "spread it over more GPUs (vlmjobs memory <recipe> shows the arithmetic)"
             )
         micro = smaller(micro, per_process)
         say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory; trying {Batch(micro, per_process // micro)}", flush=True)
 
     batch = Batch(micro, per_process // micro)
+    before = args.train_batch_size
     args.per_device_train_batch_size, args.gradient_accumulation_steps = batch.micro, batch.accumulation
-    trainer._train_batch_size = args.train_batch_size  # the Trainer's copy, read by its dataloader and its state
+    upstream.set_train_batch_size(trainer, before)  # the Trainer's copy, read by its dataloader and its state
     if "per_device_eval_batch_size" not in train.args:
         # An evaluation batch as large as the one that fits in training fits (no gradients, no optimizer states);
         # transformers' default (8) might not where training had to halve below it.
@@ -165,13 +166,13 @@ def out_of_memory_in_training(stage_name: str, batch: Batch | None):
         found = (f"{stage_name}: out of GPU memory in training ({str(e).splitlines()[0]}) at micro-batch {batch}, the "
                  "size per_device_train_batch_size: auto found on the longest training rows")
         if batch.micro == 1:
-            raise UserError(f"{found}; turn on gradient_checkpointing, train lora or qlora instead of full, or spread it "
+            raise UserError(f"{found}; turn on activation_checkpointing, train lora or qlora instead of full, or spread it "
                             "over more GPUs (vlmjobs memory <recipe> shows the arithmetic)") from e
         half = smaller(batch.micro, batch.micro * batch.accumulation)
         raise UserError(
             f"{found}; give a smaller one in its place: {stage_name}.args.per_device_train_batch_size: {half} and "
             f"{stage_name}.args.gradient_accumulation_steps: {batch.micro * batch.accumulation // half}, without "
-            f"{stage_name}.effective_batch_size (the same effective batch), or turn on gradient_checkpointing"
+            f"{stage_name}.effective_batch_size (the same effective batch), or turn on activation_checkpointing"
         ) from e
 
 
@@ -213,10 +214,9 @@ def _probe(trainer, rows) -> bool:
     fits = True
     held, inputs = [], None
     try:
-        batch = trainer._remove_unused_columns(rows, description="training")  # as its dataloader does
-        inputs = trainer.data_collator([batch[i] for i in range(len(batch))])
+        inputs = trainer.data_collator([rows[i] for i in range(len(rows))])  # as its dataloader does: every column
         _checkpoint_activations_as_training_will(trainer)
-        with _leaves_no_trace(trainer):
+        with upstream.probe_leaves_no_trace(trainer):
             held = _optimizer_sized_reserve(model, processes=trainer.args.world_size)
             trainer.training_step(model, inputs)
     except torch.OutOfMemoryError:
@@ -247,29 +247,3 @@ def _checkpoint_activations_as_training_will(trainer) -> None:
         kwargs = dict(args.activation_checkpointing_kwargs or {})
         every, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, every_n_layers=every, offload=offload)
-
-
-@contextmanager
-def _leaves_no_trace(trainer):
-    """The random state (dropout), the metrics TRL logs and the token count as before the probe. The metrics'
-    gathers run local: another process may have run out of memory before reaching its own, and a gather of one
-    process's metric with another's out-of-memory flag would mismatch them silently."""
-    import copy
-
-    import torch
-
-    accelerator = trainer.accelerator
-    saved = {name: copy.deepcopy(getattr(trainer, name)) for name in ("_metrics", "_total_train_tokens") if hasattr(trainer, name)}
-    had_accumulation = hasattr(trainer, "current_gradient_accumulation_steps")
-    trainer.current_gradient_accumulation_steps = getattr(trainer, "current_gradient_accumulation_steps", 1)
-    accelerator.gather = accelerator.gather_for_metrics = lambda data, *a, **k: data
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        del accelerator.gather, accelerator.gather_for_metrics  # the class's own again
-        for name, value in saved.items():
-            setattr(trainer, name, value)
-        if not had_accumulation:
-            del trainer.current_gradient_accumulation_steps

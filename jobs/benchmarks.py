@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.contract import UserError
+from jobs.metrics import METRICS
 
 
 @dataclass(frozen=True)
@@ -148,3 +149,17 @@ def load(bench, where: str, shrink=lambda image: image) -> list[dict]:
             "prompt": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": text}]}],
         })
     return rows
+
+
+def benchmark_metrics(benchmarks) -> tuple[str, ...]:
+    """The names the recipe's evaluate.benchmarks are reported under."""
+    return tuple(f"{bench.key}_{name}" for bench in benchmarks for name in KINDS[bench.format].metrics)
+
+
+def metric_definitions(benchmarks) -> dict[str, str]:
+    """Every metric evaluate can report for these benchmarks, with its definition (report.json's ``definitions``)."""
+    definitions = {name: text for names in METRICS.values() for name, text in names.items()}
+    for bench in benchmarks:
+        kind = KINDS[bench.format]
+        definitions |= {f"{bench.key}_{name}": f"{kind.description}: {text}" for name, text in kind.metrics.items()}
+    return definitions

@@ -19,7 +19,6 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -72,7 +71,7 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def _wait_for_turn(imports: tuple[str, ...]) -> bool:
+def wait_for_turn(imports: tuple[str, ...]) -> bool:
     """Started ahead of its turn (``START_FD_ENV``): import what the stage will, then wait for the runner's go.
     False when the runner closed the pipe instead (the stage before failed, or this one turned out to be done, or
     the runner is gone): the stage then ends without having run."""
@@ -116,73 +115,6 @@ def stopped(signum: int) -> str:
 # Set by the local runner on a stage it starts ahead of its turn: the file descriptor its go arrives on.
 START_FD_ENV = "VLMJOBS_START_FD"
 _imported_ahead_s: float | None = None  # seconds the stage's imports took before its turn, when started ahead
-
-
-def entrypoint(main: Callable, *, imports: tuple[str, ...] = ()) -> None:
-    """Run a stage's ``main`` under Fire, turning user errors into one line and exit code 2. ``imports`` are the
-    heavy libraries ``main`` will import (``module`` or ``module:name``, for the lazy ones); a process the local
-    runner starts ahead of its turn imports them while the stage before it runs, then waits for its go."""
-    import signal
-
-    handle_stop_signals()
-    from jobs import usage
-
-    if callable(main) and usage.wants_help(sys.argv[1:]):  # before Fire, which would run main to find its help
-        usage.print_help(usage.stage_help(main))
-        return
-    try:
-        _run(main, imports)
-    except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C before the handlers were in place
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(stopped(signum), file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
-    _exit_at_once()
-
-
-def _exit_at_once() -> None:
-    """End a finished one-process stage as the interpreter would, less its teardown: the atexit handlers run
-    (logging's flush among them) and the streams are flushed, but the 2 s CPython then spends freeing torch's and
-    transformers' modules one by one (measured after importing TRL) is skipped. Processes under accelerate launch,
-    and under a profiler or tracer (python -m cProfile, coverage), which write their results after the stage's
-    module has run, end as they always have."""
-    import atexit
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or sys.getprofile() or sys.gettrace():
-        return
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _run(main: Callable, imports: tuple[str, ...] = ()) -> None:
-    import logging
-
-    import fire
-
-    # Progress bars redraw a line with carriage returns, which a pod's log keeps as one endless line:
-    # without a terminal, the Hugging Face libraries' bars are off (the trainer prints a line per step).
-    if not sys.stderr.isatty():
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows the hub's switch
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    # On CPU bitsandbytes asks for an optional kernel from the hub; its own fallback is what runs here.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    if not _wait_for_turn(imports):
-        return
-    try:
-        fire.Fire(main)
-    except (UserError, Failure) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except Exception as e:
-        if type(e).__name__ == "OutOfMemoryError":  # torch's; the same batch will not fit on a retry either
-            print(
-                f"error: out of GPU memory ({str(e).splitlines()[0]}): halve per_device_train_batch_size and double "
-                "gradient_accumulation_steps, or turn on gradient_checkpointing",
-                file=sys.stderr,
-            )
-            sys.exit(EXIT_USER_ERROR)
-        raise  # a traceback and exit code 1: worth a retry
 
 
 def exit_status(returncode: int) -> int:

@@ -75,7 +75,7 @@ def load_split(source: Source, split: str, *, scratch: Path):
             f"data source {source.path} split {split!r}: format {source.format} needs columns {', '.join(fmt.columns)}; "
             f"missing {', '.join(missing)} (it has {', '.join(ds.column_names)})"
         )
-    image = ds.features[fmt.image_column]
+    image = ds.features[fmt.image_column] if fmt.image_column else None
     if isinstance(image, datasets.Image):
         ds = ds.cast_column(fmt.image_column, datasets.Image(decode=False))
     elif isinstance(image, (datasets.List, datasets.Sequence)) and isinstance(image.feature, datasets.Image):
@@ -83,10 +83,13 @@ def load_split(source: Source, split: str, *, scratch: Path):
     return ds.select_columns(list(fmt.columns))
 
 
-def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = "", max_images: int | None = None):
-    """Map source rows to conversational rows; returns (kept rows, Drops). A row with more than ``max_images`` images
-    (the family's limit) is dropped. Prints a progress line at each tenth of the rows and at least every minute, from
-    the worker that holds the first rows."""
+def convert(ds, source: Source, shrink, *, check=None, num_proc: int = 1, what: str = "", decode_video=None,
+            max_images: int | None = None):
+    """Map source rows to conversational rows; returns (kept rows, Drops). ``check(row)`` may raise Drop for a
+    converted row (prepare: the chat template's verdict, jobs.turns.check); a row with more than ``max_images``
+    images (the family's limit) is dropped. Prints a progress line at each tenth of the rows and at least every minute,
+    from the worker that holds the first rows. ``decode_video`` (``jobs.video.decoder``) turns a video file into its
+    kept frames and their metadata, for formats with videos."""
     fmt = FORMATS[source.format]
     workers = max(num_proc, 1)
     progress = Progress(f"prepare: {what or source.path}", len(ds), every=60.0)
@@ -99,20 +102,27 @@ def convert(ds, source: Source, shrink, *, num_proc: int = 1, what: str = "", ma
         if seen["reports"]:
             progress.update(min(seen["rows"] * workers, len(ds)), " converted" if workers == 1 else f" converted (about: {workers} workers)")
         try:
-            raw = row[fmt.image_column]
+            raw = row[fmt.image_column] if fmt.image_column else []
             raw = raw if isinstance(raw, list) else [raw]
             if max_images is not None and len(raw) > max_images:
                 plural = "s" if max_images > 1 else ""
                 raise Drop(f"more than {max_images} image{plural} (the model family reads at most that many)")
             images = [_encode(shrink(_decode(image))) for image in raw]
-            out = fmt.convert({**row, "images": images}, source.system_prompt)
-            return {**_empty(fmt.kind), **out, "images": images, DROP: ""}
+            out = fmt.convert({**row, "images": images}, source.system_prompt)  # a malformed row drops before its videos decode
+            if check is not None:
+                check(out)
+            videos = {}
+            if fmt.video_column:
+                decoded = [decode_video(video) for video in row[fmt.video_column] or []]
+                videos = {"videos": [[_encode(frame) for frame in frames] for frames, _ in decoded],
+                          "video_metadata": [metadata for _, metadata in decoded]}
+            return {**_empty(fmt.kind, fmt.video_column), **out, "images": images, **videos, DROP: ""}
         except Drop as e:
-            return {**_empty(fmt.kind), "images": [], DROP: str(e)}
+            return {**_empty(fmt.kind, fmt.video_column), "images": [], DROP: str(e)}
 
     converted = ds.map(
         one, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc if num_proc > 1 else None,
-        features=_features(fmt.kind), desc=f"{source.format} rows",
+        features=_features(fmt.kind, videos=bool(fmt.video_column)), desc=f"{source.format} rows",
     )
     drops = Drops(rows=len(converted))
     for index, reason in enumerate(converted[DROP]):
@@ -179,11 +189,12 @@ def _encode(image) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def _empty(kind: str) -> dict:
-    return {"prompt": [], "completion": [], "answers": []} if kind == "sft" else {"prompt": [], "chosen": [], "rejected": []}
+def _empty(kind: str, videos: str | None = None) -> dict:
+    empty = {"prompt": [], "completion": [], "answers": []} if kind == "sft" else {"prompt": [], "chosen": [], "rejected": []}
+    return empty | ({"videos": [], "video_metadata": []} if videos else {})
 
 
-def _features(kind: str):
+def _features(kind: str, videos: bool = False):
     from datasets import Features, Image, List, Value
 
     message = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
@@ -192,4 +203,7 @@ def _features(kind: str):
         columns |= {"completion": message, "answers": List(Value("string"))}
     else:
         columns |= {"chosen": message, "rejected": message}
+    if videos:  # each video's kept frames, and the file's fps, frame count and the indices kept (jobs.video)
+        metadata = {"fps": Value("float64"), "total_num_frames": Value("int64"), "frames_indices": List(Value("int64"))}
+        columns |= {"videos": List(List(Image())), "video_metadata": List(metadata)}
     return Features({**columns, DROP: Value("string")})

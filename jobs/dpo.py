@@ -18,7 +18,7 @@ margins, accuracies and log-probs at every logging step, tensorboard/ (the same 
 
 from __future__ import annotations
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 
@@ -32,6 +32,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     import contextlib
     import copy
+    import functools
 
     from datasets import load_from_disk
     from trl import DPOConfig, DPOTrainer
@@ -55,18 +56,19 @@ def main(recipe: str = "", force: bool = False, **overrides):
     new_adapter = cfg.dpo.method != "full" and lineage["adapter"] is None
     cached = reference_logprobs.cached(cfg.dpo, args)  # says why not where the recipe asks for it and cannot have it
     reference_copy = cfg.dpo.method == "full" and not cached
-    without_copy = reference_logprobs.without_reference_model() if cached else contextlib.nullcontext()
     packed = shared_prefix.wanted(cfg.dpo.shared_prefix, model)
-    with training.sharding(args, model), without_copy:
-        trainer = (shared_prefix.SharedPrefixDPOTrainer if packed else DPOTrainer)(
-            model=model,
-            # Full fine-tuning recomputing the reference needs a frozen copy; TRL would reload it from the base
-            # model's id, which is not the merged SFT weights this run starts from.
-            ref_model=copy.deepcopy(model).eval() if reference_copy else None,
-            args=args, train_dataset=train, eval_dataset=held_out, processing_class=family.rendering_processor(processor),
-            peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
-            callbacks=training.callbacks("dpo", stage.work),
-        )
+    build = functools.partial(
+        shared_prefix.SharedPrefixDPOTrainer if packed else DPOTrainer,
+        model=model,
+        # Full fine-tuning recomputing the reference needs a frozen copy; TRL would reload it from the base
+        # model's id, which is not the merged SFT weights this run starts from.
+        ref_model=copy.deepcopy(model).eval() if reference_copy else None,
+        args=args, train_dataset=train, eval_dataset=held_out, processing_class=family.rendering_processor(processor),
+        peft_config=modeling.lora_config(cfg.dpo, family) if new_adapter else None,
+        callbacks=training.callbacks("dpo", stage.work),
+    )
+    with training.sharding(args, model):
+        trainer = reference_logprobs.building_without_reference_model(build) if cached else build()
     trainer.data_collator = family.collator(trainer.data_collator, processor)
     with reference_logprobs.as_if_cached(trainer) if cached else contextlib.nullcontext():
         # per_device_train_batch_size: auto; before start prints the batch
@@ -130,6 +132,6 @@ def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None, sharded: bool = 
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=(
+    entry.entrypoint(main, imports=(
         "datasets", "trl:DPOTrainer", "jobs.modeling", "jobs.training", "jobs.shared_prefix", "jobs.reference_logprobs",
     ))

@@ -23,56 +23,10 @@ from __future__ import annotations
 
 import json
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 TRAINED_VARIANTS = recipes.TRAINING_STAGES  # a variant per training stage: the model it trained
-# What evaluate reports, by the rows it scores: answer rows (data.sft), preference rows (data.dpo), and either kind where
-# the gold answers are yes/no; each benchmark's as <its key>_<its official metric> (jobs.benchmarks). evaluate.primary_metric
-# must be one of them (vlmjobs validate checks, before any GPU). Each with the definition report.md gives.
-METRICS = {
-    "sft": {
-        "accuracy": "answers judged right: ChartQA's relaxed accuracy for chartqa sources (a number within 5% of the "
-                    "gold one, else the same text), exact match otherwise",
-        "exact_match": "answers equal to a gold answer, ignoring case, surrounding spaces and trailing punctuation",
-    },
-    "dpo": {
-        "preference_accuracy": "pairs in which the model gives the chosen answer a higher log-probability than the "
-                               "rejected one",
-        "mean_margin": "mean of log p(chosen) - log p(rejected) over the pairs, in nats: how clear the preference is "
-                       "(not a fraction)",
-    },
-    "yes/no": {
-        "yes_no_accuracy": "yes/no questions whose generated answer says the gold yes or no (saying neither counts "
-                           "wrong)",
-        "no_f1": "F1 of answering no, no being the positive class",
-        "no_precision": "answers saying no where the gold answer is no, over the answers saying no",
-        "no_recall": "gold no answers the model answered no, over the gold no answers",
-        "yes_f1": "F1 of answering yes, yes being the positive class",
-        "yes_precision": "answers saying yes where the gold answer is yes, over the answers saying yes",
-        "yes_recall": "gold yes answers the model answered yes, over the gold yes answers",
-    },
-}
-
-
-def benchmark_metrics(benchmarks) -> tuple[str, ...]:
-    """The names the recipe's evaluate.benchmarks are reported under."""
-    from jobs.benchmarks import KINDS
-
-    return tuple(f"{bench.key}_{name}" for bench in benchmarks for name in KINDS[bench.format].metrics)
-
-
-def metric_definitions(benchmarks) -> dict[str, str]:
-    """Every metric evaluate can report for these benchmarks, with its definition (report.json's ``definitions``)."""
-    from jobs.benchmarks import KINDS
-
-    definitions = {name: text for names in METRICS.values() for name, text in names.items()}
-    for bench in benchmarks:
-        kind = KINDS[bench.format]
-        definitions |= {f"{bench.key}_{name}": f"{kind.description}: {text}" for name, text in kind.metrics.items()}
-    return definitions
-
-
 def main(recipe: str = "", force: bool = False, **overrides):
     cfg = recipes.load(recipe, overrides)
     variants = [v for v in cfg.evaluate.variants if v not in TRAINED_VARIANTS or v in cfg.stages]
@@ -86,6 +40,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         return
 
     from jobs import modeling
+    from jobs.benchmarks import metric_definitions
     from jobs.report import format_table, write_report
 
     processor = scoring_processor(cfg)
@@ -113,7 +68,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         if variant in TRAINED_VARIANTS:
             model = None  # the next variant loads its own; free this one first
 
-    reported = {metric for entry in report["variants"].values() for metric in entry["metrics"]}
+    reported = {metric for scored in report["variants"].values() for metric in scored["metrics"]}
     definitions = metric_definitions([bench for bench, _ in benchmarks.values()])
     report["definitions"] = {metric: text for metric, text in definitions.items() if metric in reported}
     (stage.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -145,10 +100,16 @@ def test_sets(cfg, prepared, processor, *, scratch=None) -> tuple[dict[str, list
     family = get_family(cfg.model.family)
     tests = {kind: _sample(load_from_disk(prepared / kind / "test"), cfg.evaluate.max_samples)
              for kind in ("sft", "dpo") if (prepared / kind).is_dir()}
-    if "dpo" in tests:  # log-likelihoods score the answers as they were trained on: closed as the family closes them
-        closed = family.close_answers(tests["dpo"], processor, scratch=scratch)
-        tests["dpo"] = [{**row, "closed_chosen": c["chosen"], "closed_rejected": c["rejected"]} for row, c in zip(tests["dpo"], closed)]
-    tests = {kind: list(rows) for kind, rows in tests.items()}
+    if "sft" in tests and "videos" in tests["sft"].column_names and any(tests["sft"]["videos"]):  # generation is given images only (jobs.inference)
+        raise contract.UserError(f"evaluate: data.sft ({cfg.data.sft.path}) has video rows, which evaluate does not score "
+                                 "yet; leave evaluate out of the recipe's stages")
+    # Answers read as they were trained on: closed as the family closes them, log-likelihoods' answers and the earlier
+    # answers of a multi-turn prompt alike
+    closed = {kind: family.close_answers(rows, processor, scratch=scratch).select_columns(
+        ["prompt", *(["chosen", "rejected"] if kind == "dpo" else [])]) for kind, rows in tests.items()}  # no images decoded
+    if "dpo" in tests:
+        tests["dpo"] = [{**row, "closed_chosen": c["chosen"], "closed_rejected": c["rejected"]} for row, c in zip(tests["dpo"], closed["dpo"])]
+    tests = {kind: [{**row, "prompt": c["prompt"]} for row, c in zip(rows, closed[kind])] for kind, rows in tests.items()}
 
     def shrink(image):  # as prepare shrinks the training images
         return family.shrink(image, processor, cfg.prepare.image_scale)
@@ -262,6 +223,6 @@ def _sample(dataset, limit: int | None):
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=(
+    entry.entrypoint(main, imports=(
         "datasets", "transformers:AutoProcessor", "jobs.modeling", "jobs.inference", "jobs.metrics", "jobs.report",
     ))

@@ -19,7 +19,7 @@ from jobs.formats import Drop
 #   tiles         cut into tiles of size["height"] x size["width"] on the grid closest to the aspect ratio, at most
 #                 max_patches of them (InternVL's crop_to_patches): the longest side is bounded by max_patches tiles
 IMAGE_BOUNDS = ("longest_edge", "shortest_edge", "fixed", "max_pixels", "tiles")
-ANSWER_COLUMNS = {"completion", "chosen", "rejected"}
+ANSWER_COLUMNS = {"prompt", "completion", "chosen", "rejected"}  # a multi-turn prompt holds answers too
 # Attention implementations that give packed rows (restarting position_ids, no attention_mask) a per-row mask in
 # transformers 5 (masking_utils.find_packed_sequence_indices; varlen kernels for flash attention): sft.padding_free
 PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -74,6 +74,8 @@ class Family:
     prepend_bos: bool = False
     packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
     shared_prefix_unsupported: str | None = None  # why DPO cannot score a pair's answers off one prompt (jobs.shared_prefix)
+    multi_turn_unsupported: str | None = None  # why a conversation with earlier answers cannot be trained on (jobs.turns)
+    takes_video: bool = False  # video rows (format video-messages) are trained on; for the others they are drops
     max_images: int | None = None  # images a conversation may hold; prepare drops a row with more, counted
     # The checkpoint's template refuses a system message in a conversation with images; the stages then render the system
     # text at the head of the first user turn (rendering_processor), as Gemma 3's template does with its system message
@@ -84,6 +86,16 @@ class Family:
     # put in front a second time (the usage snippet of a pushed model does the same)
     card_special_tokens: bool = True
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
+
+    def why_not_packed(self, attn_implementation: str | None) -> str | None:
+        """Why SFT cannot join rows of this family under this attention implementation into one sequence
+        (``sft.padding_free``, jobs.packing), or None."""
+        if self.packing_unsupported:
+            return f"{self.name} cannot train packed rows: {self.packing_unsupported}"
+        if attn_implementation is not None and attn_implementation not in PACKED_ATTENTION:
+            return (f"attention implementation {attn_implementation!r} gets no per-row mask from restarting positions "
+                    f"(packing works with {', '.join(PACKED_ATTENTION)})")
+        return None
 
     def max_image_edge(self, processor, scale: float = 1.0) -> tuple[int, int]:
         """(longest, shortest) side limits for stored images; 0 means no limit on that side."""
@@ -179,13 +191,20 @@ class Family:
         eos = processor.tokenizer.eos_token
         columns = sorted(ANSWER_COLUMNS.intersection(dataset.column_names))
 
-        def close(*answers):
-            for messages in answers:
-                text_parts = [part for part in messages[-1]["content"] if part["type"] == "text"]
-                text_parts[-1]["text"] += eos
-            return dict(zip(columns, answers))
+        def close(*conversations):
+            for column, messages in zip(columns, conversations):
+                # every answer of a multi-turn prompt too: SFT trains on each (jobs.turns), and DPO's context shows them closed
+                for message in messages if column == "prompt" else messages[-1:]:
+                    if message["role"] == "assistant":
+                        [part for part in message["content"] if part["type"] == "text"][-1]["text"] += eos
+            return dict(zip(columns, conversations))
 
-        cache = None if scratch is None else str(Path(scratch) / f"closed-answers-{dataset._fingerprint}.arrow")
+        if scratch is not None:
+            from jobs.upstream import dataset_fingerprint
+
+            cache = str(Path(scratch) / f"closed-answers-{dataset_fingerprint(dataset)}.arrow")
+        else:
+            cache = None
         if cache:
             Path(scratch).mkdir(parents=True, exist_ok=True)
         return dataset.map(close, input_columns=columns, desc=f"closing answers with {eos}", cache_file_name=cache)
@@ -254,6 +273,8 @@ FAMILIES: dict[str, Family] = {
             # transformers gives every prefix token the same block id (token_type_ids 0 -> 0) and lets blocks attend
             # both ways after the per-row mask is applied: packed, one row's prefix would see the other rows' prefixes
             packing_unsupported="its prefix-LM mask joins the prompts of packed rows",
+            # an earlier answer would be prefix, which attends both ways: labelled, each token would see the next
+            multi_turn_unsupported="its template has no turns and earlier answers would sit in its two-way prefix",
             # no prepend_bos: PaliGemmaProcessor writes "<bos>" after the image tokens itself, whatever add_special_tokens
             hub_ids=("google/paligemma-3b-pt-224",),
         ),
@@ -268,6 +289,7 @@ FAMILIES: dict[str, Family] = {
             # no BOS: Qwen2.5's tokenizer has none and its template (Qwen2-VL's) opens with <|im_start|>
             # Its class sets accepts_loss_kwargs = False (Qwen3-VL's too, Qwen2-VL's not): the Trainer passes no
             # num_items_in_batch, so under gradient accumulation each micro-batch's loss is its own token mean
+            takes_video=True,  # frames spaced in time by second_per_grid_ts (jobs.video)
             hub_ids=("Qwen/Qwen2.5-VL-7B-Instruct",),
         ),
         Family(
@@ -277,6 +299,8 @@ FAMILIES: dict[str, Family] = {
             # Qwen2-VL's image processor again, with 16 px patches merged 2 x 2 (32 px per image token)
             image_bound="max_pixels",
             # no BOS, no default system prompt (unlike Qwen2/2.5-VL's template): the template opens with the first turn
+            # Video frames carry their timestamps as text (<t seconds>), from the stored metadata (jobs.video)
+            takes_video=True,
             hub_ids=("Qwen/Qwen3-VL-8B-Instruct",),
         ),
         Family(

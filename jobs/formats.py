@@ -21,9 +21,10 @@ class Drop(Exception):
 class Format:
     kind: str  # "sft" (prompt/completion) or "dpo" (prompt/chosen/rejected)
     columns: tuple[str, ...]  # source columns it reads
-    image_column: str  # holds one image, or a list of images when it is "images"
+    image_column: str | None  # holds one image, or a list of images when it is "images"; None: the rows have none
     convert: Callable[[dict, str | None], dict]  # (row, system_prompt) -> row without images
     description: str
+    video_column: str | None = None  # a list of video files per row, each matching a {"type": "video"} placeholder
 
 
 def _text(row: dict, key: str) -> str:
@@ -70,7 +71,7 @@ def rlaif_v(row: dict, system_prompt: str | None) -> dict:
     return {"prompt": _user_turn(question, system_prompt), "chosen": _answer(chosen), "rejected": _answer(rejected)}
 
 
-def _messages(value: Any, key: str) -> list[dict]:
+def _messages(value: Any, key: str, parts_allowed: tuple[str, ...] = ("text", "image")) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise Drop(f"{key} is not a list of messages" if value else f"empty {key}")
     messages = []
@@ -84,34 +85,59 @@ def _messages(value: Any, key: str) -> list[dict]:
             raise Drop(f"{key} has a message whose content is neither text nor a list of parts")
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-                raise Drop(f"{key} has a content part that is neither text nor image")
-            parts.append({"type": "image"} if part["type"] == "image" else {"type": "text", "text": part.get("text") or ""})
+            if not isinstance(part, dict) or part.get("type") not in parts_allowed:
+                raise Drop(f"{key} has a content part that is not {' or '.join(parts_allowed)}")
+            parts.append({"type": "text", "text": part.get("text") or ""} if part["type"] == "text" else {"type": part["type"]})
         messages.append({"role": message["role"], "content": parts})
     return messages
 
 
-def _count_images(messages: list[dict]) -> int:
-    return sum(part["type"] == "image" for message in messages for part in message["content"])
+def count_parts(messages: list[dict], kind: str) -> int:
+    return sum(part["type"] == kind for message in messages for part in message["content"])
+
+
+def count_images(messages: list[dict]) -> int:
+    return count_parts(messages, "image")
 
 
 def _check_images(row: dict, messages: list[dict]) -> None:
     images = row.get("images") or []
-    if _count_images(messages) != len(images):
+    if count_images(messages) != len(images):
         raise Drop("image placeholders do not match the images")
 
 
 def messages(row: dict, system_prompt: str | None) -> dict:
-    """Conversations (messages, images): trained on the last assistant turn, given everything before it."""
-    conversation = _messages(row.get("messages"), "messages")
+    """Conversations (messages, images), one or several user/assistant turns with images in any user turn: trained on
+    every assistant turn (jobs.turns labels the earlier ones in the prompt), the last one the completion."""
+    return _conversation(_messages(row.get("messages"), "messages"), row, system_prompt)
+
+
+def video_messages(row: dict, system_prompt: str | None) -> dict:
+    """Conversations with videos (messages, videos: video files; images optional), as ``messages``."""
+    conversation = _messages(row.get("messages"), "messages", ("text", "image", "video"))
+    if count_parts(conversation, "video") != len(row.get("videos") or []):
+        raise Drop("video placeholders do not match the videos")
+    return _conversation(conversation, row, system_prompt)
+
+
+def _conversation(conversation: list[dict], row: dict, system_prompt: str | None) -> dict:
     _check_images(row, conversation)
-    last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
-    if last is None or last == 0:
+    roles = [m["role"] for m in conversation]
+    first_user = roles.index("user") if "user" in roles else None
+    if first_user is None or "assistant" not in roles[first_user:]:
         raise Drop("no assistant answer after a prompt")
-    answer = " ".join(p["text"] for p in conversation[last]["content"] if p["type"] == "text").strip()
-    if not answer:
-        raise Drop("empty answer")
-    prompt = conversation[:last]
+    if roles[-1] != "assistant":  # it ends waiting for an answer it does not give: not a conversation to learn from
+        raise Drop(f"the last turn is the {roles[-1]}'s, not the assistant's")
+    if "assistant" in roles[:first_user]:
+        raise Drop("an assistant turn before any user turn")
+    for message in conversation:
+        if message["role"] == "assistant":
+            if any(part["type"] == "image" for part in message["content"]):  # would be labelled as the answer
+                raise Drop("an image in an assistant turn")
+            if not " ".join(p["text"] for p in message["content"]).strip():
+                raise Drop("empty answer")
+    answer = " ".join(p["text"] for p in conversation[-1]["content"]).strip()
+    prompt = conversation[:-1]
     if system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] + prompt
     return {"prompt": prompt, "completion": _answer(answer), "answers": [answer]}
@@ -122,6 +148,11 @@ def preference_messages(row: dict, system_prompt: str | None) -> dict:
     prompt = _messages(row.get("prompt"), "prompt")
     chosen, rejected = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
     _check_images(row, prompt)
+    if prompt[-1]["role"] != "user":  # the answers continue a conversation at its user's turn; earlier turns are context
+        raise Drop(f"the prompt's last turn is the {prompt[-1]['role']}'s, not the user's")
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if [m["role"] for m in answer] != ["assistant"]:
+            raise Drop(f"{key} is not one assistant turn")
     if chosen == rejected:
         raise Drop("chosen equals rejected")
     if system_prompt and prompt[0]["role"] != "system":
@@ -132,6 +163,9 @@ def preference_messages(row: dict, system_prompt: str | None) -> dict:
 FORMATS: dict[str, Format] = {
     "chartqa": Format("sft", ("image", "query", "label"), "image", chartqa, "HuggingFaceM4/ChartQA"),
     "messages": Format("sft", ("messages", "images"), "images", messages, "conversations with an images column"),
+    "video-messages": Format(
+        "sft", ("messages", "videos"), None, video_messages, "conversations with a videos column (video files)", video_column="videos"
+    ),
     "rlaif-v": Format("dpo", ("image", "question", "chosen", "rejected"), "image", rlaif_v, "openbmb/RLAIF-V-Dataset"),
     "preference-messages": Format(
         "dpo", ("images", "prompt", "chosen", "rejected"), "images", preference_messages, "HuggingFaceH4/rlaif-v_formatted"

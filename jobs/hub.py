@@ -41,11 +41,12 @@ def problem(error: BaseException, what: str, name: str, revision: str | None = N
         return UserError(
             f"{what} {name} is gated on the hub and {fix}: accept its conditions at {page} and set HF_TOKEN to a token of that account"
         )
+    # Before not-found: datasets raises its DatasetNotFoundError from the hub's RevisionNotFoundError.
+    if "RevisionNotFoundError" in kinds:
+        return UserError(f"{what} {name}: the hub has no revision {revision!r} of it: check the recipe's revision")
     if kinds & set(NOT_FOUND) or (status == 401 and "Invalid credentials" not in str(error)):
         fix = "and that HF_TOKEN's account may read it" if token else "or, if it is private or gated, set HF_TOKEN"
         return UserError(f"{what} {name}: not found on the hub ({constants.ENDPOINT}): check the id (org/name) {fix}")
-    if "RevisionNotFoundError" in kinds:
-        return UserError(f"{what} {name}: the hub has no revision {revision!r} of it: check the recipe's revision")
     if status == 401:
         return UserError(f"{what} {name}: the hub refused HF_TOKEN (401 invalid credentials): set HF_TOKEN to a valid token")
     if "HFValidationError" in kinds:

@@ -135,7 +135,7 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     # Built on the meta device rather than under accelerate's init_empty_weights, which re-registers every parameter
     # as its own meta copy and so unties tied embeddings: Gemma 3's 262208 x 3840 matrix counted twice (13.2B, not 12.2B)
     with torch.device("meta"):
-        model = getattr(transformers, family.model_class)._from_config(config)
+        model = getattr(transformers, family.model_class)(config)
     total = sum(p.numel() for p in model.parameters())
     # bitsandbytes stores every Linear but the output head in 4 bits; the rest stays in the compute dtype
     head = model.get_output_embeddings()

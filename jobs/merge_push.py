@@ -25,7 +25,7 @@ import math
 import os
 from pathlib import Path
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 CHECK_SAMPLES = 4
@@ -258,7 +258,10 @@ def usage(cfg) -> str:
     included, as processor(text=...) adds it), generation stopping where a turn ends."""
     from jobs.families import get_family
 
-    model_id = cfg.merge_push.repo_id if cfg.merge_push.push and cfg.merge_push.repo_id else "path/to/this/folder"
+    pushed = cfg.merge_push.push and cfg.merge_push.repo_id
+    model_id = cfg.merge_push.repo_id if pushed else "path/to/this/folder"
+    # Pushed to a branch, the model is there and not on main (which may hold another model, or none).
+    source = f"model_id, revision={cfg.merge_push.revision!r}" if pushed and cfg.merge_push.revision else "model_id"
     family = get_family(cfg.model.family)
     model_class = family.model_class
     special = "" if family.card_special_tokens else ", add_special_tokens=False"  # the template wrote BOS
@@ -266,8 +269,8 @@ def usage(cfg) -> str:
         "from PIL import Image\n"
         f"from transformers import AutoProcessor, {model_class}\n\n"
         f"model_id = {model_id!r}\n"
-        f"model = {model_class}.from_pretrained(model_id)\n"
-        "processor = AutoProcessor.from_pretrained(model_id)\n"
+        f"model = {model_class}.from_pretrained({source})\n"
+        f"processor = AutoProcessor.from_pretrained({source})\n"
         'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does the chart show?"}]}]\n'
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
         f'inputs = processor(text=prompt, images=[Image.open("image.png")], return_tensors="pt"{special}).to(model.device)\n'
@@ -301,4 +304,4 @@ def _scrub(text: str, token: str | None) -> str:
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=("datasets", "peft:PeftModel", "jobs.modeling"))
+    entry.entrypoint(main, imports=("datasets", "peft:PeftModel", "jobs.modeling"))

@@ -12,6 +12,35 @@ import re
 import string
 from collections.abc import Sequence
 
+# What evaluate reports, by the rows it scores: answer rows (data.sft), preference rows (data.dpo), and either kind
+# where the gold answers are yes/no; each benchmark's as <its key>_<its official metric> (benchmarks.benchmark_metrics).
+# evaluate.primary_metric must be one of them (vlmjobs validate checks, before any GPU). Each with the definition
+# report.md gives.
+METRICS = {
+    "sft": {
+        "accuracy": "answers judged right: ChartQA's relaxed accuracy for chartqa sources (a number within 5% of the "
+                    "gold one, else the same text), exact match otherwise",
+        "exact_match": "answers equal to a gold answer, ignoring case, surrounding spaces and trailing punctuation",
+    },
+    "dpo": {
+        "preference_accuracy": "pairs in which the model gives the chosen answer a higher log-probability than the "
+                               "rejected one",
+        "mean_margin": "mean of log p(chosen) - log p(rejected) over the pairs, in nats: how clear the preference is "
+                       "(not a fraction)",
+    },
+    "yes/no": {
+        "yes_no_accuracy": "yes/no questions whose generated answer says the gold yes or no (saying neither counts "
+                           "wrong)",
+        "no_f1": "F1 of answering no, no being the positive class",
+        "no_precision": "answers saying no where the gold answer is no, over the answers saying no",
+        "no_recall": "gold no answers the model answered no, over the gold no answers",
+        "yes_f1": "F1 of answering yes, yes being the positive class",
+        "yes_precision": "answers saying yes where the gold answer is yes, over the answers saying yes",
+        "yes_recall": "gold yes answers the model answered yes, over the gold yes answers",
+    },
+}
+
+
 # ChartQA paper (arXiv 2203.10244, end of section 5.1): a numeric answer within 5% of the gold one counts.
 CHARTQA_MAX_RELATIVE_CHANGE = 0.05
 

@@ -20,13 +20,13 @@ and takes the padding out of what it returns:
   throughput). A forward pre-hook on the model's inner Qwen model puts the text positions in front ((4, 1, length)),
   which these models read as packed input.
 
-The recipe's validation imports it too: torch is imported only where a batch is packed.
+torch is imported only where a batch is packed.
 """
 
 from __future__ import annotations
 
 from jobs.contract import UserError, is_main_process
-from jobs.families import PACKED_ATTENTION, VARLEN_ATTENTION, Family
+from jobs.families import VARLEN_ATTENTION, Family
 
 TOKEN_KEYS = ("input_ids", "labels", "token_type_ids", "mm_token_type_ids")  # one value per token, per row
 IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")  # Idefics2/3: (batch, images per row, ...)
@@ -36,7 +36,7 @@ MROPE_KEY = "mrope_position_ids"  # Qwen2-VL's (temporal, height, width) rotary 
 def enabled(setting: bool | None, family: Family, attn_implementation: str | None) -> bool:
     """Whether SFT batches go padding-free: ``sft.padding_free`` (None: where the family supports it and the attention
     implementation attends within each row, ``VARLEN_ATTENTION``); true where they do not is the user's error."""
-    why_not = unsupported(family, attn_implementation)
+    why_not = family.why_not_packed(attn_implementation)
     if setting is None:
         return why_not is None and attn_implementation in VARLEN_ATTENTION
     if setting and why_not:
@@ -44,14 +44,16 @@ def enabled(setting: bool | None, family: Family, attn_implementation: str | Non
     return setting
 
 
-def unsupported(family: Family, attn_implementation: str | None) -> str | None:
-    """Why rows of this family and attention implementation cannot be packed, or None."""
-    if family.packing_unsupported:
-        return f"{family.name} cannot train packed rows: {family.packing_unsupported}"
-    if attn_implementation is not None and attn_implementation not in PACKED_ATTENTION:
-        return (f"attention implementation {attn_implementation!r} gets no per-row mask from restarting positions "
-                f"(packing works with {', '.join(PACKED_ATTENTION)})")
-    return None
+class WithoutColumns:
+    """A collator that drops ``columns`` before the collator it wraps sees the rows: columns the stage adds for what
+    reads them besides the model (a sampler, a collator wrapper), which reach the collator since the trainer removes
+    none (``remove_unused_columns: False``, set by the stage)."""
+
+    def __init__(self, collator, columns: tuple[str, ...]):
+        self.collator, self.columns = collator, columns
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return self.collator([{k: v for k, v in example.items() if k not in self.columns} for example in examples])
 
 
 class PaddingFree:
@@ -155,29 +157,9 @@ def _rope_index(model_config):
     copy it); None for the families whose positions are plain 0, 1, 2, ..."""
     if model_config.model_type not in ROPE_MODELS:
         return None
-    return _MultimodalRope(model_config)
+    from jobs import upstream
 
-
-class _MultimodalRope:
-    """What get_rope_index reads of its model: the config and get_vision_position_ids (a method of the same class)."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def _model_class(self):
-        return _rope_model_class(self.config.model_type)
-
-    def get_vision_position_ids(self, *args, **kwargs):
-        return self._model_class().get_vision_position_ids(self, *args, **kwargs)
-
-    def __call__(self, batch: dict):
-        # Qwen2.5-VL spaces a video's frames by second_per_grid_ts; the others take no such input
-        timing = {"second_per_grid_ts": batch["second_per_grid_ts"]} if batch.get("second_per_grid_ts") is not None else {}
-        positions, _ = self._model_class().get_rope_index(
-            self, batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
-            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"], **timing,
-        )
-        return positions
+    return upstream.qwen_rope_index(model_config, _rope_model_class(model_config.model_type))
 
 
 CHUNK = 64  # rows measured per collator call
@@ -220,10 +202,7 @@ def with_lengths(trainer) -> bool:
         rows = getattr(trainer, split)
         if rows is not None and column not in rows.column_names:
             setattr(trainer, split, rows.add_column(column, token_counts(collator, rows)))
-    from jobs.training import WithoutColumns, keep_columns
-
-    keep_columns(trainer, column)  # for the sampler
-    trainer.data_collator = WithoutColumns(collator, (column,))
+    trainer.data_collator = WithoutColumns(collator, (column,))  # the sampler's, not the model's
     if is_main_process():
         print(f"sft: rows batched by length ({args.train_sampling_strategy}); lengths of {len(trainer.train_dataset)} "
               f"rows in {time.time() - started:.1f}s", flush=True)

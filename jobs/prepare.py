@@ -13,7 +13,9 @@ Output: <run>/prepare/{sft,dpo}/{train,eval,test}/ (datasets.save_to_disk) and _
 
 from __future__ import annotations
 
-from jobs import contract
+from pathlib import Path
+
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 
@@ -25,8 +27,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     from datasets import DatasetDict
 
-    from jobs import data, modeling
+    from jobs import data, modeling, turns, video
     from jobs.families import get_family
+    from jobs.formats import FORMATS
 
     # Images are shrunk to the processor's own size limit, so the processor decides what "too big" is.
     family = get_family(cfg.model.family)
@@ -39,8 +42,18 @@ def main(recipe: str = "", force: bool = False, **overrides):
         bounds = [f"{side} side <= {limit} px" for side, limit in (("longest", longest), ("shortest", shortest)) if limit]
         print(f"prepare: images shrunk to {' and '.join(bounds) or 'their own size (the processor sets no limit)'}")
 
+    if any(FORMATS[source.format].video_column for source in (cfg.data.sft, cfg.data.dpo) if source):
+        print(video.describe(family, processor, cfg.prepare.video_fps))
+
     def shrink(image):
         return family.shrink(image, processor, cfg.prepare.image_scale)
+
+    # A conversation the chat template refuses (Gemma 3's two user turns in a row) is a counted drop here, not a
+    # crash in the training stage's collator
+    rendering = family.rendering_processor(processor)
+
+    def check(row):
+        turns.check(rendering, row, family)
 
     rows, drops = {}, {}
     for kind in ("sft", "dpo"):
@@ -56,8 +69,11 @@ def main(recipe: str = "", force: bool = False, **overrides):
             raw = data.load_split(source, name, scratch=stage.scratch)
             if cfg.prepare.max_rows is not None:
                 raw = raw.select(range(min(cfg.prepare.max_rows, len(raw))))
-            prepared[split], dropped = data.convert(raw, source, shrink, num_proc=cfg.prepare.num_proc, what=where,
-                                                     max_images=family.max_images)
+            decode_video = video.decoder(family, processor, fps=cfg.prepare.video_fps,
+                                         folder=Path(source.path) if data.is_local(source) else None)
+            prepared[split], dropped = data.convert(raw, source, shrink, check=check, num_proc=cfg.prepare.num_proc,
+                                                    what=where, decode_video=decode_video,
+                                                    max_images=family.max_images)
             data.check_drops(dropped, where, cfg.prepare)
             drops[f"{kind}/{split}"] = dropped.to_dict()
             print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))
@@ -77,4 +93,4 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main)
+    entry.entrypoint(main)

@@ -97,6 +97,9 @@ class Prepare:
     test_fraction: float = 0.05  # carved from train when the source has no test split
     max_rows: int | None = None  # per split, after slicing; for quick looks at big sources
     num_proc: int = 1  # worker processes for decoding and resizing images
+    # Frames per second kept of a video row where the family's video processor sets no fps or num_frames of its own
+    # (Qwen2.5-VL's: its card samples at 2 through qwen-vl-utils); fewer frames, fewer tokens and less memory
+    video_fps: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -480,9 +483,7 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         if train.pure_bf16 and recipe.model.dtype not in ("auto", "bfloat16"):
             errors.append(f"{stage}.pure_bf16: trains bf16 weights, but model.dtype is {recipe.model.dtype}; set auto or bfloat16")
     if recipe.sft.padding_free and recipe.model.family in FAMILIES:
-        from jobs.packing import unsupported
-
-        why_not = unsupported(FAMILIES[recipe.model.family], recipe.model.attn_implementation)
+        why_not = FAMILIES[recipe.model.family].why_not_packed(recipe.model.attn_implementation)
         if why_not:
             errors.append(f"sft.padding_free: {why_not}; set it false (or remove the key)")
     if "prepare" in recipe.stages and recipe.data.sft is None and recipe.data.dpo is None:
@@ -512,6 +513,8 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             errors.append(f"prepare.{fraction}: must be in [0, 1)")
     if not 0 < recipe.prepare.image_scale <= 1:
         errors.append("prepare.image_scale: must be in (0, 1]")
+    if not recipe.prepare.video_fps > 0:
+        errors.append("prepare.video_fps: must be above 0 (frames per second kept of a video)")
     if (recipe.resources.sharding or "none") not in SHARDING:
         errors.append(f"resources.sharding: {recipe.resources.sharding!r} is not one of {', '.join(SHARDING)}")
     for stage in STAGES:
@@ -580,6 +583,7 @@ STAGE_OWNED_ARGS = {  # set by the stage from the run folder; a recipe value wou
     "resume_from_checkpoint": "the stage resumes from the newest complete checkpoint by itself",
     "push_to_hub": "merge_push pushes once evaluation has passed",
     "fsdp": "resources.sharding decides; fsdp_config tunes it",
+    "remove_unused_columns": "the stage's columns for its sampler and collator must reach them; TRL's collators read only theirs",
 }
 
 
@@ -620,8 +624,9 @@ def before_gpu_errors(recipe: Recipe) -> list[str]:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from jobs.evaluate import METRICS, benchmark_metrics
+    from jobs.benchmarks import benchmark_metrics
     from jobs.hub import looks_like_path
+    from jobs.metrics import METRICS
 
     errors = []
     places = [("model.name_or_path", recipe.model.name_or_path, "model")]

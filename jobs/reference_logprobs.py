@@ -22,7 +22,8 @@ tensor that training then cannot save for backward.
 TRL 1.16 refuses ``precompute_ref_log_probs`` for vision data in ``DPOTrainer.__init__``, but its training and
 evaluation steps read ``ref_chosen_logps``/``ref_rejected_logps`` from the batch whenever ``precompute_ref_logps`` is
 set. So the stage builds the trainer as usual, then adds the two columns to its datasets, keeps them through
-``remove_unused_columns`` and passes them around the vision collator (which drops them), and sets the flag.
+``remove_unused_columns: False`` (set by the stage) and passes them around the vision collator (which drops them),
+and sets the flag (``upstream.read_reference_logps_from_batches``).
 
 Under FSDP the model is placed and sharded only when training starts (before that it is whole, on the CPU), so what
 the store lacks is computed then, by the sharded model before its first step: the rows carry their number instead
@@ -40,12 +41,14 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from jobs.training import WithoutColumns, keep_columns
+from jobs import upstream
+from jobs.packing import WithoutColumns
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 ROW = "ref_logps_row"  # under FSDP, until training starts: the row's number in the table of computed log-probs
 MODES = ("cache", "recompute")
-FORMAT = 1  # bump when what a file holds, or how its fingerprint is made, changes
+FORMAT = 2  # bump when what a file holds, or how its fingerprint is made, changes
+DIGEST_BATCH_ROWS = 1000  # rows hashed per Arrow batch; part of how the rows' fingerprint is made
 
 
 def cached(train, args) -> bool:
@@ -73,19 +76,12 @@ def store_for(run_dir: Path) -> Path:
     return Path(run_dir).parent / ".cache" / "reference_logprobs"
 
 
-@contextlib.contextmanager
-def without_reference_model():
-    """Build a full fine-tuning DPOTrainer with no reference model: given none, TRL loads a second copy from the model's
-    id (for a vision dataset it cannot know that the log-probs will come from the batches). With cached log-probs the
-    reference is the policy itself, before its first step, and no copy is ever made."""
-    from trl.trainer import dpo_trainer
-
-    loader = dpo_trainer.create_model_from_path
-    dpo_trainer.create_model_from_path = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        dpo_trainer.create_model_from_path = loader
+def building_without_reference_model(build):
+    """``build()`` (the DPOTrainer's construction) for full fine-tuning with no reference model: given none, TRL loads
+    a second copy from the model's id (for a vision dataset it cannot know that the log-probs will come from the
+    batches). With cached log-probs the reference is the policy itself, before its first step, and no copy is ever
+    made (``upstream.building_dpo_without_reference_copy``). Returns the trainer."""
+    return upstream.building_dpo_without_reference_copy(build)
 
 
 def use_cached(trainer, store: Path) -> dict:
@@ -137,9 +133,8 @@ def use_cached(trainer, store: Path) -> dict:
 
 def read_from_batches(trainer, table: dict | None = None) -> None:
     """Make the trainer take the reference log-probs from its batches (TRL's precompute path), not from a forward."""
-    keep_columns(trainer, *COLUMNS, ROW)
     trainer.data_collator = WithReferenceLogps(trainer.data_collator, table=table)
-    trainer.precompute_ref_logps = True
+    upstream.read_reference_logps_from_batches(trainer)
 
 
 class ComputeWhenTrainingStarts(TrainerCallback):
@@ -174,12 +169,14 @@ def as_if_cached(trainer):
     """While ``auto_batch`` probes the micro-batch, before the log-probs exist: the trainer steps as it will train,
     reading (zero) reference log-probs from its batches rather than running a reference, so that the probe measures
     training's memory; the precompute then runs in batches no larger than the one found."""
-    collator, flag = trainer.data_collator, trainer.precompute_ref_logps
-    trainer.data_collator, trainer.precompute_ref_logps = WithReferenceLogps(collator, zeros=True), True
+    collator = trainer.data_collator
+    trainer.data_collator = WithReferenceLogps(collator, zeros=True)
+    flag = upstream.read_reference_logps_from_batches(trainer)
     try:
         yield
     finally:
-        trainer.data_collator, trainer.precompute_ref_logps = collator, flag
+        trainer.data_collator = collator
+        upstream.read_reference_logps_from_batches(trainer, flag)
 
 
 class WithReferenceLogps(WithoutColumns):
@@ -320,22 +317,21 @@ def scoring(trainer) -> dict:
         "truncation_mode": args.truncation_mode,
         "ld_alpha": args.ld_alpha,
         "autocast": "bf16" if args.bf16 else "fp16" if args.fp16 else None,
-        "attention": getattr(trainer.model.config, "_attn_implementation", None),
+        "attention": upstream.attention_implementation(trainer.model.config),
         "versions": {p: metadata.version(p) for p in ("torch", "transformers", "trl", "peft")},
     }
 
 
 def rows_digest(rows) -> str:
-    """sha256 of the rows' Arrow data as IPC: the same rows read from the same files hash the same, other rows or
-    another order differ (a slice may carry bytes of its parent, which only makes a match rarer)."""
+    """sha256 of the rows' Arrow data as IPC, in the order the trainer reads them (a shuffle or a selection included:
+    ``Dataset.iter`` reads through the rows' indices): the same rows read from the same files hash the same, other
+    rows or another order differ (a slice may carry bytes of its parent, which only makes a match rarer)."""
     import pyarrow as pa
 
-    if getattr(rows, "_indices", None) is not None:
-        rows = rows.flatten_indices()
     sink = _HashingFile()
-    table = rows.data.table
-    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
-        writer.write_table(table)
+    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), rows.data.schema) as writer:
+        for batch in rows.with_format("arrow").iter(batch_size=DIGEST_BATCH_ROWS):
+            writer.write_table(batch)
     return sink.hash.hexdigest()
 
 

@@ -14,7 +14,7 @@ eval split's loss, tensorboard/ (event files: tensorboard --logdir <run>), _SUCC
 
 from __future__ import annotations
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 
@@ -28,7 +28,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import SFTConfig, SFTTrainer
 
-    from jobs import auto_batch, modeling, packing, training
+    from jobs import auto_batch, modeling, packing, training, turns, upstream, video
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -50,7 +50,13 @@ def main(recipe: str = "", force: bool = False, **overrides):
             callbacks=training.callbacks("sft", stage.work),
         )
     trainer.data_collator = family.collator(trainer.data_collator, processor)
-    padding_free = packing.enabled(cfg.sft.padding_free, family, model.config._attn_implementation)
+    if video.COLUMNS[0] in train.column_names:  # TRL's vision collator reads no videos; the wrapper hands them over
+        trainer.data_collator = video.WithVideos(trainer.data_collator)
+    # Every assistant turn of a multi-turn row is trained on, not only its completion; before the wraps below, which
+    # read the batches it makes (prepare dropped multi-turn rows where the family cannot: multi_turn_unsupported)
+    if not family.multi_turn_unsupported:
+        trainer.data_collator = turns.EveryAnswer(trainer.data_collator, trainer.processing_class)
+    padding_free = packing.enabled(cfg.sft.padding_free, family, upstream.attention_implementation(model.config))
     grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows
     if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded
         trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
@@ -73,4 +79,4 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
 
 if __name__ == "__main__":
-    contract.entrypoint(main, imports=("datasets", "trl:SFTTrainer", "jobs.modeling", "jobs.training", "jobs.packing"))
+    entry.entrypoint(main, imports=("datasets", "trl:SFTTrainer", "jobs.modeling", "jobs.training", "jobs.packing"))

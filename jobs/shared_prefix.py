@@ -34,6 +34,7 @@ import torch
 from peft import PeftModel
 from trl import DPOTrainer
 
+from jobs import upstream
 from jobs.contract import UserError
 from jobs.families import family_of
 
@@ -87,7 +88,7 @@ def unsupported(model) -> str | None:
         return f"no shared-prefix forward for model type {model.config.model_type!r}"
     if family.shared_prefix_unsupported:
         return f"{family.name}: {family.shared_prefix_unsupported}"
-    attention = model.config.get_text_config()._attn_implementation
+    attention = upstream.attention_implementation(model.config.get_text_config())
     if attention not in ATTENTION:
         return (f"model.attn_implementation {attention} takes no custom attention mask, which each answer's view of "
                 f"the shared prompt needs; use {' or '.join(ATTENTION)}")
@@ -231,7 +232,7 @@ def packed_forward(model, forward, family: str):
         packing = Packing.of(attention_mask, labels)
         if cross_attention is not None:  # Llama 3.2 Vision's [2B, L, images, tiles]: each token keeps its row's
             kwargs["cross_attention_mask"] = cross_attention[packing.rows, packing.cols]
-        eager = model.config.get_text_config()._attn_implementation == "eager"
+        eager = upstream.attention_implementation(model.config.get_text_config()) == "eager"
         mask = packing.attention(None if token_types is None else packing.gather(token_types) == 0,
                                  torch.float32 if eager else None, window.tokens if window.everywhere else None)
         # Padding gets the pad token: a copy of a real one could be an image placeholder with no image behind it
@@ -256,8 +257,15 @@ class SharedPrefixDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         wanted(True, self.model)
         self._family = family_of(self.model.config.model_type).name
+        for model in self._models():  # TRL's fused-head forward, which the packing wraps, is there as written for
+            upstream.trl_fused_forward(model)
         self._window = Window.of(self.model.config.get_text_config())
         self._said_window = False
+
+    def _models(self) -> list:
+        """The policy and the reference (when a copy), as the models whose forward TRL fused with its LM head."""
+        models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
+        return [m.get_base_model() if isinstance(m, PeftModel) else m for m in models]
 
     def _shared_prefix(self, inputs):
         """Packed rows for this batch, or TRL's where its rows outrun a window that only some layers have."""
@@ -273,10 +281,8 @@ class SharedPrefixDPOTrainer(DPOTrainer):
 
     @contextlib.contextmanager
     def _packed(self):
-        models = [self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model) if m is not None]
-        models = [m.get_base_model() if isinstance(m, PeftModel) else m for m in models]
-        wrapped = [m for m in models if not getattr(m.forward, "shared_prefix", False)]
-        originals = [m.__dict__.get("forward") for m in wrapped]  # TRL's fused-head forward, set on the instance
+        wrapped = [m for m in self._models() if not getattr(m.forward, "shared_prefix", False)]
+        originals = [vars(m).get("forward") for m in wrapped]  # TRL's fused-head forward, on the instance
         for model in wrapped:
             model.forward = packed_forward(model, model.forward, self._family)
         try:
@@ -288,9 +294,9 @@ class SharedPrefixDPOTrainer(DPOTrainer):
                 else:
                     model.forward = original
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self._shared_prefix(inputs):
-            return super()._compute_loss(model, inputs, return_outputs)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def compute_ref_log_probs(self, model, inputs):
         with self._shared_prefix(inputs):

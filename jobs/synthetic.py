@@ -2,8 +2,11 @@
 
 Written as the hub lays data sets out (parquet with image bytes under ``data/``, splits declared in
 the README's YAML), so ``datasets.load_dataset(folder)`` reads them exactly as it reads the hub.
-Every answer follows from the picture (a bar's colour, how many bars, whether a colour is present),
-so a model that learns shows it in the numbers.
+Every answer follows from the picture (a bar's colour, how many bars, a bar's value, whether a colour is present),
+so a model that learns shows it in the numbers. The data varies where real data does, so that a wrong number shows
+(issue 26): images of different sizes; ChartQA values with a decimal, read approximately, where relaxed accuracy (5%)
+and exact match disagree; preference pairs whose chosen and rejected answers differ in length (a bare "Yes" against
+"No."); yes/no answers of both classes.
 
     ChartQA-shaped    image, query, label (list of strings), human_or_machine     splits train, val, test
     RLAIF-V-shaped    ds_name, image, question, chosen, rejected, origin_dataset,  split train
@@ -39,11 +42,17 @@ COLOURS = {
     "orange": (245, 130, 20),
 }
 WIDTH, HEIGHT = 72, 72  # square, so that center-cropping processors (CLIP) keep every bar; larger than the tiny 32 px
+# Each image's side, drawn per row: square, for the same reason, but of varying size as real charts are (what
+# dynamic-resolution processors such as Qwen2-VL's turn into differing token counts).
+SIDES = (56, 96)
 MAX_BARS = 3
+# About this share of the ChartQA rows ask a bar's value, one decimal on a 1-9 scale (ChartQA's answers are mostly
+# numbers read off the chart): a model reads it approximately, and relaxed accuracy counts a reading within 5%.
+VALUE_SHARE = 0.15
 
 
 def chart(bars: list[tuple[str, int]], size: tuple[int, int] = (WIDTH, HEIGHT)) -> bytes:
-    """A bar chart as PNG bytes: one bar per (colour, value 1..9), left to right, on white."""
+    """A bar chart as PNG bytes: one bar per (colour, value 1..9, a whole number or not), left to right, on white."""
     from PIL import Image, ImageDraw
 
     width, height = size
@@ -74,30 +83,49 @@ def chartqa_question(rng: random.Random) -> tuple[list[tuple[str, int]], str, st
     return bars, "How many bars are there?", str(len(bars))
 
 
+def _square(rng: random.Random) -> tuple[int, int]:
+    side = rng.randint(*SIDES)
+    return side, side
+
+
+def value_question(rng: random.Random) -> tuple[list[tuple[str, float]], str, str]:
+    """A lone bar and its value, 2.0 to 9.0 with one decimal: the readings next to it lie within 5% of it."""
+    bar = (rng.choice(list(COLOURS)), rng.randint(20, 90) / 10)
+    return [bar], "What is the value of the bar?", f"{bar[1]:.1f}"
+
+
 def chartqa_rows(n: int, seed: int = 0, image_sides: tuple[int, int] | None = None) -> list[dict]:
-    """ChartQA rows; ``image_sides`` (smallest, largest) draws each image's width and height from that range, as real
-    charts differ in size (what dynamic-resolution processors such as Qwen2-VL's turn into differing token counts)."""
-    rng, sizes = random.Random(seed), random.Random(seed + 1)
+    """ChartQA rows, each image square of a side in SIDES; ``image_sides`` (smallest, largest) draws each image's width
+    and height from that range instead, of any aspect ratio (the bench's data)."""
+    rng, sizes, values = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
     rows = []
     for _ in range(n):
         bars, query, answer = chartqa_question(rng)
-        size = (sizes.randint(*image_sides), sizes.randint(*image_sides)) if image_sides else (WIDTH, HEIGHT)
+        if values.random() < VALUE_SHARE:  # its own stream: the other rows stay as they were without value questions
+            bars, query, answer = value_question(values)
+        size = (sizes.randint(*image_sides), sizes.randint(*image_sides)) if image_sides else _square(sizes)
         rows.append({"image": {"bytes": chart(bars, size), "path": None}, "query": query, "label": [answer],
                      "human_or_machine": rng.randint(0, 1)})
     return rows
 
 
 def rlaif_v_rows(n: int, seed: int = 0, sentences: bool = False, chart_share: float = 0.15) -> list[dict]:
-    """Yes/no questions about colours that may be absent, as RLAIF-V and AMBER ask about objects. ``sentences``: the
-    answers are descriptions of varying length, as RLAIF-V's are (the chosen one true, the rejected one not), for
-    benchmarks; the charts and questions are the same as without. ``chart_share``: about this share of the rows ask
-    a ChartQA question instead (the true answer chosen, a wrong one of its kind rejected), as RLAIF-V mixes many
-    tasks; DPO on these keeps what SFT taught. The yes/no rows, in order, are the same whatever the share."""
+    """Yes/no questions about colours that may be absent, as RLAIF-V and AMBER ask about objects, the answer yes for
+    about half. A yes is the bare word, a no has its full stop ("No."), so that the chosen and the rejected answer
+    always differ in length (the full stop after "No" a model learns; which first word is right, it must see). Longer
+    answers, where "No, there is no red bar." against "Yes" was tried, made the demo's DPO (raw log-probability sums
+    compared) prefer the shorter answer instead of the right one.
+    ``sentences``: the answers are descriptions of varying length, as RLAIF-V's are (the chosen one true, the rejected
+    one not), for benchmarks; the charts and questions are the same as without. ``chart_share``: about this share of
+    the rows ask a ChartQA question instead (the true answer chosen, a wrong one of its kind rejected), as RLAIF-V
+    mixes many tasks; DPO on these keeps what SFT taught. The yes/no rows, in order, are the same whatever the share.
+    Images are squares of varying side (SIDES)."""
     rng, wording, mixing = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
+    sizes = random.Random(seed + 3)
     rows = []
     for i in range(n):
         if mixing.random() < chart_share:
-            rows.append(_chart_pair(i, mixing))
+            rows.append(_chart_pair(i, mixing, _square(mixing)))  # from its own stream, as the yes/no rows are
             continue
         colour = "red"
         present = rng.random() < 0.5
@@ -109,9 +137,11 @@ def rlaif_v_rows(n: int, seed: int = 0, sentences: bool = False, chart_share: fl
             truth = _description(colour, bars, present, wording)
             made_up = _description(colour, _random_bars(wording), not present, wording)
             yes, no = (truth, made_up) if present else (made_up, truth)
+        else:  # a bare yes against a no with its full stop: the two always differ in length, by one token
+            no = "No."
         rows.append({
             "ds_name": "synthetic-charts",
-            "image": {"bytes": chart(bars), "path": None},
+            "image": {"bytes": chart(bars, _square(sizes)), "path": None},
             "question": f"Is there a {colour} bar in the chart?",
             "chosen": yes if present else no,
             "rejected": no if present else yes,
@@ -123,11 +153,11 @@ def rlaif_v_rows(n: int, seed: int = 0, sentences: bool = False, chart_share: fl
     return rows
 
 
-def _chart_pair(i: int, rng: random.Random) -> dict:
+def _chart_pair(i: int, rng: random.Random, size: tuple[int, int]) -> dict:
     bars, query, answer = chartqa_question(rng)
     kind = list(COLOURS) if query.startswith("What colour") else [str(k) for k in range(1, MAX_BARS + 1)]
     return {
-        "ds_name": "synthetic-charts", "image": {"bytes": chart(bars), "path": None}, "question": query,
+        "ds_name": "synthetic-charts", "image": {"bytes": chart(bars, size), "path": None}, "question": query,
         "chosen": answer, "rejected": rng.choice([wrong for wrong in kind if wrong != answer]),
         "origin_dataset": "vlmjobs.synthetic", "origin_split": "train", "idx": str(i), "image_path": f"synthetic/{i}.png",
     }
@@ -146,7 +176,7 @@ def _description(colour: str, bars: list[tuple[str, int]], present: bool, rng: r
 
 def messages_rows(n: int, seed: int = 0) -> list[dict]:
     """Conversations with images in a column and {"type": "image"} placeholders in the messages."""
-    rng = random.Random(seed)
+    rng, sizes = random.Random(seed), random.Random(seed + 1)
     rows = []
     for _ in range(n):
         bars, query, answer = chartqa_question(rng)
@@ -155,8 +185,31 @@ def messages_rows(n: int, seed: int = 0) -> list[dict]:
                 {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": query}]},
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]},
             ],
-            "images": [{"bytes": chart(bars), "path": None}],
+            "images": [{"bytes": chart(bars, _square(sizes)), "path": None}],
         })
+    return rows
+
+
+def multi_turn_messages_rows(n: int, seed: int = 0) -> list[dict]:
+    """Conversations as HuggingFaceH4/llava-instruct-mix-vsft holds them (messages, images): one to three user/assistant
+    turns, each a chart's question, its chart shown in the first user turn and, for some, in a later one too (a second
+    image, of another size); others show none. Answers short and long (the chart described in a sentence or three)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages, images = [], []
+        for turn in range(rng.randint(1, 3)):
+            bars, query, answer = chartqa_question(rng)
+            content = [{"type": "text", "text": query}]
+            if turn == 0 or rng.random() < 0.5:
+                side = rng.randint(24, 96)
+                images.append({"bytes": chart(bars, (side, rng.randint(24, 96))), "path": None})
+                content.insert(0, {"type": "image", "text": None})
+            if rng.random() < 0.3:
+                listed = ", ".join(f"a {colour} bar of height {value}" for colour, value in bars)
+                answer = f"{answer}. The chart has {len(bars)} bar{'s' * (len(bars) > 1)}: {listed}."
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        rows.append({"messages": messages, "images": images})
     return rows
 
 

@@ -500,7 +500,12 @@ def _qwen2_5_vl():
         patch_size=patch, merge_size=merge, temporal_patch_size=2,
         min_pixels=(patch * merge) ** 2, max_pixels=IMAGE_SIZE * IMAGE_SIZE,
     )
-    video_processor = Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    # frames within the images' pixel bounds: the default video budget (100k to 600k pixels a frame) would make a
+    # test's 40 x 56 frames thousands of tokens
+    video_processor = Qwen2VLVideoProcessor(
+        patch_size=patch, merge_size=merge, temporal_patch_size=2,
+        min_pixels=(patch * merge) ** 2, max_pixels=IMAGE_SIZE * IMAGE_SIZE * 4,
+    )
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=QWEN2_5_VL_TEMPLATE
     )
@@ -547,7 +552,12 @@ def _qwen3_vl():
         patch_size=patch, merge_size=merge, temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
         min_pixels=(patch * merge) ** 2, max_pixels=IMAGE_SIZE * IMAGE_SIZE,
     )
-    video_processor = Qwen3VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    # its pixel budget is over all of a video's frames (its smart_resize takes the frame count): the default's 786k
+    # pixels would make a test's 40 x 56 frames thousands of tokens; this keeps sixteen 64 x 64 frames
+    video_processor = Qwen3VLVideoProcessor(
+        patch_size=patch, merge_size=merge, temporal_patch_size=2,
+        size={"shortest_edge": (patch * merge) ** 2, "longest_edge": 16 * 64 * 64},
+    )
     processor = Qwen3VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=QWEN3_VL_TEMPLATE
     )

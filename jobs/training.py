@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from jobs import auto_batch
+from jobs import auto_batch, upstream
 from jobs.contract import UserError, is_main_process
 from jobs.progress import timing
 from jobs.recipe import Train
@@ -32,6 +32,9 @@ STAGE_DEFAULTS = {
     "report_to": "tensorboard",
     "max_length": None,  # truncating a VLM sample can cut through its image tokens
     "activation_checkpointing_kwargs": {"use_reentrant": False},  # transformers 5 name of gradient_checkpointing_kwargs
+    # Every column reaches the collator: TRL's vision collators read only theirs, and the columns the stage adds for a
+    # sampler or a collator wrapper (group_by_length's lengths, cached reference log-probs) stay (WithoutColumns)
+    "remove_unused_columns": False,
 }
 # SFT's own: its eval loss on the eval split, as often as it checkpoints (``trl_config`` matches eval_steps to
 # save_steps unless the recipe sets it) and at the last step (transformers 5 adds that evaluation itself).
@@ -105,62 +108,17 @@ def shard_count(cfg, stage: str) -> int:
 @contextlib.contextmanager
 def sharding(args, model):
     """Around building the trainer of a sharded run (``args.fsdp``): fully_shard around each of the model's layers
-    that must not be split (its _no_split_modules, which accelerate takes whole and refuses when one is absent:
-    LLaVA lists CLIP's text embeddings, which it has not), and FSDP on CPU processes too.
-
-    accelerate turns FSDP on for accelerator backends only (``AcceleratorState.__init__`` 1.15: MULTI_GPU, MULTI_NPU,
-    MULTI_XPU...); for MULTI_CPU it drops the FSDP plugin without a word and runs plain data parallelism. torch's
-    fully_shard runs on a CPU mesh over gloo, so while the trainer's accelerator is made, CPU processes pass for GPU
-    ones (their device stays the CPU); made, it records FSDP for all of accelerate, as on GPUs."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
+    that must not be split (``upstream.no_split_modules``: accelerate takes them whole and refuses one that is absent,
+    and LLaVA lists CLIP's text embeddings, which it has not), FSDP on CPU processes too
+    (``upstream.fsdp_on_cpu_processes``), and lm_head's gradient averaged over the processes once TRL's fused head
+    is in place (``upstream.averaging_lm_head_gradient``)."""
     if not args.fsdp:
         yield
         return
-    present = {type(module).__name__ for module in model.modules()}
-    layers = [name for name in model._no_split_modules or () if name in present]
-    args.fsdp_plugin_args.setdefault("transformer_cls_names_to_wrap", ",".join(layers))
-    partial = PartialState._shared_state
-    on_cpu = partial.get("distributed_type") == DistributedType.MULTI_CPU
-    if on_cpu:
-        partial["distributed_type"] = DistributedType.MULTI_GPU
-    try:
+    args.fsdp_plugin_args.setdefault("transformer_cls_names_to_wrap", ",".join(upstream.no_split_modules(model)))
+    with upstream.fsdp_on_cpu_processes():
         yield
-    finally:
-        if on_cpu and partial["distributed_type"] == DistributedType.MULTI_GPU:  # no accelerator was made
-            partial["distributed_type"] = DistributedType.MULTI_CPU
-    _average_the_fused_heads_gradient(model)
-
-
-def _average_the_fused_heads_gradient(model) -> None:
-    """TRL 1.16's fused LM head (trl.trainer.utils.add_fused_lm_head, in SFT and DPO) bypasses lm_head's module and
-    gathers its sharded weight with ``weight.full_tensor()``, whose backward hands each process only its own share of
-    the gradient, never reduced over the processes: sharded training then moved lm_head as no single process would
-    (its step-1 gradient 4.59 against 3.68 for LLaVA's full SFT). Gathered instead as a partial gradient to average,
-    lm_head's gradient is the one FSDP gives every other weight. Only while the trainer's patched forward runs, so
-    that nothing else gathers differently."""
-    import functools
-
-    from torch.distributed.tensor import DTensor, Partial
-
-    fused = model.__dict__.get("forward")  # TRL's patch is an instance attribute; the class's forward is untouched
-    if fused is None:
-        return
-    full_tensor = DTensor.full_tensor
-
-    def averaging_gradients(self, *, grad_placements=None):
-        return full_tensor(self, grad_placements=grad_placements or [Partial("avg")] * self.device_mesh.ndim)
-
-    @functools.wraps(fused)
-    def forward(*args, **kwargs):
-        DTensor.full_tensor = averaging_gradients
-        try:
-            return fused(*args, **kwargs)
-        finally:
-            DTensor.full_tensor = full_tensor
-
-    model.forward = forward
+    upstream.averaging_lm_head_gradient(model)
 
 
 def start(stage: str, trainer, *, work: Path, train_rows: int, extra: dict | None = None) -> str | None:
@@ -297,23 +255,6 @@ def stop_if_interrupted(trainer, stage: str) -> None:
             print(f"{stage}: stopped on {name} at step {trainer.state.global_step}; checkpoint saved, running the same "
                   "command again resumes from it", file=sys.stderr, flush=True)
             sys.exit(128 + callback.requested)
-
-
-def keep_columns(trainer, *columns: str) -> None:
-    """Keep ``columns`` of the trainer's rows through its ``remove_unused_columns``, for what reads them besides the
-    model (a sampler, a collator wrapper). For a vision dataset TRL lists the columns its collator reads."""
-    trainer._set_signature_columns_if_needed()
-    trainer._signature_columns = [*trainer._signature_columns, *(c for c in columns if c not in trainer._signature_columns)]
-
-
-class WithoutColumns:
-    """A collator that drops ``columns`` (kept by ``keep_columns``) before the collator it wraps sees the rows."""
-
-    def __init__(self, collator, columns: tuple[str, ...]):
-        self.collator, self.columns = collator, columns
-
-    def __call__(self, examples: list[dict]) -> dict:
-        return self.collator([{k: v for k, v in example.items() if k not in self.columns} for example in examples])
 
 
 def reshard(model) -> None:

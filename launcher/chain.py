@@ -17,7 +17,7 @@ from __future__ import annotations
 from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from jobs.recipe import Recipe
 from launcher import render, state
-from launcher.kube import AlreadyExists, Cluster, JobFailed
+from launcher.kube import AlreadyExists, Cluster, JobFailed, StoppedMidway
 
 
 def _hint(recipe: Recipe, stage: str) -> str:
@@ -132,9 +132,16 @@ def run_stage(
             f"==> {stage}: restarting Job {cluster.namespace}/{name} from its last checkpoint "
             f"({reading.message}; {step.why})"
         )
-        cluster.delete_job(name)
-        cluster.wait_job_gone(name)
-        job = _create(cluster, manifests, stage)
+        try:
+            cluster.delete_job(name)
+            cluster.wait_job_gone(name)
+            job = _create(cluster, manifests, stage)
+        except KeyboardInterrupt as e:
+            raise StoppedMidway(
+                f"stopped while restarting stage {stage}: Job {cluster.namespace}/{name} is deleted and not created "
+                "again; run the same command again to create it (it resumes from the last checkpoint)",
+                e,
+            ) from None
 
 
 def pipeline(cluster: Cluster, recipe: Recipe, image: str, stages: tuple[str, ...] = (), *, logs: bool = True) -> None:

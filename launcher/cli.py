@@ -27,7 +27,7 @@ import math
 import sys
 from pathlib import Path
 
-from jobs import contract
+from jobs import contract, entry
 from jobs import recipe as recipes
 
 
@@ -201,7 +201,8 @@ def _cluster_command(fn):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (contract.Interrupted)
-            print("stopped following; what was created runs on (vlmjobs status)", file=sys.stderr)
+            runs_on = "stopped following; what was created runs on (vlmjobs status)"
+            print(str(e) if isinstance(e, kube.StoppedMidway) else runs_on, file=sys.stderr)
             sys.exit(128 + getattr(e, "signum", contract.EXIT_SIGINT - 128))
 
     return wrapper
@@ -402,7 +403,7 @@ def main():
     if not argv or usage.wants_help(argv):  # answered here: Fire would run the command (or page its help)
         usage.print_help(help_text(argv))
         return
-    contract.entrypoint({name: _options_checked(name, fn) for name, fn in COMMANDS.items()})
+    entry.entrypoint({name: _options_checked(name, fn) for name, fn in COMMANDS.items()})
 
 
 def _options_checked(name: str, fn):

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote
 
 from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from launcher import state
@@ -37,6 +36,8 @@ from launcher.render import CONTAINER, JOB_NAME_LABEL
 POLL_S = 5.0  # between pod checks while following; the tests shorten it
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0  # one answer; a watch or log stream waits longer (their own timeouts)
+# What the generated read_namespaced_pod_log accepts (the client picks the JSON one; the kubelet sends text either way)
+LOG_ACCEPTS = ["text/plain", "application/json", "application/yaml", "application/vnd.kubernetes.protobuf", "application/cbor"]
 RETRIED_VERBS = ("get", "list", "watch")  # safe to send again; a create or delete is not retried blindly
 RESOURCES = {  # kind -> (API group for the message, plural)
     "Job": ("batch", "jobs"),
@@ -98,6 +99,15 @@ class JobFailed(KubeError):
 
 class JobDeleted(KubeError):
     """The Job disappeared while it was being followed."""
+
+
+class StoppedMidway(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM where stopping leaves something undone that the user must know of (a group's failed
+    attempt deleted, the next not yet created): its message says what, in place of 'what was created runs on'."""
+
+    def __init__(self, message: str, interrupted: KeyboardInterrupt):
+        super().__init__(message)
+        self.signum = getattr(interrupted, "signum", 2)  # SIGINT, as a plain KeyboardInterrupt is
 
 
 def _status_message(e) -> str:
@@ -380,18 +390,24 @@ class Cluster:
         return self._json(answer)
 
     def _open_log(self, pod: str, *, follow: bool, timestamps: bool, since_time: str | None, _request_timeout):
-        """The log request. The generated client has no sinceTime (PodLogOptions has), so the
-        request is serialized by the client and the parameter added to its query."""
-        request = self.core._read_namespaced_pod_log_serialize(
-            name=pod, namespace=self.namespace, container=CONTAINER, follow=follow,
-            insecure_skip_tls_verify_backend=None, limit_bytes=None, pretty=None, previous=None,
-            since_seconds=None, stream=None, tail_lines=None, timestamps=timestamps or None,
-            _request_auth=None, _content_type=None, _headers=None, _host_index=0,
-        )  # fmt: skip
-        if since_time:
-            method, url, *rest = request
-            request = (method, f"{url}{'&' if '?' in url else '?'}sinceTime={quote(since_time)}", *rest)
-        return self.api._call_with_legacy_options(request, {"200": "str"}, None, False, _request_timeout, True)
+        """The log request, open, for ``stream_log`` to read. The generated read_namespaced_pod_log has no sinceTime
+        (PodLogOptions has), so the request is built with the client's public param_serialize, as the generated method
+        builds it, with sinceTime added to its query."""
+        from kubernetes.client.exceptions import ApiException
+
+        query = [("container", CONTAINER), ("follow", follow)]
+        query += [("timestamps", True)] if timestamps else []
+        query += [("sinceTime", since_time)] if since_time else []
+        request = self.api.param_serialize(
+            method="GET", resource_path="/api/v1/namespaces/{namespace}/pods/{name}/log",
+            path_params={"namespace": self.namespace, "name": pod}, query_params=query,
+            header_params={"Accept": self.api.select_header_accept(LOG_ACCEPTS)}, auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*request, _request_timeout=_request_timeout)
+        if not 200 <= response.status <= 299:  # the generated client raises these as ApiException too
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response  # urllib3's, read as a stream
 
     def stream_log(
         self, pod: str, *, follow: bool = True, timestamps: bool = False, since_time: str | None = None
@@ -481,6 +497,7 @@ class Cluster:
             pump.start()
         said = None
         backoff = self.backoff()
+        interrupted = False
         try:
             while True:
                 pods = self.list_pods(name)
@@ -512,9 +529,12 @@ class Cluster:
                     job, version = self.list_job(name)
                     if job is None:
                         raise self._deleted(name, "was deleted while being followed") from e
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop now, not after the log's rest
+            interrupted = True
+            raise
         finally:
             stop.set()
-            if pump:
+            if pump and not interrupted:
                 pump.join(timeout=self.log_drain_s)
 
     def _deleted(self, name: str, how: str) -> JobDeleted:

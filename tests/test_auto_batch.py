@@ -148,7 +148,7 @@ def test_auto_batch_says_in_one_line_when_even_1_does_not_fit(write_recipe):
     prepare.main(recipe=str(path))
     with out_of_memory_above(0), pytest.raises(contract.UserError, match=(
         r"^sft: micro-batch 1 ran out of memory: the model does not fit even at per_device_train_batch_size 1; "
-        r"turn on gradient_checkpointing, .* \(vlmjobs memory <recipe> shows the arithmetic\)$")):
+        r"turn on activation_checkpointing, .* \(vlmjobs memory <recipe> shows the arithmetic\)$")):
         sft.main(recipe=str(path))
     assert not (recipes.load(path).run_dir / "sft").exists()
 
@@ -163,7 +163,7 @@ def test_auto_batch_out_of_memory_in_training_says_what_to_write_instead_of_auto
         r"^sft: out of GPU memory in training \(CUDA out of memory\. .*\) at micro-batch 4 x accumulation 1, the size "
         r"per_device_train_batch_size: auto found on the longest training rows; give a smaller one in its place: "
         r"sft.args.per_device_train_batch_size: 2 and sft.args.gradient_accumulation_steps: 2, without "
-        r"sft.effective_batch_size \(the same effective batch\), or turn on gradient_checkpointing$")):
+        r"sft.effective_batch_size \(the same effective batch\), or turn on activation_checkpointing$")):
         sft.main(recipe=str(path))
 
 

@@ -275,6 +275,82 @@ def test_a_failing_hub_gives_one_line_no_output_and_never_shows_the_token(lora_c
     assert not (recipe.run_dir / "merge_push").exists(), "no partial result that looks complete"
 
 
+class AcceptingHub(BaseHTTPRequestHandler):
+    """A hub on loopback that takes a push as huggingface_hub sends it: create the repo, a branch, validate the card's
+    metadata (accepted), ask how each file is to be uploaded (inline here, where the hub would send the weights to
+    its storage), commit. Requests and commits are kept."""
+
+    def do_POST(self):
+        from urllib.parse import unquote
+
+        path = unquote(self.path.split("?")[0])
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append((self.command, path))
+        endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        repo = re.fullmatch(r"/api/models/(\w+/[\w.-]+)/(branch|preupload|commit)/(.+)", path)
+        if path == "/api/repos/create":
+            answer = {"url": f"{endpoint}/{json.loads(body)['organization']}/{json.loads(body)['name']}"}
+        elif (repo and repo.group(2) == "branch") or path == "/api/validate-yaml":
+            answer = {}
+        elif repo and repo.group(2) == "preupload":
+            answer = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                for f in json.loads(body)["files"]]}  # fmt: skip
+        elif repo and repo.group(2) == "commit":
+            lines = [json.loads(line) for line in body.splitlines()]
+            self.server.commits.append((repo.group(3), {line["value"]["path"]: line["value"]["content"]
+                                                        for line in lines if line["key"] == "file"}))  # fmt: skip
+            answer = {"commitUrl": f"{endpoint}/{repo.group(1)}/commit/{'0' * 40}", "commitOid": "0" * 40}
+        else:
+            return self._answer(404, {"error": f"not served here: {self.command} {path}"})
+        self._answer(200, answer)
+
+    do_GET = do_HEAD = do_PUT = do_POST
+
+    def _answer(self, status: int, answer: dict):
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_push_to_a_branch_commits_there_and_its_card_loads_from_it(lora_chain, tmp_path):
+    """merge_push.revision: the branch is created, the one commit goes to it, and the card's snippet loads that branch
+    (from main, its reader would get another model, or none)."""
+    import base64
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), AcceptingHub)
+    server.requests, server.commits = [], []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    branch = "runs/exp-7"
+    path = copy_run(lora_chain, tmp_path, merge_push={"push": True, "repo_id": "org/tiny-llava-dpo", "license": "apache-2.0",
+                                                      "revision": branch})  # fmt: skip
+    recipe = recipes.load(path)
+    shutil.rmtree(recipe.run_dir / "merge_push")
+    env = subprocess_env(HF_TOKEN="hf_test0123456789", HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_OFFLINE="0")
+    try:
+        done = subprocess.run([sys.executable, "-m", "jobs.merge_push", f"--recipe={path}"], env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert ("POST", f"/api/models/org/tiny-llava-dpo/branch/{branch}") in server.requests
+    ((committed_to, files),) = server.commits
+    assert committed_to == branch
+    shipped = recipe.run_dir / "merge_push" / "model"
+    assert sorted(files) == sorted(str(f.relative_to(shipped)) for f in shipped.rglob("*") if f.is_file())
+    card = base64.b64decode(files["README.md"]).decode()
+    snippet = card.split("## Usage\n\n```python\n")[1].split("```")[0]
+    assert f"model = LlavaForConditionalGeneration.from_pretrained(model_id, revision={branch!r})\n" in snippet
+    assert f"processor = AutoProcessor.from_pretrained(model_id, revision={branch!r})\n" in snippet
+    record = contract.read_json(recipe.run_dir / "merge_push" / contract.SUCCESS_FILE)
+    assert record["pushed_to"] == f"http://127.0.0.1:{server.server_port}/org/tiny-llava-dpo/commit/{'0' * 40}"
+
+
 def gate_report(base: float, tuned: float, n: int, metric: str = "accuracy") -> dict:
     return {"variants": {v: {"metrics": {metric: score}, "counts": {metric: n}} for v, score in (("base", base), ("dpo", tuned))}}
 

@@ -97,7 +97,8 @@ def test_newest_complete_checkpoint_ignores_one_still_being_written(tmp_path):
 def test_entrypoint_turns_user_errors_into_one_line_and_exit_code_2(tmp_path):
     script = tmp_path / "stage.py"
     script.write_text(
-        "from jobs.contract import entrypoint, UserError\n"
+        "from jobs.contract import UserError\n"
+        "from jobs.entry import entrypoint\n"
         "def main(fail: str = 'user'):\n"
         "    if fail == 'user': raise UserError('data.sft: no rows')\n"
         "    raise RuntimeError('disk on fire')\n"
@@ -110,13 +111,39 @@ def test_entrypoint_turns_user_errors_into_one_line_and_exit_code_2(tmp_path):
     assert crash.returncode == contract.EXIT_FAILURE and "Traceback" in crash.stderr
 
 
+def test_out_of_gpu_memory_outside_the_batch_search_is_one_line_with_advice_and_exit_code_2(tmp_path):
+    """Issue 26 (8): a forward that runs out of memory after per_device_train_batch_size: auto has chosen (or without
+    it) fails the same way on every retry; exit 1 would have the Job retry it on GPUs for nothing. torch's own
+    OutOfMemoryError, with CUDA's message, raised where CUDA raises it: inside a module's forward."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import torch\n"
+        "from jobs.entry import entrypoint\n"
+        "def out_of_memory(module, args):\n"
+        "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of '\n"
+        "                                 '79.19 GiB of which 1.06 GiB is free.\\nSee documentation for Memory Management')\n"
+        "def main():\n"
+        "    embedding = torch.nn.Embedding(10, 4)\n"
+        "    embedding.register_forward_pre_hook(out_of_memory)\n"
+        "    embedding(torch.zeros(64, 8, dtype=torch.long))\n"
+        "entrypoint(main)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=subprocess_env())
+    assert done.returncode == contract.EXIT_USER_ERROR, done.stderr
+    assert done.stderr == (
+        "error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB "
+        "of which 1.06 GiB is free.): halve per_device_train_batch_size and double gradient_accumulation_steps, or turn on "
+        "activation_checkpointing\n"
+    )
+
+
 def test_a_finished_stage_exits_at_once_with_its_exit_handlers_run_and_its_output_flushed(tmp_path):
     """entrypoint skips the interpreter's teardown after a stage finishes, not what exiting owes: atexit handlers
     (a tracker's last upload, logging's flush) run, and buffered output reaches the pipe."""
     script = tmp_path / "stage.py"
     script.write_text(
         "import atexit, logging, sys\n"
-        "from jobs.contract import entrypoint\n"
+        "from jobs.entry import entrypoint\n"
         "def main(out: str = ''):\n"
         "    atexit.register(lambda: open(out, 'w').write('flushed'))\n"
         "    logging.basicConfig(stream=sys.stderr)\n"

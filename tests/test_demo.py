@@ -1,7 +1,8 @@
 """The learning checks, on the demo as `make demo` runs it: the local runner, every stage its own
 process, the demo recipe's own settings, only the tiny model and data folders pointed elsewhere.
 
-SFT: held-out exact match of the random tiny LLaVA rises from <= 0.2 before to >= 0.7 after.
+SFT: held-out exact match of the random tiny LLaVA rises from <= 0.2 before to >= 0.7 after; its accuracy, ChartQA's relaxed
+accuracy, is higher, a bar's value read within 5% counting (issue 26: the synthetic data has such values).
 DPO (an adapter on SFT's weights): held-out preference accuracy rises by >= 0.3 over SFT's (about chance) to >= 0.8,
 the yes/no answers improve, and the exact match stays within 0.1 of SFT's: DPO aligns without undoing SFT.
 """
@@ -37,6 +38,7 @@ def test_the_demo_learns_what_each_stage_teaches(tmp_path, tiny_model, synthetic
 
     assert scores["base"]["exact_match"] <= 0.2
     assert scores["sft"]["exact_match"] >= 0.7
+    assert scores["sft"]["accuracy"] > scores["sft"]["exact_match"], "a value read within 5% counts for relaxed accuracy"
     assert 0.3 <= scores["sft"]["preference_accuracy"] <= 0.7, "before DPO the preference is about chance"
     assert scores["dpo"]["preference_accuracy"] >= 0.8
     assert scores["dpo"]["preference_accuracy"] >= scores["sft"]["preference_accuracy"] + 0.3

@@ -121,7 +121,7 @@ def llava(tmp_path_factory, tiny_model, synthetic_data):
 
 
 # Where lm_head trains, these held only once TRL's fused LM head was made to average lm_head's gradient over the
-# processes (jobs.training._average_the_fused_heads_gradient): without it, step 1's lm_head gradient of LLaVA's full
+# processes (jobs.upstream.averaging_lm_head_gradient): without it, step 1's lm_head gradient of LLaVA's full
 # SFT was 4.59 sharded against 3.68 on one process, and every later step differed.
 
 

@@ -5,6 +5,7 @@ classes), and HF_HUB_OFFLINE=1 with an id the cache lacks. Each ends in one line
 from __future__ import annotations
 
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -17,16 +18,18 @@ from tests.conftest import subprocess_env
 
 @pytest.fixture
 def hub(tmp_path):
-    """hub(status, error_code) -> the endpoint of a server answering every request so."""
+    """hub(status, error_code, error_message) -> the endpoint of a server answering every request so."""
     servers = []
 
-    def start(status: int, error_code: str | None = None) -> str:
+    def start(status: int, error_code: str | None = None, error_message: str | None = None) -> str:
         class Handler(http.server.BaseHTTPRequestHandler):
             def answer(self):
-                body = b'{"error": "see X-Error-Code"}'
+                body = json.dumps({"error": error_message or "see X-Error-Code"}).encode()
                 self.send_response(status)
                 if error_code:
                     self.send_header("X-Error-Code", error_code)
+                if error_message:
+                    self.send_header("X-Error-Message", error_message)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -48,18 +51,51 @@ def hub(tmp_path):
         server.shutdown()
 
 
+# huggingface_hub's own backoff (1, 2, 4, 8, 8 s) runs in the subprocess as it is, its waits written to
+# $VLMJOBS_HUB_WAITS instead of slept: its retries are what a test shows, not 23 s of waiting.
+WITHOUT_WAITS = """
+import atexit, json, os, runpy, sys, time
+from huggingface_hub.utils import _http
+assert _http.time is time and callable(_http._http_backoff_base), "huggingface_hub no longer backs off in utils._http"
+waits = []
+
+class Clock:
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, seconds):
+        waits.append(seconds)
+
+_http.time = Clock()
+atexit.register(lambda: open(os.environ["VLMJOBS_HUB_WAITS"], "w").write(json.dumps(waits)))
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def run(argv, tmp_path, endpoint=None, offline=False, **env):
-    extra = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1" if offline else "0", "HF_DATASETS_OFFLINE": "1" if offline else "0", **env}
+    """``python -m module args`` as its own process; with the hub's backoff waits recorded (``waits(tmp_path)``)."""
+    extra = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1" if offline else "0", "HF_DATASETS_OFFLINE": "1" if offline else "0",
+             "VLMJOBS_HUB_WAITS": str(tmp_path / "hub-waits.json"), **env}  # fmt: skip
     if endpoint:
         extra["HF_ENDPOINT"] = endpoint
     environment = subprocess_env(**extra)
-    environment.pop("HF_TOKEN", None)
-    return subprocess.run([sys.executable, *argv], env=environment, capture_output=True, text=True, timeout=600)
+    if "HF_TOKEN" not in env:
+        environment.pop("HF_TOKEN", None)
+    assert argv[0] == "-m", argv
+    command = [sys.executable, "-c", WITHOUT_WAITS, *argv[1:]]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
 
 
-def memory_of(model: str, tmp_path):
+def waits(tmp_path) -> list[float]:
+    """The waits huggingface_hub's backoff made in the last ``run``."""
+    return json.loads((tmp_path / "hub-waits.json").read_text())
+
+
+def memory_of(model: str, tmp_path, revision: str | None = None):
     path = tmp_path / "r.yaml"
-    path.write_text(f"name: r\nmodel: {{name_or_path: {model}, family: llava}}\nstages: [prepare, sft]\n"
+    model_section = {"name_or_path": model, "family": "llava", **({"revision": revision} if revision else {})}
+    path.write_text(f"name: r\nmodel: {json.dumps(model_section)}\nstages: [prepare, sft]\n"
                     "data: {sft: {path: org/data, format: chartqa}}\n")
     return ["-m", "launcher.cli", "memory", str(path)]
 
@@ -110,7 +146,79 @@ def test_an_unreachable_hub_is_retried_by_huggingface_hub_then_one_line_worth_a_
     done = run(memory_of("org/model", tmp_path), tmp_path, endpoint)
     assert done.returncode == contract.EXIT_FAILURE
     assert "Retry 5/5" in done.stderr, "huggingface_hub's bounded backoff says what it does"
+    assert waits(tmp_path) == [1, 2, 4, 8, 8], "its own backoff ran, five retries, without the 23 s"
     assert last_line(done) == (
         f"error: model org/model: the hub ({endpoint}) is unreachable (HTTP 503, after huggingface_hub's retries) and the local "
         "cache lacks it: check the network, proxy or HF_ENDPOINT and run again, or run with HF_HUB_OFFLINE=1 where the cache holds it"
     )
+
+
+def test_a_token_the_hub_refuses_is_one_line_that_says_so_without_the_token(hub, tmp_path):
+    """The hub answers a revoked or mistyped token with 401 and this X-Error-Message, which huggingface_hub tells
+    apart from the 401 of a missing or private repo."""
+    endpoint = hub(401, error_message="Invalid credentials in Authorization header")
+    token = "hf_revoked0123456789abcdef"
+    done = run(memory_of("org/model", tmp_path), tmp_path, endpoint, HF_TOKEN=token)
+    assert done.returncode == contract.EXIT_USER_ERROR
+    assert done.stderr.strip().splitlines() == [
+        "error: model org/model: the hub refused HF_TOKEN (401 invalid credentials): set HF_TOKEN to a valid token"
+    ]
+    assert token not in done.stdout + done.stderr
+
+
+def test_a_revision_the_hub_does_not_have_names_it(hub, tmp_path):
+    endpoint = hub(404, "RevisionNotFound")
+    done = run(memory_of("org/model", tmp_path, revision="v9"), tmp_path, endpoint)
+    assert done.returncode == contract.EXIT_USER_ERROR
+    assert done.stderr.strip().splitlines() == [
+        "error: model org/model: the hub has no revision 'v9' of it: check the recipe's revision"
+    ]
+
+
+def test_a_data_set_revision_the_hub_does_not_have_fails_prepare_in_one_line(hub, tmp_path, write_recipe):
+    endpoint = hub(404, "RevisionNotFound")
+    path = write_recipe(data={"sft": {"path": "org/data", "format": "chartqa", "revision": "v9"}})
+    done = run(["-m", "jobs.prepare", f"--recipe={path}"], tmp_path, endpoint)
+    assert done.returncode == contract.EXIT_USER_ERROR, done.stderr
+    assert last_line(done) == "error: data set org/data: the hub has no revision 'v9' of it: check the recipe's revision"
+
+
+def test_a_malformed_model_id_is_one_line_before_any_request(hub, tmp_path):
+    """huggingface_hub refuses such an id (HFValidationError: also '--', '..', a leading '-') before asking the hub;
+    the hub here would answer 500, and be asked again and again."""
+    name = "org/has space"
+    endpoint = hub(500)
+    done = run(memory_of(name, tmp_path), tmp_path, endpoint)
+    assert done.returncode == contract.EXIT_USER_ERROR
+    assert done.stderr.strip().splitlines() == [f"error: model {name}: neither a local path nor a hub id (org/name)"]
+    assert waits(tmp_path) == [], "nothing was sent, so nothing was retried"
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["as huggingface_hub raises it", "as transformers wraps it"])
+def test_the_hubs_429_after_huggingface_hubs_retries_is_the_hub_unreachable(wrapped):
+    """Issue 26 (9): the hub rate-limits with 429 (huggingface_hub retries it, honouring Retry-After, then raises);
+    what is left is the network's trouble, worth a retry later (exit 1), not an unknown error. The exception is
+    huggingface_hub's own, from a 429 answer as the hub sends it; transformers' cached_file wraps it in an OSError
+    ("There was a specific connection error ...") from it."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import hf_raise_for_status
+
+    from jobs import hub
+
+    url = f"{constants.ENDPOINT}/org/model/resolve/main/config.json"
+    response = httpx2.Response(429, headers={"Retry-After": "60"}, request=httpx2.Request("HEAD", url))
+    with pytest.raises(Exception) as raised:  # whatever huggingface_hub makes of a 429
+        hf_raise_for_status(response)
+    error = raised.value
+    if wrapped:
+        try:
+            raise OSError(f"There was a specific connection error when trying to load org/model:\n{error}") from error
+        except OSError as raised:
+            error = raised
+    found = hub.problem(error, "model", "org/model")
+    assert isinstance(found, contract.Failure) and found.exit_code == contract.EXIT_FAILURE
+    assert str(found) == (
+        f"model org/model: the hub ({constants.ENDPOINT}) is unreachable (HTTP 429, after huggingface_hub's retries) and the "
+        "local cache lacks it: check the network, proxy or HF_ENDPOINT and run again, or run with HF_HUB_OFFLINE=1 where "
+        "the cache holds it")

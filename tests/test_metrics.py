@@ -246,6 +246,36 @@ def test_amber_f1_is_taken_from_the_rounded_precision_and_recall_with_its_epsilo
     assert amber_discriminative(["Yes", "Yes"], ["yes", "no"]) == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0}
 
 
+# AMBER's inference.py (junyangwang0410/AMBER, discriminative task) prints, with Precision and Recall already rounded:
+#     F1 = round(2 * (Precision/100) * (Recall/100) / ((Precision/100) + (Recall/100) + 0.0001) * 100, 1)
+# Each case below is chosen so that plain F1 (unrounded precision and recall, no 0.0001) prints another number.
+@pytest.mark.parametrize("name, no_on_no, no_on_yes, truly_no, truly_yes, precision, recall, f1, plain_f1", [
+    # P = 3/5 = 60.0 and R = 3/8 = 37.5 round to themselves: only the 0.0001 matters.
+    # official: 2 * .6 * .375 / (.6 + .375 + .0001) = .45 / .9751 = .46149 -> 46.1; plain: .45 / .975 = .46154 -> 46.2
+    ("the epsilon alone", 3, 2, 8, 5, 0.6, 0.375, 0.461, 0.462),
+    # P = 2/4 = 50.0, R = 2/3 = 66.67 -> 66.7: the rounded recall lifts it.
+    # official: 2 * .5 * .667 / (.5 + .667 + .0001) = .667 / 1.1671 = .57150 -> 57.2; plain: 2 (1/2)(2/3) / (7/6) = 4/7 = .57143 -> 57.1
+    ("the rounded recall alone", 2, 2, 3, 3, 0.5, 0.667, 0.572, 0.571),
+    # P = 1/3 -> 33.3, R = 1/9 -> 11.1, both rounded down, and the epsilon.
+    # official: 2 * .333 * .111 / (.333 + .111 + .0001) = .073926 / .4441 = .16646 -> 16.6; plain: 2 (1/27) / (4/9) = 1/6 -> 16.7
+    ("rounding and epsilon together", 1, 2, 9, 3, 0.333, 0.111, 0.166, 0.167),
+])
+def test_amber_f1_follows_the_official_rounding_where_plain_f1_prints_another_number(
+        name, no_on_no, no_on_yes, truly_no, truly_yes, precision, recall, f1, plain_f1):
+    """Issue 26 (4): "No" on ``no_on_no`` of the ``truly_no`` questions and on ``no_on_yes`` of the ``truly_yes`` ones,
+    "Yes" on the rest."""
+    truths = ["no"] * truly_no + ["yes"] * truly_yes
+    responses = (["No"] * no_on_no + ["Yes"] * (truly_no - no_on_no)
+                 + ["No"] * no_on_yes + ["Yes"] * (truly_yes - no_on_yes))
+    right = no_on_no + truly_yes - no_on_yes
+    scores = amber_discriminative(responses, truths)
+    # approx only for the float of x / 100 (57.2 / 100 = 0.5720000000000001); a tenth of a percent is 1e-3
+    assert scores == pytest.approx({"accuracy": round(right / len(truths), 3), "precision": precision, "recall": recall,
+                                    "f1": f1}, abs=1e-9)
+    assert f1 != plain_f1 == round(2 * (no_on_no / (no_on_no + no_on_yes)) * (no_on_no / truly_no)
+                                   / (no_on_no / (no_on_no + no_on_yes) + no_on_no / truly_no), 3)
+
+
 @pytest.mark.parametrize("answer, read", [
     ("Yes, there is a red bar.", "yes"),  # first sentence "Yes, there is a red bar" -> no "no" word
     ("No.", "no"),

@@ -44,7 +44,7 @@ def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe,
 
 def test_sigterm_writes_a_checkpoint_and_a_restart_resumes_from_it(write_recipe):
     """Preemption sends SIGTERM: the stage checkpoints, exits 143 (worth a retry), and the retry resumes."""
-    steps = 60
+    steps = 10  # the signal comes after step 3: seven steps are left to stop in, and the retry trains those
     path = write_recipe(sft={"method": "full", "args": {"max_steps": steps, "save_steps": 1000, "per_device_train_batch_size": 2, "logging_steps": 1}})
     prepare.main(recipe=str(path))
     run = path.parent / "runs" / "t"

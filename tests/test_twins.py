@@ -49,7 +49,8 @@ def test_every_shipped_recipe_runs_its_stages_as_its_tiny_twin(path, tmp_path, t
     for stage in recipe.stages:
         assert (recipe.run_dir / stage / contract.SUCCESS_FILE).is_file(), stage
     if "evaluate" in recipe.stages:
-        from jobs.evaluate import METRICS, benchmark_metrics
+        from jobs.benchmarks import benchmark_metrics
+        from jobs.metrics import METRICS
 
         report = contract.read_json(recipe.run_dir / "evaluate" / "report.json")
         benchmarks = set(benchmark_metrics(recipe.evaluate.benchmarks))

@@ -1,9 +1,19 @@
 """A small Kubernetes API server on loopback, for what the real control plane cannot be made to do
 on demand (issue 10): answer a watch with a 5xx or a 429 with Retry-After, fail a request with 403
-or 409 at a chosen point, or script a Job's statuses for the launcher's own mechanics (what it
-creates, in which order, what it skips). It encodes our idea of Kubernetes, so what the Job
-controller does (retries, podFailurePolicy, disruptions, FailureTarget, deadlines, suspension)
-is tested on the real control plane instead (test_launcher_on_cluster.py, tests/simcluster.py).
+or 409 at a chosen point, or play a Job's statuses in a chosen order for the launcher's own
+mechanics (what it creates, in which order, what it skips). What the Job controller does
+(retries, podFailurePolicy, disruptions, FailureTarget, deadlines, suspension) is tested on the
+real control plane instead (test_launcher_on_cluster.py, tests/simcluster.py).
+
+The Job statuses it plays are the real controller's: ``running()``, ``complete()`` and
+``recorded(...)`` replay the objects that test_launcher_on_cluster.py recorded from the real
+control plane (recorded/*.json, with VLMJOBS_RECORD=1); a failed one comes with its pods and the
+controller's own reasons and messages (FailureTarget beside Failed). What it still writes by hand
+are pods (``pod``) for the launcher's mechanics, in states a test chooses at a moment it chooses:
+the pods whose log lines a test streams (kwok runs no container and serves one log to all), a
+rank marked disrupted in the middle of an attempt, a pod that stays terminating for ever, and a
+pod waiting on ImagePullBackOff (the simulated kubelet pulls no image). Their real counterparts, where the
+simulated cluster has one, are in test_launcher_on_cluster.py.
 
 The official client really sends and parses the calls: create/get/list/watch/delete Jobs, list
 and get pods, stream a pod's log, create/patch/delete Services, and the error answers. Time moves
@@ -22,9 +32,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+RECORDED = Path(__file__).parent / "recorded"
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -35,16 +47,32 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+@dataclass(frozen=True)
+class Recording:
+    """A Job's last status and its pods, as the real control plane returned them."""
+
+    status: dict
+    pods: list[dict]
+
+
+def recorded(name: str, job: str = "", namespace: str = "vlmjobs") -> Recording:
+    """recorded/<name>.json, renamed to Job ``job`` in ``namespace``: the Job controller's messages
+    name its pods (``Container stage for pod <namespace>/<job>-xxxxx failed with exit code 2 ...``),
+    and a replay names the Job the test follows instead of the one recorded."""
+    text = (RECORDED / f"{name}.json").read_text()
+    meta = json.loads(text)["job"]["metadata"]
+    if job:  # names and messages alike: the recorded namespace (t-<hex>) and Job name (sim-sft) occur only as such
+        text = re.sub(rf"\b{re.escape(meta['name'])}\b", job, text.replace(meta["namespace"], namespace))
+    objects = json.loads(text)
+    return Recording(objects["job"]["status"], objects["pods"])
+
+
 def complete() -> dict:
-    return {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    return recorded("one-node-complete").status
 
 
 def running() -> dict:
-    return {"active": 1}
-
-
-def failed(reason: str, message: str) -> dict:
-    return {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": reason, "message": message}]}
+    return recorded("one-node-running").status
 
 
 def pod(name: str, phase: str, *, exit_code: int | None = None, index: int | None = None, disrupted: str | None = None,
@@ -78,7 +106,7 @@ def pod(name: str, phase: str, *, exit_code: int | None = None, index: int | Non
 class Attempt:
     """What happens to a Job once created: the statuses it goes through, its pods, their logs."""
 
-    statuses: list[dict] = field(default_factory=lambda: [running(), complete()])
+    statuses: list[dict] = field(default_factory=lambda: [running(), complete()])  # the real controller's
     pods: list[dict] = field(default_factory=lambda: [pod("p-0", "Succeeded", exit_code=0)])
     logs: dict[str, list[str]] = field(default_factory=dict)
     deleted: bool = False  # the Job is deleted (by someone else) after its statuses

@@ -8,9 +8,7 @@ import pytest
 
 from launcher import chain, kube, render
 from tests.launcher.conftest import IMAGE, SINGLE, make
-from tests.launcher.fake_kube import Attempt, complete, failed, pod, running
-
-EXIT_2 = "Container stage for pod vlmjobs/x failed with exit code 2 matching FailJob rule at index 1"
+from tests.launcher.fake_kube import Attempt, complete, pod, recorded, running
 
 
 def created(server) -> list[str]:
@@ -68,11 +66,15 @@ def test_detached_submit_returns_once_created(cluster, server, single):
     assert not [r for r in server.calls("GET", "/jobs") if r.query.get("watch")]
 
 
+def failed_attempt(recording: str, job: str) -> Attempt:
+    """A Job's attempt that ends as the real Job controller ended the one recorded."""
+    replay = recorded(recording, job)
+    return Attempt(statuses=[replay.status], pods=replay.pods)
+
+
 def test_a_job_found_failed_is_reported_with_how_to_run_it_again(cluster, server, single):
-    server.add_job(
-        render.render_stage(single, "sft", IMAGE)[0],
-        failed("DeadlineExceeded", "Job was active longer than specified deadline"),
-    )
+    failed = recorded("exit-1-backoff-limit", "llava-chartqa-sft")
+    server.add_job(render.render_stage(single, "sft", IMAGE)[0], failed.status, Attempt(statuses=[], pods=failed.pods))
     with pytest.raises(kube.JobFailed, match=r"to run it again: vlmjobs delete --run=llava-chartqa --stage=sft$"):
         chain.run_stage(cluster, single, "sft", IMAGE)
     assert created(server) == []
@@ -96,14 +98,7 @@ def test_a_service_left_by_an_earlier_attempt_is_replaced(cluster, server, multi
 
 def test_before_1_31_a_single_node_failure_is_retried_by_the_launcher(cluster, server):
     recipe = make(SINGLE, **{"kubernetes.target_version": "1.29", "kubernetes.backoff_limit": 1})
-    server.script(
-        "llava-chartqa-sft",
-        Attempt(
-            statuses=[failed("BackoffLimitExceeded", "Job has reached the specified backoff limit")],
-            pods=[pod("p", "Failed", exit_code=1)],
-        ),
-        Attempt(),
-    )
+    server.script("llava-chartqa-sft", failed_attempt("exit-1-backoff-limit", "llava-chartqa-sft"), Attempt())
     chain.run_stage(cluster, recipe, "sft", IMAGE, logs=False)
     assert created(server) == ["llava-chartqa-sft", "llava-chartqa-sft"]
 
@@ -134,10 +129,7 @@ def test_pipeline_skips_stages_that_already_succeeded(cluster, server, single):
 
 
 def test_pipeline_stops_at_the_first_failed_stage(cluster, server, single):
-    server.script(
-        "llava-chartqa-sft",
-        Attempt(statuses=[failed("PodFailurePolicy", EXIT_2)], pods=[pod("p", "Failed", exit_code=2)]),
-    )
+    server.script("llava-chartqa-sft", failed_attempt("exit-2", "llava-chartqa-sft"))
     with pytest.raises(kube.JobFailed):
         chain.pipeline(cluster, single, IMAGE, logs=False)
     assert created(server) == ["llava-chartqa-prepare", "llava-chartqa-sft"]
@@ -164,10 +156,7 @@ def test_the_driver_job_is_handed_the_chain_and_followed(cluster, server, single
 
 
 def test_a_driver_that_exits_2_fails_with_exit_code_2(cluster, server, single):
-    server.script(
-        "llava-chartqa-pipeline",
-        Attempt(statuses=[failed("PodFailurePolicy", EXIT_2)], pods=[pod("d", "Failed", exit_code=2)]),
-    )
+    server.script("llava-chartqa-pipeline", failed_attempt("exit-2", "llava-chartqa-pipeline"))
     with pytest.raises(kube.JobFailed, match=r"its log: kubectl logs -n vlmjobs job/llava-chartqa-pipeline$") as info:
         chain.submit_driver(cluster, single, IMAGE)
     assert info.value.exit_code == 2

@@ -4,13 +4,14 @@ what they print and the exit codes the Make targets pass on."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
 
 from launcher import cli, render
-from tests.launcher.conftest import IMAGE, SINGLE, make
-from tests.launcher.fake_kube import Attempt, complete, failed, pod, running
+from tests.launcher.conftest import IMAGE, MULTI, SINGLE, make
+from tests.launcher.fake_kube import Attempt, complete, pod, recorded, running
 
 
 @pytest.fixture
@@ -56,13 +57,14 @@ def test_submit_follows_the_job_and_prints_its_log(kubeconfig, server, recipe_fi
 
 
 def test_submit_exits_2_when_the_stage_exited_2(kubeconfig, server, recipe_file, capsys):
-    server.script(
-        "llava-chartqa-sft",
-        Attempt(statuses=[failed("PodFailurePolicy", "exit code 2")], pods=[pod("p", "Failed", exit_code=2)]),
-    )
+    exited_2 = recorded("exit-2", "llava-chartqa-sft")  # the Job controller's FailJob verdict
+    server.script("llava-chartqa-sft", Attempt(statuses=[exited_2.status], pods=exited_2.pods))
     assert exit_code(cli.submit, recipe_file, stage="sft", logs=False) == 2
-    assert capsys.readouterr().err.startswith(
-        "error: stage sft: Job vlmjobs/llava-chartqa-sft failed: PodFailurePolicy: exit code 2"
+    assert re.fullmatch(
+        r"error: stage sft: Job vlmjobs/llava-chartqa-sft failed: PodFailurePolicy: Container stage for pod "
+        r"vlmjobs/llava-chartqa-sft-\w+ failed with exit code 2 matching FailJob rule at index 1 \(the stage exited 2: "
+        r"a recipe or data error, which a retry cannot fix\); its log: .*\n",
+        capsys.readouterr().err,
     )
 
 
@@ -114,6 +116,32 @@ def test_pipeline_in_the_driver_reads_the_recipe_from_its_environment(kubeconfig
         monkeypatch.setenv(variable["name"], variable["value"])
     cli.pipeline()
     assert [r.body["metadata"]["name"] for r in server.calls("POST", "/jobs")] == ["llava-chartqa-prepare"]
+
+
+def test_the_nightly_cronjobs_command_runs_the_pipeline_on_the_run_id_dated_today(kubeconfig, server):
+    """Issue 26 (7): the CronJob's own container command and environment, run as the pod runs them (a process,
+    through Fire), creates the night's Jobs under run.id-YYYYMMDD: undated, every night after the first would find
+    the first night's Jobs and skip every stage as done."""
+    import datetime
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    cron = render.render_cronjob(make(SINGLE, stages=["prepare"]), IMAGE)
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["python", "-m", "launcher.cli"]
+    env = subprocess_env(KUBECONFIG=os.environ["KUBECONFIG"], **{v["name"]: v["value"] for v in container["env"]})
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    days = {datetime.datetime.now(datetime.UTC).strftime("%Y%m%d")}
+    done = subprocess.run([sys.executable, *container["command"][1:]], env=env, capture_output=True, text=True, timeout=120)
+    days.add(datetime.datetime.now(datetime.UTC).strftime("%Y%m%d"))  # a run across midnight may take either day
+    assert done.returncode == 0, done.stderr
+    (created,) = [request.body["metadata"] for request in server.calls("POST", "/jobs")]
+    run_id = created["labels"]["app.kubernetes.io/instance"]
+    assert run_id in {f"llava-chartqa-{day}" for day in days} and created["name"] == f"{run_id}-prepare"
+    assert f"==> pipeline done: prepare of run {run_id} in " in done.stdout
 
 
 def test_status_lists_the_runs_jobs(kubeconfig, server, recipe_file, capsys):
@@ -175,13 +203,17 @@ def test_cronjob_prints_the_nightly_pipeline(recipe_file, capsys):
     assert (cron["kind"], cron["metadata"]["name"]) == ("CronJob", "llava-chartqa-nightly")
 
 
-def test_the_readmes_cluster_examples_run_on_the_default_cluster_recipe():
-    """Issue 13 (2): `make render STAGE=sft` failed on the default cluster recipe, which has no sft stage."""
-    import re
+def test_the_readmes_cluster_examples_run_on_the_default_cluster_recipe(capsys):
+    """Issue 13 (2): `make render STAGE=sft` failed on the default cluster recipe, which has no sft stage. The command
+    the Makefile runs for the README's first example is read from `make -n` (which builds no .venv) and run here."""
+    import shlex
+    import shutil
     import subprocess
 
+    import fire
+
     from jobs import recipe as recipes
-    from tests.conftest import ROOT, subprocess_env
+    from tests.conftest import ROOT
 
     readme = (ROOT / "README.md").read_text()
     block = readme[readme.index("## On a cluster"):].split("```sh\n", 1)[1].split("```", 1)[0]
@@ -190,7 +222,77 @@ def test_the_readmes_cluster_examples_run_on_the_default_cluster_recipe():
     named = re.findall(r"STAGE=(\w+)", block)
     assert named and all(stage in stages for stage in named), (named, stages)
 
+    if not shutil.which("make"):
+        pytest.skip("needs make to read the Makefile's command")
     first = next(line.split("#")[0].split() for line in block.splitlines() if line.startswith("make render"))
-    done = subprocess.run(first, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert yaml.safe_load(done.stdout)["kind"] == "Job"
+    planned = subprocess.run([*first, "-n"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert planned.returncode == 0, planned.stderr
+    command = shlex.split(next(line for line in planned.stdout.splitlines() if "vlmjobs render" in line))
+    assert command[0].endswith("/bin/vlmjobs"), command  # the console script of `launcher.cli:main`
+    fire.Fire(cli.COMMANDS, command=command[1:])  # as entry.entrypoint hands them to Fire, from the checkout
+    assert yaml.safe_load(capsys.readouterr().out)["kind"] == "Job"
+
+
+def test_ctrl_c_while_following_stops_at_once_in_one_line_leaving_the_job_running(kubeconfig, server, tmp_path):
+    """Issue 26. Ctrl-C (SIGINT from the terminal) on `vlmjobs submit` following a multi-node stage and its log: exit
+    130 within seconds, not after the 30 s the log is given to drain when a Job ends; one line; the Job, and its
+    Service owned by it, left running for `vlmjobs status`; nothing deleted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import subprocess_env
+
+    path = tmp_path / "qwen2vl-chartqa.yaml"
+    path.write_text(yaml.safe_dump(copy.deepcopy(MULTI)))
+    server.script(
+        "qwen2vl-chartqa-sft",
+        Attempt(statuses=[running()], pods=[pod("r0", "Running", index=0), pod("r1", "Running", index=1)],
+                logs={"r0": ["sft: step 1/100"]}),
+    )  # fmt: skip
+    env = subprocess_env(KUBECONFIG=str(kubeconfig))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    submit = subprocess.Popen([sys.executable, "-m", "launcher.cli", "submit", str(path), "--stage=sft"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        shown = []
+        for line in submit.stdout:  # following: the Job's state, then its log
+            shown.append(line)
+            if line == "sft: step 1/100\n":
+                break
+        assert shown[-1] == "sft: step 1/100\n", "".join(shown) + submit.stderr.read()
+        submit.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        out, err = submit.communicate(timeout=60)
+        took = time.monotonic() - interrupted
+    finally:
+        submit.kill()
+    assert (submit.returncode, err, out) == (130, "stopped following; what was created runs on (vlmjobs status)\n", "")
+    assert took < 15, f"{took:.1f}s from Ctrl-C to exit"
+    assert [r.method for r in server.requests if r.method not in ("GET",)] == ["POST", "POST", "PATCH"]  # Service, Job, owner
+    assert list(server.jobs) == ["qwen2vl-chartqa-sft"]
+    owner = server.services["qwen2vl-chartqa-sft"]["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"]) == ("Job", server.jobs["qwen2vl-chartqa-sft"]["metadata"]["uid"])
+
+
+def test_ctrl_c_between_a_groups_attempts_says_the_job_is_not_created_again(kubeconfig, server, tmp_path, monkeypatch, capsys):
+    """Issue 26. A rank disrupted: the launcher deletes the group's Job and waits for its pods to go before creating it
+    again. Ctrl-C in that wait leaves no Job at all, which 'what was created runs on' would hide."""
+    from launcher import kube
+
+    path = tmp_path / "qwen2vl-chartqa.yaml"
+    path.write_text(yaml.safe_dump(copy.deepcopy(MULTI)))
+    disrupted = [pod("r0", "Running", index=0, disrupted="preempted"), pod("r1", "Running", index=1)]
+    server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=disrupted))
+
+    def ctrl_c(self, name):  # where the signal lands: the old pods are still terminating
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kube.Cluster, "wait_job_gone", ctrl_c)
+    assert exit_code(cli.submit, str(path), stage="sft", logs=False) == 130
+    assert capsys.readouterr().err == (
+        "stopped while restarting stage sft: Job vlmjobs/qwen2vl-chartqa-sft is deleted and not created again; run the "
+        "same command again to create it (it resumes from the last checkpoint)\n"
+    )
+    assert server.jobs == {}

@@ -6,7 +6,7 @@ import pytest
 
 from launcher import kube, render
 from tests.launcher.conftest import IMAGE
-from tests.launcher.fake_kube import Attempt, complete, failed, pod, running
+from tests.launcher.fake_kube import Attempt, complete, pod, recorded, running
 
 FORBIDDEN = 'jobs.batch is forbidden: User "system:serviceaccount:vlmjobs:default" cannot create resource "jobs" in API group "batch" in the namespace "vlmjobs"'
 
@@ -111,6 +111,18 @@ def test_follow_streams_the_pods_log_line_by_line(cluster, server, single):
     assert server.calls("GET", "/pods/sft-a/log")[0].query["follow"] == ["true"]
 
 
+def test_a_reopened_log_asks_for_the_lines_since_the_last_ones_time(cluster, server, single):
+    """The log request carries sinceTime, which the generated client's read_namespaced_pod_log has no argument for
+    (issue 23: built with the client's public param_serialize, not its private serializer)."""
+    server.script("llava-chartqa-sft", Attempt(pods=[pod("sft-a", "Succeeded", exit_code=0)], logs={"sft-a": ["sft: done"]}))
+    cluster.create_job(job_of(single))
+    lines = list(cluster.stream_log("sft-a", follow=False, timestamps=True, since_time="2026-01-01T00:00:05Z"))
+    assert lines and lines[-1].endswith("sft: done")
+    query = server.calls("GET", "/pods/sft-a/log")[0].query
+    assert query == {"container": ["stage"], "follow": ["false"], "timestamps": ["true"],
+                     "sinceTime": ["2026-01-01T00:00:05Z"]}
+
+
 def test_follow_of_a_job_deleted_meanwhile_raises(cluster, server, single):
     server.script("llava-chartqa-sft", Attempt(statuses=[running()], deleted=True))
     cluster.create_job(job_of(single))
@@ -171,6 +183,28 @@ def test_too_many_requests_are_retried_past_urllib3s_own_retries(cluster, server
     ]
 
 
+def test_a_retry_after_longer_than_the_launchers_backoff_is_waited_out(server, api, single, monkeypatch):
+    """Issue 26 (5): API Priority and Fairness asks for 7 s; the launcher's own first wait would be 1 s. After
+    urllib3's three waits of 7 s the fourth 429 reaches the launcher, which waits 7 s too. No time passes: every
+    sleep in this process (urllib3's and the launcher's) is recorded instead of slept."""
+    import time
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    lines = []
+    cluster = kube.Cluster(api, "vlmjobs", out=lines.append, poll_s=0.01, watch_s=5, pods_gone_timeout_s=0.5,
+                           log_drain_s=5)  # the launcher's own backoff: 1 s first, doubling up to 30 s
+    server.script("llava-chartqa-sft", Attempt(statuses=[complete()]))
+    cluster.create_job(job_of(single))
+    server.fail("GET", r"/jobs\?watch$", 429, "too many requests, please try again later", times=4, retry_after=7)
+    assert cluster.follow("llava-chartqa-sft", logs=False).succeeded
+    assert [line for line in lines if "retrying" in line] == [
+        "warning: cannot watch Job vlmjobs/llava-chartqa-sft: too many requests (too many requests, please try "
+        "again later); retrying in 7s"
+    ]
+    assert [s for s in slept if s >= 1] == [7, 7, 7, 7], "urllib3's three waits, then the launcher's"
+
+
 def test_a_pod_that_cannot_pull_its_image_is_reported(cluster, server, single):
     server.script(
         "llava-chartqa-sft",
@@ -226,13 +260,15 @@ def test_log_of_a_job_without_pods_yet(cluster, server, single):
 
 
 def test_status_table_shows_state_pods_and_why_a_job_failed(cluster, server, single):
+    """The Job controller's own statuses: a backoff limit of 1 spent by two pods that exited 1."""
     server.add_job(job_of(single, "prepare"), complete())
-    server.add_job(job_of(single, "sft"), failed("BackoffLimitExceeded", "Job has reached the specified backoff limit"))
+    failed = recorded("exit-1-backoff-limit", "llava-chartqa-sft")
+    server.add_job(job_of(single, "sft"), failed.status, Attempt(statuses=[], pods=failed.pods))
     table = kube.status_table(cluster.list_jobs("app.kubernetes.io/part-of=vlmjobs"))
     assert table.splitlines() == [
         "RUN            STAGE    STATE     ACTIVE  SUCCEEDED  FAILED  JOB                    MESSAGE",
         "llava-chartqa  prepare  Complete  0       1          0       llava-chartqa-prepare  ",
-        "llava-chartqa  sft      Failed    0       0          1       llava-chartqa-sft      BackoffLimitExceeded: Job has reached the specified backoff limit",
+        "llava-chartqa  sft      Failed    0       0          2       llava-chartqa-sft      BackoffLimitExceeded: Job has reached the specified backoff limit",
     ]
 
 

@@ -2,7 +2,7 @@
 scheduler and the Eviction API are upstream Kubernetes 1.34; kwok plays the kubelet, and a pod's
 exit code and run time come from its annotations (tests/simcluster.py). One behaviour a test.
 
-Re-record the Job and pod objects that tests/launcher/test_state.py reads:
+Re-record the Job and pod objects that tests/launcher/test_state.py reads and fake_kube.py replays:
     VLMJOBS_RECORD=1 .venv/bin/pytest -m cluster tests/launcher/test_launcher_on_cluster.py
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from jobs.contract import UserError
-from launcher import chain, kube, render
+from launcher import chain, kube, render, state
 from tests.launcher.conftest import IMAGE, make
 from tests.simcluster import SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS, SIM_START_SECONDS, SIM_STOP_SECONDS
 
@@ -173,6 +173,24 @@ def test_exit_2_fails_at_once_through_the_pod_failure_policy(real_cluster, ns):
     record("exit-2", c, "sim-sft")
 
 
+def test_exit_2_before_kubernetes_1_31_is_a_user_error_the_launcher_reads_from_the_pod(real_cluster, ns):
+    """Issue 26 (6): a 1.29 target has no podFailurePolicy (not GA before 1.31), so the Job, rendered with
+    backoffLimit 0 for the launcher to retry, fails as BackoffLimitExceeded whatever the exit code; the launcher reads
+    the pod's exit code 2 and stops, though kubernetes.backoff_limit would allow a restart."""
+    c = on(real_cluster, ns)
+    old = recipe(ns, {SIM_EXIT_CODE: "2"}, **{"kubernetes.target_version": "1.29", "kubernetes.backoff_limit": 1})
+    assert "podFailurePolicy" not in render.render_stage(old, "sft", IMAGE)[0]["spec"]
+    with pytest.raises(
+        kube.JobFailed,
+        match=rf"^stage sft: Job {ns}/sim-sft failed: BackoffLimitExceeded: Job has reached the specified backoff "
+        r"limit \(the stage exited 2: a recipe or data error, which a retry cannot fix\); its log",
+    ) as info:
+        chain.run_stage(c, old, "sft", IMAGE, logs=False)
+    assert info.value.exit_code == 2 and len(c.list_pods("sim-sft")) == 1
+    assert [line for line in c.lines if "restarting" in line] == []
+    record("exit-2-target-1.29", c, "sim-sft")
+
+
 def test_exit_1_is_retried_by_the_job_up_to_backoff_limit(real_cluster, ns):
     c = on(real_cluster, ns)
     with pytest.raises(
@@ -189,7 +207,13 @@ def test_exit_1_is_retried_by_the_job_up_to_backoff_limit(real_cluster, ns):
 def test_an_eviction_is_not_counted_against_backoff_limit(real_cluster, ns):
     c = on(real_cluster, ns)
     evicted = []
-    with beside(lambda: evicted.append(evict(c, "sim-sft"))):
+
+    def evict_the_running_pod():
+        running_pod(c, "sim-sft")
+        record("one-node-running", c, "sim-sft")  # what the fake server plays as a running Job
+        evicted.append(evict(c, "sim-sft"))
+
+    with beside(evict_the_running_pod):
         chain.run_stage(c, recipe(ns, {SIM_RUN_SECONDS: "4"}), "sft", IMAGE, logs=False)  # backoff_limit 0
     assert c.lines[-1] == "==> sft: succeeded"
     assert [p["metadata"]["name"] for p in c.list_pods("sim-sft")] != evicted  # a new pod did the work
@@ -252,19 +276,36 @@ def test_an_evicted_rank_restarts_the_group_without_counting(real_cluster, ns):
 def test_a_suspended_job_is_waited_on_not_recreated(real_cluster, ns):
     """As Kueue suspends a Job: its pods are deleted; the launcher waits until it is resumed."""
     c = on(real_cluster, ns)
+    # The launcher's own reads of the pods (run_stage follows in this thread; the suspender reads in its own).
+    read_while_terminating = threading.Event()
+    list_pods = c.list_pods
+
+    def reading_pods(job: str) -> list[dict]:
+        pods = list_pods(job)
+        if threading.current_thread() is threading.main_thread() and pods:
+            suspended = state.condition(c.get_job(job), "Suspended")
+            if suspended and all(p["metadata"].get("deletionTimestamp") for p in pods):
+                read_while_terminating.set()
+        return pods
+
+    c.list_pods = reading_pods
 
     def suspend_then_resume():
         running_pod(c, "sim-sft", 1)
         uid = c.get_job("sim-sft")["metadata"]["uid"]
         c.batch.patch_namespaced_job("sim-sft", ns, {"spec": {"suspend": True}})
         c.lines.wait_for(lambda line: line.endswith(": Suspended"), 30)
-        time.sleep(12)  # longer than a watch: the pods are read while they terminate
+        # The launcher has read the suspended Job's pods while they terminate (SLOW_STOP), and kept waiting.
+        assert read_while_terminating.wait(30), "the launcher never read the pods of the suspended Job"
         record("group-suspended", c, "sim-sft")
         c.batch.patch_namespaced_job("sim-sft", ns, {"spec": {"suspend": False}})
         assert c.get_job("sim-sft")["metadata"]["uid"] == uid
 
+    # Ranks that take 5 s to stop: long enough to be read while they terminate, and the resumed Job's new pods,
+    # which wait for the old ones to be gone, start 15 s sooner than after SLOW_STOP's 20 s.
+    ranks = {SIM_RUN_SECONDS: "4", SIM_STOP_SECONDS: "5"}
     with beside(suspend_then_resume):
-        chain.run_stage(c, group(ns, {SIM_RUN_SECONDS: "4", **SLOW_STOP}, **SLOW_GRACE), "sft", IMAGE, logs=False)
+        chain.run_stage(c, group(ns, ranks, **SLOW_GRACE), "sft", IMAGE, logs=False)
     assert [line for line in c.lines if "restarting" in line or "created" in line] == [f"==> sft: created Job {ns}/sim-sft"]
     assert c.lines[-1] == "==> sft: succeeded"
 

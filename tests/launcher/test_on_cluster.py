@@ -5,6 +5,8 @@ behaviour tests (retries, disruptions, restarts of the API server...) build on t
 from __future__ import annotations
 
 import copy
+import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -58,18 +60,31 @@ def test_a_stage_that_exits_2_fails_at_once_through_the_pod_failure_policy(real_
 
 
 def test_the_cronjob_controller_starts_the_nightly_driver_job(real_cluster, real_namespace):
-    recipe = sim_recipe(real_namespace, {}, nightly_schedule="* * * * *")
-    c = connect(real_cluster, real_namespace)
+    """The CronJob controller's own start, without waiting for a minute boundary: a CronJob whose status
+    says it last started two minutes ago has missed a start within its startingDeadlineSeconds, which the
+    controller makes at once when it sees the change (as after a controller outage)."""
     from kubernetes import client
 
-    client.BatchV1Api(c.api).create_namespaced_cron_job(real_namespace, render.render_cronjob(recipe, IMAGE))
+    recipe = sim_recipe(real_namespace, {}, nightly_schedule="* * * * *")
+    c = connect(real_cluster, real_namespace)
+    batch = client.BatchV1Api(c.api)
     nightly = render.cronjob_name(recipe)
+    batch.create_namespaced_cron_job(real_namespace, render.render_cronjob(recipe, IMAGE))
+    last = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=2)
+    batch.patch_namespaced_cron_job_status(
+        nightly, real_namespace, {"status": {"lastScheduleTime": last.strftime("%Y-%m-%dT%H:%M:%SZ")}},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
 
     def started() -> list[dict]:
         jobs = c.list_jobs(render.selector(recipe.run_id, render.DRIVER))
         return [j for j in jobs if j["metadata"].get("ownerReferences", [{}])[0].get("name") == nightly]
 
-    (job,) = wait_for("a Job of the CronJob", started, timeout=120)  # the schedule is by the minute
+    (job,) = wait_for("a Job of the CronJob", started, timeout=30)
+    # Named by the controller for the start it made: <cronjob>-<scheduled time in minutes since the epoch>.
+    scheduled = int(job["metadata"]["name"].removeprefix(f"{nightly}-")) * 60
+    assert last.timestamp() < scheduled <= time.time()
+    assert job["metadata"]["ownerReferences"][0]["controller"] is True
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == render.DRIVER_SERVICE_ACCOUNT
     assert pod["containers"][0]["command"][-2:] == ["pipeline", "--dated"]

@@ -23,6 +23,7 @@ def recorded(name: str) -> tuple[dict, list[dict]]:
 CASES = [
     ("one-node-complete", False, "Complete", True, True, "", None),
     ("exit-2", False, "Failed", True, False, "user-error", "sim-sft-"),
+    ("exit-2-target-1.29", False, "Failed", True, False, "user-error", "sim-sft-"),
     ("exit-1-backoff-limit", False, "Failed", True, False, "crash", "sim-sft-"),
     ("one-node-evicted-then-complete", False, "Complete", True, True, "", None),
     ("group-deadline", True, "Failed", True, False, "deadline", None),
@@ -37,6 +38,25 @@ def test_reading_a_recorded_job(name, group, job_state, over, succeeded, cause, 
     reading = state.read(job, pods, group=group)
     assert (reading.state, reading.over, reading.succeeded, reading.cause) == (job_state, over, succeeded, cause)
     assert (reading.pod or "").startswith(pod or "") and bool(reading.pod) == bool(pod)
+
+
+def test_exit_2_on_a_target_before_1_31_ends_the_stage_without_a_restart():
+    """Issue 26 (6): without podFailurePolicy (a 1.29 target) the Job fails as BackoffLimitExceeded whatever its
+    pod's exit code, and the launcher, which retries such Jobs, decides from the pod: exit 2 is a user error, not
+    restarted, though backoff_limit allows one. Real objects: the 1.29-rendered Job on the control plane."""
+    from launcher import render
+    from tests.launcher.conftest import SINGLE, make
+
+    job, pods = recorded("exit-2-target-1.29")
+    assert "podFailurePolicy" not in job["spec"] and state.failure(job)["reason"] == "BackoffLimitExceeded"
+    old = make(SINGLE, **{"kubernetes.target_version": "1.29", "kubernetes.backoff_limit": 1})
+    restartable = render.retried_by_launcher(old, "sft")
+    assert restartable, "before 1.31 the launcher, not the Job, retries a one-node stage"
+    reading = state.read(job, pods)
+    assert (reading.cause, reading.exit_codes) == ("user-error", (2,))
+    step = state.next_step(reading, restartable=restartable, failures=0, disruptions=0, backoff_limit=1,
+                           max_disruption_restarts=2)
+    assert step.action == "failed"
 
 
 def test_a_failed_job_says_its_reason_once():

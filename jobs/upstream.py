@@ -1,0 +1,381 @@
+"""Every place vlmjobs relies on a library's internals, each in one guarded function (issue 23).
+
+TRL, transformers, accelerate and datasets rename or rework their private names between minor versions, and users
+upgrade them to get new models. Where a public API does the job the stages use it (TRL's ``compute_loss``,
+``remove_unused_columns=False`` with ``packing.WithoutColumns``, rows hashed through ``Dataset.iter``, a model class
+built from its config by its constructor, the Kubernetes client's ``param_serialize``/``call_api``); what is left is
+here, and nothing else in the project reads a private attribute of a third-party object or patches one
+(tests/test_upstream.py reads the source). Each function checks, when the stage starts (or at the first step, where
+only a step can show it), that the internal is there and behaves as the function was written for; if not, the stage
+stops in one line naming the library, the version it was written for and the installed one (``UpstreamChanged``,
+exit 1: the environment changed, not the recipe). tests/test_upstream.py takes each internal away and sees its guard
+trip.
+
+The couplings, what each relies on, why nothing public serves, and what would break silently without its guard:
+
+``building_dpo_without_reference_copy`` (trl ``trl.trainer.dpo_trainer.create_model_from_path``)
+    Replaced by a no-op while a full fine-tuning DPOTrainer on cached log-probs is built. TRL loads a second copy from
+    the model's id whenever it gets no ``ref_model``, no adapter and no ``precompute_ref_log_probs``, which it refuses
+    for vision data; no argument turns the load off. Unguarded, a TRL that loads through another name loads the
+    checkpoint at the model's id (the base model, not the SFT weights DPO starts from) as the reference, and the cache
+    stores its log-probs. Checked: the name is there, and the trainer built has no ``ref_model``.
+``read_reference_logps_from_batches`` (trl ``DPOTrainer.precompute_ref_logps``)
+    The flag TRL's loss reads to take ``ref_chosen_logps``/``ref_rejected_logps`` from the batch instead of running
+    the reference; ``precompute_ref_log_probs`` would set it but is refused for vision data. Unguarded, setting a
+    renamed flag does nothing: TRL runs its reference at every step, which for full DPO without a copy is the policy
+    itself, and the reference term trains away. Checked: TRL set the flag when it built the trainer.
+``attention_implementation`` (transformers ``PretrainedConfig._attn_implementation``)
+    The attention implementation a loaded model runs; transformers resolves it at load (``set_attn_implementation``
+    writes it) and has no public getter. Read by shared prefix (a 4-D mask needs eager or sdpa), padding-free SFT and
+    the cache key. Unguarded, a renamed attribute read with a default drops attention from the cache key, so
+    log-probs of another implementation are reused. Checked: a name of an implementation.
+``no_split_modules`` (transformers ``PreTrainedModel._no_split_modules``)
+    The layers FSDP wraps one by one, which accelerate reads from the same attribute; nothing public lists them.
+    Unguarded, no layer is named, accelerate wraps the model as one unit, and every GPU gathers the whole model at
+    once. Checked: the attribute is there and names a layer the model has.
+``fsdp_on_cpu_processes`` (accelerate ``PartialState._shared_state["distributed_type"]``)
+    accelerate turns FSDP on for accelerator backends only (``AcceleratorState.__init__``, 1.15); for CPU processes it
+    drops the FSDP plugin without a word. While the trainer's accelerator is made, CPU processes pass for GPU ones.
+    Unguarded, the sharded tests on CPU silently run plain data parallelism. Checked: the shared state holds the
+    distributed type, and FSDP is on once the trainer is built.
+``trl_fused_forward`` (trl ``add_fused_lm_head``: its forward set on the model instance, ``FusedCausalLMOutput``)
+    TRL's fused LM head is a forward it puts on the model object, taking ``fused_lm_head=True`` and returning
+    ``FusedCausalLMOutput``; shared prefix wraps it to pack the pair rows and lay its outputs back out, the FSDP
+    gradient fix wraps it to run inside. TRL has no hook around it. Unguarded, a field TRL adds to its output is
+    dropped by the shared-prefix unpacking (None in TRL's loss or metrics), and a forward TRL moves elsewhere is
+    bypassed. Checked: the forward is on the instance, takes ``fused_lm_head``, and the output has the fields
+    written for.
+``averaging_lm_head_gradient`` (torch ``DTensor.full_tensor``, replaced while TRL's fused forward runs)
+    TRL's fused head gathers FSDP's sharded lm_head weight with ``weight.full_tensor()``, whose backward hands each
+    process only its own share of the gradient; gathered as a partial gradient to average, lm_head gets the gradient
+    FSDP gives every other weight. No argument of TRL or torch does it. Unguarded, a TRL that gathers the head
+    otherwise trains lm_head on one process's gradient (step-1 gradient norm 4.59 against 3.68 for LLaVA's full SFT).
+    Checked: ``full_tensor`` takes ``grad_placements``, and the first sharded forward gathered through it.
+``set_train_batch_size`` (transformers ``Trainer._train_batch_size``)
+    The trainer's copy of the micro-batch, made in ``__init__`` and read by ``train()`` and its dataloader; the
+    automatic micro-batch is found after the trainer is built and nothing public updates the copy. Unguarded,
+    training batches the size the probe started from. Checked: the copy holds the args' value before it is set.
+``probe_leaves_no_trace`` (trl ``_metrics``, ``_total_train_tokens``; accelerate ``Accelerator.gather`` and
+    ``gather_for_metrics`` replaced on the trainer's accelerator)
+    The automatic micro-batch runs the trainer's own training step, which logs TRL's metrics and gathers them over
+    the processes; nothing public runs a step without logging. Unguarded, the probe's metrics and token count land in
+    the first logged step, and with several processes one process's metric is gathered with another's out-of-memory
+    flag. Checked: the attributes are there, and a probe that logged metrics gathered them through the accelerator.
+``dataset_fingerprint`` (datasets ``Dataset._fingerprint``)
+    The content key datasets names its own cache files by; the stage names the cache of rows it derives in its
+    scratch folder by it, so that a resumed attempt reuses it. Nothing public exposes it. Checked: a non-empty string.
+``qwen_rope_index`` (transformers ``get_rope_index`` of Qwen2VLModel, Qwen2_5_VLModel and Qwen3VLModel, called on
+    an object holding only the config)
+    The Qwen VL families' multimodal rotary positions for padding-free batches, computed in the collator, which must not hold
+    the model (data loader workers copy it). Unguarded, a get_rope_index that reads more of the model fails on the
+    first batch, and one that reads it differently gives positions TRL's padded rows do not have. Checked: the
+    positions of a row with one image are the documented ones.
+``run_exit_handlers`` (CPython ``atexit._run_exitfuncs``)
+    A finished stage ends with ``os._exit`` to skip the interpreter's teardown; the atexit handlers (a tracker's last
+    upload, logging's flush) are run first by the interpreter's own function, which nothing public calls. Checked: the
+    function is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from importlib import metadata
+
+from jobs.contract import Failure
+
+# The versions the functions below were written for (and tested with).
+WRITTEN_FOR = {"trl": "1.16", "transformers": "5.23", "accelerate": "1.15", "datasets": "5.2", "torch": "2.14",
+               "python": "3.11"}
+# FusedCausalLMOutput's fields in TRL 1.16: shared prefix lays each per-token one back out as TRL's rows.
+FUSED_OUTPUT_FIELDS = ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask",
+                       "aux_loss")
+
+
+class UpstreamChanged(Failure):
+    """A library's internal that vlmjobs relies on is gone or behaves differently: one line, exit 1."""
+
+
+def changed(library: str, relies_on: str, how: str) -> UpstreamChanged:
+    """The one line: what vlmjobs relies on, the version it was written for, and what the installed one does."""
+    if library == "python":
+        import platform
+
+        installed = platform.python_version()
+    else:
+        try:
+            installed = metadata.version(library)
+        except metadata.PackageNotFoundError:
+            installed = "(not installed)"
+    return UpstreamChanged(f"vlmjobs relies on {relies_on} (written for {library} {WRITTEN_FOR[library]}); "
+                           f"{library} {installed} {how}")
+
+
+def _takes_argument(function, name: str) -> bool:
+    """Whether ``function``, or one it wraps (accelerate wraps a prepared model's forward to cast its outputs), takes
+    ``name`` itself: read from each one's code, since functools.wraps gives a wrapper the signature of what it wraps."""
+    for _ in range(8):
+        code = getattr(getattr(function, "__func__", function), "__code__", None)
+        if code is not None and name in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]:
+            return True
+        function = getattr(function, "__wrapped__", None)
+        if function is None:
+            return False
+    return False
+
+
+# --- trl ---------------------------------------------------------------------------------------------------------
+
+def building_dpo_without_reference_copy(build):
+    """``build()`` (a DPOTrainer's constructor call) with TRL's reference loading turned off; the trainer built.
+    See the module docstring."""
+    from trl.trainer import dpo_trainer
+
+    relies_on = "trl.trainer.dpo_trainer.create_model_from_path"
+    loader = getattr(dpo_trainer, "create_model_from_path", None)
+    if loader is None:
+        raise changed("trl", relies_on, "no longer has it")
+    dpo_trainer.create_model_from_path = lambda *args, **kwargs: None
+    try:
+        trainer = build()
+    finally:
+        dpo_trainer.create_model_from_path = loader
+    if trainer.ref_model is not None:
+        raise changed("trl", relies_on, "loaded a reference model by another way (DPOTrainer.ref_model is set)")
+    return trainer
+
+
+def read_reference_logps_from_batches(trainer, read: bool = True) -> bool:
+    """Make TRL's loss read the reference log-probs from the batches (``precompute_ref_logps``), or not; returns
+    whether it did before."""
+    before = vars(trainer).get("precompute_ref_logps")
+    if not isinstance(before, bool):
+        raise changed("trl", "DPOTrainer.precompute_ref_logps, the flag by which its loss reads the reference "
+                      "log-probs from the batch", "does not set it")
+    trainer.precompute_ref_logps = read
+    return before
+
+
+def trl_fused_forward(model):
+    """TRL's fused-LM-head forward of ``model`` (``add_fused_lm_head`` puts it on the instance), or what accelerate
+    wrapped it in (a prepared reference); checked as the module docstring says, before vlmjobs wraps it."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    relies_on = "trl.trainer.utils.add_fused_lm_head's forward on the model instance"
+    fused = vars(model).get("forward")
+    if fused is None:
+        raise changed("trl", relies_on, f"left no forward on the {type(model).__name__} instance")
+    if not _takes_argument(fused, "fused_lm_head"):
+        raise changed("trl", relies_on, "put a forward there that takes no fused_lm_head")
+    fields = tuple(FusedCausalLMOutput.__dataclass_fields__)
+    if fields != FUSED_OUTPUT_FIELDS:
+        raise changed("trl", f"{relies_on} and FusedCausalLMOutput's fields {', '.join(FUSED_OUTPUT_FIELDS)}",
+                      f"returns {', '.join(fields)}")
+    return fused
+
+
+@contextlib.contextmanager
+def probe_leaves_no_trace(trainer):
+    """A context for the automatic micro-batch's probe: TRL's metrics and token count as before it, the random state
+    (dropout) too, and the metrics' gathers run local: another process may have run out of memory before reaching its
+    own, and a gather of one process's metric with another's out-of-memory flag would mismatch them silently."""
+    import copy
+
+    import torch
+
+    saved = {}
+    for name in ("_metrics", "_total_train_tokens"):
+        if name not in vars(trainer):
+            raise changed("trl", f"{type(trainer).__name__}.{name}, the metrics a training step logs", "no longer has it")
+        saved[name] = copy.deepcopy(vars(trainer)[name])
+    accelerator = trainer.accelerator
+    for name in ("gather", "gather_for_metrics"):
+        if not callable(getattr(type(accelerator), name, None)) or name in vars(accelerator):
+            raise changed("accelerate", f"Accelerator.{name}, through which TRL gathers its metrics", "has no such method")
+    gathered = []
+
+    def local(data, *args, **kwargs):
+        gathered.append(1)
+        return data
+
+    had_accumulation = hasattr(trainer, "current_gradient_accumulation_steps")
+    trainer.current_gradient_accumulation_steps = getattr(trainer, "current_gradient_accumulation_steps", 1)
+    accelerator.gather = accelerator.gather_for_metrics = local
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+        logged = any(any(values) for values in vars(trainer)["_metrics"].values())
+        if logged and not gathered:
+            raise changed("trl", "a training step gathering its metrics through accelerator.gather or "
+                          "gather_for_metrics", "logged metrics without either")
+    finally:
+        del accelerator.gather, accelerator.gather_for_metrics  # the class's own again
+        for name, value in saved.items():
+            setattr(trainer, name, value)
+        if not had_accumulation:
+            del trainer.current_gradient_accumulation_steps
+
+
+# --- transformers ------------------------------------------------------------------------------------------------
+
+def attention_implementation(config) -> str:
+    """The attention implementation a loaded model's ``config`` (or its text config) runs."""
+    value = getattr(config, "_attn_implementation", None)
+    if not isinstance(value, str):
+        raise changed("transformers", "PretrainedConfig._attn_implementation, the attention a loaded model runs",
+                      f"gives {value!r} for a loaded {type(config).__name__}")
+    return value
+
+
+def no_split_modules(model) -> list[str]:
+    """The names of the model's layer classes FSDP wraps one by one, those the model has."""
+    named = getattr(model, "_no_split_modules", None)
+    present = {type(module).__name__ for module in model.modules()}
+    layers = [name for name in named or () if name in present]
+    if not layers:
+        raise changed("transformers", "PreTrainedModel._no_split_modules, the layers FSDP wraps one by one",
+                      f"names none of {type(model).__name__}'s modules ({named!r})")
+    return layers
+
+
+def set_train_batch_size(trainer, before: int) -> None:
+    """Hand the micro-batch now in ``trainer.args`` to the trainer's own copy, which held ``before``."""
+    copied = vars(trainer).get("_train_batch_size")
+    if copied != before:
+        raise changed("transformers", "Trainer._train_batch_size, its copy of the batch size that train() reads",
+                      f"holds {copied!r} where the args said {before}")
+    trainer._train_batch_size = trainer.args.train_batch_size
+
+
+class QwenRopeIndex:
+    """A Qwen VL model class's ``get_rope_index`` (Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's) on the config alone:
+    (3, batch, length) positions of a padded batch."""
+
+    def __init__(self, config, model_class):
+        self.config, self.model_class = config, model_class
+        expected, got = self._documented_example()
+        if got is None or not got.equal(expected):
+            raise changed("transformers", f"{model_class.__name__}.get_rope_index called with only the model's config",
+                          f"gives {None if got is None else got.tolist()} for a row of 1 text, 4 image and 2 text tokens "
+                          f"(documented: {expected.tolist()})")
+
+    def get_vision_position_ids(self, *args, **kwargs):
+        return self.model_class.get_vision_position_ids(self, *args, **kwargs)
+
+    def __call__(self, batch: dict):
+        # Qwen2.5-VL spaces a video's frames by second_per_grid_ts; the others take no such input
+        timing = {"second_per_grid_ts": batch["second_per_grid_ts"]} if batch.get("second_per_grid_ts") is not None else {}
+        positions, _ = self.model_class.get_rope_index(
+            self, batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+            video_grid_thw=batch.get("video_grid_thw"), attention_mask=batch["attention_mask"], **timing,
+        )
+        return positions
+
+    def _documented_example(self):
+        """A row of one text token, a 2 x 2 image (after merging) and two text tokens, left-padded by one: its
+        positions as get_rope_index's docstring gives them (text counts on from the image's largest side), and as this
+        object computes them (None where it fails)."""
+        import torch
+
+        merge = self.config.vision_config.spatial_merge_size
+        types = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0]])
+        batch = {"input_ids": torch.zeros_like(types), "mm_token_type_ids": types,
+                 "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]]),
+                 "image_grid_thw": torch.tensor([[1, 2 * merge, 2 * merge]])}
+        expected = torch.tensor([[0, 0, 1, 1, 1, 1, 3, 4], [0, 0, 1, 1, 2, 2, 3, 4], [0, 0, 1, 2, 1, 2, 3, 4]])[:, None]
+        try:
+            return expected, self(batch)
+        except (AttributeError, TypeError):
+            return expected, None
+
+
+def qwen_rope_index(config, model_class) -> QwenRopeIndex:
+    """A Qwen VL model's rotary positions computed from its config by ``model_class.get_rope_index``, checked on the
+    documented example."""
+    return QwenRopeIndex(config, model_class)
+
+
+# --- accelerate --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def fsdp_on_cpu_processes():
+    """Around building a sharded run's trainer: CPU processes pass for GPU ones while its accelerator is made, so
+    that accelerate keeps the FSDP plugin (see the module docstring); on GPUs nothing changes."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    relies_on = "accelerate.state.PartialState._shared_state['distributed_type']"
+    partial = getattr(PartialState, "_shared_state", None)
+    if not isinstance(partial, dict) or "distributed_type" not in partial:
+        raise changed("accelerate", relies_on, "keeps no such shared state once the processes are set up")
+    on_cpu = partial["distributed_type"] == DistributedType.MULTI_CPU
+    if on_cpu:
+        partial["distributed_type"] = DistributedType.MULTI_GPU
+    try:
+        yield
+    finally:
+        if on_cpu and partial["distributed_type"] == DistributedType.MULTI_GPU:  # no accelerator was made
+            partial["distributed_type"] = DistributedType.MULTI_CPU
+    if on_cpu and AcceleratorState().distributed_type != DistributedType.FSDP:
+        raise changed("accelerate", relies_on, "did not turn FSDP on for CPU processes passing for GPU ones")
+
+
+# --- torch -------------------------------------------------------------------------------------------------------
+
+def averaging_lm_head_gradient(model) -> None:
+    """Make the sharded lm_head's gradient, gathered by TRL's fused head, averaged over the processes as FSDP
+    averages every other weight's: ``DTensor.full_tensor`` gathers it as a partial gradient to average while TRL's
+    fused forward runs. Call it once the trainer is built (its fused forward in place)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    fused = trl_fused_forward(model)
+    full_tensor = DTensor.full_tensor
+    if "grad_placements" not in inspect.signature(full_tensor).parameters:
+        raise changed("torch", "DTensor.full_tensor(grad_placements=...)", "takes no grad_placements")
+    gathered = [False]
+
+    def averaging_gradients(self, *, grad_placements=None):
+        gathered[0] = True
+        return full_tensor(self, grad_placements=grad_placements or [Partial("avg")] * self.device_mesh.ndim)
+
+    @functools.wraps(fused)
+    def forward(*args, **kwargs):
+        # Sharded when the forward starts, lm_head's weight is a DTensor when TRL's head reads it: the backbone's
+        # units gather their own layers, never lm_head
+        sharded = isinstance(model.get_output_embeddings().weight, DTensor)
+        gathered[0] = False
+        DTensor.full_tensor = averaging_gradients
+        try:
+            out = fused(*args, **kwargs)
+        finally:
+            DTensor.full_tensor = full_tensor
+        if kwargs.get("fused_lm_head") and sharded and not gathered[0]:
+            raise changed("trl", "its fused LM head gathering the sharded lm_head with DTensor.full_tensor",
+                          "gathered it otherwise, and lm_head's gradient would not be averaged over the processes")
+        return out
+
+    model.forward = forward
+
+
+# --- datasets ----------------------------------------------------------------------------------------------------
+
+def dataset_fingerprint(dataset) -> str:
+    """The key datasets gives these rows' content and history (what names its own cache files)."""
+    value = vars(dataset).get("_fingerprint")
+    if not isinstance(value, str) or not value:
+        raise changed("datasets", "Dataset._fingerprint, the rows' content key", f"gives {value!r}")
+    return value
+
+
+# --- python ------------------------------------------------------------------------------------------------------
+
+def run_exit_handlers() -> None:
+    """Run the atexit handlers now, as the interpreter does at exit."""
+    import atexit
+
+    run = getattr(atexit, "_run_exitfuncs", None)
+    if run is None:
+        raise changed("python", "atexit._run_exitfuncs, the interpreter's own run of the exit handlers", "has none")
+    run()
