@@ -423,3 +423,27 @@ def test_mllamas_coupling_to_transformers_mask_functions_trips_in_one_line_when_
     with pytest.raises(RuntimeError, match=r"^jobs.cross_attention: transformers' processing_mllama no longer builds "
                                            r"cross_attention_mask as in transformers 5.23 \("):
         cross_attention.mask_functions()
+
+
+# PaliGemma's pretrained checkpoints ship no template (vlmjobs gives the merged model one: the chain test runs its snippet)
+@pytest.mark.parametrize("family", [name for name, family in FAMILIES.items() if family.chat_template is None])
+def test_the_model_card_snippet_gives_the_model_at_most_one_bos(family, tiny_model, tmp_path, monkeypatch):
+    """The pushed model's usage snippet, run up to generation, for every family: a template that writes BOS and a
+    tokenizer that adds one would give the model two, which no checkpoint was trained on (Gemma 3's and Llama 3.2
+    Vision's cards pass add_special_tokens=False, or tokenize inside apply_chat_template, for that reason)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from jobs import merge_push
+
+    folder = tiny_model(family)
+    cfg = SimpleNamespace(model=SimpleNamespace(family=family), merge_push=SimpleNamespace(push=False, repo_id=None))
+    snippet = merge_push.usage(cfg).replace("'path/to/this/folder'", repr(str(folder))).split("output = ")[0]
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(snippet, "model card usage", "exec"), scope)
+    bos = transformers.AutoProcessor.from_pretrained(folder).tokenizer.bos_token_id
+    ids = scope["inputs"]["input_ids"][0].tolist()
+    assert bos is None or ids.count(bos) <= 1, f"{ids.count(bos)} BOS tokens in {ids[:12]}..."
