@@ -83,11 +83,13 @@ def load_split(source: Source, split: str, *, scratch: Path):
     return ds.select_columns(list(fmt.columns))
 
 
-def convert(ds, source: Source, shrink, *, check=None, num_proc: int = 1, what: str = "", decode_video=None):
+def convert(ds, source: Source, shrink, *, check=None, num_proc: int = 1, what: str = "", decode_video=None,
+            max_images: int | None = None):
     """Map source rows to conversational rows; returns (kept rows, Drops). ``check(row)`` may raise Drop for a
-    converted row (prepare: the chat template's verdict, jobs.turns.check). Prints a progress line at each
-    tenth of the rows and at least every minute, from the worker that holds the first rows. ``decode_video``
-    (``jobs.video.decoder``) turns a video file into its kept frames and their metadata, for formats with videos."""
+    converted row (prepare: the chat template's verdict, jobs.turns.check); a row with more than ``max_images``
+    images (the family's limit) is dropped. Prints a progress line at each tenth of the rows and at least every minute,
+    from the worker that holds the first rows. ``decode_video`` (``jobs.video.decoder``) turns a video file into its
+    kept frames and their metadata, for formats with videos."""
     fmt = FORMATS[source.format]
     workers = max(num_proc, 1)
     progress = Progress(f"prepare: {what or source.path}", len(ds), every=60.0)
@@ -102,6 +104,9 @@ def convert(ds, source: Source, shrink, *, check=None, num_proc: int = 1, what: 
         try:
             raw = row[fmt.image_column] if fmt.image_column else []
             raw = raw if isinstance(raw, list) else [raw]
+            if max_images is not None and len(raw) > max_images:
+                plural = "s" if max_images > 1 else ""
+                raise Drop(f"more than {max_images} image{plural} (the model family reads at most that many)")
             images = [_encode(shrink(_decode(image))) for image in raw]
             out = fmt.convert({**row, "images": images}, source.system_prompt)  # a malformed row drops before its videos decode
             if check is not None:

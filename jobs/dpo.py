@@ -69,6 +69,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     )
     with training.sharding(args, model):
         trainer = reference_logprobs.building_without_reference_model(build) if cached else build()
+    trainer.data_collator = family.collator(trainer.data_collator, processor)
     with reference_logprobs.as_if_cached(trainer) if cached else contextlib.nullcontext():
         # per_device_train_batch_size: auto; before start prints the batch
         batch = auto_batch.fit(stage, trainer, cfg.dpo, model=cfg.model, precision=precision)

@@ -42,6 +42,20 @@ PALIGEMMA_TEMPLATE = (
     "{%- endfor -%}"
 )
 
+# For a template that refuses a system message beside images (Family.system_beside_images): where the conversation has an
+# image, the system message's text goes at the head of the first user turn, a blank line after it, and the message goes.
+SYSTEM_INTO_FIRST_TURN = (
+    "{%- set found = namespace(image=false) -%}{%- for message in messages if message['content'] is not string -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{%- set found.image = true -%}{%- endfor -%}"
+    "{%- endfor -%}"
+    "{%- if found.image and messages[0]['role'] == 'system' and messages | length > 1 -%}"
+    "{%- set system = messages[0]['content'] if messages[0]['content'] is string else messages[0]['content'] "
+    "| selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set messages = [{'role': messages[1]['role'], 'content': [{'type': 'text', 'text': system + '\\n\\n'}] "
+    "+ messages[1]['content']}] + messages[2:] -%}"
+    "{%- endif -%}"
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -62,6 +76,15 @@ class Family:
     shared_prefix_unsupported: str | None = None  # why DPO cannot score a pair's answers off one prompt (jobs.shared_prefix)
     multi_turn_unsupported: str | None = None  # why a conversation with earlier answers cannot be trained on (jobs.turns)
     takes_video: bool = False  # video rows (format video-messages) are trained on; for the others they are drops
+    max_images: int | None = None  # images a conversation may hold; prepare drops a row with more, counted
+    # The checkpoint's template refuses a system message in a conversation with images; the stages then render the system
+    # text at the head of the first user turn (rendering_processor), as Gemma 3's template does with its system message
+    system_beside_images: bool = True
+    # Images reach the text through cross-attention, per token as cross_attention_mask says (jobs.cross_attention)
+    cross_attention: bool = False
+    # The model card calls the processor with add_special_tokens=False: the template writes BOS, which the tokenizer would
+    # put in front a second time (the usage snippet of a pushed model does the same)
+    card_special_tokens: bool = True
     hub_ids: tuple[str, ...] = ()  # checkpoints of the source documents
 
     def why_not_packed(self, attn_implementation: str | None) -> str | None:
@@ -88,8 +111,9 @@ class Family:
             return 0, int(size["shortest_edge"] * scale)
         if self.image_bound == "fixed":
             return 0, int(max(size["height"], size["width"]) * scale)
-        if self.image_bound == "tiles":  # the widest canvas the processor tiles to: max_patches tiles in a row
-            return int(image_processor.max_patches * max(size["height"], size["width"]) * scale), 0
+        if self.image_bound == "tiles":  # the widest canvas the processor tiles to: that many tiles in a row
+            most = getattr(image_processor, "max_patches", None) or image_processor.max_image_tiles  # InternVL's, Mllama's
+            return int(most * max(size["height"], size["width"]) * scale), 0
         return 0, 0  # max_pixels bounds the area, not a side (pixel_budget)
 
     def pixel_budget(self, processor, scale: float = 1.0) -> int | None:
@@ -142,11 +166,21 @@ class Family:
 
         rendering = copy.copy(processor)
         rendering.chat_template = (
-            "{% set rendered %}" + processor.chat_template + "{% endset %}"
+            ("" if self.system_beside_images else SYSTEM_INTO_FIRST_TURN)
+            + "{% set rendered %}" + processor.chat_template + "{% endset %}"
             + ("{{ bos_token }}" if self.prepend_bos else "")
             + "{{ rendered.rstrip() if messages[-1]['role'] == 'assistant' and not add_generation_prompt else rendered }}"
         )
         return rendering
+
+    def collator(self, collator, processor):
+        """The trainer's collator (TRL's), or for a cross-attention family the same whose batches carry
+        cross_attention_mask over their whole rows, prompt and answers (jobs.cross_attention)."""
+        if not self.cross_attention:
+            return collator
+        from jobs.cross_attention import CompleteMasks
+
+        return CompleteMasks(collator, processor.image_token_id)
 
     def close_answers(self, dataset, processor, *, scratch=None):
         """Append the end token to every answer where the chat template closes none (see answer_needs_eos). The
@@ -299,6 +333,7 @@ FAMILIES: dict[str, Family] = {
             # the joined row) and the per-row mask of packed rows do not compose in 5.23. Without images typed, equal.
             packing_unsupported="its packed loss differs from padded SFT's (6.15764 against 6.15745 on the tests' tiny "
                                 "Gemma 3: image blocks and a sliding window under the per-row mask)",
+            card_special_tokens=False,  # its template writes BOS, and so would its tokenizer (the card tokenizes in the template)
             hub_ids=("google/gemma-3-12b-it",),
         ),
         Family(
@@ -308,6 +343,26 @@ FAMILIES: dict[str, Family] = {
             image_bound="tiles",  # 448-px tiles, up to 12 and a thumbnail (InternVLProcessor's crop_to_patches)
             # no prepend_bos and no end_of_turn: Qwen2's tokenizer has no BOS, and <|im_end|> closing a turn is its eos
             hub_ids=("OpenGVLab/InternVL3-8B-hf",),
+        ),
+        Family(
+            name="mllama",
+            model_class="MllamaForConditionalGeneration",
+            model_types=("mllama",),  # Llama 3.2 Vision (11B, 90B)
+            # 560-px tiles, the image resized onto the canvas of up to max_image_tiles (4) nearest its aspect ratio
+            # (MllamaImageProcessor's get_optimal_tiled_canvas): the longest side is bounded by 4 tiles in a row
+            image_bound="tiles",
+            # no prepend_bos: the template writes <|begin_of_text|> itself, and the card calls the processor with
+            # add_special_tokens=False; no end_of_turn: <|eot_id|> closes every turn and is the Instruct tokenizer's eos
+            cross_attention=True,
+            # "the model works best when attending to a single image ... You can't query about two different images at
+            # the same time" (Hugging Face's Llama 3.2 release post): a row with more is dropped at prepare, counted
+            max_images=1,
+            # "the system role is not supported" (the same post): its template raises "Prompting with images is
+            # incompatible with system messages." for a conversation with images, and takes one without
+            system_beside_images=False,
+            # Llama-3.2-11B-Vision-Instruct's card: processor(image, input_text, add_special_tokens=False, ...)
+            card_special_tokens=False,
+            hub_ids=("meta-llama/Llama-3.2-11B-Vision-Instruct",),
         ),
     ]
 }

@@ -83,6 +83,11 @@ def completion_logprobs(model, processor, rows: list[dict], key: str, *, batch_s
         for name in PER_TOKEN:  # not ``key``: that names the answer column, read again for the next batch
             if name in inputs:
                 inputs[name] = torch.cat([inputs[name], completions[name]], dim=1)
+        if "cross_attention_mask" in inputs:  # Llama 3.2 Vision: which tokens see the image, over prompt and answer
+            from jobs.cross_attention import complete_masks
+
+            inputs = complete_masks({**inputs, "input_ids": input_ids}, processor.image_token_id)
+            inputs.pop("input_ids")
         device = input_device(model)
         with torch.no_grad():
             logits = model(

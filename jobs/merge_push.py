@@ -262,7 +262,9 @@ def usage(cfg) -> str:
     model_id = cfg.merge_push.repo_id if pushed else "path/to/this/folder"
     # Pushed to a branch, the model is there and not on main (which may hold another model, or none).
     source = f"model_id, revision={cfg.merge_push.revision!r}" if pushed and cfg.merge_push.revision else "model_id"
-    model_class = get_family(cfg.model.family).model_class
+    family = get_family(cfg.model.family)
+    model_class = family.model_class
+    special = "" if family.card_special_tokens else ", add_special_tokens=False"  # the template wrote BOS
     return (
         "from PIL import Image\n"
         f"from transformers import AutoProcessor, {model_class}\n\n"
@@ -271,7 +273,7 @@ def usage(cfg) -> str:
         f"processor = AutoProcessor.from_pretrained({source})\n"
         'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does the chart show?"}]}]\n'
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
-        'inputs = processor(text=prompt, images=[Image.open("image.png")], return_tensors="pt").to(model.device)\n'
+        f'inputs = processor(text=prompt, images=[Image.open("image.png")], return_tensors="pt"{special}).to(model.device)\n'
         "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)\n"
         'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
     )

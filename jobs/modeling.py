@@ -75,6 +75,8 @@ def load_processor(spec: Model, path: str | Path | None = None):
     processor_class = AutoProcessor
     if family.prefix_lm:
         from jobs.prefix_lm import PrefixLMProcessor as processor_class
+    if family.cross_attention:
+        from jobs.cross_attention import CrossAttentionProcessor as processor_class
     with user_errors(source, None if path else spec.revision):
         processor = processor_class.from_pretrained(source, revision=None if path else spec.revision, **kwargs)
     if processor.chat_template is None and family.chat_template:

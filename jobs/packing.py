@@ -88,11 +88,29 @@ def pack(batch: dict, rope_index=None) -> dict:
         for key in IMAGE_SLOT_KEYS:
             if key in batch:
                 packed[key] = batch[key].flatten(0, 1)[None]
+    if "cross_attention_mask" in batch:  # Llama 3.2 Vision: (batch, tokens, images per row, tiles)
+        packed |= _one_row_of_images(batch, real)
     packed["position_ids"] = torch.cat([torch.arange(int(n)) for n in lengths])[None]
     if rope_index is not None:
         rope = rope_index(batch)  # (3, batch, padded length), each row's own
         packed[MROPE_KEY] = rope[:, real][:, None]  # (3, 1, packed length), rows in order
     return packed
+
+
+def _one_row_of_images(batch: dict, real) -> dict:
+    """Llama 3.2 Vision's image inputs for the packed row: every row's image slots in one row, in order (pixel_values
+    (1, batch x images, tiles, ...), aspect_ratio_ids and _mask alike), and each token's cross_attention_mask over its own
+    row's slots only, so that no token attends to another row's image through the cross-attention layers."""
+    import torch
+
+    mask = batch["cross_attention_mask"]
+    rows, length, images, tiles = mask.shape
+    own = torch.zeros(rows, length, rows, images, tiles, dtype=mask.dtype, device=mask.device)
+    own[torch.arange(rows), :, torch.arange(rows)] = mask
+    joined = {"cross_attention_mask": own.flatten(2, 3)[real][None]}
+    for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        joined[key] = batch[key].flatten(0, 1)[None]
+    return joined
 
 
 # The families with multimodal rotary positions (3 per token) and the model class whose get_rope_index computes them;

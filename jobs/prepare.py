@@ -72,7 +72,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
             decode_video = video.decoder(family, processor, fps=cfg.prepare.video_fps,
                                          folder=Path(source.path) if data.is_local(source) else None)
             prepared[split], dropped = data.convert(raw, source, shrink, check=check, num_proc=cfg.prepare.num_proc,
-                                                    what=where, decode_video=decode_video)
+                                                    what=where, decode_video=decode_video,
+                                                    max_images=family.max_images)
             data.check_drops(dropped, where, cfg.prepare)
             drops[f"{kind}/{split}"] = dropped.to_dict()
             print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))

@@ -49,6 +49,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
             processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
             callbacks=training.callbacks("sft", stage.work),
         )
+    trainer.data_collator = family.collator(trainer.data_collator, processor)
     if video.COLUMNS[0] in train.column_names:  # TRL's vision collator reads no videos; the wrapper hands them over
         trainer.data_collator = video.WithVideos(trainer.data_collator)
     # Every assistant turn of a multi-turn row is trained on, not only its completion; before the wraps below, which

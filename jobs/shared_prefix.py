@@ -44,7 +44,7 @@ ATTENTION = ("eager", "sdpa")
 FIRST_POSITION = {"paligemma": 1}  # PaliGemmaModel counts positions from 1, the others from 0
 IGNORE = -100  # TRL's label for a token that is not scored (the prompt, padding)
 # The processors' image outputs in the families' batches: each lists the batch's images, their patches or its rows
-IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw")
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw", "aspect_ratio_ids", "aspect_ratio_mask")
 # The layer kinds (config.layer_types) whose mask the packing can build: causal, or causal within a sliding window
 LAYER_KINDS = {"full_attention", "sliding_attention"}
 
@@ -192,7 +192,8 @@ def first_images(kwargs: dict) -> dict:
     whatever the number of images in each row. That holds for a flat tensor of the batch's images (LLaVA's and
     PaliGemma's pixel_values, LLaVA-style image_sizes), one of their patches (Qwen2-VL's pixel_values, with one
     image_grid_thw per image), one of rows (Idefics2/3's pixel_values and pixel_attention_mask, padded to the most
-    images in a row) and one of tiles (InternVL's, a varying number per image)."""
+    images in a row) and one of tiles (InternVL's, a varying number per image; Llama 3.2 Vision's pixel_values, aspect_ratio_ids
+    and aspect_ratio_mask, one row per text row)."""
     kwargs = dict(kwargs)
     for key in IMAGE_INPUTS:
         value = kwargs.get(key)
@@ -225,9 +226,12 @@ def packed_forward(model, forward, family: str):
             return forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")
         token_types = kwargs.pop("token_type_ids", None)
+        cross_attention = kwargs.pop("cross_attention_mask", None)
         position_ids = positions(model, family, input_ids, attention_mask, kwargs)
         kwargs.pop("mm_token_type_ids", None)  # only get_rope_index reads it
         packing = Packing.of(attention_mask, labels)
+        if cross_attention is not None:  # Llama 3.2 Vision's [2B, L, images, tiles]: each token keeps its row's
+            kwargs["cross_attention_mask"] = cross_attention[packing.rows, packing.cols]
         eager = upstream.attention_implementation(model.config.get_text_config()) == "eager"
         mask = packing.attention(None if token_types is None else packing.gather(token_types) == 0,
                                  torch.float32 if eager else None, window.tokens if window.everywhere else None)

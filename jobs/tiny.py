@@ -150,6 +150,72 @@ INTERNVL_TEMPLATE = (
     "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{'<|im_start|>assistant\n' }}{% endif %}"
 )
+# meta-llama/Llama-3.2-11B-Vision-Instruct's chat template (the repository is gated; this is its text as two public copies
+# quote it alike: swift-jinja's Tests/Templates/VisionTests.swift, llama3_2visionChatTemplate, rendered there as
+# "Llama3_2_11BVisionInstruct", and NVIDIA NeMo's MLlamaTemplateConfig). It writes BOS itself, a system block with the
+# date only for a conversation without images, and refuses a system message beside images (jobs.families: mllama
+# folds one into the first user turn); <|image|> where each image is, <|eot_id|> after every turn.
+MLLAMA_TEMPLATE = (
+    "{{- bos_token }}\n{%- if custom_tools is defined %}\n    {%- set tools = custom_tools %}\n{%- endif %}\n"
+    "{%- if not tools_in_user_message is defined %}\n    {%- set tools_in_user_message = true %}\n{%- endif %}\n"
+    "{%- if not date_string is defined %}\n    {%- if strftime_now is defined %}\n"
+    "        {%- set date_string = strftime_now(\"%d %b %Y\") %}\n    {%- else %}\n"
+    "        {%- set date_string = \"26 Jul 2024\" %}\n    {%- endif %}\n{%- endif %}\n"
+    "{%- if not tools is defined %}\n    {%- set tools = none %}\n{%- endif %}\n\n"
+    "{#- This block extracts the system message, so we can slot it into the right place. #}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = \"\" %}\n{%- endif %}\n\n"
+    "{#- Find out if there are any images #}\n{% set image_ns = namespace(has_images=false) %}      \n"
+    "{%- for message in messages %}\n    {%- for content in message['content'] %}\n"
+    "        {%- if content['type'] == 'image' %}\n            {%- set image_ns.has_images = true %}\n"
+    "        {%- endif %}\n    {%- endfor %}\n{%- endfor %}\n\n"
+    "{#- Error out if there are images and system message #}\n"
+    "{%- if image_ns.has_images and not system_message == \"\" %}\n"
+    "    {{- raise_exception(\"Prompting with images is incompatible with system messages.\") }}\n{%- endif %}\n\n"
+    "{#- System message if there are no images #}\n{%- if not image_ns.has_images %}\n"
+    "    {{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n    {%- if tools is not none %}\n"
+    "        {{- \"Environment: ipython\\n\" }}\n    {%- endif %}\n"
+    "    {{- \"Cutting Knowledge Date: December 2023\\n\" }}\n    {{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
+    "    {%- if tools is not none and not tools_in_user_message %}\n"
+    "        {{- \"You have access to the following functions. To call a function, please respond with JSON for a function call.\" }}\n"
+    "        {{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}.' }}\n"
+    "        {{- \"Do not use variables.\\n\\n\" }}\n        {%- for t in tools %}\n"
+    "            {{- t | tojson(indent=4) }}\n            {{- \"\\n\\n\" }}\n        {%- endfor %}\n"
+    "    {%- endif %}\n    {{- system_message }}\n    {{- \"<|eot_id|>\" }}\n{%- endif %}\n\n"
+    "{#- Custom tools are passed in a user message with some extra guidance #}\n"
+    "{%- if tools_in_user_message and not tools is none %}\n"
+    "    {#- Extract the first user message so we can plug it in here #}\n    {%- if messages | length != 0 %}\n"
+    "        {%- set first_user_message = messages[0]['content']|trim %}\n"
+    "        {%- set messages = messages[1:] %}\n    {%- else %}\n"
+    "        {{- raise_exception(\"Cannot put tools in the first user message when there's no first user message!\") }}\n"
+    "{%- endif %}\n    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}\n"
+    "    {{- \"Given the following functions, please respond with a JSON for a function call \" }}\n"
+    "    {{- \"with its proper arguments that best answers the given prompt.\\n\\n\" }}\n"
+    "    {{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}.' }}\n"
+    "    {{- \"Do not use variables.\\n\\n\" }}\n    {%- for t in tools %}\n        {{- t | tojson(indent=4) }}\n"
+    "        {{- \"\\n\\n\" }}\n    {%- endfor %}\n    {{- first_user_message + \"<|eot_id|>\"}}\n{%- endif %}\n\n"
+    "{%- for message in messages %}\n"
+    "    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}\n"
+    "        {%- if message['content'] is string %}\n            {{- message['content'] }}\n        {%- else %}\n"
+    "            {%- for content in message['content'] %}\n                {%- if content['type'] == 'image' %}\n"
+    "                    {{- '<|image|>' }}\n                {%- elif content['type'] == 'text' %}\n"
+    "                    {{- content['text'] }}\n                {%- endif %}\n            {%- endfor %}\n"
+    "        {%- endif %}\n        {{- '<|eot_id|>' }}\n    {%- elif 'tool_calls' in message %}\n"
+    "        {%- if not message.tool_calls|length == 1 %}\n"
+    "            {{- raise_exception(\"This model only supports single tool-calls at once!\") }}\n"
+    "        {%- endif %}\n        {%- set tool_call = message.tool_calls[0].function %}\n"
+    "        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+    "        {{- '{\"name\": \"' + tool_call.name + '\", ' }}\n        {{- '\"parameters\": ' }}\n"
+    "        {{- tool_call.arguments | tojson }}\n        {{- \"}\" }}\n        {{- \"<|eot_id|>\" }}\n"
+    "    {%- elif message.role == \"tool\" or message.role == \"ipython\" %}\n"
+    "        {{- \"<|start_header_id|>ipython<|end_header_id|>\\n\\n\" }}\n"
+    "        {%- if message.content is mapping or message.content is iterable %}\n"
+    "            {{- message.content | tojson }}\n        {%- else %}\n            {{- message.content }}\n"
+    "        {%- endif %}\n        {{- \"<|eot_id|>\" }}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
 # google/paligemma-3b-pt-224 ships no chat template (a pretrained prefix-LM, not a chat model); the template the
 # stages give it is jobs.families.PALIGEMMA_TEMPLATE, applied when the processor is loaded.
 
@@ -662,6 +728,48 @@ def _internvl():
     return model, processor
 
 
+def _mllama():
+    """Llama-3.2-11B-Vision-Instruct's layout: a tiled vision encoder (each image resized onto the canvas of up to 4 tiles
+    nearest its aspect ratio, per-tile and aspect-ratio position embeddings, a local then a global encoder whose chosen
+    intermediate layers are concatenated), projected into the keys and values of gated cross-attention layers set between
+    a Llama 3.1 decoder's self-attention layers. The text holds one <|image|> token per image, outside the LM head's
+    vocabulary (the embedding has 8 rows more); which text tokens see which image's tiles is cross_attention_mask."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
+
+    # Llama 3's tokenizer: <|begin_of_text|> put in front by its post-processor (add_special_tokens), <|eot_id|> the
+    # Instruct tokenizer's eos and the end of every turn, <|finetune_right_pad_id|> its pad (128004 in the config)
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    tokenizer = train_tokenizer(special, bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>")
+    tokenizer.add_tokens(["<|image|>"], special_tokens=True)  # the last id, as 128256 is in the real one's 128257
+    ids = tokenizer.convert_tokens_to_ids
+    tile, patch = IMAGE_SIZE, 8  # 560 px tiles of 14 px patches in the real model
+    image_processor = MllamaImageProcessor(size={"height": tile, "width": tile}, max_image_tiles=4)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=MLLAMA_TEMPLATE)
+    config = MllamaConfig(
+        vision_config=dict(
+            hidden_size=VISION_WIDTH, intermediate_size=2 * VISION_WIDTH, num_hidden_layers=2, num_global_layers=1,
+            attention_heads=2, image_size=tile, patch_size=patch, max_num_tiles=4,
+            intermediate_layers_indices=[0],  # the 11B: [3, 7, 15, 23, 30], concatenated with the last layer's output
+            vision_output_dim=2 * VISION_WIDTH,
+        ),
+        text_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=len(tokenizer) - 1, max_position_embeddings=512,
+            cross_attention_layers=[1],  # the 11B: 8 of its 40 layers, [3, 8, 13, ..., 38]
+            bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<|eot_id|>"), pad_token_id=ids("<|finetune_right_pad_id|>"),
+        ),
+        image_token_index=ids("<|image|>"),
+    )
+    model = MllamaForConditionalGeneration(config)
+    _widen_vision_init(model, ("model.vision_model", "model.multi_modal_projector"))
+    # as the 11B-Instruct's generation_config.json: <|end_of_text|>, <|eom_id|>, <|eot_id|> (128001, 128008, 128009)
+    model.generation_config.eos_token_id = [ids("<|end_of_text|>"), ids("<|eom_id|>"), ids("<|eot_id|>")]
+    model.generation_config.pad_token_id = ids("<|finetune_right_pad_id|>")
+    model.generation_config.bos_token_id = ids("<|begin_of_text|>")
+    return model, processor
+
+
 def check_4bit_shapes(model) -> None:
     """Fail on a linear layer that bitsandbytes' CPU inference kernel cannot pack (see VISION_WIDTH)."""
     import torch
@@ -688,4 +796,5 @@ def _widen_vision_init(model, prefixes: tuple[str, ...], std: float = 0.1) -> No
 BUILDERS: dict[str, Callable] = {
     "llava": _llava, "qwen2_vl": _qwen2_vl, "idefics2": _idefics2, "idefics3": _idefics3, "paligemma": _paligemma,
     "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl": _qwen3_vl, "smolvlm2": _smolvlm2, "gemma3": _gemma3, "internvl": _internvl,
+    "mllama": _mllama,
 }

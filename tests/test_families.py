@@ -254,3 +254,196 @@ def test_internvl_images_are_stored_within_the_widest_canvas_of_its_tiles_and_ke
         assert max(stored.size) <= most * tile
         tiles = [processor.image_processor(picture, crop_to_patches=True)["num_patches"] for picture in (image, stored)]
         assert tiles[0] == tiles[1], size
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3.2 Vision (mllama): one image per conversation, no system message beside images (issue 20)
+
+
+def two_image_conversations(folder, rows: int = 12, every: int = 3):
+    """A messages source like llava-instruct-mix-vsft's, every ``every``-th conversation asking about two images."""
+    from datasets import Dataset
+
+    from jobs import synthetic
+
+    out = synthetic.messages_rows(rows)
+    for row in out[::every]:
+        row["messages"][0]["content"].insert(0, {"type": "image", "text": None})
+        row["images"] = row["images"] * 2
+    (folder / "data").mkdir(parents=True)
+    Dataset.from_list(out, features=synthetic.features("messages")).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    return folder, len(out[::every])
+
+
+def test_mllama_drops_a_conversation_with_more_than_one_image_counted(tmp_path, tiny_model, synthetic_data):
+    """"You can't query about two different images at the same time" (Hugging Face's Llama 3.2 post): the model reads
+    one image per conversation, so prepare drops the others with their count, as it drops any unusable row."""
+    source, two = two_image_conversations(tmp_path / "conversations")
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    path = recipe_file(tmp_path, tiny_model("mllama"), sources, family="mllama", stages=["prepare"],
+                       data={"sft": {"path": str(source), "format": "messages"}}, prepare={"max_drop_fraction": 0.5})
+    recipe = run_stages(path)
+    drops = contract.read_json(recipe.run_dir / "prepare" / contract.SUCCESS_FILE)["drops"]["sft/train"]
+    assert drops["reasons"] == {"more than 1 image (the model family reads at most that many)": two}
+    kept = load_from_disk(recipe.run_dir / "prepare" / "sft")
+    assert {len(row["images"]) for split in kept.values() for row in split} == {1}
+
+
+def test_mllama_renders_a_system_message_beside_an_image_into_the_first_user_turn(tiny_model):
+    """Its template raises "Prompting with images is incompatible with system messages."; the stages (and evaluate's
+    prompted variant) render the system text at the head of the user's turn instead, as the template itself renders
+    that conversation written so."""
+    import jinja2
+
+    processor = modeling.load_processor(Model(name_or_path=str(tiny_model("mllama")), family="mllama"))
+    system = {"role": "system", "content": [{"type": "text", "text": "Answer with one word."}]}
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which bar is the tallest?"}]}
+    with pytest.raises(jinja2.TemplateError, match="Prompting with images is incompatible with system messages"):
+        processor.apply_chat_template([system, user], add_generation_prompt=True, tokenize=False)
+    folded = {"role": "user", "content": [{"type": "text", "text": "Answer with one word.\n\n"}, *user["content"]]}
+    expected = processor.apply_chat_template([folded], add_generation_prompt=True, tokenize=False)
+    rendering = get_family("mllama").rendering_processor(processor)
+    assert rendering.apply_chat_template([system, user], add_generation_prompt=True, tokenize=False) == expected
+    # without an image the template takes a system message itself: left to it
+    text_only = [system, {"role": "user", "content": [{"type": "text", "text": "Hi?"}]}]
+    assert (rendering.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False)
+            == processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=False))
+
+
+def test_mllama_model_card_snippet_gives_the_model_one_bos_as_its_card_does(tiny_model, tmp_path, monkeypatch):
+    """The pushed model's usage snippet, run up to generation: its ids are the card's (processor(image, input_text,
+    add_special_tokens=False)), with the one <|begin_of_text|> the template writes, not a second one from the tokenizer."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from jobs import merge_push
+
+    folder = tiny_model("mllama")
+    cfg = SimpleNamespace(model=SimpleNamespace(family="mllama"), merge_push=SimpleNamespace(push=False, repo_id=None))
+    snippet = merge_push.usage(cfg).replace("'path/to/this/folder'", repr(str(folder))).split("output = ")[0]
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(snippet, "model card usage", "exec"), scope)
+    card = transformers.AutoProcessor.from_pretrained(folder)
+    text = card.apply_chat_template(scope["messages"], add_generation_prompt=True)
+    expected = card(Image.open(tmp_path / "image.png"), text, add_special_tokens=False, return_tensors="pt")
+    assert scope["inputs"]["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert scope["inputs"]["input_ids"][0, 1] != card.tokenizer.bos_token_id
+
+
+def test_mllama_images_are_stored_within_four_tiles_in_a_row_and_keep_their_canvas(tiny_model):
+    """MllamaImageProcessor resizes an image onto the canvas of at most max_image_tiles tiles nearest its aspect ratio:
+    prepare bounds the longest side by that many tiles in a row, and the shrunk image gets the canvas (aspect_ratio_ids)
+    the original would have."""
+    from PIL import Image
+
+    family = get_family("mllama")
+    processor = modeling.load_processor(Model(name_or_path=str(tiny_model("mllama")), family="mllama"))
+    tile, most = processor.image_processor.size["height"], processor.image_processor.max_image_tiles
+    assert family.max_image_edge(processor) == (most * tile, 0)
+    for size in [(10 * most * tile, 2 * tile), (3 * tile, 5 * most * tile), (9 * tile, 8 * tile), (tile // 2, tile // 3)]:
+        image = Image.new("RGB", size, (120, 30, 200))
+        stored = family.shrink(image, processor)
+        assert max(stored.size) <= most * tile
+        canvases = [processor.image_processor([[picture]])["aspect_ratio_ids"].tolist() for picture in (image, stored)]
+        assert canvases[0] == canvases[1], size
+
+
+def test_the_tiny_mllama_template_renders_images_as_transformers_tests_of_the_checkpoint_expect(tiny_model):
+    """transformers' tests/models/mllama/test_processing_mllama.py (test_apply_chat_template) renders a conversation with
+    images through the 11B checkpoint's processor and expects exactly this text; the twin's template must agree."""
+    processor = transformers.AutoProcessor.from_pretrained(tiny_model("mllama"))
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What do these images show?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The first image shows the statue of Liberty in New York."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And who is that?"}]},
+    ]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
+        "<|begin_of_text|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+        "<|image|><|image|>What do these images show?"
+        "<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "The first image shows the statue of Liberty in New York."
+        "<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+        "And who is that?"
+        "<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+def test_mllama_trains_a_batch_mixing_rows_with_and_without_an_image(tiny_model):
+    """transformers 5.23's MllamaImageProcessor cannot batch a row without an image beside rows with one (IndexError when
+    the first row has none, aspect_ratio_ids a row short otherwise). SFT's batch gives each row what the card's
+    processor gives that conversation alone, and the model trains on it."""
+    from PIL import Image
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    folder, family = tiny_model("mllama"), get_family("mllama")
+    spec = Model(name_or_path=str(folder), family="mllama")
+    processor, card = modeling.load_processor(spec), transformers.AutoProcessor.from_pretrained(folder)
+    collate = family.collator(DataCollatorForVisionLanguageModeling(
+        processor=family.rendering_processor(processor), completion_only_loss=True), processor)
+
+    def row(question, answer, images):
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
+        return {"images": images, "prompt": [{"role": "user", "content": content}],
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+    rows = [row("Hello, which colour do bars come in?", "Red, green and blue.", []),
+            row("Which bar is the tallest?", "The red one.", [Image.new("RGB", (90, 24), (200, 10, 10))]),
+            row("Is there a bar?", "No.", []),
+            row("How many bars?", "Two", [Image.new("RGB", (20, 64), (0, 100, 10))])]
+    batch = collate([dict(r) for r in rows])
+    for i, r in enumerate(rows):
+        text = card.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
+        alone = card(text=[text], images=[r["images"]] if r["images"] else None, add_special_tokens=False, return_tensors="pt")
+        n = alone["input_ids"].shape[1]
+        assert batch["input_ids"][i, :n].tolist() == alone["input_ids"][0].tolist(), i
+        if r["images"]:
+            for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+                assert torch.equal(batch[key][i], alone[key][0]), (i, key)
+            assert batch["cross_attention_mask"][i, :n].tolist() == alone["cross_attention_mask"][0].tolist(), i
+        else:
+            assert not batch["cross_attention_mask"][i].any(), i
+    loss = modeling.load_model(spec)(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_mllamas_coupling_to_transformers_mask_functions_trips_in_one_line_when_they_change(monkeypatch):
+    from transformers.models.mllama import processing_mllama
+
+    from jobs import cross_attention
+
+    assert cross_attention.mask_functions()
+    monkeypatch.setattr(processing_mllama, "get_cross_attention_token_mask", lambda ids, image: [[0, len(ids)]])
+    with pytest.raises(RuntimeError, match=r"^jobs.cross_attention: transformers' processing_mllama no longer builds "
+                                           r"cross_attention_mask as in transformers 5.23 \("):
+        cross_attention.mask_functions()
+
+
+# PaliGemma's pretrained checkpoints ship no template (vlmjobs gives the merged model one: the chain test runs its snippet)
+@pytest.mark.parametrize("family", [name for name, family in FAMILIES.items() if family.chat_template is None])
+def test_the_model_card_snippet_gives_the_model_at_most_one_bos(family, tiny_model, tmp_path, monkeypatch):
+    """The pushed model's usage snippet, run up to generation, for every family: a template that writes BOS and a
+    tokenizer that adds one would give the model two, which no checkpoint was trained on (Gemma 3's and Llama 3.2
+    Vision's cards pass add_special_tokens=False, or tokenize inside apply_chat_template, for that reason)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from jobs import merge_push
+
+    folder = tiny_model(family)
+    cfg = SimpleNamespace(model=SimpleNamespace(family=family), merge_push=SimpleNamespace(push=False, repo_id=None))
+    snippet = merge_push.usage(cfg).replace("'path/to/this/folder'", repr(str(folder))).split("output = ")[0]
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(snippet, "model card usage", "exec"), scope)
+    bos = transformers.AutoProcessor.from_pretrained(folder).tokenizer.bos_token_id
+    ids = scope["inputs"]["input_ids"][0].tolist()
+    assert bos is None or ids.count(bos) <= 1, f"{ids.count(bos)} BOS tokens in {ids[:12]}..."

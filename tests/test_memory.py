@@ -111,6 +111,19 @@ PUBLISHED = [
                               "num_attention_heads": 16, "patch_size": 14, "image_size": 384},
             "scale_factor": 3, "tie_word_embeddings": False,
         }, id="SmolVLM2-2.2B-Instruct"),
+    pytest.param(
+        # meta-llama/Llama-3.2-11B-Vision-Instruct: "11B (10.6)" params, Meta's Llama 3.2 Vision model card
+        # (meta-llama/llama-models, models/llama3_2/MODEL_CARD_VISION.md); a Llama 3.1 8B decoder with 8 cross-attention
+        # layers added (40 in all), a 32 + 8 layer ViT-H/14 on 560 px tiles, the embedding 8 rows wider than the LM head
+        "mllama", "MllamaConfig", 10.6e9, {
+            "text_config": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 40,
+                            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                            "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38], "tie_word_embeddings": False},
+            "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_global_layers": 8,
+                              "attention_heads": 16, "image_size": 560, "patch_size": 14, "max_num_tiles": 4,
+                              "vision_output_dim": 7680, "intermediate_layers_indices": [3, 7, 15, 23, 30]},
+            "image_token_index": 128256,
+        }, id="Llama-3.2-11B-Vision-Instruct"),
 ]
 
 

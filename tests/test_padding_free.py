@@ -21,7 +21,7 @@ from jobs.families import get_family
 LOSS_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOLERANCE = dict(rtol=1e-4, atol=1e-6)
 # gemma3 is left out: packed, its loss is not padded SFT's (Family.packing_unsupported says so and the stage refuses it)
-PACKED_FAMILIES = ["llava", "qwen2_vl", "idefics2", "idefics3", "internvl", "qwen2_5_vl", "qwen3_vl", "smolvlm2"]
+PACKED_FAMILIES = ["llava", "qwen2_vl", "idefics2", "idefics3", "internvl", "qwen2_5_vl", "qwen3_vl", "smolvlm2", "mllama"]
 
 
 def rows(n: int = 3) -> list[dict]:
@@ -54,6 +54,7 @@ def trainer_for(family_name: str, model_dir, tmp_path, attn: str):
                      dataloader_pin_memory=False, remove_unused_columns=False)  # as the stage sets it (training.trl_config)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(4)),
                          processing_class=family.rendering_processor(processor))
+    trainer.data_collator = family.collator(trainer.data_collator, processor)  # as the sft stage
     return trainer, model
 
 

@@ -30,13 +30,17 @@ from tests.conftest import run_stages
 REAL_ADD_BOS = {"llava": True, "idefics2": True, "idefics3": False, "qwen2_vl": None, "gemma3": True, "internvl": None,
                 # Qwen2.5-VL's and Qwen3-VL's Qwen2 tokenizers have no BOS; SmolVLM2's SmolLM2 tokenizer names <|im_start|>
                 # BOS and prepends nothing (its template writes it)
-                "qwen2_5_vl": None, "qwen3_vl": None, "smolvlm2": False}
+                "qwen2_5_vl": None, "qwen3_vl": None, "smolvlm2": False,
+                "mllama": True}  # Llama 3's tokenizer.json post-processor: "<|begin_of_text|> $A"
 TOKEN_TYPES = ("token_type_ids", "mm_token_type_ids")  # per token, not per image: checked position by position
 # The families whose model card has apply_chat_template tokenize, the images in the messages (gemma-3-12b-it's:
 # tokenize=True, return_dict=True), rather than render text and call the processor on it. Tokenizing, transformers adds
 # no special tokens to a text the template already starts with BOS (ProcessorMixin.apply_chat_template): calling the
 # processor on Gemma 3's rendered text would put a second <bos> in front.
 CARD_TOKENIZES = {"gemma3", "internvl"}  # and InternVL3-8B-hf's card
+# Llama-3.2-11B-Vision-Instruct's card calls ``processor(image, input_text, add_special_tokens=False)``: its template
+# writes <|begin_of_text|>, which the tokenizer would put in front a second time
+CARD_NO_SPECIAL_TOKENS = {"mllama"}
 
 
 def card_processor(folder, family):
@@ -46,16 +50,23 @@ def card_processor(folder, family):
     return processor
 
 
-def card_prompt(card, prompt: list[dict], images: list, *, tokenize: bool = False):
-    """The model card's way: the template's text, then the processor with its default special tokens; or, ``tokenize``,
-    the template tokenizing with the images in the messages (CARD_TOKENIZES)."""
+def card_prompt(card, prompt: list[dict], images: list, *, tokenize: bool = False, special_tokens: bool = True):
+    """The model card's way: the template's text, then the processor with its default special tokens (or none,
+    CARD_NO_SPECIAL_TOKENS); or, ``tokenize``, the template tokenizing with the images in the messages (CARD_TOKENIZES)."""
     if tokenize:
         pictures = iter(images)
         messages = [{**message, "content": [{**part, "image": next(pictures)} if part["type"] == "image" else part
                                             for part in message["content"]]} for message in prompt]
         return card.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     text = card.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return card(text=[text], images=[images] if images else None, return_tensors="pt")
+    return card(text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=special_tokens)
+
+
+def card_conversation(card, conversation: list[dict], images: list):
+    """The card's processor on a whole conversation, answer included (Llama 3.2 Vision's cross_attention_mask covers
+    every token after the image, so the prompt's alone is not what training must feed)."""
+    text = card.apply_chat_template(conversation, tokenize=False)
+    return card(text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=False)
 
 
 def card_answer(card, family, prompt: list[dict], answer: list[dict]) -> list[int]:
@@ -70,7 +81,7 @@ def card_answer(card, family, prompt: list[dict], answer: list[dict]) -> list[in
 
 def assert_same_image_inputs(batch, card, rows: int = 1):
     for key, value in card.items():
-        if key in ("input_ids", "attention_mask", "labels", *TOKEN_TYPES) or not torch.is_tensor(value):
+        if key in ("input_ids", "attention_mask", "labels", "cross_attention_mask", *TOKEN_TYPES) or not torch.is_tensor(value):
             continue
         assert torch.equal(batch[key], torch.cat([value] * rows)), key
 
@@ -99,6 +110,7 @@ def test_sft_dpo_and_evaluate_build_what_the_checkpoints_own_processor_builds(fa
     bos = card.tokenizer.bos_token_id
     sft_batches, dpo_batches, prompts = [], [], []
     tokenize = family_name in CARD_TOKENIZES
+    how = {"tokenize": tokenize, "special_tokens": family_name not in CARD_NO_SPECIAL_TOKENS}
     record(monkeypatch, DataCollatorForVisionLanguageModeling, "torch_call", sft_batches)
     record(monkeypatch, DataCollatorForVisionPreference, "torch_call", dpo_batches)
     monkeypatch.setattr(inference, "prompt_inputs", _recording(inference.prompt_inputs, prompts))
@@ -113,12 +125,15 @@ def test_sft_dpo_and_evaluate_build_what_the_checkpoints_own_processor_builds(fa
     assert sft_batches and dpo_batches and prompts
     for examples, batch in sft_batches:
         (row,) = examples
-        prompt = card_prompt(card, row["prompt"], row["images"], tokenize=tokenize)
+        prompt = card_prompt(card, row["prompt"], row["images"], **how)
         prompt_ids = prompt["input_ids"][0].tolist()
         answer = card_answer(card, family, row["prompt"], row["completion"])
         assert batch["input_ids"][0].tolist() == prompt_ids + answer
         assert batch["labels"][0].tolist() == [-100] * len(prompt_ids) + answer, "labels: the answer and its end token"
         assert_same_image_inputs(batch, prompt)
+        if "cross_attention_mask" in prompt:
+            whole = card_conversation(card, row["prompt"] + row["completion"], row["images"])
+            assert batch["cross_attention_mask"][0].tolist() == whole["cross_attention_mask"][0].tolist(), "cross_attention_mask"
         for key in TOKEN_TYPES:
             if key in prompt:
                 assert batch[key][0, : len(prompt_ids)].tolist() == prompt[key][0].tolist(), key
@@ -127,20 +142,25 @@ def test_sft_dpo_and_evaluate_build_what_the_checkpoints_own_processor_builds(fa
 
     for examples, batch in dpo_batches:
         (row,) = examples
-        prompt = card_prompt(card, row["prompt"], row["images"], tokenize=tokenize)
+        prompt = card_prompt(card, row["prompt"], row["images"], **how)
         prompt_ids = prompt["input_ids"][0].tolist()
         for i, key in enumerate(("chosen", "rejected")):
             kept = batch["attention_mask"][i] == 1
             answer = card_answer(card, family, row["prompt"], row[key])
             assert batch["input_ids"][i][kept].tolist() == prompt_ids + answer, key
             assert batch["completion_mask"][i][kept].tolist() == [0] * len(prompt_ids) + [1] * len(answer), key
+            if "cross_attention_mask" in prompt:
+                whole = card_conversation(card, row["prompt"] + row[key], row["images"])
+                assert batch["cross_attention_mask"][i][kept].tolist() == whole["cross_attention_mask"][0].tolist(), key
         assert_same_image_inputs(batch, prompt, rows=2)
 
     for (texts, rows), inputs in prompts:  # evaluate: generated answers and answer log-likelihoods
         (row,) = rows
-        prompt = card_prompt(card, row["prompt"], row["images"], tokenize=tokenize)
+        prompt = card_prompt(card, row["prompt"], row["images"], **how)
         assert inputs["input_ids"].tolist() == prompt["input_ids"].tolist()
         assert_same_image_inputs(inputs, prompt)
+        if "cross_attention_mask" in prompt:  # generation's mask grows from the prompt's, as the card's does
+            assert inputs["cross_attention_mask"].tolist() == prompt["cross_attention_mask"].tolist()
 
     saved = AutoProcessor.from_pretrained(recipe.run_dir / "sft" / "model")
     assert saved.chat_template == card.chat_template, "the saved model keeps its checkpoint's template: users add BOS"
@@ -206,12 +226,16 @@ def test_evaluates_answer_log_likelihoods_are_the_cards_forward_of_the_whole_con
     row = {"prompt": prompt, "images": [image], "chosen": closed if family.answer_needs_eos else answer}  # as evaluate
     (scored,) = inference.completion_logprobs(model, family.rendering_processor(modeling.load_processor(spec)), [row], "chosen")
 
-    tokenize = family_name in CARD_TOKENIZES
-    prompt_ids = card_prompt(card, prompt, [image], tokenize=tokenize)["input_ids"][0].tolist()
+    how = {"tokenize": family_name in CARD_TOKENIZES, "special_tokens": family_name not in CARD_NO_SPECIAL_TOKENS}
+    prompt_ids = card_prompt(card, prompt, [image], **how)["input_ids"][0].tolist()
     answer_ids = card_answer(card, family, prompt, row["chosen"])
-    whole = card_prompt(card, prompt, [image], tokenize=tokenize)  # the card's prompt, the answer's ids after it
+    whole = card_prompt(card, prompt, [image], **how)  # the card's prompt, the answer's ids after it
     ids = torch.tensor([prompt_ids + answer_ids])
     inputs = {k: v for k, v in whole.items() if k not in ("input_ids", "attention_mask", *TOKEN_TYPES)}
+    if "cross_attention_mask" in whole:  # over the whole conversation, as the card's processor builds it for its text
+        conversation = card_conversation(card, prompt + answer, [image])
+        assert conversation["input_ids"].tolist() == ids.tolist()
+        inputs["cross_attention_mask"] = conversation["cross_attention_mask"]
     for key in TOKEN_TYPES:  # the answer is text: type 0, as the card's processor types every text token
         if key in whole:
             inputs[key] = torch.cat([whole[key], torch.zeros(1, len(answer_ids), dtype=whole[key].dtype)], dim=1)

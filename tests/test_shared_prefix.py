@@ -71,10 +71,12 @@ def trainer(family: str, folder, tmp_path, *, full: bool = False, attn_implement
     data = fam.close_answers(Dataset.from_list(pairs(images)), processor)
     args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, report_to=[], use_cpu=True,
                      beta=0.5, max_length=None)
-    return shared_prefix.SharedPrefixDPOTrainer(
+    dpo = shared_prefix.SharedPrefixDPOTrainer(
         model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=fam.rendering_processor(processor),
         peft_config=peft,
     )
+    dpo.data_collator = fam.collator(dpo.data_collator, processor)  # as the dpo stage: Llama 3.2 Vision's whole-row masks
+    return dpo
 
 
 def batch(trainer):

@@ -19,7 +19,7 @@ from jobs import contract, formats, modeling, synthetic, turns
 from jobs.families import FAMILIES, get_family
 from jobs.recipe import Model
 from tests.conftest import recipe_file, run_stages
-from tests.test_parity import CARD_TOKENIZES, card_answer, card_processor, card_prompt
+from tests.test_parity import CARD_NO_SPECIAL_TOKENS, CARD_TOKENIZES, card_answer, card_processor, card_prompt
 
 IGNORE = -100
 
@@ -73,21 +73,26 @@ def sft_batch(family_name: str, folder, rows: list[dict]):
 @pytest.mark.parametrize("family_name", [name for name in FAMILIES if not FAMILIES[name].multi_turn_unsupported])
 def test_every_assistant_turn_and_its_end_token_are_labelled_and_nothing_else(family_name, tiny_model):
     folder, family = tiny_model(family_name), get_family(family_name)
-    images = [Image.new("RGB", size, (40 * i, 120, 200)) for i, size in enumerate(IMAGES)]
+    conversation, sizes = CONVERSATION, IMAGES
+    if family.max_images == 1:  # Llama 3.2 Vision: one image a conversation, and its template takes no system beside it
+        conversation = CONVERSATION[1:5] + [{**CONVERSATION[5], "content": CONVERSATION[5]["content"][:1]}, CONVERSATION[6]]
+        sizes = IMAGES[:1]
+    images = [Image.new("RGB", size, (40 * i, 120, 200)) for i, size in enumerate(sizes)]
     chartless = {"messages": CONVERSATION[:1] + CONVERSATION[3:5], "images": []}  # a row with no image, one turn
-    rows = [{**formats.messages({"messages": CONVERSATION, "images": images}, None), "images": images},
+    rows = [{**formats.messages({"messages": conversation, "images": images}, None), "images": images},
             {**formats.messages(chartless, None), "images": []}]
     examples, batch = sft_batch(family_name, folder, rows)
 
     card = card_processor(folder, family)
-    for i, (row, source) in enumerate(zip(examples, (CONVERSATION, chartless["messages"]))):
+    for i, (row, source) in enumerate(zip(examples, (conversation, chartless["messages"]))):
         kept = batch["attention_mask"][i] == 1
         ids, labels = batch["input_ids"][i][kept].tolist(), batch["labels"][i][kept].tolist()
-        prompt = card_prompt(card, row["prompt"], row["images"], tokenize=family_name in CARD_TOKENIZES)["input_ids"][0].tolist()
+        prompt = card_prompt(card, row["prompt"], row["images"], tokenize=family_name in CARD_TOKENIZES,
+                             special_tokens=family_name not in CARD_NO_SPECIAL_TOKENS)["input_ids"][0].tolist()
         assert ids == prompt + card_answer(card, family, row["prompt"], row["completion"]), "the card's ids"
         answers = expected_answers(card, family, source)
         assert labelled_runs(labels, ids) == answers, "labels: each assistant turn and its end token, nothing else"
-    assert len(answers) == 1 and len(expected_answers(card, family, CONVERSATION)) == 3
+    assert len(answers) == 1 and len(expected_answers(card, family, conversation)) == 3
 
 
 def test_a_labelled_user_turn_or_an_unlabelled_answer_fails_the_check(tiny_model):
