@@ -13,8 +13,9 @@ SFT and DPO; vlmjobs' evaluate does the same). Measured on the tiny twin, that g
   joined rows' (the answers would see no image: transformers slices the mask to the rows' length).
 
 So the answers are tokenized as text (``CrossAttentionProcessor``: the template already wrote the conversation's BOS), and
-the mask is rebuilt over the joined rows with transformers' own functions (``complete_masks``), which gives what the
-processor gives for the whole conversation in one text, as the model card calls it.
+the mask is rebuilt over the joined rows with transformers' own functions (``complete_masks``, through
+``upstream.mllama_mask_functions``), which gives what the processor gives for the whole conversation in one text, as
+the model card calls it.
 
 A third, in transformers 5.23 itself: ``MllamaImageProcessor`` cannot batch a row without an image beside rows with one
 (an image-less first row raises IndexError in ``pad_batches_and_tiles``; a later one leaves aspect_ratio_ids a row short,
@@ -29,22 +30,7 @@ from __future__ import annotations
 import torch
 from transformers import MllamaProcessor
 
-WRITTEN_FOR = "transformers 5.23"
-
-
-def mask_functions():
-    """transformers' own two functions that build MllamaProcessor's cross_attention_mask (processing_mllama's
-    get_cross_attention_token_mask and convert_sparse_cross_attention_mask_to_dense: module functions, not exported),
-    checked to be there and to give one image's span as they did in the version this was written for."""
-    from transformers.models.mllama import processing_mllama
-
-    spans = getattr(processing_mllama, "get_cross_attention_token_mask", None)
-    dense = getattr(processing_mllama, "convert_sparse_cross_attention_mask_to_dense", None)
-    if spans is None or dense is None or spans([7, 9, 9], 7) != [[0, -1]]:
-        raise RuntimeError(f"jobs.cross_attention: transformers' processing_mllama no longer builds cross_attention_mask "
-                           f"as in {WRITTEN_FOR} (get_cross_attention_token_mask, convert_sparse_cross_attention_mask_to_dense)")
-    return spans, dense
-
+from jobs import upstream
 
 class CrossAttentionProcessor(MllamaProcessor):
     def __call__(self, images=None, text=None, **kwargs):
@@ -82,7 +68,7 @@ def complete_masks(batch, image_token_id: int):
     counts read back from ``aspect_ratio_mask``), in place; a batch without images is left alone."""
     if "aspect_ratio_mask" not in batch:
         return batch
-    get_cross_attention_token_mask, convert_sparse_cross_attention_mask_to_dense = mask_functions()
+    get_cross_attention_token_mask, convert_sparse_cross_attention_mask_to_dense = upstream.mllama_mask_functions()
     ids, tiles = batch["input_ids"], batch["aspect_ratio_mask"]
     spans = [get_cross_attention_token_mask(row, image_token_id) for row in ids.tolist()]
     dense = convert_sparse_cross_attention_mask_to_dense(

@@ -70,6 +70,13 @@ The couplings, what each relies on, why nothing public serves, and what would br
     the model (data loader workers copy it). Unguarded, a get_rope_index that reads more of the model fails on the
     first batch, and one that reads it differently gives positions TRL's padded rows do not have. Checked: the
     positions of a row with one image are the documented ones.
+``mllama_mask_functions`` (transformers ``processing_mllama.get_cross_attention_token_mask`` and
+    ``convert_sparse_cross_attention_mask_to_dense``)
+    The functions MllamaProcessor builds Llama 3.2 Vision's cross_attention_mask with, from the token ids; module
+    functions the package does not export. jobs.cross_attention rebuilds the mask over TRL's joined rows (prompt and
+    answer) with them, so that it is what the processor gives the whole conversation. Unguarded, functions that count
+    spans otherwise give answers a mask the processor would not: answers that see no image, or the padding's. Checked:
+    both are there, and one image's span runs to the end of the text.
 ``run_exit_handlers`` (CPython ``atexit._run_exitfuncs``)
     A finished stage ends with ``os._exit`` to skip the interpreter's teardown; the atexit handlers (a tracker's last
     upload, logging's flush) are run first by the interpreter's own function, which nothing public calls. Checked: the
@@ -295,6 +302,21 @@ def qwen_rope_index(config, model_class) -> QwenRopeIndex:
     """A Qwen VL model's rotary positions computed from its config by ``model_class.get_rope_index``, checked on the
     documented example."""
     return QwenRopeIndex(config, model_class)
+
+
+def mllama_mask_functions():
+    """transformers' two functions that build MllamaProcessor's cross_attention_mask, checked on one image's span."""
+    from transformers.models.mllama import processing_mllama
+
+    relies_on = "transformers.models.mllama.processing_mllama.get_cross_attention_token_mask"
+    spans = getattr(processing_mllama, "get_cross_attention_token_mask", None)
+    dense = getattr(processing_mllama, "convert_sparse_cross_attention_mask_to_dense", None)
+    if spans is None or dense is None:
+        raise changed("transformers", relies_on, "has no such function (or no convert_sparse_cross_attention_mask_to_dense)")
+    found = spans([7, 9, 9], 7)
+    if found != [[0, -1]]:
+        raise changed("transformers", relies_on, f"gives {found} for an image token followed by text (written for: [[0, -1]])")
+    return spans, dense
 
 
 # --- accelerate --------------------------------------------------------------------------------------------------

@@ -413,18 +413,6 @@ def test_mllama_trains_a_batch_mixing_rows_with_and_without_an_image(tiny_model)
     assert torch.isfinite(loss)
 
 
-def test_mllamas_coupling_to_transformers_mask_functions_trips_in_one_line_when_they_change(monkeypatch):
-    from transformers.models.mllama import processing_mllama
-
-    from jobs import cross_attention
-
-    assert cross_attention.mask_functions()
-    monkeypatch.setattr(processing_mllama, "get_cross_attention_token_mask", lambda ids, image: [[0, len(ids)]])
-    with pytest.raises(RuntimeError, match=r"^jobs.cross_attention: transformers' processing_mllama no longer builds "
-                                           r"cross_attention_mask as in transformers 5.23 \("):
-        cross_attention.mask_functions()
-
-
 # PaliGemma's pretrained checkpoints ship no template (vlmjobs gives the merged model one: the chain test runs its snippet)
 @pytest.mark.parametrize("family", [name for name, family in FAMILIES.items() if family.chat_template is None])
 def test_the_model_card_snippet_gives_the_model_at_most_one_bos(family, tiny_model, tmp_path, monkeypatch):

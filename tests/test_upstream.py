@@ -349,6 +349,19 @@ def test_qwen_positions_trip_when_get_rope_index_counts_otherwise(names, monkeyp
     assert_trips(e, "transformers", f"{model_class.__name__}.get_rope_index called with only the model's config")
 
 
+def test_mllamas_mask_functions_trip_when_they_count_spans_otherwise(monkeypatch):
+    from transformers.models.mllama import processing_mllama
+
+    assert upstream.mllama_mask_functions()
+    monkeypatch.setattr(processing_mllama, "get_cross_attention_token_mask", lambda ids, image: [[0, len(ids)]])
+    with pytest.raises(upstream.UpstreamChanged) as e:
+        upstream.mllama_mask_functions()
+    assert_trips(e, "transformers", "transformers.models.mllama.processing_mllama.get_cross_attention_token_mask")
+    monkeypatch.delattr(processing_mllama, "convert_sparse_cross_attention_mask_to_dense")
+    with pytest.raises(upstream.UpstreamChanged, match="has no such function"):
+        upstream.mllama_mask_functions()
+
+
 # --- accelerate ------------------------------------------------------------------------------------------------------
 
 def test_fsdp_on_cpu_processes_trips_without_accelerates_shared_state(monkeypatch):
