@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import functools
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -203,9 +204,24 @@ def _cluster_command(fn):
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (contract.Interrupted)
             runs_on = "stopped following; what was created runs on (vlmjobs status)"
             print(str(e) if isinstance(e, kube.StoppedMidway) else runs_on, file=sys.stderr)
-            sys.exit(128 + getattr(e, "signum", contract.EXIT_SIGINT - 128))
+            _exit(128 + getattr(e, "signum", contract.EXIT_SIGINT - 128))
 
     return wrapper
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``. While the log pump (a daemon thread, blocked in the log stream's read) still runs, without the
+    interpreter's finalization: finalizing under a daemon thread in a C call can abort the process (seen: Ctrl-C while
+    following ended with SIGABRT, -6, instead of 130). The streams are flushed first; nothing else is left to clean."""
+    import threading
+
+    from launcher.kube import LOG_PUMP
+
+    if any(thread.name == LOG_PUMP and thread.is_alive() for thread in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _recipe(recipe, run, overrides: dict) -> recipes.Recipe:

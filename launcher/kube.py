@@ -34,6 +34,7 @@ from launcher import state
 from launcher.render import CONTAINER, JOB_NAME_LABEL
 
 POLL_S = 5.0  # between pod checks while following; the tests shorten it
+LOG_PUMP = "vlmjobs-log-pump"  # the thread that prints a followed Job's log (launcher.cli exits past it on Ctrl-C)
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0  # one answer; a watch or log stream waits longer (their own timeouts)
 # What the generated read_namespaced_pod_log accepts (the client picks the JSON one; the kubelet sends text either way)
@@ -492,7 +493,7 @@ class Cluster:
         if job is None:
             raise self._deleted(name, "does not exist (deleted, or removed by its TTL)")
         stop = threading.Event()
-        pump = threading.Thread(target=self._pump_logs, args=(name, stop), daemon=True) if logs else None
+        pump = threading.Thread(target=self._pump_logs, args=(name, stop), name=LOG_PUMP, daemon=True) if logs else None
         if pump:
             pump.start()
         said = None

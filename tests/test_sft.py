@@ -44,7 +44,9 @@ def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe,
 
 def test_sigterm_writes_a_checkpoint_and_a_restart_resumes_from_it(write_recipe):
     """Preemption sends SIGTERM: the stage checkpoints, exits 143 (worth a retry), and the retry resumes."""
-    steps = 10  # the signal comes after step 3: seven steps are left to stop in, and the retry trains those
+    # The signal comes after step 3; the tiny model trains ~35 steps a second, so 10 steps left it no time to arrive in
+    # (the run had finished: "assert 10 < 10"): 100 leave it about 3 s, and the retry trains the rest
+    steps = 100
     path = write_recipe(sft={"method": "full", "args": {"max_steps": steps, "save_steps": 1000, "per_device_train_batch_size": 2, "logging_steps": 1}})
     prepare.main(recipe=str(path))
     run = path.parent / "runs" / "t"
@@ -55,7 +57,7 @@ def test_sigterm_writes_a_checkpoint_and_a_restart_resumes_from_it(write_recipe)
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         assert process.poll() is None, process.stdout.read()
         assert time.time() < deadline, "training did not start"
-        time.sleep(0.1)
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 143, output
