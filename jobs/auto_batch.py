@@ -105,7 +105,9 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     key = {"effective_batch_size": train.effective_batch_size, "processes": processes, "device": _device_name(),
            "model": model.name_or_path if model.revision is None else f"{model.name_or_path}@{model.revision}",
            "method": f"{stage.name} {train.method}", "max_length": args.max_length, "precision": str(precision),
-           "activation_checkpointing": bool(args.activation_checkpointing)}
+           "activation_checkpointing": bool(args.activation_checkpointing),
+           # the batch's layout: rows joined without padding, or DPO's pairs sharing their prompt (SharedPrefixDPOTrainer)
+           "padding_free": isinstance(trainer.data_collator, packing.PaddingFree), "trainer": type(trainer).__name__}
     recorded = _recorded(stage, key)
     micro = recorded["micro_batch"] if recorded else per_process
     # The smallest of the processes' starting points, should their run folders disagree (one per node)

@@ -30,6 +30,20 @@ def run_stages(path: Path, *stages: str, force: bool = False):
     return recipe
 
 
+def run_stages_answering(path: Path, answer_of) -> object:
+    """run_stages with evaluate's generated answers scripted: ``answer_of(row)`` stands in for the model, so that the
+    scoring is what a test checks, not what a tiny random model says."""
+    def answers(model, processor, rows, **kwargs):
+        return [answer_of(row) for row in rows]
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr("jobs.inference.generate_answers", answers)
+    try:
+        return run_stages(path)
+    finally:
+        patch.undo()
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for a stage run as its own process: this checkout first on the import path."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **extra}

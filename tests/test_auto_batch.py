@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import auto_batch, contract, dpo, modeling, prepare, sft
+from jobs import auto_batch, contract, dpo, modeling, packing, prepare, sft
 from jobs import recipe as recipes
 from tests.conftest import ROOT
 
@@ -94,8 +94,9 @@ def test_auto_batch_halves_until_it_fits_keeps_the_effective_batch_and_trains_as
     record = contract.read_json(run / stage / auto_batch.RECORD_FILE)
     assert record == {"effective_batch_size": 8, "processes": 1, "device": "cpu", "model": str(tiny_model("llava")),
                       "method": f"{stage} full", "max_length": None, "precision": "weights float32, trainable float32, compute float32",
-                      "activation_checkpointing": True, "micro_batch": 2, "gradient_accumulation_steps": 4,
-                      "ran_out_of_memory_at": [8, 4]}
+                      "activation_checkpointing": True, "padding_free": False,
+                      "trainer": {"sft": "SFTTrainer", "dpo": "SharedPrefixDPOTrainer"}[stage],  # sdpa: prompts shared
+                      "micro_batch": 2, "gradient_accumulation_steps": 4, "ran_out_of_memory_at": [8, 4]}
     state = json.loads((run / stage / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 2, "optimizer steps as asked, micro-batches of 2"
     args = torch.load(run / stage / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
@@ -232,7 +233,8 @@ def test_auto_batch_two_processes_agree_when_only_one_runs_out_of_memory(write_r
     assert contract.read_json(run / auto_batch.RECORD_FILE) == {
         "effective_batch_size": 8, "processes": 2, "device": "cpu", "model": str(tiny_model("llava")), "method": "sft full",
         "max_length": None, "precision": "weights float32, trainable float32, compute float32",
-        "activation_checkpointing": True, "micro_batch": 2, "gradient_accumulation_steps": 2, "ran_out_of_memory_at": [4]}
+        "activation_checkpointing": True, "padding_free": False, "trainer": "SFTTrainer", "micro_batch": 2,
+        "gradient_accumulation_steps": 2, "ran_out_of_memory_at": [4]}
     state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 2
 
@@ -346,9 +348,12 @@ def test_auto_batch_a_changed_recipe_misses_the_stored_size(tiny_model, tmp_path
     base = dict(train=recipes.SFT(method="lora", effective_batch_size=1, args={"per_device_train_batch_size": "auto"}),
                 max_length=512, checkpointing=False, model=SPEC, precision=BF16_LORA)
 
-    def starts_from_record(**changes) -> bool:
+    padded = trainer.data_collator
+
+    def starts_from_record(padding_free=False, **changes) -> bool:
         recipe = {**base, **changes}
         trainer.args.max_length, trainer.args.activation_checkpointing = recipe["max_length"], recipe["checkpointing"]
+        trainer.data_collator = packing.PaddingFree(padded, trainer.model) if padding_free else padded
         capsys.readouterr()
         auto_batch.fit(stage, trainer, recipe["train"], model=recipe["model"], precision=recipe["precision"])
         return "starting at micro-batch 1 (recorded in" in capsys.readouterr().out
@@ -362,6 +367,7 @@ def test_auto_batch_a_changed_recipe_misses_the_stored_size(tiny_model, tmp_path
         "precision": dict(precision=FP32),
         "activation checkpointing": dict(checkpointing=True),
         "model": dict(model=recipes.Model(name_or_path="Qwen/Qwen2-VL-7B-Instruct", family="qwen2_vl")),
+        "padding-free batches": dict(padding_free=True),
     }
     for name, change in changes.items():
         (stage.work / auto_batch.RECORD_FILE).write_text(record)  # the unchanged recipe's record, as it was written

@@ -10,7 +10,7 @@ import pytest
 
 from jobs import contract, synthetic
 from jobs import recipe as recipes
-from tests.conftest import recipe_file, run_stages
+from tests.conftest import recipe_file, run_stages_answering
 
 # Synthetic questions come in pairs per image, "yes" then "no" (jobs.synthetic), so the truths are y, n, y, n, ...
 AMBER_ANSWERS = ["Yes", "No", "No", "No", "Yes.", "Yes", "No", "No"]  # see test_metrics: 50.0, 60.0, 75.0, 66.7
@@ -40,16 +40,7 @@ def benchmark_run(tmp_path_factory, tiny_model, synthetic_data):
     scripted = {("amber", 5 + i): a for i, a in enumerate(AMBER_ANSWERS)}  # 4 images: generative ids 1-4 come first
     scripted |= {("pope_adversarial", 1 + i): a for i, a in enumerate(POPE_ANSWERS)}
 
-    def answers(model, processor, rows, **kwargs):  # stands in for the model: the scoring is under test, not it
-        return [scripted[(row["benchmark"], row["id"])] if "benchmark" in row else "x" for row in rows]
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr("jobs.inference.generate_answers", answers)
-    try:
-        recipe = run_stages(path)
-    finally:
-        patch.undo()
-    return recipe
+    return run_stages_answering(path, lambda row: scripted[(row["benchmark"], row["id"])] if "benchmark" in row else "x")
 
 
 def test_evaluate_scores_amber_and_pope_as_their_official_scripts(benchmark_run):

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from jobs import synthetic
-from tests.conftest import recipe_file, run_stages
+from tests.conftest import recipe_file, run_stages_answering
 
 # ChartQA rows: (gold label, scripted answer). Relaxed accuracy (pix2struct's relaxed_correctness, ChartQA paper
 # section 5.1): a number within 5% of a non-zero gold number counts, anything else must match as text ignoring case.
@@ -88,15 +88,7 @@ def scored(tmp_path_factory, tiny_model):
     scripted = {f"What is the value number {i}?": answer for i, (_, answer) in enumerate(CHART)}
     scripted |= {f"Is there a red bar number {i}?": answer for i, (_, answer, _) in enumerate(YES_NO)}
 
-    def answers(model, processor, rows, **kwargs):  # stands in for the model: the scoring is under test, not it
-        return [scripted[row["prompt"][-1]["content"][-1]["text"]] for row in rows]
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr("jobs.inference.generate_answers", answers)
-    try:
-        recipe = run_stages(path)
-    finally:
-        patch.undo()
+    recipe = run_stages_answering(path, lambda row: scripted[row["prompt"][-1]["content"][-1]["text"]])
     out = recipe.run_dir / "evaluate"
     report = json.loads((out / "report.json").read_text())
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
