@@ -7,8 +7,8 @@ way they already write it for kustomize. The semantics are the API server's, fro
 k8s.io/api/core/v1 (types.go, ``patchStrategy:"merge" patchMergeKey:...``):
 - maps merge key by key; a key set to null is removed;
 - a list with a merge key (containers by name, env by name, volumes by name, volumeMounts by
-  mountPath...) merges item by item, an item whose key is new is appended, and an item carrying
-  ``$patch: delete`` is removed;
+  mountPath...) merges item by item, and an item carrying ``$patch: delete`` is removed; a new item
+  goes where the server puts it (first, for an env var the pod did not have: ``_merge_list``);
 - every other list is replaced whole. Notably ``tolerations`` (no patchStrategy in PodSpec): a patch
   that adds a toleration must list the GPU toleration too, exactly as with kubectl patch.
 Pure: no client; the result is checked by the server's dry run (tests/launcher/test_nightly_on_cluster.py).
@@ -60,19 +60,38 @@ def _merge(original, patch, key: str | None):
 
 
 def _merge_list(original: list, patch: list, merge_key: str) -> list:
-    merged = list(original)
+    """Items merged by key, then ordered as the API server orders them (strategicpatch's normalizeElementOrder and
+    mergeSortedSlice): the patch's items in its order, interleaved with the original's own items in theirs, an
+    original item placed before a patch item only when both were in the original and it came first there."""
     for item in patch:
         if not isinstance(item, dict) or merge_key not in item:
             raise ValueError(f"an item of a list merged by {merge_key!r} has no {merge_key!r}: {item!r}")
-        same = (i for i, old in enumerate(merged) if isinstance(old, dict) and old.get(merge_key) == item[merge_key])
-        at = next(same, None)
+    by_key = {old.get(merge_key): old for old in original if isinstance(old, dict)}
+    server_order = [old.get(merge_key) if isinstance(old, dict) else None for old in original]
+    patched = []
+    for item in patch:
         if item.get(DIRECTIVE) == "delete":
-            if at is not None:
-                merged.pop(at)
-        elif at is None:
-            merged.append(_without_directives(item))
+            continue
+        old = by_key.get(item[merge_key])
+        patched.append(_merge(old, item, None) if old is not None else _without_directives(item))
+    named = {item[merge_key] for item in patch}
+    server_only = [old for old in original if not (isinstance(old, dict) and old.get(merge_key) in named)]
+
+    def position(item) -> int:
+        key = item.get(merge_key) if isinstance(item, dict) else None
+        return server_order.index(key) if key in server_order else -1
+
+    merged, i, j = [], 0, 0
+    while i < len(server_only) or j < len(patched):
+        if j >= len(patched):
+            merged.append(server_only[i])
+            i += 1
+        elif i < len(server_only) and 0 <= position(server_only[i]) < position(patched[j]):
+            merged.append(server_only[i])
+            i += 1
         else:
-            merged[at] = _merge(merged[at], item, None)
+            merged.append(patched[j])
+            j += 1
     return merged
 
 

@@ -109,9 +109,10 @@ def test_the_pod_template_patch_is_applied_last_to_every_pod_the_recipe_renders(
         assert env(manifest)["NCCL_SOCKET_IFNAME"] == {"name": "NCCL_SOCKET_IFNAME", "value": "eth1"}
         assert spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 50
     patched = render.render_job(recipe, "sft", IMAGE)
-    # what the patch does not name is kept: our env in front, the GPU node affinity, the security context
-    assert [e["name"] for e in pod(patched)["containers"][0]["env"]] == [
-        e["name"] for e in pod(plain)["containers"][0]["env"]] + ["NCCL_SOCKET_IFNAME"]  # fmt: skip
+    # what the patch does not name is kept: our env (the new variable goes first, where the API server's strategic
+    # merge puts it: test_nightly_on_cluster compares with kubectl's), the GPU node affinity, the security context
+    assert [e["name"] for e in pod(patched)["containers"][0]["env"]] == ["NCCL_SOCKET_IFNAME"] + [
+        e["name"] for e in pod(plain)["containers"][0]["env"]]  # fmt: skip
     node_affinity = pod(patched)["affinity"]["nodeAffinity"]
     assert node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] == pod(plain)["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"]  # fmt: skip
