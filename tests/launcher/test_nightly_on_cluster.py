@@ -16,13 +16,14 @@ import yaml
 
 from jobs import recipe as recipes
 from jobs.recipe import RECIPE_ENV, Kubernetes
-from launcher import chain, cli, kube, render, setup, state
+from launcher import chain, cli, kube, render, setup
 from tests.launcher.conftest import IMAGE, SINGLE, make
 from tests.launcher.test_nightly import PLATFORM
 from tests.simcluster import SIM_RUN_SECONDS, wait_for
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
+SCHEDULED = "batch.kubernetes.io/cronjob-scheduled-timestamp"  # the CronJob controller's (cronjob/utils.go)
 
 
 def sim(namespace: str, **overrides) -> recipes.Recipe:
@@ -56,7 +57,7 @@ def downward_env(container: dict, pod: dict) -> dict[str, str]:
 
 
 def test_a_nightly_driver_pod_retried_after_midnight_continues_its_nights_run(real_cluster, real_namespace, tmp_path,
-                                                                              monkeypatch):  # fmt: skip
+                                                                              monkeypatch, capsys):  # fmt: skip
     """The CronJob controller's Job carries the scheduled time; a Job of last night (made as the controller makes it,
     annotation included, with kubectl create job --from) has its driver pod deleted today; the retried pod, run with
     its downward-API environment and the driver's ServiceAccount token, continues last night's run id and creates
@@ -84,7 +85,7 @@ def test_a_nightly_driver_pod_retried_after_midnight_continues_its_nights_run(re
 
     (by_controller,) = wait_for("a Job of the CronJob", started, timeout=60)
     batch.patch_namespaced_cron_job(nightly, ns, {"spec": {"suspend": True}})  # one start is all this test needs
-    scheduled = by_controller["metadata"]["annotations"][render.CRONJOB_SCHEDULED_ANNOTATION]
+    scheduled = by_controller["metadata"]["annotations"][SCHEDULED]
     minutes = int(by_controller["metadata"]["name"].removeprefix(f"{nightly}-"))  # the controller's name: the same time
     assert datetime.fromisoformat(scheduled).timestamp() == minutes * 60
     assert by_controller["spec"]["activeDeadlineSeconds"] == 22 * 3600
@@ -94,7 +95,7 @@ def test_a_nightly_driver_pod_retried_after_midnight_continues_its_nights_run(re
     name = f"{nightly}-{int(yesterday.timestamp()) // 60}"
     made = real_cluster.kubectl_run("-n", ns, "create", "job", name, f"--from=cronjob/{nightly}", "--dry-run=client", "-o", "json")
     last_night = json.loads(made.stdout)
-    last_night["metadata"]["annotations"][render.CRONJOB_SCHEDULED_ANNOTATION] = yesterday.strftime("%Y-%m-%dT%H:%M:%SZ")
+    last_night["metadata"]["annotations"][SCHEDULED] = yesterday.strftime("%Y-%m-%dT%H:%M:%SZ")
     real_cluster.kubectl_run("apply", "-f", "-", stdin=json.dumps(last_night))
 
     driver_token = real_cluster.token_kubeconfig(ns, render.DRIVER_SERVICE_ACCOUNT, tmp_path / "driver-kubeconfig")
@@ -106,20 +107,19 @@ def test_a_nightly_driver_pod_retried_after_midnight_continues_its_nights_run(re
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("KUBECONFIG", str(driver_token))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        dated = cli._dated(recipes.load(None))  # as `vlmjobs pipeline --dated` in the pod: the recipe from its env
-        driver = connect(real_cluster, ns, driver_token)
-        chain.pipeline(driver, dated, IMAGE, logs=False)
-        runs.append((pod["metadata"]["name"], dated.run_id, driver.lines))
+        cli.pipeline(dated=True, logs=False)  # the pod's command, `vlmjobs pipeline --dated`, its recipe from its env
+        runs.append((pod["metadata"]["name"], capsys.readouterr().out.splitlines()))
         admin.core.delete_namespaced_pod(pod["metadata"]["name"], ns)  # the driver pod lost: the Job makes another
 
-    (first_pod, first_run, first_lines), (second_pod, second_run, second_lines) = runs
+    (first_pod, first_lines), (second_pod, second_lines) = runs
+    run = f"{recipe.run_id}-{yesterday:%Y%m%d}"  # last night's run, though the day changed
     assert first_pod != second_pod
-    assert first_run == second_run == f"{recipe.run_id}-{yesterday:%Y%m%d}", "last night's run, though the day changed"
-    assert first_lines[0] == f"==> prepare: created Job {ns}/{first_run}-prepare"
-    assert second_lines[0] == f"==> prepare: Job {ns}/{first_run}-prepare already exists: Complete"
+    assert first_lines[0] == f"==> prepare: created Job {ns}/{run}-prepare"
+    assert second_lines[0] == f"==> prepare: Job {ns}/{run}-prepare already exists: Complete"
+    assert second_lines[-1].startswith(f"==> pipeline done: prepare of run {run} in ")
     stage_jobs = [j["metadata"]["name"] for j in admin.list_jobs(render.selector()) if
                   j["metadata"]["labels"][render.LABEL_COMPONENT] != render.DRIVER]  # fmt: skip
-    assert stage_jobs == [f"{first_run}-prepare"], "one pipeline"
+    assert stage_jobs == [f"{run}-prepare"], "one pipeline"
 
 
 def test_the_kustomize_base_applies_twice_cleanly_keeps_a_real_secret_and_installs_no_cronjob(real_cluster, tmp_path):
