@@ -39,10 +39,10 @@ import re
 import yaml
 
 from jobs.contract import EXIT_USER_ERROR, UserError
-from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, TRAINING_STAGES, Recipe, Resources
+from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, TRAINING_STAGES, Kubernetes, Recipe, Resources
 from launcher import features
-from launcher.patch import strategic_merge
 from launcher.commands import NODE_RANK_ENV, RENDEZVOUS_PORT, stage_argv, stage_env
+from launcher.patch import strategic_merge
 
 APP = "vlmjobs"
 CONTAINER = "stage"  # the container name, which the pod failure policy's exit-code rule names
@@ -543,7 +543,7 @@ def driver_job_spec(recipe: Recipe, image: str, *, dated: bool) -> tuple[dict, d
     return template_labels, spec
 
 
-def patched_template(k, template: dict) -> dict:
+def patched_template(k: Kubernetes, template: dict) -> dict:
     """The pod template with kubernetes.pod_template applied last (launcher.patch: Kubernetes' strategic merge)."""
     if not k.pod_template:
         return template
