@@ -193,6 +193,12 @@ class Resources:
     cpu: str = "8"
     memory: str = "64Gi"
     shm: str = "16Gi"  # /dev/shm for DataLoader workers and NCCL; counts against memory
+    # Added for nightly operations (issue 22): the extended resource a GPU is asked as, e.g. nvidia.com/mig-1g.10gb for
+    # one MIG slice (the GPU operator's mixed strategy); and whether a training stage may land on a GPU shared by
+    # time-slicing or MPS (GPU feature discovery's nvidia.com/gpu.replicas > 1): off, since 4 replicas of one GPU train
+    # 4 times slower and share its memory. Stages that do not train may always share.
+    gpu_resource: str = "nvidia.com/gpu"
+    shared_gpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,8 +207,11 @@ class Kubernetes:
     image: str | None = None  # pinned tag or digest; None: the project's image at this version
     pvc: str = "vlmjobs-runs"  # shared volume holding the run folders
     mount_path: str = "/runs"
-    hf_token_secret: str | None = "hf-token"  # Secret holding HF_TOKEN; None: no token
+    # Secret holding HF_TOKEN; None: no token. Optional in the pods: a run on public models needs none
+    hf_token_secret: str | None = "hf-token"
     hf_token_key: str = "token"
+    # The Secret (same key) whose write token merge_push pushes with, required when it pushes; None: hf_token_secret's
+    hf_write_token_secret: str | None = None
     service_account: str | None = None
     priority_class: str | None = None
     queue: str | None = None  # Kueue LocalQueue name
@@ -219,6 +228,11 @@ class Kubernetes:
     # Added for the simulated cluster (issue 10), useful anywhere: annotations on every stage pod, e.g.
     # cluster-autoscaler.kubernetes.io/safe-to-evict: "false", or sim.vlmjobs.io/exit-code (scripts/cluster.py).
     pod_annotations: dict = field(default_factory=dict)
+    # Added for nightly operations (issue 22): the nightly driver's deadline (the next night is due after 24 h, and under
+    # concurrencyPolicy Forbid a run still going would keep it from starting), and a strategic-merge patch of every pod
+    # the recipe renders, applied last (affinity, tolerations, NCCL/RDMA env, volumes: what the platform team knows).
+    nightly_deadline_hours: float = 22.0
+    pod_template: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,21 @@ def _create(cluster: Cluster, manifests: list[dict], stage: str) -> dict:
     return job
 
 
+def _refuse_another_recipe(cluster: Cluster, recipe: Recipe, image: str, stage: str, job: dict, manifest: dict) -> None:
+    """A Job of this run made from a different recipe is not this recipe's result (a Complete one would be reported as
+    its success): refused, naming the keys that differ."""
+    fingerprint = manifest["metadata"]["annotations"][render.ANNOTATION_FINGERPRINT]
+    changes = state.recipe_changes(job, fingerprint, render.cluster_recipe(recipe, image).to_dict())
+    if changes is None:
+        return
+    run = recipe.run_id
+    raise UserError(
+        f"{stage}: Job {cluster.namespace}/{manifest['metadata']['name']} of run {run} was made from another recipe "
+        f"({len(changes)} key{'s' * (len(changes) > 1)} differ: {', '.join(changes)}); run it under a new id "
+        f"(--run={run}-2) or delete the run's Jobs first (vlmjobs delete --run={run})"
+    )
+
+
 def run_stage(
     cluster: Cluster, recipe: Recipe, stage: str, image: str, *, follow: bool = True, logs: bool = True
 ) -> None:
@@ -100,6 +115,7 @@ def run_stage(
         _refuse_unshareable_claim(cluster, recipe, stage)
         job = _create(cluster, manifests, stage)
     else:
+        _refuse_another_recipe(cluster, recipe, image, stage, job, manifests[0])
         cluster.out(f"==> {stage}: Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
     # A Job that had failed before we came is reported, not retried: its retries are spent, and
     # running it again is the user's call (vlmjobs delete, then again).
@@ -166,6 +182,7 @@ def submit_driver(cluster: Cluster, recipe: Recipe, image: str, *, follow: bool 
         cluster.out(f"==> pipeline: created driver Job {cluster.namespace}/{name}; it runs on if you disconnect")
     except AlreadyExists:
         job = cluster.get_job(name) or {}
+        _refuse_another_recipe(cluster, recipe, image, render.DRIVER, job, manifest)
         cluster.out(f"==> pipeline: driver Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
     if not follow:
         return

@@ -13,7 +13,7 @@ On a cluster (the current kube context, or the pod's ServiceAccount):
     vlmjobs status [RECIPE] [--run=ID]                 the runs' Jobs and their states
     vlmjobs logs RECIPE --stage=sft [--run=ID]         a stage's log (index 0 of a multi-node stage)
     vlmjobs delete RECIPE --run=ID [--stage=sft]       delete a run's Jobs (their pods go with them)
-    vlmjobs cronjob RECIPE                             print the nightly pipeline's CronJob
+    vlmjobs cronjob RECIPE [--out=FILE]                the nightly pipeline's CronJob (make nightly)
     vlmjobs k8s [RECIPE] --out=k8s                     write the cluster set-up manifests (make k8s)
 
 vlmjobs COMMAND --help says more about each.
@@ -287,13 +287,25 @@ def pipeline(
 
     resolved = _recipe(recipe, run, overrides)
     if dated:
-        today = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d")
-        resolved = recipes.from_dict(resolved.to_dict(), {"run.id": f"{resolved.run_id}-{today}"}, origin="--dated")
+        resolved = _dated(resolved)
     image = rendering.resolve_image(resolved)
     if in_cluster:
         chain.submit_driver(_cluster(resolved), resolved, image, follow=not detach)
     else:
         chain.pipeline(_cluster(resolved), resolved, image, _stages(stages), logs=logs)
+
+
+def _dated(resolved: recipes.Recipe) -> recipes.Recipe:
+    """The recipe under the run id of its night: run.id-YYYYMMDD, the night read from the driver's own Job where there
+    is one ($VLMJOBS_DRIVER_JOB, from the downward API), so that every retry of that Job's pod continues one run."""
+    from launcher import render as rendering
+    from launcher import state
+
+    job_name = os.environ.get(rendering.DRIVER_JOB_ENV)
+    job = _cluster(resolved).get_job(job_name) if job_name else None
+    now = datetime.datetime.now(datetime.UTC)
+    night = state.night_of(job, resolved.kubernetes.nightly_time_zone, now)
+    return recipes.from_dict(resolved.to_dict(), {"run.id": f"{resolved.run_id}-{night}"}, origin="--dated")
 
 
 @_cluster_command
@@ -340,12 +352,31 @@ def delete(recipe: str = "", run: str = "", stage: str = "", **overrides):
             print(f"deleted Job {cluster.namespace}/{name} (its pods and Service go with it)")
 
 
-def cronjob(recipe: str = "", run: str = "", **overrides):
-    """Print the nightly pipeline's CronJob (kubernetes.nightly_schedule) as YAML; make k8s-apply applies it."""
+def cronjob(recipe: str = "", run: str = "", out: str = "", **overrides):
+    """The nightly pipeline's CronJob (kubernetes.nightly_schedule) as YAML, printed or written to --out (make nightly
+    writes k8s/nightly/cronjob.yaml and applies k8s/nightly). Refused while the image is the default one, tagged with
+    this checkout's git revision, and the checkout has uncommitted changes: no image under that tag holds them."""
+    from launcher import image as images
     from launcher import render as rendering
 
     resolved = _recipe(recipe, run, overrides)
-    print(rendering.dump([rendering.render_cronjob(resolved, rendering.resolve_image(resolved))]), end="")
+    image = rendering.resolve_image(resolved)
+    named_by_checkout = not resolved.kubernetes.image and not os.environ.get("VLMJOBS_REVISION")
+    if named_by_checkout and images.uncommitted():
+        raise contract.UserError(
+            f"cronjob: {image} is tagged with commit {images.revision()}, but this checkout has uncommitted changes that "
+            "no image under that tag holds; commit them and make push-image first (or set kubernetes.image)"
+        )
+    text = rendering.dump([rendering.render_cronjob(resolved, image)])
+    k = resolved.kubernetes
+    pulls = f"the CronJob will pull {image} (schedule {k.nightly_schedule!r}, {k.nightly_time_zone})"
+    if out:
+        Path(str(out)).parent.mkdir(parents=True, exist_ok=True)
+        Path(str(out)).write_text(text)
+        print(f"wrote {out}: {pulls}", file=sys.stderr)
+    else:
+        print(text, end="")
+        print(pulls, file=sys.stderr)
 
 
 def k8s(
@@ -396,7 +427,7 @@ EXAMPLES = {
     "status": "vlmjobs status recipes/idefics2-8b-rlaif-v-dpo.yaml --run=exp-1",
     "logs": "vlmjobs logs recipes/idefics2-8b-rlaif-v-dpo.yaml --stage=dpo --run=exp-1",
     "delete": "vlmjobs delete recipes/idefics2-8b-rlaif-v-dpo.yaml --run=exp-1 --stage=dpo",
-    "cronjob": "vlmjobs cronjob recipes/idefics2-8b-rlaif-v-dpo.yaml | kubectl apply -f -",
+    "cronjob": "vlmjobs cronjob recipes/idefics2-8b-rlaif-v-dpo.yaml --kubernetes.nightly_schedule='0 3 * * *' --out=k8s/nightly/cronjob.yaml",
     "k8s": "vlmjobs k8s recipes/idefics2-8b-rlaif-v-dpo.yaml --out=k8s --storage_class=standard",
 }
 

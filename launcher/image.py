@@ -24,6 +24,18 @@ def revision() -> str:
         return "unknown"
 
 
+def uncommitted(root: Path | None = None) -> bool:
+    """Whether the checkout has changes no commit holds (tracked or untracked files that git does not ignore): an
+    image tagged with HEAD's revision was not built from them. False where there is no git to ask."""
+    try:
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root or PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return bool(status.strip())
+
+
 def image_tag() -> str:
     return f"{__version__}-{revision()}"
 

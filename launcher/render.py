@@ -39,9 +39,10 @@ import re
 import yaml
 
 from jobs.contract import EXIT_USER_ERROR, UserError
-from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, Recipe, Resources
+from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, TRAINING_STAGES, Kubernetes, Recipe, Resources
 from launcher import features
 from launcher.commands import NODE_RANK_ENV, RENDEZVOUS_PORT, stage_argv, stage_env
+from launcher.patch import strategic_merge
 
 APP = "vlmjobs"
 CONTAINER = "stage"  # the container name, which the pod failure policy's exit-code rule names
@@ -61,6 +62,14 @@ NIGHTLY = "nightly"
 DATED_SUFFIX = len("-20250131")  # the nightly driver appends the date to the run id
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set by NVIDIA's GPU feature discovery
+# GPU feature discovery on a node whose GPUs are shared (time-slicing, MPS): each GPU is advertised as this many
+# replicas, and with renameByDefault the product gets this suffix.
+GPU_REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+SHARED_SUFFIX = "-SHARED"
+# The Job controller's label on its pods (1.27), read by the nightly driver through the downward API: its Job
+# carries the night it was scheduled for (CRONJOB_SCHEDULED_ANNOTATION), which no pod carries.
+DRIVER_JOB_ENV = "VLMJOBS_DRIVER_JOB"
+CRONJOB_SCHEDULED_ANNOTATION = "batch.kubernetes.io/cronjob-scheduled-timestamp"  # set by the CronJob controller (GA 1.32)
 # A CronJob's name is at most 52 characters: its Jobs add "-<11 digits>" and must stay labels.
 MAX_CRONJOB_NAME = 52
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -128,6 +137,25 @@ def check_names(recipe: Recipe) -> None:
         raise UserError("kubernetes.ttl_seconds_after_finished: must be 0 or more")
     for key, value in k.pod_annotations.items():
         check_annotation(f"kubernetes.pod_annotations.{key}", key, value)
+    if k.hf_write_token_secret is not None:
+        check_subdomain("kubernetes.hf_write_token_secret", k.hf_write_token_secret)
+    if k.nightly_deadline_hours <= 0:
+        raise UserError("kubernetes.nightly_deadline_hours: must be more than 0")
+    check_pod_template(k.pod_template)
+
+
+def check_pod_template(template: dict) -> None:
+    """A patch of the pod template: metadata and spec only, and containers named as ours (a new name would add a
+    container with no image, which the API server refuses with a message naming neither the recipe nor the key)."""
+    where = "kubernetes.pod_template"
+    unknown = sorted(set(template) - {"metadata", "spec"})
+    if unknown:
+        raise UserError(f"{where}: {', '.join(unknown)}: a pod template patch has only metadata and spec")
+    for i, container in enumerate((template.get("spec") or {}).get("containers") or []):
+        if not isinstance(container, dict) or container.get("name") != CONTAINER:
+            raise UserError(
+                f"{where}.spec.containers[{i}]: name it {CONTAINER!r}, the one container every vlmjobs pod runs"
+            )
 
 
 QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -152,6 +180,9 @@ def check_resources(stage: str, res: Resources) -> None:
         raise UserError(f"{where}: gpus must be 0 or more and nodes 1 or more (got gpus={res.gpus}, nodes={res.nodes})")
     if res.nodes > 1 and res.gpus < 1:
         raise UserError(f"{where}.nodes: {res.nodes} nodes need gpus of 1 or more per node")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", res.gpu_resource):
+        raise UserError(f"{where}.gpu_resource: {res.gpu_resource!r} is not an extended resource name "
+                        "(e.g. nvidia.com/gpu, or nvidia.com/mig-1g.10gb for a MIG slice)")
     if res.gpu_product is not None and not re.fullmatch(
         r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", res.gpu_product
     ):
@@ -256,7 +287,7 @@ def container_resources(res: Resources) -> dict:
     which would throttle the data workers; GPUs as a limit (an extended resource's request follows)."""
     limits = {"memory": res.memory}
     if res.gpus:
-        limits[GPU_RESOURCE] = str(res.gpus)
+        limits[res.gpu_resource] = str(res.gpus)
     return {"requests": {"cpu": res.cpu, "memory": res.memory}, "limits": limits}
 
 
@@ -273,9 +304,7 @@ def container_env(recipe: Recipe, stage: str, res: Resources) -> list[dict]:
         {"name": "HF_HOME", "value": hf_home(k.mount_path)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # log lines reach `kubectl logs` as they are printed
     ]
-    if k.hf_token_secret:
-        secret = {"name": k.hf_token_secret, "key": k.hf_token_key}
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": secret}})
+    env += token_env(recipe, stage)
     if res.gpus > 1 or res.nodes > 1:
         grace = max(k.termination_grace_period_seconds - AGENT_EXIT_MARGIN_S, 1)
         env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(grace)})
@@ -283,6 +312,23 @@ def container_env(recipe: Recipe, stage: str, res: Resources) -> list[dict]:
         index = {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
         env.append({"name": NODE_RANK_ENV, "valueFrom": {"fieldRef": index}})
     return env
+
+
+def token_env(recipe: Recipe, stage: str) -> list[dict]:
+    """HF_TOKEN where it is needed: the read token, optional (a run on public models needs no Secret, and a gated one
+    fails at its download with jobs.hub's message naming HF_TOKEN); the write token, required, only for a merge_push that
+    pushes."""
+    k = recipe.kubernetes
+    if stage == "merge_push" and recipe.merge_push.push:
+        name = k.hf_write_token_secret or k.hf_token_secret
+        if not name:
+            raise UserError("merge_push.push: pushing needs a write token; set kubernetes.hf_write_token_secret "
+                            "(or kubernetes.hf_token_secret) to the Secret that holds it")
+        return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": k.hf_token_key}}}]
+    if not k.hf_token_secret:
+        return []
+    secret = {"name": k.hf_token_secret, "key": k.hf_token_key, "optional": True}
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": secret}}]
 
 
 def volumes(recipe: Recipe, res: Resources) -> tuple[list[dict], list[dict]]:
@@ -295,13 +341,29 @@ def volumes(recipe: Recipe, res: Resources) -> tuple[list[dict], list[dict]]:
     return vols, mounts
 
 
-def scheduling(recipe: Recipe, res: Resources) -> dict:
-    """Where the pod may run: GPU pods on GPU nodes of the product asked for; CPU pods stay off them."""
+def scheduling(recipe: Recipe, res: Resources, *, training: bool = False) -> dict:
+    """Where the pod may run: GPU pods on GPU nodes of the product asked for; CPU pods stay off them. A training
+    stage stays off GPUs shared by time-slicing or MPS unless resources.shared_gpu (a node without the replicas label
+    shares nothing); any other stage takes the product whatever its sharing suffix."""
     k = recipe.kubernetes
     spec: dict = {}
     if res.gpus:
-        if res.gpu_product:
-            spec["nodeSelector"] = {GPU_PRODUCT_LABEL: res.gpu_product}
+        exclusive = training and not res.shared_gpu
+        if res.gpu_product and exclusive:
+            spec["nodeSelector"] = {GPU_PRODUCT_LABEL: res.gpu_product}  # the exact name: never ...-SHARED
+        if exclusive:
+            # terms are ORed, a term's expressions ANDed; Lt compares the label as an integer
+            terms = [[{"key": GPU_REPLICAS_LABEL, "operator": "DoesNotExist"}],
+                     [{"key": GPU_REPLICAS_LABEL, "operator": "Lt", "values": ["2"]}]]  # fmt: skip
+        elif res.gpu_product:
+            product = res.gpu_product.removesuffix(SHARED_SUFFIX)
+            products = [product, product + SHARED_SUFFIX]
+            terms = [[{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products}]]
+        else:
+            terms = []
+        if terms:
+            required = {"nodeSelectorTerms": [{"matchExpressions": term} for term in terms]}
+            spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
         spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     if k.priority_class:
         spec["priorityClassName"] = k.priority_class
@@ -372,7 +434,7 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
         "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": k.termination_grace_period_seconds,
         "automountServiceAccountToken": False,  # a stage never talks to the API server
-        **scheduling(resolved, res),
+        **scheduling(resolved, res, training=stage in TRAINING_STAGES),
     }
     if k.service_account:
         pod_spec["serviceAccountName"] = k.service_account
@@ -389,7 +451,7 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
     spec["activeDeadlineSeconds"] = k.active_deadline_seconds
     spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
     template_meta = {"labels": labels(resolved, stage), "annotations": {**k.pod_annotations, **meta["annotations"]}}
-    spec["template"] = {"metadata": template_meta, "spec": pod_spec}
+    spec["template"] = patched_template(k, {"metadata": template_meta, "spec": pod_spec})
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
@@ -444,12 +506,15 @@ def driver_job_spec(recipe: Recipe, image: str, *, dated: bool) -> tuple[dict, d
     resolved = cluster_recipe(recipe, image)
     k = resolved.kubernetes
     command = ["python", "-m", "launcher.cli", "pipeline"] + (["--dated"] if dated else [])
+    env = [{"name": n, "value": v} for n, v in stage_env(resolved).items()] + [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if dated:  # the night comes from the driver's Job (state.night_of), the same for every retry of its pod
+        job_name_label = {"fieldPath": f"metadata.labels['{JOB_NAME_LABEL}']"}
+        env.append({"name": DRIVER_JOB_ENV, "valueFrom": {"fieldRef": job_name_label}})
     container = {
         "name": CONTAINER,
         "image": image,
         "command": command,
-        "env": [{"name": n, "value": v} for n, v in stage_env(resolved).items()]
-        + [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "env": env,
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
         "securityContext": container_security_context(),
     }
@@ -468,11 +533,24 @@ def driver_job_spec(recipe: Recipe, image: str, *, dated: bool) -> tuple[dict, d
     policy = pod_failure_policy(resolved, ignore_disruptions=True)
     if policy:
         spec["podFailurePolicy"] = policy
-    spec["activeDeadlineSeconds"] = k.active_deadline_seconds * max(len(resolved.stages), 1)
+    if dated:  # a night ends before the next is due, which concurrencyPolicy Forbid would otherwise keep from starting
+        spec["activeDeadlineSeconds"] = round(k.nightly_deadline_hours * 3600)
+    else:
+        spec["activeDeadlineSeconds"] = k.active_deadline_seconds * max(len(resolved.stages), 1)
     spec["ttlSecondsAfterFinished"] = k.ttl_seconds_after_finished
     template_labels = labels(resolved, DRIVER)
-    spec["template"] = {"metadata": {"labels": template_labels}, "spec": pod_spec}
+    spec["template"] = patched_template(k, {"metadata": {"labels": template_labels}, "spec": pod_spec})
     return template_labels, spec
+
+
+def patched_template(k: Kubernetes, template: dict) -> dict:
+    """The pod template with kubernetes.pod_template applied last (launcher.patch: Kubernetes' strategic merge)."""
+    if not k.pod_template:
+        return template
+    try:
+        return strategic_merge(template, k.pod_template)
+    except ValueError as e:
+        raise UserError(f"kubernetes.pod_template: {e}") from None
 
 
 def render_driver_job(recipe: Recipe, image: str) -> dict:

@@ -6,8 +6,12 @@
     k8s/templates/hf-token-secret.yaml    the HF_TOKEN Secret's shape, with a placeholder value
     k8s/examples/kueue-localqueue.yaml    a Kueue LocalQueue, for clusters that queue with Kueue
 
-``make k8s-apply`` applies the first three and the nightly CronJob, which it renders from the
-recipe and the image (``vlmjobs cronjob``); templates/ and examples/ are applied by hand.
+    k8s/kustomization.yaml                the kustomize base: the first three, nothing else
+    k8s/nightly/kustomization.yaml        the nightly schedule, apart: cronjob.yaml, written by make nightly
+
+``make k8s-apply`` is ``kubectl apply -k k8s/``: the set-up, once per cluster; the Secret template is
+never part of it, so a real Secret survives it. ``make nightly`` renders the CronJob from the recipe
+and the image (``vlmjobs cronjob --out``) and applies k8s/nightly; examples/ are applied by hand.
 """
 
 from __future__ import annotations
@@ -42,6 +46,16 @@ def files(
             "# A user who submits from a laptop needs the same verbs in this namespace.\n",
             render.render_driver_rbac(k.namespace),
         ),
+        "kustomization.yaml": (
+            "# The set-up (make k8s-apply: kubectl apply -k k8s/). Only what is listed here is applied: never\n"
+            "# templates/ (a Secret applied from its template would overwrite the real token) nor the nightly CronJob.\n",
+            [kustomization(["namespace.yaml", "pvc.yaml", "rbac.yaml"])],
+        ),
+        "nightly/kustomization.yaml": (
+            "# The nightly schedule, apart from the set-up: `make nightly RECIPE=... SCHEDULE=...` writes cronjob.yaml\n"
+            "# (vlmjobs cronjob: the recipe, its image, the schedule; not committed) and applies this folder.\n",
+            [kustomization(["cronjob.yaml"])],
+        ),
         "templates/hf-token-secret.yaml": (
             "# The shape of the HF_TOKEN Secret the stage Jobs read (kubernetes.hf_token_secret/hf_token_key).\n"
             "# Do not fill in and commit this file; create the Secret from your shell instead:\n"
@@ -56,6 +70,10 @@ def files(
             [render.render_local_queue(k.namespace, k.queue or "vlmjobs", cluster_queue)],
         ),
     }
+
+
+def kustomization(resources: list[str]) -> dict:
+    return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": resources}
 
 
 def text(header: str, manifests: list[dict]) -> str:

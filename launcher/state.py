@@ -30,11 +30,13 @@ disruption restarts it without counting, anything else counts against ``backoff_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from jobs.contract import EXIT_USER_ERROR
-from launcher.render import COMPLETION_INDEX_ANNOTATION, CONTAINER
+from jobs.contract import EXIT_USER_ERROR, UserError
+from jobs.recipe import RECIPE_ENV, from_dict
+from launcher.render import ANNOTATION_FINGERPRINT, COMPLETION_INDEX_ANNOTATION, CONTAINER, CRONJOB_SCHEDULED_ANNOTATION
 
 # Waiting reasons of a container that will not start by itself; each reported once.
 STUCK_REASONS = (
@@ -251,6 +253,57 @@ def next_step(
     if failures < backoff_limit:
         return Step("restart", counted=True, why=f"failure {failures + 1} of at most {backoff_limit} retries")
     return Step("failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# A Job made from another recipe
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):  # an empty mapping adds no key: {} -> {lr: 1} differs in .lr alone
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def recipe_changes(job: dict, fingerprint: str, recipe: dict) -> list[str] | None:
+    """None when ``job`` was made from the recipe of ``fingerprint`` (render's annotation); else the dotted keys whose
+    values differ between the recipe the Job runs (its container's $VLMJOBS_RECIPE) and ``recipe`` (resolved alike)."""
+    annotations = job.get("metadata", {}).get("annotations") or {}
+    if annotations.get(ANNOTATION_FINGERPRINT, fingerprint) == fingerprint:
+        return None
+    containers = job.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or [{}]
+    text = next((e.get("value") for e in containers[0].get("env") or [] if e.get("name") == RECIPE_ENV), None)
+    if text is None:
+        return ["(the Job carries no recipe to compare)"]
+    old = json.loads(text)
+    try:  # a key added to the schema since the Job was made takes its default there too: not a change of recipe
+        old = from_dict(old, origin="the Job's recipe").to_dict()
+    except UserError:  # a key since removed: compared as it is
+        pass
+    old, new = _flat(old), _flat(recipe)
+    changes = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    return changes or None
+
+
+# ---------------------------------------------------------------------------------------------
+# The night a nightly driver runs for
+
+
+def night_of(job: dict | None, time_zone: str, now: datetime) -> str:
+    """YYYYMMDD of the night the driver's Job was scheduled for, the same for every pod the Job retries (a driver
+    restarted after midnight continues that night's run instead of starting a second pipeline): the CronJob
+    controller's ``batch.kubernetes.io/cronjob-scheduled-timestamp`` (RFC 3339 in the CronJob's time zone); a Job
+    made by hand (``kubectl create job --from=cronjob/...`` sets none) is dated by its creation in ``time_zone``;
+    with no Job (a driver outside the cluster), ``now``."""
+    from zoneinfo import ZoneInfo
+
+    meta = (job or {}).get("metadata", {})
+    scheduled = (meta.get("annotations") or {}).get(CRONJOB_SCHEDULED_ANNOTATION)
+    if scheduled:
+        return datetime.fromisoformat(scheduled).strftime("%Y%m%d")
+    created = meta.get("creationTimestamp")
+    moment = parse_time(created) if created else now
+    return moment.astimezone(ZoneInfo(time_zone)).strftime("%Y%m%d")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -355,7 +355,8 @@ SIM_STOP_EXIT_CODE = SIM + "stop-exit-code"  # its exit code then (default 143, 
 
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"  # =fake: the nodes kwok plays the kubelet of
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-# name, GPU product (None: a CPU node), GPUs, CPUs, memory: the products the shipped recipes ask for.
+# name, GPU product (None: a CPU node), GPUs, CPUs, memory: the products the shipped recipes ask for; then, on
+# some, the labels and extended resources NVIDIA's GPU feature discovery and device plugin add.
 NODES = (
     ("gpu-h100-0", "NVIDIA-H100-80GB-HBM3", 8, "192", "2Ti"),
     ("gpu-h100-1", "NVIDIA-H100-80GB-HBM3", 8, "192", "2Ti"),
@@ -364,6 +365,10 @@ NODES = (
     ("gpu-l4-1", "NVIDIA-L4", 4, "48", "192Gi"),
     ("cpu-0", None, 0, "32", "128Gi"),
     ("cpu-1", None, 0, "32", "128Gi"),
+    # 8 H100s time-sliced 4 ways (renameByDefault: the product gets -SHARED): 32 "GPUs", each a quarter of one
+    ("shared-h100-0", "NVIDIA-H100-80GB-HBM3-SHARED", 32, "192", "2Ti", {"nvidia.com/gpu.replicas": "4"}, {}),
+    # 8 A100s split by MIG under the mixed strategy: no whole GPU left, 7 slices of 1g.5gb each
+    ("mig-a100-0", "NVIDIA-A100-SXM4-40GB", 0, "96", "1Ti", {"nvidia.com/mig.strategy": "mixed"}, {"nvidia.com/mig-1g.5gb": "56"}),
 )
 STORAGE_CLASS = "vlmjobs-sim"  # the default class; kwok provisions its volumes as an external provisioner would
 POD_CIDR = "10.244.0.0/16"
@@ -371,9 +376,11 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"  # the first address of SERVICE_CIDR: the kubernetes Service
 
 
-def node_manifest(name: str, product: str | None, gpus: int, cpu: str, memory: str) -> dict:
-    labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64", "type": "kwok"}
-    capacity = {"cpu": cpu, "memory": memory, "pods": "110", "ephemeral-storage": "1Ti"}
+def node_manifest(name: str, product: str | None, gpus: int, cpu: str, memory: str, extra_labels: dict | None = None,
+                  extra_resources: dict | None = None) -> dict:
+    labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64", "type": "kwok",
+              **(extra_labels or {})}  # fmt: skip
+    capacity = {"cpu": cpu, "memory": memory, "pods": "110", "ephemeral-storage": "1Ti", **(extra_resources or {})}
     spec: dict = {}
     if product:
         labels[GPU_PRODUCT_LABEL] = product

@@ -118,11 +118,13 @@ def test_pipeline_in_the_driver_reads_the_recipe_from_its_environment(kubeconfig
     assert [r.body["metadata"]["name"] for r in server.calls("POST", "/jobs")] == ["llava-chartqa-prepare"]
 
 
-def test_the_nightly_cronjobs_command_runs_the_pipeline_on_the_run_id_dated_today(kubeconfig, server):
+def test_the_nightly_cronjobs_command_runs_the_pipeline_on_the_run_id_of_its_scheduled_night(kubeconfig, server):
     """Issue 26 (7): the CronJob's own container command and environment, run as the pod runs them (a process,
     through Fire), creates the night's Jobs under run.id-YYYYMMDD: undated, every night after the first would find
-    the first night's Jobs and skip every stage as done."""
-    import datetime
+    the first night's Jobs and skip every stage as done. Issue 22: the night is the one the CronJob controller
+    scheduled the driver's Job for (its annotation, in the CronJob's time zone), not the day the pod happens to
+    start: a driver pod retried after midnight continues that night's run. The Job's name reaches the pod through
+    the downward API, resolved here as the kubelet resolves it."""
     import os
     import subprocess
     import sys
@@ -130,18 +132,28 @@ def test_the_nightly_cronjobs_command_runs_the_pipeline_on_the_run_id_dated_toda
     from tests.conftest import subprocess_env
 
     cron = render.render_cronjob(make(SINGLE, stages=["prepare"]), IMAGE)
-    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    template = cron["spec"]["jobTemplate"]
+    container = template["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["python", "-m", "launcher.cli"]
-    env = subprocess_env(KUBECONFIG=os.environ["KUBECONFIG"], **{v["name"]: v["value"] for v in container["env"]})
+    # The Job the CronJob controller made for 23:59 in Los Angeles on 5 December 2026 (07:59 UTC on the 6th)
+    driver = {**template, "apiVersion": "batch/v1", "kind": "Job", "metadata": {
+        **template["metadata"], "name": "llava-chartqa-nightly-29416799", "namespace": "vlmjobs",
+        "annotations": {"batch.kubernetes.io/cronjob-scheduled-timestamp": "2026-12-05T23:59:00-08:00"}}}  # fmt: skip
+    server.add_job(driver, {"active": 1})
+    pod_labels = {**template["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": "llava-chartqa-nightly-29416799"}
+    values = {}
+    for v in container["env"]:
+        if "value" in v:
+            values[v["name"]] = v["value"]
+        else:  # metadata.labels['...']: the downward API
+            values[v["name"]] = pod_labels[v["valueFrom"]["fieldRef"]["fieldPath"].split("'")[1]]
+    env = subprocess_env(KUBECONFIG=os.environ["KUBECONFIG"], **values)
     env.pop("KUBERNETES_SERVICE_HOST", None)
-    days = {datetime.datetime.now(datetime.UTC).strftime("%Y%m%d")}
     done = subprocess.run([sys.executable, *container["command"][1:]], env=env, capture_output=True, text=True, timeout=120)
-    days.add(datetime.datetime.now(datetime.UTC).strftime("%Y%m%d"))  # a run across midnight may take either day
     assert done.returncode == 0, done.stderr
     (created,) = [request.body["metadata"] for request in server.calls("POST", "/jobs")]
-    run_id = created["labels"]["app.kubernetes.io/instance"]
-    assert run_id in {f"llava-chartqa-{day}" for day in days} and created["name"] == f"{run_id}-prepare"
-    assert f"==> pipeline done: prepare of run {run_id} in " in done.stdout
+    assert created["name"] == "llava-chartqa-20261205-prepare"
+    assert "==> pipeline done: prepare of run llava-chartqa-20261205 in " in done.stdout
 
 
 def test_status_lists_the_runs_jobs(kubeconfig, server, recipe_file, capsys):

@@ -1,0 +1,224 @@
+"""Nightly operations on the real control plane (issue 22): the CronJob controller and the Job controller of
+Kubernetes 1.34, kubectl's kustomize, Pod Security admission and the scheduler, with kwok as the kubelet
+(tests/simcluster.py). kwok runs no container: what a driver pod would run, the test runs with that pod's
+credentials and environment (its downward API resolved as the kubelet resolves it). Few tests, each showing
+several things, since the control plane is slow on a shared machine."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import recipe as recipes
+from jobs.recipe import RECIPE_ENV, Kubernetes
+from launcher import chain, cli, kube, render, setup
+from tests.launcher.conftest import IMAGE, SINGLE, make
+from tests.launcher.test_nightly import PLATFORM
+from tests.simcluster import SIM_RUN_SECONDS, wait_for
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+SCHEDULED = "batch.kubernetes.io/cronjob-scheduled-timestamp"  # the CronJob controller's (cronjob/utils.go)
+
+
+def sim(namespace: str, **overrides) -> recipes.Recipe:
+    return make(SINGLE, **{
+        "kubernetes.namespace": namespace, "kubernetes.priority_class": None, "kubernetes.queue": None,
+        "kubernetes.image_pull_secrets": [], "kubernetes.pod_annotations": {SIM_RUN_SECONDS: "1"}, **overrides,
+    })  # fmt: skip
+
+
+def connect(real_cluster, namespace: str, kubeconfig: Path | None = None) -> kube.Cluster:
+    lines: list[str] = []
+    c = kube.Cluster(real_cluster.api_client(kubeconfig), namespace, out=lines.append, poll_s=0.3, log_drain_s=1,
+                     pods_gone_timeout_s=60)  # fmt: skip
+    c.lines = lines
+    return c
+
+
+def running_pods(c: kube.Cluster, job: str) -> list[dict]:
+    return [p for p in c.list_pods(job) if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+
+
+def downward_env(container: dict, pod: dict) -> dict[str, str]:
+    """The container's environment as the kubelet gives it: values, and metadata.labels['...'] of the pod."""
+    values = {}
+    for v in container["env"]:
+        if "value" in v:
+            values[v["name"]] = v["value"]
+        else:
+            values[v["name"]] = pod["metadata"]["labels"][v["valueFrom"]["fieldRef"]["fieldPath"].split("'")[1]]
+    return values
+
+
+def test_a_nightly_driver_pod_retried_after_midnight_continues_its_nights_run(real_cluster, real_namespace, tmp_path,
+                                                                              monkeypatch, capsys):  # fmt: skip
+    """The CronJob controller's Job carries the scheduled time; a Job of last night (made as the controller makes it,
+    annotation included, with kubectl create job --from) has its driver pod deleted today; the retried pod, run with
+    its downward-API environment and the driver's ServiceAccount token, continues last night's run id and creates
+    no second pipeline."""
+    from kubernetes import client
+
+    ns = real_namespace
+    recipe = sim(ns, stages=["prepare"], **{"kubernetes.nightly_schedule": "* * * * *"})
+    admin = connect(real_cluster, ns)
+    batch = client.BatchV1Api(admin.api)
+    nightly = render.cronjob_name(recipe)
+    cron = render.render_cronjob(recipe, IMAGE)
+    # the simulated driver container runs until deleted (kwok's exit after run-seconds), as a driver following stages does
+    cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["annotations"] = {SIM_RUN_SECONDS: "600"}
+    batch.create_namespaced_cron_job(ns, cron)
+    last = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=2)
+    batch.patch_namespaced_cron_job_status(
+        nightly, ns, {"status": {"lastScheduleTime": last.strftime("%Y-%m-%dT%H:%M:%SZ")}},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
+
+    def started() -> list[dict]:
+        return [j for j in admin.list_jobs(render.selector(recipe.run_id, render.DRIVER))
+                if j["metadata"].get("ownerReferences", [{}])[0].get("name") == nightly]  # fmt: skip
+
+    (by_controller,) = wait_for("a Job of the CronJob", started, timeout=60)
+    batch.patch_namespaced_cron_job(nightly, ns, {"spec": {"suspend": True}})  # one start is all this test needs
+    scheduled = by_controller["metadata"]["annotations"][SCHEDULED]
+    minutes = int(by_controller["metadata"]["name"].removeprefix(f"{nightly}-"))  # the controller's name: the same time
+    assert datetime.fromisoformat(scheduled).timestamp() == minutes * 60
+    assert by_controller["spec"]["activeDeadlineSeconds"] == 22 * 3600
+
+    # Last night's Job, 23:59 UTC yesterday, as the controller would have made it
+    yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).replace(hour=23, minute=59, second=0, microsecond=0)
+    name = f"{nightly}-{int(yesterday.timestamp()) // 60}"
+    made = real_cluster.kubectl_run("-n", ns, "create", "job", name, f"--from=cronjob/{nightly}", "--dry-run=client", "-o", "json")
+    last_night = json.loads(made.stdout)
+    last_night["metadata"]["annotations"][SCHEDULED] = yesterday.strftime("%Y-%m-%dT%H:%M:%SZ")
+    real_cluster.kubectl_run("apply", "-f", "-", stdin=json.dumps(last_night))
+
+    driver_token = real_cluster.token_kubeconfig(ns, render.DRIVER_SERVICE_ACCOUNT, tmp_path / "driver-kubeconfig")
+    container = last_night["spec"]["template"]["spec"]["containers"][0]
+    runs = []
+    for attempt in ("first pod", "pod retried after the first was deleted"):
+        (pod,) = wait_for(f"the driver's {attempt} running", lambda: running_pods(admin, name), timeout=90)
+        for key, value in downward_env(container, pod).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("KUBECONFIG", str(driver_token))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        cli.pipeline(dated=True, logs=False)  # the pod's command, `vlmjobs pipeline --dated`, its recipe from its env
+        runs.append((pod["metadata"]["name"], capsys.readouterr().out.splitlines()))
+        admin.core.delete_namespaced_pod(pod["metadata"]["name"], ns)  # the driver pod lost: the Job makes another
+
+    (first_pod, first_lines), (second_pod, second_lines) = runs
+    run = f"{recipe.run_id}-{yesterday:%Y%m%d}"  # last night's run, though the day changed
+    assert first_pod != second_pod
+    assert first_lines[0] == f"==> prepare: created Job {ns}/{run}-prepare"
+    assert second_lines[0] == f"==> prepare: Job {ns}/{run}-prepare already exists: Complete"
+    assert second_lines[-1].startswith(f"==> pipeline done: prepare of run {run} in ")
+    stage_jobs = [j["metadata"]["name"] for j in admin.list_jobs(render.selector()) if
+                  j["metadata"]["labels"][render.LABEL_COMPONENT] != render.DRIVER]  # fmt: skip
+    assert stage_jobs == [f"{run}-prepare"], "one pipeline"
+
+
+def test_the_kustomize_base_applies_twice_cleanly_keeps_a_real_secret_and_installs_no_cronjob(real_cluster, tmp_path):
+    namespace = f"k-{uuid.uuid4().hex[:8]}"
+    base = tmp_path / "k8s"
+    setup.write(base, Kubernetes(namespace=namespace), size="1Ti", access_mode="ReadWriteOnce", storage_class=None,
+                cluster_queue="cq")  # fmt: skip
+    kubectl = real_cluster.kubectl_run
+    for folder in (ROOT / "k8s", base):  # the committed base, and this test's copy of it in a namespace of its own
+        kinds = [doc["kind"] for doc in yaml.safe_load_all(kubectl("kustomize", str(folder)).stdout)]
+        assert sorted(kinds) == ["Namespace", "PersistentVolumeClaim", "Role", "RoleBinding", "ServiceAccount"]
+    try:
+        first = kubectl("apply", "-k", str(base), check=False)
+        assert first.returncode == 0, first.stderr
+        kubectl("-n", namespace, "create", "secret", "generic", "hf-token", "--from-literal=token=hf_real_token")
+        dry = kubectl("apply", "-k", str(base), "--dry-run=server", "--validate=strict", check=False)
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.count("(server dry run)") == 5
+        again = kubectl("apply", "-k", str(base), check=False)
+        assert again.returncode == 0 and again.stderr == "", again.stderr
+        assert [line.rsplit(" ", 1)[1] for line in again.stdout.splitlines()] == ["unchanged"] * 5
+        token = kubectl("-n", namespace, "get", "secret", "hf-token", "-o", "jsonpath={.data.token}").stdout
+        assert token == "aGZfcmVhbF90b2tlbg==", "the real token survives (base64 of hf_real_token)"
+        assert kubectl("-n", namespace, "get", "cronjobs", "-o", "name").stdout == "", "make k8s-apply schedules nothing"
+        # make nightly: the CronJob apart, from the recipe
+        recipe_file = tmp_path / "recipe.yaml"
+        recipe_file.write_text(yaml.safe_dump(SINGLE))
+        cli.cronjob(str(recipe_file), out=str(base / "nightly" / "cronjob.yaml"), **{
+            "kubernetes.namespace": namespace, "kubernetes.nightly_schedule": "30 1 * * *"})  # fmt: skip
+        scheduled = kubectl("apply", "-k", str(base / "nightly"), check=False)
+        assert scheduled.returncode == 0, scheduled.stderr
+        cronjob = json.loads(kubectl("-n", namespace, "get", "cronjobs", "-o", "json").stdout)["items"]
+        assert [(c["spec"]["schedule"], c["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"])
+                for c in cronjob] == [("30 1 * * *", IMAGE)]  # fmt: skip
+    finally:
+        real_cluster.delete_namespace(namespace)
+
+
+def pod_of(job: dict, namespace: str) -> dict:
+    template = job["spec"]["template"]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {**template["metadata"], "name": f"dry-{uuid.uuid4().hex[:6]}",
+            "namespace": namespace}, "spec": template["spec"]}  # fmt: skip
+
+
+def test_pod_template_is_kubernetes_strategic_merge_admitted_as_restricted_and_gpus_are_shared_only_where_allowed(
+    real_cluster, real_namespace, tmp_path
+):
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    ns = real_namespace
+    core = client.CoreV1Api(real_cluster.api_client())
+    plain = render.render_job(sim(ns), "sft", IMAGE)
+    (tmp_path / "pod.json").write_text(json.dumps(pod_of(plain, ns)))
+    reordering = {"spec": {"containers": [{"name": "stage", "env": [
+        {"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "PYTHONUNBUFFERED", "value": "0"},
+        {"name": "HF_HOME", "$patch": "delete"}, {"name": "NCCL_IB_HCA", "value": "mlx5"}]}],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}, {"name": "rdma", "emptyDir": {}}],
+        "nodeSelector": {"pool": "rdma"}}}  # fmt: skip
+    for patch in (PLATFORM, reordering):
+        # kubectl's own strategic merge (the Go library, on the Pod's struct tags) is the oracle for launcher.patch
+        theirs = json.loads(real_cluster.kubectl_run("patch", "--local", "-f", str(tmp_path / "pod.json"),
+                                                     "--type=strategic", "-p", json.dumps(patch), "-o", "json").stdout)  # fmt: skip
+        ours = pod_of(render.render_job(sim(ns, **{"kubernetes.pod_template": patch}), "sft", IMAGE), ns)
+        for pod in (theirs, ours):
+            for variable in pod["spec"]["containers"][0]["env"]:  # the recipe a pod carries holds the patch, in ours only
+                if variable["name"] == RECIPE_ENV:
+                    variable["value"] = "the recipe"
+        assert theirs["spec"] == ours["spec"]
+        assert theirs["metadata"]["labels"] == ours["metadata"]["labels"]
+    # admitted under the namespace's restricted Pod Security (enforced on pods, so a pod is what is dry-run)
+    core.create_namespaced_pod(ns, ours, dry_run="All")
+    risky = sim(ns, **{"kubernetes.pod_template": {"spec": {"hostNetwork": True}}})
+    with pytest.raises(ApiException) as refused:
+        core.create_namespaced_pod(ns, pod_of(render.render_job(risky, "sft", IMAGE), ns), dry_run="All")
+    assert 'violates PodSecurity "restricted:latest": host namespaces (hostNetwork=true)' in json.loads(refused.value.body)["message"]
+
+    # 12 H100s: only the time-sliced node has that many; sft may not use it, evaluate may; a MIG slice finds the MIG node
+    c = connect(real_cluster, ns)
+    twelve = {"gpus": 12, "gpu_product": "NVIDIA-H100-80GB-HBM3"}
+    waiting = sim(ns, stages=["prepare", "sft", "evaluate"], **{"resources": {**SINGLE["resources"], **twelve},
+                                                     "kubernetes.pod_annotations": {SIM_RUN_SECONDS: "600"}})  # fmt: skip
+    mig = sim(ns, stages=["prepare", "evaluate"], **{"run.id": "mig", "kubernetes.pod_annotations": {SIM_RUN_SECONDS: "600"},
+                                          "evaluate.resources": {"gpu_resource": "nvidia.com/mig-1g.5gb", "gpu_product": None}})  # fmt: skip
+    for r, stage in ((waiting, "sft"), (waiting, "evaluate"), (mig, "evaluate")):
+        chain.run_stage(c, r, stage, IMAGE, follow=False)
+
+    def placed(job: str):
+        pods = c.list_pods(job)
+        if pods and pods[0]["spec"].get("nodeName"):
+            return pods[0]["spec"]["nodeName"]
+        unscheduled = [cond for p in pods for cond in p["status"].get("conditions") or []
+                       if cond["type"] == "PodScheduled" and cond["status"] == "False"]  # fmt: skip
+        return unscheduled and unscheduled[0]["message"]
+
+    assert wait_for("evaluate placed", lambda: placed(render.job_name(waiting, "evaluate"))) == "shared-h100-0"
+    assert wait_for("the MIG slice placed", lambda: placed(render.job_name(mig, "evaluate"))) == "mig-a100-0"
+    refused_sft = wait_for("sft judged by the scheduler", lambda: placed(render.job_name(waiting, "sft")))
+    # not placed: the one node with 12 free GPUs does not match a training stage's node affinity/selector
+    assert refused_sft.startswith("0/") and "didn't match Pod's node affinity/selector" in refused_sft, refused_sft
+    for r, stage in ((waiting, "sft"), (waiting, "evaluate"), (mig, "evaluate")):
+        c.delete_job(render.job_name(r, stage))
