@@ -28,10 +28,13 @@ def _images(rows: list[dict]):
 
 
 def prompt_inputs(processor, texts: list[str], rows: list[dict]):
-    """Rendered prompts with their rows' images, left-padded: ids and image inputs as TRL's collators build them
-    (add_special_tokens=False; the rendering processor's template wrote the BOS)."""
+    """Rendered prompts with their rows' images and videos' stored frames, left-padded: ids, image and video inputs as
+    SFT's collator builds them (add_special_tokens=False; the rendering processor's template wrote the BOS)."""
+    from jobs.video import processor_inputs
+
     return processor(
-        text=texts, images=_images(rows), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False
+        text=texts, images=_images(rows), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False,
+        **processor_inputs(rows),
     )
 
 

@@ -1,4 +1,4 @@
-"""Video rows: the frames prepare keeps of a video file, and SFT's collator feeding them to the processor.
+"""Video rows: the frames prepare keeps of a video file, and how SFT's collator and evaluate hand them to the processor.
 
 Prepare decodes each video with transformers' own loader (``video_utils.load_video``, backend PyAV, whose wheel
 bundles FFmpeg) and keeps only the frames the family's video processor would sample (its ``sample_frames``: its own
@@ -9,7 +9,8 @@ frame count and the sampled indices), which the processor reads to space the fra
 ``second_per_grid_ts``).
 
 TRL 1.16's vision collator reads ``images`` only; ``WithVideos`` hands the stored frames to the processor call that
-encodes the prompts, with ``do_sample_frames=False``: they are sampled already.
+encodes the prompts, with ``do_sample_frames=False``: they are sampled already. Evaluate's generation passes the same
+(``processor_inputs``, from jobs.inference).
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ def shrink_frame(frame, video_processor):
     return image.resize((width, height))
 
 
+def processor_inputs(rows: list[dict]) -> dict:
+    """The processor's video arguments for these rows' stored frames, in row order (none for rows without video): the
+    frames with where they came from (the processor spaces them in time from it), already sampled. SFT's collator and
+    evaluate's generation (jobs.inference) both encode video rows with these."""
+    videos, metadata = [], []
+    for row in rows:
+        videos += [[frame.convert("RGB") for frame in frames] for frames in row.get("videos") or []]
+        metadata += row.get("video_metadata") or []
+    return {"videos": videos, "video_metadata": metadata, "do_sample_frames": False} if videos else {}
+
+
 class WithVideos:
     """SFT's collator with video rows: TRL's vision collator, whose prompt encoding is given each row's stored frames.
 
@@ -103,26 +115,23 @@ class WithVideos:
         collator.processor = self.processor
 
     def __call__(self, examples: list[dict]) -> dict:
-        videos, metadata = [], []
-        for example in examples:
-            videos += [[frame.convert("RGB") for frame in frames] for frames in example.pop("videos")]
-            metadata += example.pop("video_metadata")
-        self.processor.pending = (videos, metadata)
+        self.processor.pending = processor_inputs(examples)
+        for example in examples:  # TRL's collator would take them for columns of its own
+            example.pop("videos", None), example.pop("video_metadata", None)
         try:
             return self.collator(examples)
         finally:
-            self.processor.pending = ([], [])
+            self.processor.pending = {}
 
 
 class _AddingVideos:
     def __init__(self, processor):
-        self._processor, self.pending = processor, ([], [])
+        self._processor, self.pending = processor, {}
 
     def __getattr__(self, name):
         return getattr(self._processor, name)
 
     def __call__(self, *args, **kwargs):
-        videos, metadata = self.pending
-        if videos and "images" in kwargs:  # the prompts' call; the answers' passes text alone
-            kwargs |= {"videos": videos, "video_metadata": metadata, "do_sample_frames": False}
+        if self.pending and "images" in kwargs:  # the prompts' call; the answers' passes text alone
+            kwargs |= self.pending
         return self._processor(*args, **kwargs)

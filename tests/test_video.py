@@ -164,6 +164,89 @@ def test_the_parity_check_fails_when_prepare_drops_frames(qwen, source_rows):
         assert_card_parity(batch, source_rows, processor, family, model)
 
 
+def generation_inputs(model, processor, family, rows: list[dict], batch_size: int):
+    """What evaluate's generation feeds the model for these prepared rows: the processor's inputs of each batch
+    (jobs.inference.prompt_inputs) and the position ids the decoder got at the prefill (the 3-D rotary ones that
+    generate computes from them)."""
+    from jobs import inference
+
+    encoded, positions, prompts = [], [], inference.prompt_inputs
+    decoder = model.model.language_model
+    forward = decoder.forward
+
+    def record_inputs(*args, **kwargs):
+        encoded.append(prompts(*args, **kwargs))
+        return encoded[-1]
+
+    def record_positions(*args, **kwargs):
+        if kwargs["past_key_values"] is None or kwargs["past_key_values"].get_seq_length() == 0:  # the prefill
+            positions.append(kwargs["position_ids"][-3:])  # generate puts the text positions first: [4, batch, length]
+        return forward(*args, **kwargs)
+
+    decoder.forward = record_positions
+    inference.prompt_inputs = record_inputs
+    try:
+        answers = inference.generate_answers(model, family.rendering_processor(processor), rows, max_new_tokens=2,
+                                             batch_size=batch_size, stop_token_ids=[])
+    finally:
+        inference.prompt_inputs, decoder.forward = prompts, forward
+    assert len(answers) == len(rows)
+    return encoded, positions
+
+
+def assert_generation_parity(encoded, positions, rows, processor, family, model):
+    """Each left-padded prompt is the card's for its row, the batch's video tensors are the card's row after row, and
+    the decoder's rotary positions over each prompt are the ones the model computes for the card's encoding alone."""
+    i = 0
+    for batch, position in zip(encoded, positions):
+        videos, grids, seconds = [], [], []
+        for b in range(len(batch["input_ids"])):
+            card_inputs, _ = card(processor, family, rows[i])
+            prompt = card_inputs["input_ids"][0].tolist()
+            length = int(batch["attention_mask"][b].sum())
+            assert batch["input_ids"][b, -length:].tolist() == prompt, f"row {i}: ids"
+            if "pixel_values_videos" in card_inputs:
+                videos.append(card_inputs["pixel_values_videos"]), grids.append(card_inputs["video_grid_thw"])
+                seconds += card_inputs.get("second_per_grid_ts", torch.tensor([])).tolist()
+            theirs, _ = model.model.get_rope_index(card_inputs["input_ids"], card_inputs["mm_token_type_ids"],
+                                                   video_grid_thw=card_inputs.get("video_grid_thw"),
+                                                   second_per_grid_ts=card_inputs.get("second_per_grid_ts"))
+            assert torch.equal(position[:, b, -length:], theirs[:, 0]), f"row {i}: rotary positions"
+            i += 1
+        if videos:
+            assert torch.equal(batch["video_grid_thw"], torch.cat(grids)), "video_grid_thw"
+            assert torch.equal(batch["pixel_values_videos"], torch.cat(videos)), "pixel_values_videos"
+        if seconds:  # Qwen2.5-VL's; Qwen3-VL's processor writes each frame's time into the text instead
+            assert batch["second_per_grid_ts"].tolist() == seconds, "second_per_grid_ts"
+    assert i == len(rows)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_evaluate_generates_from_what_each_video_familys_card_gives_for_videos(name, tiny_model, source_rows):
+    """Evaluate's generation on video rows, in batches that mix one video, two and none: the prompt ids, video tensors
+    and the decoder's 3-D rotary positions are the card's for each row."""
+    folder, processor, family = load(tiny_model, name)
+    prepared, _ = prepare(source_rows, processor, family)
+    model = model_of(folder, family)
+    rows = [dict(row) for row in prepared]
+    encoded, positions = generation_inputs(model, processor, family, rows, batch_size=2)
+    assert len(encoded) == len(positions) == 2
+    assert_generation_parity(encoded, positions, source_rows, processor, family, model)
+
+
+def test_the_generation_parity_check_fails_when_prepare_drops_frames(qwen, source_rows):
+    """Evaluate given a video with two frames fewer (as a prepare that dropped them would store it) is caught."""
+    folder, processor, family = qwen
+    prepared, _ = prepare(source_rows, processor, family)
+    rows = [dict(row) for row in prepared]
+    rows[1]["videos"] = [rows[1]["videos"][0], rows[1]["videos"][1][:-2]]
+    rows[1]["video_metadata"][1]["frames_indices"] = rows[1]["video_metadata"][1]["frames_indices"][:-2]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)
+    encoded, positions = generation_inputs(model, processor, family, rows, batch_size=3)
+    with pytest.raises(AssertionError, match="row 1: ids"):
+        assert_generation_parity(encoded, positions, source_rows, processor, family, model)
+
+
 def test_bad_video_rows_are_counted_drops_with_their_reason(qwen, source_rows, tmp_path):
     _, processor, family = qwen
     broken = tmp_path / "broken.mp4"
@@ -202,22 +285,29 @@ def test_frames_over_the_video_budget_are_shrunk_at_prepare_to_the_grid_the_card
 
 
 @pytest.mark.slow
-def test_prepare_and_sft_stages_train_qwen2_5_vl_on_video_rows_and_evaluate_refuses_them(qwen, source_rows, tmp_path, monkeypatch):
-    """The stages as a recipe runs them: a local source of video rows (paths relative to its folder), one SFT step."""
+def test_prepare_sft_and_evaluate_stages_train_and_score_qwen2_5_vl_on_video_rows(qwen, source_rows, tmp_path, monkeypatch):
+    """The stages as a recipe runs them: a local source of video rows (paths relative to its folder), one SFT step, then
+    evaluate generating answers to held-out video rows and scoring them."""
     import json
 
     from tests.conftest import recipe_file, run_stages
 
     folder = tmp_path / "videos"
     folder.mkdir()
-    lines = []
-    for i in range(8):
-        row = copy.deepcopy(source_rows[i % 3])
-        for j, path in enumerate(row["videos"]):
-            (folder / f"{i}-{j}.mp4").write_bytes(open(path, "rb").read())
-        row["videos"] = [f"{i}-{j}.mp4" for j in range(len(row["videos"]))]
-        lines.append(json.dumps(row))
-    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+    def write_rows(split: str, picks: list[int]):
+        lines = []
+        for i, k in enumerate(picks):
+            row = copy.deepcopy(source_rows[k])
+            names = [f"{split[:2]}{i}-{j}.mp4" for j in range(len(row["videos"]))]  # no split name: datasets would read it
+            for name, path in zip(names, row["videos"]):
+                (folder / name).write_bytes(open(path, "rb").read())
+            row["videos"] = names
+            lines.append(json.dumps(row))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+    write_rows("train", [i % 3 for i in range(8)])
+    write_rows("test", [1, 2, 0])  # two videos, none, one: evaluate's batches of 2 mix them
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
     seen = []  # the video grids the model encoded (TRL's fused LM head replaces the outer class's forward)
@@ -228,22 +318,31 @@ def test_prepare_and_sft_stages_train_qwen2_5_vl_on_video_rows_and_evaluate_refu
         return encode(self, pixel_values_videos, video_grid_thw, **kwargs)
 
     monkeypatch.setattr(Qwen2_5_VLModel, "get_video_features", spy)
-    path = recipe_file(tmp_path, qwen[0], {"chartqa": folder, "rlaif-v": folder}, family="qwen2_5_vl", data={"sft": {"path": str(folder), "format": "video-messages"}},
-                       sft={"method": "full", "args": {"max_steps": 1, "per_device_train_batch_size": 6, "logging_steps": 1,
-                                                        "report_to": "none", "save_strategy": "no", "eval_strategy": "no"}})
+    path = recipe_file(tmp_path, qwen[0], {"chartqa": folder, "rlaif-v": folder}, family="qwen2_5_vl",
+                       data={"sft": {"path": str(folder), "format": "video-messages", "test_split": "test"}},
+                       stages=["prepare", "sft", "evaluate"],
+                       sft={"method": "full", "args": {"max_steps": 1, "per_device_train_batch_size": 7, "logging_steps": 1,
+                                                        "report_to": "none", "save_strategy": "no", "eval_strategy": "no"}},
+                       evaluate={"variants": ["sft"], "max_new_tokens": 2, "batch_size": 2})
     recipe = run_stages(path, "prepare", "sft")
     done = json.loads((recipe.run_dir / "sft" / "_SUCCESS.json").read_text())
-    assert done["rows"]["train"] == 6
-    # the training step's batch held the videos of its six rows, at the grids the card gives each
+    assert done["rows"]["train"] == 7
+    # the training step's batch held the videos of its seven rows, at the grids the card gives each
     from datasets import load_from_disk
 
     answers = [row["messages"][-1]["content"][0]["text"] for row in source_rows]
     trained = [answers.index(row[0]["content"][0]["text"]) for row in load_from_disk(recipe.run_dir / "prepare" / "sft" / "train")["completion"]]
-    expected = [grid for k in trained if source_rows[k]["videos"] for grid in card(qwen[1], qwen[2], source_rows[k])[0]["video_grid_thw"].tolist()]
-    assert sorted(seen[0]) == sorted(expected)
-    # evaluate scores no video yet: one line, not a traceback from the processor
-    with pytest.raises(UserError, match=r"evaluate: data.sft \(.*\) has video rows, which evaluate does not score yet"):
-        run_stages(path, "evaluate")
+    grids = [[grid for grid in card(qwen[1], qwen[2], source_rows[k])[0]["video_grid_thw"].tolist()] if source_rows[k]["videos"] else []
+             for k in range(3)]
+    assert sorted(seen[0]) == sorted(grid for k in trained for grid in grids[k])
+    # evaluate answers the three test rows in two batches, each with its videos at the card's grids, and scores them
+    seen.clear()
+    run_stages(path, "evaluate")
+    assert seen[:2] == [grids[1] + grids[2], grids[0]]  # the prefill of each batch (generate encodes videos once)
+    report = json.loads((recipe.run_dir / "evaluate" / "report.json").read_text())
+    assert report["variants"]["sft"]["counts"]["accuracy"] == 3
+    predictions = [json.loads(line) for line in (recipe.run_dir / "evaluate" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["gold"] for p in predictions] == [[answers[k]] for k in (1, 2, 0)]
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
