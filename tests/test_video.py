@@ -424,3 +424,22 @@ def test_a_video_fps_of_zero_is_refused_by_the_recipe(tmp_path):
     path = recipe_file(tmp_path, tmp_path, {"chartqa": tmp_path, "rlaif-v": tmp_path}, prepare={"video_fps": 0})
     with pytest.raises(UserError, match=r"prepare.video_fps: must be above 0"):
         recipes.load(path)
+
+
+def test_dpo_on_video_rows_is_refused_in_one_line_with_the_reason(tmp_path):
+    """TRL 1.16's DPOTrainer cannot carry videos (it keeps the image columns of vision data and its collator hands the
+    processor images alone): a recipe asking for it is refused by validation, a preference row holding a video is a
+    counted drop naming why."""
+    from jobs import formats
+    from jobs import recipe as recipes
+    from tests.conftest import recipe_file
+
+    path = recipe_file(tmp_path, tmp_path, {"chartqa": tmp_path, "rlaif-v": tmp_path},
+                       data={"dpo": {"path": str(tmp_path), "format": "video-messages"}})
+    with pytest.raises(UserError, match=r"data.dpo.format: 'video-messages' holds video rows; DPO takes no videos: TRL 1.16's "
+                                        r"DPOTrainer keeps only the image columns of vision data"):
+        recipes.load(path)
+    row = {"images": [], "prompt": [turn("user", "video", "What moves?")], "chosen": [turn("assistant", "A square.")],
+           "rejected": [turn("assistant", "Nothing.")]}
+    with pytest.raises(formats.Drop, match=r"^a video in the prompt: DPO takes no videos"):
+        formats.preference_messages(row, None)
