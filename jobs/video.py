@@ -122,8 +122,8 @@ def encode(processor, videos: list[tuple[list, list]], *, text: list[str], image
     ``row_videos``), each row encoded alone and the rows joined as the processor joins a batch: per-token outputs padded
     on ``padding_side``, the others (pixels, grids, times) one row's after another's, each padded to the largest
     (SmolVLM2's videos with empty frames, which its model drops). Alone, because transformers 5.23's SmolVLMProcessor
-    gives every video of a batch the batch's longest frame count (its prompt says "six frames" of a video of three, and
-    shows three empty ones); a row encoded alone is what the card gives it. The frames are sampled already
+    gives every video of a batch the batch's longest frame count (its prompt said "three frames" of a video of two, and
+    showed an empty one); a row encoded alone is what the card gives it. The frames are sampled already
     (do_sample_frames=False): the processor spaces them in time from their metadata."""
     import torch
     from transformers import BatchFeature
