@@ -203,7 +203,8 @@ def _features(kind: str, videos: bool = False):
         columns |= {"completion": message, "answers": List(Value("string"))}
     else:
         columns |= {"chosen": message, "rejected": message}
-    if videos:  # each video's kept frames, and the file's fps, frame count and the indices kept (jobs.video)
-        metadata = {"fps": Value("float64"), "total_num_frames": Value("int64"), "frames_indices": List(Value("int64"))}
+    if videos:  # each video's kept frames, and the file's fps, frame count, duration and the indices kept (jobs.video)
+        metadata = {"fps": Value("float64"), "total_num_frames": Value("int64"), "frames_indices": List(Value("int64")),
+                    "duration": Value("float64")}
         columns |= {"videos": List(List(Image())), "video_metadata": List(metadata)}
     return Features({**columns, DROP: Value("string")})

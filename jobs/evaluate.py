@@ -100,9 +100,6 @@ def test_sets(cfg, prepared, processor, *, scratch=None) -> tuple[dict[str, list
     family = get_family(cfg.model.family)
     tests = {kind: _sample(load_from_disk(prepared / kind / "test"), cfg.evaluate.max_samples)
              for kind in ("sft", "dpo") if (prepared / kind).is_dir()}
-    if "sft" in tests and "videos" in tests["sft"].column_names and any(tests["sft"]["videos"]):  # generation is given images only (jobs.inference)
-        raise contract.UserError(f"evaluate: data.sft ({cfg.data.sft.path}) has video rows, which evaluate does not score "
-                                 "yet; leave evaluate out of the recipe's stages")
     # Answers read as they were trained on: closed as the family closes them, log-likelihoods' answers and the earlier
     # answers of a multi-turn prompt alike
     closed = {kind: family.close_answers(rows, processor, scratch=scratch).select_columns(

@@ -56,6 +56,13 @@ SYSTEM_INTO_FIRST_TURN = (
     "{%- endif -%}"
 )
 
+# Whether the conversation holds a video part: has_video.found (Family.video_template_swapped)
+VIDEO_FOUND = (
+    "{% set has_video = namespace(found=false) %}{% for message in messages if message['content'] is not string %}"
+    "{% for part in message['content'] if part['type'] == 'video' %}{% set has_video.found = true %}{% endfor %}"
+    "{% endfor %}"
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -76,6 +83,9 @@ class Family:
     shared_prefix_unsupported: str | None = None  # why DPO cannot score a pair's answers off one prompt (jobs.shared_prefix)
     multi_turn_unsupported: str | None = None  # why a conversation with earlier answers cannot be trained on (jobs.turns)
     takes_video: bool = False  # video rows (format video-messages) are trained on; for the others they are drops
+    # The processor renders a conversation holding a video with transformers' own template, whatever its own
+    # (SmolVLMProcessor.apply_chat_template: SmolVLM2's template has no video branch); the stages render it so too
+    video_template_swapped: bool = False
     max_images: int | None = None  # images a conversation may hold; prepare drops a row with more, counted
     # The checkpoint's template refuses a system message in a conversation with images; the stages then render the system
     # text at the head of the first user turn (rendering_processor), as Gemma 3's template does with its system message
@@ -163,14 +173,24 @@ class Family:
         is the answer and the end token the model must learn to emit, not the separator the template puts after it.
         The processor saved beside a model keeps the checkpoint's own template: its users add BOS the card's way."""
         import copy
+        from functools import partial
 
         rendering = copy.copy(processor)
+        template = processor.chat_template
+        if self.video_template_swapped:  # the card's rendering: transformers' template where a video is, else its own
+            from jobs.upstream import smolvlm_video_template
+
+            template = (VIDEO_FOUND + "{% if has_video.found %}" + smolvlm_video_template() + "{% else %}" + template
+                        + "{% endif %}")
         rendering.chat_template = (
             ("" if self.system_beside_images else SYSTEM_INTO_FIRST_TURN)
-            + "{% set rendered %}" + processor.chat_template + "{% endset %}"
+            + "{% set rendered %}" + template + "{% endset %}"
             + ("{{ bos_token }}" if self.prepend_bos else "")
             + "{{ rendered.rstrip() if messages[-1]['role'] == 'assistant' and not add_generation_prompt else rendered }}"
         )
+        if self.video_template_swapped:  # its apply_chat_template would swap this one out for a conversation with a video
+            rendering.apply_chat_template = partial(type(processor).apply_chat_template, rendering,
+                                                    chat_template=rendering.chat_template)
         return rendering
 
     def collator(self, collator, processor):
@@ -310,6 +330,10 @@ FAMILIES: dict[str, Family] = {
             image_bound="longest_edge",  # Idefics3's tiling: max_image_size tiles within size["longest_edge"]
             end_of_turn="<end_of_utterance>",  # its template closes every turn with it, as SmolVLM's does
             # no prepend_bos: the template writes <|im_start|> itself and SmolLM2's tokenizer adds nothing
+            # Video frames: at most 64, one a second (its video processor's num_frames and fps), each one tile with
+            # its timestamp in the text, the conversation rendered by transformers' template with a <video> branch
+            takes_video=True,
+            video_template_swapped=True,
             hub_ids=("HuggingFaceTB/SmolVLM2-2.2B-Instruct",),
         ),
         Family(

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# Why preference pairs take no video: TRL 1.16's DPOTrainer keeps only prompt, chosen, rejected and image columns of vision
+# data (its _set_signature_columns_if_needed) and DataCollatorForVisionPreference hands its processor images alone
+NO_VIDEO_DPO = ("DPO takes no videos: TRL 1.16's DPOTrainer keeps only the image columns of vision data and its "
+                "collator gives the processor images alone")
+
+
 class Drop(Exception):
     """This row cannot be used; the message is the reason, counted by prepare."""
 
@@ -145,6 +151,9 @@ def _conversation(conversation: list[dict], row: dict, system_prompt: str | None
 
 def preference_messages(row: dict, system_prompt: str | None) -> dict:
     """TRL's conversational preference format (HuggingFaceH4/rlaif-v_formatted): images, prompt, chosen, rejected."""
+    if any(isinstance(part, dict) and part.get("type") == "video" for message in row.get("prompt") or []
+           if isinstance(message, dict) and isinstance(message.get("content"), list) for part in message["content"]):
+        raise Drop(f"a video in the prompt: {NO_VIDEO_DPO}")
     prompt = _messages(row.get("prompt"), "prompt")
     chosen, rejected = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
     _check_images(row, prompt)

@@ -28,11 +28,16 @@ def _images(rows: list[dict]):
 
 
 def prompt_inputs(processor, texts: list[str], rows: list[dict]):
-    """Rendered prompts with their rows' images, left-padded: ids and image inputs as TRL's collators build them
-    (add_special_tokens=False; the rendering processor's template wrote the BOS)."""
-    return processor(
-        text=texts, images=_images(rows), padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False
-    )
+    """Rendered prompts with their rows' images and videos' stored frames, left-padded: ids, image and video inputs as
+    SFT's collator builds them (add_special_tokens=False; the rendering processor's template wrote the BOS)."""
+    from jobs import video
+
+    kwargs = dict(text=texts, images=_images(rows), padding=True, padding_side="left", return_tensors="pt",
+                  add_special_tokens=False)
+    videos = [video.row_videos(row) for row in rows]
+    if any(frames for frames, _ in videos):
+        return video.encode(processor, videos, **kwargs)
+    return processor(**kwargs)
 
 
 def generate_answers(

@@ -132,6 +132,12 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     train = getattr(recipe, stage)
     with user_errors(recipe.model.name_or_path, recipe.model.revision):
         config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision)
+    # A checkpoint converted under transformers 4 (InternVL's -hf ones) says its embeddings are untied in text_config
+    # alone; transformers 5.23 reads the top-level key (InternVLConfig's default: tied) and, loading, keeps the two
+    # matrices apart because the checkpoint holds both. Counted tied, InternVL3-8B-hf was 7.40B, not its 7.945B
+    text_config = config.get_text_config()
+    if text_config is not config and getattr(text_config, "tie_word_embeddings", None) is False:
+        config.tie_word_embeddings = False
     # Built on the meta device rather than under accelerate's init_empty_weights, which re-registers every parameter
     # as its own meta copy and so unties tied embeddings: Gemma 3's 262208 x 3840 matrix counted twice (13.2B, not 12.2B)
     with torch.device("meta"):

@@ -454,7 +454,7 @@ def _coerce(value: Any, hint: Any, where: str, errors: list[str]) -> Any:
 def _semantic_errors(recipe: Recipe) -> list[str]:
     from jobs.auto_batch import recipe_errors as recipe_batch_errors
     from jobs.families import FAMILIES
-    from jobs.formats import FORMATS
+    from jobs.formats import FORMATS, NO_VIDEO_DPO
 
     errors = []
     if recipe.model.family not in FAMILIES:
@@ -479,7 +479,9 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         source = getattr(recipe.data, name)
         if source and source.format not in FORMATS:
             errors.append(f"data.{name}.format: {source.format!r} is not supported (supported: {', '.join(FORMATS)})")
-        if source and source.format in FORMATS and FORMATS[source.format].kind != name:
+        if source and name == "dpo" and source.format in FORMATS and FORMATS[source.format].video_column:
+            errors.append(f"data.dpo.format: {source.format!r} holds video rows; {NO_VIDEO_DPO}")
+        elif source and source.format in FORMATS and FORMATS[source.format].kind != name:
             kinds = [k for k, f in FORMATS.items() if f.kind == name]
             errors.append(f"data.{name}.format: {source.format!r} holds {FORMATS[source.format].kind} rows; use one of {', '.join(kinds)}")
     for stage in ("sft", "dpo"):

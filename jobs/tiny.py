@@ -608,8 +608,13 @@ def _smolvlm2():
         size={"longest_edge": 4 * IMAGE_SIZE}, max_image_size=tile, do_image_splitting=True,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )
+    # Sampling as the checkpoints' preprocessor_config.json sets it (HuggingFaceTB/SmolVLM2-256M-Video-Instruct's:
+    # "video_sampling": {"fps": 1, "max_frames": 64, ...}): at most 64 frames, one a second. Loaded, the video processor
+    # takes the image processor's size as its video_size (SmolVLMVideoProcessor.__init__), so a frame's longest side goes
+    # to size["longest_edge"] before it is squashed to one max_image_size tile, as here.
     video_processor = SmolVLMVideoProcessor(
-        size={"longest_edge": IMAGE_SIZE}, max_image_size=tile, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        size={"longest_edge": 4 * IMAGE_SIZE}, max_image_size=tile, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        video_sampling={"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 4 * IMAGE_SIZE}},
     )
     processor = SmolVLMProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, image_seq_len=image_seq_len,

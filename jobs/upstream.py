@@ -77,6 +77,12 @@ The couplings, what each relies on, why nothing public serves, and what would br
     answer) with them, so that it is what the processor gives the whole conversation. Unguarded, functions that count
     spans otherwise give answers a mask the processor would not: answers that see no image, or the padding's. Checked:
     both are there, and one image's span runs to the end of the text.
+``smolvlm_video_template`` (transformers ``processing_smolvlm.DEFAULT_CHAT_TEMPLATE``)
+    SmolVLMProcessor.apply_chat_template renders a conversation holding a video with this template, not the
+    checkpoint's (SmolVLM2's has no video branch); a module constant, not exported. The stages' rendering processor
+    renders video conversations with it, so that they are tokenized as the card's call tokenizes them. Unguarded, a
+    renamed or changed constant renders videos as nothing (the checkpoint's template skips the part) or differently
+    from the card. Checked: it is there and renders a video part as <video>.
 ``run_exit_handlers`` (CPython ``atexit._run_exitfuncs``)
     A finished stage ends with ``os._exit`` to skip the interpreter's teardown; the atexit handlers (a tracker's last
     upload, logging's flush) are run first by the interpreter's own function, which nothing public calls. Checked: the
@@ -317,6 +323,21 @@ def mllama_mask_functions():
     if found != [[0, -1]]:
         raise changed("transformers", relies_on, f"gives {found} for an image token followed by text (written for: [[0, -1]])")
     return spans, dense
+
+
+def smolvlm_video_template() -> str:
+    """The template SmolVLMProcessor renders a conversation holding a video with, checked to render a video part."""
+    from jinja2 import Template
+    from transformers.models.smolvlm import processing_smolvlm
+
+    relies_on = "transformers.models.smolvlm.processing_smolvlm.DEFAULT_CHAT_TEMPLATE"
+    template = getattr(processing_smolvlm, "DEFAULT_CHAT_TEMPLATE", None)
+    if not isinstance(template, str):
+        raise changed("transformers", relies_on, "is not there")
+    rendered = Template(template).render(messages=[{"role": "user", "content": [{"type": "video"}]}])
+    if "<video>" not in rendered:
+        raise changed("transformers", relies_on, f"renders a video part as {rendered!r} (written for: one with <video>)")
+    return template
 
 
 # --- accelerate --------------------------------------------------------------------------------------------------

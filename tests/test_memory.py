@@ -124,6 +124,21 @@ PUBLISHED = [
                               "vision_output_dim": 7680, "intermediate_layers_indices": [3, 7, 15, 23, 30]},
             "image_token_index": 128256,
         }, id="Llama-3.2-11B-Vision-Instruct"),
+    pytest.param(
+        # OpenGVLab/InternVL3-8B-hf: no count is published beside it (its card's table names the parts, InternViT-300M-448px-
+        # V2.5 and Qwen2.5-7B, and "8B"), so the count is its weights' bytes over 2: the hub's file listing
+        # (huggingface.co/OpenGVLab/InternVL3-8B-hf/tree/main) shows four bf16 shards of 4.88, 4.99, 4.93 and 1.09 GB,
+        # 15.89 GB, 7.945B parameters (each size rounded to 10 MB: within 0.1%). Its config.json is the one transformers'
+        # convert_internvl_weights_to_hf.py wrote under transformers 4.52: untied embeddings said in text_config alone
+        "internvl", "InternVLConfig", 15.89e9 / 2, {
+            "text_config": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                            "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 151674,
+                            "tie_word_embeddings": False},
+            "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                              "image_size": [448, 448], "patch_size": [14, 14], "attention_bias": True, "use_qk_norm": False,
+                              "use_absolute_position_embeddings": True},
+            "downsample_ratio": 0.5, "image_token_id": 151667,
+        }, id="InternVL3-8B-hf"),
 ]
 
 

@@ -362,6 +362,19 @@ def test_mllamas_mask_functions_trip_when_they_count_spans_otherwise(monkeypatch
         upstream.mllama_mask_functions()
 
 
+def test_smolvlms_video_template_trips_when_it_renders_no_video(monkeypatch):
+    from transformers.models.smolvlm import processing_smolvlm
+
+    assert "<video>" in upstream.smolvlm_video_template()
+    monkeypatch.setattr(processing_smolvlm, "DEFAULT_CHAT_TEMPLATE", "{% for m in messages %}{{ m.role }}{% endfor %}")
+    with pytest.raises(upstream.UpstreamChanged) as e:
+        upstream.smolvlm_video_template()
+    assert_trips(e, "transformers", "transformers.models.smolvlm.processing_smolvlm.DEFAULT_CHAT_TEMPLATE")
+    monkeypatch.delattr(processing_smolvlm, "DEFAULT_CHAT_TEMPLATE")
+    with pytest.raises(upstream.UpstreamChanged, match="is not there"):
+        upstream.smolvlm_video_template()
+
+
 # --- accelerate ------------------------------------------------------------------------------------------------------
 
 def test_fsdp_on_cpu_processes_trips_without_accelerates_shared_state(monkeypatch):
