@@ -82,9 +82,9 @@ def jobset(namespace: str, name: str, *, max_restarts: int, **annotations) -> di
             "failurePolicy": {
                 "maxRestarts": max_restarts,
                 "rules": [
-                    {"name": "user-error", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
+                    {"name": "UserError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
                      "onJobFailureMessagePatterns": [USER_ERROR_MESSAGE]},
-                    {"name": "disruption", "action": "RestartJobSetAndIgnoreMaxRestarts",
+                    {"name": "Disruption", "action": "RestartJobSetAndIgnoreMaxRestarts",
                      "onJobFailureReasons": ["PodFailurePolicy"], "onJobFailureMessagePatterns": [DISRUPTION_MESSAGE]},
                 ],  # anything else (a crash: BackoffLimitExceeded) restarts the group, counted
             },
@@ -158,7 +158,7 @@ def test_exit_2_fails_the_jobset_at_once(real_cluster, queued_namespace):
     done = finished_jobset(real_cluster, ns, "usererr")
     failed = condition(done, "Failed")
     assert failed["status"] == "True" and failed["reason"] == "FailJobSetFailurePolicyAction", done["status"]
-    assert "user-error" in failed["message"]
+    assert failed["message"].endswith("(first failed job: usererr-node-0)")
     assert done["status"].get("restarts", 0) == 0
 
 
@@ -197,8 +197,10 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_is_suspended_then_read
     )
     assert condition(evicted, "Evicted")["reason"] == "Preempted"
     assert condition(evicted, "Preempted")["reason"] == "InClusterQueue"
-    suspended = real_cluster.get(f"{jobs}/low")
-    assert suspended["spec"]["suspend"] is True and not is_true(suspended, "Failed")
+    suspended = wait_for(
+        "low suspended", lambda: (j := real_cluster.get(f"{jobs}/low")) and j["spec"]["suspend"] and j, 30
+    )
+    assert not is_true(suspended, "Failed")
     assert suspended["status"].get("failed", 0) == 0  # the preempted pod is not counted against backoffLimit 0
 
     wait_for("high complete", lambda: is_true(real_cluster.get(f"{jobs}/high"), "Complete"), 60)
