@@ -108,7 +108,8 @@ KUEUE_PATCHES = {
         (
             "\tif cfg.InternalCertManagement == nil || !*cfg.InternalCertManagement.Enable {\n"
             '\t\tmetricsCertPath := "/etc/kueue/metrics/certs"\n',
-            '\tif (cfg.InternalCertManagement == nil || !*cfg.InternalCertManagement.Enable) && cfg.Metrics.BindAddress != "0" {\n'
+            "\tif (cfg.InternalCertManagement == nil || !*cfg.InternalCertManagement.Enable)"
+            ' && cfg.Metrics.BindAddress != "0" {\n'
             '\t\tmetricsCertPath := "/etc/kueue/metrics/certs"\n',
         ),
     ),
@@ -322,7 +323,7 @@ def build(force: bool = False) -> dict[str, Path]:
     if missing:
         if not shutil.which("go"):
             raise ClusterError(
-                f"no Go toolchain to build {', '.join(missing)}: install Go >= 1.25 (https://go.dev/dl), "
+                f"no Go toolchain to build {', '.join(missing)}: install Go >= 1.24 (https://go.dev/dl), "
                 "or put the binaries on PATH / in $KUBEBUILDER_ASSETS"
             )
         for key in dict.fromkeys(build_key(b) for b in missing):
@@ -353,7 +354,11 @@ def engine_manifests(engine: str) -> Path:
 def module_dir(module: str, work: Path) -> Path:
     """Where the go command unpacked ``module`` (module@version) in its module cache."""
     proc = subprocess.run(
-        ["go", "mod", "download", "-json", module], cwd=work, env=go_env(in_module=False), capture_output=True, text=True
+        ["go", "mod", "download", "-json", module],
+        cwd=work,
+        env=go_env(in_module=False),
+        capture_output=True,
+        text=True,
     )
     if proc.returncode:
         raise ClusterError(f"cannot download {module}: {proc.stdout.strip() or proc.stderr.strip()}")
@@ -1047,8 +1052,9 @@ class ControlPlane:
             certs.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.pki / f"{engine}-webhook.crt", certs / "tls.crt")
             shutil.copyfile(self.pki / f"{engine}-webhook.key", certs / "tls.key")
-        (s / "kueue.yaml").write_text(json.dumps(kueue_configuration(self.ports, s / "certs" / "kueue"), indent=1) + "\n")
-        (s / "jobset.yaml").write_text(json.dumps(jobset_configuration(self.ports, s / "certs" / "jobset"), indent=1) + "\n")
+        for engine, configuration in (("kueue", kueue_configuration), ("jobset", jobset_configuration)):
+            text = json.dumps(configuration(self.ports, s / "certs" / engine), indent=1)  # JSON is YAML
+            (s / f"{engine}.yaml").write_text(text + "\n")
 
 
 # --- the engines: Kueue and JobSet, configured as a platform team configures them ----------------------------
@@ -1200,7 +1206,8 @@ def webhook_configurations(cp: ControlPlane, engine: str) -> list[dict]:
             path = webhook["clientConfig"]["service"]["path"]
             if engine == "kueue" and not any(part in path for part in KUEUE_WEBHOOKS):
                 continue
-            webhook["clientConfig"] = {"url": f"https://127.0.0.1:{cp.ports[f'{engine}-webhook']}{path}", "caBundle": ca}
+            url = f"https://127.0.0.1:{cp.ports[f'{engine}-webhook']}{path}"
+            webhook["clientConfig"] = {"url": url, "caBundle": ca}
             if engine == "jobset" and path.endswith("-v1-pod"):  # its kustomization: JobSet's pods only
                 webhook["objectSelector"] = {"matchExpressions": [
                     {"key": "jobset.sigs.k8s.io/jobset-name", "operator": "Exists"}]}  # fmt: skip
@@ -1248,7 +1255,8 @@ def start_engines(cp: ControlPlane) -> None:
         cp.create(path, manifest)
 
     def active() -> bool:
-        conditions = cp.api("GET", f"{KUEUE_API}/clusterqueues/{CLUSTER_QUEUE}")[1].get("status", {}).get("conditions", [])
+        queue = cp.api("GET", f"{KUEUE_API}/clusterqueues/{CLUSTER_QUEUE}")[1]
+        conditions = queue.get("status", {}).get("conditions", [])
         return any(c["type"] == "Active" and c["status"] == "True" for c in conditions)
 
     cp.wait(f"Kueue's ClusterQueue {CLUSTER_QUEUE}", active, component="kueue")

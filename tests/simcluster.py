@@ -146,6 +146,21 @@ class SimCluster:
             self.kubectl_run("label", "namespace", namespace, f"{key}={value}")
             path, manifest = devcluster.local_queue(namespace)
             self.control_plane.create(path, manifest)
+        self.wait_until_admission_knows(namespace)
+
+    def wait_until_admission_knows(self, namespace: str) -> None:
+        """Kueue's Job webhook reads a Job's namespace from its informer cache (managedJobsNamespaceSelector) and
+        refuses Jobs in one it has not seen yet ("Namespace ... not found"), for the moment a loaded machine
+        takes to deliver the event; a namespace is ready once a server-side dry run of a Job passes admission."""
+        probe = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "admission-probe", "namespace": namespace},
+            "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "c"}]}}},
+        }
+        path = f"/apis/batch/v1/namespaces/{namespace}/jobs?dryRun=All"
+        wait_for(f"admission of Jobs in namespace {namespace}",
+                 lambda: self.control_plane.api("POST", path, probe)[0] in (200, 201), 30)  # fmt: skip
 
     def delete_namespace(self, namespace: str) -> None:
         self.kubectl_run("delete", "namespace", namespace, "--wait=false", "--ignore-not-found", check=False)

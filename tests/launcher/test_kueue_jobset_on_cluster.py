@@ -70,7 +70,8 @@ def jobset(namespace: str, name: str, *, max_restarts: int, **annotations) -> di
         "parallelism": 2, "completions": 2, "completionMode": "Indexed", "backoffLimit": 0,
         "podFailurePolicy": {"rules": [
             {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [EXIT_USER_ERROR]}},
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": "main", "operator": "In", "values": [EXIT_USER_ERROR]}},
         ]},
         "template": pod_template(4, H100, annotations),
     }  # fmt: skip
@@ -125,7 +126,7 @@ def running_pods(real_cluster, namespace: str, selector: str) -> list[dict]:
 # A multi-node stage as a JobSet: its restarts decided by the JobSet controller
 
 
-def test_a_jobset_is_admitted_whole_through_the_local_queue_and_gets_its_headless_service(real_cluster, queued_namespace):
+def test_a_jobset_is_admitted_whole_through_the_local_queue_with_its_headless_service(real_cluster, queued_namespace):
     ns = queued_namespace
     create(real_cluster, f"{JOBSET_API}/namespaces/{ns}/jobsets", jobset(ns, "g", max_restarts=0))
     done = finished_jobset(real_cluster, ns, "g")
@@ -164,7 +165,8 @@ def test_exit_2_fails_the_jobset_at_once(real_cluster, queued_namespace):
 
 def test_an_evicted_rank_restarts_the_group_without_counting(real_cluster, queued_namespace):
     ns = queued_namespace
-    create(real_cluster, f"{JOBSET_API}/namespaces/{ns}/jobsets", jobset(ns, "drain", max_restarts=0, **{SIM_RUN_SECONDS: "6"}))
+    drain = jobset(ns, "drain", max_restarts=0, **{SIM_RUN_SECONDS: "6"})
+    create(real_cluster, f"{JOBSET_API}/namespaces/{ns}/jobsets", drain)
     selector = "jobset.sigs.k8s.io/jobset-name=drain,batch.kubernetes.io/job-completion-index=1"
     (rank_1,) = wait_for("rank 1 running", lambda: running_pods(real_cluster, ns, selector), 60)
     name = rank_1["metadata"]["name"]
@@ -179,7 +181,7 @@ def test_an_evicted_rank_restarts_the_group_without_counting(real_cluster, queue
 # Kueue: admission, preemption by priority, and a reason for what waits
 
 
-def test_a_higher_priority_job_preempts_a_lower_one_which_is_suspended_then_readmitted(real_cluster, queued_namespace):
+def test_a_higher_priority_job_preempts_a_lower_one_suspended_then_readmitted(real_cluster, queued_namespace):
     """Quota for one 8-GPU A100 run (one node's worth): low is admitted, suspended (not failed) when high
     arrives, readmitted once high is done, and completes; Kueue keeps its Workload throughout."""
     ns = queued_namespace
