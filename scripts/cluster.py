@@ -1,13 +1,17 @@
 """A real Kubernetes control plane on loopback, for trying the launcher and testing it (issue 10).
 
-    python3 scripts/cluster.py build   # etcd, kube-apiserver, -controller-manager, -scheduler, kubectl, kwok
+    python3 scripts/cluster.py build   # etcd, kube-apiserver, -controller-manager, -scheduler, kubectl, kwok,
+                                       # and the Kueue and JobSet managers
     python3 scripts/cluster.py up      # start them (idempotent); writes .cache/cluster/kubeconfig
     python3 scripts/cluster.py down    # stop every process and remove the state
 
 Real: etcd, kube-apiserver (RBAC, ServiceAccount tokens, the default admission plugins and PodSecurity,
 an audit log), kube-controller-manager (Job, CronJob, TTL, garbage collector, ...) and kube-scheduler,
 each at a pinned upstream version. Simulated: kwok plays the kubelet of a few fake GPU and CPU nodes, so
-no container runs; a pod's exit code and run time come from its annotations (SIM_* below).
+no container runs; a pod's exit code and run time come from its annotations (SIM_* below). Real too: the
+cluster's engines, Kueue (quota, priority, preemption, admission of a whole group) and JobSet (multi-node
+groups and their failure policy), their webhooks served on loopback under the cluster's CA, and Kueue
+configured as a platform team configures it (platform_objects, kueue_configuration).
 
 The binaries are built from their Go modules through the Go module proxy into a cache outside the work
 tree, keyed by version, so a second build is free; binaries a user already has ($KUBEBUILDER_ASSETS, as
@@ -38,9 +42,15 @@ K8S_VERSION = os.environ.get("VLMJOBS_K8S_VERSION", "v1.34.4")
 # The etcd that Kubernetes 1.34's own go.mod (and its release images) use.
 ETCD_VERSION = os.environ.get("VLMJOBS_ETCD_VERSION", "v3.6.4")
 KWOK_VERSION = os.environ.get("VLMJOBS_KWOK_VERSION", "v0.8.0")
+# The cluster's own engines: Kueue admits every Job (quota, priority, preemption), JobSet runs multi-node
+# groups. Each is a controller manager with its own client libraries (k8s.io/* v0.35), which talk to this
+# apiserver across the one minor of skew client-go supports; the proxy serves only these exact versions.
+KUEUE_VERSION = os.environ.get("VLMJOBS_KUEUE_VERSION", "v0.17.0")
+JOBSET_VERSION = os.environ.get("VLMJOBS_JOBSET_VERSION", "v0.11.1")
 
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-BINARIES = ("etcd", *K8S_BINARIES, "kwok")
+ENGINES = ("kueue", "jobset")
+BINARIES = ("etcd", *K8S_BINARIES, "kwok", *ENGINES)
 
 # One change to kwok, so that it plays the kubelet's part in log streaming too: its log server asks a stub
 # container runtime whether a container still runs, the stub always says yes, and so a followed log never
@@ -90,6 +100,25 @@ func (r podRuntime) ContainerStatus(ctx context.Context, containerID string, ver
     ),
 }
 
+# One change to Kueue: with its own certificate management off (the webhooks here are served under the
+# cluster's CA, on loopback), it reads a metrics certificate from a fixed path, /etc/kueue/metrics/certs, even
+# when metrics are not served ("0"), and exits without one. Patched, it reads it only when it serves metrics.
+KUEUE_PATCHES = {
+    "cmd/kueue/main.go": (
+        (
+            "\tif cfg.InternalCertManagement == nil || !*cfg.InternalCertManagement.Enable {\n"
+            '\t\tmetricsCertPath := "/etc/kueue/metrics/certs"\n',
+            "\tif (cfg.InternalCertManagement == nil || !*cfg.InternalCertManagement.Enable)"
+            ' && cfg.Metrics.BindAddress != "0" {\n'
+            '\t\tmetricsCertPath := "/etc/kueue/metrics/certs"\n',
+        ),
+    ),
+}
+PATCHES = {"kwok": KWOK_PATCHES, "kueue": KUEUE_PATCHES}
+# What an engine's release ships beside its manager, copied into the cache at build time (so that a cluster
+# starts without Go): its CRDs and its webhook configurations.
+ENGINE_MANIFESTS = ("config/components/crd/bases", "config/components/webhook/manifests.yaml")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -109,8 +138,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("VLMJOBS_CLUSTER_CACHE", Path(base) / "vlmjobs" / "cluster"))
 
 
-def build_key() -> str:
+def build_key(binary: str = "etcd") -> str:
+    """The cache folder a binary is built into: the control plane's by their versions together; each engine by
+    its own version alone (it links none of the others), so moving one rebuilds nothing else."""
+    if binary == "kueue":
+        return f"kueue{KUEUE_VERSION}"
+    if binary == "jobset":
+        return f"jobset{JOBSET_VERSION}"
     return f"{K8S_VERSION}-etcd{ETCD_VERSION}-kwok{KWOK_VERSION}"
+
+
+def cached_binary(binary: str) -> Path:
+    return cache_root() / build_key(binary) / "bin" / binary
 
 
 def staging_version(k8s_version: str = K8S_VERSION) -> str:
@@ -136,8 +175,9 @@ def fits(binary: str, path: Path) -> bool:
 
 def found_binary(binary: str) -> Path | None:
     """A fitting binary the user already has: $KUBEBUILDER_ASSETS first (envtest's layout), then $PATH.
-    Never kwok, which is patched (KWOK_PATCHES)."""
-    if binary == "kwok":
+    Never kwok, which is patched (KWOK_PATCHES), nor an engine (no usual place to find one, and its CRDs must
+    come from the same release)."""
+    if binary == "kwok" or binary in ENGINES:
         return None
     candidates = []
     if os.environ.get("KUBEBUILDER_ASSETS"):
@@ -206,6 +246,7 @@ class Build:
     ldflags: list[str] = field(default_factory=list)
     module: str = ""  # module@version that ``patches`` (path in it -> (old, new) replacements) change
     patches: dict = field(default_factory=dict)
+    manifests: tuple[str, ...] = ()  # paths in ``module`` copied into the cache's manifests/ folder
 
     @property
     def patch_id(self) -> str:
@@ -250,36 +291,78 @@ def builds(work: Path) -> list[Build]:
             module=f"sigs.k8s.io/kwok@{KWOK_VERSION}",
             patches=KWOK_PATCHES,
         ),
+        Build(
+            "kueue",
+            f"module vlmjobs.local/kueue-build\n\ngo 1.25.0\n\nrequire sigs.k8s.io/kueue {KUEUE_VERSION}\n",
+            {"kueue": "sigs.k8s.io/kueue/cmd/kueue"},
+            [
+                f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}",
+                "-X sigs.k8s.io/kueue/pkg/version.BuildDate=1970-01-01T00:00:00Z",
+            ],
+            module=f"sigs.k8s.io/kueue@{KUEUE_VERSION}",
+            patches=KUEUE_PATCHES,
+            manifests=ENGINE_MANIFESTS,
+        ),
+        Build(
+            "jobset",
+            f"module vlmjobs.local/jobset-build\n\ngo 1.25.0\n\nrequire sigs.k8s.io/jobset {JOBSET_VERSION}\n",
+            {"jobset": "sigs.k8s.io/jobset"},  # its manager is the module's root package (main.go)
+            [f"-X sigs.k8s.io/jobset/pkg/version.GitVersion={JOBSET_VERSION}"],
+            module=f"sigs.k8s.io/jobset@{JOBSET_VERSION}",
+            manifests=ENGINE_MANIFESTS,
+        ),
     ]
 
 
 def build(force: bool = False) -> dict[str, Path]:
     """Every binary, from the machine where it fits, else from the cache, else built now (minutes, once)."""
-    bin_dir = cache_root() / build_key() / "bin"
     have = {} if force else {b: p for b in BINARIES if (p := found_binary(b))}
     for b, p in have.items():
         log(f"using {p} ({b})")
-    missing = [b for b in BINARIES if b not in have and (force or not built(bin_dir, b))]
+    missing = [b for b in BINARIES if b not in have and (force or not built(b))]
     if missing:
         if not shutil.which("go"):
             raise ClusterError(
                 f"no Go toolchain to build {', '.join(missing)}: install Go >= 1.24 (https://go.dev/dl), "
                 "or put the binaries on PATH / in $KUBEBUILDER_ASSETS"
             )
-        bin_dir.parent.mkdir(parents=True, exist_ok=True)
-        with open(bin_dir.parent / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building the same key
-            missing = [b for b in missing if force or not built(bin_dir, b)]
-            if missing:
-                build_into(bin_dir, missing)
-    return {b: have.get(b, bin_dir / b) for b in BINARIES}
+        for key in dict.fromkeys(build_key(b) for b in missing):
+            folder = cache_root() / key
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building the same key
+                todo = [b for b in missing if build_key(b) == key and (force or not built(b))]
+                if todo:
+                    build_into(folder, todo)
+    return {b: have.get(b, cached_binary(b)) for b in BINARIES}
 
 
-def built(bin_dir: Path, binary: str) -> bool:
-    """In the cache, and built with today's patches (kwok's: KWOK_PATCHES; a changed patch rebuilds only kwok)."""
-    want = patch_id(KWOK_PATCHES) if binary == "kwok" else ""
-    stamp = bin_dir / f"{binary}.patch"
-    return (bin_dir / binary).is_file() and (stamp.read_text() if stamp.exists() else "") == want
+def built(binary: str) -> bool:
+    """In the cache, and built with today's patches (PATCHES; a changed patch rebuilds only its binary)."""
+    want = patch_id(PATCHES.get(binary, {}))
+    path = cached_binary(binary)
+    stamp = path.with_name(f"{binary}.patch")
+    shipped = binary not in ENGINES or engine_manifests(binary).is_dir()
+    return path.is_file() and (stamp.read_text() if stamp.exists() else "") == want and shipped
+
+
+def engine_manifests(engine: str) -> Path:
+    """The CRDs and webhook configurations of the engine's release (copied into the cache by its build)."""
+    return cache_root() / build_key(engine) / "manifests"
+
+
+def module_dir(module: str, work: Path) -> Path:
+    """Where the go command unpacked ``module`` (module@version) in its module cache."""
+    proc = subprocess.run(
+        ["go", "mod", "download", "-json", module],
+        cwd=work,
+        env=go_env(in_module=False),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        raise ClusterError(f"cannot download {module}: {proc.stdout.strip() or proc.stderr.strip()}")
+    return Path(json.loads(proc.stdout)["Dir"])
 
 
 def patched_source(b: Build, work: Path) -> str:
@@ -288,12 +371,7 @@ def patched_source(b: Build, work: Path) -> str:
     if not b.patches:
         return ""
     module, version = b.module.split("@")
-    proc = subprocess.run(
-        ["go", "mod", "download", "-json", b.module], cwd=work, env=go_env(in_module=False), capture_output=True, text=True
-    )
-    if proc.returncode:
-        raise ClusterError(f"cannot download {b.module}: {proc.stdout.strip() or proc.stderr.strip()}")
-    source, copy = Path(json.loads(proc.stdout)["Dir"]), work / "patched"
+    source, copy = module_dir(b.module, work), work / "patched"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(source, copy)
     for path in [copy, *copy.rglob("*")]:
@@ -308,8 +386,8 @@ def patched_source(b: Build, work: Path) -> str:
     return f"\nreplace {module} => ./patched  // {version} with the patches of scripts/cluster.py ({b.patch_id})\n"
 
 
-def build_into(bin_dir: Path, wanted: list[str]) -> None:
-    src = bin_dir.parent / "src"
+def build_into(folder: Path, wanted: list[str]) -> None:
+    src, bin_dir = folder / "src", folder / "bin"
     src.mkdir(parents=True, exist_ok=True)
     bin_dir.mkdir(exist_ok=True)
     for b in builds(src):
@@ -335,6 +413,16 @@ def build_into(bin_dir: Path, wanted: list[str]) -> None:
         # Their binaries are named after the packages' last element (cmd/<name>), so only several go to a folder.
         out = f"{tmp}/" if len(todo) > 1 else str(tmp / next(iter(todo)))
         go(["build", "-trimpath", f"-ldflags={ldflags}", "-o", out, *todo.values()], work)
+        if b.manifests:  # before the binary appears: a cached binary means its manifests are there
+            manifests = folder / "manifests"
+            shutil.rmtree(manifests, ignore_errors=True)
+            source = module_dir(b.module, work)
+            manifests.mkdir()
+            for relative in b.manifests:
+                copy = shutil.copytree if (source / relative).is_dir() else shutil.copyfile
+                copy(source / relative, manifests / Path(relative).name)
+            for path in manifests.rglob("*"):
+                path.chmod(path.stat().st_mode | 0o200)  # the module cache's files are read-only
         for name in todo:
             os.replace(tmp / name, bin_dir / name)  # a binary appears in bin/ only once it is whole
             (bin_dir / f"{name}.patch").write_text(b.patch_id)
@@ -613,7 +701,7 @@ phase: Running
 # --- the control plane ------------------------------------------------------------------------------------
 
 STATE = ROOT / ".cache" / "cluster"  # make cluster-up's; the tests start their own elsewhere
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")  # in start order
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", *ENGINES)  # in start order
 # The controllers the launcher meets; "*" is every controller enabled by default, as in a production cluster.
 CONTROLLERS = "*"
 AUDIT_POLICY = """\
@@ -659,6 +747,10 @@ def make_pki(pki: Path) -> None:
         "kwok": ("/O=system:masters/CN=kwok-controller", None),  # plays the kubelet of every node, and a provisioner
         "apiserver-kubelet-client": ("/O=system:masters/CN=kube-apiserver-kubelet-client", None),
         "kwok-serving": ("/CN=kwok-kubelet", loopback),
+        # the engines' managers (cluster-admin, as the control plane's own controllers run), and the servers
+        # of their webhooks, which the apiserver calls on loopback and verifies against this CA
+        **{e: (f"/O=system:masters/CN={e}-controller-manager", None) for e in ENGINES},
+        **{f"{e}-webhook": (f"/CN={e}-webhook", loopback) for e in ENGINES},
     }
     for name, (subject, san) in certs.items():
         ext = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment"]
@@ -839,13 +931,16 @@ class ControlPlane:
         import ssl
         import urllib.request
 
-        port = self.ports[component]
+        port = self.ports[f"{component}-health" if component in ENGINES else component]
         try:
             if component == "etcd":
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     return json.loads(r.read()).get("health") == "true"
             if component == "kube-apiserver":
                 return self.api("GET", "/readyz", timeout=2)[0] == 200
+            if component in ENGINES:  # ready: caches synced and its webhook server listening
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    return r.status == 200
             insecure = ssl.create_default_context()  # their serving certificates are self-signed
             insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
             with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=insecure, timeout=2) as r:
@@ -929,6 +1024,10 @@ class ControlPlane:
                 f"--tls-cert-file={pki / 'kwok-serving.crt'}", f"--tls-private-key-file={pki / 'kwok-serving.key'}",
                 f"--cidr={POD_CIDR}", "--node-lease-duration-seconds=40",
             ]  # fmt: skip
+        if component == "kueue":
+            return [f"--config={s / 'kueue.yaml'}", f"--kubeconfig={s / 'kueue.kubeconfig'}"]
+        if component == "jobset":
+            return [f"--config={s / 'jobset.yaml'}", f"--kubeconfig={s / 'jobset.kubeconfig'}"]
         raise KeyError(component)
 
     def start_apiserver(self) -> None:
@@ -951,10 +1050,223 @@ class ControlPlane:
         (s / "kwok.yaml").write_text("\n---\n".join(json.dumps(d, indent=1) for d in docs) + "\n")
         now = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())
         self.pod_log.write_text(f"{now} stdout F (simulated by kwok: no container runs)\n")
-        for user in ("admin", "kube-controller-manager", "kube-scheduler", "kwok"):
+        for user in ("admin", "kube-controller-manager", "kube-scheduler", "kwok", *ENGINES):
             path = s / ("kubeconfig" if user == "admin" else f"{user}.kubeconfig")
             path.write_text(kubeconfig(self.server, self.pki, user))
             path.chmod(0o600)
+        for engine in ENGINES:  # controller-runtime's webhook server reads tls.crt and tls.key from a folder
+            certs = s / "certs" / engine
+            certs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.pki / f"{engine}-webhook.crt", certs / "tls.crt")
+            shutil.copyfile(self.pki / f"{engine}-webhook.key", certs / "tls.key")
+        for engine, configuration in (("kueue", kueue_configuration), ("jobset", jobset_configuration)):
+            text = json.dumps(configuration(self.ports, s / "certs" / engine), indent=1)  # JSON is YAML
+            (s / f"{engine}.yaml").write_text(text + "\n")
+
+
+# --- the engines: Kueue and JobSet, configured as a platform team configures them ----------------------------
+
+ENGINE_PORTS = ("kueue-webhook", "kueue-health", "jobset-webhook", "jobset-health")
+KUEUE_NAMESPACE = "kueue-system"  # Kueue's own (its configuration's namespace); no workload runs there
+CLUSTER_QUEUE = "cluster-queue"  # the name make k8s's LocalQueue example points at
+QUEUE_NAMESPACE, LOCAL_QUEUE = "vlmjobs", "vlmjobs"  # the namespace make k8s-apply prepares, and its queue
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+PRIORITY_CLASSES = {"low": 100, "high": 1000}  # WorkloadPriorityClasses: a higher one preempts a lower one
+# Kueue manages every Job and JobSet of a namespace carrying this label, with a queue label or without: one
+# without stays suspended (no quota bypasses the queue), as on a platform that enforces Kueue. Namespaces
+# opt in: the control plane's own and those of tests that predate the queue label keep running unqueued.
+ENFORCED_NAMESPACE_LABEL = ("kueue.vlmjobs.io/enforced", "true")
+CPU_FLAVOR = "cpu"  # cpu and memory, on any node; the GPUs are a resource group of their own, one flavor a product
+WAIT_FOR_PODS_READY_TIMEOUT = "5m"  # admitted pods not all Ready by then: evicted and requeued
+WEBHOOK_API = "/apis/admissionregistration.k8s.io/v1"
+KUEUE_API = "/apis/kueue.x-k8s.io/v1beta2"
+JOBSET_API = "/apis/jobset.x-k8s.io/v1alpha2"
+# The Kueue webhooks served for what it manages here: its own objects, batch/v1 Jobs and JobSets (the release
+# registers one for every integration; an integration that is off serves none, and its webhook would refuse).
+KUEUE_WEBHOOKS = ("-kueue-x-k8s-io-", "-batch-v1-job", "-jobset-x-k8s-io-")
+# The CRDs whose versions (v1beta1, v1beta2) Kueue converts between (its release's config/components/crd
+# kustomization), so that a client of either version reads the same object.
+KUEUE_CONVERTED = ("localqueues", "clusterqueues", "cohorts", "workloads", "multikueueclusters")
+
+
+def flavor_name(product: str) -> str:
+    return product.lower()
+
+
+def kueue_configuration(ports: dict[str, int], cert_dir: Path) -> dict:
+    return {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "namespace": KUEUE_NAMESPACE,
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{ports['kueue-health']}"},
+        "metrics": {"bindAddress": "0"},
+        "webhook": {"host": "127.0.0.1", "port": ports["kueue-webhook"], "certDir": str(cert_dir)},
+        "internalCertManagement": {"enable": False},  # served under the cluster's CA instead (make_pki)
+        "leaderElection": {"leaderElect": False},
+        "clientConnection": {"qps": 50, "burst": 100},
+        "manageJobsWithoutQueueName": True,
+        "managedJobsNamespaceSelector": {"matchLabels": dict([ENFORCED_NAMESPACE_LABEL])},
+        # A group is admitted whole only once all its pods run: pods that cannot start (a node gone, an image
+        # that never pulls) give their quota back instead of holding it while others wait.
+        "waitForPodsReady": {"timeout": WAIT_FOR_PODS_READY_TIMEOUT, "blockAdmission": False,
+                             "requeuingStrategy": {"timestamp": "Eviction", "backoffBaseSeconds": 10}},
+        "integrations": {"frameworks": ["batch/job", "jobset.x-k8s.io/jobset"]},
+        # The visibility API (pending workloads' positions, an aggregated API server) reads its certificate from
+        # a fixed path, /visibility; the launcher reads the Workloads themselves.
+        "featureGates": {"VisibilityOnDemand": False},
+    }  # fmt: skip
+
+
+def jobset_configuration(ports: dict[str, int], cert_dir: Path) -> dict:
+    return {
+        "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
+        "kind": "Configuration",
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{ports['jobset-health']}"},
+        "metrics": {"bindAddress": "0"},
+        "webhook": {"host": "127.0.0.1", "port": ports["jobset-webhook"], "certDir": str(cert_dir)},
+        "internalCertManagement": {"enable": False},
+        "leaderElection": {"leaderElect": False},
+    }
+
+
+def gibibytes(quantity: str) -> int:
+    units = {"Gi": 1, "Ti": 1024}
+    return int(quantity[:-2]) * units[quantity[-2:]]
+
+
+def platform_objects() -> list[tuple[str, dict]]:
+    """(collection path, object): the flavors, the ClusterQueue, the priority classes and the LocalQueue.
+    Quota is the nodes' capacity, so two runs wanting one product's GPUs contend for them."""
+    gpus: dict[str, int] = {}
+    for _, product, count, _, _ in NODES:
+        if product:
+            gpus[product] = gpus.get(product, 0) + count
+    cpus = sum(int(cpu) for _, _, _, cpu, _ in NODES)
+    memory = sum(gibibytes(m) for _, _, _, _, m in NODES)
+
+    def flavor(name: str, labels: dict) -> tuple[str, dict]:
+        return f"{KUEUE_API}/resourceflavors", {
+            "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": name},
+            "spec": {"nodeLabels": labels},
+        }  # fmt: skip
+
+    cluster_queue = {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "ClusterQueue",
+        "metadata": {"name": CLUSTER_QUEUE},
+        "spec": {
+            "namespaceSelector": {},
+            "queueingStrategy": "BestEffortFIFO",
+            "preemption": {"withinClusterQueue": "LowerPriority"},
+            "resourceGroups": [
+                {"coveredResources": ["cpu", "memory"],
+                 "flavors": [{"name": CPU_FLAVOR, "resources": [{"name": "cpu", "nominalQuota": str(cpus)},
+                                                                {"name": "memory", "nominalQuota": f"{memory}Gi"}]}]},
+                {"coveredResources": ["nvidia.com/gpu"],
+                 "flavors": [{"name": flavor_name(p), "resources": [{"name": "nvidia.com/gpu", "nominalQuota": str(n)}]}
+                             for p, n in gpus.items()]},
+            ],
+        },
+    }  # fmt: skip
+    return [
+        flavor(CPU_FLAVOR, {}),
+        *(flavor(flavor_name(p), {GPU_PRODUCT_LABEL: p}) for p in gpus),
+        (f"{KUEUE_API}/clusterqueues", cluster_queue),
+        *((f"{KUEUE_API}/workloadpriorityclasses",
+           {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": name},
+            "value": value, "description": f"vlmjobs simulation: {name} priority"})
+          for name, value in PRIORITY_CLASSES.items()),
+        ("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": QUEUE_NAMESPACE}}),
+        local_queue(QUEUE_NAMESPACE),
+    ]  # fmt: skip
+
+
+def local_queue(namespace: str, name: str = LOCAL_QUEUE) -> tuple[str, dict]:
+    return f"{KUEUE_API}/namespaces/{namespace}/localqueues", {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+        "metadata": {"name": name, "namespace": namespace}, "spec": {"clusterQueue": CLUSTER_QUEUE},
+    }  # fmt: skip
+
+
+def webhook_configurations(cp: ControlPlane, engine: str) -> list[dict]:
+    """The engine's release's webhook configurations, pointed at its server on loopback under the cluster's CA
+    (the release points them at a Service, and its kustomization adds what is patched here)."""
+    import base64
+
+    proc = subprocess.run(
+        [cp.bins["kubectl"], f"--kubeconfig={cp.kubeconfig}", "create", "--dry-run=client", "-o", "json",
+         "-f", str(engine_manifests(engine) / "manifests.yaml")],
+        capture_output=True, text=True,
+    )  # fmt: skip  (kubectl reads the YAML: this script keeps to the standard library)
+    if proc.returncode:
+        raise ClusterError(f"reading {engine}'s webhook configurations: {proc.stderr.strip()}")
+    configurations, decoder, at = [], json.JSONDecoder(), 0
+    while proc.stdout[at:].strip():  # one JSON document after another
+        document, at = decoder.raw_decode(proc.stdout, len(proc.stdout) - len(proc.stdout[at:].lstrip()))
+        configurations += document["items"] if document.get("kind") == "List" else [document]
+    ca = base64.b64encode((cp.pki / "ca.crt").read_bytes()).decode()
+    for configuration in configurations:
+        configuration["metadata"] = {"name": f"{engine}-{configuration['metadata']['name']}"}  # its namePrefix
+        kept = []
+        for webhook in configuration["webhooks"]:
+            path = webhook["clientConfig"]["service"]["path"]
+            if engine == "kueue" and not any(part in path for part in KUEUE_WEBHOOKS):
+                continue
+            url = f"https://127.0.0.1:{cp.ports[f'{engine}-webhook']}{path}"
+            webhook["clientConfig"] = {"url": url, "caBundle": ca}
+            if engine == "jobset" and path.endswith("-v1-pod"):  # its kustomization: JobSet's pods only
+                webhook["objectSelector"] = {"matchExpressions": [
+                    {"key": "jobset.sigs.k8s.io/jobset-name", "operator": "Exists"}]}  # fmt: skip
+            kept.append(webhook)
+        configuration["webhooks"] = kept
+    return configurations
+
+
+def start_engines(cp: ControlPlane) -> None:
+    """JobSet and Kueue: their CRDs, their managers (ready: webhooks served), their webhooks registered, then
+    the platform's queues, through those webhooks; up once the ClusterQueue is active."""
+    for engine in ENGINES:
+        proc = subprocess.run(
+            [cp.bins["kubectl"], f"--kubeconfig={cp.kubeconfig}", "apply", "--server-side", "-f",
+             str(engine_manifests(engine) / "bases")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode:
+            raise ClusterError(f"applying {engine}'s CRDs: {proc.stderr.strip()}")
+    import base64
+
+    ca = base64.b64encode((cp.pki / "ca.crt").read_bytes()).decode()
+    for plural in KUEUE_CONVERTED:
+        conversion = {"strategy": "Webhook", "webhook": {"conversionReviewVersions": ["v1"], "clientConfig": {
+            "url": f"https://127.0.0.1:{cp.ports['kueue-webhook']}/convert", "caBundle": ca}}}  # fmt: skip
+        proc = subprocess.run(
+            [cp.bins["kubectl"], f"--kubeconfig={cp.kubeconfig}", "patch", "crd", f"{plural}.kueue.x-k8s.io",
+             "--type=merge", "-p", json.dumps({"spec": {"conversion": conversion}})],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode:
+            raise ClusterError(f"pointing {plural}' conversion at Kueue: {proc.stderr.strip()}")
+    cp.wait("the engines' CRDs", lambda: all(cp.api("GET", f"{api}/{kind}")[0] == 200 for api, kind in
+                                               ((KUEUE_API, "clusterqueues"), (KUEUE_API, "workloads"),
+                                                (JOBSET_API, "jobsets"))))  # fmt: skip
+    cp.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": KUEUE_NAMESPACE}})
+    for engine in ENGINES:
+        cp.start(engine, cp.args(engine))
+    for engine in ENGINES:
+        cp.wait(engine, lambda e=engine: cp.healthy(e), component=engine)
+        for configuration in webhook_configurations(cp, engine):
+            kind = configuration["kind"].lower() + "s"
+            cp.create(f"{WEBHOOK_API}/{kind}", configuration)
+    for path, manifest in platform_objects():
+        cp.create(path, manifest)
+
+    def active() -> bool:
+        queue = cp.api("GET", f"{KUEUE_API}/clusterqueues/{CLUSTER_QUEUE}")[1]
+        conditions = queue.get("status", {}).get("conditions", [])
+        return any(c["type"] == "Active" and c["status"] == "True" for c in conditions)
+
+    cp.wait(f"Kueue's ClusterQueue {CLUSTER_QUEUE}", active, component="kueue")
 
 
 def die_with_parent() -> None:
@@ -987,7 +1299,7 @@ def up(state: Path = STATE, *, quiet: bool = False, tied: bool = False) -> Contr
     bins = {b: str(p) for b, p in build().items()}
     state.mkdir(parents=True, exist_ok=True)
     ports = {c: free_port() for c in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager",
-                                      "kube-scheduler", "kwok")}  # fmt: skip
+                                      "kube-scheduler", "kwok", *ENGINE_PORTS)}  # fmt: skip
     cp = ControlPlane(state.resolve(), bins, ports, tied=tied)
     make_pki(cp.pki)
     cp.write_config()
@@ -1008,6 +1320,7 @@ def up(state: Path = STATE, *, quiet: bool = False, tied: bool = False) -> Contr
         cp.wait("kube-controller-manager's controllers",
                 lambda: cp.api("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
                 component="kube-controller-manager")  # fmt: skip
+        start_engines(cp)
     except BaseException:
         down(state, keep=True)
         raise
@@ -1071,7 +1384,9 @@ def main(argv: list[str] | None = None) -> int:
             if kubectl.is_symlink() or kubectl.exists():
                 kubectl.unlink()
             kubectl.symlink_to(cp.bins["kubectl"])  # where the Makefile's KUBECTL finds it
-            print(f"Control plane {K8S_VERSION} at {cp.server}, simulated nodes by kwok {KWOK_VERSION}.")
+            print(f"Control plane {K8S_VERSION} at {cp.server}, simulated nodes by kwok {KWOK_VERSION},")
+            print(f"Kueue {KUEUE_VERSION} (ClusterQueue {CLUSTER_QUEUE}, LocalQueue {QUEUE_NAMESPACE}/{LOCAL_QUEUE}) "
+                  f"and JobSet {JOBSET_VERSION}.")  # fmt: skip
             print("Use it with:")
             print(f"  export KUBECONFIG={os.path.relpath(cp.kubeconfig)}")
             print("  make k8s-apply && make pipeline RECIPE=recipes/tiny-demo.yaml")

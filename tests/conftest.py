@@ -144,6 +144,14 @@ def real_namespace(real_cluster):
         yield namespace
 
 
+@pytest.fixture
+def queued_namespace(real_cluster):
+    """A fresh namespace prepared like make k8s-apply's, with the LocalQueue simcluster.LOCAL_QUEUE, where Kueue
+    manages every Job and JobSet (one without the queue label stays suspended, as on a platform enforcing it)."""
+    with real_cluster.namespace("q", queued=True) as namespace:
+        yield namespace
+
+
 def pytest_collection_modifyitems(items):
     for item in items:  # a test on the control plane is a cluster test, marked or not
         if "real_cluster" in getattr(item, "fixturenames", ()):

@@ -5,9 +5,17 @@
         ...
         real_cluster.restart_apiserver()                  # same port, etcd kept
 
+    def test_queued(real_cluster, queued_namespace):     # the same, and Kueue enforced there (see below)
+        job["metadata"]["labels"][QUEUE_LABEL] = LOCAL_QUEUE
+        real_cluster.workload_of(queued_namespace, "Job", name)   # Kueue's Workload of a Job or JobSet
+
 The ``real_cluster`` fixture (session-scoped) starts etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler and kwok once per session in a temporary folder, or reuses the one running in
+kube-scheduler, kwok, JobSet and Kueue once per session in a temporary folder, or reuses the one running in
 $VLMJOBS_CLUSTER_STATE (e.g. .cache/cluster after make cluster-up; never stopped by the tests).
+Kueue (scripts/cluster.py, platform_objects) has a ClusterQueue CLUSTER_QUEUE whose GPU quota, one flavor a
+product, is the simulated nodes' capacity; WorkloadPriorityClasses ``low`` and ``high``; waitForPodsReady on.
+In a ``queued_namespace`` (LocalQueue LOCAL_QUEUE, and the enforcing label) Kueue manages every Job and
+JobSet: one without the queue label stays suspended. In a ``real_namespace`` only labelled ones are queued.
 Without a Go toolchain to build them the cluster tests are skipped, except under CI=true, where a
 skipped cluster test is a failure (the hook in tests/conftest.py).
 
@@ -36,6 +44,12 @@ SIM_START_SECONDS = devcluster.SIM_START_SECONDS
 SIM_STOP_SECONDS = devcluster.SIM_STOP_SECONDS
 SIM_STOP_EXIT_CODE = devcluster.SIM_STOP_EXIT_CODE
 STATE_ENV = "VLMJOBS_CLUSTER_STATE"
+QUEUE_LABEL = devcluster.QUEUE_LABEL
+PRIORITY_LABEL = devcluster.PRIORITY_LABEL
+LOCAL_QUEUE = devcluster.LOCAL_QUEUE
+CLUSTER_QUEUE = devcluster.CLUSTER_QUEUE
+KUEUE_API = devcluster.KUEUE_API
+JOBSET_API = devcluster.JOBSET_API
 NO_GO = (
     "cluster tests need Go >= 1.24 to build etcd, kube-apiserver & co. (https://go.dev/dl; or the binaries "
     "on PATH / in $KUBEBUILDER_ASSETS): install it and run make test"
@@ -111,9 +125,10 @@ class SimCluster:
 
     # -- namespaces as make k8s-apply prepares them
 
-    def prepare_namespace(self, namespace: str) -> None:
+    def prepare_namespace(self, namespace: str, *, queued: bool = False) -> None:
         """The namespace (Pod Security restricted), the PVC and the driver's RBAC, rendered as make k8s
-        renders k8s/ and applied with kubectl as make k8s-apply applies it."""
+        renders k8s/ and applied with kubectl as make k8s-apply applies it. ``queued``: also the LocalQueue
+        LOCAL_QUEUE, and the label by which Kueue manages every Job and JobSet there."""
         from jobs.recipe import Kubernetes
         from launcher import setup
 
@@ -126,19 +141,60 @@ class SimCluster:
         )
         text = "\n---\n".join(setup.text(*files[name]) for name in ("namespace.yaml", "pvc.yaml", "rbac.yaml"))
         self.kubectl_run("apply", "-f", "-", stdin=text)
+        if queued:
+            key, value = devcluster.ENFORCED_NAMESPACE_LABEL
+            self.kubectl_run("label", "namespace", namespace, f"{key}={value}")
+            path, manifest = devcluster.local_queue(namespace)
+            self.control_plane.create(path, manifest)
+        self.wait_until_admission_knows(namespace)
+
+    def wait_until_admission_knows(self, namespace: str) -> None:
+        """Kueue's Job webhook reads a Job's namespace from its informer cache (managedJobsNamespaceSelector) and
+        refuses Jobs in one it has not seen yet ("Namespace ... not found"), for the moment a loaded machine
+        takes to deliver the event; a namespace is ready once a server-side dry run of a Job passes admission."""
+        probe = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "admission-probe", "namespace": namespace},
+            "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "c"}]}}},
+        }
+        path = f"/apis/batch/v1/namespaces/{namespace}/jobs?dryRun=All"
+        wait_for(f"admission of Jobs in namespace {namespace}",
+                 lambda: self.control_plane.api("POST", path, probe)[0] in (200, 201), 30)  # fmt: skip
 
     def delete_namespace(self, namespace: str) -> None:
         self.kubectl_run("delete", "namespace", namespace, "--wait=false", "--ignore-not-found", check=False)
 
     @contextlib.contextmanager
-    def namespace(self, prefix: str = "t") -> Iterator[str]:
-        """A fresh namespace prepared like make k8s-apply's, deleted afterwards."""
+    def namespace(self, prefix: str = "t", *, queued: bool = False) -> Iterator[str]:
+        """A fresh namespace prepared like make k8s-apply's (``queued``: see prepare_namespace), deleted afterwards."""
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        self.prepare_namespace(name)
+        self.prepare_namespace(name, queued=queued)
         try:
             yield name
         finally:
             self.delete_namespace(name)
+
+    # -- Kueue and JobSet
+
+    def get(self, path: str) -> dict | None:
+        """An object by its API path as the admin reads it; None when it does not exist."""
+        code, body = self.control_plane.api("GET", path)
+        if code == 404:
+            return None
+        assert code == 200, f"GET {path}: {code} {body}"
+        return body
+
+    def workloads(self, namespace: str) -> list[dict]:
+        return self.get(f"{KUEUE_API}/namespaces/{namespace}/workloads")["items"]
+
+    def workload_of(self, namespace: str, kind: str, name: str) -> dict | None:
+        """Kueue's Workload of the Job or JobSet ``name`` (the one it owns), or None while there is none."""
+        return next(
+            (w for w in self.workloads(namespace)
+             if any(o["kind"] == kind and o["name"] == name for o in w["metadata"].get("ownerReferences", []))),
+            None,
+        )  # fmt: skip
 
     def token_kubeconfig(self, namespace: str, service_account: str, path: Path) -> Path:
         """A kubeconfig holding a token of ``service_account`` (TokenRequest), as a pod of it gets one."""
@@ -166,8 +222,9 @@ def go_missing() -> bool:
 
     if shutil.which("go"):
         return False
-    cached = devcluster.cache_root() / devcluster.build_key() / "bin"
-    return any(not (cached / b).is_file() and devcluster.found_binary(b) is None for b in devcluster.BINARIES)
+    return any(
+        not devcluster.cached_binary(b).is_file() and devcluster.found_binary(b) is None for b in devcluster.BINARIES
+    )
 
 
 def wait_for(what: str, check, timeout: float = 90):

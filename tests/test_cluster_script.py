@@ -77,3 +77,26 @@ def test_kwok_is_never_taken_from_the_machine_since_ours_is_patched(tmp_path, mo
     monkeypatch.setenv("PATH", str(tmp_path))
     assert devcluster.fits("kwok", kwok)
     assert devcluster.found_binary("kwok") is None
+
+
+def test_each_engine_is_cached_under_its_own_version_so_moving_kubernetes_rebuilds_neither(monkeypatch):
+    keys = {b: devcluster.build_key(b) for b in devcluster.BINARIES}
+    monkeypatch.setattr(devcluster, "K8S_VERSION", "v1.35.0")
+    moved = {b: devcluster.build_key(b) for b in devcluster.BINARIES}
+    assert {b for b in keys if keys[b] != moved[b]} == {"etcd", *devcluster.K8S_BINARIES, "kwok"}
+    assert devcluster.KUEUE_VERSION in keys["kueue"] and devcluster.JOBSET_VERSION in keys["jobset"]
+
+
+def test_a_cached_kueue_built_without_todays_patch_or_its_manifests_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMJOBS_CLUSTER_CACHE", str(tmp_path))
+    binary = devcluster.cached_binary("kueue")
+    binary.parent.mkdir(parents=True)
+    binary.write_text("")
+    binary.with_name("kueue.patch").write_text("")  # built unpatched
+    (binary.parent.parent / "manifests").mkdir()
+    assert not devcluster.built("kueue")
+    binary.with_name("kueue.patch").write_text(devcluster.patch_id(devcluster.KUEUE_PATCHES))
+    assert devcluster.built("kueue")
+    (binary.parent.parent / "manifests").rmdir()  # no CRDs to apply: not usable
+    assert not devcluster.built("kueue")
+    assert devcluster.found_binary("kueue") is None  # an engine is never taken from the machine
