@@ -1078,6 +1078,7 @@ PRIORITY_CLASSES = {"low": 100, "high": 1000}  # WorkloadPriorityClasses: a high
 # opt in: the control plane's own and those of tests that predate the queue label keep running unqueued.
 ENFORCED_NAMESPACE_LABEL = ("kueue.vlmjobs.io/enforced", "true")
 CPU_FLAVOR = "cpu"  # cpu and memory, on any node; the GPUs are a resource group of their own, one flavor a product
+MIG_FLAVOR = "mig-slices"  # the MIG slices the device plugin advertises under the mixed strategy, a group of their own
 WAIT_FOR_PODS_READY_TIMEOUT = "5m"  # admitted pods not all Ready by then: evicted and requeued
 WEBHOOK_API = "/apis/admissionregistration.k8s.io/v1"
 KUEUE_API = "/apis/kueue.x-k8s.io/v1beta2"
@@ -1139,11 +1140,14 @@ def platform_objects() -> list[tuple[str, dict]]:
     """(collection path, object): the flavors, the ClusterQueue, the priority classes and the LocalQueue.
     Quota is the nodes' capacity, so two runs wanting one product's GPUs contend for them."""
     gpus: dict[str, int] = {}
-    for _, product, count, _, _ in NODES:
-        if product:
+    slices: dict[str, int] = {}  # MIG slices by resource name, over the nodes that offer them
+    for _, product, count, _, _, *extra in NODES:
+        if product and count:
             gpus[product] = gpus.get(product, 0) + count
-    cpus = sum(int(cpu) for _, _, _, cpu, _ in NODES)
-    memory = sum(gibibytes(m) for _, _, _, _, m in NODES)
+        for resource, quantity in (extra[1] if extra else {}).items():
+            slices[resource] = slices.get(resource, 0) + int(quantity)
+    cpus = sum(int(node[3]) for node in NODES)
+    memory = sum(gibibytes(node[4]) for node in NODES)
 
     def flavor(name: str, labels: dict) -> tuple[str, dict]:
         return f"{KUEUE_API}/resourceflavors", {
@@ -1166,12 +1170,17 @@ def platform_objects() -> list[tuple[str, dict]]:
                 {"coveredResources": ["nvidia.com/gpu"],
                  "flavors": [{"name": flavor_name(p), "resources": [{"name": "nvidia.com/gpu", "nominalQuota": str(n)}]}
                              for p, n in gpus.items()]},
+                *([{"coveredResources": sorted(slices),
+                    "flavors": [{"name": MIG_FLAVOR, "resources": [{"name": r, "nominalQuota": str(n)}
+                                                                   for r, n in sorted(slices.items())]}]}]
+                  if slices else []),
             ],
         },
     }  # fmt: skip
     return [
         flavor(CPU_FLAVOR, {}),
         *(flavor(flavor_name(p), {GPU_PRODUCT_LABEL: p}) for p in gpus),
+        *([flavor(MIG_FLAVOR, {"nvidia.com/mig.strategy": "mixed"})] if slices else []),
         (f"{KUEUE_API}/clusterqueues", cluster_queue),
         *((f"{KUEUE_API}/workloadpriorityclasses",
            {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": name},

@@ -238,3 +238,18 @@ def test_an_unlabelled_job_in_an_enforced_namespace_stays_suspended(real_cluster
     time.sleep(3)
     bypass = real_cluster.get(f"/apis/batch/v1/namespaces/{ns}/jobs/bypass")
     assert bypass["spec"]["suspend"] is True and bypass["status"].get("active", 0) == 0
+
+
+def test_a_mig_slice_is_admitted_through_the_queue_and_lands_on_the_mig_node(real_cluster, queued_namespace):
+    """The device plugin's mixed strategy advertises slices, not GPUs: without a quota for them in the
+    ClusterQueue, Kueue would hold a MIG request as inadmissible for ever."""
+    ns = queued_namespace
+    sliced = job(ns, "slice", gpus=1, product=A100)
+    resources = sliced["spec"]["template"]["spec"]["containers"][0]["resources"]
+    resources["requests"] = {"cpu": "1", "memory": "1Gi", "nvidia.com/mig-1g.5gb": "2"}
+    resources["limits"] = {"nvidia.com/mig-1g.5gb": "2"}
+    create(real_cluster, f"/apis/batch/v1/namespaces/{ns}/jobs", sliced)
+    (pod,) = wait_for("the slice's pod running", lambda: running_pods(real_cluster, ns, "job-name=slice"), 60)
+    assert pod["spec"]["nodeName"] == "mig-a100-0"
+    (pod_set,) = real_cluster.workload_of(ns, "Job", "slice")["status"]["admission"]["podSetAssignments"]
+    assert pod_set["flavors"]["nvidia.com/mig-1g.5gb"] == "mig-slices"
