@@ -8,6 +8,7 @@ cannot be used raises ``Drop`` with a reason; prepare counts the reasons.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,14 +68,16 @@ def chartqa(row: dict, system_prompt: str | None) -> dict:
     return {"prompt": _user_turn(query, system_prompt), "completion": _answer(labels[0]), "answers": labels}
 
 
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # open-r1-multimodal's reader of its solutions
+
+
 def open_r1(row: dict, system_prompt: str | None) -> dict:
     """lmms-lab/multimodal-open-r1-8k-verified: image, problem, solution (GPT-4o's reasoning, its final answer in
     <answer></answer> where it has one). The gold answer is that answer, else the whole solution, as
     open-r1-multimodal's accuracy reward reads it; the solution itself is the completion SFT would train on."""
-    from jobs.metrics import read_answer
-
     problem, solution = _text(row, "problem"), _text(row, "solution")
-    gold = read_answer(solution, "<answer>") or solution
+    tagged = _ANSWER_TAG.search(solution)
+    gold = tagged.group(1).strip() if tagged and tagged.group(1).strip() else solution
     return {"prompt": _user_turn(problem, system_prompt), "completion": _answer(solution), "answers": [gold]}
 
 
