@@ -25,8 +25,8 @@ REWARDS = {  # name: what it gives a completion
     "exact_match": "1 when its answer equals a gold answer, ignoring case and trailing punctuation, else 0",
     "yes_no": "1 when its answer says the gold yes or no (evaluate's yes_no_accuracy), 0 when not; none for rows whose "
               "gold answer is not yes or no",
-    "format": "1 when it reasons in <think></think> first (TRL's think_format_reward) and then gives an answer where "
-              "data.sft.answer_after says, else 0",
+    "format": "1 when it reasons in <think></think> first (TRL's think_format_reward), and where data.sft.answer_after "
+              "is a tag (<answer>) gives its answer inside it, else 0",
 }
 # What TRL 1.16's GRPOTrainer._calculate_rewards passes a reward function, the prepared rows' columns included
 TRL_REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "answers", "images", "trainer_state", "log_extra",
@@ -66,8 +66,10 @@ def build(name: str, *, relaxed: bool, answer_after: str | None) -> Callable:
         gold = [metrics.yes_no(targets[0]) if targets else None for targets in answers]
         return [None if g is None else float(s == g) for s, g in zip(said, gold)]
 
+    tagged = bool(answer_after) and answer_after.startswith("<") and not answer_after.startswith("</")
+
     def format_(completions, **kwargs):
-        return [float(bool(THINK_FIRST.match(text)) and bool(metrics.read_answer(text, answer_after or "</think>")))
+        return [float(bool(THINK_FIRST.match(text)) and (not tagged or bool(metrics.read_answer(text, answer_after))))
                 for text in _texts(completions)]
 
     made = {"accuracy": correct(relaxed), "chartqa_relaxed": correct(True), "exact_match": correct(False),
