@@ -71,7 +71,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
                "completions per prompt": args.num_generations, "generation batch": args.generation_batch_size,
                "max completion tokens": args.max_completion_length, "beta": args.beta,
                "generation": f"vLLM ({args.vllm_mode})" if args.use_vllm else "transformers generate",
-               "sharded over": shards},
+               "sharded over": shards, "reference copy": trainer.ref_model is not None},
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "grpo")

@@ -607,6 +607,11 @@ def _grpo_errors(recipe: Recipe) -> list[str]:
             close = difflib.get_close_matches(reward.name, list(REWARDS), n=1)
             errors.append(f"grpo.rewards[{i}].name: {reward.name!r} is neither a reward ({', '.join(REWARDS)}) nor a "
                           "dotted path to a function (package.module.function)" + (f"; did you mean {close[0]!r}?" if close else ""))
+    merged_sft = recipe.grpo.init == "sft" and "sft" in recipe.stages and recipe.sft.method != "full"
+    if recipe.grpo.method == "full" and recipe.grpo.args.get("beta", 0.0) and merged_sft and recipe.grpo.sft_adapter == "merge":
+        errors.append("grpo.args.beta: a KL term needs a reference, which TRL 1.16 reloads for full fine-tuning from the "
+                      "model's hub id, the base model, not SFT's adapter merged into it; set grpo.method lora (the "
+                      "reference is the adapter switched off) or beta 0")
     if "reward_weights" in recipe.grpo.args:
         errors.append("grpo.args.reward_weights: set from grpo.rewards' weights; give each reward its weight there")
     args = recipe.grpo.args
