@@ -108,11 +108,13 @@ def reference_kind(trainer) -> str:
     return "the model with its adapter switched off"
 
 
-def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None, sharded: bool = False):
-    """(model, lineage of the weights under DPO's adapter, description) for the recipe's dpo.init, loaded in ``dtype``."""
+def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None, sharded: bool = False, stage: str = "dpo"):
+    """(model, lineage of the weights under the stage's adapter, description) for the recipe's dpo.init (or grpo.init,
+    ``stage``), loaded in ``dtype``."""
     from jobs import modeling
 
-    quantize = modeling.quantization(cfg.dpo, sharded=sharded, dtype=dtype)
+    train = getattr(cfg, stage)
+    quantize = modeling.quantization(train, sharded=sharded, dtype=dtype)
     if not from_sft:
         model = modeling.load_model(cfg.model, quantize=quantize, dtype=dtype)
         return model, {"base": modeling.BASE, "merged": [], "adapter": None}, "base model"
@@ -120,13 +122,13 @@ def starting_point(cfg, run_dir, from_sft: bool, *, dtype=None, sharded: bool = 
     if sft["adapter"] is None:  # SFT trained every weight: DPO starts from them
         return (modeling.load_model(cfg.model, path=run_dir / sft["base"], quantize=quantize, dtype=dtype),
                 {"base": sft["base"], "merged": [], "adapter": None}, "sft weights")
-    if cfg.dpo.sft_adapter == "continue":
-        if cfg.dpo.method == "full":
-            raise contract.UserError("dpo.sft_adapter: continue trains SFT's adapter further; it needs dpo.method lora or qlora")
+    if train.sft_adapter == "continue":
+        if train.method == "full":
+            raise contract.UserError(f"{stage}.sft_adapter: continue trains SFT's adapter further; it needs {stage}.method lora or qlora")
         model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, trainable=True, dtype=dtype)
         return model, sft, "sft adapter, trained further"
     model = modeling.load_trained(cfg, run_dir, "sft", quantize=quantize, merge=True, dtype=dtype)
-    if cfg.dpo.method == "full":  # peft loaded the adapter for inference, freezing every weight; merged, they all train
+    if train.method == "full":  # peft loaded the adapter for inference, freezing every weight; merged, they all train
         model.requires_grad_(True)
     return model, {"base": sft["base"], "merged": sft["merged"] + [sft["adapter"]], "adapter": None}, "sft adapter merged"
 

@@ -122,6 +122,7 @@ def evaluate_variant(
     """Metrics, the number of samples behind each, and per-sample predictions of one variant."""
     from jobs import metrics as m
     from jobs.families import get_family
+    from jobs.formats import FORMATS
     from jobs.inference import completion_logprobs, generate_answers
     from jobs.progress import Progress
 
@@ -143,14 +144,16 @@ def evaluate_variant(
     if "sft" in tests:
         rows = [with_prompt(row, variant, cfg) for row in tests["sft"]]
         answers = answer(rows)
-        exact = [m.exact_match(a, row["answers"]) for a, row in zip(answers, rows)]
+        # The answer read where the data source says it stands (after "</think>", say), as GRPO's rewards read it
+        after = cfg.data.sft.answer_after
+        exact = [m.answer_correct(a, row["answers"], relaxed=False, answer_after=after) for a, row in zip(answers, rows)]
         # ChartQA's published metric is relaxed accuracy; elsewhere accuracy is exact match
-        relaxed = cfg.data.sft.format == "chartqa"
-        correct = [m.relaxed_accuracy(a, row["answers"]) for a, row in zip(answers, rows)] if relaxed else exact
+        relaxed = FORMATS[cfg.data.sft.format].relaxed_accuracy
+        correct = [m.answer_correct(a, row["answers"], relaxed=relaxed, answer_after=after) for a, row in zip(answers, rows)]
         scores |= counted({"accuracy": sum(correct) / len(correct), "exact_match": sum(exact) / len(exact)}, len(rows))
         gold = [m.yes_no(row["answers"][0]) for row in rows]
         if all(g is not None for g in gold):
-            scores |= counted(_yes_no_scores([m.yes_no(a) for a in answers], gold), len(rows))
+            scores |= counted(_yes_no_scores([m.yes_no(m.read_answer(a, after)) for a in answers], gold), len(rows))
         predictions += [
             {"variant": variant, "split": "sft/test", "question": _question(row), "answer": a, "gold": row["answers"], "correct": c}
             for a, row, c in zip(answers, rows, correct)

@@ -8,6 +8,7 @@ cannot be used raises ``Drop`` with a reason; prepare counts the reasons.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,10 @@ class Format:
     convert: Callable[[dict, str | None], dict]  # (row, system_prompt) -> row without images
     description: str
     video_column: str | None = None  # a list of video files per row, each matching a {"type": "video"} placeholder
+    # Its ``answers`` are gold answers a generated one can be checked against (GRPO's rewards need them); a
+    # conversation's last answer is one way to reply, not the one right answer
+    gold: bool = False
+    relaxed_accuracy: bool = False  # accuracy is ChartQA's relaxed accuracy (its published metric), else exact match
 
 
 def _text(row: dict, key: str) -> str:
@@ -67,6 +72,19 @@ def chartqa(row: dict, system_prompt: str | None) -> dict:
     if not labels:
         raise Drop("empty label")
     return {"prompt": _user_turn(query, system_prompt), "completion": _answer(labels[0]), "answers": labels}
+
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # open-r1-multimodal's reader of its solutions
+
+
+def open_r1(row: dict, system_prompt: str | None) -> dict:
+    """lmms-lab/multimodal-open-r1-8k-verified: image, problem, solution (GPT-4o's reasoning, its final answer in
+    <answer></answer> where it has one). The gold answer is that answer, else the whole solution, as
+    open-r1-multimodal's accuracy reward reads it; the solution itself is the completion SFT would train on."""
+    problem, solution = _text(row, "problem"), _text(row, "solution")
+    tagged = _ANSWER_TAG.search(solution)
+    gold = tagged.group(1).strip() if tagged and tagged.group(1).strip() else solution
+    return {"prompt": _user_turn(problem, system_prompt), "completion": _answer(solution), "answers": [gold]}
 
 
 def rlaif_v(row: dict, system_prompt: str | None) -> dict:
@@ -170,7 +188,10 @@ def preference_messages(row: dict, system_prompt: str | None) -> dict:
 
 
 FORMATS: dict[str, Format] = {
-    "chartqa": Format("sft", ("image", "query", "label"), "image", chartqa, "HuggingFaceM4/ChartQA"),
+    "chartqa": Format("sft", ("image", "query", "label"), "image", chartqa, "HuggingFaceM4/ChartQA", gold=True,
+                      relaxed_accuracy=True),
+    "open-r1": Format("sft", ("image", "problem", "solution"), "image", open_r1, "lmms-lab/multimodal-open-r1-8k-verified",
+                      gold=True),
     "messages": Format("sft", ("messages", "images"), "images", messages, "conversations with an images column"),
     "video-messages": Format(
         "sft", ("messages", "videos"), None, video_messages, "conversations with a videos column (video files)", video_column="videos"

@@ -158,9 +158,10 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     stored = (linear * 0.5 + (total - linear) * width) if train.method == "qlora" else total * width
     if train.method != "full":  # the adapter, on top of the base counted above
         stored += trainable * precision.trainable.itemsize
-    full_dpo = stage == "dpo" and train.method == "full"
-    estimate = parts(stored, trainable, precision.trainable.itemsize,
-                     reference_copy=full_dpo and train.reference_logprobs == "recompute")
+    # DPO recomputing the reference, and GRPO with a KL term (beta > 0), hold a frozen copy when every weight trains
+    reference_copy = train.method == "full" and (
+        (stage == "dpo" and train.reference_logprobs == "recompute") or (stage == "grpo" and bool(train.args.get("beta", 0.0))))
+    estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=reference_copy)
     names = {name: str(getattr(precision, name)).removeprefix("torch.") for name in ("weights", "trainable", "compute")}
     described = (f"{names['weights']} weights" if train.method == "full" else f"{names['weights']} base, {names['trainable']} adapter")
     if names["compute"] != names["weights"] or train.method != "full":

@@ -34,7 +34,7 @@ NOT_PROPORTIONS = ("mean_margin",)  # evaluate's metrics that are not fractions 
 
 def main(recipe: str = "", force: bool = False, **overrides):
     cfg = recipes.load(recipe, overrides)
-    source = "dpo" if "dpo" in cfg.stages else "sft"
+    source = cfg.shipped_stage  # the last trained stage
     evaluated = "evaluate" in cfg.stages
     stage = contract.begin(
         "merge_push", cfg.run_dir, cfg.stage_config("merge_push"),
@@ -56,7 +56,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
 
     processor = modeling.load_processor(cfg.model)  # saved with the model: the checkpoint's own template
     scoring = get_family(cfg.model.family).rendering_processor(processor)  # the check sees the tokens evaluate saw
-    test = load_from_disk(stage.input("prepare") / source / "test")  # the data the source stage trained on
+    test = load_from_disk(stage.input("prepare") / recipes.DATA_KIND[source] / "test")  # the data the source stage trained on
     rows = list(test.select(range(min(CHECK_SAMPLES, len(test)))))  # a small run's test split can hold fewer
     # The model evaluate scored, in float32: the adapter on the 4-bit base after QLoRA (computing in float32
     # too, so that the check compares weights, not arithmetic), on full-precision weights after LoRA.
@@ -230,7 +230,7 @@ def model_card(cfg, source: str, report: dict | None, verdict: dict | None, lice
     datasets = [s.path for s in (cfg.data.sft, cfg.data.dpo) if s is not None and not looks_like_path(s.path)]
     metadata = {**({} if local else {"base_model": base}), **({"license": license_} if license_ else {}),
                 **({"datasets": datasets} if datasets else {}), "library_name": "transformers",
-                "tags": ["vlmjobs", *(s for s in ("sft", "dpo") if s in cfg.stages)]}
+                "tags": ["vlmjobs", *(s for s in recipes.TRAINING_STAGES if s in cfg.stages)]}
     if report is None:
         evaluation = "Not evaluated.\n\n"
     else:

@@ -273,3 +273,31 @@ def pope_scores(answers: Sequence[str], labels: Sequence[str]) -> dict:
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "yes_ratio": _fraction(sum(predicted), len(predicted)),
     }
+
+
+# ---- reading and judging a generated answer: evaluate's accuracy and GRPO's rewards (jobs.rewards) share these --------
+
+
+def read_answer(completion: str, answer_after: str | None = None) -> str:
+    """The answer in a generated completion, as the recipe's data source says where it stands (``answer_after``).
+
+    None: the whole completion. Otherwise the text after the last ``answer_after`` ("</think>" for R1's "<think>...
+    </think> answer"), up to its closing tag when it is an opening one ("<answer>" reads "<answer>3</answer>" as "3",
+    as open-r1-multimodal's accuracy reward reads its solutions). A completion without the marker gave no answer in
+    the asked format: "" (scored wrong)."""
+    if answer_after is None:
+        return completion
+    start = completion.rfind(answer_after)
+    if start < 0:
+        return ""
+    answer = completion[start + len(answer_after):]
+    if answer_after.startswith("<") and not answer_after.startswith("</"):
+        answer = answer.split("</" + answer_after[1:], 1)[0]
+    return answer.strip()
+
+
+def answer_correct(completion: str, targets: str | Sequence[str], *, relaxed: bool, answer_after: str | None = None) -> bool:
+    """Whether a completion answers right: its answer (``read_answer``) relaxed-correct (ChartQA's rule, ``relaxed``)
+    or an exact match (``exact_match``) against any gold answer. evaluate's accuracy and GRPO's accuracy reward."""
+    answer = read_answer(completion, answer_after)
+    return relaxed_accuracy(answer, targets) if relaxed else exact_match(answer, targets)

@@ -4,7 +4,7 @@ Precedence is dataclass default < YAML < command-line override (``--sft.args.lea
 Loading reports every problem at once, each naming its key; nothing here touches the disk
 beyond reading the recipe, so the launcher can validate before any GPU is asked for.
 
-The sections ``sft.args``/``dpo.args`` pass through to TRL's ``SFTConfig``/``DPOConfig``,
+The sections ``sft.args``/``dpo.args``/``grpo.args`` pass through to TRL's ``SFTConfig``/``DPOConfig``/``GRPOConfig``,
 ``*.lora`` to peft's ``LoraConfig`` and ``*.quantization`` to transformers' ``BitsAndBytesConfig``;
 their keys and value types are checked against those classes (``check_passthrough``).
 """
@@ -28,14 +28,19 @@ import yaml
 
 from jobs.contract import UserError
 
-STAGES = ("prepare", "sft", "dpo", "evaluate", "merge_push")
-TRAINING_STAGES = ("sft", "dpo")  # the stages that run one process per GPU and may span nodes
+STAGES = ("prepare", "sft", "dpo", "grpo", "evaluate", "merge_push")
+# A recipe without ``stages`` runs these: GRPO needs rewards and answers it can check, so a recipe names it
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "grpo")
+TRAINING_STAGES = ("sft", "dpo", "grpo")  # the stages that run one process per GPU and may span nodes
+# The prepared rows each training stage reads (<run>/prepare/<kind>/): GRPO's prompts and gold answers are answer rows
+DATA_KIND = {"sft": "sft", "dpo": "dpo", "grpo": "sft"}
 # What evaluate compares, in the pipeline's order: the base model, the base with a system prompt, each trained stage
 VARIANTS = ("base", "prompted", *TRAINING_STAGES)
 STAGE_SECTIONS = {  # what each stage's output depends on, besides its inputs' fingerprints
     "prepare": ("model", "data", "prepare", "seed"),
     "sft": ("model", "sft", "seed"),
     "dpo": ("model", "dpo", "seed"),
+    "grpo": ("model", "grpo", "seed"),
     "evaluate": ("model", "evaluate", "seed"),
     "merge_push": ("model", "merge_push"),
 }
@@ -75,6 +80,10 @@ class Source:
     eval_split: str | None = None  # None: carved from the train split (prepare.eval_fraction)
     test_split: str | None = None  # None: carved from the train split (prepare.test_fraction)
     system_prompt: str | None = None  # prepended to every prompt as a system message
+    # Where a generated answer stands in the completion, as the system prompt asks for it: "</think>" (the text after
+    # it), "<answer>" (the text inside <answer></answer>); None: the whole completion. evaluate's accuracy and GRPO's
+    # rewards read it alike (metrics.read_answer)
+    answer_after: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,24 @@ class DPO(Train):
     # and the reference: the same loss and gradients as TRL's two rows per pair. None: on where the model's attention
     # implementation takes a custom mask (eager, sdpa); true: refuse where not; false: TRL's rows.
     shared_prefix: bool | None = None
+
+
+@dataclass(frozen=True)
+class Reward:
+    """One term of GRPO's reward: a name of jobs.rewards.REWARDS, or a user's function as a dotted path
+    (``package.module.function``) with TRL's reward signature, ``f(prompts, completions, **kwargs) -> list[float]``."""
+
+    name: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class GRPO(Train):
+    init: str = "sft"  # sft: start from the SFT stage's output when the run has one; base: from the base model
+    sft_adapter: str = "merge"  # merge: fold SFT's adapter into the weights first; continue: train it further
+    # Summed with their weights into each completion's reward (GRPOConfig.reward_weights). accuracy is evaluate's own
+    # accuracy rule for the data's format (ChartQA's relaxed accuracy for chartqa, exact match otherwise).
+    rewards: tuple[Reward, ...] = (Reward("accuracy"),)
 
 
 @dataclass(frozen=True)
@@ -240,12 +267,13 @@ class Recipe:
     name: str
     model: Model
     data: Data = field(default_factory=Data)
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = DEFAULT_STAGES
     seed: int = 42
     run: Run = field(default_factory=Run)
     prepare: Prepare = field(default_factory=Prepare)
     sft: SFT = field(default_factory=SFT)
     dpo: DPO = field(default_factory=DPO)
+    grpo: GRPO = field(default_factory=GRPO)
     evaluate: Evaluate = field(default_factory=Evaluate)
     merge_push: MergePush = field(default_factory=MergePush)
     resources: Resources = field(default_factory=Resources)
@@ -281,14 +309,18 @@ class Recipe:
         """The stages whose output ``stage`` reads from the run folder (the stage contract's inputs)."""
         if stage == "prepare":
             return ()
-        if stage == "dpo" and self.dpo.init == "sft" and "sft" in self.stages:
+        if stage in ("dpo", "grpo") and getattr(self, stage).init == "sft" and "sft" in self.stages:
             return ("prepare", "sft")
         if stage == "evaluate":  # the trained variants it compares, of those the run has
             return ("prepare", *(s for s in TRAINING_STAGES if s in self.evaluate.variants and s in self.stages))
         if stage == "merge_push":  # the last trained stage, and evaluate's verdict when the run evaluates
-            source = "dpo" if "dpo" in self.stages else "sft"
-            return ("prepare", source, *(("evaluate",) if "evaluate" in self.stages else ()))
+            return ("prepare", self.shipped_stage, *(("evaluate",) if "evaluate" in self.stages else ()))
         return ("prepare",)
+
+    @property
+    def shipped_stage(self) -> str:
+        """The last training stage of the run: what merge_push merges and ships (sft when the run trains none)."""
+        return next((s for s in reversed(TRAINING_STAGES) if s in self.stages), "sft")
 
     def chosen_stages(self, stages: tuple[str, ...] = ()) -> tuple[str, ...]:
         """``stages`` (all of the recipe's when none are named) in the pipeline's order; one the recipe lacks
@@ -484,9 +516,10 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         elif source and source.format in FORMATS and FORMATS[source.format].kind != name:
             kinds = [k for k, f in FORMATS.items() if f.kind == name]
             errors.append(f"data.{name}.format: {source.format!r} holds {FORMATS[source.format].kind} rows; use one of {', '.join(kinds)}")
-    for stage in ("sft", "dpo"):
-        if stage in recipe.stages and getattr(recipe.data, stage) is None:
-            errors.append(f"data.{stage}: the {stage} stage needs a data source (or remove {stage} from stages)")
+    for stage in TRAINING_STAGES:
+        kind = DATA_KIND[stage]
+        if stage in recipe.stages and getattr(recipe.data, kind) is None:
+            errors.append(f"data.{kind}: the {stage} stage needs a data source (or remove {stage} from stages)")
         train = getattr(recipe, stage)
         if train.method not in TRAINING_METHODS:
             errors.append(f"{stage}.method: {train.method!r} is not one of {', '.join(TRAINING_METHODS)}")
@@ -504,10 +537,13 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             errors.append(f"sft.padding_free: {why_not}; set it false (or remove the key)")
     if "prepare" in recipe.stages and recipe.data.sft is None and recipe.data.dpo is None:
         errors.append("data: give data.sft or data.dpo")
-    if recipe.dpo.init not in ("sft", "base"):
-        errors.append(f"dpo.init: {recipe.dpo.init!r} is not one of sft, base")
-    if recipe.dpo.sft_adapter not in ("merge", "continue"):
-        errors.append(f"dpo.sft_adapter: {recipe.dpo.sft_adapter!r} is not one of merge, continue")
+    for stage in ("dpo", "grpo"):
+        if getattr(recipe, stage).init not in ("sft", "base"):
+            errors.append(f"{stage}.init: {getattr(recipe, stage).init!r} is not one of sft, base")
+        if getattr(recipe, stage).sft_adapter not in ("merge", "continue"):
+            errors.append(f"{stage}.sft_adapter: {getattr(recipe, stage).sft_adapter!r} is not one of merge, continue")
+    if "grpo" in recipe.stages:
+        errors += _grpo_errors(recipe)
     if recipe.dpo.reference_logprobs not in ("cache", "recompute"):
         errors.append(f"dpo.reference_logprobs: {recipe.dpo.reference_logprobs!r} is not one of cache, recompute")
     if recipe.dpo.args.get("precompute_ref_log_probs"):
@@ -556,6 +592,60 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
     return errors
 
 
+# TRL 1.16's GRPOConfig defaults that decide the generation batch (tests/test_grpo.py compares them with the class's),
+# so that validate checks the batch without importing TRL
+GRPO_BATCH_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_generations": 8}
+
+
+def grpo_generation_batch(args: dict, processes: int) -> int:
+    """Completions generated at once, all processes together, as GRPOConfig derives it: generation_batch_size, else
+    the per-device batch x processes x steps_per_generation (by default the accumulation steps)."""
+    if args.get("generation_batch_size"):
+        return args["generation_batch_size"]
+    steps = args.get("steps_per_generation") or args.get("gradient_accumulation_steps", GRPO_BATCH_DEFAULTS["gradient_accumulation_steps"])
+    return args.get("per_device_train_batch_size", GRPO_BATCH_DEFAULTS["per_device_train_batch_size"]) * processes * steps
+
+
+def _grpo_errors(recipe: Recipe) -> list[str]:
+    from jobs.formats import FORMATS
+    from jobs.rewards import REWARDS, dotted_path
+
+    errors = []
+    source = recipe.data.sft
+    if source and source.format in FORMATS and not FORMATS[source.format].gold:
+        checkable = [name for name, f in FORMATS.items() if f.gold]
+        errors.append(f"data.sft.format: {source.format!r} rows have no gold answer for grpo's rewards to check; "
+                      f"use one of {', '.join(checkable)}")
+    if not recipe.grpo.rewards:
+        errors.append("grpo.rewards: empty; name at least one (e.g. [{name: accuracy}])")
+    for i, reward in enumerate(recipe.grpo.rewards):
+        if reward.name not in REWARDS and not dotted_path(reward.name):
+            close = difflib.get_close_matches(reward.name, list(REWARDS), n=1)
+            errors.append(f"grpo.rewards[{i}].name: {reward.name!r} is neither a reward ({', '.join(REWARDS)}) nor a "
+                          "dotted path to a function (package.module.function)" + (f"; did you mean {close[0]!r}?" if close else ""))
+    merged_sft = recipe.grpo.init == "sft" and "sft" in recipe.stages and recipe.sft.method != "full"
+    if recipe.grpo.method == "full" and recipe.grpo.args.get("beta", 0.0) and merged_sft and recipe.grpo.sft_adapter == "merge":
+        errors.append("grpo.args.beta: a KL term needs a reference, which TRL 1.16 reloads for full fine-tuning from the "
+                      "model's hub id, the base model, not SFT's adapter merged into it; set grpo.method lora (the "
+                      "reference is the adapter switched off) or beta 0")
+    if "reward_weights" in recipe.grpo.args:
+        errors.append("grpo.args.reward_weights: set from grpo.rewards' weights; give each reward its weight there")
+    args = recipe.grpo.args
+    if args.get("per_device_train_batch_size") == "auto":  # TRL refuses auto_find_batch_size for GRPO, for this reason
+        errors.append("grpo.args.per_device_train_batch_size: auto is not for GRPO (halving the batch on out-of-memory "
+                      "would split the groups of num_generations completions); give a number")
+    elif set(recipe.grpo.resources) <= {f.name for f in dataclasses.fields(Resources)}:
+        resources = recipe.resources_for("grpo")
+        processes = max(resources.gpus, 1) * resources.nodes
+        batch = grpo_generation_batch(args, processes)
+        generations = args.get("num_generations", GRPO_BATCH_DEFAULTS["num_generations"])
+        if isinstance(batch, int) and isinstance(generations, int) and generations and batch % generations:
+            errors.append(f"grpo.args.num_generations: {generations} completions per prompt do not divide the generation "
+                          f"batch of {batch} (per_device_train_batch_size x {processes} process(es) x steps_per_generation, or "
+                          "generation_batch_size); make the batch a multiple of num_generations")
+    return errors
+
+
 BENCHMARK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a metric name prefix
 
 
@@ -583,7 +673,7 @@ def _push_gate_errors(recipe: Recipe) -> list[str]:
     if "evaluate" not in recipe.stages:
         return ["merge_push.push: a push needs the evaluate stage, which the run lacks; add evaluate to stages, "
                 "or set merge_push.push_unevaluated=true to push an unevaluated model"]
-    pushed = "dpo" if "dpo" in recipe.stages else "sft"
+    pushed = recipe.shipped_stage
     missing = [v for v in ("base", pushed) if v not in recipe.evaluate.variants]
     if missing:
         return [f"merge_push.push: the push is gated on evaluate comparing {pushed} with base; add {' and '.join(missing)} "
@@ -604,8 +694,8 @@ STAGE_OWNED_ARGS = {  # set by the stage from the run folder; a recipe value wou
 
 
 # The classes the pass-through sections are handed to; BitsAndBytesConfig is a plain class whose __init__ is the schema.
-PASSTHROUGH_CLASSES = {"SFTConfig": "trl", "DPOConfig": "trl", "LoraConfig": "peft", "BitsAndBytesConfig": "transformers"}
-SCHEMA_CACHE_FORMAT = 1  # bump when _describe changes what it writes
+PASSTHROUGH_CLASSES = {"SFTConfig": "trl", "DPOConfig": "trl", "GRPOConfig": "trl", "LoraConfig": "peft", "BitsAndBytesConfig": "transformers"}
+SCHEMA_CACHE_FORMAT = 2  # bump when _describe changes what it writes
 
 
 def check_passthrough(recipe: Recipe) -> None:
@@ -618,7 +708,7 @@ def check_passthrough(recipe: Recipe) -> None:
 def passthrough_errors(recipe: Recipe) -> list[str]:
     schemas = passthrough_schemas()
     errors: list[str] = []
-    for stage, config_cls in (("sft", "SFTConfig"), ("dpo", "DPOConfig")):
+    for stage, config_cls in (("sft", "SFTConfig"), ("dpo", "DPOConfig"), ("grpo", "GRPOConfig")):
         if stage not in recipe.stages:
             continue
         train = getattr(recipe, stage)
@@ -630,6 +720,13 @@ def passthrough_errors(recipe: Recipe) -> list[str]:
         errors += _check_fields(config_cls, schemas[config_cls], args, f"{stage}.args")
         errors += _check_fields("LoraConfig", schemas["LoraConfig"], train.lora, f"{stage}.lora")
         errors += _check_fields("BitsAndBytesConfig", schemas["BitsAndBytesConfig"], train.quantization, f"{stage}.quantization")
+    if "grpo" in recipe.stages:  # a user's own reward, imported as the stage will import it
+        from jobs.rewards import REWARDS, user_reward_problem
+
+        for i, reward in enumerate(recipe.grpo.rewards):
+            problem = None if reward.name in REWARDS else user_reward_problem(reward.name)
+            if problem:
+                errors.append(f"grpo.rewards[{i}].name: {problem}")
     return errors
 
 

@@ -40,6 +40,14 @@ CURVE_PANELS = {
         ("reward margin (chosen - rejected)", ("rewards/margins",)),
         ("reward accuracy (chosen > rejected)", ("rewards/accuracies",)),
     ),
+    # TRL 1.16's GRPOTrainer names: the weighted reward's mean over the generation batch, its spread within a prompt's
+    # group (no spread, no signal), and how long the completions grew
+    "grpo": (
+        ("loss", ("loss",)),
+        ("reward", ("reward",)),
+        ("reward spread within a group", ("reward_std",)),
+        ("completion length (tokens)", ("completions/mean_length",)),
+    ),
 }
 DEFAULT_PANELS = (("loss", ("loss",)),)  # a stage without its own entry still gets its loss curve
 COMPARISON_FIGURE = "comparison.png"

@@ -14,6 +14,8 @@ and exact match disagree; preference pairs whose chosen and rejected answers dif
     messages          messages (role/content parts), images                       splits train, test
     preference-       chosen, rejected, images, prompt (messages, as              splits train, test
     messages          HuggingFaceH4/rlaif-v_formatted)
+    open-r1           image, problem, solution, original_question,                split train
+                      original_answer (lmms-lab/multimodal-open-r1-8k-verified)
 
 and the benchmarks evaluate reads in their released files (jobs.benchmarks), laid out as their repositories:
 
@@ -226,6 +228,34 @@ def preference_messages_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def open_r1_rows(n: int, seed: int = 0) -> list[dict]:
+    """lmms-lab/multimodal-open-r1-8k-verified-shaped rows: a chart, a multiple-choice problem about it, and a solution
+    that reasons in <think></think> and gives the choice's letter in <answer></answer>; a share of the solutions give
+    the bare answer without tags (the format's reader takes the whole solution then), and one answer in a few is a long
+    one, as free-text solutions are."""
+    rng, sizes = random.Random(seed), random.Random(seed + 1)
+    rows = []
+    for _ in range(n):
+        bars, query, answer = chartqa_question(rng)
+        letters = "ABCD"
+        wrong = [c for c in (list(COLOURS) if not answer.isdigit() else [str(i) for i in range(1, MAX_BARS + 2)]) if c != answer]
+        options = rng.sample(wrong, 3) + [answer]
+        rng.shuffle(options)
+        letter = letters[options.index(answer)]
+        problem = f"{query} Choose the correct answer from the options provided.\nChoices:\n" + "\n".join(
+            f"{l}. {o}" for l, o in zip(letters, options))
+        reasoning = f"The chart shows {len(bars)} bar{'s' if len(bars) > 1 else ''}: " + ", ".join(c for c, _ in bars) + "."
+        if rng.random() < 0.2:
+            solution = letter
+        elif rng.random() < 0.1:
+            solution = f"<think>{reasoning * 8}</think>\n<answer>{letter}</answer>"
+        else:
+            solution = f"<think>{reasoning}</think>\n<answer>{letter}</answer>"
+        rows.append({"image": {"bytes": chart(bars, _square(sizes)), "path": None}, "problem": problem, "solution": solution,
+                     "original_question": query, "original_answer": answer})
+    return rows
+
+
 def features(kind: str):
     from datasets import ClassLabel, Features, Image, List, Value
 
@@ -239,14 +269,17 @@ def features(kind: str):
         }),
         "messages": Features({"messages": messages, "images": List(Image())}),
         "preference-messages": Features({"chosen": messages, "rejected": messages, "images": List(Image()), "prompt": messages}),
+        "open-r1": Features({"image": Image(), "problem": text, "solution": text, "original_question": text,
+                             "original_answer": text}),
     }[kind]
 
 
 # Keyed by the source format (jobs.formats) whose schema the rows have.
-ROWS = {"chartqa": chartqa_rows, "rlaif-v": rlaif_v_rows, "messages": messages_rows, "preference-messages": preference_messages_rows}
+ROWS = {"chartqa": chartqa_rows, "rlaif-v": rlaif_v_rows, "messages": messages_rows, "preference-messages": preference_messages_rows,
+        "open-r1": open_r1_rows}
 # messages: HuggingFaceH4/llava-instruct-mix-vsft's train and test (issue 20's recipes read both)
 SPLITS = {"chartqa": ("train", "val", "test"), "rlaif-v": ("train",), "messages": ("train", "test"),
-          "preference-messages": ("train", "test")}
+          "preference-messages": ("train", "test"), "open-r1": ("train",)}
 
 
 def _benchmark_questions(n: int, seed: int) -> list[tuple[int, bytes, str, str]]:

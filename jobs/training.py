@@ -1,4 +1,4 @@
-"""What the two training stages (sft, dpo) share: their TRL config, logging, and stopping cleanly.
+"""What the training stages (sft, dpo, grpo) share: their TRL config, logging, and stopping cleanly.
 
 Imported inside the stages' ``main`` (it pulls in transformers).
 """
@@ -55,7 +55,11 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
     over ``shards`` processes (``memory.shard_count``)."""
     import torch
 
-    args = {**STAGE_DEFAULTS, **(defaults or {}), "seed": seed, **train.args}
+    import dataclasses
+
+    # A stage default the config does not have is not the stage's to give (GRPOConfig has no max_length)
+    accepted = {f.name for f in dataclasses.fields(config_class)}
+    args = {**{k: v for k, v in STAGE_DEFAULTS.items() if k in accepted}, **(defaults or {}), "seed": seed, **train.args}
     if args.get("eval_strategy") == "steps":
         args.setdefault("eval_steps", args["save_steps"])  # an eval loss beside every checkpoint
     if auto_batch.is_auto(args):  # the whole batch at once until the stage's probe finds what fits (auto_batch.fit)
@@ -220,7 +224,7 @@ class MetricsLog(TrainerCallback):
 
 
 SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "rewards/margins", "rewards/accuracies", "mean_token_accuracy",
-                 "train_loss", "train_runtime")
+                 "reward", "train_loss", "train_runtime")
 
 
 class SaveOnSigterm(TrainerCallback):

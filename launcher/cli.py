@@ -83,7 +83,7 @@ def memory(recipe: str, **overrides):
         estimate = whole.sharded(shards)
         print(f"{stage} ({method}, {counts['dtype']}): {counts['trainable']:,} of {counts['parameters']:,} parameters trained")
         print(f"  {whole}, before activations" + (f"; the reference {'counted' if whole.reference else 'none: not on the GPU'}"
-                                                    if stage == "dpo" else ""))
+                                                    if stage in ("dpo", "grpo") else ""))
         gpus = max(res.gpus, 1) * res.nodes
         if shards > 1:
             print(f"  on {gpus} GPUs sharded with FSDP (resources.sharding {res.sharding}): {estimate}")

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_stages(path: Path, *stages: str, force: bool = False):
     """Run a recipe's stages (or the ones named) in-process, in order; returns the loaded recipe."""
-    from jobs import dpo, evaluate, merge_push, prepare, sft
+    from jobs import dpo, evaluate, grpo, merge_push, prepare, sft
     from jobs import recipe as recipes
 
-    mains = {"prepare": prepare.main, "sft": sft.main, "dpo": dpo.main, "evaluate": evaluate.main, "merge_push": merge_push.main}
+    mains = {"prepare": prepare.main, "sft": sft.main, "dpo": dpo.main, "grpo": grpo.main, "evaluate": evaluate.main,
+             "merge_push": merge_push.main}
     recipe = recipes.load(path)
     for stage in stages or recipe.stages:
         mains[stage](recipe=str(path), force=force)

@@ -297,3 +297,35 @@ def test_pope_scores_with_yes_positive_and_the_yes_ratio():
     # read: yes, no, no, no, yes, yes -> TP 1, 5; FP 6; TN 2, 4; FN 3
     scores = pope_scores(answers, labels)
     assert scores == pytest.approx({"accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 3 / 6})
+
+
+# Where a completion's answer stands (issue 25; evaluate's accuracy and GRPO's rewards read it alike). "</think>": R1's
+# "<think>reasoning</think> answer" as TRL's grpo_vlm.py system prompt asks for it; "<answer>": open-r1-multimodal's
+# accuracy reward, re.search(r"<answer>(.*?)</answer>") stripped.
+@pytest.mark.parametrize("completion, after, read", [
+    ("  12 \n", None, "  12 \n"),  # the whole completion, as evaluate always read it (relaxed_accuracy strips it)
+    ("<think>two bars</think>\n2", "</think>", "2"),
+    ("<think>a</think> b </think> 3.", "</think>", "3."),  # after the last one
+    ("<think>no end", "</think>", ""),  # no answer given in the asked format
+    ("2", "</think>", ""),
+    ("<think>x</think><answer> B </answer> trailing", "<answer>", "B"),
+    ("<answer>A</answer><answer>C</answer>", "<answer>", "C"),  # the last, the final say (open-r1-multimodal takes the first)
+    ("<answer>C", "<answer>", "C"),  # cut off before its closing tag: what was said
+    ("C", "<answer>", ""),
+])
+def test_read_answer_takes_the_text_where_the_recipe_says_the_answer_stands(completion, after, read):
+    from jobs.metrics import read_answer
+
+    assert read_answer(completion, after) == read
+
+
+def test_answer_correct_is_relaxed_or_exact_on_the_answer_read():
+    from jobs.metrics import answer_correct
+
+    assert answer_correct("<think>x</think> 10.4", ["10"], relaxed=True, answer_after="</think>")  # within 5%
+    assert not answer_correct("<think>x</think> 10.6", ["10"], relaxed=True, answer_after="</think>")
+    assert not answer_correct("<think>x</think> 10.4", ["10"], relaxed=False, answer_after="</think>")
+    assert answer_correct("<think>x</think> Blue.", ["blue"], relaxed=False, answer_after="</think>")  # exact match's rule
+    assert not answer_correct("<think>x</think> Blue.", ["blue"], relaxed=True, answer_after="</think>")  # ChartQA's does not strip "."
+    assert not answer_correct("10", ["10"], relaxed=True, answer_after="</think>")  # no reasoning block, no answer
+    assert answer_correct(" 10\n", ["10"], relaxed=True)

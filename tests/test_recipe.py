@@ -64,7 +64,7 @@ def test_every_problem_is_reported_at_once_with_its_key():
         pytest.param({"sft": {"method": "qlora8"}}, "sft.method: 'qlora8' is not one of lora, qlora, full", id="method"),
         pytest.param({"merge_push": {"push": True}}, "merge_push.repo_id: required when merge_push.push is true", id="repo"),
         pytest.param({"sft": {"resources": {"gpu": 2}}}, "sft.resources.gpu: unknown key; did you mean 'gpus'?", id="resources"),
-        pytest.param({"evaluate": {"resources": {"nodes": 2}}}, "evaluate.resources.nodes: only the training stages (sft, dpo) span nodes", id="nodes"),
+        pytest.param({"evaluate": {"resources": {"nodes": 2}}}, "evaluate.resources.nodes: only the training stages (sft, dpo, grpo) span nodes", id="nodes"),
         pytest.param({"stages": "prepare"}, None, id="single-stage-string-is-a-list"),
     ],
 )

@@ -61,7 +61,7 @@ def test_every_shipped_recipe_runs_its_stages_as_its_tiny_twin(path, tmp_path, t
         assert reported <= {m for names in METRICS.values() for m in names} | benchmarks, reported
         assert recipe.evaluate.primary_metric in reported
     if "merge_push" in recipe.stages:
-        trained = "dpo" if "dpo" in recipe.stages else "sft"
+        trained = recipe.shipped_stage
         record = contract.read_json(recipe.run_dir / "merge_push" / contract.SUCCESS_FILE)
         if modeling.is_adapter(recipe.run_dir / trained / "model"):
             assert record["logits_max_diff"] <= recipe.merge_push.logits_atol
