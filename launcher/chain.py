@@ -49,9 +49,8 @@ def _failed(
     )
 
 
-def _refuse_unshareable_claim(cluster: Cluster, recipe: Recipe, stage: str) -> None:
+def _refuse_unshareable_claim(cluster: Cluster, recipe: Recipe, stage: str, nodes: int) -> None:
     """A multi-node stage on a claim only one node can mount would sit in ContainerCreating: refuse it first."""
-    nodes = recipe.resources_for(stage).nodes
     if nodes < 2:
         return
     pvc = cluster.get_pvc(recipe.kubernetes.pvc)
@@ -91,19 +90,20 @@ def run_stage(
     cluster: Cluster, recipe: Recipe, stage: str, image: str, *, follow: bool = True, logs: bool = True
 ) -> None:
     """Run one stage's Job to success, or raise JobFailed (exit code 2 for a user error)."""
+    res = render.stage_resources(recipe, stage)
     manifests = render.render_stage(recipe, stage, image)
     name = manifests[0]["metadata"]["name"]
     k = recipe.kubernetes
-    group = recipe.resources_for(stage).nodes > 1
+    group = res.multi_node
     job = cluster.get_job(name)
     if job is None:
-        _refuse_unshareable_claim(cluster, recipe, stage)
+        _refuse_unshareable_claim(cluster, recipe, stage, res.nodes)
         job = _create(cluster, manifests, stage)
     else:
         cluster.out(f"==> {stage}: Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
     # A Job that had failed before we came is reported, not retried: its retries are spent, and
     # running it again is the user's call (vlmjobs delete, then again).
-    restartable = render.retried_by_launcher(recipe, stage) and not state.is_finished(job)
+    restartable = render.retried_by_launcher(recipe, res) and not state.is_finished(job)
     if not follow:
         return
     failures = disruptions = 0

@@ -39,7 +39,8 @@ import re
 import yaml
 
 from jobs.contract import EXIT_USER_ERROR, UserError
-from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, Recipe, Resources
+from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, Recipe
+from jobs.stage_resources import StageResources, resolve
 from launcher import features
 from launcher.commands import NODE_RANK_ENV, RENDEZVOUS_PORT, stage_argv, stage_env
 
@@ -143,7 +144,7 @@ def check_annotation(where: str, key: str, value) -> None:
         raise UserError(f'{where}: annotation values are text; quote it ("{value}")')
 
 
-def check_resources(stage: str, res: Resources) -> None:
+def check_resources(stage: str, res: StageResources) -> None:
     where = f"{stage}.resources (or resources)"
     for key in ("cpu", "memory", "shm"):
         if not QUANTITY.match(str(getattr(res, key))):
@@ -196,10 +197,9 @@ def cluster_recipe(recipe: Recipe, image: str | None = None) -> Recipe:
     return dataclasses.replace(recipe, run=run, kubernetes=kubernetes)
 
 
-def retried_by_launcher(recipe: Recipe, stage: str) -> bool:
+def retried_by_launcher(recipe: Recipe, res: StageResources) -> bool:
     """True when the Job fails at its first pod failure and the launcher restarts it (module docstring)."""
-    multi_node = recipe.resources_for(stage).nodes > 1
-    return multi_node or not features.is_ga("podFailurePolicy", recipe.kubernetes.target_version)
+    return res.multi_node or not features.is_ga("podFailurePolicy", recipe.kubernetes.target_version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def container_security_context() -> dict:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
 
 
-def container_resources(res: Resources) -> dict:
+def container_resources(res: StageResources) -> dict:
     """CPU and memory requests; a memory limit equal to the request, since /dev/shm (tmpfs) is
     charged to it and a runaway DataLoader should fail this pod, not its neighbours; no CPU limit,
     which would throttle the data workers; GPUs as a limit (an extended resource's request follows)."""
@@ -266,7 +266,7 @@ def hf_home(mount_path: str) -> str:
     return f"{mount_path.rstrip('/')}/.cache/huggingface"
 
 
-def container_env(recipe: Recipe, stage: str, res: Resources) -> list[dict]:
+def container_env(recipe: Recipe, stage: str, res: StageResources) -> list[dict]:
     k = recipe.kubernetes
     env = [{"name": name, "value": value} for name, value in stage_env(recipe).items()]
     env += [
@@ -285,7 +285,7 @@ def container_env(recipe: Recipe, stage: str, res: Resources) -> list[dict]:
     return env
 
 
-def volumes(recipe: Recipe, res: Resources) -> tuple[list[dict], list[dict]]:
+def volumes(recipe: Recipe, res: StageResources) -> tuple[list[dict], list[dict]]:
     k = recipe.kubernetes
     vols = [
         {"name": "runs", "persistentVolumeClaim": {"claimName": k.pvc}},
@@ -295,7 +295,7 @@ def volumes(recipe: Recipe, res: Resources) -> tuple[list[dict], list[dict]]:
     return vols, mounts
 
 
-def scheduling(recipe: Recipe, res: Resources) -> dict:
+def scheduling(recipe: Recipe, res: StageResources) -> dict:
     """Where the pod may run: GPU pods on GPU nodes of the product asked for; CPU pods stay off them."""
     k = recipe.kubernetes
     spec: dict = {}
@@ -340,21 +340,28 @@ def main_address(recipe: Recipe, stage: str) -> str:
 # Objects
 
 
-def render_job(recipe: Recipe, stage: str, image: str) -> dict:
-    """The Job of one stage; ``recipe`` as given by the user (it is resolved for the cluster here)."""
+def stage_resources(recipe: Recipe, stage: str) -> StageResources:
+    """What the stage's pods ask for (jobs.stage_resources), resolved once per rendering and checked."""
     if stage not in STAGES:
         raise UserError(f"--stage: {stage!r} is not a stage (stages: {', '.join(STAGES)})")
     if stage not in recipe.stages:
         raise UserError(f"--stage: {stage} is not in the recipe's stages ({', '.join(recipe.stages)})")
+    res = resolve(recipe, stage)
+    check_resources(stage, res)
+    return res
+
+
+def render_job(recipe: Recipe, stage: str, image: str, res: StageResources | None = None) -> dict:
+    """The Job of one stage; ``recipe`` as given by the user (it is resolved for the cluster here), ``res`` its
+    resources when the caller resolved them already."""
+    res = res or stage_resources(recipe, stage)
     check_names(recipe)
     check_image(image)
-    res = recipe.resources_for(stage)
-    check_resources(stage, res)
     resolved = cluster_recipe(recipe, image)
     k = resolved.kubernetes
     name = job_name(resolved, stage)
-    multi_node = res.nodes > 1
-    argv = stage_argv(resolved, stage, main_address=main_address(resolved, stage) if multi_node else None)
+    multi_node = res.multi_node
+    argv = stage_argv(resolved, stage, res=res, main_address=main_address(resolved, stage) if multi_node else None)
     vols, mounts = volumes(resolved, res)
     container = {
         "name": CONTAINER,
@@ -382,8 +389,8 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
     spec: dict = {}
     if multi_node:
         spec.update(completionMode="Indexed", completions=res.nodes, parallelism=res.nodes)
-    spec["backoffLimit"] = 0 if retried_by_launcher(resolved, stage) else k.backoff_limit
-    policy = pod_failure_policy(resolved, ignore_disruptions=not retried_by_launcher(resolved, stage))
+    spec["backoffLimit"] = 0 if retried_by_launcher(resolved, res) else k.backoff_limit
+    policy = pod_failure_policy(resolved, ignore_disruptions=not retried_by_launcher(resolved, res))
     if policy:
         spec["podFailurePolicy"] = policy
     spec["activeDeadlineSeconds"] = k.active_deadline_seconds
@@ -432,8 +439,9 @@ def owned_by(manifest: dict, job: dict) -> dict:
 
 def render_stage(recipe: Recipe, stage: str, image: str) -> list[dict]:
     """What ``submit`` creates for a stage, in order, after checking the target version."""
-    manifests = [render_job(recipe, stage, image)]
-    if recipe.resources_for(stage).nodes > 1:
+    res = stage_resources(recipe, stage)
+    manifests = [render_job(recipe, stage, image, res)]
+    if res.multi_node:
         manifests.append(render_service(recipe, stage))
     features.check(manifests, recipe.kubernetes.target_version)
     return manifests

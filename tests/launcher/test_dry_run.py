@@ -13,6 +13,7 @@ import yaml
 
 from jobs import recipe as recipes
 from jobs.recipe import STAGES, TRAINING_STAGES
+from jobs.stage_resources import resolve
 from launcher import render
 from tests.launcher.conftest import IMAGE
 
@@ -70,7 +71,7 @@ def test_every_stage_of_every_shipped_recipe_is_accepted_and_its_pods_admitted(p
             assert stored_job["spec"].get("podFailurePolicy") == job["spec"].get("podFailurePolicy")
             pod = dry_run(api, stage_pod(job))
             assert pod["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
-            multi = recipe.resources_for(stage).nodes > 1
+            multi = resolve(recipe, stage).nodes > 1
             assert (job["spec"].get("completionMode") == "Indexed") == multi
             assert len(manifests) == (2 if multi else 1)
             checked.append((variant, stage, multi))

@@ -9,6 +9,7 @@ import pytest
 
 from jobs.contract import UserError
 from jobs.recipe import RECIPE_ENV
+from jobs.stage_resources import resolve
 from launcher import render
 from launcher.commands import stage_argv
 from tests.launcher.conftest import IMAGE, MULTI, SINGLE, make
@@ -236,7 +237,7 @@ def test_multi_node_group_fails_as_one_and_is_restarted_by_the_launcher(multi):
     assert spec["podFailurePolicy"] == {
         "rules": [{"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]}}]
     }
-    assert render.retried_by_launcher(multi, "sft")
+    assert render.retried_by_launcher(multi, resolve(multi, "sft"))
 
 
 def test_multi_node_ranks_rendezvous_at_index_0_and_take_their_rank_from_the_index(multi):
