@@ -210,7 +210,9 @@ class Kubernetes:
     hf_token_key: str = "token"
     service_account: str | None = None
     priority_class: str | None = None
-    queue: str | None = None  # Kueue LocalQueue name
+    queue: str | None = None  # Kueue LocalQueue name: every Job (stages, driver, nightly) joins it
+    priority: str | None = None  # Kueue WorkloadPriorityClass name: its place in the queue and what it may preempt
+    admission_timeout: int = 24 * 3600  # seconds a Job may wait suspended (queued by Kueue) before follow gives up
     image_pull_secrets: tuple[str, ...] = ()
     backoff_limit: int = 3
     active_deadline_seconds: int = 7 * 24 * 3600

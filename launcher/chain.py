@@ -111,7 +111,7 @@ def run_stage(
         if state.is_finished(job):
             reading = state.read(job, cluster.list_pods(name), group=group)
         else:
-            reading = cluster.follow(name, logs=logs, group=group)
+            reading = cluster.follow(name, logs=logs, group=group, admission_timeout_s=k.admission_timeout)
         step = state.next_step(
             reading,
             restartable=restartable,
@@ -169,6 +169,6 @@ def submit_driver(cluster: Cluster, recipe: Recipe, image: str, *, follow: bool 
         cluster.out(f"==> pipeline: driver Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
     if not follow:
         return
-    reading = cluster.follow(name, logs=True)
+    reading = cluster.follow(name, logs=True, admission_timeout_s=recipe.kubernetes.admission_timeout)
     if not reading.succeeded:
         raise _failed(cluster, recipe, render.DRIVER, name, reading)

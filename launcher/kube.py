@@ -31,7 +31,7 @@ from typing import Any
 
 from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from launcher import state
-from launcher.render import CONTAINER, JOB_NAME_LABEL
+from launcher.render import CONTAINER, JOB_NAME_LABEL, LABEL_QUEUE
 
 POLL_S = 5.0  # between pod checks while following; the tests shorten it
 LOG_PUMP = "vlmjobs-log-pump"  # the thread that prints a followed Job's log (launcher.cli exits past it on Ctrl-C)
@@ -40,12 +40,14 @@ READ_TIMEOUT_S = 60.0  # one answer; a watch or log stream waits longer (their o
 # What the generated read_namespaced_pod_log accepts (the client picks the JSON one; the kubelet sends text either way)
 LOG_ACCEPTS = ["text/plain", "application/json", "application/yaml", "application/vnd.kubernetes.protobuf", "application/cbor"]
 RETRIED_VERBS = ("get", "list", "watch")  # safe to send again; a create or delete is not retried blindly
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"  # Kueue v0.17 serves v1beta1 and v1beta2, stores v1beta2
 RESOURCES = {  # kind -> (API group for the message, plural)
     "Job": ("batch", "jobs"),
     "Pod": ("", "pods"),
     "Pod log": ("", "pods/log"),
     "Service": ("", "services"),
     "PersistentVolumeClaim": ("", "persistentvolumeclaims"),
+    "Workload": (KUEUE_GROUP, "workloads"),
 }
 
 
@@ -100,6 +102,11 @@ class JobFailed(KubeError):
 
 class JobDeleted(KubeError):
     """The Job disappeared while it was being followed."""
+
+
+class NotAdmitted(KubeError):
+    """A suspended Job's wait ended without admission: its Kueue Workload deactivated, or admission_timeout passed.
+    The Job and its Workload are left as they are (its place in the queue too)."""
 
 
 class StoppedMidway(KeyboardInterrupt):
@@ -230,6 +237,7 @@ class Cluster:
     retry_give_up_s: float = 600.0
     creating_too_long_s: float = state.CREATING_TOO_LONG_S  # then a pod in ContainerCreating is reported
     _reported: set = field(default_factory=set, init=False, repr=False)  # problems already said
+    _admission_said: dict = field(default_factory=dict, init=False, repr=False)  # Job -> why it waits, as last said
 
     def __post_init__(self):
         from kubernetes import client
@@ -485,10 +493,14 @@ class Cluster:
 
     # -- following -------------------------------------------------------------------------------
 
-    def follow(self, name: str, *, logs: bool = True, group: bool = False) -> state.Reading:
+    def follow(
+        self, name: str, *, logs: bool = True, group: bool = False, admission_timeout_s: float = float("inf")
+    ) -> state.Reading:
         """Follow a Job until its attempt is over (``state.read``): its state changes, pods that do
-        not start, and its pod's log when ``logs`` (the pod of index 0 for a group). Raises
-        JobDeleted if the Job disappears meanwhile."""
+        not start, and its pod's log when ``logs`` (the pod of index 0 for a group). While the Job is
+        suspended, why (its Kueue Workload), read at every turn (``watch_s``). Raises JobDeleted if the
+        Job disappears meanwhile, NotAdmitted when its Workload is deactivated or it stays suspended
+        longer than ``admission_timeout_s``."""
         job, version = self.list_job(name)
         if job is None:
             raise self._deleted(name, "does not exist (deleted, or removed by its TTL)")
@@ -507,6 +519,8 @@ class Cluster:
                 self._report_problems(pods)
                 if reading.over:
                     return reading
+                if state.job_state(job) == "Suspended":
+                    self._report_admission(name, job, admission_timeout_s)
                 try:
                     with contextlib.closing(self.watch_job(name, version)) as events:
                         for event in events:
@@ -537,6 +551,38 @@ class Cluster:
             stop.set()
             if pump and not interrupted:
                 pump.join(timeout=self.log_drain_s)
+
+    def list_workloads(self) -> list[dict] | None:
+        """Kueue's Workloads in the namespace; None where the cluster serves none (no Kueue installed)."""
+        from kubernetes import client
+
+        objects = client.CustomObjectsApi(self.api)
+        try:
+            answer = self._call("list", "Workload", None, objects.list_namespaced_custom_object, KUEUE_GROUP,
+                                KUEUE_VERSION, self.namespace, "workloads", _preload_content=False)  # fmt: skip
+        except NotFound:
+            return None
+        except Forbidden as e:  # following goes on without Kueue's reasons; the driver's Role has this verb
+            if "workloads" not in self._reported:
+                self._reported.add("workloads")
+                self.out(f"warning: {e}")
+            return None
+        return self._json(answer).get("items", [])
+
+    def _report_admission(self, name: str, job: dict, timeout_s: float) -> None:
+        """Say why the suspended Job waits when that changes; raise NotAdmitted when the wait is over."""
+        workloads = self.list_workloads()
+        queued = bool(job["metadata"].get("labels", {}).get(LABEL_QUEUE))
+        workload = state.owned_workload(job, workloads or [])
+        now = datetime.now(timezone.utc)
+        said = state.admission(job, workload, queued=queued and workloads is not None, now=now, timeout_s=timeout_s)
+        if said.line != self._admission_said.get(name):
+            self._admission_said[name] = said.line
+            self.out(f"==> Job {self.namespace}/{name}: {said.line}")
+        if said.ended:
+            raise NotAdmitted(f"Job {self.namespace}/{name} not admitted: {said.ended}; the Job and its Workload are "
+                              f"left queued (vlmjobs delete to withdraw it)", kind="Job", namespace=self.namespace,
+                              name=name)
 
     def _deleted(self, name: str, how: str) -> JobDeleted:
         return JobDeleted(f"Job {self.namespace}/{name} {how}", kind="Job", namespace=self.namespace, name=name)

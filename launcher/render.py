@@ -51,7 +51,8 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_COMPONENT = "app.kubernetes.io/component"  # the stage as the recipe names it, "pipeline" or "nightly"
 LABEL_RUN = "app.kubernetes.io/instance"  # the run id: one run, many Jobs
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue suspends a Job carrying it and admits it through that LocalQueue
+LABEL_PRIORITY = "kueue.x-k8s.io/priority-class"  # the WorkloadPriorityClass of the Job's Workload
 ANNOTATION_FINGERPRINT = "vlmjobs.io/recipe-fingerprint"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"  # GA with Indexed Jobs (1.24)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set by the Job controller on its pods (1.27)
@@ -115,6 +116,10 @@ def check_names(recipe: Recipe) -> None:
             check_subdomain(f"kubernetes.{key}", getattr(k, key))
     if k.queue is not None:
         check_label("kubernetes.queue", k.queue)
+    if k.priority is not None:
+        check_subdomain("kubernetes.priority", k.priority)
+    if k.admission_timeout <= 0:
+        raise UserError("kubernetes.admission_timeout: must be more than 0 (seconds a Job may wait for Kueue)")
     for i, secret in enumerate(k.image_pull_secrets):
         check_subdomain(f"kubernetes.image_pull_secrets[{i}]", secret)
     if not k.mount_path.startswith("/") or k.mount_path.rstrip("/") in ("", "/dev", "/dev/shm"):
@@ -222,10 +227,19 @@ def selector(run_id: str | None = None, part: str | None = None) -> str:
     return ",".join(f"{key}={value}" for key, value in chosen.items() if value)
 
 
+def kueue_labels(recipe: Recipe) -> dict[str, str]:
+    """What makes Kueue manage a Job (or JobSet): its LocalQueue and its WorkloadPriorityClass. On every Job vlmjobs
+    creates, the driver and the nightly CronJob's included: where Kueue manages Jobs without a queue name too, an
+    unlabelled one would wait in no queue for ever."""
+    k = recipe.kubernetes
+    chosen = {LABEL_QUEUE: k.queue, LABEL_PRIORITY: k.priority}
+    return {key: value for key, value in chosen.items() if value}
+
+
 def metadata(recipe: Recipe, name: str, part: str, *, queue: bool = False) -> dict:
     meta_labels = labels(recipe, part)
-    if queue and recipe.kubernetes.queue:
-        meta_labels[LABEL_QUEUE] = recipe.kubernetes.queue
+    if queue:
+        meta_labels.update(kueue_labels(recipe))
     return {
         "name": name,
         "namespace": recipe.kubernetes.namespace,
@@ -491,7 +505,7 @@ def render_driver_job(recipe: Recipe, image: str) -> dict:
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": metadata(resolved, driver_name(resolved), DRIVER),
+        "metadata": metadata(resolved, driver_name(resolved), DRIVER, queue=True),
         "spec": spec,
     }
     features.check([job], recipe.kubernetes.target_version)
@@ -522,7 +536,7 @@ def render_cronjob(recipe: Recipe, image: str) -> dict:
             "startingDeadlineSeconds": 3600,  # a night missed by more than an hour (controller down) is skipped
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,
-            "jobTemplate": {"metadata": {"labels": template_labels}, "spec": spec},
+            "jobTemplate": {"metadata": {"labels": {**template_labels, **kueue_labels(resolved)}}, "spec": spec},
         },
     }
     features.check([cronjob], recipe.kubernetes.target_version)
@@ -574,6 +588,8 @@ DRIVER_RULES = (
     {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete", "patch"]},
     # a multi-node stage is refused on a claim only one node can mount
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
+    # why a suspended stage waits: its Kueue Workload's conditions (read only; Kueue owns them)
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list"]},
 )
 
 
@@ -614,7 +630,7 @@ def render_hf_token_secret(namespace: str, name: str, key: str) -> dict:
 def render_local_queue(namespace: str, name: str, cluster_queue: str) -> dict:
     """A Kueue LocalQueue (a CRD, so not in the Kubernetes schemas); Jobs join it by the queue-name label."""
     return {
-        "apiVersion": "kueue.x-k8s.io/v1beta1",
+        "apiVersion": "kueue.x-k8s.io/v1beta2",  # v1beta1 is deprecated in Kueue v0.17
         "kind": "LocalQueue",
         "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_PART_OF: APP}},
         "spec": {"clusterQueue": cluster_queue},

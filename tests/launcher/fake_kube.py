@@ -130,10 +130,45 @@ class Request:
     body: dict | None
 
 
+def workload(job: dict, *conditions: dict, active: bool = True, queue: str = "gpu-queue") -> dict:
+    """A Kueue Workload for ``job`` as Kueue v0.17's Job integration writes it (kueue.x-k8s.io/v1beta2: named
+    job-<job>-<hash>, owned by the Job, its uid in the job-uid label), with ``conditions`` (``condition(...)``).
+    Kueue is not running here: its scheduler's decisions are played (test_kueue.py checks their shape against the
+    CRD's schema); that Kueue writes them so is the cluster tests' to show."""
+    name, uid = job["metadata"]["name"], job["metadata"]["uid"]
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "Workload",
+        "metadata": {
+            "name": f"job-{name}-3b1c2",
+            "namespace": job["metadata"]["namespace"],
+            "uid": f"wl-{uid}",
+            "resourceVersion": "1",
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"kueue.x-k8s.io/job-uid": uid},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid,
+                                 "controller": True, "blockOwnerDeletion": True}],
+        },
+        "spec": {
+            "active": active,
+            "queueName": queue,
+            "podSets": [{"name": "main", "count": 1, "template": job["spec"]["template"]}],
+        },
+        "status": {"conditions": list(conditions)},
+    }
+
+
+def kueue_condition(kind: str, status: bool, reason: str, message: str, at: str = "2025-01-01T00:00:01Z") -> dict:
+    """A Workload condition as Kueue writes it (metav1.Condition)."""
+    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message,
+            "lastTransitionTime": at, "observedGeneration": 1}
+
+
 class FakeKube:
     def __init__(self, namespace: str = "vlmjobs"):
         self.namespace = namespace
         self.jobs: dict[str, dict] = {}
+        self.workloads: list[dict] | None = None  # None: no Kueue CRDs served (404)
         self.pending: dict[str, list[tuple[str, dict]]] = {}  # job -> events not yet watched
         self.attempts: dict[str, list[Attempt]] = {}
         self.pods: dict[str, list[dict]] = {}
@@ -284,6 +319,12 @@ class FakeKube:
                 jobs = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/]+))?", url.path)
                 pods = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/log)?)?", url.path)
                 services = re.fullmatch(r"/api/v1/namespaces/([^/]+)/services(?:/([^/]+))?", url.path)
+                workloads = re.fullmatch(r"/apis/kueue.x-k8s.io/v1beta2/namespaces/([^/]+)/workloads", url.path)
+                if workloads and fake.workloads is not None:
+                    with fake.lock:
+                        items = json.loads(json.dumps(fake.workloads))
+                    return self._send(200, {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadList",
+                                            "metadata": {"resourceVersion": "1"}, "items": items})
                 if jobs:
                     return self._jobs(method, jobs.group(2), query, body)
                 if pods and pods.group(2) and not pods.group(3):

@@ -399,4 +399,5 @@ def test_driver_role_has_exactly_the_verbs_the_launcher_uses():
         (("",), ("pods/log",)): {"get"},
         (("",), ("services",)): {"create", "delete", "patch"},
         (("",), ("persistentvolumeclaims",)): {"get"},
+        (("kueue.x-k8s.io",), ("workloads",)): {"list"},
     }
