@@ -532,6 +532,8 @@ class Cluster:
                                 continue
                             job = obj
                             said = self._announce(name, job, said)
+                            if said == "Suspended":  # preempted (or queued again): why, at once
+                                self._report_admission(name, job, admission_timeout_s)
                             # A pod's change shows in the Job's status (active, ready, terminating):
                             # read the pods now, while a disrupted rank still carries its condition.
                             if state.read(job, self.list_pods(name), group=group).over:

@@ -124,3 +124,27 @@ def test_without_kueue_a_suspended_job_is_waited_on_as_before(cluster, server):
     queued_job(server, Attempt(statuses=[running(), complete()]))  # server.workloads None: no Kueue CRD (404)
     assert cluster.follow(JOB, logs=False, admission_timeout_s=600).succeeded
     assert f"==> Job vlmjobs/{JOB}: suspended, with no Kueue Workload: resumed by whoever suspended it" in cluster.lines
+
+
+def test_a_running_stage_preempted_by_kueue_is_waited_on_and_completes_not_failed(cluster, server):
+    """Kueue preempts a running stage: its Job is suspended (pods terminated), its Workload evicted; the launcher
+    reports it preempted, keeps its Job (and its place in the queue), and follows it to the end once readmitted."""
+    from launcher import chain
+
+    recipe = make(SINGLE)
+    manifest = render.render_stage(recipe, "sft", IMAGE)[0]
+    job = server.add_job(manifest, running(), Attempt(statuses=[suspended(datetime.now(timezone.utc)), running(),
+                                                                complete()]))
+    preempted = "Preempted to accommodate a workload (UID: 1f2e, JobUID: 3a4b) due to prioritization in the ClusterQueue"
+    server.workloads = [workload(job, kueue_condition("Evicted", True, "Preempted", preempted),
+                                 kueue_condition("QuotaReserved", False, "Pending", NO_QUOTA))]
+    chain.run_stage(cluster, recipe, "sft", IMAGE, logs=False)
+    assert cluster.lines[-5:] == [
+        f"==> Job vlmjobs/{JOB}: Suspended",
+        f"==> Job vlmjobs/{JOB}: evicted by Kueue (Preempted: {preempted}): preempted, not failed; waiting to be "
+        "admitted again",
+        f"==> Job vlmjobs/{JOB}: Running",
+        f"==> Job vlmjobs/{JOB}: Complete",
+        "==> sft: succeeded",
+    ]
+    assert not server.calls("DELETE", "/jobs") and len(server.calls("POST", "/jobs")) == 0
