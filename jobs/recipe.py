@@ -222,7 +222,9 @@ class Kubernetes:
     # Added for the launcher (issue 4):
     nightly_schedule: str = "0 2 * * *"  # cron schedule of the nightly pipeline's CronJob (vlmjobs cronjob)
     nightly_time_zone: str = "Etc/UTC"  # the CronJob's timeZone; without it the schedule follows the controller's clock
-    max_disruption_restarts: int = 10  # group restarts after preemption or a lost node, on top of backoff_limit: ends a preemption loop
+    # restarts after preemption or a lost node, on top of backoff_limit, where the launcher retries (a one-node stage on
+    # a target before 1.31): ends a preemption loop. A JobSet restarts on disruptions without a bound of its own
+    max_disruption_restarts: int = 10
     # Added for the simulated cluster (issue 10), useful anywhere: annotations on every stage pod, e.g.
     # cluster-autoscaler.kubernetes.io/safe-to-evict: "false", or sim.vlmjobs.io/exit-code (scripts/cluster.py).
     pod_annotations: dict = field(default_factory=dict)

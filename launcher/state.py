@@ -30,6 +30,7 @@ disruption restarts it without counting, anything else counts against ``backoff_
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -368,11 +369,11 @@ class Admission:
     ended: str | None = None
 
 
-def owned_workload(job: dict, workloads: list[dict]) -> dict | None:
-    """The Workload Kueue made for ``job``: the one whose ownerReference is the Job's uid."""
-    uid = job.get("metadata", {}).get("uid")
+def owned_workload(owner: dict, workloads: list[dict]) -> dict | None:
+    """The Workload Kueue made for ``owner`` (a Job or JobSet): the one whose ownerReference is its uid."""
+    uid = owner.get("metadata", {}).get("uid")
     for workload in workloads:
-        if any(ref.get("uid") == uid and ref.get("kind") == "Job" for ref in workload["metadata"].get("ownerReferences") or []):
+        if any(ref.get("uid") == uid for ref in workload["metadata"].get("ownerReferences") or []):
             return workload
     return None
 
@@ -416,3 +417,32 @@ def admission(job: dict, workload: dict | None, *, queued: bool, now: datetime, 
         return Admission(line, ended=f"suspended for {waited:.0f} s, more than kubernetes.admission_timeout "
                                      f"({timeout_s:g} s): {line}")
     return Admission(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# JobSet (jobset.x-k8s.io/v1alpha2, JobSet v0.11: pkg/constants/constants.go for its reasons and messages)
+
+
+def jobset_state(jobset: dict) -> str:
+    """Completed, Failed, Suspended (Kueue suspends a JobSet through spec.suspend) or Running. The controller sets
+    Completed (AllJobsCompleted) or Failed (FailJobSetFailurePolicyAction, ReachedMaxRestarts, FailedJobs) once."""
+    if condition(jobset, "Completed"):
+        return "Completed"
+    if condition(jobset, "Failed"):
+        return "Failed"
+    if condition(jobset, "Suspended") or jobset.get("spec", {}).get("suspend"):
+        return "Suspended"
+    return "Running"
+
+
+def jobset_restarts(jobset: dict) -> tuple[int, int]:
+    """(restarts, those counted against failurePolicy.maxRestarts) as the controller counts them."""
+    status = jobset.get("status", {})
+    return int(status.get("restarts") or 0), int(status.get("restartsCountTowardsMax") or 0)
+
+
+def first_failed_job(jobset: dict) -> str | None:
+    """The child Job the JobSet failed for, which its Failed message names: "... (first failed job: <name>)"."""
+    message = (condition(jobset, "Failed") or {}).get("message", "")
+    found = re.search(r"\(first failed job: ([^)]+)\)", message)
+    return found.group(1) if found else None
