@@ -102,10 +102,10 @@ def test_a_multi_node_stage_is_created_as_a_jobset_and_followed_to_its_end(clust
     assert cluster.lines == [
         "==> sft: created JobSet vlmjobs/qwen2vl-chartqa-sft (2 nodes)",
         "==> JobSet vlmjobs/qwen2vl-chartqa-sft: Running",
-        "==> JobSet vlmjobs/qwen2vl-chartqa-sft: restarted by JobSet, restart 1 (0 of at most 1 counted; disruptions "
-        "are not): every rank resumes from the last checkpoint",
-        "==> JobSet vlmjobs/qwen2vl-chartqa-sft: restarted by JobSet, restart 2 (1 of at most 1 counted; disruptions "
-        "are not): every rank resumes from the last checkpoint",
+        ("==> JobSet vlmjobs/qwen2vl-chartqa-sft: restarted by JobSet, restart 1 (0 of at most 1 counted; disruptions "
+         "are not): every rank resumes from the last checkpoint"),
+        ("==> JobSet vlmjobs/qwen2vl-chartqa-sft: restarted by JobSet, restart 2 (1 of at most 1 counted; disruptions "
+         "are not): every rank resumes from the last checkpoint"),
         "==> JobSet vlmjobs/qwen2vl-chartqa-sft: Completed",
         "==> sft: succeeded after 2 restart(s)",
     ]

@@ -141,8 +141,8 @@ def test_a_running_stage_preempted_by_kueue_is_waited_on_and_completes_not_faile
     chain.run_stage(cluster, recipe, "sft", IMAGE, logs=False)
     assert cluster.lines[-5:] == [
         f"==> Job vlmjobs/{JOB}: Suspended",
-        f"==> Job vlmjobs/{JOB}: evicted by Kueue (Preempted: {preempted}): preempted, not failed; waiting to be "
-        "admitted again",
+        (f"==> Job vlmjobs/{JOB}: evicted by Kueue (Preempted: {preempted}): preempted, not failed; waiting to be "
+         "admitted again"),
         f"==> Job vlmjobs/{JOB}: Running",
         f"==> Job vlmjobs/{JOB}: Complete",
         "==> sft: succeeded",
