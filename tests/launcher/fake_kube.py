@@ -131,8 +131,8 @@ class Request:
 
 
 def workload(job: dict, *conditions: dict, active: bool = True, queue: str = "gpu-queue") -> dict:
-    """A Kueue Workload for ``job`` as Kueue v0.17's Job integration writes it (kueue.x-k8s.io/v1beta2: named
-    job-<job>-<hash>, owned by the Job, its uid in the job-uid label), with ``conditions`` (``condition(...)``).
+    """A Kueue Workload for ``job`` (a Job or JobSet) as Kueue v0.17's integrations write it (kueue.x-k8s.io/v1beta2:
+    named job-<job>-<hash>, owned by it, its uid in the job-uid label), with ``conditions`` (``kueue_condition``).
     Kueue is not running here: its scheduler's decisions are played (test_kueue.py checks their shape against the
     CRD's schema); that Kueue writes them so is the cluster tests' to show."""
     name, uid = job["metadata"]["name"], job["metadata"]["uid"]
@@ -146,13 +146,14 @@ def workload(job: dict, *conditions: dict, active: bool = True, queue: str = "gp
             "resourceVersion": "1",
             "creationTimestamp": "2025-01-01T00:00:00Z",
             "labels": {"kueue.x-k8s.io/job-uid": uid},
-            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid,
+            "ownerReferences": [{"apiVersion": job.get("apiVersion", "batch/v1"), "kind": job.get("kind", "Job"),
+                                 "name": name, "uid": uid,
                                  "controller": True, "blockOwnerDeletion": True}],
         },
         "spec": {
             "active": active,
             "queueName": queue,
-            "podSets": [{"name": "main", "count": 1, "template": job["spec"]["template"]}],
+            "podSets": [{"name": "main", "count": 1, "template": job["spec"].get("template", {})}],
         },
         "status": {"conditions": list(conditions)},
     }

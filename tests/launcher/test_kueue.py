@@ -148,3 +148,28 @@ def test_a_running_stage_preempted_by_kueue_is_waited_on_and_completes_not_faile
         "==> sft: succeeded",
     ]
     assert not server.calls("DELETE", "/jobs") and len(server.calls("POST", "/jobs")) == 0
+
+
+def test_a_multi_node_stage_waiting_for_kueue_says_why_from_its_jobsets_workload(cluster, server):
+    """Kueue admits a JobSet whole: its Workload is the JobSet's, and the suspended JobSet's wait says why."""
+    from launcher import chain
+    from tests.launcher.conftest import MULTI
+
+    recipe = make(MULTI, **{"kubernetes.queue": "gpu-queue"})
+    jobset = render.render_stage(recipe, "sft", IMAGE)[0]
+    server.jobsets["qwen2vl-chartqa-sft"] = {**jobset, "metadata": {**jobset["metadata"], "uid": "uid-js"},
+                                            "spec": {**jobset["spec"], "suspend": True}, "status": {"restarts": 0}}
+    done = {"restarts": 0, "conditions": [{"type": "Completed", "status": "True", "reason": "AllJobsCompleted",
+                                           "message": "jobset completed successfully"}]}
+    server.jobset_statuses["qwen2vl-chartqa-sft"] = [{"restarts": 0}, {"restarts": 0}, done]  # one a GET
+    server.workloads = [workload(server.jobsets["qwen2vl-chartqa-sft"],
+                                 kueue_condition("QuotaReserved", False, "Pending", NO_QUOTA))]
+    jsonschema.validate(server.workloads[0], SCHEMA)
+    chain.run_stage(cluster, recipe, "sft", IMAGE, logs=False)
+    assert cluster.lines[:3] == [
+        "==> sft: JobSet vlmjobs/qwen2vl-chartqa-sft already exists: Suspended",
+        "==> JobSet vlmjobs/qwen2vl-chartqa-sft: Suspended",
+        f"==> JobSet vlmjobs/qwen2vl-chartqa-sft: not admitted by Kueue yet (Workload job-qwen2vl-chartqa-sft-3b1c2): "
+        f"Pending: {NO_QUOTA}",
+    ]
+    assert cluster.lines[-1] == "==> sft: succeeded"
