@@ -169,7 +169,7 @@ def test_a_multi_node_stage_waiting_for_kueue_says_why_from_its_jobsets_workload
     assert cluster.lines[:3] == [
         "==> sft: JobSet vlmjobs/qwen2vl-chartqa-sft already exists: Suspended",
         "==> JobSet vlmjobs/qwen2vl-chartqa-sft: Suspended",
-        f"==> JobSet vlmjobs/qwen2vl-chartqa-sft: not admitted by Kueue yet (Workload job-qwen2vl-chartqa-sft-3b1c2): "
-        f"Pending: {NO_QUOTA}",
+        ("==> JobSet vlmjobs/qwen2vl-chartqa-sft: not admitted by Kueue yet (Workload job-qwen2vl-chartqa-sft-3b1c2): "
+         f"Pending: {NO_QUOTA}"),
     ]
     assert cluster.lines[-1] == "==> sft: succeeded"
