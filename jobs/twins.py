@@ -39,7 +39,7 @@ NEW_TOKENS = 4
 INTERVALS = ("logging_steps", "eval_steps", "save_steps")
 WORKERS = ("dataloader_num_workers", "dataset_num_proc")
 CHANGED = (  # dotted keys a twin may change; "*" stands for sft or dpo
-    "model.name_or_path", "model.revision",
+    "model.name_or_path", "model.revision", "model.parameters",
     "data.*.path", "data.*.name", "data.*.revision", "data.*.train_split", "data.*.eval_split", "data.*.test_split",
     "prepare.max_rows", "prepare.num_proc",
     "*.args.max_steps", "*.args.per_device_train_batch_size", "*.args.per_device_eval_batch_size",
@@ -58,6 +58,7 @@ def twin(
     model = data["model"]
     model["name_or_path"] = str(tiny_model(model["family"]))
     model.pop("revision", None)
+    model.pop("parameters", None)  # the real checkpoint's count, which sizes its pods; not the tiny model's
 
     for source in (data.get("data") or {}).values():
         if source is None:
