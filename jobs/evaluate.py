@@ -58,6 +58,10 @@ def main(recipe: str = "", force: bool = False, **overrides):
         # adapter on the 4-bit base after QLoRA, on full-precision weights after LoRA, earlier adapters merged into
         # the weights they were trained against; what merge_push ships is that model merged, checked against it.
         if variant in TRAINED_VARIANTS:
+            # One model at a time, as its GPUs are sized (jobs.stage_resources): device_map="auto" places the next in
+            # the memory the last leaves free, so the base goes first
+            model = None
+            free_memory()
             quantize = modeling.quantization(getattr(cfg, variant))
             model = modeling.load_trained(cfg, stage.run_dir, variant, quantize=quantize, device_map="auto")
         elif model is None or variant == "base":
@@ -79,6 +83,17 @@ def main(recipe: str = "", force: bool = False, **overrides):
     print(format_table(report))
     rows = {kind: len(rows) for kind, rows in tests.items()} | {key: len(rows) for key, (_, rows) in benchmarks.items()}
     stage.finish(report=report["variants"], rows=rows)
+
+
+def free_memory() -> None:
+    """Collect what was let go, and hand the GPU's cached blocks back: device_map="auto" sees only free memory."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def scoring_processor(cfg):

@@ -167,3 +167,20 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     if names["compute"] != names["weights"] or train.method != "full":
         described += f", {names['compute']} compute"
     return estimate, {"parameters": total, "trainable": trainable, "dtype": names["weights"], "precision": described}
+
+
+# Inference and merging (evaluate, merge_push): the weights alone on the GPU, one model at a time. Of a GPU's memory
+# a fifth is left for what comes on top: the CUDA context (~0.5 GB), the activations and key-value cache of evaluate's
+# batches (8 rows of a few thousand tokens) and the largest layer accelerate's device_map="auto" keeps free.
+INFERENCE_USABLE = 0.8
+
+
+def weights_gb(parameters: float, bytes_per_parameter: float) -> float:
+    """GB of a model's weights in a precision: 8.29B in bf16 are 16.6 GB, in float32 33.2."""
+    return parameters * bytes_per_parameter / GB
+
+
+def gpus_to_hold(need_gb: float, gpu_memory_gib: float) -> int:
+    """The fewest GPUs of ``gpu_memory_gib`` whose usable memory together holds ``need_gb`` of weights, which
+    device_map="auto" spreads over a pod's GPUs layer by layer."""
+    return max(1, math.ceil(need_gb / (gpu_gb(gpu_memory_gib) * INFERENCE_USABLE)))

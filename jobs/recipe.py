@@ -44,6 +44,7 @@ STAGE_SECTIONS = {  # what each stage's output depends on, besides its inputs' f
     "evaluate": ("model", "evaluate", "seed"),
     "merge_push": ("model", "merge_push"),
 }
+SIZING_KEYS = ("resources", "parameters")  # keys of a stage's sections that size its pods, not its output
 TRAINING_METHODS = ("lora", "qlora", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 FLOAT_DTYPES = tuple(d for d in DTYPES if d != "auto")
@@ -68,6 +69,9 @@ class Model:
     dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, float32 otherwise
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2
     processor: dict = field(default_factory=dict)  # processor kwargs on top of the family's defaults
+    # The checkpoint's parameter count as its card publishes it (8.29e9): sizes evaluate's and merge_push's GPUs
+    # (jobs.stage_resources); changes no stage's output, so it is not part of a stage's config
+    parameters: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class Prepare:
     test_fraction: float = 0.05  # carved from train when the source has no test split
     max_rows: int | None = None  # per split, after slicing; for quick looks at big sources
     num_proc: int = 1  # worker processes for decoding and resizing images
+    resources: dict = field(default_factory=dict)  # Resources fields overriding prepare's CPU-only defaults
     # Frames per second kept of a video row where the family's video processor sets no fps or num_frames of its own
     # (Qwen2.5-VL's: its card samples at 2 through qwen-vl-utils); fewer frames, fewer tokens and less memory
     video_fps: float = 2.0
@@ -241,7 +246,9 @@ class Kubernetes:
     hf_write_token_secret: str | None = None
     service_account: str | None = None
     priority_class: str | None = None
-    queue: str | None = None  # Kueue LocalQueue name
+    queue: str | None = None  # Kueue LocalQueue name: every Job (stages, driver, nightly) joins it
+    priority: str | None = None  # Kueue WorkloadPriorityClass name: its place in the queue and what it may preempt
+    admission_timeout: int = 24 * 3600  # seconds a Job may wait suspended (queued by Kueue) before follow gives up
     image_pull_secrets: tuple[str, ...] = ()
     backoff_limit: int = 3
     active_deadline_seconds: int = 7 * 24 * 3600
@@ -251,7 +258,9 @@ class Kubernetes:
     # Added for the launcher (issue 4):
     nightly_schedule: str = "0 2 * * *"  # cron schedule of the nightly pipeline's CronJob (vlmjobs cronjob)
     nightly_time_zone: str = "Etc/UTC"  # the CronJob's timeZone; without it the schedule follows the controller's clock
-    max_disruption_restarts: int = 10  # group restarts after preemption or a lost node, on top of backoff_limit: ends a preemption loop
+    # restarts after preemption or a lost node, on top of backoff_limit, where the launcher retries (a one-node stage on
+    # a target before 1.31): ends a preemption loop. A JobSet restarts on disruptions without a bound of its own
+    max_disruption_restarts: int = 10
     # Added for the simulated cluster (issue 10), useful anywhere: annotations on every stage pod, e.g.
     # cluster-autoscaler.kubernetes.io/safe-to-evict: "false", or sim.vlmjobs.io/exit-code (scripts/cluster.py).
     pod_annotations: dict = field(default_factory=dict)
@@ -298,10 +307,10 @@ class Recipe:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def stage_config(self, stage: str) -> dict:
-        """The recipe sections a stage's output depends on (resources excluded): its fingerprint's input."""
+        """The recipe sections a stage's output depends on (what sizes its pods excluded): its fingerprint's input."""
         data = self.to_dict()
         return {
-            key: {k: v for k, v in data[key].items() if k != "resources"} if isinstance(data[key], dict) else data[key]
+            key: {k: v for k, v in data[key].items() if k not in SIZING_KEYS} if isinstance(data[key], dict) else data[key]
             for key in STAGE_SECTIONS[stage]
         }
 
@@ -331,13 +340,11 @@ class Recipe:
         return tuple(sorted(stages or self.stages, key=STAGES.index))
 
     def resources_for(self, stage: str) -> Resources:
-        """The recipe's resources with the stage's overrides; only training stages inherit several nodes."""
-        overrides = getattr(getattr(self, stage), "resources", {})
+        """A training stage's resources: the recipe's with the stage's overrides. What every stage's pods ask for,
+        prepare, evaluate and merge_push included, is jobs.stage_resources.resolve."""
         if stage not in TRAINING_STAGES:
-            overrides = {"nodes": 1, **overrides}
-        if stage == "prepare":  # data preparation runs on CPU so that data problems cost no GPU time
-            overrides = {"gpus": 0, **overrides}
-        return dataclasses.replace(self.resources, **overrides)
+            raise ValueError(f"resources_for({stage!r}): not a training stage; use jobs.stage_resources.resolve")
+        return dataclasses.replace(self.resources, **getattr(self, stage).resources)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,6 +574,9 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
         errors.append("prepare.image_scale: must be in (0, 1]")
     if not recipe.prepare.video_fps > 0:
         errors.append("prepare.video_fps: must be above 0 (frames per second kept of a video)")
+    if recipe.model.parameters is not None and not recipe.model.parameters >= 1e6:
+        errors.append(f"model.parameters: {recipe.model.parameters:g} is not a model's parameter count (e.g. 8290000000, "
+                      "as the checkpoint's card gives it)")
     if (recipe.resources.sharding or "none") not in SHARDING:
         errors.append(f"resources.sharding: {recipe.resources.sharding!r} is not one of {', '.join(SHARDING)}")
     for stage in STAGES:

@@ -229,7 +229,12 @@ SHOWN_METRICS = ("loss", "eval_loss", "learning_rate", "rewards/margins", "rewar
 
 class SaveOnSigterm(TrainerCallback):
     """On SIGTERM (preemption, node drain, kubectl delete) or SIGINT (Ctrl-C) write a checkpoint and stop,
-    within the grace period; the stage then exits 128 + the signal's number."""
+    within the grace period; the stage then exits 128 + the signal's number.
+
+    Over several processes the signal reaches them at different moments (a node drained, one pod evicted, the agent
+    forwarding it in turn), and saving is collective (FSDP's sharded state, DDP's barriers): a process that saved at
+    its own step would wait in the save for peers still training, until SIGKILL. So at every step's end the processes
+    agree (``agreed_signal``): all of them save at the first step any of them was asked to stop."""
 
     def __init__(self):
         self.requested: int | None = None  # the signal that asked to stop
@@ -246,9 +251,23 @@ class SaveOnSigterm(TrainerCallback):
         self.requested = self.requested or signum
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.requested = agreed_signal(self.requested, args.device)
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
+
+
+def agreed_signal(requested: int | None, device) -> int | None:
+    """The signal any process was asked to stop by (the largest number where they differ), the same on every process:
+    a max all-reduce of one number, at each step's end (microseconds beside a step). Alone, ``requested`` itself."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return requested
+    flag = torch.tensor([requested or 0], dtype=torch.int64, device=device)  # NCCL reduces only on the GPU
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 def stop_if_interrupted(trainer, stage: str) -> None:

@@ -42,7 +42,7 @@ INTERVALS = ("logging_steps", "eval_steps", "save_steps")
 WORKERS = ("dataloader_num_workers", "dataset_num_proc")
 GRPO_SHRUNK = ("generation_batch_size", "steps_per_generation")  # the generation batch is the shrunk batch then
 CHANGED = (  # dotted keys a twin may change; "*" stands for sft, dpo or grpo
-    "model.name_or_path", "model.revision",
+    "model.name_or_path", "model.revision", "model.parameters",
     "data.*.path", "data.*.name", "data.*.revision", "data.*.train_split", "data.*.eval_split", "data.*.test_split",
     "prepare.max_rows", "prepare.num_proc",
     "*.args.max_steps", "*.args.per_device_train_batch_size", "*.args.per_device_eval_batch_size",
@@ -62,6 +62,7 @@ def twin(
     model = data["model"]
     model["name_or_path"] = str(tiny_model(model["family"]))
     model.pop("revision", None)
+    model.pop("parameters", None)  # the real checkpoint's count, which sizes its pods; not the tiny model's
 
     for source in (data.get("data") or {}).values():
         if source is None:

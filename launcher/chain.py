@@ -8,15 +8,19 @@ A stage starts only once the previous one succeeded and its pods terminated (a R
 volume attaches to one node at a time). A stage whose Job already succeeded is skipped; the stage
 itself also skips when its ``_SUCCESS.json`` matches (e.g. after the Job's TTL removed it). A Job
 that already exists is followed, never duplicated; a suspended one (queued by Kueue) is waited on.
-Restarting a multi-node group (render.py's docstring) happens here: delete the failed Job, wait
-until it and its pods are gone, create it again; whether to is ``state.next_step``.
+A multi-node stage is a JobSet (``run_group``), restarted by the JobSet controller and only followed
+here. Restarting a one-node Job here happens only on targets older than 1.31 (no podFailurePolicy):
+delete the failed Job, wait until it and its pods are gone, create it again (``state.next_step``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from jobs.recipe import Recipe
-from launcher import render, state
+from jobs.stage_resources import StageResources
+from launcher import kube, render, state
 from launcher.kube import AlreadyExists, Cluster, JobFailed, StoppedMidway
 
 
@@ -28,7 +32,7 @@ def _hint(recipe: Recipe, stage: str) -> str:
 
 
 def _failed(
-    cluster: Cluster, recipe: Recipe, stage: str, name: str, reading: state.Reading, restarts: str = ""
+    cluster: Cluster, recipe: Recipe, stage: str, name: str, reading: state.Reading, restarts: str = "", kind: str = "Job"
 ) -> JobFailed:
     details = reading.message or "no reason given"
     if reading.user_error:
@@ -37,21 +41,20 @@ def _failed(
         cause = f"stage exit codes {', '.join(map(str, sorted(set(reading.exit_codes))))}"
     else:
         cause = ""
-    text = f"stage {stage}: Job {cluster.namespace}/{name} failed{restarts}: {details}"
+    text = f"stage {stage}: {kind} {cluster.namespace}/{name} failed{restarts}: {details}"
     text += f" ({cause}); {_hint(recipe, stage)}" if cause else f"; {_hint(recipe, stage)}"
     return JobFailed(
         text,
         conditions=(reading.message,) if reading.message else (),
         exit_code=EXIT_USER_ERROR if reading.user_error else EXIT_FAILURE,
-        kind="Job",
+        kind=kind,
         namespace=cluster.namespace,
         name=name,
     )
 
 
-def _refuse_unshareable_claim(cluster: Cluster, recipe: Recipe, stage: str) -> None:
+def _refuse_unshareable_claim(cluster: Cluster, recipe: Recipe, stage: str, nodes: int) -> None:
     """A multi-node stage on a claim only one node can mount would sit in ContainerCreating: refuse it first."""
-    nodes = recipe.resources_for(stage).nodes
     if nodes < 2:
         return
     pvc = cluster.get_pvc(recipe.kubernetes.pvc)
@@ -60,35 +63,20 @@ def _refuse_unshareable_claim(cluster: Cluster, recipe: Recipe, stage: str) -> N
         raise UserError(refusal)
 
 
-def _create(cluster: Cluster, manifests: list[dict], stage: str) -> dict:
-    """Create the stage's Service first (as JobSet does, so that rank 0's name resolves from the
-    first pod on), then the Job, then make the Service the Job's, to go with it. A Job that exists
-    already is returned as it is."""
-    job_manifest, *services = manifests
-    name = job_manifest["metadata"]["name"]
-    for service in services:
-        try:
-            cluster.create_service(service)
-        except AlreadyExists:
-            # Left by an earlier attempt whose Job is gone (the garbage collector may not have got
-            # to it yet), or by a launcher stopped between the two creates: start it afresh.
-            cluster.delete_service(service["metadata"]["name"])
-            cluster.create_service(service)
+def _create(cluster: Cluster, manifest: dict, stage: str) -> dict:
+    """Create the stage's Job; a Job that exists already is returned as it is."""
+    name = manifest["metadata"]["name"]
     try:
-        job = cluster.create_job(job_manifest)
+        job = cluster.create_job(manifest)
         cluster.out(f"==> {stage}: created Job {cluster.namespace}/{name}")
     except AlreadyExists:
-        job = cluster.get_job(name) or job_manifest
+        job = cluster.get_job(name) or manifest
         cluster.out(f"==> {stage}: Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
-    if job.get("metadata", {}).get("uid"):
-        for service in services:
-            owned = render.owned_by(service, job)
-            cluster.set_owner(owned["metadata"]["name"], owned["metadata"]["ownerReferences"])
     return job
 
 
 def _refuse_another_recipe(cluster: Cluster, recipe: Recipe, image: str, stage: str, job: dict, manifest: dict) -> None:
-    """A Job of this run made from a different recipe is not this recipe's result (a Complete one would be reported as
+    """A Job (or JobSet) of this run made from a different recipe is not this recipe's result (a Complete one would be reported as
     its success): refused, naming the keys that differ."""
     fingerprint = manifest["metadata"]["annotations"][render.ANNOTATION_FINGERPRINT]
     changes = state.recipe_changes(job, fingerprint, render.cluster_recipe(recipe, image).to_dict())
@@ -96,38 +84,81 @@ def _refuse_another_recipe(cluster: Cluster, recipe: Recipe, image: str, stage: 
         return
     run = recipe.run_id
     raise UserError(
-        f"{stage}: Job {cluster.namespace}/{manifest['metadata']['name']} of run {run} was made from another recipe "
+        f"{stage}: {manifest['kind']} {cluster.namespace}/{manifest['metadata']['name']} of run {run} was made from another recipe "
         f"({len(changes)} key{'s' * (len(changes) > 1)} differ: {', '.join(changes)}); run it under a new id "
         f"(--run={run}-2) or delete the run's Jobs first (vlmjobs delete --run={run})"
     )
+
+
+JOBSET_INSTALL = "kubectl apply --server-side -f https://github.com/kubernetes-sigs/jobset/releases/download/v0.11.1/manifests.yaml"
+
+
+def run_group(cluster: Cluster, recipe: Recipe, stage: str, image: str, res: StageResources, manifest: dict, *,
+              follow: bool, logs: bool) -> None:
+    """A multi-node stage: create its JobSet (or find it), follow it to its end; the JobSet controller restarts the
+    group, so a launcher stopped and started again (or none: submit --detach) changes nothing."""
+    name = manifest["metadata"]["name"]
+    _refuse_unshareable_claim(cluster, recipe, stage, res.nodes)  # whatever the cluster serves: the recipe's to fix
+    if not cluster.serves(kube.JOBSET_GROUP, kube.JOBSET_VERSION):
+        raise UserError(f"stage {stage} runs on {res.nodes} nodes as a JobSet, but the cluster serves no "
+                        f"{render.JOBSET_API} (JobSet is not installed); an admin installs it with: {JOBSET_INSTALL}")
+    jobset = cluster.get_jobset(name)
+    if jobset is None:
+        try:
+            jobset = cluster.create_jobset(manifest)
+            cluster.out(f"==> {stage}: created JobSet {cluster.namespace}/{name} ({res.nodes} nodes)")
+        except AlreadyExists:
+            jobset = cluster.get_jobset(name) or manifest
+    else:
+        # its recipe is in the child Job's template: compared as a Job's would be
+        child = {"metadata": jobset["metadata"], "spec": jobset["spec"]["replicatedJobs"][0]["template"]["spec"]}
+        _refuse_another_recipe(cluster, recipe, image, stage, child, manifest)
+        cluster.out(f"==> {stage}: JobSet {cluster.namespace}/{name} already exists: {state.jobset_state(jobset)}")
+    if not follow:
+        return
+    group_job = render.group_job_name(recipe, stage)
+    jobset = cluster.follow_jobset(name, group_job=group_job, logs=logs,
+                                   admission_timeout_s=recipe.kubernetes.admission_timeout)  # fmt: skip
+    restarts = state.jobset_restarts(jobset)[0]
+    if state.jobset_state(jobset) == "Completed":
+        cluster.wait_pods_terminated(group_job)
+        cluster.out(f"==> {stage}: succeeded" + (f" after {restarts} restart(s)" if restarts else ""))
+        return
+    failed = state.first_failed_job(jobset) or group_job
+    child = cluster.get_job(failed)
+    said = (state.condition(jobset, "Failed") or {}).get("message", "")
+    reading = state.read(child, cluster.list_pods(failed), group=True) if child else state.Reading("Failed", over=True)
+    reading = dataclasses.replace(reading, message="; ".join(filter(None, [said, reading.message])))
+    raise _failed(cluster, recipe, stage, name, reading, f" after {restarts} restart(s)" if restarts else "", kind="JobSet")
 
 
 def run_stage(
     cluster: Cluster, recipe: Recipe, stage: str, image: str, *, follow: bool = True, logs: bool = True
 ) -> None:
     """Run one stage's Job to success, or raise JobFailed (exit code 2 for a user error)."""
-    manifests = render.render_stage(recipe, stage, image)
-    name = manifests[0]["metadata"]["name"]
+    res = render.stage_resources(recipe, stage)
+    manifest, = render.render_stage(recipe, stage, image)
+    if res.multi_node:
+        return run_group(cluster, recipe, stage, image, res, manifest, follow=follow, logs=logs)
+    name = manifest["metadata"]["name"]
     k = recipe.kubernetes
-    group = recipe.resources_for(stage).nodes > 1
     job = cluster.get_job(name)
     if job is None:
-        _refuse_unshareable_claim(cluster, recipe, stage)
-        job = _create(cluster, manifests, stage)
+        job = _create(cluster, manifest, stage)
     else:
-        _refuse_another_recipe(cluster, recipe, image, stage, job, manifests[0])
+        _refuse_another_recipe(cluster, recipe, image, stage, job, manifest)
         cluster.out(f"==> {stage}: Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
     # A Job that had failed before we came is reported, not retried: its retries are spent, and
     # running it again is the user's call (vlmjobs delete, then again).
-    restartable = render.retried_by_launcher(recipe, stage) and not state.is_finished(job)
+    restartable = render.retried_by_launcher(recipe, res) and not state.is_finished(job)
     if not follow:
         return
     failures = disruptions = 0
     while True:
         if state.is_finished(job):
-            reading = state.read(job, cluster.list_pods(name), group=group)
+            reading = state.read(job, cluster.list_pods(name))
         else:
-            reading = cluster.follow(name, logs=logs, group=group)
+            reading = cluster.follow(name, logs=logs, admission_timeout_s=k.admission_timeout)
         step = state.next_step(
             reading,
             restartable=restartable,
@@ -151,7 +182,7 @@ def run_stage(
         try:
             cluster.delete_job(name)
             cluster.wait_job_gone(name)
-            job = _create(cluster, manifests, stage)
+            job = _create(cluster, manifest, stage)
         except KeyboardInterrupt as e:
             raise StoppedMidway(
                 f"stopped while restarting stage {stage}: Job {cluster.namespace}/{name} is deleted and not created "
@@ -186,6 +217,6 @@ def submit_driver(cluster: Cluster, recipe: Recipe, image: str, *, follow: bool 
         cluster.out(f"==> pipeline: driver Job {cluster.namespace}/{name} already exists: {state.job_state(job)}")
     if not follow:
         return
-    reading = cluster.follow(name, logs=True)
+    reading = cluster.follow(name, logs=True, admission_timeout_s=recipe.kubernetes.admission_timeout)
     if not reading.succeeded:
         raise _failed(cluster, recipe, render.DRIVER, name, reading)

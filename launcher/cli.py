@@ -330,7 +330,10 @@ def logs(recipe: str = "", stage: str = "", run: str = "", follow: bool = True, 
     from launcher import render as rendering
 
     resolved = _recipe(recipe, run, overrides)
-    _cluster(resolved).print_log(rendering.job_name(resolved, _stage(resolved, stage)), index=int(index), follow=follow)
+    chosen = _stage(resolved, stage)
+    multi_node = rendering.stage_resources(resolved, chosen).multi_node  # its pods are its JobSet's Job's
+    job = rendering.group_job_name(resolved, chosen) if multi_node else rendering.job_name(resolved, chosen)
+    _cluster(resolved).print_log(job, index=int(index), follow=follow)
 
 
 @_cluster_command
@@ -342,8 +345,14 @@ def delete(recipe: str = "", run: str = "", stage: str = "", **overrides):
         raise contract.UserError("--run: which run? (vlmjobs status lists them)")
     resolved = _recipe(recipe, run, overrides)
     cluster = _cluster(resolved)
-    names = [job["metadata"]["name"] for job in cluster.list_jobs(rendering.selector(resolved.run_id, str(stage) or None))]
-    if not names:
+    chosen = rendering.selector(resolved.run_id, str(stage) or None)
+    jobsets = [jobset["metadata"]["name"] for jobset in cluster.list_jobsets(chosen)]
+    for name in jobsets:  # a multi-node stage: its JobSet, which would otherwise make its Job again
+        if cluster.delete_jobset(name):
+            print(f"deleted JobSet {cluster.namespace}/{name} (its Job, pods and Service go with it)")
+    names = [job["metadata"]["name"] for job in cluster.list_jobs(chosen)  # a JobSet's Jobs went with it
+             if not any(ref.get("kind") == "JobSet" for ref in job["metadata"].get("ownerReferences") or [])]
+    if not names and not jobsets:
         which = f"run {resolved.run_id}" + (f", stage {stage}" if stage else "")
         print(f"no Jobs of {which} in namespace {cluster.namespace}")
         return

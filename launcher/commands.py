@@ -6,12 +6,15 @@ import json
 
 from jobs.contract import UserError
 from jobs.recipe import RECIPE_ENV, TRAINING_STAGES, Recipe
+from jobs.stage_resources import StageResources, resolve
 
 NODE_RANK_ENV = "NODE_RANK"  # set in each pod of a multi-node Job from its completion index
 RENDEZVOUS_PORT = 29500  # torch.distributed's customary port, on the pod of index 0
 
 
-def stage_argv(recipe: Recipe, stage: str, *, python: str = "python", main_address: str | None = None) -> list[str]:
+def stage_argv(
+    recipe: Recipe, stage: str, *, python: str = "python", main_address: str | None = None, res: StageResources | None = None
+) -> list[str]:
     """argv of the stage's Fire entry; the recipe itself travels in the environment (``stage_env``).
 
     One GPU on one node runs the module directly, and so do the stages that do not train: they
@@ -19,9 +22,10 @@ def stage_argv(recipe: Recipe, stage: str, *, python: str = "python", main_addre
     ``accelerate launch`` with one process per GPU, by way of ``launcher.distributed``, which is
     accelerate's launcher keeping the stage's exit code (accelerate itself turns exit 2 into 1).
     More nodes need ``main_address``, the rendezvous host, and take the node rank from
-    ``$(NODE_RANK)``, which Kubernetes expands from the container's environment.
+    ``$(NODE_RANK)``, which Kubernetes expands from the container's environment. ``res``: the stage's
+    resources where the caller resolved them (rendering), else resolved here.
     """
-    res = recipe.resources_for(stage)
+    res = res or resolve(recipe, stage)
     module = f"jobs.{stage}"
     if (res.gpus <= 1 and res.nodes <= 1) or stage not in TRAINING_STAGES:
         return [python, "-m", module]

@@ -65,9 +65,13 @@ def is_ga(feature: str, target: str | tuple[int, int]) -> bool:
 
 
 def used_by(manifest: dict) -> set[str]:
-    """The FEATURES a manifest (Job, CronJob or Pod-bearing object) uses."""
+    """The FEATURES a manifest (Job, CronJob, JobSet or Pod-bearing object) uses."""
     used: set[str] = set()
     spec = manifest.get("spec", {})
+    if manifest.get("kind") == "JobSet":  # what its Jobs use (a JobSet of v0.11 needs Kubernetes 1.27 or newer itself)
+        for replicated in spec.get("replicatedJobs", []):
+            used |= used_by({"kind": "Job", "spec": replicated["template"]["spec"]})
+        return used
     if manifest.get("kind") == "CronJob":
         if "timeZone" in spec:
             used.add("cronJobTimeZone")

@@ -31,7 +31,7 @@ from typing import Any
 
 from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from launcher import state
-from launcher.render import CONTAINER, JOB_NAME_LABEL
+from launcher.render import CONTAINER, JOB_NAME_LABEL, LABEL_QUEUE
 
 POLL_S = 5.0  # between pod checks while following; the tests shorten it
 LOG_PUMP = "vlmjobs-log-pump"  # the thread that prints a followed Job's log (launcher.cli exits past it on Ctrl-C)
@@ -40,12 +40,17 @@ READ_TIMEOUT_S = 60.0  # one answer; a watch or log stream waits longer (their o
 # What the generated read_namespaced_pod_log accepts (the client picks the JSON one; the kubelet sends text either way)
 LOG_ACCEPTS = ["text/plain", "application/json", "application/yaml", "application/vnd.kubernetes.protobuf", "application/cbor"]
 RETRIED_VERBS = ("get", "list", "watch")  # safe to send again; a create or delete is not retried blindly
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"  # Kueue v0.17 serves v1beta1 and v1beta2, stores v1beta2
+JOBSET_GROUP, JOBSET_VERSION = "jobset.x-k8s.io", "v1alpha2"  # JobSet v0.11 serves v1alpha2 only
 RESOURCES = {  # kind -> (API group for the message, plural)
     "Job": ("batch", "jobs"),
     "Pod": ("", "pods"),
     "Pod log": ("", "pods/log"),
     "Service": ("", "services"),
     "PersistentVolumeClaim": ("", "persistentvolumeclaims"),
+    "Workload": (KUEUE_GROUP, "workloads"),
+    "JobSet": (JOBSET_GROUP, "jobsets"),
+    "API": ("", "apis"),
 }
 
 
@@ -100,6 +105,11 @@ class JobFailed(KubeError):
 
 class JobDeleted(KubeError):
     """The Job disappeared while it was being followed."""
+
+
+class NotAdmitted(KubeError):
+    """A suspended Job's wait ended without admission: its Kueue Workload deactivated, or admission_timeout passed.
+    The Job and its Workload are left as they are (its place in the queue too)."""
 
 
 class StoppedMidway(KeyboardInterrupt):
@@ -230,6 +240,7 @@ class Cluster:
     retry_give_up_s: float = 600.0
     creating_too_long_s: float = state.CREATING_TOO_LONG_S  # then a pod in ContainerCreating is reported
     _reported: set = field(default_factory=set, init=False, repr=False)  # problems already said
+    _admission_said: dict = field(default_factory=dict, init=False, repr=False)  # Job -> why it waits, as last said
 
     def __post_init__(self):
         from kubernetes import client
@@ -485,10 +496,14 @@ class Cluster:
 
     # -- following -------------------------------------------------------------------------------
 
-    def follow(self, name: str, *, logs: bool = True, group: bool = False) -> state.Reading:
+    def follow(
+        self, name: str, *, logs: bool = True, group: bool = False, admission_timeout_s: float = float("inf")
+    ) -> state.Reading:
         """Follow a Job until its attempt is over (``state.read``): its state changes, pods that do
-        not start, and its pod's log when ``logs`` (the pod of index 0 for a group). Raises
-        JobDeleted if the Job disappears meanwhile."""
+        not start, and its pod's log when ``logs`` (the pod of index 0 for a group). While the Job is
+        suspended, why (its Kueue Workload), read at every turn (``watch_s``). Raises JobDeleted if the
+        Job disappears meanwhile, NotAdmitted when its Workload is deactivated or it stays suspended
+        longer than ``admission_timeout_s``."""
         job, version = self.list_job(name)
         if job is None:
             raise self._deleted(name, "does not exist (deleted, or removed by its TTL)")
@@ -507,6 +522,8 @@ class Cluster:
                 self._report_problems(pods)
                 if reading.over:
                     return reading
+                if state.job_state(job) == "Suspended":
+                    self._report_admission(name, job, admission_timeout_s)
                 try:
                     with contextlib.closing(self.watch_job(name, version)) as events:
                         for event in events:
@@ -518,6 +535,8 @@ class Cluster:
                                 continue
                             job = obj
                             said = self._announce(name, job, said)
+                            if said == "Suspended":  # preempted (or queued again): why, at once
+                                self._report_admission(name, job, admission_timeout_s)
                             # A pod's change shows in the Job's status (active, ready, terminating):
                             # read the pods now, while a disrupted rank still carries its condition.
                             if state.read(job, self.list_pods(name), group=group).over:
@@ -537,6 +556,133 @@ class Cluster:
             stop.set()
             if pump and not interrupted:
                 pump.join(timeout=self.log_drain_s)
+
+    # -- JobSets (multi-node stages) -------------------------------------------------------------
+
+    def serves(self, group: str, version: str) -> bool:
+        """Whether the cluster serves the API ``group/version`` (discovery): False where its CRD is not installed."""
+        from kubernetes import client
+
+        objects = client.CustomObjectsApi(self.api)
+        try:
+            self._call("get", "API", f"{group}/{version}", objects.get_api_resources, group, version, _preload_content=False)
+        except NotFound:
+            return False
+        return True
+
+    def _jobsets(self):
+        from kubernetes import client
+
+        return client.CustomObjectsApi(self.api)
+
+    def get_jobset(self, name: str) -> dict | None:
+        get = self._jobsets().get_namespaced_custom_object
+        try:
+            answer = self._call("get", "JobSet", name, get, JOBSET_GROUP, JOBSET_VERSION, self.namespace, "jobsets", name,
+                                _preload_content=False)  # fmt: skip
+        except NotFound:
+            return None
+        return self._json(answer)
+
+    def create_jobset(self, manifest: dict) -> dict:
+        create = self._jobsets().create_namespaced_custom_object
+        name = manifest["metadata"]["name"]
+        answer = self._call("create", "JobSet", name, create, JOBSET_GROUP, JOBSET_VERSION, self.namespace, "jobsets",
+                            manifest, _preload_content=False)  # fmt: skip
+        return self._json(answer)
+
+    def list_jobsets(self, label_selector: str) -> list[dict]:
+        """The JobSets of a selector; none where the cluster serves no JobSet."""
+        if not self.serves(JOBSET_GROUP, JOBSET_VERSION):
+            return []
+        list_ = self._jobsets().list_namespaced_custom_object
+        answer = self._call("list", "JobSet", None, list_, JOBSET_GROUP, JOBSET_VERSION, self.namespace, "jobsets",
+                            label_selector=label_selector, _preload_content=False)  # fmt: skip
+        return self._json(answer).get("items", [])
+
+    def delete_jobset(self, name: str) -> bool:
+        """Delete with foreground propagation: its Jobs, pods and Service go first. False if absent."""
+        delete = self._jobsets().delete_namespaced_custom_object
+        try:
+            self._json(self._call("delete", "JobSet", name, delete, JOBSET_GROUP, JOBSET_VERSION, self.namespace,
+                                  "jobsets", name, propagation_policy="Foreground", _preload_content=False))
+        except NotFound:
+            return False
+        return True
+
+    def follow_jobset(self, name: str, *, group_job: str, logs: bool = True,
+                      admission_timeout_s: float = float("inf")) -> dict:  # fmt: skip
+        """Follow a JobSet until it has Completed or Failed, and return it: its state, the restarts its controller
+        makes (status.restarts), pods of its group Job that do not start, rank 0's log (``group_job``'s pod of index
+        0, across restarts), and while suspended why (its Kueue Workload). Read every ``poll_s``."""
+        stop = threading.Event()
+        pump = threading.Thread(target=self._pump_logs, args=(group_job, stop), name=LOG_PUMP, daemon=True) if logs else None
+        if pump:
+            pump.start()
+        said, restarts, interrupted = None, (0, 0), False
+        try:
+            while True:
+                jobset = self.get_jobset(name)
+                if jobset is None:
+                    raise JobDeleted(f"JobSet {self.namespace}/{name} was deleted while being followed", kind="JobSet",
+                                     namespace=self.namespace, name=name)
+                now = state.jobset_state(jobset)
+                if now != said:
+                    said = now
+                    self.out(f"==> JobSet {self.namespace}/{name}: {now}")
+                if state.jobset_restarts(jobset) != restarts:
+                    restarts = state.jobset_restarts(jobset)
+                    limit = jobset["spec"].get("failurePolicy", {}).get("maxRestarts", 0)
+                    self.out(f"==> JobSet {self.namespace}/{name}: restarted by JobSet, restart {restarts[0]} "
+                             f"({restarts[1]} of at most {limit} counted; disruptions are not): every rank resumes "
+                             "from the last checkpoint")
+                if now in ("Completed", "Failed"):
+                    return jobset
+                if now == "Suspended":
+                    self._report_admission(name, jobset, admission_timeout_s)
+                else:
+                    self._report_problems(self.list_pods(group_job))
+                time.sleep(self.poll_s)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            stop.set()
+            if pump and not interrupted:
+                pump.join(timeout=self.log_drain_s)
+
+    def list_workloads(self) -> list[dict] | None:
+        """Kueue's Workloads in the namespace; None where the cluster serves none (no Kueue installed)."""
+        from kubernetes import client
+
+        objects = client.CustomObjectsApi(self.api)
+        try:
+            answer = self._call("list", "Workload", None, objects.list_namespaced_custom_object, KUEUE_GROUP,
+                                KUEUE_VERSION, self.namespace, "workloads", _preload_content=False)  # fmt: skip
+        except NotFound:
+            return None
+        except Forbidden as e:  # following goes on without Kueue's reasons; the driver's Role has this verb
+            if "workloads" not in self._reported:
+                self._reported.add("workloads")
+                self.out(f"warning: {e}")
+            return None
+        return self._json(answer).get("items", [])
+
+    def _report_admission(self, name: str, job: dict, timeout_s: float) -> None:
+        """Say why the suspended Job waits when that changes; raise NotAdmitted when the wait is over."""
+        workloads = self.list_workloads()
+        queued = bool(job["metadata"].get("labels", {}).get(LABEL_QUEUE))
+        workload = state.owned_workload(job, workloads or [])
+        now = datetime.now(timezone.utc)
+        said = state.admission(job, workload, queued=queued and workloads is not None, now=now, timeout_s=timeout_s)
+        if said.line != self._admission_said.get(name):
+            self._admission_said[name] = said.line
+            self.out(f"==> {job.get('kind', 'Job')} {self.namespace}/{name}: {said.line}")
+        if said.ended:
+            kind = job.get("kind", "Job")
+            raise NotAdmitted(f"{kind} {self.namespace}/{name} not admitted: {said.ended}; the {kind} and its Workload "
+                              f"are left queued (vlmjobs delete to withdraw it)", kind=kind, namespace=self.namespace,
+                              name=name)
 
     def _deleted(self, name: str, how: str) -> JobDeleted:
         return JobDeleted(f"Job {self.namespace}/{name} {how}", kind="Job", namespace=self.namespace, name=name)

@@ -1,6 +1,6 @@
 """Kubernetes manifests as plain dicts, built by small pure functions from the recipe.
 
-    render_stage(recipe, "sft", image)   -> [Job] or [Job, Service] for a multi-node stage
+    render_stage(recipe, "sft", image)   -> [Job], or [JobSet] for a multi-node stage
     render_driver_job(recipe, image)     -> the CPU Job that drives the chain in the cluster
     render_cronjob(recipe, image)        -> the nightly pipeline
     render_cluster_setup(...)            -> namespace, PVC, the driver's RBAC, Secret template, Kueue queue
@@ -15,20 +15,18 @@ Failure handling, per Job:
   eviction, node drain) against the retries. With a pod failure policy the controller also waits
   for a failed pod to terminate before it starts the next (podReplacementPolicy is then Failed),
   so two pods never write the same checkpoints.
-- several nodes: a lost rank leaves its peers blocked in NCCL until the collective timeout, and
-  per-index retries (``backoffLimitPerIndex``) would restart that rank alone into a group that
-  is no longer there. So the group fails as one: ``backoffLimit: 0`` fails the Job at the first
-  pod failure and the Job controller stops the other pods; the launcher (submit, pipeline or
-  the in-cluster driver) then deletes the Job and creates it again, and every rank resumes from
-  the newest checkpoint on the shared volume. This is JobSet's ``failurePolicy.maxRestarts``
-  done with a plain Job: exit 2 ends it, a disruption restarts it without counting (up to
-  ``kubernetes.max_disruption_restarts``), any other failure counts against ``backoff_limit``.
-  The launcher also restarts the group as soon as one pod is being disrupted (``DisruptionTarget``),
-  rather than waiting for the disrupted rank's peers to time out; what counts is ``state.next_step``. ``successPolicy`` is not needed: the
-  group succeeds when every rank has (the default).
-- a target older than 1.31 (podFailurePolicy not GA): every stage Job is handled like a
-  multi-node one (``backoffLimit: 0`` and retries by the launcher), since without the policy
-  the Job would retry a recipe error and count preemptions.
+- several nodes: a JobSet of one Indexed Job of a pod per node (``render_jobset``). A lost rank leaves
+  its peers blocked in NCCL until the collective timeout, and per-index retries would restart that
+  rank alone into a group that is no longer there. So the group's Job fails at its first pod
+  failure (``backoffLimit: 0``; its podFailurePolicy names a disruption or an exit 2 in its
+  failure message) and the JobSet controller recreates the group, every rank resuming from the
+  newest checkpoint on the shared volume: exit 2 and the deadline end it, a disruption restarts
+  it without counting, any other failure counts against ``failurePolicy.maxRestarts`` (=
+  ``kubernetes.backoff_limit``). The launcher only follows and reports (restarts from
+  ``status.restarts``). ``successPolicy`` is not needed: the group succeeds when every rank has.
+- a target older than 1.31 (podFailurePolicy not GA): a one-node stage's Job gets ``backoffLimit: 0``
+  and the launcher retries it (``state.next_step``), since without the policy the Job would retry a
+  recipe error and count preemptions.
 """
 
 from __future__ import annotations
@@ -39,9 +37,10 @@ import re
 import yaml
 
 from jobs.contract import EXIT_USER_ERROR, UserError
-from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, TRAINING_STAGES, Kubernetes, Recipe, Resources
+from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, TRAINING_STAGES, Kubernetes, Recipe
+from jobs.stage_resources import StageResources, resolve
 from launcher import features
-from launcher.commands import NODE_RANK_ENV, RENDEZVOUS_PORT, stage_argv, stage_env
+from launcher.commands import NODE_RANK_ENV, stage_argv, stage_env
 from launcher.patch import strategic_merge
 
 APP = "vlmjobs"
@@ -51,7 +50,8 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_COMPONENT = "app.kubernetes.io/component"  # the stage as the recipe names it, "pipeline" or "nightly"
 LABEL_RUN = "app.kubernetes.io/instance"  # the run id: one run, many Jobs
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue suspends a Job carrying it and admits it through that LocalQueue
+LABEL_PRIORITY = "kueue.x-k8s.io/priority-class"  # the WorkloadPriorityClass of the Job's Workload
 ANNOTATION_FINGERPRINT = "vlmjobs.io/recipe-fingerprint"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"  # GA with Indexed Jobs (1.24)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set by the Job controller on its pods (1.27)
@@ -123,6 +123,10 @@ def check_names(recipe: Recipe) -> None:
             check_subdomain(f"kubernetes.{key}", getattr(k, key))
     if k.queue is not None:
         check_label("kubernetes.queue", k.queue)
+    if k.priority is not None:
+        check_subdomain("kubernetes.priority", k.priority)
+    if k.admission_timeout <= 0:
+        raise UserError("kubernetes.admission_timeout: must be more than 0 (seconds a Job may wait for Kueue)")
     for i, secret in enumerate(k.image_pull_secrets):
         check_subdomain(f"kubernetes.image_pull_secrets[{i}]", secret)
     if not k.mount_path.startswith("/") or k.mount_path.rstrip("/") in ("", "/dev", "/dev/shm"):
@@ -171,7 +175,7 @@ def check_annotation(where: str, key: str, value) -> None:
         raise UserError(f'{where}: annotation values are text; quote it ("{value}")')
 
 
-def check_resources(stage: str, res: Resources) -> None:
+def check_resources(stage: str, res: StageResources) -> None:
     where = f"{stage}.resources (or resources)"
     for key in ("cpu", "memory", "shm"):
         if not QUANTITY.match(str(getattr(res, key))):
@@ -227,10 +231,10 @@ def cluster_recipe(recipe: Recipe, image: str | None = None) -> Recipe:
     return dataclasses.replace(recipe, run=run, kubernetes=kubernetes)
 
 
-def retried_by_launcher(recipe: Recipe, stage: str) -> bool:
-    """True when the Job fails at its first pod failure and the launcher restarts it (module docstring)."""
-    multi_node = recipe.resources_for(stage).nodes > 1
-    return multi_node or not features.is_ga("podFailurePolicy", recipe.kubernetes.target_version)
+def retried_by_launcher(recipe: Recipe, res: StageResources) -> bool:
+    """True when a one-node stage's Job fails at its first pod failure and the launcher restarts it (module
+    docstring); a multi-node stage's JobSet is restarted by the JobSet controller."""
+    return not res.multi_node and not features.is_ga("podFailurePolicy", recipe.kubernetes.target_version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,10 +257,19 @@ def selector(run_id: str | None = None, part: str | None = None) -> str:
     return ",".join(f"{key}={value}" for key, value in chosen.items() if value)
 
 
+def kueue_labels(recipe: Recipe) -> dict[str, str]:
+    """What makes Kueue manage a Job (or JobSet): its LocalQueue and its WorkloadPriorityClass. On every Job vlmjobs
+    creates, the driver and the nightly CronJob's included: where Kueue manages Jobs without a queue name too, an
+    unlabelled one would wait in no queue for ever."""
+    k = recipe.kubernetes
+    chosen = {LABEL_QUEUE: k.queue, LABEL_PRIORITY: k.priority}
+    return {key: value for key, value in chosen.items() if value}
+
+
 def metadata(recipe: Recipe, name: str, part: str, *, queue: bool = False) -> dict:
     meta_labels = labels(recipe, part)
-    if queue and recipe.kubernetes.queue:
-        meta_labels[LABEL_QUEUE] = recipe.kubernetes.queue
+    if queue:
+        meta_labels.update(kueue_labels(recipe))
     return {
         "name": name,
         "namespace": recipe.kubernetes.namespace,
@@ -281,7 +294,7 @@ def container_security_context() -> dict:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
 
 
-def container_resources(res: Resources) -> dict:
+def container_resources(res: StageResources) -> dict:
     """CPU and memory requests; a memory limit equal to the request, since /dev/shm (tmpfs) is
     charged to it and a runaway DataLoader should fail this pod, not its neighbours; no CPU limit,
     which would throttle the data workers; GPUs as a limit (an extended resource's request follows)."""
@@ -297,7 +310,7 @@ def hf_home(mount_path: str) -> str:
     return f"{mount_path.rstrip('/')}/.cache/huggingface"
 
 
-def container_env(recipe: Recipe, stage: str, res: Resources) -> list[dict]:
+def container_env(recipe: Recipe, stage: str, res: StageResources) -> list[dict]:
     k = recipe.kubernetes
     env = [{"name": name, "value": value} for name, value in stage_env(recipe).items()]
     env += [
@@ -331,7 +344,7 @@ def token_env(recipe: Recipe, stage: str) -> list[dict]:
     return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": secret}}]
 
 
-def volumes(recipe: Recipe, res: Resources) -> tuple[list[dict], list[dict]]:
+def volumes(recipe: Recipe, res: StageResources) -> tuple[list[dict], list[dict]]:
     k = recipe.kubernetes
     vols = [
         {"name": "runs", "persistentVolumeClaim": {"claimName": k.pvc}},
@@ -341,10 +354,11 @@ def volumes(recipe: Recipe, res: Resources) -> tuple[list[dict], list[dict]]:
     return vols, mounts
 
 
-def scheduling(recipe: Recipe, res: Resources, *, training: bool = False) -> dict:
+def scheduling(recipe: Recipe, res: StageResources) -> dict:
     """Where the pod may run: GPU pods on GPU nodes of the product asked for; CPU pods stay off them. A training
     stage stays off GPUs shared by time-slicing or MPS unless resources.shared_gpu (a node without the replicas label
     shares nothing); any other stage takes the product whatever its sharing suffix."""
+    training = res.stage in TRAINING_STAGES
     k = recipe.kubernetes
     spec: dict = {}
     if res.gpus:
@@ -389,34 +403,39 @@ def pod_failure_policy(recipe: Recipe, *, ignore_disruptions: bool) -> dict | No
     return {"rules": rules}
 
 
-def service_name(recipe: Recipe, stage: str) -> str:
-    return job_name(recipe, stage)
-
-
 def main_address(recipe: Recipe, stage: str) -> str:
-    """The pod of index 0, by the hostname an Indexed Job gives it under the headless Service."""
-    return f"{job_name(recipe, stage)}-0.{service_name(recipe, stage)}"
+    """The pod of rank 0, by the hostname JobSet gives it (network.enableDNSHostnames):
+    <jobset>-<replicatedJob>-<job index>-<pod index>.<subdomain, the JobSet's name>."""
+    name = job_name(recipe, stage)
+    return f"{name}-{GROUP_JOB}-0-0.{name}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Objects
 
 
-def render_job(recipe: Recipe, stage: str, image: str) -> dict:
-    """The Job of one stage; ``recipe`` as given by the user (it is resolved for the cluster here)."""
+def stage_resources(recipe: Recipe, stage: str) -> StageResources:
+    """What the stage's pods ask for (jobs.stage_resources), resolved once per rendering and checked."""
     if stage not in STAGES:
         raise UserError(f"--stage: {stage!r} is not a stage (stages: {', '.join(STAGES)})")
     if stage not in recipe.stages:
         raise UserError(f"--stage: {stage} is not in the recipe's stages ({', '.join(recipe.stages)})")
+    res = resolve(recipe, stage)
+    check_resources(stage, res)
+    return res
+
+
+def render_job(recipe: Recipe, stage: str, image: str, res: StageResources | None = None) -> dict:
+    """The Job of one stage; ``recipe`` as given by the user (it is resolved for the cluster here), ``res`` its
+    resources when the caller resolved them already."""
+    res = res or stage_resources(recipe, stage)
     check_names(recipe)
     check_image(image)
-    res = recipe.resources_for(stage)
-    check_resources(stage, res)
     resolved = cluster_recipe(recipe, image)
     k = resolved.kubernetes
     name = job_name(resolved, stage)
-    multi_node = res.nodes > 1
-    argv = stage_argv(resolved, stage, main_address=main_address(resolved, stage) if multi_node else None)
+    multi_node = res.multi_node
+    argv = stage_argv(resolved, stage, res=res, main_address=main_address(resolved, stage) if multi_node else None)
     vols, mounts = volumes(resolved, res)
     container = {
         "name": CONTAINER,
@@ -434,18 +453,20 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
         "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": k.termination_grace_period_seconds,
         "automountServiceAccountToken": False,  # a stage never talks to the API server
-        **scheduling(resolved, res, training=stage in TRAINING_STAGES),
+        **scheduling(resolved, res),
     }
     if k.service_account:
         pod_spec["serviceAccountName"] = k.service_account
-    if multi_node:
-        pod_spec["subdomain"] = service_name(resolved, stage)
     meta = metadata(resolved, name, stage, queue=True)
     spec: dict = {}
     if multi_node:
         spec.update(completionMode="Indexed", completions=res.nodes, parallelism=res.nodes)
-    spec["backoffLimit"] = 0 if retried_by_launcher(resolved, stage) else k.backoff_limit
-    policy = pod_failure_policy(resolved, ignore_disruptions=not retried_by_launcher(resolved, stage))
+    # A group's Job fails at its first lost rank and its JobSet restarts the whole group (render_jobset)
+    spec["backoffLimit"] = 0 if multi_node or retried_by_launcher(resolved, res) else k.backoff_limit
+    if multi_node:
+        policy = group_pod_failure_policy(resolved)
+    else:
+        policy = pod_failure_policy(resolved, ignore_disruptions=not retried_by_launcher(resolved, res))
     if policy:
         spec["podFailurePolicy"] = policy
     spec["activeDeadlineSeconds"] = k.active_deadline_seconds
@@ -455,50 +476,79 @@ def render_job(recipe: Recipe, stage: str, image: str) -> dict:
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
 
 
-def render_service(recipe: Recipe, stage: str) -> dict:
-    """The headless Service that gives the pods of a multi-node Job their DNS names. Not-ready
-    addresses are published, since ranks must find index 0 before anything is ready. The launcher
-    creates it before the Job and then gives it an ownerReference to the Job (its uid), so that it
-    goes with the Job."""
-    resolved = cluster_recipe(recipe)
-    name = service_name(resolved, stage)
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": name,
-            "namespace": resolved.kubernetes.namespace,
-            "labels": labels(resolved, stage),
-        },
-        "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": True,
-            "selector": {LABEL_RUN: resolved.run_id, LABEL_COMPONENT: stage},
-            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
-        },
-    }
-
-
-def owned_by(manifest: dict, job: dict) -> dict:
-    """``manifest`` with an ownerReference to the created ``job`` (garbage-collected with it). No
-    blockOwnerDeletion: setting it needs update on jobs/finalizers, which the driver's Role lacks."""
-    reference = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "name": job["metadata"]["name"],
-        "uid": job["metadata"]["uid"],
-    }
-    meta = {**manifest["metadata"], "ownerReferences": [reference]}
-    return {**manifest, "metadata": meta}
-
-
 def render_stage(recipe: Recipe, stage: str, image: str) -> list[dict]:
     """What ``submit`` creates for a stage, in order, after checking the target version."""
-    manifests = [render_job(recipe, stage, image)]
-    if recipe.resources_for(stage).nodes > 1:
-        manifests.append(render_service(recipe, stage))
-    features.check(manifests, recipe.kubernetes.target_version)
-    return manifests
+    res = stage_resources(recipe, stage)
+    job = render_job(recipe, stage, image, res)
+    features.check([job], recipe.kubernetes.target_version)
+    return [render_jobset(recipe, stage, job) if res.multi_node else job]
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-node stages: a JobSet (jobset.x-k8s.io/v1alpha2, JobSet v0.11) of one Indexed Job of a pod per node. The JobSet
+# controller, not the launcher, restarts the group: on the server, it survives the launcher (submit --detach, a
+# restarted driver) and keeps the Kueue Workload (Kueue admits the JobSet whole and never sees it deleted).
+
+JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+GROUP_JOB = "node"  # the replicated Job's name, in the pods' hostnames
+# The Job controller's messages when a podFailurePolicy FailJob rule matches (kubernetes v1.34
+# pkg/controller/job/pod_failure_policy.go: "Container %s for pod %s/%s failed with exit code %v matching %v rule at
+# index %d" and "Pod %s/%s has condition %v matching %v rule at index %d"); the JobSet's rules match them (Go regexp,
+# unanchored) to tell a recipe error from a disruption, both failing the child Job with reason PodFailurePolicy.
+USER_ERROR_MESSAGE = rf"^Container {CONTAINER} for pod \S+ failed with exit code {EXIT_USER_ERROR} matching FailJob rule"
+DISRUPTION_MESSAGE = r"^Pod \S+ has condition DisruptionTarget matching FailJob rule"
+
+
+def group_pod_failure_policy(recipe: Recipe) -> dict | None:
+    """The group's Job fails at once, naming why: a rank taken away (first, so that a preempted pod is never judged by
+    the exit code it was killed with) or a rank that exited 2. Any other failure fails it by backoffLimit 0."""
+    if not features.is_ga("podFailurePolicy", recipe.kubernetes.target_version):
+        return None
+    disrupted = {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    user_error = {"action": "FailJob",
+                  "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]}}
+    return {"rules": [disrupted, user_error]}
+
+
+def jobset_failure_policy(recipe: Recipe) -> dict:
+    """Exit 2 and the deadline fail the JobSet at once; a disruption restarts the group uncounted; any other failure
+    (a crash, OOM, an NCCL error) restarts it, up to kubernetes.backoff_limit times. BlockingRecreate: the old pods are
+    gone before the new ones start, so two attempts never write the same checkpoints."""
+    return {
+        "maxRestarts": recipe.kubernetes.backoff_limit,
+        "restartStrategy": "BlockingRecreate",
+        "rules": [
+            {"name": "userError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
+             "onJobFailureMessagePatterns": [USER_ERROR_MESSAGE]},
+            {"name": "deadline", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
+            {"name": "disruption", "action": "RestartJobSetAndIgnoreMaxRestarts",
+             "onJobFailureReasons": ["PodFailurePolicy"], "onJobFailureMessagePatterns": [DISRUPTION_MESSAGE]},
+        ],
+    }
+
+
+def render_jobset(recipe: Recipe, stage: str, job: dict) -> dict:
+    """The stage's JobSet around its group Job (``render_job``'s): the JobSet carries the name, the Kueue labels
+    and the TTL; JobSet creates the headless Service that gives the pods their hostnames."""
+    resolved = cluster_recipe(recipe)
+    child_spec = {key: value for key, value in job["spec"].items() if key != "ttlSecondsAfterFinished"}
+    child_meta = {"labels": labels(resolved, stage), "annotations": dict(job["metadata"]["annotations"])}
+    return {
+        "apiVersion": JOBSET_API,
+        "kind": "JobSet",
+        "metadata": job["metadata"],
+        "spec": {
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},  # rank 0 is found before ready
+            "failurePolicy": jobset_failure_policy(resolved),
+            "replicatedJobs": [{"name": GROUP_JOB, "replicas": 1, "template": {"metadata": child_meta, "spec": child_spec}}],
+            "ttlSecondsAfterFinished": resolved.kubernetes.ttl_seconds_after_finished,
+        },
+    }
+
+
+def group_job_name(recipe: Recipe, stage: str) -> str:
+    """The JobSet's child Job (JobSet names it <jobset>-<replicatedJob>-<index>): its pods carry its job-name label."""
+    return f"{job_name(recipe, stage)}-{GROUP_JOB}-0"
 
 
 def driver_job_spec(recipe: Recipe, image: str, *, dated: bool) -> tuple[dict, dict]:
@@ -561,7 +611,7 @@ def render_driver_job(recipe: Recipe, image: str) -> dict:
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": metadata(resolved, driver_name(resolved), DRIVER),
+        "metadata": metadata(resolved, driver_name(resolved), DRIVER, queue=True),
         "spec": spec,
     }
     features.check([job], recipe.kubernetes.target_version)
@@ -592,7 +642,7 @@ def render_cronjob(recipe: Recipe, image: str) -> dict:
             "startingDeadlineSeconds": 3600,  # a night missed by more than an hour (controller down) is skipped
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,
-            "jobTemplate": {"metadata": {"labels": template_labels}, "spec": spec},
+            "jobTemplate": {"metadata": {"labels": {**template_labels, **kueue_labels(resolved)}}, "spec": spec},
         },
     }
     features.check([cronjob], recipe.kubernetes.target_version)
@@ -640,10 +690,12 @@ DRIVER_RULES = (
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},  # exit codes, terminated pods
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},  # streaming the stages' logs
-    # multi-node rendezvous: created before its Job, then patched to be owned by it
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete", "patch"]},
+    # multi-node stages: their JobSets (the JobSet controller makes their Jobs, Service and pods)
+    {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": ["create", "get"]},
     # a multi-node stage is refused on a claim only one node can mount
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
+    # why a suspended stage waits: its Kueue Workload's conditions (read only; Kueue owns them)
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list"]},
 )
 
 
@@ -684,7 +736,7 @@ def render_hf_token_secret(namespace: str, name: str, key: str) -> dict:
 def render_local_queue(namespace: str, name: str, cluster_queue: str) -> dict:
     """A Kueue LocalQueue (a CRD, so not in the Kubernetes schemas); Jobs join it by the queue-name label."""
     return {
-        "apiVersion": "kueue.x-k8s.io/v1beta1",
+        "apiVersion": "kueue.x-k8s.io/v1beta2",  # v1beta1 is deprecated in Kueue v0.17
         "kind": "LocalQueue",
         "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_PART_OF: APP}},
         "spec": {"clusterQueue": cluster_queue},

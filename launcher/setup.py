@@ -66,7 +66,7 @@ def files(
         "examples/kueue-localqueue.yaml": (
             "# For clusters with Kueue: set kubernetes.queue to this queue's name and the Jobs wait in it,\n"
             "# admitted whole (all the nodes of a multi-node stage at once). The ClusterQueue is the admin's.\n"
-            "# Kueue releases from 0.15 also serve kueue.x-k8s.io/v1beta2.\n",
+            "# kueue.x-k8s.io/v1beta2: served and stored from Kueue 0.15 (v1beta1 is deprecated in 0.17).\n",
             [render.render_local_queue(k.namespace, k.queue or "vlmjobs", cluster_queue)],
         ),
     }

@@ -31,6 +31,7 @@ disruption restarts it without counting, anything else counts against ``backoff_
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -399,3 +400,102 @@ class LogCursor:
     def resumed(self) -> None:
         """A new stream starts: the lines of the last second come again and are counted anew."""
         self.replayed = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Kueue: why a suspended Job waits (its Workload, kueue.x-k8s.io/v1beta2 as Kueue v0.17 serves and stores it)
+#
+# Kueue's job webhook suspends a Job that carries a queue-name label and its controller creates a Workload owned by the
+# Job (an ownerReference to its uid). The scheduler writes why it is not admitted into the Workload's ``QuotaReserved``
+# condition (False: reason Pending with "couldn't assign flavors to pod set main: insufficient quota ...", Inadmissible
+# for a missing or stopped queue, Waiting under waitForPodsReady's blockAdmission); with quota reserved, ``Admitted``
+# waits for admission checks. An evicted Workload (``Evicted``: Preempted, PodsReadyTimeout...) is requeued and its Job
+# suspended until admitted again; only a deactivated one (``spec.active: false``, by an admin or after
+# waitForPodsReady's requeuing limit: Evicted reason Deactivated...) is never admitted again by itself.
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Why a suspended Job waits (``line``, said when it changes), and ``ended``: why waiting is over without it."""
+
+    line: str
+    ended: str | None = None
+
+
+def owned_workload(owner: dict, workloads: list[dict]) -> dict | None:
+    """The Workload Kueue made for ``owner`` (a Job or JobSet): the one whose ownerReference is its uid."""
+    uid = owner.get("metadata", {}).get("uid")
+    for workload in workloads:
+        if any(ref.get("uid") == uid for ref in workload["metadata"].get("ownerReferences") or []):
+            return workload
+    return None
+
+
+def _any_condition(obj: dict, kind: str) -> dict | None:
+    for c in obj.get("status", {}).get("conditions") or []:
+        if c.get("type") == kind:
+            return c
+    return None
+
+
+def _said(c: dict) -> str:
+    return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
+
+
+def admission(job: dict, workload: dict | None, *, queued: bool, now: datetime, timeout_s: float) -> Admission:
+    """Why the suspended ``job`` is not running, from its Workload (None: none found, or no Kueue to read), and whether
+    the wait ends: its Workload deactivated, or suspended longer than ``timeout_s`` (kubernetes.admission_timeout)
+    since the Job's ``Suspended`` condition last changed (its creation where it has none yet)."""
+    if workload is None:
+        line = ("waiting for Kueue to create its Workload" if queued
+                else "suspended, with no Kueue Workload: resumed by whoever suspended it")
+    else:
+        name = workload["metadata"]["name"]
+        evicted = condition(workload, "Evicted")
+        if workload.get("spec", {}).get("active") is False or (evicted and evicted.get("reason", "").startswith("Deactivated")):
+            why = _said(evicted) if evicted else "spec.active is false"
+            return Admission(f"Kueue deactivated Workload {name}", ended=f"Kueue deactivated Workload {name} ({why}); "
+                             "it is not admitted again unless reactivated (spec.active: true)")
+        reserved, admitted = _any_condition(workload, "QuotaReserved"), _any_condition(workload, "Admitted")
+        if evicted:
+            line = f"evicted by Kueue ({_said(evicted)}): preempted, not failed; waiting to be admitted again"
+        elif reserved and reserved.get("status") == "True":
+            line = (f"admitted by Kueue (Workload {name}); resuming" if admitted and admitted.get("status") == "True"
+                    else f"quota reserved by Kueue, waiting for admission checks ({_said(admitted or {}) or 'no reason given'})")
+        else:
+            line = f"not admitted by Kueue yet (Workload {name}): {_said(reserved or {}) or 'not yet considered'}"
+    since = (condition(job, "Suspended") or {}).get("lastTransitionTime") or job["metadata"].get("creationTimestamp")
+    waited = (now - parse_time(since)).total_seconds() if since else 0.0
+    if waited > timeout_s:
+        return Admission(line, ended=f"suspended for {waited:.0f} s, more than kubernetes.admission_timeout "
+                                     f"({timeout_s:g} s): {line}")
+    return Admission(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# JobSet (jobset.x-k8s.io/v1alpha2, JobSet v0.11: pkg/constants/constants.go for its reasons and messages)
+
+
+def jobset_state(jobset: dict) -> str:
+    """Completed, Failed, Suspended (Kueue suspends a JobSet through spec.suspend) or Running. The controller sets
+    Completed (AllJobsCompleted) or Failed (FailJobSetFailurePolicyAction, ReachedMaxRestarts, FailedJobs) once."""
+    if condition(jobset, "Completed"):
+        return "Completed"
+    if condition(jobset, "Failed"):
+        return "Failed"
+    if condition(jobset, "Suspended") or jobset.get("spec", {}).get("suspend"):
+        return "Suspended"
+    return "Running"
+
+
+def jobset_restarts(jobset: dict) -> tuple[int, int]:
+    """(restarts, those counted against failurePolicy.maxRestarts) as the controller counts them."""
+    status = jobset.get("status", {})
+    return int(status.get("restarts") or 0), int(status.get("restartsCountTowardsMax") or 0)
+
+
+def first_failed_job(jobset: dict) -> str | None:
+    """The child Job the JobSet failed for, which its Failed message names: "... (first failed job: <name>)"."""
+    message = (condition(jobset, "Failed") or {}).get("message", "")
+    found = re.search(r"\(first failed job: ([^)]+)\)", message)
+    return found.group(1) if found else None

@@ -115,3 +115,38 @@ def test_the_no_metrics_take_no_as_the_positive_class_and_the_yes_metrics_yes(sc
     assert variant["counts"]["no_f1"] == 6
     rows = sorted((p for p in predictions if p["split"] == "dpo/test"), key=lambda p: p["question"])
     assert [p["correct"] for p in rows] == [read == chosen.lower() for chosen, _, read in YES_NO]
+
+
+def test_evaluate_lets_the_base_model_go_before_a_trained_variant_loads_issue_21(tmp_path, tiny_model, synthetic_data,
+                                                                                 monkeypatch):
+    """evaluate's GPUs are sized for one model (jobs/stage_resources.py): with the base still held, device_map="auto"
+    would place the trained variant in what memory is left, spilling it to the CPU."""
+    import gc
+    import weakref
+
+    from jobs import modeling
+    from tests.conftest import run_stages
+
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    path = recipe_file(tmp_path, tiny_model("llava"), sources, stages=["prepare", "sft", "evaluate"],
+                       prepare={"max_rows": 12},
+                       sft={"method": "full", "args": {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": "none"}},
+                       evaluate={"variants": ["base", "sft"], "max_samples": 2, "max_new_tokens": 2})
+    run_stages(path, "prepare", "sft")
+    loaded, base_alive = [], []  # evaluate's own loads
+    load_model, load_trained = modeling.load_model, modeling.load_trained
+
+    def loading_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def loading_trained(*args, **kwargs):
+        gc.collect()
+        base_alive.append([ref() is not None for ref in loaded])
+        return load_trained(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "load_model", loading_model)
+    monkeypatch.setattr(modeling, "load_trained", loading_trained)
+    run_stages(path, "evaluate")
+    assert base_alive == [[False]], "the base model was still held when the SFT model loaded"

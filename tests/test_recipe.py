@@ -10,6 +10,7 @@ import yaml
 
 from jobs import recipe as recipes
 from jobs.contract import UserError
+from jobs.stage_resources import resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = {
@@ -28,11 +29,11 @@ def test_defaults_fill_everything_the_yaml_leaves_out():
     assert recipe.sft.method == "lora"
     assert recipe.run_id == "r"
     assert recipe.prepare.max_drop_fraction == 0.01
-    assert recipe.resources_for("prepare").gpus == 0
-    assert recipe.resources_for("sft").gpus == 1
+    assert resolve(recipe, "prepare").gpus == 0
+    assert resolve(recipe, "sft").gpus == 1
     multi = build({"resources": {"nodes": 4, "gpus": 8}})
-    assert multi.resources_for("sft").nodes == 4 and multi.resources_for("evaluate").nodes == 1
-    assert multi.resources_for("evaluate").gpus == 8, "evaluate spreads one model over the pod's GPUs"
+    assert resolve(multi, "sft").nodes == 4 and resolve(multi, "evaluate").nodes == 1
+    assert resolve(multi, "evaluate").gpus == 8, "without model.parameters evaluate keeps the recipe's GPUs per node"
 
 
 def test_cli_overrides_beat_yaml_and_reach_nested_sections():

@@ -130,10 +130,49 @@ class Request:
     body: dict | None
 
 
+def workload(job: dict, *conditions: dict, active: bool = True, queue: str = "gpu-queue") -> dict:
+    """A Kueue Workload for ``job`` (a Job or JobSet) as Kueue v0.17's integrations write it (kueue.x-k8s.io/v1beta2:
+    named job-<job>-<hash>, owned by it, its uid in the job-uid label), with ``conditions`` (``kueue_condition``).
+    Kueue is not running here: its scheduler's decisions are played (test_kueue.py checks their shape against the
+    CRD's schema); that Kueue writes them so is the cluster tests' to show."""
+    name, uid = job["metadata"]["name"], job["metadata"]["uid"]
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "Workload",
+        "metadata": {
+            "name": f"job-{name}-3b1c2",
+            "namespace": job["metadata"]["namespace"],
+            "uid": f"wl-{uid}",
+            "resourceVersion": "1",
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"kueue.x-k8s.io/job-uid": uid},
+            "ownerReferences": [{"apiVersion": job.get("apiVersion", "batch/v1"), "kind": job.get("kind", "Job"),
+                                 "name": name, "uid": uid,
+                                 "controller": True, "blockOwnerDeletion": True}],
+        },
+        "spec": {
+            "active": active,
+            "queueName": queue,
+            "podSets": [{"name": "main", "count": 1, "template": job["spec"].get("template", {})}],
+        },
+        "status": {"conditions": list(conditions)},
+    }
+
+
+def kueue_condition(kind: str, status: bool, reason: str, message: str, at: str = "2025-01-01T00:00:01Z") -> dict:
+    """A Workload condition as Kueue writes it (metav1.Condition)."""
+    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message,
+            "lastTransitionTime": at, "observedGeneration": 1}
+
+
 class FakeKube:
     def __init__(self, namespace: str = "vlmjobs"):
         self.namespace = namespace
         self.jobs: dict[str, dict] = {}
+        self.workloads: list[dict] | None = None  # None: no Kueue CRDs served (404)
+        self.jobset_served = True  # False: no JobSet CRD (discovery answers 404)
+        self.jobsets: dict[str, dict] = {}
+        self.jobset_statuses: dict[str, list[dict]] = {}  # name -> the statuses its next GETs answer, one each
         self.pending: dict[str, list[tuple[str, dict]]] = {}  # job -> events not yet watched
         self.attempts: dict[str, list[Attempt]] = {}
         self.pods: dict[str, list[dict]] = {}
@@ -284,6 +323,21 @@ class FakeKube:
                 jobs = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/]+))?", url.path)
                 pods = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/log)?)?", url.path)
                 services = re.fullmatch(r"/api/v1/namespaces/([^/]+)/services(?:/([^/]+))?", url.path)
+                workloads = re.fullmatch(r"/apis/kueue.x-k8s.io/v1beta2/namespaces/([^/]+)/workloads", url.path)
+                if workloads and fake.workloads is not None:
+                    with fake.lock:
+                        items = json.loads(json.dumps(fake.workloads))
+                    return self._send(200, {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadList",
+                                            "metadata": {"resourceVersion": "1"}, "items": items})
+                if url.path == "/apis/jobset.x-k8s.io/v1alpha2":
+                    if not fake.jobset_served:
+                        return self._status(404, "NotFound", "the server could not find the requested resource")
+                    return self._send(200, {"kind": "APIResourceList", "groupVersion": "jobset.x-k8s.io/v1alpha2",
+                                            "resources": [{"name": "jobsets", "namespaced": True, "kind": "JobSet",
+                                                           "verbs": ["create", "get", "list", "watch", "delete"]}]})
+                jobsets = re.fullmatch(r"/apis/jobset.x-k8s.io/v1alpha2/namespaces/([^/]+)/jobsets(?:/([^/]+))?", url.path)
+                if jobsets and fake.jobset_served:
+                    return self._jobsets(method, jobsets.group(2), body)
                 if jobs:
                     return self._jobs(method, jobs.group(2), query, body)
                 if pods and pods.group(2) and not pods.group(3):
@@ -293,6 +347,31 @@ class FakeKube:
                 if services:
                     return self._services(method, services.group(2), body)
                 return self._status(404, "NotFound", f"no route {method} {url.path}")
+
+            def _jobsets(self, method: str, name: str | None, body: dict | None) -> None:
+                """A JobSet's statuses play one a GET, as its controller would write them between two reads."""
+                with fake.lock:
+                    if method == "POST":
+                        name = body["metadata"]["name"]
+                        if name in fake.jobsets:
+                            return self._status(409, "AlreadyExists", f'jobsets.jobset.x-k8s.io "{name}" already exists')
+                        obj = json.loads(json.dumps(body))
+                        obj["metadata"].update(uid=f"uid-{next(fake._uids)}", resourceVersion=str(next(fake._versions)),
+                                               creationTimestamp="2025-01-01T00:00:00Z")
+                        obj["status"] = {"restarts": 0}
+                        fake.jobsets[name] = obj
+                        return self._send(201, obj)
+                    if method == "GET" and name is None:
+                        items = list(fake.jobsets.values())
+                        return self._send(200, {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSetList",
+                                                "metadata": {"resourceVersion": "1"}, "items": items})
+                    if name not in fake.jobsets:
+                        return self._status(404, "NotFound", f'jobsets.jobset.x-k8s.io "{name}" not found')
+                    if method == "DELETE":
+                        return self._send(200, fake.jobsets.pop(name))
+                    if fake.jobset_statuses.get(name):
+                        fake.jobsets[name]["status"] = fake.jobset_statuses[name].pop(0)
+                    return self._send(200, fake.jobsets[name])
 
             def _jobs(self, method: str, name: str | None, query: dict, body: dict | None) -> None:
                 if method == "POST":

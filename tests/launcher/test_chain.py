@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.contract import UserError
 from launcher import chain, kube, render
 from tests.launcher.conftest import IMAGE, SINGLE, make
 from tests.launcher.fake_kube import Attempt, complete, pod, recorded, running
 
 
 def created(server) -> list[str]:
-    return [r.body["metadata"]["name"] for r in server.calls("POST", "/jobs")]
+    return [r.body["metadata"]["name"] for r in server.calls("POST", "/jobs") if r.path.endswith("/jobs")]
 
 
 def group_pods(*, disrupted_rank: int | None = None, failed_rank: int | None = None, code: int = 1) -> list[dict]:
@@ -55,7 +56,7 @@ def test_a_running_job_is_followed_not_duplicated(cluster, server, single):
 def test_a_409_on_create_reports_the_existing_jobs_state(cluster, server, single):
     manifests = render.render_stage(single, "sft", IMAGE)
     server.add_job(manifests[0], running())
-    job = chain._create(cluster, manifests, "sft")
+    job = chain._create(cluster, manifests[0], "sft")
     assert job["metadata"]["uid"] == "uid-1"
     assert cluster.lines == ["==> sft: Job vlmjobs/llava-chartqa-sft already exists: Running"]
 
@@ -80,20 +81,67 @@ def test_a_job_found_failed_is_reported_with_how_to_run_it_again(cluster, server
     assert created(server) == []
 
 
-def test_each_attempts_service_is_owned_by_that_attempts_job(cluster, server, multi):
-    server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=group_pods(disrupted_rank=0)), Attempt())
-    chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
-    owners = [r.body["metadata"]["ownerReferences"][0]["uid"] for r in server.calls("PATCH", "/services")]
-    assert owners == ["uid-1", "uid-2"]
+def jobset_status(*conditions: tuple[str, str, str], restarts: int = 0, counted: int = 0) -> dict:
+    """A JobSet's status as its controller (v0.11) writes it: conditions (type, reason, message) True."""
+    return {"restarts": restarts, "restartsCountTowardsMax": counted, "conditions": [
+        {"type": kind, "status": "True", "reason": reason, "message": message,
+         "lastTransitionTime": "2025-01-01T00:10:00Z"} for kind, reason, message in conditions]}
 
 
-def test_a_service_left_by_an_earlier_attempt_is_replaced(cluster, server, multi):
-    server.services["qwen2vl-chartqa-sft"] = {
-        "metadata": {"name": "qwen2vl-chartqa-sft", "ownerReferences": [{"uid": "old"}]}
-    }
+COMPLETED = ("Completed", "AllJobsCompleted", "jobset completed successfully")
+
+
+def test_a_multi_node_stage_is_created_as_a_jobset_and_followed_to_its_end(cluster, server, multi):
+    """The JobSet controller restarts the group (status.restarts); the launcher creates nothing more, deletes nothing."""
+    server.jobset_statuses["qwen2vl-chartqa-sft"] = [jobset_status(), jobset_status(restarts=1),
+                                                     jobset_status(restarts=2, counted=1),
+                                                     jobset_status(COMPLETED, restarts=2, counted=1)]
     chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
-    assert len(server.calls("DELETE", "/services/qwen2vl-chartqa-sft")) == 1
-    assert server.services["qwen2vl-chartqa-sft"]["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    created_sets = [r.body["metadata"]["name"] for r in server.calls("POST", "/jobsets")]
+    assert created_sets == ["qwen2vl-chartqa-sft"] and created(server) == [] and not server.calls("DELETE", "")
+    assert cluster.lines == [
+        "==> sft: created JobSet vlmjobs/qwen2vl-chartqa-sft (2 nodes)",
+        "==> JobSet vlmjobs/qwen2vl-chartqa-sft: Running",
+        ("==> JobSet vlmjobs/qwen2vl-chartqa-sft: restarted by JobSet, restart 1 (0 of at most 1 counted; disruptions "
+         "are not): every rank resumes from the last checkpoint"),
+        ("==> JobSet vlmjobs/qwen2vl-chartqa-sft: restarted by JobSet, restart 2 (1 of at most 1 counted; disruptions "
+         "are not): every rank resumes from the last checkpoint"),
+        "==> JobSet vlmjobs/qwen2vl-chartqa-sft: Completed",
+        "==> sft: succeeded after 2 restart(s)",
+    ]
+
+
+def test_a_restarted_launcher_follows_the_existing_jobset(cluster, server, multi):
+    """A launcher killed and started again (or the driver restarted) finds the JobSet and follows it."""
+    server.jobsets["qwen2vl-chartqa-sft"] = {**render.render_stage(multi, "sft", IMAGE)[0], "status": jobset_status()}
+    server.jobset_statuses["qwen2vl-chartqa-sft"] = [jobset_status(restarts=1), jobset_status(COMPLETED, restarts=1)]
+    chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    assert not server.calls("POST", "/jobsets")
+    assert cluster.lines[0] == "==> sft: JobSet vlmjobs/qwen2vl-chartqa-sft already exists: Running"
+
+
+def test_a_jobset_failed_on_exit_2_fails_the_stage_with_exit_2_naming_the_rank(cluster, server, multi):
+    failed = recorded("exit-2", "qwen2vl-chartqa-sft-node-0")
+    server.add_job({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "qwen2vl-chartqa-sft-node-0",
+                    "namespace": "vlmjobs", "labels": {}}, "spec": {}}, failed.status,
+                   Attempt(statuses=[], pods=failed.pods))
+    message = "applying FailJobSet failure policy action (first failed job: qwen2vl-chartqa-sft-node-0)"
+    server.jobset_statuses["qwen2vl-chartqa-sft"] = [
+        jobset_status(("Failed", "FailJobSetFailurePolicyAction", message))]
+    with pytest.raises(kube.JobFailed, match=r"^stage sft: JobSet vlmjobs/qwen2vl-chartqa-sft failed: applying "
+                       r"FailJobSet failure policy action \(first failed job: qwen2vl-chartqa-sft-node-0\); .*exit code 2"
+                       r".*\(the stage exited 2: a recipe or data error") as info:
+        chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    assert info.value.exit_code == 2
+
+
+def test_a_cluster_without_jobset_is_told_in_one_line_how_to_install_it(cluster, server, multi):
+    server.jobset_served = False
+    with pytest.raises(UserError, match=r"^stage sft runs on 2 nodes as a JobSet, but the cluster serves no "
+                       r"jobset.x-k8s.io/v1alpha2 \(JobSet is not installed\); an admin installs it with: kubectl apply "
+                       r"--server-side -f https://github.com/kubernetes-sigs/jobset/releases/download/v0.11.1/manifests.yaml$"):
+        chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    assert not server.calls("POST", "")
 
 
 def test_before_1_31_a_single_node_failure_is_retried_by_the_launcher(cluster, server):
@@ -167,3 +215,16 @@ def test_a_second_driver_is_not_created(cluster, server, single):
     chain.submit_driver(cluster, single, IMAGE, follow=False)
     assert server.jobs["llava-chartqa-pipeline"]["metadata"]["uid"] == "uid-1"
     assert cluster.lines == ["==> pipeline: driver Job vlmjobs/llava-chartqa-pipeline already exists: Running"]
+
+
+def test_a_jobset_made_from_another_recipe_is_refused_naming_the_keys(cluster, server, multi):
+    """As for a one-node Job: a Complete JobSet of an edited recipe is not the edited recipe's result."""
+    import dataclasses
+
+    before = dataclasses.replace(multi, seed=multi.seed + 1)
+    server.jobsets["qwen2vl-chartqa-sft"] = {**render.render_stage(before, "sft", IMAGE)[0],
+                                             "status": jobset_status(COMPLETED)}  # fmt: skip
+    with pytest.raises(UserError, match=r"^sft: JobSet vlmjobs/qwen2vl-chartqa-sft of run .* was made from another "
+                                        r"recipe \(1 key differ: seed\)"):
+        chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
+    assert not server.calls("POST", "/jobsets")

@@ -247,8 +247,8 @@ def test_the_readmes_cluster_examples_run_on_the_default_cluster_recipe(capsys):
 
 def test_ctrl_c_while_following_stops_at_once_in_one_line_leaving_the_job_running(kubeconfig, server, tmp_path):
     """Issue 26. Ctrl-C (SIGINT from the terminal) on `vlmjobs submit` following a multi-node stage and its log: exit
-    130 within seconds, not after the 30 s the log is given to drain when a Job ends; one line; the Job, and its
-    Service owned by it, left running for `vlmjobs status`; nothing deleted."""
+    130 within seconds, not after the 30 s the log is given to drain when a Job ends; one line; the JobSet (issue 21)
+    left running for `vlmjobs status`; nothing deleted."""
     import signal
     import subprocess
     import sys
@@ -258,11 +258,11 @@ def test_ctrl_c_while_following_stops_at_once_in_one_line_leaving_the_job_runnin
 
     path = tmp_path / "qwen2vl-chartqa.yaml"
     path.write_text(yaml.safe_dump(copy.deepcopy(MULTI)))
-    server.script(
-        "qwen2vl-chartqa-sft",
-        Attempt(statuses=[running()], pods=[pod("r0", "Running", index=0), pod("r1", "Running", index=1)],
-                logs={"r0": ["sft: step 1/100"]}),
-    )  # fmt: skip
+    group_job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "qwen2vl-chartqa-sft-node-0",
+                 "namespace": "vlmjobs", "labels": {}}, "spec": {}}  # what the JobSet controller makes
+    server.add_job(group_job, running(), Attempt(statuses=[], pods=[pod("r0", "Running", index=0),
+                                                                    pod("r1", "Running", index=1)],
+                                                 logs={"r0": ["sft: step 1/100"]}))  # fmt: skip
     env = subprocess_env(KUBECONFIG=str(kubeconfig))
     env.pop("KUBERNETES_SERVICE_HOST", None)
     submit = subprocess.Popen([sys.executable, "-m", "launcher.cli", "submit", str(path), "--stage=sft"], env=env,
@@ -282,21 +282,23 @@ def test_ctrl_c_while_following_stops_at_once_in_one_line_leaving_the_job_runnin
         submit.kill()
     assert (submit.returncode, err, out) == (130, "stopped following; what was created runs on (vlmjobs status)\n", "")
     assert took < 15, f"{took:.1f}s from Ctrl-C to exit"
-    assert [r.method for r in server.requests if r.method not in ("GET",)] == ["POST", "POST", "PATCH"]  # Service, Job, owner
-    assert list(server.jobs) == ["qwen2vl-chartqa-sft"]
-    owner = server.services["qwen2vl-chartqa-sft"]["metadata"]["ownerReferences"][0]
-    assert (owner["kind"], owner["uid"]) == ("Job", server.jobs["qwen2vl-chartqa-sft"]["metadata"]["uid"])
+    assert [(r.method, r.path) for r in server.requests if r.method != "GET"] == [
+        ("POST", "/apis/jobset.x-k8s.io/v1alpha2/namespaces/vlmjobs/jobsets")]
+    assert list(server.jobsets) == ["qwen2vl-chartqa-sft"]
 
 
-def test_ctrl_c_between_a_groups_attempts_says_the_job_is_not_created_again(kubeconfig, server, tmp_path, monkeypatch, capsys):
-    """Issue 26. A rank disrupted: the launcher deletes the group's Job and waits for its pods to go before creating it
-    again. Ctrl-C in that wait leaves no Job at all, which 'what was created runs on' would hide."""
+def test_ctrl_c_between_attempts_says_the_job_is_not_created_again(kubeconfig, server, tmp_path, monkeypatch, capsys):
+    """Issue 26. Before 1.31 the launcher retries a failed Job: it deletes it and waits for its pods to go before
+    creating it again. Ctrl-C in that wait leaves no Job at all, which 'what was created runs on' would hide."""
     from launcher import kube
+    from tests.launcher.fake_kube import recorded
 
-    path = tmp_path / "qwen2vl-chartqa.yaml"
-    path.write_text(yaml.safe_dump(copy.deepcopy(MULTI)))
-    disrupted = [pod("r0", "Running", index=0, disrupted="preempted"), pod("r1", "Running", index=1)]
-    server.script("qwen2vl-chartqa-sft", Attempt(statuses=[running()], pods=disrupted))
+    path = tmp_path / "llava-chartqa.yaml"
+    old = copy.deepcopy(SINGLE)
+    old["kubernetes"].update(target_version="1.29", backoff_limit=1)
+    path.write_text(yaml.safe_dump(old))
+    failed = recorded("exit-1-backoff-limit", "llava-chartqa-sft")
+    server.script("llava-chartqa-sft", Attempt(statuses=[failed.status], pods=failed.pods))
 
     def ctrl_c(self, name):  # where the signal lands: the old pods are still terminating
         raise KeyboardInterrupt
@@ -304,7 +306,7 @@ def test_ctrl_c_between_a_groups_attempts_says_the_job_is_not_created_again(kube
     monkeypatch.setattr(kube.Cluster, "wait_job_gone", ctrl_c)
     assert exit_code(cli.submit, str(path), stage="sft", logs=False) == 130
     assert capsys.readouterr().err == (
-        "stopped while restarting stage sft: Job vlmjobs/qwen2vl-chartqa-sft is deleted and not created again; run the "
+        "stopped while restarting stage sft: Job vlmjobs/llava-chartqa-sft is deleted and not created again; run the "
         "same command again to create it (it resumes from the last checkpoint)\n"
     )
     assert server.jobs == {}

@@ -234,12 +234,14 @@ def test_delete_forbidden_names_the_verb(cluster, server, single):
 
 def test_log_of_a_pod_by_completion_index(cluster, server, multi):
     pods = [pod("sft-0", "Succeeded", index=0), pod("sft-1", "Succeeded", index=1)]
+    group_job = render.render_stage(multi, "sft", IMAGE)[0]["spec"]["replicatedJobs"][0]["template"]
     server.add_job(
-        job_of(multi),
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "qwen2vl-chartqa-sft-node-0", **group_job["metadata"]},
+         "spec": group_job["spec"]},
         running(),
         Attempt(statuses=[], pods=pods, logs={"sft-1": ["rank 8 ready"], "sft-0": ["rank 0 ready"]}),
     )
-    cluster.print_log("qwen2vl-chartqa-sft", index=1)
+    cluster.print_log("qwen2vl-chartqa-sft-node-0", index=1)
     assert cluster.lines == ["rank 8 ready"]
 
 

@@ -20,7 +20,7 @@ import pytest
 from jobs.contract import UserError
 from launcher import chain, kube, render, state
 from tests.launcher.conftest import IMAGE, make
-from tests.simcluster import SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS, SIM_START_SECONDS, SIM_STOP_SECONDS
+from tests.simcluster import SIM_EXIT_CODE, SIM_RUN_SECONDS, SIM_START_SECONDS, SIM_STOP_SECONDS
 
 pytestmark = pytest.mark.cluster
 RECORDED = Path(__file__).parent / "recorded"
@@ -223,7 +223,7 @@ def test_an_eviction_is_not_counted_against_backoff_limit(real_cluster, ns):
 
 def test_active_deadline_ends_the_stage_as_a_failure(real_cluster, ns):
     c = on(real_cluster, ns)
-    r = group(ns, {SIM_RUN_SECONDS: "60", **SLOW_STOP}, **{"kubernetes.active_deadline_seconds": 3, **SLOW_GRACE})
+    r = recipe(ns, {SIM_RUN_SECONDS: "60", **SLOW_STOP}, **{"kubernetes.active_deadline_seconds": 3, **SLOW_GRACE})
     with pytest.raises(
         kube.JobFailed,
         match=rf"^stage sft: Job {ns}/sim-sft failed: DeadlineExceeded: Job was active longer than specified "
@@ -236,41 +236,8 @@ def test_active_deadline_ends_the_stage_as_a_failure(real_cluster, ns):
 
 
 # ---------------------------------------------------------------------------------------------
-# Several nodes: the launcher restarts the group
-
-
-def test_a_crashed_rank_is_counted_and_named(real_cluster, ns):
-    """Issue 10, defect 1: the Job controller deletes the other rank (no DisruptionTarget)."""
-    c = on(real_cluster, ns)
-    r = group(ns, {SIM_EXIT_CODE: "1", SIM_FAIL_INDEX: "1", SIM_RUN_SECONDS: "2", **SLOW_STOP}, **SLOW_GRACE)
-    with pytest.raises(
-        kube.JobFailed,
-        match=rf"^stage sft: Job {ns}/sim-sft failed: BackoffLimitExceeded: Job has reached the specified backoff "
-        rf"limit; pod sim-sft-1-\w+ failed with exit code 1 \(stage exit codes 1(, 143)?\); its log",
-    ) as info:
-        chain.run_stage(c, r, "sft", IMAGE, logs=False)
-    assert info.value.exit_code == 1
-    assert [line for line in c.lines if "restarting" in line] == []
-    record("group-crashed-rank", c, "sim-sft")
-
-
-def test_a_crashed_rank_restarts_the_group_within_backoff_limit(real_cluster, ns):
-    c = on(real_cluster, ns)
-    r = group(ns, {SIM_EXIT_CODE: "1", SIM_FAIL_INDEX: "1"}, **{"kubernetes.backoff_limit": 1})
-    with pytest.raises(kube.JobFailed, match=r"failed after 1 restart\(s\): BackoffLimitExceeded"):
-        chain.run_stage(c, r, "sft", IMAGE, logs=False)
-    (restart,) = [line for line in c.lines if "restarting" in line]
-    assert restart.endswith("failed with exit code 1; failure 1 of at most 1 retries)")
-
-
-def test_an_evicted_rank_restarts_the_group_without_counting(real_cluster, ns):
-    c = on(real_cluster, ns)
-    with beside(evict, c, "sim-sft", 1):
-        chain.run_stage(c, group(ns, {SIM_RUN_SECONDS: "4"}), "sft", IMAGE, logs=False)
-    (restart,) = [line for line in c.lines if "restarting" in line]
-    assert "was disrupted (EvictionByEvictionAPI: Eviction API: evicting)" in restart
-    assert restart.endswith("disruption 1 of at most 2, not counted as a failure)")
-    assert c.lines[-1] == "==> sft: succeeded"
+# Several nodes are a JobSet (issue 21), restarted by the JobSet controller, not the launcher: the launcher's own group
+# restarts and their tests are gone; the JobSet's are tested where the control plane runs JobSet's controller.
 
 
 def test_a_suspended_job_is_waited_on_not_recreated(real_cluster, ns):
@@ -291,7 +258,7 @@ def test_a_suspended_job_is_waited_on_not_recreated(real_cluster, ns):
     c.list_pods = reading_pods
 
     def suspend_then_resume():
-        running_pod(c, "sim-sft", 1)
+        running_pod(c, "sim-sft", 0)
         uid = c.get_job("sim-sft")["metadata"]["uid"]
         c.batch.patch_namespaced_job("sim-sft", ns, {"spec": {"suspend": True}})
         c.lines.wait_for(lambda line: line.endswith(": Suspended"), 30)
@@ -305,7 +272,7 @@ def test_a_suspended_job_is_waited_on_not_recreated(real_cluster, ns):
     # which wait for the old ones to be gone, start 15 s sooner than after SLOW_STOP's 20 s.
     ranks = {SIM_RUN_SECONDS: "4", SIM_STOP_SECONDS: "5"}
     with beside(suspend_then_resume):
-        chain.run_stage(c, group(ns, ranks, **SLOW_GRACE), "sft", IMAGE, logs=False)
+        chain.run_stage(c, recipe(ns, ranks, **SLOW_GRACE), "sft", IMAGE, logs=False)
     assert [line for line in c.lines if "restarting" in line or "created" in line] == [f"==> sft: created Job {ns}/sim-sft"]
     assert c.lines[-1] == "==> sft: succeeded"
 
@@ -320,23 +287,6 @@ def test_a_multi_node_stage_on_a_read_write_once_claim_is_refused_before_anythin
     ):
         chain.run_stage(c, r, "sft", IMAGE, logs=False)
     assert c.get_job("sim-sft") is None
-    assert c.core.list_namespaced_service(ns).items == []
-
-
-def test_the_service_is_created_before_the_job_and_owned_by_it(real_cluster, ns):
-    """Issue 10, defect 7: rank 0's name resolves from the first pod on, as with JobSet."""
-    c = on(real_cluster, ns)
-    mark = real_cluster.audit_mark()
-    chain.run_stage(c, group(ns), "sft", IMAGE, follow=False)
-    creates = [
-        e["objectRef"]["resource"]
-        for e in real_cluster.audit_events(mark)
-        if e["verb"] == "create" and e["stage"] == "ResponseComplete" and e["objectRef"].get("namespace") == ns
-        and e["objectRef"]["resource"] in ("jobs", "services")
-    ]  # fmt: skip
-    assert creates == ["services", "jobs"]
-    owner = c.core.read_namespaced_service("sim-sft", ns).metadata.owner_references[0]
-    assert (owner.kind, owner.uid) == ("Job", c.get_job("sim-sft")["metadata"]["uid"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,20 +372,6 @@ def test_logs_resume_after_a_dropped_stream_without_losing_or_repeating_a_line(r
 
 # ---------------------------------------------------------------------------------------------
 # The CLI's other verbs, and the driver's own rights
-
-
-def test_status_logs_and_delete_of_a_multi_node_stage(real_cluster, ns):
-    c = on(real_cluster, ns)
-    chain.run_stage(c, group(ns), "sft", IMAGE, logs=False)
-    table = kube.status_table(c.list_jobs(render.selector("sim"))).splitlines()
-    assert table[1].split() == ["sim", "sft", "Complete", "0", "2", "0", "sim-sft"]
-    marker = f"rank-{time.time_ns()}"
-    real_cluster.append_pod_log(marker)
-    c.print_log("sim-sft", index=1, follow=False)
-    assert c.lines[-1].endswith(marker)
-    assert c.delete_job("sim-sft") is True
-    c.wait_job_gone("sim-sft")
-    assert c.list_pods("sim-sft") == []
 
 
 def test_the_driver_runs_the_chain_with_its_own_token_and_role(real_cluster, ns, tmp_path):

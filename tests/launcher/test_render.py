@@ -9,6 +9,7 @@ import pytest
 
 from jobs.contract import UserError
 from jobs.recipe import RECIPE_ENV
+from jobs.stage_resources import resolve
 from launcher import render
 from launcher.commands import stage_argv
 from tests.launcher.conftest import IMAGE, MULTI, SINGLE, make
@@ -225,51 +226,85 @@ def test_several_gpus_launch_one_process_each_through_accelerate():
     assert env(manifest)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"] == "285"
 
 
-def test_multi_node_stage_is_an_indexed_job_of_one_pod_per_node(multi):
-    spec = job(multi)["spec"]
+def group_job(jobset: dict) -> dict:
+    """The JobSet's one replicated Job, as a Job (its template's spec)."""
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    return {"spec": replicated["template"]["spec"]}
+
+
+def test_multi_node_stage_is_a_jobset_of_one_indexed_job_of_one_pod_per_node(multi):
+    jobset = job(multi)
+    assert (jobset["apiVersion"], jobset["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    assert (replicated["name"], replicated["replicas"]) == ("node", 1)
+    spec = replicated["template"]["spec"]
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    # JobSet makes the headless Service and the pods' hostnames; rank 0 is found before it is ready
+    assert jobset["spec"]["network"] == {"enableDNSHostnames": True, "publishNotReadyAddresses": True}
 
 
-def test_multi_node_group_fails_as_one_and_is_restarted_by_the_launcher(multi):
-    spec = job(multi)["spec"]
+def test_multi_node_group_fails_as_one_and_jobset_restarts_it(multi):
+    jobset = job(multi)
+    spec = group_job(jobset)["spec"]
     assert spec["backoffLimit"] == 0
-    assert spec["podFailurePolicy"] == {
-        "rules": [{"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]}}]
-    }
-    assert render.retried_by_launcher(multi, "sft")
+    assert spec["podFailurePolicy"] == {"rules": [
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]}},
+    ]}
+    policy = jobset["spec"]["failurePolicy"]
+    assert (policy["maxRestarts"], policy["restartStrategy"]) == (1, "BlockingRecreate")  # kubernetes.backoff_limit
+    assert [(r["name"], r["action"]) for r in policy["rules"]] == [
+        ("userError", "FailJobSet"), ("deadline", "FailJobSet"), ("disruption", "RestartJobSetAndIgnoreMaxRestarts")]
+    assert not render.retried_by_launcher(multi, resolve(multi, "sft"))
 
 
-def test_multi_node_ranks_rendezvous_at_index_0_and_take_their_rank_from_the_index(multi):
-    manifest = job(multi)
+def test_the_jobsets_rules_tell_the_job_controllers_failure_messages_apart(multi):
+    """The exit-2 message as the real Job controller wrote it (recorded), the disruption one as kubernetes v1.34's
+    pod_failure_policy.go formats it; JobSet matches them with Go's regexp (unanchored search, as re.search)."""
+    import re
+
+    from tests.launcher.fake_kube import recorded
+
+    exit_2 = recorded("exit-2").status["conditions"][-1]
+    assert exit_2["reason"] == "PodFailurePolicy"
+    disrupted = "Pod vlmjobs/qwen2vl-chartqa-sft-node-0-1-x7k2p has condition DisruptionTarget matching FailJob rule at index 0"
+    crashed = "Job has reached the specified backoff limit"
+    rules = {r["name"]: r for r in job(multi)["spec"]["failurePolicy"]["rules"]}
+
+    def matches(rule, reason, message):
+        return reason in rule["onJobFailureReasons"] and all(
+            re.search(p, message) for p in rule.get("onJobFailureMessagePatterns", []))
+
+    assert matches(rules["userError"], "PodFailurePolicy", exit_2["message"])
+    assert not matches(rules["disruption"], "PodFailurePolicy", exit_2["message"])
+    assert matches(rules["disruption"], "PodFailurePolicy", disrupted)
+    assert not matches(rules["userError"], "PodFailurePolicy", disrupted)
+    assert not any(matches(rule, "BackoffLimitExceeded", crashed) for rule in rules.values()), "a crash is counted"
+
+
+def test_multi_node_ranks_rendezvous_at_rank_0s_jobset_hostname_and_take_their_rank_from_the_index(multi):
+    manifest = group_job(job(multi))
     command = container(manifest)["command"]
     assert command[command.index("--num_processes") + 1] == "16"
     assert command[command.index("--machine_rank") + 1] == "$(NODE_RANK)"
-    assert command[command.index("--main_process_ip") + 1] == "qwen2vl-chartqa-sft-0.qwen2vl-chartqa-sft"
+    # <jobset>-<replicatedJob>-<job index>-<pod index>.<subdomain: the JobSet's name>
+    assert command[command.index("--main_process_ip") + 1] == "qwen2vl-chartqa-sft-node-0-0.qwen2vl-chartqa-sft"
     assert env(manifest)["NODE_RANK"]["valueFrom"] == {
         "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
     }
-    assert pod_spec(manifest)["subdomain"] == "qwen2vl-chartqa-sft"
 
 
-def test_multi_node_service_is_headless_publishes_unready_pods_and_selects_the_jobs_pods(multi):
-    manifest, service = render.render_stage(multi, "sft", IMAGE)
-    assert service["metadata"]["name"] == pod_spec(manifest)["subdomain"]
-    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
-    template_labels = manifest["spec"]["template"]["metadata"]["labels"]
-    assert all(template_labels[k] == v for k, v in service["spec"]["selector"].items())
+def test_the_jobset_carries_the_kueue_labels_and_its_jobs_do_not():
+    recipe = make(MULTI, **{"kubernetes.queue": "gpu-queue", "kubernetes.priority": "research-high"})
+    jobset = job(recipe)
+    assert jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert jobset["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "research-high"
+    child = jobset["spec"]["replicatedJobs"][0]["template"]["metadata"]["labels"]
+    assert not any(key.startswith("kueue.x-k8s.io/") for key in child), "Kueue admits the JobSet whole"
 
 
-def test_single_node_stages_of_a_multi_node_recipe_have_no_service(multi):
+def test_single_node_stages_of_a_multi_node_recipe_are_jobs(multi):
     assert [m["kind"] for m in render.render_stage(multi, "evaluate", IMAGE)] == ["Job"]
-
-
-def test_service_goes_with_the_job_it_is_owned_by(multi):
-    service = render.render_service(multi, "sft")
-    owned = render.owned_by(service, {"metadata": {"name": "qwen2vl-chartqa-sft", "uid": "uid-7"}})
-    assert owned["metadata"]["ownerReferences"] == [
-        {"apiVersion": "batch/v1", "kind": "Job", "name": "qwen2vl-chartqa-sft", "uid": "uid-7"}
-    ]
-    assert "ownerReferences" not in service["metadata"]
 
 
 def test_before_1_31_the_launcher_retries_since_there_is_no_ga_pod_failure_policy():
@@ -314,7 +349,8 @@ def test_pod_annotations_reach_every_stage_pod_and_only_the_pods(multi):
     recipe = make(with_pod_annotations(MULTI, chosen))
     for stage in recipe.stages:
         manifest = job(recipe, stage)
-        pod_annotations = manifest["spec"]["template"]["metadata"]["annotations"]
+        pods_of = manifest if manifest["kind"] == "Job" else group_job(manifest)
+        pod_annotations = pods_of["spec"]["template"]["metadata"]["annotations"]
         assert {k: pod_annotations[k] for k in chosen} == chosen, stage
         assert pod_annotations[render.ANNOTATION_FINGERPRINT] == manifest["metadata"]["annotations"][
             render.ANNOTATION_FINGERPRINT
@@ -396,6 +432,7 @@ def test_driver_role_has_exactly_the_verbs_the_launcher_uses():
         (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
         (("",), ("pods",)): {"get", "list", "watch"},
         (("",), ("pods/log",)): {"get"},
-        (("",), ("services",)): {"create", "delete", "patch"},
+        (("jobset.x-k8s.io",), ("jobsets",)): {"create", "get"},
         (("",), ("persistentvolumeclaims",)): {"get"},
+        (("kueue.x-k8s.io",), ("workloads",)): {"list"},
     }

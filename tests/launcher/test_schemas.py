@@ -5,8 +5,10 @@ recipe is covered by being added; each is also rendered multi-node."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -22,7 +24,21 @@ SHIPPED = sorted(ROOT.glob("recipes/*.yaml"))
 MULTI_NODE = {"resources.gpus": 8, "resources.nodes": 2}
 
 
+JOBSET_SCHEMA = json.loads((Path(__file__).parent / "crds" / "jobset-v0.11.1-jobset-v1alpha2.json").read_text())
+
+
 def validate(manifest: dict) -> None:
+    """Kubernetes' own objects against its schemas; a JobSet against JobSet v0.11.1's CRD and its Job against Kubernetes'."""
+    if manifest["kind"] == "JobSet":
+        try:
+            jsonschema.validate(manifest, JOBSET_SCHEMA)
+        except jsonschema.ValidationError as e:
+            pytest.fail(f"JobSet {manifest['metadata']['name']} invalid at {'/'.join(map(str, e.path))}: {e.message}")
+        for replicated in manifest["spec"]["replicatedJobs"]:
+            name = f"{manifest['metadata']['name']}-{replicated['name']}-0"
+            validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, **replicated["template"]["metadata"]},
+                      "spec": replicated["template"]["spec"]})
+        return
     for version in VERSIONS:
         try:
             kubernetes_validate.validate(manifest, version, strict=True)
@@ -104,11 +120,11 @@ def test_secret_template_holds_no_token():
 
 
 def test_a_target_older_than_a_feature_the_manifest_uses_is_refused_in_one_line():
-    manifest = render.render_stage(make(MULTI), "sft", IMAGE)[0]
+    manifest = render.render_stage(make(SINGLE), "sft", IMAGE)[0]
     manifest["spec"]["successPolicy"] = {"rules": [{"succeededIndexes": "0"}]}
     with pytest.raises(
         UserError,
-        match=r'^kubernetes\.target_version 1\.31: Job qwen2vl-chartqa-sft uses successPolicy, GA in Kubernetes 1\.33 \(JobSuccessPolicy\); set kubernetes\.target_version to "1\.33" or newer$',
+        match=r'^kubernetes\.target_version 1\.31: Job llava-chartqa-sft uses successPolicy, GA in Kubernetes 1\.33 \(JobSuccessPolicy\); set kubernetes\.target_version to "1\.33" or newer$',
     ):
         features.check([manifest], "1.31", launcher=False)
 

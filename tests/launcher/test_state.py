@@ -44,13 +44,14 @@ def test_exit_2_on_a_target_before_1_31_ends_the_stage_without_a_restart():
     """Issue 26 (6): without podFailurePolicy (a 1.29 target) the Job fails as BackoffLimitExceeded whatever its
     pod's exit code, and the launcher, which retries such Jobs, decides from the pod: exit 2 is a user error, not
     restarted, though backoff_limit allows one. Real objects: the 1.29-rendered Job on the control plane."""
+    from jobs.stage_resources import resolve
     from launcher import render
     from tests.launcher.conftest import SINGLE, make
 
     job, pods = recorded("exit-2-target-1.29")
     assert "podFailurePolicy" not in job["spec"] and state.failure(job)["reason"] == "BackoffLimitExceeded"
     old = make(SINGLE, **{"kubernetes.target_version": "1.29", "kubernetes.backoff_limit": 1})
-    restartable = render.retried_by_launcher(old, "sft")
+    restartable = render.retried_by_launcher(old, resolve(old, "sft"))
     assert restartable, "before 1.31 the launcher, not the Job, retries a one-node stage"
     reading = state.read(job, pods)
     assert (reading.cause, reading.exit_codes) == ("user-error", (2,))
