@@ -273,3 +273,25 @@ def pope_scores(answers: Sequence[str], labels: Sequence[str]) -> dict:
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "yes_ratio": _fraction(sum(predicted), len(predicted)),
     }
+
+
+# ---- noise of a finite test set ---------------------------------------------------------------------------------
+
+# evaluate's metrics that are no fraction of samples: a mean of per-sample values, whose noise their spread gives
+NOT_PROPORTIONS = ("mean_margin",)
+
+
+def proportion_standard_error(p: float, n: int) -> float:
+    """Standard error of a fraction ``p`` of ``n`` samples (a binomial proportion): ``sqrt(p(1 - p) / n)``. F1,
+    precision and recall are read the same way, an approximation (their denominators are not n). 0 for no samples."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 else 0.0
+
+
+def mean_standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of per-sample values: their sample standard deviation (n - 1) over sqrt(n). 0 for
+    fewer than two values, which tell no spread."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
