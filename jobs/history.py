@@ -114,14 +114,10 @@ def night_of(cfg, report: dict, standard_error: float | None) -> dict:
     }
 
 
-def last_good(nights: list[dict], metric: str | None = None, *, before: str | None = None) -> dict | None:
-    """The newest night not regressed (with a value of ``metric``, when given), among those before run ``before``."""
-    earlier = nights
-    if before is not None:
-        ids = [n["run_id"] for n in nights]
-        earlier = nights[: ids.index(before)] if before in ids else nights
-    good = [n for n in earlier if not n.get("regressed") and (metric is None or
-            (n.get("primary_metric") == metric and n.get("value") is not None))]
+def last_good(nights: list[dict], metric: str | None = None) -> dict | None:
+    """The newest night scored and not regressed (on ``metric``, when given)."""
+    good = [n for n in nights if not n.get("regressed") and n.get("value") is not None
+            and (metric is None or n.get("primary_metric") == metric)]
     return good[-1] if good else None
 
 

@@ -38,7 +38,7 @@ import re
 
 import yaml
 
-from jobs.contract import EXIT_USER_ERROR, UserError
+from jobs.contract import EXIT_REGRESSED, EXIT_USER_ERROR, UserError
 from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, Recipe, Resources
 from launcher import features
 from launcher.commands import NODE_RANK_ENV, RENDEZVOUS_PORT, stage_argv, stage_env
@@ -311,7 +311,8 @@ def scheduling(recipe: Recipe, res: Resources) -> dict:
 
 
 def pod_failure_policy(recipe: Recipe, *, ignore_disruptions: bool) -> dict | None:
-    """Exit 2 fails the Job at once; disruptions are not counted, where the Job retries by itself."""
+    """Exit 2 (a user error) and 3 (the run regressed: evaluate, and the driver that ran it) fail the Job at once;
+    disruptions are not counted, where the Job retries by itself."""
     if not features.is_ga("podFailurePolicy", recipe.kubernetes.target_version):
         return None
     rules = []
@@ -321,7 +322,7 @@ def pod_failure_policy(recipe: Recipe, *, ignore_disruptions: bool) -> dict | No
     rules.append(
         {
             "action": "FailJob",
-            "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]},
+            "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR, EXIT_REGRESSED]},
         }
     )
     return {"rules": rules}
