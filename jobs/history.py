@@ -137,8 +137,9 @@ def judge(nights: list[dict], night: dict) -> dict:
     summary = (f"{night['variant']} scores {value:.3f} {metric} over {night.get('samples')} samples, the last good night "
                f"{baseline['run_id']} {baseline['value']:.3f}: {'down' if drop > 0 else 'up'} {abs(drop):.3f}, "
                f"{'more' if regressed else 'not more'} than the standard error of the difference {error:.3f}")
+    # "difference_error", not "standard_error": the history's line holds the verdict beside the night's own error
     return {"regressed": regressed, "against": baseline["run_id"], "baseline": baseline["value"], "drop": drop,
-            "standard_error": error, "summary": ("regressed: " if regressed else "") + summary}
+            "difference_error": error, "summary": ("regressed: " if regressed else "") + summary}
 
 
 def regression_of(run_dir: Path) -> dict | None:
