@@ -7,7 +7,11 @@
 A stage refuses to start while an input has no ``_SUCCESS.json``, skips itself when its own
 ``_SUCCESS.json`` was written for the same config, and refuses to replace output of another config
 unless forced. Exit codes tell user errors (recipe, data, stage order: a retry cannot help) from
-failures of the machine, which are worth a retry.
+failures of the machine, which are worth a retry, and a night that scored worse than the last good one
+(``EXIT_REGRESSED``) from both.
+
+A stage holds a shared lock on ``<run>/.lock`` while it runs (and the local runner while it runs a chain), so that
+pruning (``jobs.history``) can tell a running run from a finished one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from typing import Any
 
 EXIT_FAILURE = 1  # the machine, the network, the cluster: worth a retry
 EXIT_USER_ERROR = 2  # the recipe, the data or the stage order: retrying cannot help (Fire's usage errors use 2 too)
+# evaluate: the run's primary metric fell below the last good night's by more than the noise of its test set
+# (jobs.history). Neither a broken machine nor a broken recipe: the run worked and its model is worse. Not retried
+# (a retry scores the same), not merged by the chain, and merge_push refuses to push it.
+EXIT_REGRESSED = 3
+RUN_LOCK = ".lock"
 SUCCESS_FILE = "_SUCCESS.json"
 CONFIG_FILE = "_CONFIG.json"
 VERSIONED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "vlmjobs")
@@ -41,6 +50,12 @@ class Failure(Exception):
     """A failure this code recognises (a broken merge, an unreachable hub): one line, exit code 1, retried."""
 
     exit_code = EXIT_FAILURE
+
+
+class Regressed(Exception):
+    """The run scored worse than the last good night (jobs.history): one line, exit code 3, no retry."""
+
+    exit_code = EXIT_REGRESSED
 
 
 EXIT_SIGTERM = 143  # 128 + SIGTERM: stopped from outside (preemption, kubectl delete); worth a retry
@@ -195,6 +210,7 @@ def begin(
     resume from; any other stage starts over.
     """
     run_dir = Path(run_dir)
+    hold_run(run_dir)
     inputs = {}
     for need in needs:
         marker = run_dir / need / SUCCESS_FILE
@@ -234,6 +250,47 @@ def begin(
     stage.work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stage.work / CONFIG_FILE, {"fingerprint": stage.fingerprint, "config": config})
     return stage
+
+
+_HELD: dict[str, int] = {}  # run folder -> the descriptor whose lock this process holds until it ends
+
+
+def hold_run(run_dir: Path) -> None:
+    """Hold a shared lock on the run folder for the rest of this process: the run is in use (``run_in_use``). The
+    kernel drops it when the process ends, however it ends, so a crashed stage never leaves a run looking busy."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    if str(run_dir) in _HELD:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _HELD[str(run_dir)] = fd
+
+
+def release_run(run_dir: Path) -> None:
+    """Drop this process's lock on the run folder (the local runner, once its chain has ended)."""
+    fd = _HELD.pop(str(Path(run_dir)), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def run_in_use(run_dir: Path) -> bool:
+    """Whether a process (a stage, the local runner) holds the run folder's lock now."""
+    import fcntl
+
+    lock = Path(run_dir) / RUN_LOCK
+    if not lock.is_file():
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the lock if we got it
+    return False
 
 
 def missing_input(name: str, run_dir: Path, need: str) -> str:

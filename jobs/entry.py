@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from jobs import upstream, usage
-from jobs.contract import EXIT_USER_ERROR, Failure, UserError, handle_stop_signals, stopped, wait_for_turn
+from jobs.contract import EXIT_USER_ERROR, Failure, Regressed, UserError, handle_stop_signals, stopped, wait_for_turn
 
 
 def entrypoint(main: Callable, *, imports: tuple[str, ...] = ()) -> None:
@@ -65,7 +65,7 @@ def _run(main: Callable, imports: tuple[str, ...] = ()) -> None:
         return
     try:
         fire.Fire(main)
-    except (UserError, Failure) as e:
+    except (UserError, Failure, Regressed) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:

@@ -15,15 +15,19 @@ are scored as their official scripts score them, under their names (``amber_f1``
     local:      python -m jobs.evaluate --recipe recipes/tiny-demo.yaml
     in cluster: python -m jobs.evaluate
 
-Output: <run>/evaluate/report.json (each variant's metrics and the samples behind each, the metrics' definitions),
-predictions.jsonl, report.md (jobs.report: the run, the comparison, example answers side by side, training curves).
+Output: <run>/evaluate/report.json (each variant's metrics and the samples behind each, the metrics' definitions, the
+verdict against the last good night), predictions.jsonl, report.md (jobs.report: the run, the comparison, example
+answers side by side, training curves). The run's shipped variant is added to the recipe's history
+(<run.root>/.history/<name>.jsonl, jobs.history); a night that regressed exits 3 (contract.EXIT_REGRESSED).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
-from jobs import contract, entry
+from jobs import contract, entry, history
 from jobs import recipe as recipes
 
 TRAINED_VARIANTS = recipes.TRAINING_STAGES  # a variant per training stage: the model it trained
@@ -37,6 +41,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         needs=cfg.needs("evaluate"), force=force,
     )
     if stage.skipped:
+        history.refuse_regressed(history.regression_of(cfg.run_dir))  # every run of a finished night says what it found
         return
 
     from jobs import modeling
@@ -75,14 +80,44 @@ def main(recipe: str = "", force: bool = False, **overrides):
     reported = {metric for scored in report["variants"].values() for metric in scored["metrics"]}
     definitions = metric_definitions([bench for bench, _ in benchmarks.values()])
     report["definitions"] = {metric: text for metric, text in definitions.items() if metric in reported}
+    # Tonight against the last good night of the recipe's history (jobs.history), before anything is written
+    nights = history.history_path(cfg.run.root, cfg.name)
+    error = primary_standard_error(report, predictions, cfg.shipped_stage, cfg.evaluate.primary_metric)
+    night = history.night_of(cfg, report, error)
+    report["regression"] = history.judge(history.read(nights), night)
     (stage.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(stage.work / "predictions.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in predictions)
     logs = {s: stage.input(s) / "metrics.jsonl" for s in TRAINED_VARIANTS if s in cfg.stages}
     write_report(report, stage.work, training_logs=logs, stages=stage.inputs, predictions=predictions)
     print(format_table(report))
+    print(f"evaluate: against the history ({nights}): {report['regression']['summary']}")
     rows = {kind: len(rows) for kind, rows in tests.items()} | {key: len(rows) for key, (_, rows) in benchmarks.items()}
-    stage.finish(report=report["variants"], rows=rows)
+    stage.finish(report=report["variants"], rows=rows, regression=report["regression"])
+    # Added once the evaluation is committed: the history holds only nights whose report exists
+    history.append(nights, {**night, **report["regression"]})
+    if cfg.run.keep:
+        removed, _ = history.prune(cfg.run.root, cfg.name, cfg.run.keep, spare=(cfg.run_id,))
+        for run_id in removed:
+            print(f"evaluate: pruned the run folder {Path(cfg.run.root) / run_id} (run.keep {cfg.run.keep})")
+    history.refuse_regressed(report["regression"])
+
+
+def primary_standard_error(report: dict, predictions: list[dict], variant: str, metric: str) -> float | None:
+    """The standard error of ``variant``'s ``metric``: a fraction's from its value and sample count, mean_margin's from
+    the per-pair margins behind it (predictions' chosen_logp - rejected_logp, the finite ones, as it is averaged);
+    None for a value that is neither (outside [0, 1])."""
+    from jobs.metrics import NOT_PROPORTIONS, mean_standard_error, proportion_standard_error
+
+    scored = report["variants"].get(variant, {})
+    value, n = scored.get("metrics", {}).get(metric), scored.get("counts", {}).get(metric, 0)
+    if value is None:
+        return None
+    if metric in NOT_PROPORTIONS:
+        margins = [row["chosen_logp"] - row["rejected_logp"] for row in predictions
+                   if row["variant"] == variant and row["split"] == "dpo/test"]
+        return mean_standard_error([m for m in margins if math.isfinite(m)])
+    return proportion_standard_error(value, n) if 0 <= value <= 1 else None
 
 
 def free_memory() -> None:

@@ -9,6 +9,7 @@ The model is then saved in ``merge_push.dtype`` with its processor, generation c
 evaluation names the variant shipped, and pushed to the hub in one commit when ``merge_push.push`` is on.
 
 Pushing is gated on evaluate (``gate``): a run without evaluate pushes only with ``merge_push.push_unevaluated``,
+the run must not have regressed against the recipe's last good night (evaluate's verdict, jobs.history; exit 3),
 and the pushed variant must not be worse than base on ``evaluate.primary_metric`` by more than one standard
 error of the difference, unless ``merge_push.force``. Without a push nothing is gated.
 
@@ -27,9 +28,9 @@ from pathlib import Path
 
 from jobs import contract, entry
 from jobs import recipe as recipes
+from jobs.metrics import NOT_PROPORTIONS  # evaluate's metrics that are not fractions of samples: the gate allows no noise
 
 CHECK_SAMPLES = 4
-NOT_PROPORTIONS = ("mean_margin",)  # evaluate's metrics that are not fractions of samples: the gate allows no noise
 
 
 def main(recipe: str = "", force: bool = False, **overrides):
@@ -113,11 +114,15 @@ def gate(report: dict | None, source: str, cfg) -> dict | None:
     Nothing is gated unless ``merge_push.push``: a merge for a look, or for another evaluation, needs no base
     variant. A push needs evaluate's scores of the variant pushed and of base on the primary metric (the recipe
     makes sure evaluate runs both, unless ``merge_push.push_unevaluated``), and is refused when
-    ``compare_with_base`` finds it worse beyond noise, unless ``merge_push.force``.
+    ``compare_with_base`` finds it worse beyond noise, unless ``merge_push.force``. A night that evaluate found
+    regressed against the recipe's last good night (jobs.history) is refused first, with its own exit code (3).
     """
     spec, metric = cfg.merge_push, cfg.evaluate.primary_metric
     if report is None:  # the recipe allows a push without evaluate only with push_unevaluated
         return None
+    regression = report.get("regression") or {}  # evaluate's verdict against the recipe's last good night
+    if spec.push and regression.get("regressed") and not spec.force:
+        raise contract.Regressed(f"merge_push: not pushing: {regression['summary']}; set merge_push.force=true to push anyway")
     scores = {v: report["variants"].get(v, {}).get("metrics", {}).get(metric) for v in ("base", source)}
     missing = [v for v, score in scores.items() if score is None]
     if missing and spec.push and not spec.push_unevaluated:
@@ -237,6 +242,8 @@ def model_card(cfg, source: str, report: dict | None, verdict: dict | None, lice
         shipped = (f"This model is the `{source}` row, merged as evaluated." if source in report["variants"]
                    else f"The `{source}` stage's model was not among the variants evaluated.")
         evaluation = f"```\n{format_table(report)}\n```\n\n{shipped}{_better_before(report, source)}\n\n"
+        if report.get("regression"):  # against the recipe's last good night
+            evaluation += f"Against the last good night: {report['regression']['summary']}.\n\n"
     # The recipe as it trained, without where it ran (cluster, GPUs, namespaces): a reader reruns it elsewhere.
     recipe = {key: ({k: v for k, v in value.items() if k != "resources"} if isinstance(value, dict) else value)
               for key, value in cfg.to_dict().items() if key not in ("kubernetes", "resources")}

@@ -301,3 +301,25 @@ def answer_correct(completion: str, targets: str | Sequence[str], *, relaxed: bo
     or an exact match (``exact_match``) against any gold answer. evaluate's accuracy and GRPO's accuracy reward."""
     answer = read_answer(completion, answer_after)
     return relaxed_accuracy(answer, targets) if relaxed else exact_match(answer, targets)
+
+
+# ---- noise of a finite test set ---------------------------------------------------------------------------------
+
+# evaluate's metrics that are no fraction of samples: a mean of per-sample values, whose noise their spread gives
+NOT_PROPORTIONS = ("mean_margin",)
+
+
+def proportion_standard_error(p: float, n: int) -> float:
+    """Standard error of a fraction ``p`` of ``n`` samples (a binomial proportion): ``sqrt(p(1 - p) / n)``. F1,
+    precision and recall are read the same way, an approximation (their denominators are not n). 0 for no samples."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 else 0.0
+
+
+def mean_standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of per-sample values: their sample standard deviation (n - 1) over sqrt(n). 0 for
+    fewer than two values, which tell no spread."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)

@@ -100,6 +100,10 @@ class Data:
 class Run:
     id: str = ""  # defaults to the recipe's name; names the run folder and the Jobs
     root: str = "runs"  # local folder holding run folders (the cluster uses kubernetes.mount_path)
+    # Run folders of this recipe to keep (the nightly's pruning): when evaluate has added the run to the recipe's
+    # history, it removes the folders of older runs beyond the newest `keep`, never the last good one nor one in use
+    # (jobs.history.prune, as vlmjobs prune --keep). None keeps every run.
+    keep: int | None = None
 
 
 @dataclass(frozen=True)
@@ -295,6 +299,11 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run_id
+
+    @property
+    def shipped_stage(self) -> str:
+        """The trained stage whose model merge_push ships (and the history follows): the last one the run has."""
+        return "dpo" if "dpo" in self.stages else "sft"
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -514,6 +523,8 @@ def _semantic_errors(recipe: Recipe) -> list[str]:
             f"run.id: {recipe.run_id!r} must be a DNS-1123 label of at most {MAX_RUN_ID} characters "
             "(lower-case letters, digits and '-', starting with a letter), since it names the Kubernetes Jobs"
         )
+    if recipe.run.keep is not None and recipe.run.keep < 1:
+        errors.append(f"run.keep: {recipe.run.keep} keeps no run; at least 1 (the run itself), or leave it out to keep every run")
     for name in ("sft", "dpo"):
         source = getattr(recipe.data, name)
         if source and source.format not in FORMATS:

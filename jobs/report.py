@@ -10,7 +10,8 @@ means, a few test questions with every variant's answer side by side, then bench
 
 ``report`` is the content of the evaluate stage's report.json:
 ``{"variants": {name: {"metrics": {metric: float}, "counts": {metric: int}, "samples": int}},
-"primary_metric": "accuracy", "definitions": {metric: str}, "model": ..., "family": ..., ...}``.
+"primary_metric": "accuracy", "definitions": {metric: str}, "regression": {"regressed": bool, "summary": str, ...},
+"model": ..., "family": ..., ...}``.
 matplotlib is imported inside the plotting functions, so importing this module stays cheap.
 """
 
@@ -502,6 +503,10 @@ def _results_section(report: dict, out_dir: Path) -> list[str]:
     ]
     if plot_comparison(report, out_dir / COMPARISON_FIGURE):
         lines += [f"![every metric of every variant]({COMPARISON_FIGURE})", ""]
+    verdict = report.get("regression")
+    if verdict:  # jobs.history: the shipped variant against the last good night of the recipe
+        mark = "**Regressed.** " if verdict.get("regressed") else ""
+        lines += ["### Against the last good night", "", f"{mark}{verdict['summary']}.", ""]
     definitions = report.get("definitions") or {}
     described = [metric for metric in metric_names(report) if metric in definitions]
     if described:

@@ -24,7 +24,8 @@ def overrides_and_stages() -> str:
         "  (YAML spellings: true, false, null; quote text that looks like a number: --model.revision=\"'2024'\")\n"
         f"Stages, in order: {', '.join(STAGES)} (a recipe's `stages` lists those it runs)\n"
         "Exit codes: 0 done; 2 the recipe, data or stage order needs fixing (a retry cannot help); "
-        "1 worth a retry; 130 / 143 stopped by SIGINT / SIGTERM (run again to resume)\n"
+        "1 worth a retry; 3 the run scored worse than the recipe's last good night (evaluate; not pushed); "
+        "130 / 143 stopped by SIGINT / SIGTERM (run again to resume)\n"
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR, UserError
+from jobs.contract import EXIT_FAILURE, EXIT_REGRESSED, EXIT_USER_ERROR, UserError
 from jobs.recipe import Recipe
 from jobs.stage_resources import StageResources
 from launcher import kube, render, state
@@ -35,7 +35,10 @@ def _failed(
     cluster: Cluster, recipe: Recipe, stage: str, name: str, reading: state.Reading, restarts: str = "", kind: str = "Job"
 ) -> JobFailed:
     details = reading.message or "no reason given"
-    if reading.user_error:
+    if reading.cause == "regressed":
+        cause = (f"the stage exited {EXIT_REGRESSED}: the run scored worse than the recipe's last good night; the chain "
+                 "stops, and its model is not merged or pushed")
+    elif reading.user_error:
         cause = "the stage exited 2: a recipe or data error, which a retry cannot fix"
     elif reading.exit_codes:
         cause = f"stage exit codes {', '.join(map(str, sorted(set(reading.exit_codes))))}"
@@ -46,7 +49,7 @@ def _failed(
     return JobFailed(
         text,
         conditions=(reading.message,) if reading.message else (),
-        exit_code=EXIT_USER_ERROR if reading.user_error else EXIT_FAILURE,
+        exit_code=EXIT_REGRESSED if reading.cause == "regressed" else EXIT_USER_ERROR if reading.user_error else EXIT_FAILURE,
         kind=kind,
         namespace=cluster.namespace,
         name=name,

@@ -3,6 +3,8 @@
     vlmjobs run RECIPE [--stages=sft,dpo] [--force] [--sft.args.learning_rate=1e-4 ...]   local chain
     vlmjobs validate RECIPE [overrides]       check a recipe, print the resolved one
     vlmjobs memory RECIPE                     the memory arithmetic of its training stages, before any GPU
+    vlmjobs history RECIPE [--plot=PATH]      the recipe's nights (table), a plot of the primary metric over them
+    vlmjobs prune RECIPE --keep=N [--jobs]    remove older run folders (and their finished Jobs), never the last good
     vlmjobs tiny-model --family=llava --out=DIR
     vlmjobs synth-data --kind=chartqa --out=DIR [--rows=400]
 
@@ -361,6 +363,61 @@ def delete(recipe: str = "", run: str = "", stage: str = "", **overrides):
             print(f"deleted Job {cluster.namespace}/{name} (its pods and Service go with it)")
 
 
+def history(recipe: str, plot: str = "", **overrides):
+    """The recipe's nights from its history (<run.root>/.history/<name>.jsonl, one line a finished evaluation): each
+    night's shipped variant, its primary metric with standard error and samples, regressed or not against the last
+    good night, the recipe fingerprint and image, and whether its folder is kept. Writes a plot of the primary metric
+    over the nights (--plot, else beside the history as <name>.png)."""
+    from jobs import history as nights_of
+
+    resolved = recipes.load(str(recipe), overrides)
+    path = nights_of.history_path(resolved.run.root, resolved.name)
+    nights = nights_of.read(path)
+    if not nights:
+        print(f"no nights of {resolved.name} yet: {path} holds none (each run's evaluate adds one)")
+        return
+    print(nights_of.table(nights, resolved.run.root))
+    regressed = sum(bool(n.get("regressed")) for n in nights)
+    print(f"{len(nights)} night{'s' * (len(nights) > 1)}, {regressed} regressed; history: {path}")
+    figure = Path(str(plot)) if plot else path.with_suffix(".png")
+    if nights_of.plot(nights, figure, resolved.name):
+        print(f"plot: {figure}")
+
+
+@_cluster_command
+def prune(recipe: str, keep: int = 0, jobs: bool = False, **overrides):
+    """Remove the folders of the recipe's runs (those in its history) beyond the newest --keep, never the last good
+    run nor one in use (a stage or the local runner running it). --jobs: also delete the removed runs' finished Jobs in
+    the recipe's namespace, and count a run with an unfinished Job as in use (where run.root is the cluster's volume,
+    e.g. in a pod that mounts it)."""
+    from jobs import history as nights_of
+
+    if not keep:
+        raise contract.UserError("--keep: how many of the newest runs to keep? (e.g. --keep=7)")
+    resolved = recipes.load(str(recipe), overrides)
+    cluster = _cluster(resolved) if jobs else None
+    in_use = None
+    if cluster is not None:
+        from launcher import render as rendering
+        from launcher import state
+
+        def in_use(run_id: str) -> bool:
+            return any(not state.is_finished(job) for job in cluster.list_jobs(rendering.selector(run_id)))
+
+    removed, kept = nights_of.prune(resolved.run.root, resolved.name, int(keep), in_use=in_use)
+    root = Path(resolved.run.root)
+    for run_id, why in kept.items():
+        print(f"kept {root / run_id}: {why}")
+    for run_id in removed:
+        print(f"removed {root / run_id}")
+        if cluster is not None:
+            for job in cluster.list_jobs(rendering.selector(run_id)):
+                if cluster.delete_job(job["metadata"]["name"]):
+                    print(f"deleted Job {cluster.namespace}/{job['metadata']['name']} (finished)")
+    if not removed:
+        print(f"nothing to prune: {len(kept)} run folder{'s' * (len(kept) != 1)} of {resolved.name} kept")
+
+
 def cronjob(recipe: str = "", run: str = "", out: str = "", **overrides):
     """The nightly pipeline's CronJob (kubernetes.nightly_schedule) as YAML, printed or written to --out (make nightly
     writes k8s/nightly/cronjob.yaml and applies k8s/nightly). Refused while the image is the default one, tagged with
@@ -411,6 +468,8 @@ COMMANDS = {
     "run": run,
     "validate": validate,
     "memory": memory,
+    "history": history,
+    "prune": prune,
     "tiny-model": tiny_model,
     "synth-data": synth_data,
     "render": render,
@@ -428,6 +487,8 @@ EXAMPLES = {
     "run": "vlmjobs run recipes/tiny-demo.yaml --stages=prepare,sft --sft.args.max_steps=20",
     "validate": "vlmjobs validate recipes/tiny-demo.yaml --sft.args.learning_rate=1e-4",
     "memory": "vlmjobs memory recipes/idefics2-8b-rlaif-v-dpo.yaml --resources.gpu_memory_gib=24",
+    "history": "vlmjobs history recipes/tiny-demo.yaml --plot=history.png",
+    "prune": "vlmjobs prune recipes/tiny-demo.yaml --keep=7",
     "tiny-model": "vlmjobs tiny-model --family=llava --out=.cache/tiny/llava",
     "synth-data": "vlmjobs synth-data --kind=chartqa --out=.cache/data/chartqa --rows=400",
     "render": "vlmjobs render recipes/idefics2-8b-rlaif-v-dpo.yaml --stage=dpo --run=exp-1",

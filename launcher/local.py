@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 
-from jobs.contract import START_FD_ENV, SUCCESS_FILE, UserError, exit_status, is_done, missing_input
+from jobs.contract import START_FD_ENV, SUCCESS_FILE, UserError, exit_status, hold_run, is_done, missing_input, release_run
+from jobs.history import refuse_regressed, regression_of
 from jobs.recipe import Recipe
 from launcher.commands import stage_argv, stage_env
 
@@ -48,6 +49,7 @@ def run(recipe: Recipe, stages: tuple[str, ...] = (), *, force: bool = False) ->
             if need not in stages[:i] and not (recipe.run_dir / need / SUCCESS_FILE).is_file():
                 raise UserError(f"{missing_input(stage, recipe.run_dir, need)} (vlmjobs run RECIPE --stages={need},{stage})")
     started = time.time()
+    hold_run(recipe.run_dir)  # in use until the chain ends: pruning leaves it alone between its stages
 
     def done(stage: str) -> bool:
         return not force and is_done(stage, recipe.run_dir, recipe.stage_config(stage), recipe.needs(stage))
@@ -61,6 +63,8 @@ def run(recipe: Recipe, stages: tuple[str, ...] = (), *, force: bool = False) ->
                     ahead.cancel()
                     ahead = None
                 print(f"==> {stage}: already done for this config ({recipe.run_dir / stage}); skipping (--force redoes it)", flush=True)
+                if stage == "evaluate":  # a regressed night stays one: the chain stops as when evaluate decided
+                    refuse_regressed(regression_of(recipe.run_dir))
                 continue
             print(f"==> {stage} [{recipe.run_dir}]: {shlex.join(argv)}", flush=True)
             current = ahead if ahead and ahead.name == stage else StageProcess.start(stage, argv, env)
@@ -75,6 +79,7 @@ def run(recipe: Recipe, stages: tuple[str, ...] = (), *, force: bool = False) ->
     finally:
         if ahead:
             ahead.cancel()
+        release_run(recipe.run_dir)
     print(f"==> done in {time.time() - started:.0f}s: {', '.join(stages)} in {recipe.run_dir}", flush=True)
     report = recipe.run_dir / "evaluate" / "report.json"
     if "evaluate" in stages and report.is_file():

@@ -36,7 +36,7 @@ import re
 
 import yaml
 
-from jobs.contract import EXIT_USER_ERROR, UserError
+from jobs.contract import EXIT_REGRESSED, EXIT_USER_ERROR, UserError
 from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, TRAINING_STAGES, Kubernetes, Recipe
 from jobs.stage_resources import StageResources, resolve
 from launcher import features
@@ -387,7 +387,8 @@ def scheduling(recipe: Recipe, res: StageResources) -> dict:
 
 
 def pod_failure_policy(recipe: Recipe, *, ignore_disruptions: bool) -> dict | None:
-    """Exit 2 fails the Job at once; disruptions are not counted, where the Job retries by itself."""
+    """Exit 2 (a user error) and 3 (the run regressed: evaluate, and the driver that ran it) fail the Job at once;
+    disruptions are not counted, where the Job retries by itself."""
     if not features.is_ga("podFailurePolicy", recipe.kubernetes.target_version):
         return None
     rules = []
@@ -397,7 +398,7 @@ def pod_failure_policy(recipe: Recipe, *, ignore_disruptions: bool) -> dict | No
     rules.append(
         {
             "action": "FailJob",
-            "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]},
+            "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR, EXIT_REGRESSED]},
         }
     )
     return {"rules": rules}

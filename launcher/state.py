@@ -24,7 +24,7 @@ job_controller.go, pod_failure_policy.go, success_policy.go) and the API server:
   volumes or its sandbox (the reason is in its Events).
 
 A multi-node stage is one Indexed Job with ``backoffLimit: 0`` that the launcher restarts whole
-(render.py's docstring); ``next_step`` is that policy: exit 2 and the deadline end the stage, a
+(render.py's docstring); ``next_step`` is that policy: exit 2, exit 3 and the deadline end the stage, a
 disruption restarts it without counting, anything else counts against ``backoff_limit``.
 """
 
@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from jobs.contract import EXIT_USER_ERROR, UserError
+from jobs.contract import EXIT_REGRESSED, EXIT_USER_ERROR, UserError
 from jobs.recipe import RECIPE_ENV, from_dict
 from launcher.render import ANNOTATION_FINGERPRINT, COMPLETION_INDEX_ANNOTATION, CONTAINER, CRONJOB_SCHEDULED_ANNOTATION
 
@@ -175,7 +175,7 @@ class Reading:
     state: str
     over: bool = False
     succeeded: bool = False
-    cause: str = ""  # user-error, deadline, disruption, crash (another failure), or "" while it goes on
+    cause: str = ""  # user-error, regressed, deadline, disruption, crash (another failure), or "" while it goes on
     message: str = ""  # one line: why it failed
     pod: str | None = None
     exit_codes: tuple[int, ...] = ()
@@ -207,6 +207,9 @@ def read(job: dict, pods: list[dict], *, group: bool = False) -> Reading:
         return Reading(state, over=True, cause="deadline", message=message, exit_codes=codes)
     crashed = sorted((p for p in pods if failed_by_itself(p)), key=_finished_at)
     taken = [p for p in pods if disruption(p)]
+    if EXIT_REGRESSED in codes:  # evaluate: the run worked and scored worse than the last good night; no retry helps
+        culprit = next((name_of(p) for p in crashed if exit_code(p) == EXIT_REGRESSED), None)
+        return Reading(state, over=True, cause="regressed", message=message, pod=culprit, exit_codes=codes)
     if EXIT_USER_ERROR in codes or ended.get("reason") == "PodFailurePolicy":
         culprit = next((name_of(p) for p in crashed if exit_code(p) == EXIT_USER_ERROR), None)
         return Reading(state, over=True, cause="user-error", message=message, pod=culprit, exit_codes=codes)
@@ -244,7 +247,7 @@ def next_step(
     target without podFailurePolicy), and the Job was not found failed already."""
     if reading.succeeded:
         return Step("succeeded")
-    if reading.user_error or reading.cause == "deadline" or not restartable:
+    if reading.user_error or reading.cause in ("deadline", "regressed") or not restartable:
         return Step("failed")
     if reading.disrupted:
         if disruptions < max_disruption_restarts:

@@ -173,6 +173,20 @@ def test_exit_2_fails_at_once_through_the_pod_failure_policy(real_cluster, ns):
     record("exit-2", c, "sim-sft")
 
 
+def test_exit_3_a_regressed_run_fails_at_once_and_the_chain_exits_3(real_cluster, ns):
+    """Issue 22: a stage that exits 3 (evaluate: the run scored worse than the recipe's last good night) fails its Job
+    at the first pod through the podFailurePolicy, as a retry would score the same, and the chain passes the 3 on."""
+    c = on(real_cluster, ns)
+    with pytest.raises(
+        kube.JobFailed,
+        match=rf"^stage sft: Job {ns}/sim-sft failed: PodFailurePolicy: Container stage for pod {ns}/sim-sft-\w+ "
+        r"failed with exit code 3 matching FailJob rule at index 1 \(the stage exited 3: the run scored worse than the "
+        r"recipe's last good night; the chain stops, and its model is not merged or pushed\); its log",
+    ) as info:
+        chain.run_stage(c, recipe(ns, {SIM_EXIT_CODE: "3"}, **{"kubernetes.backoff_limit": 3}), "sft", IMAGE, logs=False)
+    assert info.value.exit_code == 3 and len(c.list_pods("sim-sft")) == 1
+
+
 def test_exit_2_before_kubernetes_1_31_is_a_user_error_the_launcher_reads_from_the_pod(real_cluster, ns):
     """Issue 26 (6): a 1.29 target has no podFailurePolicy (not GA before 1.31), so the Job, rendered with
     backoffLimit 0 for the launcher to retry, fails as BackoffLimitExceeded whatever the exit code; the launcher reads
