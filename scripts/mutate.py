@@ -1,6 +1,6 @@
 """make mutate: mutation testing (mutmut) of the code whose numbers users read or decide by, scored per module.
 
-    python scripts/mutate.py            every function in SCOPE, from a fresh copy (7 to 13 minutes on 2 cores)
+    python scripts/mutate.py            every function in SCOPE, from a fresh copy (25 to 35 minutes on 2 cores)
     python scripts/mutate.py 'jobs.metrics.x_amber*'    only these mutants (mutmut's names; `mutmut show NAME` diffs one)
     python scripts/mutate.py jobs.inference             one module's functions in SCOPE
 
