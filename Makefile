@@ -47,7 +47,8 @@ grpo-seeds: $(STAMP)
 	VLMJOBS_EVERY_SEED=1 $(BIN)/pytest tests/test_grpo.py -k held_out $(PYTEST_ARGS)
 
 # Mutation testing of the code whose numbers users act on (scripts/mutate.py: its scope, and a score per module).
-# Not part of make test: 7 to 13 minutes on 2 cores. MUTANTS='jobs.metrics.x_amber*' runs only those.
+# Not part of make test: 7 to 13 minutes on 2 cores, plus ~10 for each of jobs.inference and jobs.evaluate since their
+# tiny-model tests joined. MUTANTS='jobs.metrics.x_amber*' runs only those; MUTANTS=jobs.inference one module.
 mutate: $(STAMP)
 	$(BIN)/python scripts/mutate.py $(MUTANTS)
 

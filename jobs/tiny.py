@@ -247,6 +247,77 @@ def build(family: str, out: str | Path, seed: int = 0, image_tokens: int | None 
     return out
 
 
+# What a tiny model is drawn from besides this module and jobs.synthetic (its tokenizer's corpus): the libraries that
+# initialise its weights (torch's generator, transformers' _init_weights), train its tokenizer and save both.
+BUILT_WITH = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub")
+MANIFEST = "built.json"  # written last into a cached model: each file's sha256, checked before the folder is reused
+
+
+def build_key() -> str:
+    """A digest of everything a tiny model is built from: this module's and jobs.synthetic's source and the versions of
+    BUILT_WITH. A changed template, builder or library gives another key, so a cache never serves an older model."""
+    import hashlib
+    import sys
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(sys.version.encode())
+    for source in (__file__, synthetic.__file__):
+        digest.update(Path(source).read_bytes())
+    for library in BUILT_WITH:
+        digest.update(f"{library}=={version(library)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached(family: str, root: str | Path) -> Path:
+    """The tiny model of ``family`` in ``root``/<build_key>/<family>, built there once and reused by later processes
+    (the tests' sessions, each of make mutate's variants). Built into a private folder beside it and renamed into
+    place, so that two processes racing both end with a whole model; a folder whose files no longer match its
+    manifest (something wrote into it) is replaced, never served."""
+    import json
+    import shutil
+    import tempfile
+
+    folder = Path(root) / build_key() / family
+    if _intact(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=folder.parent))
+    try:
+        build(family, staging)
+        (staging / MANIFEST).write_text(json.dumps(_digests(staging), indent=1, sort_keys=True))
+        if folder.exists() and not _intact(folder):  # changed since it was built: moved aside and deleted, not reused
+            aside = Path(tempfile.mkdtemp(prefix=f".{family}-changed-", dir=folder.parent))
+            try:
+                folder.rename(aside / family)
+            except FileNotFoundError:  # another process moved it first
+                pass
+            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process renamed its build in first: the same model, from the same key
+            if not _intact(folder):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+
+
+def _intact(folder: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((folder / MANIFEST).read_text()) == _digests(folder)
+    except (OSError, ValueError):
+        return False
+
+
 def train_tokenizer(
     special: list[str], bos: str | None, eos: str, pad: str, unk: str | None = None, add_bos_token: bool = True, **extra
 ):

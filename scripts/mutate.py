@@ -1,7 +1,8 @@
 """make mutate: mutation testing (mutmut) of the code whose numbers users read or decide by, scored per module.
 
-    python scripts/mutate.py            every function in SCOPE, from a fresh copy (7 to 13 minutes on 2 cores)
+    python scripts/mutate.py            every function in SCOPE, from a fresh copy (25 to 35 minutes on 2 cores)
     python scripts/mutate.py 'jobs.metrics.x_amber*'    only these mutants (mutmut's names; `mutmut show NAME` diffs one)
+    python scripts/mutate.py jobs.inference             one module's functions in SCOPE
 
 mutmut copies jobs/ and launcher/ into mutants/, rewrites each function of the modules named in pyproject.toml
 ([tool.mutmut] only_mutate) into small variants (a "<" for a "<=", a 2 for a 1, a None for an argument), then, for
@@ -36,9 +37,10 @@ SCOPE = {
 MUTMUT = [sys.executable, "-c", "from mutmut.__main__ import cli; cli()"]
 
 
-def patterns() -> list[str]:
+def patterns(modules: list[str] | None = None) -> list[str]:
+    """mutmut's names for the mutants of SCOPE (of ``modules`` only, where given)."""
     return [f"{module}.{function}__mutmut_*" if function != "*" else f"{module}.*"
-            for module, functions in SCOPE.items() for function in functions]
+            for module, functions in SCOPE.items() if modules is None or module in modules for function in functions]
 
 
 def results() -> dict[str, str]:
@@ -62,7 +64,8 @@ def table(statuses: dict[str, str], wanted: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    wanted = argv or patterns()
+    # a module of SCOPE stands for its functions in scope: `make mutate MUTANTS=jobs.inference`
+    wanted = [p for arg in argv for p in (patterns([arg]) if arg in SCOPE else [arg])] or patterns()
     if not argv:  # a fresh copy: the score is today's code against today's tests, nothing cached
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     # One thread per mutant's process: torch's thread pools would otherwise spin on the cores the other mutants run on.

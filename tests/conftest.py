@@ -50,16 +50,24 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **extra}
 
 
+def tiny_cache() -> Path:
+    """Where the tests' tiny models are kept between sessions: $VLMJOBS_TINY_CACHE, else ~/.cache/vlmjobs/tiny."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("VLMJOBS_TINY_CACHE", Path(base) / "vlmjobs" / "tiny"))
+
+
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """tiny_model("llava") -> folder of a tiny LLaVA saved with save_pretrained; built once per session."""
+def tiny_model():
+    """tiny_model("llava") -> folder of a tiny LLaVA saved with save_pretrained; built once for every session of the
+    same jobs/tiny.py, jobs/synthetic.py and libraries (tiny.cached), so that make mutate's variants load it instead
+    of each building it again. Read-only by agreement: a test that changes a model copies it first."""
     from jobs import tiny
 
-    built: dict[str, Path] = {}
+    root, built = tiny_cache(), {}
 
     def get(family: str) -> Path:
         if family not in built:
-            built[family] = tiny.build(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+            built[family] = tiny.cached(family, root)
         return built[family]
 
     return get

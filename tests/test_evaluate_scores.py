@@ -73,10 +73,12 @@ def preference_test_rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory, tiny_model):
-    """prepare and evaluate of the base model on the rows above, every generated answer scripted by its question."""
-    folder = tmp_path_factory.mktemp("scores")
+@pytest.fixture
+def scored(tmp_path, tiny_model):
+    """prepare and evaluate of the base model on the rows above, every generated answer scripted by its question. Run
+    for each test, not once per module: make mutate credits what a fixture calls to the test whose set-up ran it, and
+    runs only credited tests against a mutant (a shared run would leave the second test out)."""
+    folder = tmp_path
     chartqa = synthetic.write_splits("chartqa", folder / "chartqa", {
         "train": synthetic.chartqa_rows(12), "test": chart_test_rows()})
     preferences = synthetic.write_splits("preference-messages", folder / "preferences", {
@@ -102,19 +104,128 @@ def test_chartqa_accuracy_is_relaxed_accuracy_where_it_and_exact_match_disagree(
     assert variant["metrics"]["exact_match"] == pytest.approx(2 / 7)
     assert variant["counts"]["accuracy"] == variant["counts"]["exact_match"] == 7
     rows = sorted((p for p in predictions if p["split"] == "sft/test"), key=lambda p: p["question"])
-    assert [(p["gold"], p["answer"], p["correct"]) for p in rows] == [
-        ([gold], answer, right) for (gold, answer), right in zip(CHART, RELAXED)]
+    assert [(p["variant"], p["question"], p["gold"], p["answer"], p["correct"]) for p in rows] == [
+        ("base", f"What is the value number {i}?", [gold], answer, right)
+        for i, ((gold, answer), right) in enumerate(zip(CHART, RELAXED))]
     assert sum(EXACT) / len(EXACT) == pytest.approx(2 / 7)  # the table above adds up
 
 
 def test_the_no_metrics_take_no_as_the_positive_class_and_the_yes_metrics_yes(scored):
     """Issue 26 (2): answers of both classes and one that says neither; the two positive classes give different
-    precision, recall and F1, worked by hand above."""
+    precision, recall and F1, worked by hand above; and the preference metrics are those of the rows' log-probs."""
     variant, predictions = scored
     assert {k: variant["metrics"][k] for k in EXPECTED_YES_NO} == pytest.approx(EXPECTED_YES_NO)
-    assert variant["counts"]["no_f1"] == 6
+    assert variant["counts"]["no_f1"] == variant["counts"]["yes_f1"] == 6
     rows = sorted((p for p in predictions if p["split"] == "dpo/test"), key=lambda p: p["question"])
-    assert [p["correct"] for p in rows] == [read == chosen.lower() for chosen, _, read in YES_NO]
+    assert [(p["variant"], p["question"], p["gold"], p["answer"], p["correct"]) for p in rows] == [
+        ("base", f"Is there a red bar number {i}?", chosen, answer, read == chosen.lower())
+        for i, (chosen, answer, read) in enumerate(YES_NO)]
+
+    # On the same rows, DPO's reading of a pair (Rafailov et al. 2023; TRL's rewards/accuracies): ranked right when the
+    # chosen answer is the more likely; the mean margin, of log p(chosen) - log p(rejected); from the per-row log-probs
+    margins = [p["chosen_logp"] - p["rejected_logp"] for p in rows]
+    assert all(p["chosen_logp"] < 0 and p["rejected_logp"] < 0 for p in rows)
+    assert variant["metrics"]["preference_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(rows))
+    assert variant["metrics"]["mean_margin"] == pytest.approx(sum(margins) / len(rows))
+    assert variant["counts"]["preference_accuracy"] == variant["counts"]["mean_margin"] == len(YES_NO)
+
+
+# Answer rows of a source that is not ChartQA (accuracy is exact match there), every gold answer yes or no, so that
+# evaluate adds the yes/no columns for them: (gold, scripted answer, as metrics.yes_no reads it).
+YES_NO_ANSWERS = [
+    ("Yes", "Yes.", "yes"),         # exact match ignores the "."; relaxed accuracy would not: right
+    ("Yes", "No", "no"),            # wrong
+    ("Yes", "No.", "no"),           # wrong
+    ("No", "No", "no"),             # right
+    ("No", "Yes, it is.", "yes"),   # wrong
+    ("No", "no", "no"),             # exact match ignores case: right
+]
+# accuracy (exact match) 3/6; relaxed accuracy would give 2/6 (#1 "yes." != "yes").
+# "no" positive: true positives #4, #6 = 2; answered no #2, #3, #4, #6 = 4; gold no #4, #5, #6 = 3.
+#   precision 2/4, recall 2/3, F1 = 2 (1/2)(2/3) / (1/2 + 2/3) = (2/3) / (7/6) = 4/7
+# "yes" positive: true positives #1 = 1; answered yes #1, #5 = 2; gold yes #1, #2, #3 = 3.
+#   precision 1/2, recall 1/3, F1 = 2 (1/2)(1/3) / (5/6) = 2/5
+EXPECTED_ANSWER_ROWS = {
+    "accuracy": 1 / 2, "exact_match": 1 / 2, "yes_no_accuracy": 1 / 2,
+    "no_precision": 1 / 2, "no_recall": 2 / 3, "no_f1": 4 / 7,
+    "yes_precision": 1 / 2, "yes_recall": 1 / 3, "yes_f1": 2 / 5,
+}
+# POPE (RUCAIBox/POPE evaluate.py): an answer's first sentence (up to "."), commas removed, split at spaces, reads no
+# when a word is exactly "No", "no" or "not", else yes; a label other than "no" is positive.
+#       label  answer                   read   outcome
+POPE = [
+    ("yes", "Yes, there is a dog.", "yes"),    # true positive
+    ("yes", "No.", "no"),                      # false negative
+    ("no", "There is no cat.", "no"),          # true negative
+    ("no", "Yes", "yes"),                      # false positive
+    ("no", "Yes, a cat.", "yes"),              # false positive
+    ("yes", "yes", "yes"),                     # true positive
+    ("yes", "Not that I can see.", "yes"),     # "Not" is none of the three words: read yes, a true positive
+]
+# tp 3, fp 2, tn 1, fn 1: accuracy 4/7, precision 3/5, recall 3/4, F1 = 2 (3/5)(3/4) / (3/5 + 3/4) = (9/10) / (27/20)
+# = 2/3, yes ratio 5/7
+EXPECTED_POPE = {"pope_accuracy": 4 / 7, "pope_precision": 3 / 5, "pope_recall": 3 / 4, "pope_f1": 2 / 3,
+                 "pope_yes_ratio": 5 / 7}
+
+
+def test_yes_no_answer_rows_and_a_benchmark_are_scored_by_their_rules_for_each_variant(tmp_path, tiny_model):
+    """A messages source whose answers are all yes or no (exact match as accuracy, and the yes/no columns) and POPE
+    in its released layout, for the base and the prompted variant: each variant's numbers worked by hand above, each
+    row's prediction, and the prompt each variant's answers were generated from (the prompted one's opens with the
+    recipe's system prompt, on answer rows and benchmark questions alike)."""
+    import json as json_
+
+    answer_rows = [{"messages": [
+        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": f"Is bar {i} red?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": gold}]}], "images": [_image(i)]}
+        for i, (gold, _, _) in enumerate(YES_NO_ANSWERS)]
+    source = synthetic.write_splits("messages", tmp_path / "messages", {
+        "train": synthetic.messages_rows(12), "test": answer_rows})
+    (tmp_path / "coco").mkdir()
+    for i in range(len(POPE)):
+        (tmp_path / "coco" / f"COCO_{i}.png").write_bytes(_image(i)["bytes"])
+    (tmp_path / "pope.json").write_text("".join(
+        json_.dumps({"question_id": 100 + i, "image": f"COCO_{i}.png", "text": f"Is there a dog in picture {i}?",
+                     "label": label}) + "\n" for i, (label, _, _) in enumerate(POPE)))
+    system = "Answer yes or no."
+    path = recipe_file(tmp_path, tiny_model("llava"), {"chartqa": source, "rlaif-v": source}, name="yes-no", stages=["prepare", "evaluate"],
+                       data={"sft": {"path": str(source), "format": "messages", "test_split": "test"}},
+                       evaluate={"variants": ["base", "prompted"], "max_new_tokens": 2, "system_prompt": system,
+                                 "benchmarks": [{"format": "pope", "path": str(tmp_path / "pope.json"),
+                                                 "images": str(tmp_path / "coco")}]})
+    scripted = {f"Is bar {i} red?": answer for i, (_, answer, _) in enumerate(YES_NO_ANSWERS)}
+    scripted |= {f"Is there a dog in picture {i}?": answer for i, (_, answer, _) in enumerate(POPE)}
+    seen = []  # (question, the roles and system text of the prompt it was asked with)
+
+    def answer_of(row):
+        question = row["prompt"][-1]["content"][-1]["text"]
+        seen.append((question, [(m["role"], m["content"][0].get("text")) for m in row["prompt"] if m["role"] == "system"]))
+        return scripted[question]
+
+    recipe = run_stages_answering(path, answer_of)
+    out = recipe.run_dir / "evaluate"
+    report = json.loads((out / "report.json").read_text())
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+    asked = len(YES_NO_ANSWERS) + len(POPE)
+    assert sorted(seen[:asked]) == sorted((q, []) for q in scripted)  # base: no system message
+    assert sorted(seen[asked:]) == sorted((q, [("system", system)]) for q in scripted)
+    for name in ("base", "prompted"):
+        variant = report["variants"][name]
+        assert {k: variant["metrics"][k] for k in EXPECTED_ANSWER_ROWS} == pytest.approx(EXPECTED_ANSWER_ROWS), name
+        assert {k: variant["metrics"][k] for k in EXPECTED_POPE} == pytest.approx(EXPECTED_POPE), name
+        assert {k: variant["counts"][k] for k in [*EXPECTED_ANSWER_ROWS, *EXPECTED_POPE]} == {
+            **dict.fromkeys(EXPECTED_ANSWER_ROWS, len(YES_NO_ANSWERS)), **dict.fromkeys(EXPECTED_POPE, len(POPE))}
+        rows = sorted((p for p in predictions if p["variant"] == name and p["split"] == "sft/test"),
+                      key=lambda p: p["question"])
+        assert [(p["question"], p["gold"], p["answer"], p["correct"]) for p in rows] == [
+            (f"Is bar {i} red?", [gold], answer, answer.rstrip(".").lower() == gold.lower())
+            for i, (gold, answer, _) in enumerate(YES_NO_ANSWERS)]
+        rows = sorted((p for p in predictions if p["variant"] == name and p["split"] == "benchmark/pope"),
+                      key=lambda p: p["id"])
+        assert [(p["id"], p["question"], p["gold"], p["answer"], p["correct"]) for p in rows] == [
+            (100 + i, f"Is there a dog in picture {i}?", label, answer, read == label)
+            for i, (label, answer, read) in enumerate(POPE)]
 
 
 def test_evaluate_lets_the_base_model_go_before_a_trained_variant_loads_issue_21(tmp_path, tiny_model, synthetic_data,

@@ -19,15 +19,21 @@ from tests.test_shared_prefix import pairs
 ATOL, RTOL = 1e-4, 1e-4
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_completion_logprobs_are_trls_dpo_log_probs_on_answers_of_unequal_length(family, tiny_model, tmp_path):
+# Not Llama 3.2 Vision: TRL 1.16's reference pass fails on the tiny one with these rows (sdpa: "The size of tensor a (103)
+# must match the size of tensor b (86)"), so TRL is no oracle for its cross-attention mask here
+@pytest.mark.parametrize("family, pads", [("llava", "left"), ("qwen2_vl", "right")])
+def test_completion_logprobs_are_trls_dpo_log_probs_on_answers_of_unequal_length(family, pads, tiny_model, tmp_path):
+    """Rows with two images, none, one, scored whole, in pairs and one by one (the row without images alone: a batch
+    with no image inputs), by a processor whose tokenizer pads on the left unless told otherwise (as checkpoints saved
+    for batched generation do) or on the right: TRL's collators name the side for prompts and answers, and so must we."""
     from datasets import Dataset
 
     spec = Model(name_or_path=str(tiny_model(family)), family=family, dtype="float32")
     fam = get_family(family)
     processor = fam.rendering_processor(modeling.load_processor(spec))  # as evaluate scores (scoring_processor)
+    processor.tokenizer.padding_side = pads
     model = modeling.load_model(spec, dtype=torch.float32)
-    rows = fam.close_answers(Dataset.from_list(pairs()), processor)  # answers closed as training closes them
+    rows = fam.close_answers(Dataset.from_list(pairs((2, 0, 1, 2))), processor)  # answers closed as training closes them
     args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=len(rows), report_to=[], use_cpu=True,
                      max_length=None)
     trainer = DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
@@ -43,7 +49,8 @@ def test_completion_logprobs_are_trls_dpo_log_probs_on_answers_of_unequal_length
         torch.testing.assert_close(ours, expected.cpu().float(), atol=ATOL, rtol=RTOL, msg=lambda m: f"{key}: {m}")
 
     # In batches smaller than the rows, as evaluate scores them (evaluate.batch_size): the same sums, batch after batch
-    for key in ("chosen", "rejected"):
-        whole = completion_logprobs(trainer.model, processor, scored, key, batch_size=len(rows))
-        in_pairs = completion_logprobs(trainer.model, processor, scored, key, batch_size=2)
-        torch.testing.assert_close(torch.tensor(in_pairs), torch.tensor(whole), atol=ATOL, rtol=RTOL)
+    for key, expected in zip(("chosen", "rejected"), theirs):
+        for size in (2, 1):
+            ours = torch.tensor(completion_logprobs(trainer.model, processor, scored, key, batch_size=size))
+            torch.testing.assert_close(ours, expected.cpu().float(), atol=ATOL, rtol=RTOL,
+                                       msg=lambda m: f"{key}, {size} a batch: {m}")
