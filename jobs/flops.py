@@ -1,0 +1,181 @@
+"""FLOPs counted by running the real code on weights that hold no numbers (issue 24).
+
+``torch.utils.flop_counter.FlopCounterMode`` counts each matrix product, convolution and attention that a step
+dispatches, from its operands' shapes. To count a 7-8B model's step on a CPU in seconds, the model is built
+*hollow*: every large weight is an uninitialised tensor that is never read, and each operation that touches a hollow
+tensor is run on the meta device for its output's shape and returns another uninitialised tensor of that shape, never
+written (its memory is reserved, not used). Everything else runs for real: token ids, attention masks, label masks,
+position ids (Qwen2-VL's get_rope_index), the processor's pixel values and the image-token bookkeeping, so the
+data-dependent paths (which rows hold images, where the answers start, how shared-prefix DPO packs a pair) take the
+same branches as with real weights. Meta or fake tensors alone cannot do this: they carry shapes, not the values of the
+ids and masks that those branches read.
+
+What the counter sees is what a real step dispatches: TRL's forward with its fused LM head, the reference pass,
+gradient checkpointing's recomputation, the backward of the trainable parameters only (a frozen base under LoRA gives
+its inputs' gradients, not its own). ``tests/test_flops.py`` checks that the hollow count equals the count of the same
+step computed for real on a tiny model.
+
+Convention (the counter's): a matrix product of [m, k] by [k, n] is 2mkn FLOPs; attention counts every query-key
+pair of its operands' shapes, causal or masked alike, as the kernels that take a mask compute them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+HOLLOW_FROM = 1 << 16  # elements: a parameter this large is built hollow; smaller ones (norms, biases) are real
+
+
+# sdpa on a CPU: the counter lists the CUDA kernels (flash, efficient, cudnn), not this one; same formula
+flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(
+    lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(
+        query.shape, key.shape, value.shape))
+flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)(
+    lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(
+        grad_out.shape, query.shape, key.shape, value.shape))
+
+
+class Hollow(TorchDispatchMode):
+    """Runs what touches no hollow tensor; gives every operation on one an uninitialised output of the right shape.
+    While ``building``, factory calls for HOLLOW_FROM elements or more make hollow tensors (a model's large weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hollow = weakref.WeakKeyDictionary()  # the storages: a view, or a Parameter made of a tensor, shares it
+        self.building = False
+
+    def holds(self, tensor) -> bool:
+        return isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.untyped_storage() in self.hollow
+
+    def _mark(self, value):
+        for leaf in tree_leaves(value):
+            if isinstance(leaf, torch.Tensor):
+                self.hollow[leaf.untyped_storage()] = True
+        return value
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = tree_leaves((args, kwargs))
+        if not any(self.holds(leaf) for leaf in leaves):
+            if self.building and not any(isinstance(leaf, torch.Tensor) for leaf in leaves):  # a factory: a weight?
+                shape = func(*_on_meta(args), **_on_meta(kwargs))
+                if isinstance(shape, torch.Tensor) and shape.is_floating_point() and shape.numel() >= HOLLOW_FROM:
+                    return self._mark(_unwritten(shape))
+            return func(*args, **kwargs)
+        if _is_view(func):  # a view computes nothing and shares the storage
+            return self._mark(func(*args, **kwargs))
+        meta_args, meta_kwargs = _on_meta(args), _on_meta(kwargs)
+        originals = {id(m): o for m, o in zip(tree_leaves((meta_args, meta_kwargs)), leaves) if isinstance(o, torch.Tensor)}
+        try:
+            meta_out = func(*meta_args, **meta_kwargs)
+        except (NotImplementedError, RuntimeError):  # no meta kernel, or data-dependent: run it on the hollow memory
+            return self._mark(func(*args, **kwargs))
+        self._mark(_mutated(func, args, kwargs))
+        # an in-place or out= operation returns its argument: the caller gets that very object back
+        def real(m):
+            return self._mark(originals[id(m)] if id(m) in originals else _unwritten(m)) if isinstance(m, torch.Tensor) else m
+
+        return tree_map(real, meta_out)
+
+
+def _on_meta(value):
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to("meta") if x.device.type != "meta" else x
+        if isinstance(x, torch.device):
+            return torch.device("meta")
+        return x
+    return tree_map(move, value)
+
+
+def _unwritten(meta: torch.Tensor) -> torch.Tensor:
+    """Uninitialised memory of ``meta``'s shape on the CPU: reserved by the allocator, never touched, so it takes no
+    room in RAM however large."""
+    return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device="cpu")
+
+
+def _is_view(func) -> bool:
+    schema = func._schema
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def _mutated(func, args, kwargs) -> list:
+    """The arguments ``func`` writes into (in-place and out= operations)."""
+    schema = func._schema
+    if not schema.is_mutable:
+        return []
+    written = []
+    for i, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(argument.name)
+        if value is not None:
+            written.append(value)
+    return written
+
+
+@contextlib.contextmanager
+def hollow():
+    """Inside: large weights built are hollow and every operation on them is shapes only. Yields the mode."""
+    mode = Hollow()
+    with mode:
+        yield mode
+
+
+@contextlib.contextmanager
+def building(mode: Hollow):
+    mode.building = True
+    try:
+        yield
+    finally:
+        mode.building = False
+
+
+def count(step) -> int:
+    """The FLOPs ``step()`` dispatches, forward and backward, as torch's FlopCounterMode counts them."""
+    counter = flop_counter.FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting a stage's phases per row, as the stage or TRL's defaults run them
+
+
+def hollow_model(model_class: str, config, mode: Hollow):
+    """``config``'s model, its large weights hollow (built inside ``mode``)."""
+    import transformers
+
+    with building(mode):
+        return getattr(transformers, model_class)(config)
+
+
+def per_row(flops: int, rows: int) -> float:
+    return flops / rows if rows else 0.0
+
+
+def count_training(trainer, rows: int) -> float:
+    """FLOPs per row of the trainer's own training loop (``trainer.train()``: forward, backward, activation
+    checkpointing's recomputation, the reference where TRL runs it) over its first ``rows`` rows; the trainer's args
+    say max_steps and batch (one step per batch: no accumulation)."""
+    return per_row(count(trainer.train), rows)
+
+
+def count_evaluation(trainer) -> float:
+    """FLOPs per eval row of the trainer's own ``evaluate()`` over its eval rows."""
+    return per_row(count(trainer.evaluate), len(trainer.eval_dataset))
+
+
+def count_reference(trainer, rows) -> float:
+    """FLOPs per row of vlmjobs' reference pass over ``rows`` (jobs.reference_logprobs.compute, which the stage runs
+    once per data set and caches)."""
+    from jobs import reference_logprobs
+
+    return per_row(count(lambda: reference_logprobs.compute(trainer, rows, "flops")), len(rows))
