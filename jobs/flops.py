@@ -45,8 +45,9 @@ class Hollow(TorchDispatchMode):
     """Runs what touches no hollow tensor; gives every operation on one an uninitialised output of the right shape.
     While ``building``, factory calls for HOLLOW_FROM elements or more make hollow tensors (a model's large weights)."""
 
-    def __init__(self):
+    def __init__(self, hollow_from: int = HOLLOW_FROM):
         super().__init__()
+        self.hollow_from = hollow_from
         self.hollow = weakref.WeakKeyDictionary()  # the storages: a view, or a Parameter made of a tensor, shares it
         self.building = False
 
@@ -65,7 +66,7 @@ class Hollow(TorchDispatchMode):
         if not any(self.holds(leaf) for leaf in leaves):
             if self.building and not any(isinstance(leaf, torch.Tensor) for leaf in leaves):  # a factory: a weight?
                 shape = func(*_on_meta(args), **_on_meta(kwargs))
-                if isinstance(shape, torch.Tensor) and shape.is_floating_point() and shape.numel() >= HOLLOW_FROM:
+                if isinstance(shape, torch.Tensor) and shape.is_floating_point() and shape.numel() >= self.hollow_from:
                     return self._mark(_unwritten(shape))
             return func(*args, **kwargs)
         if _is_view(func):  # a view computes nothing and shares the storage
@@ -121,9 +122,10 @@ def _mutated(func, args, kwargs) -> list:
 
 
 @contextlib.contextmanager
-def hollow():
-    """Inside: large weights built are hollow and every operation on them is shapes only. Yields the mode."""
-    mode = Hollow()
+def hollow(hollow_from: int = HOLLOW_FROM):
+    """Inside: weights built of ``hollow_from`` elements or more are hollow and every operation on them is shapes
+    only. Yields the mode."""
+    mode = Hollow(hollow_from)
     with mode:
         yield mode
 

@@ -72,7 +72,8 @@ def sft_rows(n: int, system_prompt: str | None):
     return Dataset.from_list(rows)
 
 
-def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaults: bool, ideal: bool = False):
+def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaults: bool, ideal: bool = False,
+             dtype=None):
     """The stage's TRL config from the recipe (jobs.training.trl_config, as the stage makes it), with what counting
     needs: ``steps`` optimizer steps of ``batch`` rows (no accumulation), no checkpoints, trackers or workers."""
     import dataclasses
@@ -92,7 +93,7 @@ def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaul
     train = dataclasses.replace(train, args=args, effective_batch_size=None)
     defaults = None if seed_defaults or stage == "dpo" else training.SFT_DEFAULTS
     config_class = DPOConfig if stage == "dpo" else SFTConfig
-    return training.trl_config(config_class, train, output_dir=work, seed=0, dtype=torch.float32, defaults=defaults)
+    return training.trl_config(config_class, train, output_dir=work, seed=0, dtype=dtype or torch.float32, defaults=defaults)
 
 
 def schedule(cfg, stage: str, checkpoint, *, seed_defaults: bool) -> dict:
@@ -110,10 +111,54 @@ def schedule(cfg, stage: str, checkpoint, *, seed_defaults: bool) -> dict:
     return {"steps": steps, "evals": evals, "batch": args.get("per_device_train_batch_size", 8)}
 
 
-def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
+def dpo_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
+    """TRL's DPOTrainer (way "trl") or the dpo stage's (jobs/dpo.py: shared prefix, LoRA from the recipe) on the rows."""
     from trl import DPOTrainer
 
-    from jobs import checkpoints, flops, modeling, reference_logprobs, shared_prefix
+    from jobs import modeling, shared_prefix
+
+    trainer_class = DPOTrainer if way == "trl" else shared_prefix.SharedPrefixDPOTrainer
+    # TRL's DPOTrainer turns the rows' messages into text itself: the same rows for all
+    trainer = trainer_class(
+        model=model, ref_model=None, args=args, train_dataset=family.close_answers(rows, processor),
+        eval_dataset=None if eval_rows is None else family.close_answers(eval_rows, processor),
+        processing_class=family.rendering_processor(processor), peft_config=modeling.lora_config(cfg.dpo, family),
+    )
+    trainer.data_collator = family.collator(trainer.data_collator, processor)
+    return trainer
+
+
+def sft_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
+    """TRL's SFTTrainer with its own collator (way "trl"), or with the sft stage's collators in its order (jobs/sft.py),
+    padding-free as the recipe and attention say (way "padding-free": sft.padding_free true)."""
+    from trl import SFTTrainer
+
+    from jobs import modeling, packing, turns
+
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=family.close_answers(rows, processor),
+        eval_dataset=None if eval_rows is None else family.close_answers(eval_rows, processor),
+        peft_config=modeling.lora_config(cfg.sft, family), processing_class=family.rendering_processor(processor),
+    )
+    if way != "trl":
+        trainer.data_collator = family.collator(trainer.data_collator, processor)
+        if not family.multi_turn_unsupported:
+            trainer.data_collator = turns.EveryAnswer(trainer.data_collator, trainer.processing_class)
+        packing.with_lengths(trainer)
+        attention = upstream_attention(model)
+        if packing.enabled(True if way == "padding-free" else cfg.sft.padding_free, family, attention):
+            trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
+    return trainer
+
+
+def upstream_attention(model) -> str:
+    from jobs import upstream
+
+    return upstream.attention_implementation(model.config) or "sdpa"
+
+
+def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
+    from jobs import checkpoints, flops, reference_logprobs
     from jobs.families import get_family
 
     family = get_family(checkpoint.family)
@@ -127,15 +172,7 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
             batch = 1 if way == "ideal" else schedule(cfg, "dpo", checkpoint, seed_defaults=seed)["batch"]
             steps = len(rows) // batch
             args = args_for(cfg, "dpo", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
-            trainer_class = DPOTrainer if seed else shared_prefix.SharedPrefixDPOTrainer
-            # TRL's DPOTrainer turns the rows' messages into text itself: the same rows for all three
-            trainer = trainer_class(
-                model=model, ref_model=None, args=args, train_dataset=family.close_answers(rows, processor),
-                eval_dataset=family.close_answers(eval_rows, processor),
-                processing_class=family.rendering_processor(processor),
-                peft_config=modeling.lora_config(cfg.dpo, family),
-            )
-            trainer.data_collator = family.collator(trainer.data_collator, processor)
+            trainer = dpo_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             phases = {}
             if not seed:  # the reference's log-probs computed once, then read from the batches
                 phases["reference"] = flops.count_reference(trainer, trainer.train_dataset)
@@ -153,40 +190,31 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
 
 
 def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
-    from trl import SFTTrainer
-
-    from jobs import checkpoints, flops, modeling, packing, turns
+    from jobs import checkpoints, flops
     from jobs.families import get_family
 
     family = get_family(checkpoint.family)
     processor = checkpoints.processor(checkpoint)
     config = checkpoints.config(checkpoint, processor.tokenizer)
-    attention = cfg.model.attn_implementation or "sdpa"  # transformers' default where the recipe names none
     out = {}
-    for way in ("trl", "vlmjobs", "ideal"):
+    for way in ("trl", "vlmjobs", "padding-free", "ideal"):
         seed = way == "trl"
         with flops.hollow() as mode:
             model = flops.hollow_model(family.model_class, config, mode)
             batch = 1 if way == "ideal" else schedule(cfg, "sft", checkpoint, seed_defaults=seed)["batch"]
             steps = len(rows) // batch
             args = args_for(cfg, "sft", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
-            trainer = SFTTrainer(
-                model=model, args=args, train_dataset=family.close_answers(rows, processor),
-                eval_dataset=family.close_answers(eval_rows, processor), peft_config=modeling.lora_config(cfg.sft, family),
-                processing_class=family.rendering_processor(processor),
-            )
-            if not seed:  # the sft stage's collators, in its order (jobs/sft.py)
-                trainer.data_collator = family.collator(trainer.data_collator, processor)
-                if not family.multi_turn_unsupported:
-                    trainer.data_collator = turns.EveryAnswer(trainer.data_collator, trainer.processing_class)
-                packing.with_lengths(trainer)
-                if packing.enabled(cfg.sft.padding_free, family, attention):
-                    trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
+            # the ideal's "eval" is a forward of each train row alone: what activation checkpointing recomputes
+            trainer = sft_trainer(way, cfg, family, model, processor, rows, rows if way == "ideal" else eval_rows, args)
             out[way] = {"train": flops.count_training(trainer, steps * batch), "eval": flops.count_evaluation(trainer)}
-            if way == "ideal":  # one forward of each row alone: what activation checkpointing recomputes
+            if way == "ideal":
                 out[way]["recompute"], out[way]["eval"] = out[way]["eval"], 0.0
         print(f"  {name}: {way} counted", flush=True)
     return out
+
+
+def attention_of(cfg) -> str:
+    return cfg.model.attn_implementation or "sdpa"  # transformers' default where the recipe names none
 
 
 def per_sample(counted: dict, sched: dict, checkpoint, *, epoch: int, way: str) -> dict:
@@ -241,7 +269,7 @@ def main() -> None:
     table = ["| recipe | epoch | TRL defaults TFLOP/sample | vlmjobs TFLOP/sample (train + reference + eval) | ideal "
              "TFLOP/sample | TRL ÷ ideal | vlmjobs ÷ ideal | vlmjobs ÷ (ideal + recomputation) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    started = time.time()
+    started, notes = time.time(), []
     for name, (checkpoint, stage) in checkpoints.SEEDS.items():
         if options.only and name != options.only:
             continue
@@ -268,6 +296,12 @@ def main() -> None:
             # the recipe's activation checkpointing recomputes one policy forward per row: the ideal's reference forward
             # (DPO: the packed pair) or its eval forward (SFT: the row alone), counted above
             recompute = counted["ideal"]["recompute"] if train.args.get("gradient_checkpointing", True) else 0.0
+            if "padding-free" in counted:  # SFT with sft.padding_free: true under the same attention
+                pf = per_sample(counted["padding-free"], schedule(cfg, stage, checkpoint, seed_defaults=False),
+                                checkpoint, epoch=epoch, way="vlmjobs")
+                notes.append(f"{name}: with sft.padding_free: true ({attention_of(cfg)}), vlmjobs "
+                             f"{pf['total'] / 1e12:.2f} TFLOP/sample ({pf['train'] / 1e12:.2f} + 0 + {pf['eval'] / 1e12:.2f}), "
+                             f"{pf['total'] / ideal:.2f} x ideal, {pf['total'] / (ideal + recompute):.2f} x (ideal + recomputation)")
             table.append(
                 f"| {name} ({train.method}) | {'1' if epoch == 1 else '2+, rerun'} | {result['trl']['total'] / 1e12:.2f} | "
                 f"{v['total'] / 1e12:.2f} ({v['train'] / 1e12:.2f} + {v['reference'] / 1e12:.2f} + {v['eval'] / 1e12:.2f}) | "
@@ -275,7 +309,7 @@ def main() -> None:
                 f"{v['total'] / (ideal + recompute):.2f} |")
         print("\n".join(table[-len(epochs):]), flush=True)
     lines = [f"FLOPs per training sample, counted (torch FlopCounterMode, hollow weights), {options.rows} rows per "
-             f"checkpoint, {time.time() - started:.0f} s", "", *table]
+             f"checkpoint, {time.time() - started:.0f} s", "", *table, "", *notes]
     print("\n".join(lines))
     (work / "flops.md").write_text("\n".join(lines) + "\n")
     print(f"\n(this table in {work / 'flops.md'})")
