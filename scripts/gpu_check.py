@@ -125,10 +125,10 @@ def run_case(name: str, options, work: Path) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     attention = best_attention() if way == "padding-free" and cuda else "sdpa"
     quantize = modeling.quantization(getattr(cfg, stage), dtype=dtype) if cuda else None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     model, processor = model_for(checkpoint, family, tiny=options.tiny, quantize=quantize, attention=attention,
                                  dtype=dtype, work=work)
+    if cuda:  # from the loaded weights on: the bf16 copy that 4-bit loading was made from is gone
+        torch.cuda.reset_peak_memory_stats()
     batch = flops_table.schedule(cfg, stage, checkpoint, seed_defaults=way == "trl")["batch"]
     rows = (flops_table.dpo_rows(batch * options.steps, None) if stage == "dpo"
             else flops_table.sft_rows(batch * options.steps, cfg.data.sft.system_prompt))
