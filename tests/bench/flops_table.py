@@ -84,11 +84,13 @@ def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaul
     from jobs import training
 
     train = getattr(cfg, stage)
-    args = {**train.args, "max_steps": steps, "per_device_train_batch_size": batch, "per_device_eval_batch_size": batch,
-            "gradient_accumulation_steps": 1, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
+    args = {**train.args, "max_steps": steps, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
             "dataloader_num_workers": 0, "logging_steps": 1, "disable_tqdm": True}
-    if ideal:
+    if ideal:  # one row a batch everywhere, the reference pass and evaluation included
         args["gradient_checkpointing"] = args["activation_checkpointing"] = False
+        args["per_device_eval_batch_size"] = 1
+        if stage == "dpo":
+            args["precompute_ref_batch_size"] = 1
     args.pop("gradient_checkpointing" if "activation_checkpointing" in args else "activation_checkpointing", None)
     train = dataclasses.replace(train, args=args, effective_batch_size=None)
     defaults = None if seed_defaults or stage == "dpo" else training.SFT_DEFAULTS
@@ -244,7 +246,6 @@ def ideal_reference(name, checkpoint, cfg, rows, work: Path) -> float:
     with flops.hollow() as mode:
         model = flops.hollow_model(family.model_class, config, mode)
         args = args_for(cfg, "dpo", work / "ideal-ref", batch=1, steps=1, seed_defaults=False, ideal=True)
-        args.precompute_ref_batch_size = 1
         trainer = shared_prefix.SharedPrefixDPOTrainer(
             model=model, ref_model=None, args=args, train_dataset=family.close_answers(rows, processor),
             processing_class=family.rendering_processor(processor), peft_config=modeling.lora_config(cfg.dpo, family))
