@@ -16,9 +16,12 @@ on the same rows:
 The rows are RLAIF-V-like pairs with sentence answers and ChartQA-like charts, images at sizes like the data sets'
 (RLAIF_SIZES, CHART_SIZES), so each checkpoint's processor gives its real image-token counts; the text is rendered by
 the tiny model's tokenizer (jobs.checkpoints says why). A phase's FLOPs per row are counted on --rows rows and scaled
-to an epoch of the recipe's data (Checkpoint.rows, its effective batch and eval schedule), per training sample.
+to an epoch of the recipe's data (Checkpoint.rows, its effective batch and eval schedule), per training sample. The DPO
+reference pass is counted on --reference-rows rows (32), since it batches a whole split shortest first (8 pairs a
+batch) and a handful of rows cannot show that. The last column divides by the ideal plus one forward per row, what the
+recipes' activation checkpointing recomputes: the part of the gap that is the recipe's memory choice.
 
-    python tests/bench/flops_table.py [--rows 8] [--only "SmolVLM DPO"]
+    python tests/bench/flops_table.py [--rows 4] [--reference-rows 32] [--only "SmolVLM DPO"]
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ def upstream_attention(model) -> str:
     return upstream.attention_implementation(model.config) or "sdpa"
 
 
-def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
+def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows) -> dict:
     from jobs import checkpoints, flops, reference_logprobs
     from jobs.families import get_family
 
@@ -177,7 +180,7 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
             trainer = dpo_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             phases = {}
             if not seed:  # the reference's log-probs computed once, then read from the batches
-                phases["reference"] = flops.count_reference(trainer, trainer.train_dataset)
+                phases["reference"] = flops.count_reference(trainer, family.close_answers(reference_rows, processor))
                 reference_logprobs.read_from_batches(trainer)
                 for split in ("train_dataset", "eval_dataset"):
                     data = getattr(trainer, split)
@@ -256,6 +259,7 @@ def ideal_reference(name, checkpoint, cfg, rows, work: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8, help="rows counted per checkpoint (a multiple of the batches)")
+    parser.add_argument("--reference-rows", type=int, default=32, help="rows the DPO reference pass is counted on")
     parser.add_argument("--only", default=None, help="one of: " + ", ".join(__import__("jobs.checkpoints").checkpoints.SEEDS))
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
@@ -279,8 +283,11 @@ def main() -> None:
         if stage == "dpo":
             thumbnail = 490 if checkpoint.family == "idefics2" else None  # prepare.image_scale 0.5, the blog's thumbnail
             rows, eval_rows = dpo_rows(options.rows, thumbnail), dpo_rows(max(2, options.rows // 4), thumbnail)
-            counted = count_dpo(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"))
-            counted["ideal"]["reference"] = ideal_reference(name, checkpoint, cfg, rows, work / name.replace(" ", "-"))
+            # the reference pass takes the split shortest first in batches of 8 (jobs.reference_logprobs): counted on
+            # more rows than training, so that its batches can be of like length as an epoch's are
+            reference_rows = dpo_rows(max(options.reference_rows, options.rows), thumbnail)
+            counted = count_dpo(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"), reference_rows)
+            counted["ideal"]["reference"] = ideal_reference(name, checkpoint, cfg, reference_rows, work / name.replace(" ", "-"))
             counted["ideal"]["recompute"] = counted["ideal"]["reference"]
         else:
             system = cfg.data.sft.system_prompt
