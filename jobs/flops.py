@@ -29,16 +29,12 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from jobs import upstream
+
 HOLLOW_FROM = 1 << 16  # elements: a parameter this large is built hollow; smaller ones (norms, biases) are real
 
 
-# sdpa on a CPU: the counter lists the CUDA kernels (flash, efficient, cudnn), not this one; same formula
-flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(
-    lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(
-        query.shape, key.shape, value.shape))
-flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)(
-    lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(
-        grad_out.shape, query.shape, key.shape, value.shape))
+upstream.cpu_attention_flop_formulas()  # sdpa on a CPU: torch's counter lists only the CUDA kernels
 
 
 class Hollow(TorchDispatchMode):
@@ -69,7 +65,8 @@ class Hollow(TorchDispatchMode):
                 if isinstance(shape, torch.Tensor) and shape.is_floating_point() and shape.numel() >= self.hollow_from:
                     return self._mark(_unwritten(shape))
             return func(*args, **kwargs)
-        if _is_view(func):  # a view computes nothing and shares the storage
+        view, written = upstream.operator_writes(func, args, kwargs)
+        if view:  # a view computes nothing and shares the storage
             return self._mark(func(*args, **kwargs))
         meta_args, meta_kwargs = _on_meta(args), _on_meta(kwargs)
         originals = {id(m): o for m, o in zip(tree_leaves((meta_args, meta_kwargs)), leaves) if isinstance(o, torch.Tensor)}
@@ -77,7 +74,7 @@ class Hollow(TorchDispatchMode):
             meta_out = func(*meta_args, **meta_kwargs)
         except (NotImplementedError, RuntimeError):  # no meta kernel, or data-dependent: run it on the hollow memory
             return self._mark(func(*args, **kwargs))
-        self._mark(_mutated(func, args, kwargs))
+        self._mark(written)
         # an in-place or out= operation returns its argument: the caller gets that very object back
         def real(m):
             return self._mark(originals[id(m)] if id(m) in originals else _unwritten(m)) if isinstance(m, torch.Tensor) else m
@@ -99,26 +96,6 @@ def _unwritten(meta: torch.Tensor) -> torch.Tensor:
     """Uninitialised memory of ``meta``'s shape on the CPU: reserved by the allocator, never touched, so it takes no
     room in RAM however large."""
     return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device="cpu")
-
-
-def _is_view(func) -> bool:
-    schema = func._schema
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-
-
-def _mutated(func, args, kwargs) -> list:
-    """The arguments ``func`` writes into (in-place and out= operations)."""
-    schema = func._schema
-    if not schema.is_mutable:
-        return []
-    written = []
-    for i, argument in enumerate(schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        value = args[i] if i < len(args) else kwargs.get(argument.name)
-        if value is not None:
-            written.append(value)
-    return written
 
 
 @contextlib.contextmanager
