@@ -48,7 +48,8 @@ mutate: $(STAMP)
 	$(BIN)/python scripts/mutate.py $(MUTANTS)
 
 # Speed and memory of the sft and dpo stages beside the source documents' plain scripts (not a test: no timing asserts),
-# and the FLOPs per sample counted for the seed recipes' real checkpoints (FLOPS_ARGS, e.g. --rows=8).
+# and the FLOPs per sample counted for the seed recipes' real checkpoints (FLOPS_ARGS, e.g. --rows=8; about an hour
+# on the shared 2-core machine at the default 4 rows).
 bench: $(STAMP)
 	$(BIN)/python tests/bench/flops_table.py $(FLOPS_ARGS)
 	$(BIN)/python tests/bench/sft_vs_plain.py $(BENCH_ARGS)

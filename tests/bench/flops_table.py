@@ -258,7 +258,7 @@ def ideal_reference(name, checkpoint, cfg, rows, work: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=8, help="rows counted per checkpoint (a multiple of the batches)")
+    parser.add_argument("--rows", type=int, default=4, help="rows counted per checkpoint (a multiple of the batches)")
     parser.add_argument("--reference-rows", type=int, default=32, help="rows the DPO reference pass is counted on")
     parser.add_argument("--only", default=None, help="one of: " + ", ".join(__import__("jobs.checkpoints").checkpoints.SEEDS))
     parser.add_argument("--out", type=Path, default=None)
