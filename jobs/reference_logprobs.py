@@ -239,10 +239,10 @@ TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 
 def shortest_first(rows) -> list[int]:
     """The rows' numbers, shortest text first: the pass's batches of ``precompute_ref_batch_size`` (8 by default) are
-    padded to their longest pair, and rows of like length pad little (`make bench`'s FLOPs table: 1.2x the unpadded
-    reference FLOPs in the rows' own order for idefics2-8b). Text only, as the characters of the prompt and both answers:
-    reading the images to count their tokens would cost what the pass saves, and rows with one image each (RLAIF-V)
-    differ by their text. Stable, so rows of equal length keep their order."""
+    padded to their longest pair, and rows of like length pad little (tests/test_flops.py counts the difference). Text
+    only, as the characters of the prompt and both answers: reading the images to count their tokens would cost what
+    the pass saves, and rows with one image each (RLAIF-V) differ by their text; images of different sizes still pad
+    (idefics2-8b's pass counts 1.13x the unpadded one in `make bench`). Stable: rows of equal length keep their order."""
     import json
 
     columns = [column for column in TEXT_COLUMNS if column in rows.column_names]
