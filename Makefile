@@ -13,7 +13,7 @@ RUN_ARG = $(if $(RUN),--run=$(RUN))
 KUBECTL ?= $(if $(wildcard .cache/cluster/bin/kubectl),.cache/cluster/bin/kubectl,kubectl)
 SIMCLUSTER := $(PYTHON) scripts/cluster.py
 
-.PHONY: install demo test mutate grpo-seeds bench lock clean render submit pipeline status logs delete k8s k8s-apply nightly goldens image push-image \
+.PHONY: install demo test mutate grpo-seeds bench gpu-check lock clean render submit pipeline status logs delete k8s k8s-apply nightly goldens image push-image \
 	cluster-build cluster-up cluster-down
 
 install: $(STAMP)
@@ -52,10 +52,19 @@ grpo-seeds: $(STAMP)
 mutate: $(STAMP)
 	$(BIN)/python scripts/mutate.py $(MUTANTS)
 
-# Speed and memory of the sft and dpo stages beside the source documents' plain scripts (not a test: no timing asserts).
+# Speed and memory of the sft and dpo stages beside the source documents' plain scripts (not a test: no timing asserts),
+# and the FLOPs per sample counted for the seed recipes' real checkpoints (FLOPS_ARGS, e.g. --rows=8; about an hour
+# on the shared 2-core machine at the default 4 rows).
 bench: $(STAMP)
+	$(BIN)/python tests/bench/flops_table.py $(FLOPS_ARGS)
 	$(BIN)/python tests/bench/sft_vs_plain.py $(BENCH_ARGS)
 	$(BIN)/python tests/bench/dpo_vs_plain.py $(DPO_BENCH_ARGS)
+
+# The seed recipes at real size on one H100/H200 (scripts/gpu_check.py; README, "GPU check"). WHEELS: a folder holding
+# the wheels it installs first, when the GPU machine lacks them. The machine's own python and torch (PYTHON), not the
+# venv: install would fetch the lock's torch from the network
+gpu-check:
+	$(or $(PYTHON),python3) scripts/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_CHECK_ARGS)
 
 # On a cluster: the current kube context (see README, "On a cluster"). render needs no cluster.
 render: $(STAMP)  ## make render STAGE=dpo [RECIPE=... RUN=...]: print the stage's manifests, change nothing

@@ -211,8 +211,9 @@ def compute(trainer, rows, name: str, collator=None):
     from jobs.progress import Progress
 
     args = trainer.args
+    order = shortest_first(rows)  # batches of like length pad little; the results go back in the rows' order
     loader = trainer.accelerator.prepare(DataLoader(
-        rows, batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size, shuffle=False,
+        rows.select(order), batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size, shuffle=False,
         collate_fn=collator or trainer.data_collator, num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
     ))
     model = trainer.ref_model or trainer.model
@@ -228,7 +229,28 @@ def compute(trainer, rows, name: str, collator=None):
                 progress.update(sum(len(c) for c in chosen))
     if not chosen:  # a split without rows (a small eval_fraction)
         return torch.empty(0), torch.empty(0)
-    return torch.cat(chosen), torch.cat(rejected)
+    where = torch.tensor(order)
+    return (torch.empty(len(order)).index_copy_(0, where, torch.cat(chosen)),
+            torch.empty(len(order)).index_copy_(0, where, torch.cat(rejected)))
+
+
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def shortest_first(rows) -> list[int]:
+    """The rows' numbers, shortest text first: the pass's batches of ``precompute_ref_batch_size`` (8 by default) are
+    padded to their longest pair, and rows of like length pad little (tests/test_flops.py counts the difference). Text
+    only, as the characters of the prompt and both answers: reading the images to count their tokens would cost what
+    the pass saves, and rows with one image each (RLAIF-V) differ by their text; images of different sizes still pad
+    (idefics2-8b's pass counts 1.13x the unpadded one in `make bench`). Stable: rows of equal length keep their order."""
+    import json
+
+    columns = [column for column in TEXT_COLUMNS if column in rows.column_names]
+    if not columns:
+        return list(range(len(rows)))
+    text = rows.select_columns(columns)
+    sizes = [sum(len(json.dumps(row[column])) for column in columns) for row in text]
+    return sorted(range(len(sizes)), key=sizes.__getitem__)
 
 
 @contextlib.contextmanager

@@ -70,6 +70,15 @@ The couplings, what each relies on, why nothing public serves, and what would br
     the model (data loader workers copy it). Unguarded, a get_rope_index that reads more of the model fails on the
     first batch, and one that reads it differently gives positions TRL's padded rows do not have. Checked: the
     positions of a row with one image are the documented ones.
+``cpu_attention_flop_formulas`` (torch ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward)
+    torch's FlopCounterMode lists formulas for the CUDA attention kernels only; sdpa on a CPU dispatches this one, so
+    `make bench`'s counted FLOPs (jobs.flops) register the same formula for it. Unguarded, a renamed kernel would leave
+    every attention out of the count. Checked: both operators are there.
+``operator_writes`` (torch ``OpOverload._schema``)
+    Which arguments an operator writes into and whether it returns a view, read from its schema (nothing public says
+    it), so that jobs.flops' hollow run hands an in-place operation's argument back and runs views as they are.
+    Unguarded, a schema read another way would make the count fail or give in-place results to fresh tensors.
+    Checked: the schema lists arguments and returns.
 ``mllama_mask_functions`` (transformers ``processing_mllama.get_cross_attention_token_mask`` and
     ``convert_sparse_cross_attention_mask_to_dense``)
     The functions MllamaProcessor builds Llama 3.2 Vision's cross_attention_mask with, from the token ids; module
@@ -422,3 +431,38 @@ def run_exit_handlers() -> None:
     if run is None:
         raise changed("python", "atexit._run_exitfuncs, the interpreter's own run of the exit handlers", "has none")
     run()
+
+
+CPU_ATTENTION = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def cpu_attention_flop_formulas() -> None:
+    """Register, for torch's CPU sdpa kernel and its backward, the FLOP formulas torch's counter has for the CUDA ones."""
+    import torch
+    from torch.utils import flop_counter
+
+    missing = [name for name in CPU_ATTENTION if not hasattr(torch.ops.aten, name)]
+    if missing:
+        raise changed("torch", "aten." + CPU_ATTENTION[0], f"has no {', '.join(missing)}")
+    forward, backward = (getattr(torch.ops.aten, name) for name in CPU_ATTENTION)
+    flop_counter.register_flop_formula(forward, get_raw=True)(
+        lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(
+            query.shape, key.shape, value.shape))
+    flop_counter.register_flop_formula(backward, get_raw=True)(
+        lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(
+            grad_out.shape, query.shape, key.shape, value.shape))
+
+
+def operator_writes(func, args: tuple, kwargs: dict) -> tuple[bool, list]:
+    """(whether ``func`` returns a view of an argument, the arguments it writes into) from its schema."""
+    schema = getattr(func, "_schema", None)
+    if schema is None or not hasattr(schema, "arguments") or not hasattr(schema, "returns"):
+        raise changed("torch", "an operator's _schema (its arguments' and returns' alias_info)", f"gives {func} none")
+    view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+    written = []
+    for i, argument in enumerate(schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            if value is not None:
+                written.append(value)
+    return view, written

@@ -464,3 +464,25 @@ def test_running_the_exit_handlers_trips_without_the_interpreters_function(monke
     with pytest.raises(upstream.UpstreamChanged) as e:
         upstream.run_exit_handlers()
     assert_trips(e, "python", "atexit._run_exitfuncs")
+
+
+# --- torch -----------------------------------------------------------------------------------------------------------
+
+def test_the_cpu_attention_flop_formulas_trip_when_torch_renames_the_kernel(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(upstream, "CPU_ATTENTION", ("_no_such_attention_kernel", upstream.CPU_ATTENTION[1]))
+    with pytest.raises(upstream.UpstreamChanged) as excinfo:
+        upstream.cpu_attention_flop_formulas()
+    assert_trips(excinfo, "torch", "aten._no_such_attention_kernel")
+    assert hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def test_operator_writes_trips_without_a_schema():
+    import torch
+
+    assert upstream.operator_writes(torch.ops.aten.add_.Tensor, (1, 2), {}) == (False, [1])
+    assert upstream.operator_writes(torch.ops.aten.view.default, (1, [2]), {})[0]
+    with pytest.raises(upstream.UpstreamChanged) as excinfo:
+        upstream.operator_writes(lambda: None, (), {})
+    assert_trips(excinfo, "torch", "an operator's _schema")

@@ -1,0 +1,160 @@
+"""FLOPs counted by running the real code on weights that hold no numbers (issue 24).
+
+``torch.utils.flop_counter.FlopCounterMode`` counts each matrix product, convolution and attention that a step
+dispatches, from its operands' shapes. To count a 7-8B model's step on a CPU in seconds, the model is built
+*hollow*: every large weight is an uninitialised tensor that is never read, and each operation that touches a hollow
+tensor is run on the meta device for its output's shape and returns another uninitialised tensor of that shape, never
+written (its memory is reserved, not used). Everything else runs for real: token ids, attention masks, label masks,
+position ids (Qwen2-VL's get_rope_index), the processor's pixel values and the image-token bookkeeping, so the
+data-dependent paths (which rows hold images, where the answers start, how shared-prefix DPO packs a pair) take the
+same branches as with real weights. Meta or fake tensors alone cannot do this: they carry shapes, not the values of the
+ids and masks that those branches read.
+
+What the counter sees is what a real step dispatches: TRL's forward with its fused LM head, the reference pass,
+gradient checkpointing's recomputation, the backward of the trainable parameters only (a frozen base under LoRA gives
+its inputs' gradients, not its own). ``tests/test_flops.py`` checks that the hollow count equals the count of the same
+step computed for real on a tiny model.
+
+Convention (the counter's): a matrix product of [m, k] by [k, n] is 2mkn FLOPs; attention counts every query-key
+pair of its operands' shapes, causal or masked alike, as the kernels that take a mask compute them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+from jobs import upstream
+
+HOLLOW_FROM = 1 << 16  # elements: a parameter this large is built hollow; smaller ones (norms, biases) are real
+
+
+upstream.cpu_attention_flop_formulas()  # sdpa on a CPU: torch's counter lists only the CUDA kernels
+
+
+class Hollow(TorchDispatchMode):
+    """Runs what touches no hollow tensor; gives every operation on one an uninitialised output of the right shape.
+    While ``building``, factory calls for HOLLOW_FROM elements or more make hollow tensors (a model's large weights)."""
+
+    def __init__(self, hollow_from: int = HOLLOW_FROM):
+        super().__init__()
+        self.hollow_from = hollow_from
+        self.hollow = weakref.WeakKeyDictionary()  # the storages: a view, or a Parameter made of a tensor, shares it
+        self.building = False
+
+    def holds(self, tensor) -> bool:
+        return isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.untyped_storage() in self.hollow
+
+    def _mark(self, value):
+        for leaf in tree_leaves(value):
+            if isinstance(leaf, torch.Tensor):
+                self.hollow[leaf.untyped_storage()] = True
+        return value
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = tree_leaves((args, kwargs))
+        if not any(self.holds(leaf) for leaf in leaves):
+            if self.building and not any(isinstance(leaf, torch.Tensor) for leaf in leaves):  # a factory: a weight?
+                shape = func(*_on_meta(args), **_on_meta(kwargs))
+                if isinstance(shape, torch.Tensor) and shape.is_floating_point() and shape.numel() >= self.hollow_from:
+                    return self._mark(_unwritten(shape))
+            return func(*args, **kwargs)
+        view, written = upstream.operator_writes(func, args, kwargs)
+        if view:  # a view computes nothing and shares the storage
+            return self._mark(func(*args, **kwargs))
+        meta_args, meta_kwargs = _on_meta(args), _on_meta(kwargs)
+        originals = {id(m): o for m, o in zip(tree_leaves((meta_args, meta_kwargs)), leaves) if isinstance(o, torch.Tensor)}
+        try:
+            meta_out = func(*meta_args, **meta_kwargs)
+        except (NotImplementedError, RuntimeError):  # no meta kernel, or data-dependent: run it on the hollow memory
+            return self._mark(func(*args, **kwargs))
+        self._mark(written)
+        # an in-place or out= operation returns its argument: the caller gets that very object back
+        def real(m):
+            return self._mark(originals[id(m)] if id(m) in originals else _unwritten(m)) if isinstance(m, torch.Tensor) else m
+
+        return tree_map(real, meta_out)
+
+
+def _on_meta(value):
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to("meta") if x.device.type != "meta" else x
+        if isinstance(x, torch.device):
+            return torch.device("meta")
+        return x
+    return tree_map(move, value)
+
+
+def _unwritten(meta: torch.Tensor) -> torch.Tensor:
+    """Uninitialised memory of ``meta``'s shape on the CPU: reserved by the allocator, never touched, so it takes no
+    room in RAM however large."""
+    return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device="cpu")
+
+
+@contextlib.contextmanager
+def hollow(hollow_from: int = HOLLOW_FROM):
+    """Inside: weights built of ``hollow_from`` elements or more are hollow and every operation on them is shapes
+    only. Yields the mode."""
+    mode = Hollow(hollow_from)
+    with mode:
+        yield mode
+
+
+@contextlib.contextmanager
+def building(mode: Hollow):
+    mode.building = True
+    try:
+        yield
+    finally:
+        mode.building = False
+
+
+def count(step) -> int:
+    """The FLOPs ``step()`` dispatches, forward and backward, as torch's FlopCounterMode counts them."""
+    counter = flop_counter.FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting a stage's phases per row, as the stage or TRL's defaults run them
+
+
+def hollow_model(model_class: str, config, mode: Hollow):
+    """``config``'s model, its large weights hollow (built inside ``mode``)."""
+    import transformers
+
+    with building(mode):
+        return getattr(transformers, model_class)(config)
+
+
+def per_row(flops: int, rows: int) -> float:
+    return flops / rows if rows else 0.0
+
+
+def count_training(trainer, rows: int) -> float:
+    """FLOPs per row of the trainer's own training loop (``trainer.train()``: forward, backward, activation
+    checkpointing's recomputation, the reference where TRL runs it) over its first ``rows`` rows; the trainer's args
+    say max_steps and batch (one step per batch: no accumulation)."""
+    return per_row(count(trainer.train), rows)
+
+
+def count_evaluation(trainer) -> float:
+    """FLOPs per eval row of the trainer's own ``evaluate()`` over its eval rows."""
+    return per_row(count(trainer.evaluate), len(trainer.eval_dataset))
+
+
+def count_reference(trainer, rows) -> float:
+    """FLOPs per row of vlmjobs' reference pass over ``rows`` (jobs.reference_logprobs.compute, which the stage runs
+    once per data set and caches)."""
+    from jobs import reference_logprobs
+
+    return per_row(count(lambda: reference_logprobs.compute(trainer, rows, "flops")), len(rows))

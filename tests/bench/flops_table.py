@@ -1,0 +1,334 @@
+"""make bench: FLOPs per training sample, counted, for the seed recipes' real checkpoints (issue 24).
+
+For each checkpoint (jobs.checkpoints: idefics2-8b, llava-1.5-7b, SmolVLM DPO; qwen2-vl-7b, SmolVLM SFT) the model is
+built from its published config with hollow weights (jobs.flops: every operation on a weight gives its output's
+shape, no numbers, so a 7B model takes seconds and no memory), and torch's FlopCounterMode counts what the code runs
+on the same rows:
+
+- TRL's defaults: TRL's DPOTrainer / SFTTrainer with the recipe's args (which are the seed script's), the
+  reference's forward at every step (the adapter switched off), padded batches, TRL's own eval schedule;
+- vlmjobs as the recipe runs: the stage's trainer (shared-prefix DPO, the reference's log-probs computed once over
+  the train and eval rows and read from the batches after; SFT's collators, padding-free where the attention allows
+  it), with the stage's defaults (SFT evaluates every save_steps);
+- the ideal: each pair's prompt once and both answers, one reference forward per pair (none in a second epoch or
+  rerun), one row per batch (no padding), no recomputation, no evaluation.
+
+The rows are RLAIF-V-like pairs with sentence answers and ChartQA-like charts, images at sizes like the data sets'
+(RLAIF_SIZES, CHART_SIZES), so each checkpoint's processor gives its real image-token counts; the text is rendered by
+the tiny model's tokenizer (jobs.checkpoints says why). A phase's FLOPs per row are counted on --rows rows and scaled
+to an epoch of the recipe's data (Checkpoint.rows, its effective batch and eval schedule), per training sample. The DPO
+reference pass is counted on --reference-rows rows (32), since it batches a whole split shortest first (8 pairs a
+batch) and a handful of rows cannot show that. The last column divides by the ideal plus one forward per row, what the
+recipes' activation checkpointing recomputes: the part of the gap that is the recipe's memory choice.
+
+    python tests/bench/flops_table.py [--rows 4] [--reference-rows 32] [--only "SmolVLM DPO"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+# Families whose hollow run is not yet hollow throughout: SmolVLM's (Idefics3) count grew to 20 GB of resident memory
+# on 2026-12-06 and was killed by the kernel, so some operation on its image tiles runs for real on hollow memory
+UNCOUNTED = {"idefics3": "its hollow run touched 20 GB of memory on 2026-12-06 and was killed: run it on a machine "
+                         "with room to spare"}
+RLAIF_SIZES = [(640, 480), (500, 375), (427, 640), (640, 360), (448, 448), (612, 612), (375, 500), (640, 426)]
+CHART_SIZES = [(800, 557), (850, 600), (310, 420), (1000, 800), (640, 480), (420, 320), (1200, 900), (760, 500)]
+
+
+def dpo_rows(n: int, thumbnail: int | None):
+    from datasets import Dataset
+    from PIL import Image
+
+    from jobs import synthetic
+
+    rows = []
+    for i, row in enumerate(synthetic.rlaif_v_rows(n, seed=7, sentences=True, chart_share=0)):
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(RLAIF_SIZES[i % len(RLAIF_SIZES)])
+        if thumbnail:
+            image.thumbnail((thumbnail, thumbnail))
+        rows.append({
+            "images": [image],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["question"]}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": row["chosen"]}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": row["rejected"]}]}],
+        })
+    return Dataset.from_list(rows)
+
+
+def sft_rows(n: int, system_prompt: str | None):
+    from datasets import Dataset
+    from PIL import Image
+
+    from jobs import formats, synthetic
+
+    rows = []
+    for i, row in enumerate(synthetic.chartqa_rows(n, seed=7)):
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(CHART_SIZES[i % len(CHART_SIZES)])
+        rows.append({**formats.chartqa(row, system_prompt), "images": [image]})
+    return Dataset.from_list(rows)
+
+
+def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaults: bool, ideal: bool = False,
+             dtype=None):
+    """The stage's TRL config from the recipe (jobs.training.trl_config, as the stage makes it), with what counting
+    needs: ``steps`` optimizer steps of ``batch`` rows (no accumulation), no checkpoints, trackers or workers."""
+    import dataclasses
+
+    import torch
+    from trl import DPOConfig, SFTConfig
+
+    from jobs import training
+
+    train = getattr(cfg, stage)
+    args = {**train.args, "max_steps": steps, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
+            "dataloader_num_workers": 0, "logging_steps": 1, "disable_tqdm": True}
+    if ideal:  # one row a batch everywhere, the reference pass and evaluation included
+        args["gradient_checkpointing"] = args["activation_checkpointing"] = False
+        args["per_device_eval_batch_size"] = 1
+        if stage == "dpo":
+            args["precompute_ref_batch_size"] = 1
+    args.pop("gradient_checkpointing" if "activation_checkpointing" in args else "activation_checkpointing", None)
+    train = dataclasses.replace(train, args=args, effective_batch_size=None)
+    defaults = None if seed_defaults or stage == "dpo" else training.SFT_DEFAULTS
+    config_class = DPOConfig if stage == "dpo" else SFTConfig
+    return training.trl_config(config_class, train, output_dir=work, seed=0, dtype=dtype or torch.float32, defaults=defaults)
+
+
+def schedule(cfg, stage: str, checkpoint, *, seed_defaults: bool) -> dict:
+    """An epoch of the recipe's data: optimizer steps and evaluations (as the recipe's args and the stage's defaults,
+    or TRL's, set eval_strategy and eval_steps)."""
+    from jobs import training
+
+    train = getattr(cfg, stage)
+    args = {**training.STAGE_DEFAULTS, **({} if seed_defaults or stage == "dpo" else training.SFT_DEFAULTS), **train.args}
+    effective = args.get("per_device_train_batch_size", 8) * args.get("gradient_accumulation_steps", 1)
+    steps = math.ceil(checkpoint.rows["train"] / effective)
+    evals = 0
+    if args.get("eval_strategy") == "steps":
+        evals = steps // args.get("eval_steps", args["save_steps"])
+    return {"steps": steps, "evals": evals, "batch": args.get("per_device_train_batch_size", 8)}
+
+
+def dpo_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
+    """TRL's DPOTrainer (way "trl") or the dpo stage's (jobs/dpo.py: shared prefix, LoRA from the recipe) on the rows."""
+    from trl import DPOTrainer
+
+    from jobs import modeling, shared_prefix
+
+    trainer_class = DPOTrainer if way == "trl" else shared_prefix.SharedPrefixDPOTrainer
+    # TRL's DPOTrainer turns the rows' messages into text itself: the same rows for all
+    trainer = trainer_class(
+        model=model, ref_model=None, args=args, train_dataset=family.close_answers(rows, processor),
+        eval_dataset=None if eval_rows is None else family.close_answers(eval_rows, processor),
+        processing_class=family.rendering_processor(processor), peft_config=modeling.lora_config(cfg.dpo, family),
+    )
+    trainer.data_collator = family.collator(trainer.data_collator, processor)
+    return trainer
+
+
+def sft_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
+    """TRL's SFTTrainer with its own collator (way "trl"), or with the sft stage's collators in its order (jobs/sft.py),
+    padding-free as the recipe and attention say (way "padding-free": sft.padding_free true)."""
+    from trl import SFTTrainer
+
+    from jobs import modeling, packing, turns
+
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=family.close_answers(rows, processor),
+        eval_dataset=None if eval_rows is None else family.close_answers(eval_rows, processor),
+        peft_config=modeling.lora_config(cfg.sft, family), processing_class=family.rendering_processor(processor),
+    )
+    if way != "trl":
+        trainer.data_collator = family.collator(trainer.data_collator, processor)
+        if not family.multi_turn_unsupported:
+            trainer.data_collator = turns.EveryAnswer(trainer.data_collator, trainer.processing_class)
+        packing.with_lengths(trainer)
+        attention = upstream_attention(model)
+        if packing.enabled(True if way == "padding-free" else cfg.sft.padding_free, family, attention):
+            trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
+    return trainer
+
+
+def upstream_attention(model) -> str:
+    from jobs import upstream
+
+    return upstream.attention_implementation(model.config) or "sdpa"
+
+
+def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows) -> dict:
+    from jobs import checkpoints, flops, reference_logprobs
+    from jobs.families import get_family
+
+    family = get_family(checkpoint.family)
+    processor = checkpoints.processor(checkpoint)
+    config = checkpoints.config(checkpoint, processor.tokenizer)
+    out = {}
+    for way in ("trl", "vlmjobs", "ideal"):
+        seed = way == "trl"
+        with flops.hollow() as mode:
+            model = flops.hollow_model(family.model_class, config, mode)
+            batch = 1 if way == "ideal" else schedule(cfg, "dpo", checkpoint, seed_defaults=seed)["batch"]
+            steps = len(rows) // batch
+            args = args_for(cfg, "dpo", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
+            trainer = dpo_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
+            phases = {}
+            if not seed:  # the reference's log-probs computed once, then read from the batches
+                phases["reference"] = flops.count_reference(trainer, family.close_answers(reference_rows, processor))
+                reference_logprobs.read_from_batches(trainer)
+                for split in ("train_dataset", "eval_dataset"):
+                    data = getattr(trainer, split)
+                    zeros = [0.0] * len(data)
+                    setattr(trainer, split, data.add_column(reference_logprobs.COLUMNS[0], zeros)
+                            .add_column(reference_logprobs.COLUMNS[1], zeros))
+            phases["train"] = flops.count_training(trainer, steps * batch)
+            phases["eval"] = flops.count_evaluation(trainer) if way != "ideal" else 0.0
+            out[way] = phases
+        print(f"  {name}: {way} counted", flush=True)
+    return out
+
+
+def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
+    from jobs import checkpoints, flops
+    from jobs.families import get_family
+
+    family = get_family(checkpoint.family)
+    processor = checkpoints.processor(checkpoint)
+    config = checkpoints.config(checkpoint, processor.tokenizer)
+    out = {}
+    for way in ("trl", "vlmjobs", "padding-free", "ideal"):
+        seed = way == "trl"
+        with flops.hollow() as mode:
+            model = flops.hollow_model(family.model_class, config, mode)
+            batch = 1 if way == "ideal" else schedule(cfg, "sft", checkpoint, seed_defaults=seed)["batch"]
+            steps = len(rows) // batch
+            args = args_for(cfg, "sft", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
+            # the ideal's "eval" is a forward of each train row alone: what activation checkpointing recomputes
+            trainer = sft_trainer(way, cfg, family, model, processor, rows, rows if way == "ideal" else eval_rows, args)
+            out[way] = {"train": flops.count_training(trainer, steps * batch), "eval": flops.count_evaluation(trainer)}
+            if way == "ideal":
+                out[way]["recompute"], out[way]["eval"] = out[way]["eval"], 0.0
+        print(f"  {name}: {way} counted", flush=True)
+    return out
+
+
+def attention_of(cfg) -> str:
+    return cfg.model.attn_implementation or "sdpa"  # transformers' default where the recipe names none
+
+
+def per_sample(counted: dict, sched: dict, checkpoint, *, epoch: int, way: str) -> dict:
+    """FLOPs per training sample of epoch ``epoch`` (1, or 2 for any later epoch or rerun), by phase."""
+    train_rows, eval_rows = checkpoint.rows["train"], checkpoint.rows["eval"]
+    phases = {"train": counted["train"]}
+    reference = counted.get("reference", 0.0)
+    if way == "vlmjobs":  # computed once for the train and eval rows, read from the store afterwards
+        phases["reference"] = reference * (train_rows + eval_rows) / train_rows if epoch == 1 else 0.0
+    elif way == "ideal":
+        phases["reference"] = reference if epoch == 1 else 0.0
+    else:
+        phases["reference"] = 0.0  # inside TRL's training step
+    phases["eval"] = counted["eval"] * sched["evals"] * eval_rows / train_rows
+    phases["total"] = sum(phases.values())
+    return phases
+
+
+def ideal_reference(name, checkpoint, cfg, rows, work: Path) -> float:
+    """One reference forward per pair, packed, one pair per batch: the reference pass of vlmjobs at batch 1."""
+    from jobs import checkpoints, flops, modeling, shared_prefix
+    from jobs.families import get_family
+
+    family = get_family(checkpoint.family)
+    processor = checkpoints.processor(checkpoint)
+    config = checkpoints.config(checkpoint, processor.tokenizer)
+    with flops.hollow() as mode:
+        model = flops.hollow_model(family.model_class, config, mode)
+        args = args_for(cfg, "dpo", work / "ideal-ref", batch=1, steps=1, seed_defaults=False, ideal=True)
+        trainer = shared_prefix.SharedPrefixDPOTrainer(
+            model=model, ref_model=None, args=args, train_dataset=family.close_answers(rows, processor),
+            processing_class=family.rendering_processor(processor), peft_config=modeling.lora_config(cfg.dpo, family))
+        trainer.data_collator = family.collator(trainer.data_collator, processor)
+        return flops.count_reference(trainer, trainer.train_dataset)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4, help="rows counted per checkpoint (a multiple of the batches)")
+    parser.add_argument("--reference-rows", type=int, default=32, help="rows the DPO reference pass is counted on")
+    parser.add_argument("--only", default=None, help="one of: " + ", ".join(__import__("jobs.checkpoints").checkpoints.SEEDS))
+    parser.add_argument("--out", type=Path, default=None)
+    options = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    from jobs import checkpoints
+    from jobs import recipe as recipes
+
+    transformers.logging.set_verbosity_error()
+    work = options.out or Path(tempfile.mkdtemp(prefix="vlmjobs-flops-"))
+    table = ["| recipe | epoch | TRL defaults TFLOP/sample | vlmjobs TFLOP/sample (train + reference + eval) | ideal "
+             "TFLOP/sample | TRL ÷ ideal | vlmjobs ÷ ideal | vlmjobs ÷ (ideal + recomputation) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    started, notes = time.time(), []
+    for name, (checkpoint, stage) in checkpoints.SEEDS.items():
+        if options.only and name != options.only:
+            continue
+        if not options.only and checkpoint.family in UNCOUNTED:
+            notes.append(f"{name}: not counted ({UNCOUNTED[checkpoint.family]}); --only '{name}' runs it")
+            continue
+        cfg = recipes.load(ROOT / checkpoint.recipe)
+        train = getattr(cfg, stage)
+        if stage == "dpo":
+            thumbnail = 490 if checkpoint.family == "idefics2" else None  # prepare.image_scale 0.5, the blog's thumbnail
+            rows, eval_rows = dpo_rows(options.rows, thumbnail), dpo_rows(max(2, options.rows // 4), thumbnail)
+            # the reference pass takes the split shortest first in batches of 8 (jobs.reference_logprobs): counted on
+            # more rows than training, so that its batches can be of like length as an epoch's are
+            reference_rows = dpo_rows(max(options.reference_rows, options.rows), thumbnail)
+            counted = count_dpo(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"), reference_rows)
+            counted["ideal"]["reference"] = ideal_reference(name, checkpoint, cfg, reference_rows, work / name.replace(" ", "-"))
+            counted["ideal"]["recompute"] = counted["ideal"]["reference"]
+        else:
+            system = cfg.data.sft.system_prompt
+            rows, eval_rows = sft_rows(options.rows, system), sft_rows(max(4, options.rows // 2), system)
+            counted = count_sft(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"))
+        epochs = (1, 2) if stage == "dpo" else (1,)
+        for epoch in epochs:
+            result = {}
+            for way in ("trl", "vlmjobs", "ideal"):
+                sched = schedule(cfg, stage, checkpoint, seed_defaults=way == "trl") if way != "ideal" else {"evals": 0}
+                result[way] = per_sample(counted[way], sched, checkpoint, epoch=epoch, way=way)
+            ideal = result["ideal"]["total"]
+            v = result["vlmjobs"]
+            # the recipe's activation checkpointing recomputes one policy forward per row: the ideal's reference forward
+            # (DPO: the packed pair) or its eval forward (SFT: the row alone), counted above
+            recompute = counted["ideal"]["recompute"] if train.args.get("gradient_checkpointing", True) else 0.0
+            if "padding-free" in counted:  # SFT with sft.padding_free: true under the same attention
+                pf = per_sample(counted["padding-free"], schedule(cfg, stage, checkpoint, seed_defaults=False),
+                                checkpoint, epoch=epoch, way="vlmjobs")
+                notes.append(f"{name}: with sft.padding_free: true ({attention_of(cfg)}), vlmjobs "
+                             f"{pf['total'] / 1e12:.2f} TFLOP/sample ({pf['train'] / 1e12:.2f} + 0 + {pf['eval'] / 1e12:.2f}), "
+                             f"{pf['total'] / ideal:.2f} x ideal, {pf['total'] / (ideal + recompute):.2f} x (ideal + recomputation)")
+            table.append(
+                f"| {name} ({train.method}) | {'1' if epoch == 1 else '2+, rerun'} | {result['trl']['total'] / 1e12:.2f} | "
+                f"{v['total'] / 1e12:.2f} ({v['train'] / 1e12:.2f} + {v['reference'] / 1e12:.2f} + {v['eval'] / 1e12:.2f}) | "
+                f"{ideal / 1e12:.2f} | {result['trl']['total'] / ideal:.2f} | {v['total'] / ideal:.2f} | "
+                f"{v['total'] / (ideal + recompute):.2f} |")
+        print("\n".join(table[-len(epochs):]), flush=True)
+    lines = [f"FLOPs per training sample, counted (torch FlopCounterMode, hollow weights), {options.rows} rows per "
+             f"checkpoint, {time.time() - started:.0f} s", "", *table, "", *notes]
+    print("\n".join(lines))
+    (work / "flops.md").write_text("\n".join(lines) + "\n")
+    print(f"\n(this table in {work / 'flops.md'})")
+
+
+if __name__ == "__main__":
+    main()

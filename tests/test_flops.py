@@ -1,0 +1,77 @@
+"""Counted FLOPs (issue 24): the hollow run that lets `make bench` count a 7B model's step on a CPU counts what the
+same step computed for real counts, on the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trl import DPOConfig, DPOTrainer
+
+from jobs import flops, modeling
+from jobs.families import get_family
+from jobs.recipe import Model
+from tests.test_shared_prefix import pairs
+
+
+def dpo_trainer(model, processor, family, tmp_path, *, shared: bool, rows: list[dict] | None = None, batch: int = 3):
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from jobs import shared_prefix
+
+    fam = get_family(family)
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
+                     max_steps=1, report_to=[], use_cpu=True, max_length=None, save_strategy="no",
+                     gradient_checkpointing=True, disable_tqdm=True)
+    trainer_class = shared_prefix.SharedPrefixDPOTrainer if shared else DPOTrainer
+    trainer = trainer_class(
+        model=model, ref_model=None, args=args, train_dataset=fam.close_answers(Dataset.from_list(rows or pairs()), processor),
+        processing_class=fam.rendering_processor(processor),
+        peft_config=LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer.data_collator = fam.collator(trainer.data_collator, processor)
+    return trainer
+
+
+@pytest.mark.parametrize("family, shared", [("qwen2_vl", False), ("llava", True)], ids=["trl-qwen2_vl", "shared-prefix-llava"])
+def test_a_hollow_training_step_counts_what_the_real_one_computes(family, shared, tiny_model, tmp_path):
+    """One DPO step (forward with TRL's fused head, the reference with the adapter off, activation checkpointing's
+    recomputation, LoRA's backward) counted computed for real, then on a hollow copy of the same model: the same FLOPs,
+    and the hollow weights never took a value."""
+    spec = Model(name_or_path=str(tiny_model(family)), family=family, dtype="float32")
+    processor = modeling.load_processor(spec)
+    torch.manual_seed(0)
+    real = modeling.load_model(spec, dtype=torch.float32)
+    expected = flops.count(dpo_trainer(real, processor, family, tmp_path / "real", shared=shared).train)
+
+    with flops.hollow(hollow_from=1) as mode:  # every floating weight hollow, as a 7B model's large ones are
+        model = flops.hollow_model(get_family(family).model_class, real.config, mode)
+        weights = [p for p in model.parameters()]
+        assert weights and all(mode.holds(p) for p in weights)
+        counted = flops.count(dpo_trainer(model, processor, family, tmp_path / "hollow", shared=shared).train)
+    assert counted == expected > 0
+
+
+def test_the_reference_pass_batches_rows_of_like_length_and_gives_each_rows_own_logprobs(tiny_model, tmp_path, monkeypatch):
+    """Issue 24: the cached reference pass (jobs.reference_logprobs.compute) pads each batch to its longest pair; taking
+    the rows shortest first, long and short rows alternating cost fewer FLOPs than in their own order, and every row
+    still gets the log-probs it has scored alone (no padding), in its place."""
+    from jobs import reference_logprobs
+
+    family = "llava"
+    spec = Model(name_or_path=str(tiny_model(family)), family=family, dtype="float32")
+    processor = modeling.load_processor(spec)
+    torch.manual_seed(0)
+    model = modeling.load_model(spec, dtype=torch.float32)
+    short, _, long = pairs()
+    trainer = dpo_trainer(model, processor, family, tmp_path / "a", shared=False, rows=[long, short, long, short], batch=2)
+    rows = trainer.train_dataset
+    sorted_flops = flops.count(lambda: reference_logprobs.compute(trainer, rows, "train"))
+    chosen, rejected = reference_logprobs.compute(trainer, rows, "train")
+
+    monkeypatch.setattr(reference_logprobs, "shortest_first", lambda rows: list(range(len(rows))))
+    own_order_flops = flops.count(lambda: reference_logprobs.compute(trainer, rows, "train"))
+    alone = [reference_logprobs.compute(trainer, rows.select([i]), "train") for i in range(len(rows))]
+    assert sorted_flops < own_order_flops, "the rows' own order pads every batch to the long row"
+    assert torch.allclose(chosen, torch.cat([c for c, _ in alone]), atol=1e-5)
+    assert torch.allclose(rejected, torch.cat([r for _, r in alone]), atol=1e-5)
+    assert not torch.allclose(chosen[0], chosen[1]), "long and short rows differ"

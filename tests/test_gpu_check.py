@@ -1,0 +1,40 @@
+"""make gpu-check in miniature (issue 24): the GPU check's own code on the CPU with a tiny model, so that a GPU minute
+is never spent finding a typo; and the wheels it installs are the lock's."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_check_runs_a_case_on_the_cpu_in_miniature(monkeypatch, capsys):
+    """The shared-prefix DPO case end to end (model, rows at real image sizes, the stage's trainer, the reference pass
+    read from the batches, a timed step, a counted step, `vlmjobs memory` of the real idefics2-8b): one row of the table."""
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--tiny", "--steps", "1", "--only", "idefics2-8b DPO, vlmjobs"])
+    gpu_check().main()
+    row = re.search(r"^\| idefics2-8b DPO, vlmjobs \(sdpa\) \| 1 \| (\d+) \| ([\d.e+-]+) \|  \|  \| ([\d.]+) \|$",
+                    capsys.readouterr().out, re.MULTILINE)
+    assert row, "no table row for the case"
+    tokens_per_s, tflop_per_step, predicted_gb = (float(v) for v in row.groups())
+    assert tokens_per_s > 0 and tflop_per_step > 0
+    # the blog's LoRA on bf16 idefics2-8b with no reference copy (jobs/memory.py's docstring: 16.8 GB for the blog's 8B)
+    assert 16 < predicted_gb < 18
+
+
+def test_the_wheels_it_installs_are_the_locks_versions():
+    locked = dict(line.split(" ")[0].split("==") for line in (ROOT / "requirements.lock").read_text().splitlines()
+                  if "==" in line and not line.startswith(("#", " ")))
+    for wheel in gpu_check().WHEELS:
+        name, version = wheel.split("==")
+        assert locked.get(name) == version, f"{wheel}: requirements.lock has {name}=={locked.get(name)}"
