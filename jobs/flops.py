@@ -26,10 +26,9 @@ import weakref
 
 import torch
 from torch.utils import flop_counter
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
-
 from jobs import upstream
+
+TorchDispatchMode, tree_leaves, tree_map = upstream.torch_dispatch()
 
 HOLLOW_FROM = 1 << 16  # elements: a parameter this large is built hollow; smaller ones (norms, biases) are real
 

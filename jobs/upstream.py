@@ -79,6 +79,10 @@ The couplings, what each relies on, why nothing public serves, and what would br
     it), so that jobs.flops' hollow run hands an in-place operation's argument back and runs views as they are.
     Unguarded, a schema read another way would make the count fail or give in-place results to fresh tensors.
     Checked: the schema lists arguments and returns.
+``torch_dispatch`` (torch ``torch.utils._python_dispatch.TorchDispatchMode``, ``torch.utils._pytree``)
+    The mode jobs.flops' hollow run is built on: it sees every operator below autograd and answers with shapes only.
+    torch documents dispatch modes in its tutorials but exports the base class from a private module only. Unguarded,
+    a move of the module fails `make bench` at import with a bare ImportError. Checked: both import.
 ``mllama_mask_functions`` (transformers ``processing_mllama.get_cross_attention_token_mask`` and
     ``convert_sparse_cross_attention_mask_to_dense``)
     The functions MllamaProcessor builds Llama 3.2 Vision's cross_attention_mask with, from the token ids; module
@@ -451,6 +455,18 @@ def cpu_attention_flop_formulas() -> None:
     flop_counter.register_flop_formula(backward, get_raw=True)(
         lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(
             grad_out.shape, query.shape, key.shape, value.shape))
+
+
+def torch_dispatch():
+    """(TorchDispatchMode, tree_leaves, tree_map): the base class of a mode that sees every operator call below
+    autograd, and the helpers that walk an operator's nested arguments."""
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves, tree_map
+    except ImportError as e:
+        raise changed("torch", "torch.utils._python_dispatch.TorchDispatchMode and torch.utils._pytree's tree_map",
+                      f"cannot import them ({e})") from None
+    return TorchDispatchMode, tree_leaves, tree_map
 
 
 def operator_writes(func, args: tuple, kwargs: dict) -> tuple[bool, list]:

@@ -76,6 +76,18 @@ class Couplings(ast.NodeVisitor):
             return (base.id, attr) in PUBLIC_STDLIB
         return False
 
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        module = node.module or ""
+        if node.level == 0 and module.split(".")[0] not in PACKAGES and any(map(private, module.split("."))):
+            self.report(node, f"from {module} import ...: a library's private module")
+        self.generic_visit(node)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            if alias.name.split(".")[0] not in PACKAGES and any(map(private, alias.name.split("."))):
+                self.report(node, f"import {alias.name}: a library's private module")
+        self.generic_visit(node)
+
     def visit_Attribute(self, node: ast.Attribute) -> None:
         if private(node.attr):
             base = node.value
@@ -128,6 +140,8 @@ def test_the_scan_sees_each_kind_of_coupling(tmp_path):
         "from trl.trainer import dpo_trainer\n"
         "from torch.distributed.tensor import DTensor\n"
         "from jobs import contract\n"
+        "from torch.utils._pytree import tree_map\n"
+        "import torch._dynamo\n"
         "class Ours(DPOTrainer):\n"
         "    def __init__(self):\n"
         "        self._family = 1\n"
@@ -144,6 +158,8 @@ def test_the_scan_sees_each_kind_of_coupling(tmp_path):
     )
     found = [line.split(": ", 1)[1] for line in couplings([source])]
     assert found == [
+        "from torch.utils._pytree import ...: a library's private module",
+        "import torch._dynamo: a library's private module",
         "super()._compute_loss: a parent class's private method",
         "self._metrics",
         "rows._indices",
@@ -476,6 +492,16 @@ def test_the_cpu_attention_flop_formulas_trip_when_torch_renames_the_kernel(monk
         upstream.cpu_attention_flop_formulas()
     assert_trips(excinfo, "torch", "aten._no_such_attention_kernel")
     assert hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def test_torch_dispatch_trips_when_torch_moves_its_dispatch_mode(monkeypatch):
+    import sys
+
+    assert upstream.torch_dispatch()[0].__name__ == "TorchDispatchMode"
+    monkeypatch.setitem(sys.modules, "torch.utils._python_dispatch", None)  # an import of it raises ImportError
+    with pytest.raises(upstream.UpstreamChanged) as excinfo:
+        upstream.torch_dispatch()
+    assert_trips(excinfo, "torch", "torch.utils._python_dispatch.TorchDispatchMode")
 
 
 def test_operator_writes_trips_without_a_schema():
