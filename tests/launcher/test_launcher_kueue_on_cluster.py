@@ -243,3 +243,54 @@ def test_the_driver_and_the_nightly_job_are_admitted_through_the_local_queue_and
         asked = [real_cluster.kubectl, f"--kubeconfig={token}", "auth", "can-i", verb, what, "-n", ns]
         answer = subprocess.run(asked, capture_output=True, text=True, timeout=60).stdout.strip()
         assert answer == allowed, (verb, what, answer)
+
+
+def test_a_two_node_stage_preempted_by_a_higher_priority_run_is_reported_as_preempted_readmitted_and_completes(
+    real_cluster, qns
+):
+    """Quota for 8 A100s (one node's worth): the launcher's low-priority sft on 2 nodes of 4 is admitted and runs;
+    another run's high-priority sft on 8 arrives. Kueue suspends the JobSet (preemption), the launcher says so and
+    waits, not failing it; once the high run is done the low one is admitted again and completes, its Workload the
+    one Kueue made at the start and its JobSet never restarted by a failure."""
+    ns = qns
+    a100 = {"resources.gpu_product": "NVIDIA-A100-SXM4-40GB", "resources.gpus": 4}
+    low = group(ns, {SIM_RUN_SECONDS: "12"}, **QUEUED, **a100, **{"run.id": "low", "kubernetes.priority": "low"})
+    high = recipe(ns, {SIM_RUN_SECONDS: "3"}, **QUEUED, **a100,
+                  **{"run.id": "high", "resources.gpus": 8, "kubernetes.priority": "high"})  # fmt: skip
+    c = on(real_cluster, ns)
+    outcome: list[BaseException | None] = []
+
+    def follow_low():
+        try:
+            chain.run_stage(c, low, "sft", IMAGE, logs=False)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append(e)
+
+    follower = threading.Thread(target=follow_low, daemon=True)
+    follower.start()
+    c.lines.wait_for(lambda x: x == f"==> JobSet {ns}/low-sft: Running", 90)
+    pods = f"/api/v1/namespaces/{ns}/pods?labelSelector=job-name={render.group_job_name(low, 'sft')}"
+    wait_for("low's ranks running", lambda: sum(p["status"].get("phase") == "Running"
+                                                 for p in real_cluster.get(pods)["items"]) == 2, 60)  # fmt: skip
+    low_workload = real_cluster.workload_of(ns, "JobSet", "low-sft")
+    assert state.condition(low_workload, "Admitted")
+
+    other = on(real_cluster, ns)
+    chain.run_stage(other, high, "sft", IMAGE, logs=False)  # waits in the queue until low is preempted, then runs
+    assert other.lines[-1] == "==> sft: succeeded", other.lines
+    follower.join(timeout=120)
+    print(*c.lines, sep="\n")
+    assert outcome == [None], outcome
+    preempted = c.lines.wait_for(lambda x: x.startswith(f"==> JobSet {ns}/low-sft: evicted by Kueue ("), 0)
+    assert "Preempted" in preempted and preempted.endswith("preempted, not failed; waiting to be admitted again")
+    states = [x.rsplit(": ", 1)[1] for x in c.lines if x.startswith(f"==> JobSet {ns}/low-sft: ") and x.count(": ") == 1]
+    assert states == ["Running", "Suspended", "Running", "Completed"], c.lines
+    assert c.lines[-1] == "==> sft: succeeded"  # not "after N restart(s)": a preemption is no failure
+    jobset = real_cluster.get(f"{JOBSET_API}/namespaces/{ns}/jobsets/low-sft")
+    assert state.jobset_restarts(jobset) == (0, 0), jobset["status"]
+    final = real_cluster.workload_of(ns, "JobSet", "low-sft")
+    assert final["metadata"]["uid"] == low_workload["metadata"]["uid"]  # the same Workload, never deleted
+    assert state.condition(final, "Finished")
+    evicted = next(x for x in final["status"]["conditions"] if x["type"] == "Evicted")
+    assert evicted["reason"] == "Preempted"  # Kueue's own record that it was preempted, as the launcher said
