@@ -75,8 +75,8 @@ def launcher_killed_midway(real_cluster, namespace: str, r: recipes.Recipe) -> l
     try:
         lines.wait_for(lambda x: x == f"==> JobSet {namespace}/{r.run_id}-sft: Running", 90)
         pods = f"/api/v1/namespaces/{namespace}/pods?labelSelector=job-name={render.group_job_name(r, 'sft')}"
-        running = lambda: any(p["status"].get("phase") == "Running" for p in real_cluster.get(pods)["items"])  # noqa: E731
-        wait_for("a rank running", running, 60)
+        wait_for("a rank running", lambda: [p for p in real_cluster.get(pods)["items"]
+                                            if p["status"].get("phase") == "Running"], 60)  # fmt: skip
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # no handler runs: as a laptop's launcher lost, or a driver pod's node gone
         proc.wait(timeout=30)
@@ -293,6 +293,6 @@ def test_a_two_node_stage_preempted_by_a_higher_priority_run_is_reported_as_pree
     final = real_cluster.workload_of(ns, "JobSet", "low-sft")
     assert final["metadata"]["uid"] == low_workload["metadata"]["uid"]  # the same Workload, never deleted
     assert state.condition(final, "Finished")
-    # Kueue's own record that it was preempted once, as the launcher said (its Evicted condition is reset on readmission)
+    # Kueue's own record that it was preempted once, as the launcher said (readmission resets its Evicted condition)
     evictions = [(e["reason"], e["count"]) for e in final["status"].get("schedulingStats", {}).get("evictions", [])]
     assert evictions == [("Preempted", 1)], final["status"]
