@@ -111,7 +111,7 @@ def test_a_two_node_stage_is_a_queued_jobset_whose_restarts_the_controller_decid
     """The launcher renders sft on 2 nodes as a JobSet in the LocalQueue; it is killed while the ranks run and started
     again. A crashing rank 1 is restarted by the JobSet controller once (backoff_limit 1) and the stage fails with
     its exit code; a rank exiting 2 fails the stage at once, reported as exit 2. The new launcher finds the JobSet,
-    creates nothing, and reports what the controller's status says."""
+    creates nothing, and reports what the controller's status says. An evicted rank restarts the group uncounted."""
     ns = qns
     # a rank that crashes (exit 1), restarted as a group up to backoff_limit
     crash = group(ns, {SIM_EXIT_CODE: "1", SIM_FAIL_INDEX: "1", SIM_RUN_SECONDS: "2"},
@@ -152,6 +152,34 @@ def test_a_two_node_stage_is_a_queued_jobset_whose_restarts_the_controller_decid
     admitted_once(real_cluster, ns, "usererr-sft")
     # vlmjobs deleted no Workload: the crashed run's is the one Kueue made for its JobSet at the start
     assert real_cluster.workload_of(ns, "JobSet", "crash-sft")["metadata"]["uid"] == crash_workload["metadata"]["uid"]
+
+    # a rank evicted (a node drained): the group restarts, not counted, so backoff_limit 0 still completes
+    drain = group(ns, {SIM_RUN_SECONDS: "5"}, **QUEUED, **{"run.id": "drain", "kubernetes.backoff_limit": 0})
+    c = on(real_cluster, ns)
+    evicted: list[str] = []
+
+    def evict_rank_1():
+        c.lines.wait_for(lambda x: x == f"==> JobSet {ns}/drain-sft: Running", 90)
+        pods = f"/api/v1/namespaces/{ns}/pods?labelSelector=job-name={render.group_job_name(drain, 'sft')}"
+        (rank_1,) = wait_for("rank 1 running", lambda: [
+            p for p in real_cluster.get(pods)["items"] if p["status"].get("phase") == "Running"
+            and p["metadata"]["annotations"].get(render.COMPLETION_INDEX_ANNOTATION) == "1"], 60)  # fmt: skip
+        name = rank_1["metadata"]["name"]
+        eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": ns}}
+        c.core.create_namespaced_pod_eviction(name, ns, eviction)
+        evicted.append(name)
+
+    evictor = threading.Thread(target=evict_rank_1, daemon=True)
+    evictor.start()
+    chain.run_stage(c, drain, "sft", IMAGE, logs=False)
+    evictor.join(timeout=10)
+    print(*c.lines, sep="\n")
+    assert evicted, "rank 1 was not evicted"
+    assert c.lines[-1] == "==> sft: succeeded after 1 restart(s)", c.lines
+    restarted = f"==> JobSet {ns}/drain-sft: restarted by JobSet, restart 1 (0 of at most 0 counted; disruptions "
+    assert restarted + "are not): every rank resumes from the last checkpoint" in c.lines, c.lines
+    jobset = real_cluster.get(f"{JOBSET_API}/namespaces/{ns}/jobsets/drain-sft")
+    assert state.jobset_restarts(jobset) == (1, 0), jobset["status"]  # the controller's: restarted, uncounted
 
 
 def test_a_stage_whose_gpu_no_node_has_is_reported_with_kueues_reason_and_ends_at_admission_timeout(real_cluster, qns):

@@ -237,7 +237,7 @@ def test_active_deadline_ends_the_stage_as_a_failure(real_cluster, ns):
 
 # ---------------------------------------------------------------------------------------------
 # Several nodes are a JobSet (issue 21), restarted by the JobSet controller, not the launcher: the launcher's own group
-# restarts and their tests are gone; the JobSet's are tested where the control plane runs JobSet's controller.
+# restarts and their tests are gone; the launcher's JobSets against that controller: test_launcher_kueue_on_cluster.py.
 
 
 def test_a_suspended_job_is_waited_on_not_recreated(real_cluster, ns):
