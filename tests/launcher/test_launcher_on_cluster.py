@@ -251,7 +251,7 @@ def test_active_deadline_ends_the_stage_as_a_failure(real_cluster, ns):
 
 # ---------------------------------------------------------------------------------------------
 # Several nodes are a JobSet (issue 21), restarted by the JobSet controller, not the launcher: the launcher's own group
-# restarts and their tests are gone; the JobSet's are tested where the control plane runs JobSet's controller.
+# restarts and their tests are gone; the launcher's JobSets against that controller: test_launcher_kueue_on_cluster.py.
 
 
 def test_a_suspended_job_is_waited_on_not_recreated(real_cluster, ns):
@@ -396,7 +396,10 @@ def test_the_driver_runs_the_chain_with_its_own_token_and_role(real_cluster, ns,
     namespace = admin.core.read_namespace(ns)
     assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
     driver = on(real_cluster, ns, real_cluster.token_kubeconfig(ns, render.DRIVER_SERVICE_ACCOUNT, tmp_path / "kc"))
-    chain.pipeline(driver, group(ns), IMAGE, logs=True)
+    r = group(ns)
+    chain.pipeline(driver, r, IMAGE, logs=True)
     assert driver.lines[-1] == "==> pipeline done: prepare, sft of run sim in /runs/sim"
     assert [line for line in driver.lines if "forbidden" in line.lower()] == []
-    assert len(admin.list_pods("sim-prepare")) == 1 and len(admin.list_pods("sim-sft")) == 2
+    # sft on two nodes is a JobSet (issue 21), which the driver's Role may create: its pods are its child Job's
+    assert f"==> sft: created JobSet {ns}/sim-sft (2 nodes)" in driver.lines
+    assert len(admin.list_pods("sim-prepare")) == 1 and len(admin.list_pods(render.group_job_name(r, "sft"))) == 2
