@@ -13,7 +13,7 @@ RUN_ARG = $(if $(RUN),--run=$(RUN))
 KUBECTL ?= $(if $(wildcard .cache/cluster/bin/kubectl),.cache/cluster/bin/kubectl,kubectl)
 SIMCLUSTER := $(PYTHON) scripts/cluster.py
 
-.PHONY: install demo test mutate grpo-seeds bench gpu-check lock clean render submit pipeline status logs delete k8s k8s-apply nightly goldens image push-image \
+.PHONY: install demo test mutate bench gpu-check lock clean render submit pipeline status logs delete k8s k8s-apply nightly goldens image push-image \
 	cluster-build cluster-up cluster-down
 
 install: $(STAMP)
@@ -41,10 +41,6 @@ demo: $(STAMP) .cache/tiny/llava/config.json .cache/data/chartqa/README.md .cach
 test: $(STAMP)
 	$(SIMCLUSTER) build --unless-no-go
 	$(BIN)/pytest $(PYTEST_ARGS)
-
-# The GRPO story of recipes/tiny-grpo.yaml on all three seeds its header reports (make test runs one: minutes each).
-grpo-seeds: $(STAMP)
-	VLMJOBS_EVERY_SEED=1 $(BIN)/pytest tests/test_grpo.py -k held_out $(PYTEST_ARGS)
 
 # Mutation testing of the code whose numbers users act on (scripts/mutate.py: its scope, and a score per module).
 # Not part of make test: 7 to 13 minutes on 2 cores, plus ~10 for each of jobs.inference and jobs.evaluate since their

@@ -7,7 +7,6 @@ The stage itself runs in the chain as the twins of recipes/tiny-grpo.yaml and re
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import textwrap
 
@@ -202,12 +201,8 @@ def test_the_memory_arithmetic_counts_grpos_reference_copy_only_with_a_kl_term(t
     assert reference("lora", 0.04)[0] == 0
 
 
-# One seed in make test (minutes on 2 cores); all three, as the recipe's header reports them, by make grpo-seeds.
-SEEDS = [42, 7, 1234] if os.environ.get("VLMJOBS_EVERY_SEED") else [42]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", [42, 7, 1234])
 def test_tiny_grpo_raises_the_held_out_accuracy_of_a_weak_sft_model(seed, tmp_path, tiny_model, synthetic_data):
     """recipes/tiny-grpo.yaml as `vlmjobs run` runs it, only the tiny model and data folders pointed elsewhere and the
     seed changed: GRPO, rewarded by evaluate's own ChartQA relaxed accuracy, lifts the held-out accuracy of the short
