@@ -203,7 +203,8 @@ def test_a_stage_whose_gpu_no_node_has_is_reported_with_kueues_reason_and_ends_a
     workload = real_cluster.workload_of(ns, "Job", "sim-sft")
     reserved = next(x for x in workload["status"]["conditions"] if x["type"] == "QuotaReserved")
     # the launcher's line is Kueue's own reason and message, as the Workload says it
-    line = next(x for x in c.lines if "not admitted by Kueue yet" in x)
+    # (a first line may say "not yet considered": read before Kueue's scheduler looked at the Workload)
+    line = next(x for x in c.lines if "not admitted by Kueue yet" in x and "couldn't assign flavors" in x)
     said = f"(Workload {workload['metadata']['name']}): {reserved['reason']}: {reserved['message']}"
     assert line.endswith(said), line
     assert reserved["status"] == "False" and "couldn't assign flavors to pod set main" in reserved["message"]
