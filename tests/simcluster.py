@@ -56,6 +56,9 @@ NO_GO = (
 )
 
 
+AUDIT_EVENT_START = b'{"kind":"Event",'  # how the API server's JSON audit backend starts each event
+
+
 @dataclass
 class SimCluster:
     """What the tests get: where the control plane is, and the few things they do to it."""
@@ -109,9 +112,24 @@ class SimCluster:
         return self.audit_log.stat().st_size if self.audit_log.exists() else 0
 
     def audit_events(self, mark: int = 0) -> list[dict]:
+        """The events logged after ``mark``. The API server writes its log in pieces, so a mark taken mid-line starts
+        inside an event (its rest is skipped); a server killed mid-line (restart_apiserver) leaves a torn event that
+        the restarted one's first event follows on the same line (the whole event at its end is kept)."""
         with open(self.audit_log, "rb") as f:
-            f.seek(mark)
-            return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+            if mark:
+                f.seek(mark - 1)
+                if f.read(1) != b"\n":
+                    f.readline()  # the rest of an event logged before the mark
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                start = line.rfind(AUDIT_EVENT_START)
+                if start > 0:
+                    events.append(json.loads(line[start:]))
+        return events
 
     # -- logs: what the simulated containers print
 

@@ -100,3 +100,26 @@ def test_a_cached_kueue_built_without_todays_patch_or_its_manifests_is_rebuilt(t
     (binary.parent.parent / "manifests").rmdir()  # no CRDs to apply: not usable
     assert not devcluster.built("kueue")
     assert devcluster.found_binary("kueue") is None  # an engine is never taken from the machine
+
+
+def test_audit_events_survive_a_mark_mid_event_and_a_torn_line(tmp_path):
+    """The request-counting tests read the API server's audit log from a mark: a mark taken while an event was half
+    written, and an event torn by restart_apiserver's kill with the restarted server's first event after it on the
+    same line, once failed the full suite with 'JSONDecodeError: Extra data'."""
+    import json
+
+    from tests.simcluster import SimCluster
+
+    def event(n: int) -> str:
+        return json.dumps({"kind": "Event", "auditID": str(n)}, separators=(",", ":"))
+
+    log = tmp_path / "audit.log"
+    log.write_text(event(1) + "\n" + event(2)[:10] + event(3) + "\n" + event(4) + "\n")
+    fake = type("Logged", (), {"audit_log": log})()
+
+    def ids(mark: int) -> list[str]:
+        return [e["auditID"] for e in SimCluster.audit_events(fake, mark)]
+
+    assert ids(0) == ["1", "3", "4"]
+    assert ids(5) == ["3", "4"]  # a mark inside event 1
+    assert ids(len(event(1)) + 1) == ["3", "4"]  # a mark at a line's start
