@@ -317,18 +317,20 @@ def pipeline(
     from launcher import render as rendering
 
     resolved = _recipe(recipe, run, overrides)
+    ends_at = None
     if dated:
-        resolved = _dated(resolved)
+        resolved, ends_at = _dated(resolved)
     image = rendering.resolve_image(resolved)
     if in_cluster:
         chain.submit_driver(_cluster(resolved), resolved, image, follow=not detach)
     else:
-        chain.pipeline(_cluster(resolved), resolved, image, _stages(stages), logs=logs)
+        chain.pipeline(_cluster(resolved), resolved, image, _stages(stages), logs=logs, ends_at=ends_at)
 
 
-def _dated(resolved: recipes.Recipe) -> recipes.Recipe:
-    """The recipe under the run id of its night: run.id-YYYYMMDD, the night read from the driver's own Job where there
-    is one ($VLMJOBS_DRIVER_JOB, from the downward API), so that every retry of that Job's pod continues one run."""
+def _dated(resolved: recipes.Recipe) -> tuple[recipes.Recipe, datetime.datetime | None]:
+    """The recipe under the run id of its night, run.id-YYYYMMDD, and when the night ends: both read from the driver's
+    own Job where there is one ($VLMJOBS_DRIVER_JOB, from the downward API), so that every retry of that Job's pod
+    continues one run and its stages end with the Job's deadline."""
     from launcher import render as rendering
     from launcher import state
 
@@ -336,14 +338,17 @@ def _dated(resolved: recipes.Recipe) -> recipes.Recipe:
     job = _cluster(resolved).get_job(job_name) if job_name else None
     now = datetime.datetime.now(datetime.UTC)
     night = state.night_of(job, resolved.kubernetes.nightly_time_zone, now)
-    return recipes.from_dict(resolved.to_dict(), {"run.id": f"{resolved.run_id}-{night}"}, origin="--dated")
+    dated = recipes.from_dict(resolved.to_dict(), {"run.id": f"{resolved.run_id}-{night}"}, origin="--dated")
+    return dated, state.ends_at(job)
 
 
 @_cluster_command
 def status(recipe: str = "", run: str = "", namespace: str = "", **overrides):
-    """The Jobs of one run (--run), or of every run in the namespace (--namespace, else the recipe's)."""
+    """The Jobs of one run (--run), or of every run in the namespace (--namespace, else the recipe's), and why a
+    nightly CronJob's recent nights did not start."""
     from launcher import kube
     from launcher import render as rendering
+    from launcher import state
 
     if not namespace:
         namespace = _recipe(recipe, "", overrides).kubernetes.namespace if recipe else recipes.Kubernetes().namespace
@@ -351,8 +356,14 @@ def status(recipe: str = "", run: str = "", namespace: str = "", **overrides):
     jobs = cluster.list_jobs(rendering.selector(str(run) if run else None))
     if not jobs:
         print(f"no vlmjobs Jobs in namespace {namespace}" + (f" for run {run}" if run else ""))
-        return
-    print(kube.status_table(jobs))
+    else:
+        print(kube.status_table(jobs))
+    for cronjob in cluster.list_cronjobs(rendering.selector(None, rendering.NIGHTLY)):
+        night_of = cronjob["metadata"]["labels"].get(rendering.LABEL_RUN, "")
+        if run and str(run) != night_of and not str(run).startswith(f"{night_of}-"):
+            continue  # the nights of another recipe (a night's run id is the recipe's plus its date)
+        for line in state.nights_not_started(cronjob, cluster.list_events("CronJob", state.name_of(cronjob)), jobs):
+            print(line)
 
 
 @_cluster_command
