@@ -22,6 +22,13 @@ policy before its first step (jobs.reference_logprobs), so the first table drops
 Sharded (``resources.sharding``: FSDP's fully_shard over the stage's N processes), every GPU holds 1/N of each
 part, a reference copy included (TRL shards it like the policy): the blog's 160 GB is 40 GB per GPU on 4, and
 32 GB with the cached log-probs (computed by the sharded policy when training starts).
+
+GRPO generates before it trains: each process samples its share of the generation batch at once, and transformers'
+``generate`` keeps a key-value cache of every row's prompt and completion, per layer, in the compute precision
+(``kv_cache_gb``). Qwen2.5-VL-3B in bf16 (36 layers, 2 key-value heads of 128) holds 36 KiB a token: 16 rows of a
+1,024-token prompt and 512 completion tokens are 0.9 GB, on every GPU (FSDP shards weights, not each process's own
+rows). TRL's vLLM colocate mode reserves its ``vllm_gpu_memory_utilization`` share of each GPU instead; server mode
+generates on the server's own GPUs.
 """
 
 from __future__ import annotations
@@ -40,10 +47,13 @@ class Estimate:
     gradients: float
     optimizer: float
     shards: int = 1  # the GPUs each part is sharded over (FSDP); the parts are then what one GPU holds
+    # GB each GPU holds for generating (GRPO's key-value cache, or vLLM's share in colocate mode): per process, so
+    # never divided by sharding
+    generation: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.model + self.reference + self.gradients + self.optimizer
+        return self.model + self.reference + self.gradients + self.optimizer + self.generation
 
     def sharded(self, shards: int) -> Estimate:
         """What one of ``shards`` GPUs holds when every part is sharded over them."""
@@ -54,7 +64,8 @@ class Estimate:
         per_gpu = f" per GPU, sharded over {self.shards}" if self.shards > 1 else ""
         return (
             f"model {self.model:.3g} GB + reference {self.reference:.3g} GB + gradients {self.gradients:.3g} GB"
-            f" + optimizer {self.optimizer:.3g} GB = {self.total:.3g} GB{per_gpu}"
+            f" + optimizer {self.optimizer:.3g} GB" + (f" + generation {self.generation:.3g} GB" if self.generation else "")
+            + f" = {self.total:.3g} GB{per_gpu}"
         )
 
 
@@ -66,10 +77,14 @@ def gpu_gb(gpu_memory_gib: float) -> float:
     return gpu_memory_gib * GIB / GB
 
 
-def fewest_shards(estimate: Estimate, available: float) -> int:
-    """The fewest GPUs of ``available`` GB whose shards of the whole estimate fit (before activations)."""
-    whole = estimate.sharded(1).total
-    return math.floor(whole / available) + 1
+def fewest_shards(estimate: Estimate, available: float) -> int | None:
+    """The fewest GPUs of ``available`` GB whose shards of the whole estimate fit (before activations); what each GPU
+    holds for generation is not sharded."""
+    whole = estimate.sharded(1)
+    room = available - whole.generation
+    if room <= 0:  # generation alone fills the GPU: no number of shards helps
+        return None
+    return math.floor((whole.total - whole.generation) / room) + 1
 
 
 def shard_count(recipe, stage: str, estimate: Estimate | None = None) -> int:
@@ -117,10 +132,11 @@ def estimate(model, *, trainable: int, reference_copy: bool, shards: int = 1) ->
     return parts(stored, trainable, trainable_bytes, reference_copy=reference_copy).sharded(shards)
 
 
-def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
+def for_stage(recipe, stage: str, prompt_tokens: int | None = None) -> tuple[Estimate, dict]:
     """The arithmetic for a training stage of a recipe from the model's config alone, before any weight is
-    loaded or GPU asked for: parameters counted on the meta device, LoRA applied there too.
-    Returns the estimate and the counts it was made from."""
+    loaded or GPU asked for: parameters counted on the meta device, LoRA applied there too; for GRPO, what generating
+    holds, with prompts of ``prompt_tokens`` (PROMPT_TOKENS when not given). Returns the estimate and the counts it
+    was made from."""
     import torch
     import transformers
     from transformers import AutoConfig
@@ -162,6 +178,8 @@ def for_stage(recipe, stage: str) -> tuple[Estimate, dict]:
     reference_copy = train.method == "full" and (
         (stage == "dpo" and train.reference_logprobs == "recompute") or (stage == "grpo" and bool(train.args.get("beta", 0.0))))
     estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=reference_copy)
+    if stage == "grpo":
+        estimate = replace(estimate, generation=grpo_generation_gb(recipe, config, precision.compute.itemsize, prompt_tokens))
     names = {name: str(getattr(precision, name)).removeprefix("torch.") for name in ("weights", "trainable", "compute")}
     described = (f"{names['weights']} weights" if train.method == "full" else f"{names['weights']} base, {names['trainable']} adapter")
     if names["compute"] != names["weights"] or train.method != "full":
@@ -184,3 +202,54 @@ def gpus_to_hold(need_gb: float, gpu_memory_gib: float) -> int:
     """The fewest GPUs of ``gpu_memory_gib`` whose usable memory together holds ``need_gb`` of weights, which
     device_map="auto" spreads over a pod's GPUs layer by layer."""
     return max(1, math.ceil(need_gb / (gpu_gb(gpu_memory_gib) * INFERENCE_USABLE)))
+
+
+# GRPO's generation. Prompts are not truncated by TRL 1.16 and their length (image tokens included) is known only from
+# the data: vlmjobs memory assumes this many tokens unless told (--prompt_tokens)
+PROMPT_TOKENS = 1024
+TRL_MAX_COMPLETION_LENGTH = 512  # GRPOConfig's default (tests/test_memory.py compares it with the class's)
+TRL_VLLM_GPU_MEMORY_UTILIZATION = 0.3  # GRPOConfig's default share of each GPU for colocated vLLM
+
+
+def kv_cache_gb(config, rows: int, tokens: int, bytes_per_value: int) -> float:
+    """GB of the key-value cache transformers' ``generate`` holds for ``rows`` sequences of ``tokens`` (prompt and
+    completion, the longest prompt of the batch as every row is padded to it): a key and a value vector per key-value
+    head, layer and token. The layers are the ones ``DynamicCache(config=...)`` builds for the model: a sliding-window
+    layer (Gemma 3's local layers, Mistral's in Idefics2) keeps its window less one token. A cross-attention layer
+    (Llama 3.2 Vision's) keeps the image's states instead, ``max_num_tiles`` x (patches + 1) per image."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    cross = set(getattr(text, "cross_attention_layers", None) or ())
+    vision = getattr(config, "vision_config", None)
+    image_states = (vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)) if cross else 0
+    cached = 0
+    for index, layer in enumerate(DynamicCache(config=config).layers):
+        if index in cross:
+            cached += image_states
+        elif isinstance(layer, DynamicSlidingWindowLayer):
+            cached += min(tokens, layer.sliding_window - 1)
+        else:
+            cached += tokens
+    return 2 * kv_heads * head_dim * cached * rows * bytes_per_value / GB
+
+
+def grpo_generation_gb(recipe, config, bytes_per_value: int, prompt_tokens: int | None = None) -> float:
+    """What each GPU of a GRPO stage holds for generating: vLLM's share of the GPU in colocate mode, nothing in server
+    mode (the server's own GPUs), else the key-value cache of the process's share of the generation batch at the
+    longest completion."""
+    from jobs import recipe as recipes
+
+    args = recipe.grpo.args
+    res = recipe.resources_for("grpo")
+    if args.get("use_vllm"):
+        if args.get("vllm_mode", "colocate") == "server":
+            return 0.0
+        return args.get("vllm_gpu_memory_utilization", TRL_VLLM_GPU_MEMORY_UTILIZATION) * gpu_gb(res.gpu_memory_gib or 0)
+    processes = max(res.gpus, 1) * res.nodes
+    rows = math.ceil(recipes.grpo_generation_batch(args, processes) / processes)
+    tokens = (prompt_tokens or PROMPT_TOKENS) + args.get("max_completion_length", TRL_MAX_COMPLETION_LENGTH) - 1
+    return kv_cache_gb(config, rows, tokens, bytes_per_value)

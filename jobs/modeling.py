@@ -277,6 +277,9 @@ def user_errors(source: str, revision: str | None = None):
         looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
         if looks_like_path and not Path(source).exists():
             raise UserError(f"model {source}: no such folder (nor a hub id, which is org/name)") from None
+        if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+            raise UserError(f"model {source}: the folder holds no config.json, so it is not a saved model "
+                            "(save_pretrained writes one beside the weights)") from None
         if Path(source).exists():
             raise
         problem = hub.problem(error, "model", source, revision)

@@ -16,6 +16,7 @@ delete the failed Job, wait until it and its pods are gone, create it again (``s
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, timezone
 
 from jobs.contract import EXIT_FAILURE, EXIT_REGRESSED, EXIT_USER_ERROR, UserError
 from jobs.recipe import Recipe
@@ -136,11 +137,15 @@ def run_group(cluster: Cluster, recipe: Recipe, stage: str, image: str, res: Sta
 
 
 def run_stage(
-    cluster: Cluster, recipe: Recipe, stage: str, image: str, *, follow: bool = True, logs: bool = True
+    cluster: Cluster, recipe: Recipe, stage: str, image: str, *, follow: bool = True, logs: bool = True,
+    ends_at: datetime | None = None,
 ) -> None:
-    """Run one stage's Job to success, or raise JobFailed (exit code 2 for a user error)."""
+    """Run one stage's Job to success, or raise JobFailed (exit code 2 for a user error). A Job created before
+    ``ends_at`` (a nightly driver's own deadline) ends by then."""
     res = render.stage_resources(recipe, stage)
     manifest, = render.render_stage(recipe, stage, image)
+    if ends_at is not None:
+        manifest = render.within(manifest, (ends_at - datetime.now(timezone.utc)).total_seconds())
     if res.multi_node:
         return run_group(cluster, recipe, stage, image, res, manifest, follow=follow, logs=logs)
     name = manifest["metadata"]["name"]
@@ -194,13 +199,15 @@ def run_stage(
             ) from None
 
 
-def pipeline(cluster: Cluster, recipe: Recipe, image: str, stages: tuple[str, ...] = (), *, logs: bool = True) -> None:
-    """The recipe's stages (or ``stages``), in order, each started when the one before is done."""
+def pipeline(cluster: Cluster, recipe: Recipe, image: str, stages: tuple[str, ...] = (), *, logs: bool = True,
+             ends_at: datetime | None = None) -> None:
+    """The recipe's stages (or ``stages``), in order, each started when the one before is done, and none running past
+    ``ends_at`` (a nightly driver's deadline)."""
     chosen = recipe.chosen_stages(stages)
     for stage in chosen:
         render.render_stage(recipe, stage, image)  # every stage renders before the first one starts
     for stage in chosen:
-        run_stage(cluster, recipe, stage, image, logs=logs)
+        run_stage(cluster, recipe, stage, image, logs=logs, ends_at=ends_at)
     cluster.out(
         f"==> pipeline done: {', '.join(chosen)} of run {recipe.run_id} "
         f"in {recipe.kubernetes.mount_path}/{recipe.run_id}"

@@ -69,16 +69,19 @@ def validate(recipe: str, **overrides):
           "transformers fields, local paths, hub ids' form and metric names (not whether the hub has them)")
 
 
-def memory(recipe: str, **overrides):
+def memory(recipe: str, prompt_tokens: int | None = None, **overrides):
     """The DPO blog's memory arithmetic for the recipe's training stages, from the model's config alone, per GPU (sharded
     over the stage's GPUs under resources.sharding), checked against resources.gpu_memory_gib: exit 2 when a stage does
-    not fit, with what would (GPU count with FSDP, method, GPU size, batch)."""
+    not fit, with what would (GPU count with FSDP, method, GPU size, batch). GRPO's generation counts prompts of
+    --prompt_tokens (image tokens included; 1,024 unless given)."""
     from jobs import memory as arithmetic
 
     resolved = recipes.load(str(recipe), overrides)
+    if prompt_tokens is not None and (isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 1):
+        raise contract.UserError(f"memory: --prompt_tokens={prompt_tokens!r}: give a whole number of tokens, 1 or more")
     misfits = []
     for stage in [s for s in recipes.TRAINING_STAGES if s in resolved.stages]:
-        whole, counts = arithmetic.for_stage(resolved, stage)
+        whole, counts = arithmetic.for_stage(resolved, stage, prompt_tokens)
         method = getattr(resolved, stage).method
         res = resolved.resources_for(stage)
         shards = arithmetic.shard_count(resolved, stage, whole)
@@ -86,6 +89,8 @@ def memory(recipe: str, **overrides):
         print(f"{stage} ({method}, {counts['dtype']}): {counts['trainable']:,} of {counts['parameters']:,} parameters trained")
         print(f"  {whole}, before activations" + (f"; the reference {'counted' if whole.reference else 'none: not on the GPU'}"
                                                     if stage in ("dpo", "grpo") else ""))
+        if stage == "grpo":
+            print(f"  {_generation_line(resolved, whole, prompt_tokens)}")
         gpus = max(res.gpus, 1) * res.nodes
         if shards > 1:
             print(f"  on {gpus} GPUs sharded with FSDP (resources.sharding {res.sharding}): {estimate}")
@@ -103,11 +108,31 @@ def memory(recipe: str, **overrides):
             continue
         misfits.append(f"{stage} needs {estimate.total:.3g} GB" + (" per GPU" if shards > 1 else ""))
         print(f"  does NOT fit in {gpu} ({available:.1f} GB) before activations; what would:")
-        for suggestion in _what_would_fit(resolved, stage, whole, available):
+        for suggestion in _what_would_fit(resolved, stage, whole, available, prompt_tokens):
             print(f"    - {suggestion}")
     if misfits:
         raise contract.UserError(f"memory: {'; '.join(misfits)} before activations, more than the GPU checked; "
                                  "change the recipe as suggested above")
+
+
+def _generation_line(resolved: recipes.Recipe, estimate, prompt_tokens: int | None) -> str:
+    """What the generation part of a GRPO estimate is made of."""
+    from jobs import memory as arithmetic
+
+    args = resolved.grpo.args
+    if args.get("use_vllm") and args.get("vllm_mode", "colocate") == "server":
+        return "generation: on the vLLM server's own GPUs (vllm_mode server), none on the trainer's"
+    if args.get("use_vllm"):
+        share = args.get("vllm_gpu_memory_utilization", arithmetic.TRL_VLLM_GPU_MEMORY_UTILIZATION)
+        return f"generation: colocated vLLM reserves {share:g} of each GPU, {estimate.generation:.3g} GB"
+    res = resolved.resources_for("grpo")
+    processes = max(res.gpus, 1) * res.nodes
+    rows = math.ceil(recipes.grpo_generation_batch(args, processes) / processes)
+    completion = args.get("max_completion_length", arithmetic.TRL_MAX_COMPLETION_LENGTH)
+    prompt = (f"prompts of {prompt_tokens:,} tokens" if prompt_tokens else
+              f"prompts of {arithmetic.PROMPT_TOKENS:,} tokens assumed (--prompt_tokens=N for yours, image tokens included)")
+    return (f"generation: the key-value cache of {rows} completion(s) at once per GPU, {prompt} and up to {completion:,} "
+            f"completion tokens: {estimate.generation:.3g} GB")
 
 
 # Memory of common data-centre GPUs (GiB as their products name it): the sizes suggested when a recipe does not fit.
@@ -130,7 +155,7 @@ def _gpu_checked(res: recipes.Resources) -> tuple[str, str | None]:
     return f"one {res.gpu_product} of {size}", None
 
 
-def _what_would_fit(resolved: recipes.Recipe, stage: str, whole, available: float) -> list[str]:
+def _what_would_fit(resolved: recipes.Recipe, stage: str, whole, available: float, prompt_tokens: int | None = None) -> list[str]:
     import dataclasses
 
     from jobs import memory as arithmetic
@@ -139,7 +164,11 @@ def _what_would_fit(resolved: recipes.Recipe, stage: str, whole, available: floa
     res = resolved.resources_for(stage)
     suggestions = []
     fewest = arithmetic.fewest_shards(whole, available)
-    if fewest > 1:
+    if fewest is None:
+        suggestions.append(f"generation alone needs {whole.generation:.3g} GB per GPU: fewer completions at once "
+                           f"(--{stage}.args.per_device_train_batch_size, steps_per_generation) or shorter ones "
+                           f"(--{stage}.args.max_completion_length)")
+    elif fewest > 1:
         per_gpu = whole.sharded(fewest).total
         nodes = math.ceil(fewest / GPUS_PER_NODE)
         count = (f"--{stage}.resources.gpus={fewest}" if nodes == 1 else
@@ -149,7 +178,7 @@ def _what_would_fit(resolved: recipes.Recipe, stage: str, whole, available: floa
     lighter = {"full": ("lora", "qlora"), "lora": ("qlora",), "qlora": ()}[train.method]
     for method in lighter:
         other = dataclasses.replace(resolved, **{stage: dataclasses.replace(train, method=method)})
-        need = arithmetic.for_stage(other, stage)[0].total
+        need = arithmetic.for_stage(other, stage, prompt_tokens)[0].total
         verdict = "fits" if need < available else "does not fit either"
         suggestions.append(f"--{stage}.method={method}: {need:.3g} GB, {verdict}")
     if stage == "dpo" and train.method == "full" and train.reference_logprobs == "recompute":  # no reference copy
@@ -160,7 +189,7 @@ def _what_would_fit(resolved: recipes.Recipe, stage: str, whole, available: floa
     bigger = next((gib for gib in GPU_SIZES_GIB if total < arithmetic.gpu_gb(gib)), None)
     if bigger:
         suggestions.append(f"a GPU of {bigger} GiB or more: --{stage}.resources.gpu_memory_gib={bigger} with a matching gpu_product")
-    elif fewest <= 1:
+    elif fewest is not None and fewest <= 1:
         suggestions.append(f"no single GPU holds {total:.3g} GB: use LoRA or QLoRA")
     suggestions.append(
         "activations come on top and grow with the batch: a smaller per_device_train_batch_size with a larger "
@@ -288,18 +317,20 @@ def pipeline(
     from launcher import render as rendering
 
     resolved = _recipe(recipe, run, overrides)
+    ends_at = None
     if dated:
-        resolved = _dated(resolved)
+        resolved, ends_at = _dated(resolved)
     image = rendering.resolve_image(resolved)
     if in_cluster:
         chain.submit_driver(_cluster(resolved), resolved, image, follow=not detach)
     else:
-        chain.pipeline(_cluster(resolved), resolved, image, _stages(stages), logs=logs)
+        chain.pipeline(_cluster(resolved), resolved, image, _stages(stages), logs=logs, ends_at=ends_at)
 
 
-def _dated(resolved: recipes.Recipe) -> recipes.Recipe:
-    """The recipe under the run id of its night: run.id-YYYYMMDD, the night read from the driver's own Job where there
-    is one ($VLMJOBS_DRIVER_JOB, from the downward API), so that every retry of that Job's pod continues one run."""
+def _dated(resolved: recipes.Recipe) -> tuple[recipes.Recipe, datetime.datetime | None]:
+    """The recipe under the run id of its night, run.id-YYYYMMDD, and when the night ends: both read from the driver's
+    own Job where there is one ($VLMJOBS_DRIVER_JOB, from the downward API), so that every retry of that Job's pod
+    continues one run and its stages end with the Job's deadline."""
     from launcher import render as rendering
     from launcher import state
 
@@ -307,14 +338,17 @@ def _dated(resolved: recipes.Recipe) -> recipes.Recipe:
     job = _cluster(resolved).get_job(job_name) if job_name else None
     now = datetime.datetime.now(datetime.UTC)
     night = state.night_of(job, resolved.kubernetes.nightly_time_zone, now)
-    return recipes.from_dict(resolved.to_dict(), {"run.id": f"{resolved.run_id}-{night}"}, origin="--dated")
+    dated = recipes.from_dict(resolved.to_dict(), {"run.id": f"{resolved.run_id}-{night}"}, origin="--dated")
+    return dated, state.ends_at(job)
 
 
 @_cluster_command
 def status(recipe: str = "", run: str = "", namespace: str = "", **overrides):
-    """The Jobs of one run (--run), or of every run in the namespace (--namespace, else the recipe's)."""
+    """The Jobs of one run (--run), or of every run in the namespace (--namespace, else the recipe's), and why a
+    nightly CronJob's recent nights did not start."""
     from launcher import kube
     from launcher import render as rendering
+    from launcher import state
 
     if not namespace:
         namespace = _recipe(recipe, "", overrides).kubernetes.namespace if recipe else recipes.Kubernetes().namespace
@@ -322,8 +356,14 @@ def status(recipe: str = "", run: str = "", namespace: str = "", **overrides):
     jobs = cluster.list_jobs(rendering.selector(str(run) if run else None))
     if not jobs:
         print(f"no vlmjobs Jobs in namespace {namespace}" + (f" for run {run}" if run else ""))
-        return
-    print(kube.status_table(jobs))
+    else:
+        print(kube.status_table(jobs))
+    for cronjob in cluster.list_cronjobs(rendering.selector(None, rendering.NIGHTLY)):
+        night_of = cronjob["metadata"]["labels"].get(rendering.LABEL_RUN, "")
+        if run and str(run) != night_of and not str(run).startswith(f"{night_of}-"):
+            continue  # the nights of another recipe (a night's run id is the recipe's plus its date)
+        for line in state.nights_not_started(cronjob, cluster.list_events("CronJob", state.name_of(cronjob)), jobs):
+            print(line)
 
 
 @_cluster_command

@@ -353,6 +353,14 @@ class Cluster:
     def list_jobs(self, label_selector: str) -> list[dict]:
         return self._list("Job", self.batch.list_namespaced_job, label_selector=label_selector).get("items", [])
 
+    def list_cronjobs(self, label_selector: str) -> list[dict]:
+        return self._list("CronJob", self.batch.list_namespaced_cron_job, label_selector=label_selector).get("items", [])
+
+    def list_events(self, kind: str, name: str) -> list[dict]:
+        """The events recorded on one object (core/v1, as controllers' recorders write them)."""
+        selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+        return self._list("Event", self.core.list_namespaced_event, field_selector=selector).get("items", [])
+
     def watch_job(self, name: str, resource_version: str) -> Iterator[dict]:
         """Events on one Job from ``resource_version`` on, for up to ``watch_s`` seconds."""
         from kubernetes import watch

@@ -32,6 +32,8 @@ Failure handling, per Job:
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 
 import yaml
@@ -483,6 +485,17 @@ def render_stage(recipe: Recipe, stage: str, image: str) -> list[dict]:
     job = render_job(recipe, stage, image, res)
     features.check([job], recipe.kubernetes.target_version)
     return [render_jobset(recipe, stage, job) if res.multi_node else job]
+
+
+def within(manifest: dict, seconds_left: float) -> dict:
+    """The stage's Job (or JobSet's Jobs) with a deadline no later than ``seconds_left`` from now: a nightly driver's
+    stages end with its night (state.ends_at). The recipe is unchanged, so a retried driver's Jobs are the same run's."""
+    bounded = json.loads(json.dumps(manifest))
+    specs = ([job["template"]["spec"] for job in bounded["spec"]["replicatedJobs"]] if bounded["kind"] == "JobSet"
+             else [bounded["spec"]])
+    for spec in specs:
+        spec["activeDeadlineSeconds"] = max(1, min(spec.get("activeDeadlineSeconds") or math.inf, math.floor(seconds_left)))
+    return bounded
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from jobs.contract import EXIT_REGRESSED, EXIT_USER_ERROR, UserError
 from jobs.recipe import RECIPE_ENV, from_dict
@@ -308,6 +308,46 @@ def night_of(job: dict | None, time_zone: str, now: datetime) -> str:
     created = meta.get("creationTimestamp")
     moment = parse_time(created) if created else now
     return moment.astimezone(ZoneInfo(time_zone)).strftime("%Y%m%d")
+
+
+def ends_at(job: dict | None) -> datetime | None:
+    """When the Job controller ends ``job`` for its deadline (status.startTime + spec.activeDeadlineSeconds), or None
+    without either. A nightly driver's stage Jobs are bounded by it: the driver killed at its deadline would otherwise
+    leave a stage running into the next night, holding GPUs that night's run then waits for."""
+    if not job:
+        return None
+    started, deadline = job.get("status", {}).get("startTime"), job.get("spec", {}).get("activeDeadlineSeconds")
+    if not started or not deadline:
+        return None
+    return parse_time(started) + timedelta(seconds=deadline)
+
+
+def nights_not_started(cronjob: dict, events: list[dict], jobs: list[dict]) -> list[str]:
+    """Why the CronJob's recent nights did not start, from what the CronJob controller recorded on it (its events, kept
+    an hour by default): ``JobAlreadyActive``, a night still running when the next was due (concurrencyPolicy
+    Forbid), naming that night; ``MissSchedule``, a start missed by more than startingDeadlineSeconds (the controller
+    was down or the CronJob suspended). One line each, newest last."""
+    name = name_of(cronjob)
+    by_name = {name_of(job): job for job in jobs}
+    lines = []
+    for event in sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or ""):
+        when = event.get("lastTimestamp") or event.get("eventTime") or "?"
+        times = f"{event.get('count', 1)} times, last at {when}" if event.get("count", 1) > 1 else f"at {when}"
+        if event.get("reason") == "JobAlreadyActive":
+            running = [by_name.get(ref.get("name"), {"metadata": {"name": ref.get("name")}})
+                       for ref in cronjob.get("status", {}).get("active") or []]
+            nights = ", ".join(f"the night of {_scheduled(job)} (Job {name_of(job)})" for job in running) or "the previous night"
+            lines.append(f"{name}: a night did not start ({times}): {nights} was still running, and concurrencyPolicy "
+                         "Forbid keeps one night at a time (kubernetes.nightly_deadline_hours bounds a night)")
+        elif event.get("reason") == "MissSchedule":
+            lines.append(f"{name}: a night did not start ({times}): {event.get('message', '')} (more than "
+                         "startingDeadlineSeconds late: the CronJob controller was down or the CronJob suspended)")
+    return lines
+
+
+def _scheduled(job: dict) -> str:
+    meta = job.get("metadata", {})
+    return (meta.get("annotations") or {}).get(CRONJOB_SCHEDULED_ANNOTATION) or meta.get("creationTimestamp") or "?"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,6 +201,114 @@ def test_the_memory_arithmetic_counts_grpos_reference_copy_only_with_a_kl_term(t
     assert reference("lora", 0.04)[0] == 0
 
 
+# Rows as users' come: prompts of different lengths padded to the longest, images of two sizes, and (Gemma 3) a prompt
+# longer than the sliding window of its local layers
+KV_FAMILIES = ["llava", "qwen2_5_vl", "gemma3", "mllama", "idefics2"]
+
+
+@pytest.mark.parametrize("family", KV_FAMILIES)
+def test_the_key_value_cache_counted_is_what_generate_holds(family, tiny_model):
+    """memory.kv_cache_gb against the cache transformers' generate really keeps, tensor by tensor: full layers hold every
+    token fed but the last generated, Gemma 3's sliding layers their window less one, Llama 3.2 Vision's cross-attention
+    layers the image's tile states."""
+    import torch
+    import transformers
+    from PIL import Image
+
+    from jobs import memory
+    from jobs.families import get_family
+
+    path = tiny_model(family)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    model = getattr(transformers, get_family(family).model_class).from_pretrained(path).eval()
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown? " * words}]}]
+                     for words in (1, 9)]
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=[[Image.new("RGB", (64, 48))], [Image.new("RGB", (96, 128))]],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=True, return_dict_in_generate=True)
+    held = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+    fed = out.sequences.shape[1] - 1
+    assert memory.kv_cache_gb(model.config, rows=2, tokens=fed, bytes_per_value=4) * memory.GB == pytest.approx(held, rel=1e-12)
+    if family == "gemma3":
+        assert fed > model.config.get_text_config().sliding_window  # the window was reached
+
+
+def test_qwen25_vl_3b_holds_36_kib_of_cache_a_token_in_bf16():
+    """The published geometry of Qwen/Qwen2.5-VL-3B-Instruct's config.json (36 layers, 16 heads of 128 over a hidden size
+    of 2048, 2 key-value heads): 2 x 2 x 128 x 36 x 2 bytes = 36,864 bytes a token."""
+    from transformers import Qwen2_5_VLConfig
+
+    from jobs import memory
+
+    config = Qwen2_5_VLConfig(text_config={"hidden_size": 2048, "num_hidden_layers": 36, "num_attention_heads": 16,
+                                           "num_key_value_heads": 2, "intermediate_size": 11008})
+    assert memory.kv_cache_gb(config, rows=16, tokens=1024 + 512 - 1, bytes_per_value=2) == pytest.approx(16 * 1535 * 36864 / 1e9)
+
+
+def test_grpos_estimate_holds_each_processs_share_of_the_generation_batch(tiny_model):
+    """The tiny LLaVA's decoder: 2 layers x 2 key-value heads x 16 x (key and value) x 2 bytes (bf16, as on a GPU) =
+    256 bytes a token. A prompt of 100 tokens and 16 completion tokens feed 115."""
+    from jobs import memory
+
+    def generation(prompt_tokens=100, gpus=1, **args):
+        recipe = recipes.from_dict({"name": "t", "model": {"name_or_path": str(tiny_model("llava")), "family": "llava"},
+                                    "data": {"sft": CHART}, "stages": ["prepare", "grpo"],
+                                    "resources": {"gpus": gpus, "gpu_memory_gib": 80, "sharding": "fsdp"},
+                                    "grpo": {"args": {"max_completion_length": 16, **args}}})
+        return memory.for_stage(recipe, "grpo", prompt_tokens)[0]
+
+    one = generation()  # TRL's default 8 rows a device
+    assert one.generation * memory.GB == pytest.approx(8 * 115 * 256)
+    assert one.total == pytest.approx(one.model + one.gradients + one.optimizer + one.generation)
+    assert generation(gpus=2, generation_batch_size=32).generation * memory.GB == pytest.approx(16 * 115 * 256)
+    assert generation(prompt_tokens=200).generation * memory.GB == pytest.approx(8 * 215 * 256)
+    # sharded over 2 GPUs, each still generates its own rows: the generation part is not divided
+    sharded = generation(gpus=2).sharded(2)
+    assert sharded.generation == generation(gpus=2).generation and sharded.model < generation(gpus=2).model
+    assert generation(use_vllm=True, vllm_mode="colocate").generation == pytest.approx(0.3 * 80 * 2**30 / 1e9)
+    assert generation(use_vllm=True, vllm_mode="server").generation == 0
+
+
+def test_the_generation_defaults_assumed_are_trls():
+    from trl import GRPOConfig
+
+    from jobs import memory
+
+    fields = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    assert fields["max_completion_length"] == memory.TRL_MAX_COMPLETION_LENGTH
+    assert fields["vllm_gpu_memory_utilization"] == memory.TRL_VLLM_GPU_MEMORY_UTILIZATION
+    assert fields["vllm_mode"] == "colocate"
+
+
+def test_vlmjobs_memory_shows_grpos_generation_and_what_to_change_when_it_alone_fills_the_gpu(tiny_model, tmp_path, capsys):
+    import yaml
+
+    from jobs import memory
+    from launcher import cli
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "model": {"name_or_path": str(tiny_model("llava")), "family": "llava"},
+                                    "data": {"sft": CHART}, "stages": ["prepare", "grpo"],
+                                    "resources": {"gpu_memory_gib": 80}}))
+    cli.memory(str(path), prompt_tokens=300)
+    out = capsys.readouterr().out
+    cache = 8 * (300 + 512 - 1) * 256 / memory.GB
+    assert (f"generation: the key-value cache of 8 completion(s) at once per GPU, prompts of 300 tokens and up to 512 "
+            f"completion tokens: {cache:.3g} GB") in out
+    assert f"+ generation {cache:.3g} GB" in out and "fits in one GPU of 80 GiB" in out
+    cli.memory(str(path))
+    assert "prompts of 1,024 tokens assumed (--prompt_tokens=N for yours" in capsys.readouterr().out
+    # a GPU smaller than the cache of 64 rows of 200,000 tokens (3.3 GB): no number of FSDP shards helps
+    with pytest.raises(UserError, match="^memory: grpo needs"):
+        cli.memory(str(path), prompt_tokens=200_000, **{"grpo.args.per_device_train_batch_size": 64, "resources.gpu_memory_gib": 2})
+    assert f"generation alone needs {64 * (200_000 + 511) * 256 / memory.GB:.3g} GB per GPU: fewer completions at once" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^memory: --prompt_tokens=0: give a whole number of tokens, 1 or more$"):
+        cli.memory(str(path), prompt_tokens=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [42, 7, 1234])
 def test_tiny_grpo_raises_the_held_out_accuracy_of_a_weak_sft_model(seed, tmp_path, tiny_model, synthetic_data):

@@ -222,3 +222,20 @@ def test_the_hubs_429_after_huggingface_hubs_retries_is_the_hub_unreachable(wrap
         f"model org/model: the hub ({constants.ENDPOINT}) is unreachable (HTTP 429, after huggingface_hub's retries) and the "
         "local cache lacks it: check the network, proxy or HF_ENDPOINT and run again, or run with HF_HUB_OFFLINE=1 where "
         "the cache holds it")
+
+
+@pytest.mark.parametrize("load", ["config", "model"])
+def test_a_folder_that_is_not_a_saved_model_is_one_line(load, tmp_path, write_recipe):
+    """A folder of something else (the tiny-model cache's root, a run folder) given as model.name_or_path: transformers
+    raised 'ValueError: Unrecognized model in ...' with its traceback, from vlmjobs memory and from every stage."""
+    from jobs import memory, modeling
+    from jobs import recipe as recipes
+    from jobs.contract import UserError
+
+    folder = tmp_path / "not-a-model"
+    (folder / "llava").mkdir(parents=True)
+    recipe = recipes.load(write_recipe(), {"model.name_or_path": str(folder)})
+    with pytest.raises(UserError) as error:
+        memory.for_stage(recipe, "sft") if load == "config" else modeling.load_model(recipe.model)
+    assert str(error.value) == (f"model {folder}: the folder holds no config.json, so it is not a saved model "
+                                "(save_pretrained writes one beside the weights)")

@@ -178,6 +178,8 @@ class FakeKube:
         self.pods: dict[str, list[dict]] = {}
         self.logs: dict[str, list[str]] = {}
         self.services: dict[str, dict] = {}
+        self.cronjobs: list[dict] = []
+        self.events: list[dict] = []  # core/v1 Events, listed by their involvedObject's kind and name
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
         self.gone_once: set[str] = set()  # jobs whose next watch from a version answers 410
@@ -329,6 +331,14 @@ class FakeKube:
                         items = json.loads(json.dumps(fake.workloads))
                     return self._send(200, {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadList",
                                             "metadata": {"resourceVersion": "1"}, "items": items})
+                if re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/cronjobs", url.path):
+                    return self._send(200, {"kind": "CronJobList", "metadata": {"resourceVersion": "1"},
+                                            "items": json.loads(json.dumps(fake.cronjobs))})
+                if re.fullmatch(r"/api/v1/namespaces/([^/]+)/events", url.path):
+                    wanted = dict(term.split("=", 1) for term in query.get("fieldSelector", [""])[0].split(",") if term)
+                    items = [e for e in fake.events if all(
+                        e["involvedObject"].get(key.removeprefix("involvedObject.")) == value for key, value in wanted.items())]
+                    return self._send(200, {"kind": "EventList", "metadata": {"resourceVersion": "1"}, "items": items})
                 if url.path == "/apis/jobset.x-k8s.io/v1alpha2":
                     if not fake.jobset_served:
                         return self._status(404, "NotFound", "the server could not find the requested resource")

@@ -139,7 +139,11 @@ def test_the_nightly_cronjobs_command_runs_the_pipeline_on_the_run_id_of_its_sch
     driver = {**template, "apiVersion": "batch/v1", "kind": "Job", "metadata": {
         **template["metadata"], "name": "llava-chartqa-nightly-29416799", "namespace": "vlmjobs",
         "annotations": {"batch.kubernetes.io/cronjob-scheduled-timestamp": "2026-12-05T23:59:00-08:00"}}}  # fmt: skip
-    server.add_job(driver, {"active": 1})
+    # started 21 h 50 min ago with the nightly's 22 h deadline: its stages get the 10 minutes left, not the recipe's 7 days
+    from datetime import datetime, timedelta, timezone
+
+    started = datetime.now(timezone.utc) - timedelta(hours=21, minutes=50)
+    server.add_job(driver, {"active": 1, "startTime": started.strftime("%Y-%m-%dT%H:%M:%SZ")})
     pod_labels = {**template["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": "llava-chartqa-nightly-29416799"}
     values = {}
     for v in container["env"]:
@@ -151,8 +155,10 @@ def test_the_nightly_cronjobs_command_runs_the_pipeline_on_the_run_id_of_its_sch
     env.pop("KUBERNETES_SERVICE_HOST", None)
     done = subprocess.run([sys.executable, *container["command"][1:]], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    (created,) = [request.body["metadata"] for request in server.calls("POST", "/jobs")]
-    assert created["name"] == "llava-chartqa-20261205-prepare"
+    (created,) = [request.body for request in server.calls("POST", "/jobs")]
+    assert created["metadata"]["name"] == "llava-chartqa-20261205-prepare"
+    assert template["spec"]["activeDeadlineSeconds"] == 22 * 3600 and make(SINGLE).kubernetes.active_deadline_seconds == 7 * 24 * 3600
+    assert 540 < created["spec"]["activeDeadlineSeconds"] <= 600, "the stage ends with the night"
     assert "==> pipeline done: prepare of run llava-chartqa-20261205 in " in done.stdout
 
 
@@ -165,6 +171,41 @@ def test_status_lists_the_runs_jobs(kubeconfig, server, recipe_file, capsys):
     assert server.calls("GET", "/jobs")[0].query["labelSelector"] == [
         "app.kubernetes.io/part-of=vlmjobs,app.kubernetes.io/instance=llava-chartqa"
     ]
+
+
+def test_status_says_why_a_night_did_not_start(kubeconfig, server, recipe_file, capsys):
+    """The CronJob controller's own records (Kubernetes 1.34, cronjob_controllerv2.go): a JobAlreadyActive event when a
+    night is due while the last one runs under Forbid, MissSchedule when a start was missed by more than
+    startingDeadlineSeconds; the night still running is in the CronJob's status.active. The real controller writes them
+    in tests/launcher/test_nightly_on_cluster.py."""
+    cron = render.render_cronjob(make(SINGLE), IMAGE)
+    name = cron["metadata"]["name"]
+    template = cron["spec"]["jobTemplate"]
+    last_night = {"apiVersion": "batch/v1", "kind": "Job", "spec": template["spec"],
+                  "metadata": {"name": f"{name}-29419020", "namespace": "vlmjobs", "labels": template["metadata"]["labels"],
+                               "annotations": {render.CRONJOB_SCHEDULED_ANNOTATION: "2026-12-06T03:00:00Z"}}}
+    server.add_job(last_night, running())
+    server.cronjobs = [{**cron, "status": {"active": [{"kind": "Job", "name": f"{name}-29419020"}]}}]
+    server.events = [
+        {"involvedObject": {"kind": "CronJob", "name": name}, "reason": "JobAlreadyActive", "count": 2,
+         "lastTimestamp": "2026-12-08T03:00:00Z", "message": "Not starting job because prior execution is running and concurrency policy is Forbid"},
+        {"involvedObject": {"kind": "CronJob", "name": name}, "reason": "MissSchedule", "count": 1,
+         "lastTimestamp": "2026-12-05T04:10:00Z", "message": "Missed scheduled time to start a job: Sat, 05 Dec 2026 03:00:00 +0000"},
+        {"involvedObject": {"kind": "CronJob", "name": "another-nightly"}, "reason": "JobAlreadyActive", "count": 1,
+         "lastTimestamp": "2026-12-08T03:00:00Z"},
+    ]
+    cli.status(namespace="vlmjobs")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [
+        f"{name}: a night did not start (at 2026-12-05T04:10:00Z): Missed scheduled time to start a job: Sat, 05 Dec 2026 "
+        "03:00:00 +0000 (more than startingDeadlineSeconds late: the CronJob controller was down or the CronJob suspended)",
+        f"{name}: a night did not start (2 times, last at 2026-12-08T03:00:00Z): the night of 2026-12-06T03:00:00Z (Job "
+        f"{name}-29419020) was still running, and concurrencyPolicy Forbid keeps one night at a time "
+        "(kubernetes.nightly_deadline_hours bounds a night)",
+    ]
+    assert server.calls("GET", "/events")[0].query["fieldSelector"] == [f"involvedObject.kind=CronJob,involvedObject.name={name}"]
+    cli.status(namespace="vlmjobs", run="another-run")  # another recipe's run: not this CronJob's nights
+    assert "did not start" not in capsys.readouterr().out
 
 
 def test_status_with_no_jobs_says_so(kubeconfig, server, capsys):

@@ -11,7 +11,7 @@ import pytest
 
 from jobs.contract import UserError
 from launcher import chain, image, render, setup, state
-from tests.launcher.conftest import IMAGE, SINGLE, make
+from tests.launcher.conftest import IMAGE, MULTI, SINGLE, make
 from tests.launcher.fake_kube import complete
 
 
@@ -58,6 +58,25 @@ def test_the_nightly_driver_reads_its_job_through_the_downward_api_and_ends_befo
     one_off = render.render_driver_job(single, IMAGE)  # vlmjobs pipeline --in-cluster: as long as its stages may take
     assert one_off["spec"]["activeDeadlineSeconds"] == single.kubernetes.active_deadline_seconds * len(single.stages)
     assert render.DRIVER_JOB_ENV not in env(one_off)
+
+
+def test_a_nightly_drivers_stages_end_with_its_night_a_job_and_a_jobsets_jobs_alike():
+    """state.ends_at: the Job controller's deadline, from the driver Job's start; render.within bounds each stage by it."""
+    driver = {"spec": {"activeDeadlineSeconds": 22 * 3600}, "status": {"startTime": "2026-12-06T03:00:05Z"}}
+    assert state.ends_at(driver) == datetime(2026, 12, 7, 1, 0, 5, tzinfo=timezone.utc)
+    assert state.ends_at({"spec": {"activeDeadlineSeconds": 60}, "status": {}}) is None  # not started: no bound yet
+    assert state.ends_at(None) is None
+    recipe = make(MULTI)
+    (job,) = render.render_stage(make(SINGLE), "sft", IMAGE)
+    (group,) = render.render_stage(recipe, "sft", IMAGE)
+    assert group["kind"] == "JobSet"
+    assert render.within(job, 3600.7)["spec"]["activeDeadlineSeconds"] == 3600
+    assert render.within(job, 10**9)["spec"]["activeDeadlineSeconds"] == job["spec"]["activeDeadlineSeconds"]
+    assert render.within(job, -5)["spec"]["activeDeadlineSeconds"] == 1, "a night already over: the stage fails at once"
+    bounded = render.within(group, 900)
+    assert [j["template"]["spec"]["activeDeadlineSeconds"] for j in bounded["spec"]["replicatedJobs"]] == [900]
+    assert group["spec"]["replicatedJobs"][0]["template"]["spec"]["activeDeadlineSeconds"] != 900, "a copy, not the manifest"
+    assert bounded["metadata"] == group["metadata"], "the same run's Jobs: recipe and fingerprint unchanged"
 
 
 # ---------------------------------------------------------------------------------------------

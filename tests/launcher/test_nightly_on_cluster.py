@@ -122,6 +122,48 @@ def test_a_nightly_driver_pod_retried_after_midnight_continues_its_nights_run(re
     assert stage_jobs == [f"{run}-prepare"], "one pipeline"
 
 
+def test_a_night_due_while_the_last_one_runs_does_not_start_and_status_says_why(real_cluster, real_namespace, monkeypatch,
+                                                                                capsys):  # fmt: skip
+    """Last night's driver still running (its Job in the CronJob's status.active, as the controller keeps it) when
+    tonight is due: the real CronJob controller starts nothing under Forbid and records JobAlreadyActive on the
+    CronJob; `vlmjobs status` says which night is in the way."""
+    from kubernetes import client
+
+    ns = real_namespace
+    recipe = sim(ns, stages=["prepare"], **{"kubernetes.nightly_schedule": "* * * * *"})
+    admin = connect(real_cluster, ns)
+    batch = client.BatchV1Api(admin.api)
+    nightly = render.cronjob_name(recipe)
+    cron = render.render_cronjob(recipe, IMAGE)
+    cron["spec"]["suspend"] = True  # until last night is in place
+    cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["annotations"] = {SIM_RUN_SECONDS: "600"}
+    batch.create_namespaced_cron_job(ns, cron)
+    yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).replace(second=0, microsecond=0)
+    name = f"{nightly}-{int(yesterday.timestamp()) // 60}"
+    made = json.loads(real_cluster.kubectl_run("-n", ns, "create", "job", name, f"--from=cronjob/{nightly}",
+                                               "--dry-run=client", "-o", "json").stdout)  # fmt: skip
+    made["metadata"]["annotations"][SCHEDULED] = yesterday.strftime("%Y-%m-%dT%H:%M:%SZ")
+    real_cluster.kubectl_run("apply", "-f", "-", stdin=json.dumps(made))
+    uid = admin.get_job(name)["metadata"]["uid"]
+    due = (datetime.now(timezone.utc) - timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    batch.patch_namespaced_cron_job_status(nightly, ns, {"status": {
+        "lastScheduleTime": due, "active": [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "namespace": ns, "uid": uid}]}},
+        _content_type="application/merge-patch+json")  # fmt: skip
+    batch.patch_namespaced_cron_job(nightly, ns, {"spec": {"suspend": False}})
+
+    def skipped() -> list[dict]:
+        return [e for e in admin.list_events("CronJob", nightly) if e["reason"] == "JobAlreadyActive"]
+
+    wait_for("the CronJob controller's JobAlreadyActive", skipped, timeout=60)
+    owned = [j["metadata"]["name"] for j in admin.list_jobs(render.selector(recipe.run_id, render.DRIVER))]
+    assert owned == [name], "no second night while the first runs"
+    monkeypatch.setenv("KUBECONFIG", str(real_cluster.kubeconfig))
+    cli.status(namespace=ns)
+    said = [line for line in capsys.readouterr().out.splitlines() if "did not start" in line]
+    assert len(said) == 1 and said[0].startswith(f"{nightly}: a night did not start (")
+    assert f"the night of {yesterday:%Y-%m-%dT%H:%M:%SZ} (Job {name}) was still running" in said[0]
+
+
 def test_the_kustomize_base_applies_twice_cleanly_keeps_a_real_secret_and_installs_no_cronjob(real_cluster, tmp_path):
     namespace = f"k-{uuid.uuid4().hex[:8]}"
     base = tmp_path / "k8s"
