@@ -12,23 +12,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.contract import UserError
-from jobs.formats import FORMATS, Drop
+from jobs.formats import FORMATS, Drop, LeftOut
 from jobs.progress import Progress
 from jobs.recipe import Prepare, Source
 
 DROP = "_drop"  # column carrying a row's drop reason ("" for a kept row) between convert and filter
+LEFT_OUT = "left out: "  # a drop reason's prefix for a row outside the format's subset (formats.LeftOut)
 SHOWN_ROWS = 3  # row indices named per drop reason
 
 
 @dataclass
 class Drops:
     rows: int = 0
-    reasons: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)  # unusable rows, by reason
     examples: dict[str, list[int]] = field(default_factory=dict)
+    left_out: Counter = field(default_factory=Counter)  # rows outside the format's subset, by reason
 
     @property
     def dropped(self) -> int:
         return sum(self.reasons.values())
+
+    @property
+    def usable(self) -> int:
+        """The rows the format takes: the unusable ones are counted against these."""
+        return self.rows - sum(self.left_out.values())
+
+    def add(self, index: int, reason: str) -> None:
+        if reason.startswith(LEFT_OUT):
+            self.left_out[reason.removeprefix(LEFT_OUT)] += 1
+            return
+        self.reasons[reason] += 1
+        if len(self.examples.setdefault(reason, [])) < SHOWN_ROWS:
+            self.examples[reason].append(index)
 
     def summary(self) -> str:
         return ", ".join(
@@ -36,8 +51,12 @@ class Drops:
             for reason, count in self.reasons.most_common()
         )
 
+    def left_out_summary(self) -> str:
+        return ", ".join(f"{reason} x{count}" for reason, count in self.left_out.most_common())
+
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "dropped": self.dropped, "reasons": dict(self.reasons), "examples": self.examples}
+        return {"rows": self.rows, "dropped": self.dropped, "reasons": dict(self.reasons), "examples": self.examples,
+                "left_out": dict(self.left_out)}
 
 
 def is_local(source: Source) -> bool:
@@ -117,6 +136,8 @@ def convert(ds, source: Source, shrink, *, check=None, num_proc: int = 1, what: 
                 videos = {"videos": [[_encode(frame) for frame in frames] for frames, _ in decoded],
                           "video_metadata": [metadata for _, metadata in decoded]}
             return {**_empty(fmt.kind, fmt.video_column), **out, "images": images, **videos, DROP: ""}
+        except LeftOut as e:
+            return {**_empty(fmt.kind, fmt.video_column), "images": [], DROP: LEFT_OUT + str(e)}
         except Drop as e:
             return {**_empty(fmt.kind, fmt.video_column), "images": [], DROP: str(e)}
 
@@ -127,22 +148,23 @@ def convert(ds, source: Source, shrink, *, check=None, num_proc: int = 1, what: 
     drops = Drops(rows=len(converted))
     for index, reason in enumerate(converted[DROP]):
         if reason:
-            drops.reasons[reason] += 1
-            drops.examples.setdefault(reason, [])
-            if len(drops.examples[reason]) < SHOWN_ROWS:
-                drops.examples[reason].append(index)
+            drops.add(index, reason)
     kept = converted.filter(lambda reason: not reason, input_columns=DROP).remove_columns(DROP)
     return kept, drops
 
 
 def check_drops(drops: Drops, where: str, prepare: Prepare) -> None:
+    """Too many unusable rows fail the stage; rows a format leaves out by design (formats.LeftOut) do not count, but a
+    source with none of the format's rows fails too."""
     if drops.rows == 0:
         raise UserError(f"{where}: no rows")
-    if drops.dropped == drops.rows:
-        raise UserError(f"{where}: all {drops.rows} rows unusable: {drops.summary()}")
-    if drops.dropped / drops.rows > prepare.max_drop_fraction:
+    if drops.usable == 0:
+        raise UserError(f"{where}: the format takes none of the {drops.rows} rows: {drops.left_out_summary()}")
+    if drops.dropped == drops.usable:
+        raise UserError(f"{where}: all {drops.usable} rows unusable: {drops.summary()}")
+    if drops.dropped / drops.usable > prepare.max_drop_fraction:
         raise UserError(
-            f"{where}: {drops.dropped} of {drops.rows} rows unusable ({drops.dropped / drops.rows:.1%} > "
+            f"{where}: {drops.dropped} of {drops.usable} rows unusable ({drops.dropped / drops.usable:.1%} > "
             f"prepare.max_drop_fraction {prepare.max_drop_fraction:.1%}): {drops.summary()}"
         )
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jobs import metrics
+
 
 # Why preference pairs take no video: TRL 1.16's DPOTrainer keeps only prompt, chosen, rejected and image columns of vision
 # data (its _set_signature_columns_if_needed) and DataCollatorForVisionPreference hands its processor images alone
@@ -22,6 +24,11 @@ NO_VIDEO_DPO = ("DPO takes no videos: TRL 1.16's DPOTrainer keeps only the image
 
 class Drop(Exception):
     """This row cannot be used; the message is the reason, counted by prepare."""
+
+
+class LeftOut(Drop):
+    """This row is outside the format's subset of its source (a yes/no format's other questions): counted by prepare
+    apart from the unusable rows, and never against prepare.max_drop_fraction."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,21 @@ def rlaif_v(row: dict, system_prompt: str | None) -> dict:
     if chosen == rejected:
         raise Drop("chosen equals rejected")
     return {"prompt": _user_turn(question, system_prompt), "chosen": _answer(chosen), "rejected": _answer(rejected)}
+
+
+def rlaif_v_yes_no(row: dict, system_prompt: str | None) -> dict:
+    """openbmb/RLAIF-V-Dataset's questions that a yes or a no answers, as prompts with a gold answer (GRPO). RLAIF-V has
+    no gold answers: each pair is a model's two answers, ranked by another model. Where the chosen answer says yes or no
+    (metrics.yes_no, evaluate's own reading) and the rejected one does not say the same, the ranking is that verdict,
+    and it is the gold answer ("yes" or "no", scored by the yes_no reward and evaluate's yes_no_accuracy). Every
+    other row is left out, counted; the chosen answer is the completion SFT would train on."""
+    question, chosen, rejected = _text(row, "question"), _text(row, "chosen"), _text(row, "rejected")
+    verdict = metrics.yes_no(chosen)
+    if verdict is None:
+        raise LeftOut("the chosen answer says neither yes nor no")
+    if metrics.yes_no(rejected) == verdict:
+        raise LeftOut(f"the chosen and rejected answers both say {verdict}: their ranking is not about it")
+    return {"prompt": _user_turn(question, system_prompt), "completion": _answer(chosen), "answers": [verdict]}
 
 
 def _messages(value: Any, key: str, parts_allowed: tuple[str, ...] = ("text", "image")) -> list[dict]:
@@ -197,6 +219,8 @@ FORMATS: dict[str, Format] = {
         "sft", ("messages", "videos"), None, video_messages, "conversations with a videos column (video files)", video_column="videos"
     ),
     "rlaif-v": Format("dpo", ("image", "question", "chosen", "rejected"), "image", rlaif_v, "openbmb/RLAIF-V-Dataset"),
+    "rlaif-v-yes-no": Format("sft", ("image", "question", "chosen", "rejected"), "image", rlaif_v_yes_no,
+                             "openbmb/RLAIF-V-Dataset's yes/no questions, the chosen answer's verdict as gold", gold=True),
     "preference-messages": Format(
         "dpo", ("images", "prompt", "chosen", "rejected"), "images", preference_messages, "HuggingFaceH4/rlaif-v_formatted"
     ),

@@ -76,7 +76,9 @@ def main(recipe: str = "", force: bool = False, **overrides):
                                                     max_images=family.max_images)
             data.check_drops(dropped, where, cfg.prepare)
             drops[f"{kind}/{split}"] = dropped.to_dict()
-            print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows" + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))
+            print(f"prepare: {where}: kept {len(prepared[split])} of {dropped.rows} rows"
+                  + (f"; left out {dropped.left_out_summary()}" if dropped.left_out else "")
+                  + (f"; dropped {dropped.summary()}" if dropped.dropped else ""))
 
         # Held-out splits the source lacks are carved from train, as fractions of all of it.
         total = len(prepared["train"])

@@ -277,6 +277,8 @@ def features(kind: str):
 # Keyed by the source format (jobs.formats) whose schema the rows have.
 ROWS = {"chartqa": chartqa_rows, "rlaif-v": rlaif_v_rows, "messages": messages_rows, "preference-messages": preference_messages_rows,
         "open-r1": open_r1_rows}
+# Formats that read a subset of another's source: its rows
+SAME_SCHEMA = {"rlaif-v-yes-no": "rlaif-v"}
 # messages: HuggingFaceH4/llava-instruct-mix-vsft's train and test (issue 20's recipes read both)
 SPLITS = {"chartqa": ("train", "val", "test"), "rlaif-v": ("train",), "messages": ("train", "test"),
           "preference-messages": ("train", "test"), "open-r1": ("train",)}
@@ -348,8 +350,9 @@ def write(kind: str, out: str | Path, rows: int = 400, seed: int = 0, image_side
     rows/5 each. ``image_sides``: images of varying size (chartqa only, see chartqa_rows)."""
     if kind in BENCHMARKS:
         return BENCHMARKS[kind](out, rows, seed)
+    kind = SAME_SCHEMA.get(kind, kind)
     if kind not in ROWS:
-        raise UserError(f"--kind: {kind!r} is not one of {', '.join([*ROWS, *BENCHMARKS])}")
+        raise UserError(f"--kind: {kind!r} is not one of {', '.join([*ROWS, *SAME_SCHEMA, *BENCHMARKS])}")
     if image_sides and kind != "chartqa":
         raise UserError(f"--image-sides: only chartqa images vary in size, not {kind}'s")
     options = {"image_sides": image_sides} if image_sides else {}

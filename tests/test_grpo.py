@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import re
 import textwrap
 
 import pytest
@@ -330,3 +331,70 @@ def test_tiny_grpo_raises_the_held_out_accuracy_of_a_weak_sft_model(seed, tmp_pa
     print(seed, json.dumps(scores))
     assert scores["grpo"]["accuracy"] >= scores["sft"]["accuracy"] + 0.1, scores
     assert json.loads((run / "merge_push" / "_SUCCESS.json").read_text())["source"] == "grpo"
+
+
+# ---------------------------------------------------------------------------------------------
+# RLAIF-V's checkable questions as GRPO prompts
+
+
+@pytest.mark.parametrize("chosen, rejected, expected", [
+    ("Yes, there is a dog on the sofa.", "No.", "yes"),
+    ("No.", "There is a red bar and a blue one.", "no"),  # the rejected one says neither: the ranking still says no
+    ("The image shows a kitchen with a table.", "Yes.", "left out: the chosen answer says neither yes nor no"),
+    ("Yes, a red car.", "Yes, a blue car.", "left out: the chosen and rejected answers both say yes: their ranking is not about it"),
+    ("Yes and no.", "No.", "left out: the chosen answer says neither yes nor no"),  # evaluate reads no verdict there
+])  # fmt: skip
+def test_rlaif_vs_yes_no_rows_take_the_chosen_answers_verdict_as_gold(chosen, rejected, expected):
+    from jobs.formats import FORMATS, LeftOut
+
+    fmt = FORMATS["rlaif-v-yes-no"]
+    row = {"image": None, "question": "Is there a dog?", "chosen": chosen, "rejected": rejected}
+    if expected.startswith("left out: "):
+        with pytest.raises(LeftOut, match=f"^{re.escape(expected.removeprefix('left out: '))}$"):
+            fmt.convert(row, None)
+        return
+    converted = fmt.convert(row, None)
+    assert converted["answers"] == [expected] and fmt.gold and fmt.kind == "sft"
+    assert converted["completion"][0]["content"][0]["text"] == chosen
+    assert rewards.build("yes_no", relaxed=False, answer_after=None)(
+        completions=[expected.capitalize() + ".", "Maybe."], answers=[converted["answers"]] * 2) == [1.0, 0.0]
+
+
+def test_prepare_keeps_rlaif_vs_yes_no_questions_counting_the_rest_apart_from_unusable_rows(tmp_path, tiny_model, synthetic_data,
+                                                                                          capsys):  # fmt: skip
+    """The synthetic RLAIF-V mixes ChartQA questions into its yes/no ones, as RLAIF-V mixes tasks: those are left out,
+    counted, and not against prepare.max_drop_fraction (1%: they would have failed prepare as unusable)."""
+    from datasets import load_from_disk
+
+    from jobs import contract, metrics, synthetic
+    from tests.conftest import recipe_file, run_stages
+
+    source = synthetic_data("rlaif-v-yes-no", rows=60)
+    raw = synthetic.rlaif_v_rows(60)
+    checkable = [r for r in raw if metrics.yes_no(r["chosen"]) and metrics.yes_no(r["rejected"]) != metrics.yes_no(r["chosen"])]
+    assert 0 < len(checkable) < len(raw)
+    path = recipe_file(tmp_path, tiny_model("llava"), {"chartqa": source, "rlaif-v": source}, stages=["prepare"],
+                       data={"sft": {"path": str(source), "format": "rlaif-v-yes-no"}})
+    recipe = run_stages(path)
+    out = capsys.readouterr().out
+    left_out = len(raw) - len(checkable)
+    assert f"kept {len(checkable)} of {len(raw)} rows; left out the chosen answer says neither yes nor no x{left_out}" in out
+    prepared = load_from_disk(recipe.run_dir / "prepare" / "sft")
+    gold = sorted(a[0] for split in prepared.values() for a in split["answers"])
+    assert gold == sorted(metrics.yes_no(r["chosen"]) for r in checkable)
+    done = contract.read_json(recipe.run_dir / "prepare" / contract.SUCCESS_FILE)
+    assert done["drops"]["sft/train"]["left_out"] == {"the chosen answer says neither yes nor no": left_out}
+    assert done["drops"]["sft/train"]["dropped"] == 0
+
+
+def test_a_source_without_one_yes_no_question_fails_prepare_in_one_line(tmp_path, tiny_model, synthetic_data):
+    from jobs import synthetic
+    from tests.conftest import recipe_file, run_stages
+
+    rows = [r for r in synthetic.rlaif_v_rows(40) if not r["question"].startswith("Is there")]  # ChartQA's questions only
+    source = synthetic.write_splits("rlaif-v", tmp_path / "charts", {"train": rows})
+    path = recipe_file(tmp_path, tiny_model("llava"), {"chartqa": source, "rlaif-v": source}, stages=["prepare"],
+                       data={"sft": {"path": str(source), "format": "rlaif-v-yes-no"}})
+    with pytest.raises(UserError, match=rf"^data\.sft \({re.escape(str(source))}, split train\): the format takes none of the "
+                                        rf"{len(rows)} rows: the chosen answer says neither yes nor no x{len(rows)}$"):
+        run_stages(path)
