@@ -364,8 +364,8 @@ def test_fsdp_grpo_matches_one_process(case, tmp_path, tiny_model, synthetic_dat
     sum by all processes' tokens over the number of processes, which FSDP's gradient average turns back into one
     process's division; for full, the generation batch consumed in two accumulation steps; the gradients and the
     sharded optimizer steps. (Rewards gathered in the wrong process order: step 1's loss 0.124 against 0.375, on the
-    same completions.) TRL's bnpo loss would not match (GRPOConfig: normalised over the local batch only), nor would
-    the KL logged over accumulation steps (a mean of their token means).
+    same completions.) TRL's bnpo loss does not match (GRPOConfig: normalised over the local batch only; LoRA's step 2
+    KL came out 2% off), nor does the KL logged over accumulation steps (a mean of their token means).
 
     A tiny random model almost never writes its end token (1 in 453), so every completion would be 8 tokens long
     and the loss, -(sum of advantage x length) / tokens with each group's advantages summing to zero, exactly 0:
