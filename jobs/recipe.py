@@ -660,6 +660,17 @@ def _grpo_errors(recipe: Recipe) -> list[str]:
         processes = max(resources.gpus, 1) * resources.nodes
         batch = grpo_generation_batch(args, processes)
         generations = args.get("num_generations", GRPO_BATCH_DEFAULTS["num_generations"])
+        per_device = args.get("per_device_train_batch_size", GRPO_BATCH_DEFAULTS["per_device_train_batch_size"])
+        if args.get("generation_batch_size") and args.get("steps_per_generation"):
+            errors.append("grpo.args.steps_per_generation: set with generation_batch_size, which decides it "
+                          "(generation_batch_size / rows per micro-step); set one of them")
+        # generation_batch_size counts all processes' rows: right on one GPU, it may not split over more
+        elif args.get("generation_batch_size") and isinstance(batch, int) and isinstance(per_device, int) \
+                and batch % (per_device * processes):
+            errors.append(f"grpo.args.generation_batch_size: {batch} is not a multiple of the {per_device * processes} "
+                          f"rows one micro-step takes (per_device_train_batch_size {per_device} x {processes} "
+                          "process(es)); make it one, or leave it out (then per_device_train_batch_size x processes "
+                          "x steps_per_generation)")
         if isinstance(batch, int) and isinstance(generations, int) and generations and batch % generations:
             errors.append(f"grpo.args.num_generations: {generations} completions per prompt do not divide the generation "
                           f"batch of {batch} (per_device_train_batch_size x {processes} process(es) x steps_per_generation, or "

@@ -2,8 +2,9 @@
 CPU processes (gloo) under torch's fully_shard, launched as the local runner and the Job launch them. Against one
 process on the same global batch (2 processes x 2 rows = 1 x 4 rows, the same seed and so the same rows in each
 step), the logged losses agree within TOLERANCE and the saved model within WEIGHT_TOLERANCE; a sharded checkpoint
-resumes; merge_push works from a sharded run. Kept small: two optimizer steps of tiny models, and the stages of both
-runs shared by the tests."""
+resumes; merge_push works from a sharded run; GRPO, its completions sampled alike in both runs
+(tests/grpo_sampling.py), trains the same model. Kept small: two optimizer steps of tiny models, and the stages of
+both runs shared by the tests."""
 
 from __future__ import annotations
 
@@ -37,9 +38,13 @@ def args(batch: int) -> dict:
             "learning_rate": LEARNING_RATE}
 
 
-def vlmjobs(*argv: str):
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *argv], env=subprocess_env(CUDA_VISIBLE_DEVICES=""),
-                          capture_output=True, text=True, timeout=900)
+def vlmjobs(*argv: str, site=None):
+    """``vlmjobs`` as a user runs it; ``site``: a folder first on its processes' import path (a sitecustomize)."""
+    env = subprocess_env(CUDA_VISIBLE_DEVICES="")
+    if site:
+        env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=900)
 
 
 def both_runs(folder, model, sources, family: str, sft: dict, dpo: dict, stages: list[str]):
@@ -328,6 +333,86 @@ def test_fsdp_qlora_shards_the_4_bit_weights_and_matches_one_process(qlora, stag
     assert record["sharding"]["whole on every process"] == []
     assert checkpoint_is_sharded(qlora["two"] / stage)
     assert_same_training(qlora["one"], qlora["two"], stage, {})
+
+
+# GRPO against 1 process x 12 rows: TRL's default loss (beta 0, no reference) on the whole model, 2 processes x 3 rows
+# x 2 accumulation steps (one generation batch per step); LoRA with a KL term to the adapter switched off, 2 x 6 rows.
+GRPO = {
+    "full": {"recipe": {"method": "full"},
+             "sharded": {"per_device_train_batch_size": 3, "gradient_accumulation_steps": 2}},
+    "lora-kl": {"recipe": {"method": "lora", "lora": {"r": 4, "lora_alpha": 8}, "args": {"beta": 0.04}},
+                "sharded": {"per_device_train_batch_size": 6}},
+}
+# Metrics of the completions themselves: equal when both runs sampled the same ones
+COMPLETIONS = ("rewards/brevity/mean", "rewards/brevity/std", "completions/mean_length", "completions/min_length",
+               "completions/max_length", "completions/mean_terminated_length", "num_tokens")
+
+
+@pytest.mark.parametrize("case", GRPO)
+def test_fsdp_grpo_matches_one_process(case, tmp_path, tiny_model, synthetic_data):
+    """Sharded GRPO trains as one process on the same completions: losses, gradient norms and saved weights within
+    the tolerances above, and for LoRA the KL to its reference (the adapter switched off under FSDP).
+
+    The same completions need help: generate draws each process's completions from its own random state, so one
+    process and two sample different ones for the same rows and seed (without help, full: mean rewards 0.272, 0.248
+    on one process, 0.402, 0.113 on two). tests/grpo_sampling.py draws each token from the model's own
+    distribution, keyed by the row's place in the generation batch of all processes rather than by the process.
+    What stays TRL's and vlmjobs' is all that sharding changes: RepeatSampler's rows split over the processes (rows
+    0-5 and 6-11, 4 completions per prompt: the second prompt's group spans both); the rewards, computed where each
+    completion was generated, gathered in process order (accelerate's gather) for each group's mean and standard
+    deviation, each process keeping its own rows' advantages; TRL's default loss (dapo) dividing each process's token
+    sum by all processes' tokens over the number of processes, which FSDP's gradient average turns back into one
+    process's division; for full, the generation batch consumed in two accumulation steps; the gradients and the
+    sharded optimizer steps. (Rewards gathered in the wrong process order: step 1's loss 0.124 against 0.375, on the
+    same completions.) TRL's bnpo loss does not match (GRPOConfig: normalised over the local batch only; LoRA's step 2
+    KL came out 2% off), nor does the KL logged over accumulation steps (a mean of their token means).
+
+    A tiny random model almost never writes its end token (1 in 453), so every completion would be 8 tokens long
+    and the loss, -(sum of advantage x length) / tokens with each group's advantages summing to zero, exactly 0:
+    the end token is boosted (generation_kwargs' sequence_bias), and a reward that tells short from long
+    (grpo_sampling.brevity) replaces evaluate's accuracy, which gives a random model's answers all 0."""
+    from transformers import AutoTokenizer
+
+    from tests import grpo_sampling
+
+    sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
+    end = AutoTokenizer.from_pretrained(tiny_model("llava")).eos_token_id
+
+    def section(**batch) -> dict:
+        recipe = GRPO[case]["recipe"]
+        return {**recipe, "rewards": [{"name": "tests.grpo_sampling.brevity"}],
+                "args": {**args(12), "num_generations": 4, "max_completion_length": 8,
+                         "activation_checkpointing": False, "generation_kwargs": {"sequence_bias": [[[end], 4.0]]},
+                         **recipe.get("args", {}), **batch}}
+
+    common = {"stages": ["prepare", "grpo"], "prepare": {"max_rows": 10}}
+    one = recipe_file(tmp_path, tiny_model("llava"), sources, name="one", grpo=section(), **common)
+    two = recipe_file(tmp_path, tiny_model("llava"), sources, name="two", grpo=section(**GRPO[case]["sharded"]),
+                      **common, **SHARDED)
+    undo = grpo_sampling.install()
+    try:
+        run_stages(one)
+    finally:
+        undo()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(grpo_sampling.SITECUSTOMIZE)
+    sharded = vlmjobs("run", str(two), site=site)
+    assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-5000:]
+    assert "processes 2, effective batch" in sharded.stdout and "generation batch 12" in sharded.stdout
+
+    one, two = recipes.load(one).run_dir, recipes.load(two).run_dir
+    for key in COMPLETIONS:
+        assert losses(one / "grpo", key) == pytest.approx(losses(two / "grpo", key), rel=TOLERANCE), key
+    assert min(losses(one / "grpo", "completions/min_length")) < 8, "no completion ended: the loss would be 0"
+    if case == "lora-kl":
+        assert losses(one / "grpo", "kl")[-1] > 0, "the policy is its reference after a step: the KL compares nothing"
+        # Step 2's KL, about 5e-5, is a difference of nearly equal float32 log-probs
+        assert losses(one / "grpo", "kl") == pytest.approx(losses(two / "grpo", "kl"), rel=1e-3)
+    assert all(abs(loss) > 100 * TOLERANCE for loss in losses(one / "grpo")), "a loss near 0 would compare nothing"
+    assert checkpoint_is_sharded(two / "grpo")
+    start = load_file(tiny_model("llava") / "model.safetensors") if case == "full" else {}  # LoRA's B starts at zero
+    assert_same_training(one, two, "grpo", start)
 
 
 # ---------------------------------------------------------------------------------------------

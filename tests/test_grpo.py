@@ -10,6 +10,7 @@ import dataclasses
 import sys
 import re
 import textwrap
+from unittest import mock
 
 import pytest
 
@@ -68,6 +69,44 @@ def test_the_generation_batch_counts_every_process():
     assert build({"args": {"per_device_train_batch_size": 2, "num_generations": 4}}, resources={"gpus": 8})
     assert "generation batch of 16" in refusal(grpo={"args": {"per_device_train_batch_size": 2, "num_generations": 3}},
                                                resources={"gpus": 8})
+
+
+def test_a_generation_batch_that_does_not_split_over_the_processes_is_refused_at_validate():
+    """generation_batch_size counts the rows of all processes, and GRPOConfig refuses one that is not a whole number of
+    their micro-batches (per_device_train_batch_size x processes): right on 1 GPU, wrong on 4, which TRL said only
+    once the stage had started on the cluster."""
+    grpo = {"args": {"per_device_train_batch_size": 8, "num_generations": 4, "generation_batch_size": 16}}
+    assert build(grpo)
+    assert build(grpo, resources={"gpus": 2})
+    assert refusal(grpo=grpo, resources={"gpus": 4}).endswith(
+        "grpo.args.generation_batch_size: 16 is not a multiple of the 32 rows one micro-step takes (per_device_train_"
+        "batch_size 8 x 4 process(es)); make it one, or leave it out (then per_device_train_batch_size x processes x "
+        "steps_per_generation)")
+    both = {"args": {"per_device_train_batch_size": 8, "generation_batch_size": 16, "steps_per_generation": 2}}
+    assert "grpo.args.steps_per_generation: set with generation_batch_size" in refusal(grpo=both)
+
+
+def test_the_generation_batch_rules_validate_applies_are_grpoconfigs():
+    """validate's refusals and GRPOConfig's own errors (its __post_init__) on the same batch arguments."""
+    from trl import GRPOConfig
+
+    cases = [({"per_device_train_batch_size": 8, "num_generations": 4, "generation_batch_size": 16}, 4),
+             ({"per_device_train_batch_size": 8, "num_generations": 4, "generation_batch_size": 16}, 2),
+             ({"per_device_train_batch_size": 4, "num_generations": 4, "generation_batch_size": 24}, 2),
+             ({"per_device_train_batch_size": 8, "generation_batch_size": 16, "steps_per_generation": 2}, 1),
+             ({"per_device_train_batch_size": 2, "num_generations": 4, "steps_per_generation": 3}, 1)]
+    for args, processes in cases:
+        try:
+            refused = not build({"args": args}, resources={"gpus": processes})
+        except UserError as e:
+            refused = "grpo.args." in str(e)
+        with mock.patch.object(GRPOConfig, "world_size", processes):
+            try:
+                GRPOConfig(output_dir="unused", use_cpu=True, report_to="none", **args)
+                trl_refused = False
+            except ValueError:
+                trl_refused = True
+        assert refused == trl_refused, (args, processes)
 
 
 def test_the_batch_defaults_validate_assumes_are_trls():
