@@ -507,14 +507,9 @@ class Cluster:
         job, version = self.list_job(name)
         if job is None:
             raise self._deleted(name, "does not exist (deleted, or removed by its TTL)")
-        stop = threading.Event()
-        pump = threading.Thread(target=self._pump_logs, args=(name, stop), name=LOG_PUMP, daemon=True) if logs else None
-        if pump:
-            pump.start()
         said = None
         backoff = self.backoff()
-        interrupted = False
-        try:
+        with self._log_pump(name, logs):
             while True:
                 pods = self.list_pods(name)
                 reading = state.read(job, pods, group=group)
@@ -549,13 +544,6 @@ class Cluster:
                     job, version = self.list_job(name)
                     if job is None:
                         raise self._deleted(name, "was deleted while being followed") from e
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop now, not after the log's rest
-            interrupted = True
-            raise
-        finally:
-            stop.set()
-            if pump and not interrupted:
-                pump.join(timeout=self.log_drain_s)
 
     # -- JobSets (multi-node stages) -------------------------------------------------------------
 
@@ -615,12 +603,8 @@ class Cluster:
         """Follow a JobSet until it has Completed or Failed, and return it: its state, the restarts its controller
         makes (status.restarts), pods of its group Job that do not start, rank 0's log (``group_job``'s pod of index
         0, across restarts), and while suspended why (its Kueue Workload). Read every ``poll_s``."""
-        stop = threading.Event()
-        pump = threading.Thread(target=self._pump_logs, args=(group_job, stop), name=LOG_PUMP, daemon=True) if logs else None
-        if pump:
-            pump.start()
-        said, restarts, interrupted = None, (0, 0), False
-        try:
+        said, restarts = None, (0, 0)
+        with self._log_pump(group_job, logs):
             while True:
                 jobset = self.get_jobset(name)
                 if jobset is None:
@@ -643,13 +627,6 @@ class Cluster:
                 else:
                     self._report_problems(self.list_pods(group_job))
                 time.sleep(self.poll_s)
-        except KeyboardInterrupt:
-            interrupted = True
-            raise
-        finally:
-            stop.set()
-            if pump and not interrupted:
-                pump.join(timeout=self.log_drain_s)
 
     def list_workloads(self) -> list[dict] | None:
         """Kueue's Workloads in the namespace; None where the cluster serves none (no Kueue installed)."""
@@ -698,6 +675,25 @@ class Cluster:
             if key not in self._reported:
                 self._reported.add(key)
                 self.out(f"warning: {line}")
+
+    @contextlib.contextmanager
+    def _log_pump(self, job: str, logs: bool) -> Iterator[None]:
+        """While the block runs, ``job``'s log is printed by a thread (``_pump_logs``) when ``logs``; after it, the
+        log's rest, for up to ``log_drain_s``."""
+        stop = threading.Event()
+        pump = threading.Thread(target=self._pump_logs, args=(job, stop), name=LOG_PUMP, daemon=True) if logs else None
+        if pump:
+            pump.start()
+        interrupted = False
+        try:
+            yield
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop now, not after the log's rest
+            interrupted = True
+            raise
+        finally:
+            stop.set()
+            if pump and not interrupted:
+                pump.join(timeout=self.log_drain_s)
 
     def _pump_logs(self, job: str, stop: threading.Event) -> None:
         """Follow the leader pod's log; when a retry starts a new pod, follow that one too."""
