@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import threading
@@ -353,8 +354,8 @@ class Cluster:
     def list_jobs(self, label_selector: str) -> list[dict]:
         return self._list("Job", self.batch.list_namespaced_job, label_selector=label_selector).get("items", [])
 
-    def watch_job(self, name: str, resource_version: str) -> Iterator[dict]:
-        """Events on one Job from ``resource_version`` on, for up to ``watch_s`` seconds."""
+    def watch_job(self, name: str, resource_version: str, timeout_s: int) -> Iterator[dict]:
+        """Events on one Job from ``resource_version`` on, for up to ``timeout_s`` seconds."""
         from kubernetes import watch
 
         stream = watch.Watch().stream(
@@ -362,10 +363,10 @@ class Cluster:
             self.namespace,
             field_selector=f"metadata.name={name}",
             resource_version=resource_version,
-            timeout_seconds=self.watch_s,  # the server ends the watch; with it, Watch does not retry by itself
+            timeout_seconds=timeout_s,  # the server ends the watch; with it, Watch does not retry by itself
             allow_watch_bookmarks=True,
             # The server is silent up to timeout_seconds (bookmarks aside): more than that is a dead connection.
-            _request_timeout=(CONNECT_TIMEOUT_S, self.watch_s + self.read_timeout_s),
+            _request_timeout=(CONNECT_TIMEOUT_S, timeout_s + self.read_timeout_s),
             # Not deserialize=False: with it, kubernetes 37.0.2 fails on an ERROR event (410) with
             # KeyError 'raw_object' inside Watch.stream. We read event["raw_object"], a plain dict.
         )
@@ -501,9 +502,9 @@ class Cluster:
     ) -> state.Reading:
         """Follow a Job until its attempt is over (``state.read``): its state changes, pods that do
         not start, and its pod's log when ``logs`` (the pod of index 0 for a group). While the Job is
-        suspended, why (its Kueue Workload), read at every turn (``watch_s``). Raises JobDeleted if the
-        Job disappears meanwhile, NotAdmitted when its Workload is deactivated or it stays suspended
-        longer than ``admission_timeout_s``."""
+        suspended, why (its Kueue Workload), read at every turn (``watch_s``, cut short to end the wait at
+        ``admission_timeout_s``). Raises JobDeleted if the Job disappears meanwhile, NotAdmitted when its
+        Workload is deactivated or it stays suspended longer than ``admission_timeout_s``."""
         job, version = self.list_job(name)
         if job is None:
             raise self._deleted(name, "does not exist (deleted, or removed by its TTL)")
@@ -517,10 +518,11 @@ class Cluster:
                 self._report_problems(pods)
                 if reading.over:
                     return reading
+                turn_s = self.watch_s
                 if state.job_state(job) == "Suspended":
-                    self._report_admission(name, job, admission_timeout_s)
+                    turn_s = self._turn_s(self._report_admission(name, job, admission_timeout_s))
                 try:
-                    with contextlib.closing(self.watch_job(name, version)) as events:
+                    with contextlib.closing(self.watch_job(name, version, turn_s)) as events:
                         for event in events:
                             kind, obj = event["type"], event["raw_object"]
                             if kind == "DELETED":
@@ -531,7 +533,8 @@ class Cluster:
                             job = obj
                             said = self._announce(name, job, said)
                             if said == "Suspended":  # preempted (or queued again): why, at once
-                                self._report_admission(name, job, admission_timeout_s)
+                                if self._report_admission(name, job, admission_timeout_s) < turn_s:
+                                    break  # the next turn ends when admission_timeout does, not this one
                             # A pod's change shows in the Job's status (active, ready, terminating):
                             # read the pods now, while a disrupted rank still carries its condition.
                             if state.read(job, self.list_pods(name), group=group).over:
@@ -622,11 +625,12 @@ class Cluster:
                              "from the last checkpoint")
                 if now in ("Completed", "Failed"):
                     return jobset
+                left_s = float("inf")
                 if now == "Suspended":
-                    self._report_admission(name, jobset, admission_timeout_s)
+                    left_s = self._report_admission(name, jobset, admission_timeout_s)
                 else:
                     self._report_problems(self.list_pods(group_job))
-                time.sleep(self.poll_s)
+                time.sleep(min(self.poll_s, left_s))  # read again when admission_timeout ends the wait, not later
 
     def list_workloads(self) -> list[dict] | None:
         """Kueue's Workloads in the namespace; None where the cluster serves none (no Kueue installed)."""
@@ -645,8 +649,9 @@ class Cluster:
             return None
         return self._json(answer).get("items", [])
 
-    def _report_admission(self, name: str, job: dict, timeout_s: float) -> None:
-        """Say why the suspended Job waits when that changes; raise NotAdmitted when the wait is over."""
+    def _report_admission(self, name: str, job: dict, timeout_s: float) -> float:
+        """Say why the suspended Job waits when that changes; raise NotAdmitted when the wait is over, else return
+        the seconds until ``timeout_s`` ends it."""
         workloads = self.list_workloads()
         queued = bool(job["metadata"].get("labels", {}).get(LABEL_QUEUE))
         workload = state.owned_workload(job, workloads or [])
@@ -660,6 +665,12 @@ class Cluster:
             raise NotAdmitted(f"{kind} {self.namespace}/{name} not admitted: {said.ended}; the {kind} and its Workload "
                               f"are left queued (vlmjobs delete to withdraw it)", kind=kind, namespace=self.namespace,
                               name=name)
+        return said.left_s
+
+    def _turn_s(self, admission_left_s: float) -> int:
+        """A watch turn that ends once admission_timeout has ended the wait, not up to ``watch_s`` later: the server
+        takes whole seconds, at least one (0 would be its own default)."""
+        return max(1, math.ceil(min(self.watch_s, admission_left_s)))
 
     def _deleted(self, name: str, how: str) -> JobDeleted:
         return JobDeleted(f"Job {self.namespace}/{name} {how}", kind="Job", namespace=self.namespace, name=name)
