@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import threading
@@ -361,8 +362,8 @@ class Cluster:
         selector = f"involvedObject.kind={kind},involvedObject.name={name}"
         return self._list("Event", self.core.list_namespaced_event, field_selector=selector).get("items", [])
 
-    def watch_job(self, name: str, resource_version: str) -> Iterator[dict]:
-        """Events on one Job from ``resource_version`` on, for up to ``watch_s`` seconds."""
+    def watch_job(self, name: str, resource_version: str, timeout_s: int) -> Iterator[dict]:
+        """Events on one Job from ``resource_version`` on, for up to ``timeout_s`` seconds."""
         from kubernetes import watch
 
         stream = watch.Watch().stream(
@@ -370,10 +371,10 @@ class Cluster:
             self.namespace,
             field_selector=f"metadata.name={name}",
             resource_version=resource_version,
-            timeout_seconds=self.watch_s,  # the server ends the watch; with it, Watch does not retry by itself
+            timeout_seconds=timeout_s,  # the server ends the watch; with it, Watch does not retry by itself
             allow_watch_bookmarks=True,
             # The server is silent up to timeout_seconds (bookmarks aside): more than that is a dead connection.
-            _request_timeout=(CONNECT_TIMEOUT_S, self.watch_s + self.read_timeout_s),
+            _request_timeout=(CONNECT_TIMEOUT_S, timeout_s + self.read_timeout_s),
             # Not deserialize=False: with it, kubernetes 37.0.2 fails on an ERROR event (410) with
             # KeyError 'raw_object' inside Watch.stream. We read event["raw_object"], a plain dict.
         )
@@ -509,20 +510,15 @@ class Cluster:
     ) -> state.Reading:
         """Follow a Job until its attempt is over (``state.read``): its state changes, pods that do
         not start, and its pod's log when ``logs`` (the pod of index 0 for a group). While the Job is
-        suspended, why (its Kueue Workload), read at every turn (``watch_s``). Raises JobDeleted if the
-        Job disappears meanwhile, NotAdmitted when its Workload is deactivated or it stays suspended
-        longer than ``admission_timeout_s``."""
+        suspended, why (its Kueue Workload), read at every turn (``watch_s``, cut short to end the wait at
+        ``admission_timeout_s``). Raises JobDeleted if the Job disappears meanwhile, NotAdmitted when its
+        Workload is deactivated or it stays suspended longer than ``admission_timeout_s``."""
         job, version = self.list_job(name)
         if job is None:
             raise self._deleted(name, "does not exist (deleted, or removed by its TTL)")
-        stop = threading.Event()
-        pump = threading.Thread(target=self._pump_logs, args=(name, stop), name=LOG_PUMP, daemon=True) if logs else None
-        if pump:
-            pump.start()
         said = None
         backoff = self.backoff()
-        interrupted = False
-        try:
+        with self._log_pump(name, logs):
             while True:
                 pods = self.list_pods(name)
                 reading = state.read(job, pods, group=group)
@@ -530,10 +526,11 @@ class Cluster:
                 self._report_problems(pods)
                 if reading.over:
                     return reading
+                turn_s = self.watch_s
                 if state.job_state(job) == "Suspended":
-                    self._report_admission(name, job, admission_timeout_s)
+                    turn_s = self._turn_s(self._report_admission(name, job, admission_timeout_s))
                 try:
-                    with contextlib.closing(self.watch_job(name, version)) as events:
+                    with contextlib.closing(self.watch_job(name, version, turn_s)) as events:
                         for event in events:
                             kind, obj = event["type"], event["raw_object"]
                             if kind == "DELETED":
@@ -544,7 +541,8 @@ class Cluster:
                             job = obj
                             said = self._announce(name, job, said)
                             if said == "Suspended":  # preempted (or queued again): why, at once
-                                self._report_admission(name, job, admission_timeout_s)
+                                if self._report_admission(name, job, admission_timeout_s) < turn_s:
+                                    break  # the next turn ends when admission_timeout does, not this one
                             # A pod's change shows in the Job's status (active, ready, terminating):
                             # read the pods now, while a disrupted rank still carries its condition.
                             if state.read(job, self.list_pods(name), group=group).over:
@@ -557,13 +555,6 @@ class Cluster:
                     job, version = self.list_job(name)
                     if job is None:
                         raise self._deleted(name, "was deleted while being followed") from e
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop now, not after the log's rest
-            interrupted = True
-            raise
-        finally:
-            stop.set()
-            if pump and not interrupted:
-                pump.join(timeout=self.log_drain_s)
 
     # -- JobSets (multi-node stages) -------------------------------------------------------------
 
@@ -623,12 +614,8 @@ class Cluster:
         """Follow a JobSet until it has Completed or Failed, and return it: its state, the restarts its controller
         makes (status.restarts), pods of its group Job that do not start, rank 0's log (``group_job``'s pod of index
         0, across restarts), and while suspended why (its Kueue Workload). Read every ``poll_s``."""
-        stop = threading.Event()
-        pump = threading.Thread(target=self._pump_logs, args=(group_job, stop), name=LOG_PUMP, daemon=True) if logs else None
-        if pump:
-            pump.start()
-        said, restarts, interrupted = None, (0, 0), False
-        try:
+        said, restarts = None, (0, 0)
+        with self._log_pump(group_job, logs):
             while True:
                 jobset = self.get_jobset(name)
                 if jobset is None:
@@ -646,18 +633,12 @@ class Cluster:
                              "from the last checkpoint")
                 if now in ("Completed", "Failed"):
                     return jobset
+                left_s = float("inf")
                 if now == "Suspended":
-                    self._report_admission(name, jobset, admission_timeout_s)
+                    left_s = self._report_admission(name, jobset, admission_timeout_s)
                 else:
                     self._report_problems(self.list_pods(group_job))
-                time.sleep(self.poll_s)
-        except KeyboardInterrupt:
-            interrupted = True
-            raise
-        finally:
-            stop.set()
-            if pump and not interrupted:
-                pump.join(timeout=self.log_drain_s)
+                time.sleep(min(self.poll_s, left_s))  # read again when admission_timeout ends the wait, not later
 
     def list_workloads(self) -> list[dict] | None:
         """Kueue's Workloads in the namespace; None where the cluster serves none (no Kueue installed)."""
@@ -676,8 +657,9 @@ class Cluster:
             return None
         return self._json(answer).get("items", [])
 
-    def _report_admission(self, name: str, job: dict, timeout_s: float) -> None:
-        """Say why the suspended Job waits when that changes; raise NotAdmitted when the wait is over."""
+    def _report_admission(self, name: str, job: dict, timeout_s: float) -> float:
+        """Say why the suspended Job waits when that changes; raise NotAdmitted when the wait is over, else return
+        the seconds until ``timeout_s`` ends it."""
         workloads = self.list_workloads()
         queued = bool(job["metadata"].get("labels", {}).get(LABEL_QUEUE))
         workload = state.owned_workload(job, workloads or [])
@@ -691,6 +673,12 @@ class Cluster:
             raise NotAdmitted(f"{kind} {self.namespace}/{name} not admitted: {said.ended}; the {kind} and its Workload "
                               f"are left queued (vlmjobs delete to withdraw it)", kind=kind, namespace=self.namespace,
                               name=name)
+        return said.left_s
+
+    def _turn_s(self, admission_left_s: float) -> int:
+        """A watch turn that ends once admission_timeout has ended the wait, not up to ``watch_s`` later: the server
+        takes whole seconds, at least one (0 would be its own default)."""
+        return max(1, math.ceil(min(self.watch_s, admission_left_s)))
 
     def _deleted(self, name: str, how: str) -> JobDeleted:
         return JobDeleted(f"Job {self.namespace}/{name} {how}", kind="Job", namespace=self.namespace, name=name)
@@ -706,6 +694,25 @@ class Cluster:
             if key not in self._reported:
                 self._reported.add(key)
                 self.out(f"warning: {line}")
+
+    @contextlib.contextmanager
+    def _log_pump(self, job: str, logs: bool) -> Iterator[None]:
+        """While the block runs, ``job``'s log is printed by a thread (``_pump_logs``) when ``logs``; after it, the
+        log's rest, for up to ``log_drain_s``."""
+        stop = threading.Event()
+        pump = threading.Thread(target=self._pump_logs, args=(job, stop), name=LOG_PUMP, daemon=True) if logs else None
+        if pump:
+            pump.start()
+        interrupted = False
+        try:
+            yield
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop now, not after the log's rest
+            interrupted = True
+            raise
+        finally:
+            stop.set()
+            if pump and not interrupted:
+                pump.join(timeout=self.log_drain_s)
 
     def _pump_logs(self, job: str, stop: threading.Event) -> None:
         """Follow the leader pod's log; when a retry starts a new pod, follow that one too."""

@@ -459,10 +459,12 @@ class LogCursor:
 
 @dataclass(frozen=True)
 class Admission:
-    """Why a suspended Job waits (``line``, said when it changes), and ``ended``: why waiting is over without it."""
+    """Why a suspended Job waits (``line``, said when it changes), and ``ended``: why waiting is over without it;
+    ``left_s``: the seconds until admission_timeout ends it, so that the follower looks again then, not a watch late."""
 
     line: str
     ended: str | None = None
+    left_s: float = float("inf")
 
 
 def owned_workload(owner: dict, workloads: list[dict]) -> dict | None:
@@ -512,7 +514,7 @@ def admission(job: dict, workload: dict | None, *, queued: bool, now: datetime, 
     if waited > timeout_s:
         return Admission(line, ended=f"suspended for {waited:.0f} s, more than kubernetes.admission_timeout "
                                      f"({timeout_s:g} s): {line}")
-    return Admission(line)
+    return Admission(line, left_s=timeout_s - waited)
 
 
 # ---------------------------------------------------------------------------------------------

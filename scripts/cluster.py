@@ -222,18 +222,24 @@ def go(args: list[str], cwd: Path) -> None:
         raise ClusterError(f"'go {' '.join(args[:3])} ...' in {cwd} failed:\n{proc.stderr.strip()[-4000:]}")
 
 
-def module_gomod(module: str, version: str, cwd: Path) -> str:
-    """The published go.mod of a module (through GOPROXY, via the go command)."""
+def go_download(spec: str, cwd: Path) -> dict:
+    """``go mod download -json`` of one module@version (through GOPROXY): where the go command put it (GoMod,
+    Dir, ...)."""
     proc = subprocess.run(
-        ["go", "mod", "download", "-json", f"{module}@{version}"],
+        ["go", "mod", "download", "-json", spec],
         cwd=cwd,
         env=go_env(in_module=False),
         capture_output=True,
         text=True,
     )
-    if proc.returncode:
-        raise ClusterError(f"cannot download {module}@{version}: {proc.stdout.strip() or proc.stderr.strip()}")
-    return Path(json.loads(proc.stdout)["GoMod"]).read_text()
+    if proc.returncode:  # the go command reports a module's failure in its JSON, on stdout
+        raise ClusterError(f"cannot download {spec}: {proc.stdout.strip() or proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def module_gomod(module: str, version: str, cwd: Path) -> str:
+    """The published go.mod of a module."""
+    return Path(go_download(f"{module}@{version}", cwd)["GoMod"]).read_text()
 
 
 @dataclass
@@ -353,16 +359,7 @@ def engine_manifests(engine: str) -> Path:
 
 def module_dir(module: str, work: Path) -> Path:
     """Where the go command unpacked ``module`` (module@version) in its module cache."""
-    proc = subprocess.run(
-        ["go", "mod", "download", "-json", module],
-        cwd=work,
-        env=go_env(in_module=False),
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode:
-        raise ClusterError(f"cannot download {module}: {proc.stdout.strip() or proc.stderr.strip()}")
-    return Path(json.loads(proc.stdout)["Dir"])
+    return Path(go_download(module, work)["Dir"])
 
 
 def patched_source(b: Build, work: Path) -> str:

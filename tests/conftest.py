@@ -155,7 +155,7 @@ def real_namespace(real_cluster):
 
 @pytest.fixture
 def queued_namespace(real_cluster):
-    """A fresh namespace prepared like make k8s-apply's, with the LocalQueue simcluster.LOCAL_QUEUE, where Kueue
+    """A fresh namespace prepared like make k8s-apply's, with the LocalQueue scripts.cluster.LOCAL_QUEUE, where Kueue
     manages every Job and JobSet (one without the queue label stays suspended, as on a platform enforcing it)."""
     with real_cluster.namespace("q", queued=True) as namespace:
         yield namespace

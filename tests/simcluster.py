@@ -14,13 +14,14 @@ kube-scheduler, kwok, JobSet and Kueue once per session in a temporary folder, o
 $VLMJOBS_CLUSTER_STATE (e.g. .cache/cluster after make cluster-up; never stopped by the tests).
 Kueue (scripts/cluster.py, platform_objects) has a ClusterQueue CLUSTER_QUEUE whose GPU quota, one flavor a
 product, is the simulated nodes' capacity; WorkloadPriorityClasses ``low`` and ``high``; waitForPodsReady on.
+The tests import these names (CLUSTER_QUEUE, LOCAL_QUEUE, QUEUE_LABEL, SIM_*, ...) from scripts.cluster itself.
 In a ``queued_namespace`` (LocalQueue LOCAL_QUEUE, and the enforcing label) Kueue manages every Job and
 JobSet: one without the queue label stays suspended. In a ``real_namespace`` only labelled ones are queued.
 Without a Go toolchain to build them the cluster tests are skipped, except under CI=true, where a
 skipped cluster test is a failure (the hook in tests/conftest.py).
 
 What a simulated pod does is chosen by its annotations, set through the recipe's
-``kubernetes.pod_annotations`` (the SIM_* names below, from scripts/cluster.py).
+``kubernetes.pod_annotations`` (the SIM_* names of scripts/cluster.py).
 """
 
 from __future__ import annotations
@@ -37,19 +38,7 @@ from pathlib import Path
 
 from scripts import cluster as devcluster
 
-SIM_EXIT_CODE = devcluster.SIM_EXIT_CODE
-SIM_RUN_SECONDS = devcluster.SIM_RUN_SECONDS
-SIM_FAIL_INDEX = devcluster.SIM_FAIL_INDEX
-SIM_START_SECONDS = devcluster.SIM_START_SECONDS
-SIM_STOP_SECONDS = devcluster.SIM_STOP_SECONDS
-SIM_STOP_EXIT_CODE = devcluster.SIM_STOP_EXIT_CODE
 STATE_ENV = "VLMJOBS_CLUSTER_STATE"
-QUEUE_LABEL = devcluster.QUEUE_LABEL
-PRIORITY_LABEL = devcluster.PRIORITY_LABEL
-LOCAL_QUEUE = devcluster.LOCAL_QUEUE
-CLUSTER_QUEUE = devcluster.CLUSTER_QUEUE
-KUEUE_API = devcluster.KUEUE_API
-JOBSET_API = devcluster.JOBSET_API
 NO_GO = (
     "cluster tests need Go >= 1.24 to build etcd, kube-apiserver & co. (https://go.dev/dl; or the binaries "
     "on PATH / in $KUBEBUILDER_ASSETS): install it and run make test"
@@ -204,7 +193,7 @@ class SimCluster:
         return body
 
     def workloads(self, namespace: str) -> list[dict]:
-        return self.get(f"{KUEUE_API}/namespaces/{namespace}/workloads")["items"]
+        return self.get(f"{devcluster.KUEUE_API}/namespaces/{namespace}/workloads")["items"]
 
     def workload_of(self, namespace: str, kind: str, name: str) -> dict | None:
         """Kueue's Workload of the Job or JobSet ``name`` (the one it owns), or None while there is none."""

@@ -11,7 +11,8 @@ import uuid
 import pytest
 
 from scripts import cluster as devcluster
-from tests.simcluster import SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS, SIM_STOP_SECONDS, wait_for
+from scripts.cluster import SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS, SIM_STOP_SECONDS
+from tests.simcluster import wait_for
 
 pytestmark = pytest.mark.cluster
 

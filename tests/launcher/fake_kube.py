@@ -183,6 +183,9 @@ class FakeKube:
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
         self.gone_once: set[str] = set()  # jobs whose next watch from a version answers 410
+        # True: a watch stays open after its events until its timeoutSeconds, as the API server's does (else it ends
+        # at once, so that a test's turns cost nothing)
+        self.watch_holds = False
         self._versions = itertools.count(100)
         self._uids = itertools.count(1)
         self.lock = threading.RLock()
@@ -280,7 +283,7 @@ class FakeKube:
                     headers,
                 )
 
-            def _stream(self, chunks: list[bytes], content_type: str) -> None:
+            def _stream(self, chunks: list[bytes], content_type: str, hold_s: float = 0.0) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Transfer-Encoding", "chunked")
@@ -288,6 +291,7 @@ class FakeKube:
                 for chunk in chunks:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     self.wfile.flush()
+                time.sleep(hold_s)
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
@@ -452,7 +456,8 @@ class FakeKube:
                         else:
                             fake.jobs[name] = obj
                 lines = [json.dumps({"type": kind, "object": obj}).encode() + b"\n" for kind, obj in events]
-                return self._stream(lines, "application/json")
+                hold_s = float(query["timeoutSeconds"][0]) if fake.watch_holds else 0.0
+                return self._stream(lines, "application/json", hold_s)
 
             def _pod(self, name: str) -> None:
                 with fake.lock:

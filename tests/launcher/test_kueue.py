@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import jsonschema
 import pytest
 
 from launcher import kube, render
-from tests.launcher.conftest import IMAGE, SINGLE, make
+from tests.launcher.conftest import IMAGE, MULTI, SINGLE, make
 from tests.launcher.fake_kube import Attempt, complete, kueue_condition, recorded, running, workload
 
 SCHEMA = json.loads((Path(__file__).parent / "crds" / "kueue-v0.17.0-workload-v1beta2.json").read_text())
@@ -122,6 +123,65 @@ def test_the_wait_ends_at_admission_timeout_with_kueues_reason(cluster, server):
         cluster.follow(JOB, logs=False, admission_timeout_s=3600)
 
 
+def watch_turns(server) -> list[int]:
+    """The timeoutSeconds of each watch the follower sent."""
+    return [int(r.query["timeoutSeconds"][0]) for r in server.calls("GET", "/jobs") if r.query.get("watch") == ["true"]]
+
+
+# The API server holds a watch for its whole timeoutSeconds (server.watch_holds); a turn as long as the default (30 s)
+# must not carry the wait past admission_timeout (4 s: the first look comes within it however loaded the machine, and
+# the wait's end is asserted with 10 s to spare, far from the 30 s of a whole turn).
+ADMISSION_TIMEOUT_S, SPARE_S = 4, 10
+
+
+def test_the_wait_ends_at_admission_timeout_not_at_the_end_of_a_watch_turn(cluster, server):
+    server.watch_holds, cluster.watch_s = True, 30
+    job = queued_job(server, Attempt(statuses=[]), since=datetime.now(timezone.utc))
+    server.workloads = [workload(job, kueue_condition("QuotaReserved", False, "Pending", NO_QUOTA))]
+    started = time.monotonic()
+    with pytest.raises(kube.NotAdmitted, match=rf"more than kubernetes.admission_timeout \({ADMISSION_TIMEOUT_S} s\)"):
+        cluster.follow(JOB, logs=False, admission_timeout_s=ADMISSION_TIMEOUT_S)
+    waited = time.monotonic() - started
+    assert waited < ADMISSION_TIMEOUT_S + SPARE_S, f"the wait ended {waited:.0f} s after it began"
+    assert all(turn <= ADMISSION_TIMEOUT_S for turn in watch_turns(server)), watch_turns(server)
+
+
+def test_a_stage_preempted_mid_watch_waits_no_longer_than_admission_timeout(cluster, server):
+    """Preempted while a whole turn is under way: the turn is cut to what admission_timeout leaves."""
+    server.watch_holds, cluster.watch_s = True, 30
+    manifest = render.render_stage(make(SINGLE), "sft", IMAGE)[0]
+    job = server.add_job(manifest, running(), Attempt(statuses=[suspended(datetime.now(timezone.utc))], pods=[]))
+    server.workloads = [workload(job, kueue_condition("QuotaReserved", False, "Pending", NO_QUOTA))]
+    started = time.monotonic()
+    with pytest.raises(kube.NotAdmitted, match=rf"more than kubernetes.admission_timeout \({ADMISSION_TIMEOUT_S} s\)"):
+        cluster.follow(JOB, logs=False, admission_timeout_s=ADMISSION_TIMEOUT_S)
+    waited = time.monotonic() - started
+    assert waited < ADMISSION_TIMEOUT_S + SPARE_S, f"the wait ended {waited:.0f} s after it began"
+    first, *cut = watch_turns(server)  # running: a whole turn; suspended in it: the rest bounded
+    assert first == 30 and all(turn <= ADMISSION_TIMEOUT_S for turn in cut), watch_turns(server)
+
+
+def test_a_multi_node_stages_wait_ends_at_admission_timeout_not_at_the_next_read(cluster, server):
+    """A JobSet is read every poll_s (30 s here): its wait ends at admission_timeout all the same."""
+    cluster.poll_s = 30
+    recipe = make(MULTI, **{"kubernetes.queue": "gpu-queue"})
+    jobset = render.render_stage(recipe, "sft", IMAGE)[0]
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    suspended_now = {"type": "Suspended", "status": "True", "reason": "SuspendedJobs", "message": "jobset is suspended",
+                     "lastTransitionTime": now}
+    name = jobset["metadata"]["name"]
+    server.jobsets[name] = {**jobset, "metadata": {**jobset["metadata"], "uid": "uid-js", "creationTimestamp": now},
+                            "spec": {**jobset["spec"], "suspend": True},
+                            "status": {"restarts": 0, "conditions": [suspended_now]}}
+    server.workloads = [workload(server.jobsets[name], kueue_condition("QuotaReserved", False, "Pending", NO_QUOTA))]
+    started = time.monotonic()
+    with pytest.raises(kube.NotAdmitted, match=rf"more than kubernetes.admission_timeout \({ADMISSION_TIMEOUT_S} s\)"):
+        cluster.follow_jobset(name, group_job=render.group_job_name(recipe, "sft"), logs=False,
+                              admission_timeout_s=ADMISSION_TIMEOUT_S)
+    waited = time.monotonic() - started
+    assert waited < ADMISSION_TIMEOUT_S + SPARE_S, f"the wait ended {waited:.0f} s after it began"
+
+
 def test_without_kueue_a_suspended_job_is_waited_on_as_before(cluster, server):
     queued_job(server, Attempt(statuses=[running(), complete()]))  # server.workloads None: no Kueue CRD (404)
     assert cluster.follow(JOB, logs=False, admission_timeout_s=600).succeeded
@@ -155,7 +215,6 @@ def test_a_running_stage_preempted_by_kueue_is_waited_on_and_completes_not_faile
 def test_a_multi_node_stage_waiting_for_kueue_says_why_from_its_jobsets_workload(cluster, server):
     """Kueue admits a JobSet whole: its Workload is the JobSet's, and the suspended JobSet's wait says why."""
     from launcher import chain
-    from tests.launcher.conftest import MULTI
 
     recipe = make(MULTI, **{"kubernetes.queue": "gpu-queue"})
     jobset = render.render_stage(recipe, "sft", IMAGE)[0]

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from tests.launcher.conftest import IMAGE
-from tests.simcluster import (
+from scripts.cluster import (
     CLUSTER_QUEUE,
     JOBSET_API,
     LOCAL_QUEUE,
@@ -22,8 +21,9 @@ from tests.simcluster import (
     SIM_EXIT_CODE,
     SIM_FAIL_INDEX,
     SIM_RUN_SECONDS,
-    wait_for,
 )
+from tests.launcher.conftest import IMAGE
+from tests.simcluster import wait_for
 
 pytestmark = pytest.mark.cluster
 H100, A100 = "NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-40GB"

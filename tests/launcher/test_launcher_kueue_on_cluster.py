@@ -21,18 +21,11 @@ import pytest
 from jobs import recipe as recipes
 from jobs.contract import EXIT_FAILURE, EXIT_USER_ERROR
 from launcher import chain, kube, render, state
+from scripts.cluster import CLUSTER_QUEUE, JOBSET_API, LOCAL_QUEUE, SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS
 from tests.conftest import ROOT, subprocess_env
 from tests.launcher.conftest import IMAGE
 from tests.launcher.test_launcher_on_cluster import RWX, Lines, group, on, recipe
-from tests.simcluster import (
-    CLUSTER_QUEUE,
-    JOBSET_API,
-    LOCAL_QUEUE,
-    SIM_EXIT_CODE,
-    SIM_FAIL_INDEX,
-    SIM_RUN_SECONDS,
-    wait_for,
-)
+from tests.simcluster import wait_for
 
 pytestmark = pytest.mark.cluster
 H100_FLAVOR = "nvidia-h100-80gb-hbm3"  # scripts/cluster.py names a flavor after its product, lower-cased

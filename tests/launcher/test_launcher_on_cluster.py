@@ -19,8 +19,8 @@ import pytest
 
 from jobs.contract import UserError
 from launcher import chain, kube, render, state
+from scripts.cluster import SIM_EXIT_CODE, SIM_RUN_SECONDS, SIM_START_SECONDS, SIM_STOP_SECONDS
 from tests.launcher.conftest import IMAGE, make
-from tests.simcluster import SIM_EXIT_CODE, SIM_RUN_SECONDS, SIM_START_SECONDS, SIM_STOP_SECONDS
 
 pytestmark = pytest.mark.cluster
 RECORDED = Path(__file__).parent / "recorded"

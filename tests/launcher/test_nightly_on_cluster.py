@@ -17,9 +17,10 @@ import yaml
 from jobs import recipe as recipes
 from jobs.recipe import RECIPE_ENV, Kubernetes
 from launcher import chain, cli, kube, render, setup
+from scripts.cluster import SIM_RUN_SECONDS
 from tests.launcher.conftest import IMAGE, SINGLE, make
 from tests.launcher.test_nightly import PLATFORM
-from tests.simcluster import SIM_RUN_SECONDS, wait_for
+from tests.simcluster import wait_for
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,9 @@ import pytest
 
 from jobs import recipe as recipes
 from launcher import chain, kube, render, state
+from scripts.cluster import SIM_EXIT_CODE, SIM_RUN_SECONDS
 from tests.launcher.conftest import IMAGE, SINGLE
-from tests.simcluster import SIM_EXIT_CODE, SIM_RUN_SECONDS, wait_for
+from tests.simcluster import wait_for
 
 pytestmark = pytest.mark.cluster
 

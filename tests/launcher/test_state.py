@@ -4,7 +4,7 @@ written by test_launcher_on_cluster.py with VLMJOBS_RECORD=1), and its decisions
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -135,3 +135,16 @@ def test_a_resumed_log_repeats_no_line_and_loses_none():
     again = ["2026-01-01T00:00:05.1Z a", "2026-01-01T00:00:05.1Z b", "2026-01-01T00:00:05.25Z c",
              "2026-01-01T00:00:05.25Z d", "2026-01-01T00:00:06Z e"]  # fmt: skip
     assert [cursor.fresh(line) for line in again] == [None, None, None, "d", "e"]
+
+
+def test_a_suspended_jobs_wait_says_how_long_admission_timeout_leaves_it():
+    """The follower's next look is bounded by ``left_s``: from the Suspended condition's last change (its creation
+    where it has none), none without a timeout."""
+    job, _ = recorded("group-suspended")
+    since = state.parse_time(state.condition(job, "Suspended")["lastTransitionTime"])
+    ten_later = since + timedelta(seconds=10)
+    assert state.admission(job, None, queued=True, now=ten_later, timeout_s=60).left_s == 50
+    assert state.admission(job, None, queued=True, now=ten_later, timeout_s=float("inf")).left_s == float("inf")
+    created = {**job, "status": {}}
+    created_at = state.parse_time(job["metadata"]["creationTimestamp"])
+    assert state.admission(created, None, queued=True, now=created_at + timedelta(seconds=25), timeout_s=60).left_s == 35
