@@ -57,23 +57,41 @@ def downward_env(container: dict, pod: dict) -> dict[str, str]:
     return values
 
 
+def minutely_nightly(real_cluster, namespace: str, *, suspend: bool) -> tuple[recipes.Recipe, kube.Cluster, object, str]:
+    """The recipe's nightly CronJob, due every minute, created (suspended or not) with its simulated driver container
+    running until deleted (kwok's exit after run-seconds), as a driver following stages does: (recipe, the admin's
+    Cluster, its BatchV1Api, the CronJob's name)."""
+    from kubernetes import client
+
+    recipe = sim(namespace, stages=["prepare"], **{"kubernetes.nightly_schedule": "* * * * *"})
+    admin = connect(real_cluster, namespace)
+    batch = client.BatchV1Api(admin.api)
+    cron = render.render_cronjob(recipe, IMAGE)
+    cron["spec"]["suspend"] = suspend
+    cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["annotations"] = {SIM_RUN_SECONDS: "600"}
+    batch.create_namespaced_cron_job(namespace, cron)
+    return recipe, admin, batch, render.cronjob_name(recipe)
+
+
+def made_as_the_controller_makes_it(real_cluster, namespace: str, nightly: str, night: datetime) -> dict:
+    """A Job of the CronJob for ``night`` as its controller would have made it (kubectl create job --from, with the
+    scheduled-time annotation and the controller's name), created."""
+    name = f"{nightly}-{int(night.timestamp()) // 60}"
+    made = json.loads(real_cluster.kubectl_run("-n", namespace, "create", "job", name, f"--from=cronjob/{nightly}",
+                                               "--dry-run=client", "-o", "json").stdout)  # fmt: skip
+    made["metadata"]["annotations"][SCHEDULED] = night.strftime("%Y-%m-%dT%H:%M:%SZ")
+    real_cluster.kubectl_run("apply", "-f", "-", stdin=json.dumps(made))
+    return made
+
+
 def test_a_nightly_driver_pod_retried_after_midnight_continues_its_nights_run(real_cluster, real_namespace, tmp_path,
                                                                               monkeypatch, capsys):  # fmt: skip
     """The CronJob controller's Job carries the scheduled time; a Job of last night (made as the controller makes it,
     annotation included, with kubectl create job --from) has its driver pod deleted today; the retried pod, run with
     its downward-API environment and the driver's ServiceAccount token, continues last night's run id and creates
     no second pipeline."""
-    from kubernetes import client
-
     ns = real_namespace
-    recipe = sim(ns, stages=["prepare"], **{"kubernetes.nightly_schedule": "* * * * *"})
-    admin = connect(real_cluster, ns)
-    batch = client.BatchV1Api(admin.api)
-    nightly = render.cronjob_name(recipe)
-    cron = render.render_cronjob(recipe, IMAGE)
-    # the simulated driver container runs until deleted (kwok's exit after run-seconds), as a driver following stages does
-    cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["annotations"] = {SIM_RUN_SECONDS: "600"}
-    batch.create_namespaced_cron_job(ns, cron)
+    recipe, admin, batch, nightly = minutely_nightly(real_cluster, ns, suspend=False)
     last = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=2)
     batch.patch_namespaced_cron_job_status(
         nightly, ns, {"status": {"lastScheduleTime": last.strftime("%Y-%m-%dT%H:%M:%SZ")}},
@@ -91,13 +109,10 @@ def test_a_nightly_driver_pod_retried_after_midnight_continues_its_nights_run(re
     assert datetime.fromisoformat(scheduled).timestamp() == minutes * 60
     assert by_controller["spec"]["activeDeadlineSeconds"] == 22 * 3600
 
-    # Last night's Job, 23:59 UTC yesterday, as the controller would have made it
+    # Last night's Job, 23:59 UTC yesterday
     yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).replace(hour=23, minute=59, second=0, microsecond=0)
-    name = f"{nightly}-{int(yesterday.timestamp()) // 60}"
-    made = real_cluster.kubectl_run("-n", ns, "create", "job", name, f"--from=cronjob/{nightly}", "--dry-run=client", "-o", "json")
-    last_night = json.loads(made.stdout)
-    last_night["metadata"]["annotations"][SCHEDULED] = yesterday.strftime("%Y-%m-%dT%H:%M:%SZ")
-    real_cluster.kubectl_run("apply", "-f", "-", stdin=json.dumps(last_night))
+    last_night = made_as_the_controller_makes_it(real_cluster, ns, nightly, yesterday)
+    name = last_night["metadata"]["name"]
 
     driver_token = real_cluster.token_kubeconfig(ns, render.DRIVER_SERVICE_ACCOUNT, tmp_path / "driver-kubeconfig")
     container = last_night["spec"]["template"]["spec"]["containers"][0]
@@ -128,23 +143,10 @@ def test_a_night_due_while_the_last_one_runs_does_not_start_and_status_says_why(
     """Last night's driver still running (its Job in the CronJob's status.active, as the controller keeps it) when
     tonight is due: the real CronJob controller starts nothing under Forbid and records JobAlreadyActive on the
     CronJob; `vlmjobs status` says which night is in the way."""
-    from kubernetes import client
-
     ns = real_namespace
-    recipe = sim(ns, stages=["prepare"], **{"kubernetes.nightly_schedule": "* * * * *"})
-    admin = connect(real_cluster, ns)
-    batch = client.BatchV1Api(admin.api)
-    nightly = render.cronjob_name(recipe)
-    cron = render.render_cronjob(recipe, IMAGE)
-    cron["spec"]["suspend"] = True  # until last night is in place
-    cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["annotations"] = {SIM_RUN_SECONDS: "600"}
-    batch.create_namespaced_cron_job(ns, cron)
+    recipe, admin, batch, nightly = minutely_nightly(real_cluster, ns, suspend=True)  # until last night is in place
     yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).replace(second=0, microsecond=0)
-    name = f"{nightly}-{int(yesterday.timestamp()) // 60}"
-    made = json.loads(real_cluster.kubectl_run("-n", ns, "create", "job", name, f"--from=cronjob/{nightly}",
-                                               "--dry-run=client", "-o", "json").stdout)  # fmt: skip
-    made["metadata"]["annotations"][SCHEDULED] = yesterday.strftime("%Y-%m-%dT%H:%M:%SZ")
-    real_cluster.kubectl_run("apply", "-f", "-", stdin=json.dumps(made))
+    name = made_as_the_controller_makes_it(real_cluster, ns, nightly, yesterday)["metadata"]["name"]
     uid = admin.get_job(name)["metadata"]["uid"]
     due = (datetime.now(timezone.utc) - timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
     batch.patch_namespaced_cron_job_status(nightly, ns, {"status": {
