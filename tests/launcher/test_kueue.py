@@ -134,15 +134,20 @@ def watch_turns(server) -> list[int]:
 ADMISSION_TIMEOUT_S, SPARE_S = 4, 10
 
 
+def ends_at_admission_timeout(follow) -> None:
+    """``follow(admission_timeout_s=...)`` raises NotAdmitted, and by the timeout, not a watch turn or read later."""
+    started = time.monotonic()
+    with pytest.raises(kube.NotAdmitted, match=rf"more than kubernetes.admission_timeout \({ADMISSION_TIMEOUT_S} s\)"):
+        follow(admission_timeout_s=ADMISSION_TIMEOUT_S)
+    waited = time.monotonic() - started
+    assert waited < ADMISSION_TIMEOUT_S + SPARE_S, f"the wait ended {waited:.0f} s after it began"
+
+
 def test_the_wait_ends_at_admission_timeout_not_at_the_end_of_a_watch_turn(cluster, server):
     server.watch_holds, cluster.watch_s = True, 30
     job = queued_job(server, Attempt(statuses=[]), since=datetime.now(timezone.utc))
     server.workloads = [workload(job, kueue_condition("QuotaReserved", False, "Pending", NO_QUOTA))]
-    started = time.monotonic()
-    with pytest.raises(kube.NotAdmitted, match=rf"more than kubernetes.admission_timeout \({ADMISSION_TIMEOUT_S} s\)"):
-        cluster.follow(JOB, logs=False, admission_timeout_s=ADMISSION_TIMEOUT_S)
-    waited = time.monotonic() - started
-    assert waited < ADMISSION_TIMEOUT_S + SPARE_S, f"the wait ended {waited:.0f} s after it began"
+    ends_at_admission_timeout(lambda **timeout: cluster.follow(JOB, logs=False, **timeout))
     assert all(turn <= ADMISSION_TIMEOUT_S for turn in watch_turns(server)), watch_turns(server)
 
 
@@ -152,11 +157,7 @@ def test_a_stage_preempted_mid_watch_waits_no_longer_than_admission_timeout(clus
     manifest = render.render_stage(make(SINGLE), "sft", IMAGE)[0]
     job = server.add_job(manifest, running(), Attempt(statuses=[suspended(datetime.now(timezone.utc))], pods=[]))
     server.workloads = [workload(job, kueue_condition("QuotaReserved", False, "Pending", NO_QUOTA))]
-    started = time.monotonic()
-    with pytest.raises(kube.NotAdmitted, match=rf"more than kubernetes.admission_timeout \({ADMISSION_TIMEOUT_S} s\)"):
-        cluster.follow(JOB, logs=False, admission_timeout_s=ADMISSION_TIMEOUT_S)
-    waited = time.monotonic() - started
-    assert waited < ADMISSION_TIMEOUT_S + SPARE_S, f"the wait ended {waited:.0f} s after it began"
+    ends_at_admission_timeout(lambda **timeout: cluster.follow(JOB, logs=False, **timeout))
     first, *cut = watch_turns(server)  # running: a whole turn; suspended in it: the rest bounded
     assert first == 30 and all(turn <= ADMISSION_TIMEOUT_S for turn in cut), watch_turns(server)
 
@@ -174,12 +175,8 @@ def test_a_multi_node_stages_wait_ends_at_admission_timeout_not_at_the_next_read
                             "spec": {**jobset["spec"], "suspend": True},
                             "status": {"restarts": 0, "conditions": [suspended_now]}}
     server.workloads = [workload(server.jobsets[name], kueue_condition("QuotaReserved", False, "Pending", NO_QUOTA))]
-    started = time.monotonic()
-    with pytest.raises(kube.NotAdmitted, match=rf"more than kubernetes.admission_timeout \({ADMISSION_TIMEOUT_S} s\)"):
-        cluster.follow_jobset(name, group_job=render.group_job_name(recipe, "sft"), logs=False,
-                              admission_timeout_s=ADMISSION_TIMEOUT_S)
-    waited = time.monotonic() - started
-    assert waited < ADMISSION_TIMEOUT_S + SPARE_S, f"the wait ended {waited:.0f} s after it began"
+    ends_at_admission_timeout(lambda **timeout: cluster.follow_jobset(name, group_job=render.group_job_name(recipe, "sft"),
+                                                                      logs=False, **timeout))
 
 
 def test_without_kueue_a_suspended_job_is_waited_on_as_before(cluster, server):
