@@ -427,9 +427,9 @@ def history(recipe: str, plot: str = "", **overrides):
 @_cluster_command
 def prune(recipe: str, keep: int = 0, jobs: bool = False, **overrides):
     """Remove the folders of the recipe's runs (those in its history) beyond the newest --keep, never the last good
-    run nor one in use (a stage or the local runner running it). --jobs: also delete the removed runs' finished Jobs in
-    the recipe's namespace, and count a run with an unfinished Job as in use (where run.root is the cluster's volume,
-    e.g. in a pod that mounts it)."""
+    run nor one in use (a stage or the local runner running it). --jobs: also delete the removed runs' finished Jobs
+    and JobSets in the recipe's namespace, and count a run with an unfinished Job or JobSet as in use (where run.root
+    is the cluster's volume, e.g. in a pod that mounts it)."""
     from jobs import history as nights_of
 
     if not keep:
@@ -441,8 +441,9 @@ def prune(recipe: str, keep: int = 0, jobs: bool = False, **overrides):
         from launcher import render as rendering
         from launcher import state
 
-        def in_use(run_id: str) -> bool:
-            return any(not state.is_finished(job) for job in cluster.list_jobs(rendering.selector(run_id)))
+        def in_use(run_id: str) -> bool:  # a JobSet restarting its group has no unfinished Job for a moment
+            return (any(not state.is_finished(job) for job in cluster.list_jobs(rendering.selector(run_id)))
+                    or any(state.jobset_state(js) not in ("Completed", "Failed") for js in cluster.list_jobsets(rendering.selector(run_id))))
 
     removed, kept = nights_of.prune(resolved.run.root, resolved.name, int(keep), in_use=in_use)
     root = Path(resolved.run.root)
@@ -451,6 +452,9 @@ def prune(recipe: str, keep: int = 0, jobs: bool = False, **overrides):
     for run_id in removed:
         print(f"removed {root / run_id}")
         if cluster is not None:
+            for jobset in cluster.list_jobsets(rendering.selector(run_id)):  # its Jobs go with it
+                if cluster.delete_jobset(jobset["metadata"]["name"]):
+                    print(f"deleted JobSet {cluster.namespace}/{jobset['metadata']['name']} (finished)")
             for job in cluster.list_jobs(rendering.selector(run_id)):
                 if cluster.delete_job(job["metadata"]["name"]):
                     print(f"deleted Job {cluster.namespace}/{job['metadata']['name']} (finished)")

@@ -16,7 +16,7 @@ import yaml
 
 from jobs import recipe as recipes
 from jobs.recipe import RECIPE_ENV, Kubernetes
-from launcher import chain, cli, kube, render, setup
+from launcher import chain, cli, kube, render, setup, state
 from scripts.cluster import SIM_RUN_SECONDS
 from tests.launcher.conftest import IMAGE, SINGLE, make
 from tests.launcher.test_nightly import PLATFORM
@@ -267,3 +267,46 @@ def test_pod_template_is_kubernetes_strategic_merge_admitted_as_restricted_and_g
     assert refused_sft.startswith("0/") and "didn't match Pod's node affinity/selector" in refused_sft, refused_sft
     for r, stage in ((waiting, "sft"), (waiting, "evaluate"), (mig, "evaluate")):
         c.delete_job(render.job_name(r, stage))
+
+
+def test_prune_removes_old_runs_with_their_finished_jobs_and_jobsets_and_keeps_a_run_still_running(
+    real_cluster, real_namespace, tmp_path, monkeypatch, capsys
+):
+    """Four nights in the history, each with its Jobs on the cluster (a two-node stage's JobSet for the first): prune
+    --keep=1 --jobs keeps the newest, and the second, whose Job the Job controller still runs; it removes the first and
+    the third, their folders and their finished Jobs and JobSet, as the controllers left them."""
+    from jobs import history
+    from launcher.state import jobset_state
+
+    ns = real_namespace
+    root = tmp_path / "runs"
+    nights = [f"t-2026120{day}" for day in range(1, 5)]
+    for night in nights:
+        (root / night).mkdir(parents=True)
+        history.append(history.history_path(root, "t"), {"run_id": night, "value": 0.5, "primary_metric": "accuracy"})
+    admin = connect(real_cluster, ns)
+
+    def stage(night: str, seconds: str, **overrides) -> recipes.Recipe:
+        return sim(ns, **{"run.id": night, "kubernetes.pod_annotations": {SIM_RUN_SECONDS: seconds}, **overrides})
+
+    two_nodes = {"sft.resources": {"nodes": 2, "gpus": 8}}
+    (jobset,) = render.render_stage(stage(nights[0], "1", **two_nodes), "sft", IMAGE)
+    admin.create_jobset(jobset)
+    for night, seconds in zip(nights[1:], ("600", "1", "1")):
+        admin.create_job(render.render_job(stage(night, seconds), "prepare", IMAGE))
+    wait_for("the first night's JobSet and the third and fourth nights' Jobs finished", lambda: (
+        jobset_state(admin.get_jobset(jobset["metadata"]["name"])) == "Completed"
+        and all(state.is_finished(admin.get_job(f"{night}-prepare")) for night in nights[2:])), timeout=90)  # fmt: skip
+
+    recipe_path = tmp_path / "t.yaml"
+    recipe_path.write_text(yaml.safe_dump(stage(nights[0], "1").to_dict()))
+    monkeypatch.setenv("KUBECONFIG", str(real_cluster.kubeconfig))
+    cli.prune(str(recipe_path), keep=1, jobs=True, **{"run.root": str(root), "name": "t"})
+    said = capsys.readouterr().out.splitlines()
+    assert f"kept {root / nights[3]}: one of the newest 1" in said and f"kept {root / nights[1]}: in use" in said
+    assert f"deleted JobSet {ns}/{nights[0]}-sft (finished)" in said
+    assert f"deleted Job {ns}/{nights[2]}-prepare (finished)" in said
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [nights[1], nights[3]]
+    wait_for("the removed runs' Jobs and JobSet gone (foreground deletion)", lambda: not admin.list_jobsets(render.selector())
+             and sorted(j["metadata"]["name"] for j in admin.list_jobs(render.selector()))
+             == [f"{nights[1]}-prepare", f"{nights[3]}-prepare"], timeout=60)  # fmt: skip
