@@ -79,6 +79,8 @@ def memory(recipe: str, **overrides):
     misfits = []
     for stage in [s for s in recipes.TRAINING_STAGES if s in resolved.stages]:
         whole, counts = arithmetic.for_stage(resolved, stage)
+        if stage == "grpo" and resolved.grpo.server_pod:
+            misfits += _vllm_server_memory(resolved, counts["parameters"])
         method = getattr(resolved, stage).method
         res = resolved.resources_for(stage)
         shards = arithmetic.shard_count(resolved, stage, whole)
@@ -108,6 +110,31 @@ def memory(recipe: str, **overrides):
     if misfits:
         raise contract.UserError(f"memory: {'; '.join(misfits)} before activations, more than the GPU checked; "
                                  "change the recipe as suggested above")
+
+
+def _vllm_server_memory(recipe: recipes.Recipe, parameters: int) -> list[str]:
+    """GRPO's vLLM server pod (grpo.vllm_server): its GPUs as rendered, checked with the parameters counted from the
+    model's config; the misfit, if any."""
+    from jobs import memory as arithmetic
+    from jobs.stage_resources import DTYPE_BYTES, resolve
+
+    server = resolve(recipe, "grpo").server
+    gpu_memory_gib = recipe.resources_for("grpo").gpu_memory_gib
+    print(f"grpo's vLLM server (grpo.vllm_server): {server.gpus} GPU{'s' * (server.gpus > 1)} of its own, {server.basis}")
+    if not gpu_memory_gib:
+        print("  no GPU size to check it against: set resources.gpu_memory_gib")
+        return []
+    width = DTYPE_BYTES[recipe.model.dtype]
+    estimate = arithmetic.vllm_server(parameters, width, gpu_memory_gib, server.gpu_memory_utilization, server.gpus)
+    print(f"  {estimate}")
+    share = f"{arithmetic.SERVER_WEIGHTS_SHARE:.0%} of vLLM's share"
+    if estimate.fits:
+        print(f"  fits: the weights take at most {share}, the rest is the KV cache's")
+        return []
+    fewest = arithmetic.vllm_server_gpus(parameters, width, gpu_memory_gib, server.gpu_memory_utilization)
+    print(f"  does NOT fit: the weights take more than {share}, leaving too little for the KV cache; what would:")
+    print(f"    - grpo.vllm_server.gpus: {fewest} (or leave it out: the launcher sizes it so)")
+    return [f"grpo's vLLM server needs {fewest} GPUs, not {server.gpus}"]
 
 
 # Memory of common data-centre GPUs (GiB as their products name it): the sizes suggested when a recipe does not fit.
@@ -333,8 +360,8 @@ def logs(recipe: str = "", stage: str = "", run: str = "", follow: bool = True, 
 
     resolved = _recipe(recipe, run, overrides)
     chosen = _stage(resolved, stage)
-    multi_node = rendering.stage_resources(resolved, chosen).multi_node  # its pods are its JobSet's Job's
-    job = rendering.group_job_name(resolved, chosen) if multi_node else rendering.job_name(resolved, chosen)
+    jobset = rendering.stage_resources(resolved, chosen).jobset  # its pods are its JobSet's trainer Job's
+    job = rendering.group_job_name(resolved, chosen) if jobset else rendering.job_name(resolved, chosen)
     _cluster(resolved).print_log(job, index=int(index), follow=follow)
 
 
