@@ -76,11 +76,10 @@ def memory(recipe: str, **overrides):
     from jobs import memory as arithmetic
 
     resolved = recipes.load(str(recipe), overrides)
-    misfits = []
+    misfits, server_misfits, parameters = [], [], {}
     for stage in [s for s in recipes.TRAINING_STAGES if s in resolved.stages]:
         whole, counts = arithmetic.for_stage(resolved, stage)
-        if stage == "grpo" and resolved.grpo.server_pod:
-            misfits += _vllm_server_memory(resolved, counts["parameters"])
+        parameters[stage] = counts["parameters"]
         method = getattr(resolved, stage).method
         res = resolved.resources_for(stage)
         shards = arithmetic.shard_count(resolved, stage, whole)
@@ -107,8 +106,11 @@ def memory(recipe: str, **overrides):
         print(f"  does NOT fit in {gpu} ({available:.1f} GB) before activations; what would:")
         for suggestion in _what_would_fit(resolved, stage, whole, available):
             print(f"    - {suggestion}")
-    if misfits:
-        raise contract.UserError(f"memory: {'; '.join(misfits)} before activations, more than the GPU checked; "
+    if "grpo" in resolved.stages and resolved.grpo.server_pod:  # its own GPUs, after the trainer's
+        server_misfits = _vllm_server_memory(resolved, parameters["grpo"])
+    if misfits or server_misfits:
+        training = [f"{'; '.join(misfits)} before activations, more than the GPU checked"] if misfits else []
+        raise contract.UserError(f"memory: {'; '.join(training + server_misfits)}; "
                                  "change the recipe as suggested above")
 
 
@@ -134,7 +136,7 @@ def _vllm_server_memory(recipe: recipes.Recipe, parameters: int) -> list[str]:
     fewest = arithmetic.vllm_server_gpus(parameters, width, gpu_memory_gib, server.gpu_memory_utilization)
     print(f"  does NOT fit: the weights take more than {share}, leaving too little for the KV cache; what would:")
     print(f"    - grpo.vllm_server.gpus: {fewest} (or leave it out: the launcher sizes it so)")
-    return [f"grpo's vLLM server needs {fewest} GPUs, not {server.gpus}"]
+    return [f"grpo's vLLM server needs {fewest} GPUs for its weights and KV cache, not {server.gpus}"]
 
 
 # Memory of common data-centre GPUs (GiB as their products name it): the sizes suggested when a recipe does not fit.
