@@ -9,6 +9,7 @@ import pytest
 from jobs import memory
 from jobs import recipe as recipes
 from jobs.contract import UserError
+from tests.conftest import ROOT
 
 SERVER_IMAGE = "ghcr.io/vlmjobs/vllm-trl:0.31.0-trl1.16.0"
 SERVER_MODE = {"use_vllm": True, "vllm_mode": "server"}
@@ -145,3 +146,23 @@ def test_vllm_missing_where_the_stage_runs_is_a_recipe_error_before_anything_loa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(UserError, match=r"^grpo\.args\.use_vllm: vLLM is not installed where the stage runs"):
         grpo.main("recipes/tiny-grpo.yaml", **{"grpo.args.use_vllm": True, "run.root": "/nonexistent/never-written"})
+
+
+def test_the_tiny_twin_of_a_server_mode_recipe_generates_with_transformers_and_drops_the_server(tmp_path):
+    """A shipped recipe in server mode keeps its twin (tests/test_twins.py): no vLLM on a CPU, so no server either."""
+    import fnmatch
+
+    import yaml
+
+    from jobs import twins
+
+    original = yaml.safe_load((ROOT / "recipes" / "qwen25vl-3b-open-r1-grpo.yaml").read_text())
+    original["grpo"]["args"]["vllm_mode"] = "server"
+    original["grpo"]["vllm_server"] = {"image": SERVER_IMAGE}
+    recipes.from_dict(original)  # valid as shipped
+    twin = twins.twin(original, lambda family: tmp_path / "model", lambda kind: tmp_path / "data", tmp_path / "runs")
+    recipe = recipes.from_dict(twin)
+    assert not recipe.grpo.args["use_vllm"] and recipe.grpo.vllm_server is None
+    changed = twins.changed_keys(original, twin)
+    assert "*.vllm_server.image" in changed
+    assert all(any(fnmatch.fnmatchcase(key, documented) for documented in twins.CHANGED) for key in changed)
