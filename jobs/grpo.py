@@ -4,7 +4,9 @@ For each prompt (and its images) the policy samples ``num_generations`` completi
 ``grpo.rewards`` (jobs.rewards: evaluate's own scoring rules, or a user's function), and the policy is pushed towards
 the completions that score above their group's mean. Starts from the SFT stage's output when the run has one
 (``grpo.init: sft``), as DPO does. Completions are generated with transformers' ``generate`` unless the recipe asks
-for vLLM (``grpo.args.use_vllm``, ``vllm_mode: colocate`` or ``server``: GPU clusters only).
+for vLLM (``grpo.args.use_vllm``, ``vllm_mode: colocate`` or ``server``: GPU clusters only, in an image with vLLM).
+In server mode the launcher runs the server beside the trainer (``grpo.vllm_server``) and hands its URL in
+$VLMJOBS_VLLM_SERVER_URL; TRL's trainer pushes its weights to the server before the first generation and every step.
 
     local:      python -m jobs.grpo --recipe recipes/tiny-grpo.yaml [--grpo.args.learning_rate=1e-5]
                 vlmjobs run recipes/tiny-grpo.yaml --stages grpo
@@ -16,6 +18,9 @@ completions' lengths and the loss at every logging step, tensorboard/, and _SUCC
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 from jobs import contract, entry
 from jobs import recipe as recipes
 
@@ -23,6 +28,11 @@ from jobs import recipe as recipes
 def main(recipe: str = "", force: bool = False, **overrides):
     cfg = recipes.load(recipe, overrides)
     recipes.check_passthrough(cfg)
+    # TRL imports vLLM in the trainer in both modes (in server mode for the weight-transfer group): without it
+    # GRPOTrainer fails after the model has loaded, with an ImportError that names pip, not the recipe
+    if cfg.grpo.args.get("use_vllm") and importlib.util.find_spec("vllm") is None:
+        raise contract.UserError("grpo.args.use_vllm: vLLM is not installed where the stage runs (the project's image "
+                                 "has none); run in an image with vLLM (kubernetes.image), or set use_vllm false")
     from_sft = cfg.grpo.init == "sft" and "sft" in cfg.stages
     stage = contract.begin("grpo", cfg.run_dir, cfg.stage_config("grpo"), needs=cfg.needs("grpo"), force=force, resumable=True)
     if stage.skipped:
@@ -43,7 +53,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     shards = training.shard_count(cfg, "grpo")
     args = training.trl_config(GRPOConfig, cfg.grpo, output_dir=stage.work / "checkpoints", seed=cfg.seed,
                                dtype=precision.compute, shards=shards,
-                               defaults={"reward_weights": [reward.weight for reward in cfg.grpo.rewards]})
+                               defaults={"reward_weights": [reward.weight for reward in cfg.grpo.rewards],
+                                         **vllm_server_address(cfg)})
     model, lineage, start = starting_point(cfg, stage.run_dir, from_sft, dtype=precision.weights, sharded=shards > 1,
                                            stage="grpo")
     # A completion ends where the template closes a turn, as evaluate's answers end (TRL stops at the eos ids of the
@@ -83,6 +94,12 @@ def main(recipe: str = "", force: bool = False, **overrides):
         method=cfg.grpo.method, starting_from=start, rewards=[r.name for r in cfg.grpo.rewards],
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)), sharding=training.what_was_sharded(trainer),
     )
+
+
+def vllm_server_address(cfg: recipes.Recipe) -> dict:
+    """GRPOConfig.vllm_server_base_url: the server pod the launcher rendered beside this one, in server mode."""
+    url = os.environ.get(recipes.VLLM_SERVER_URL_ENV)
+    return {"vllm_server_base_url": url} if url and cfg.grpo.vllm_server_mode else {}
 
 
 if __name__ == "__main__":

@@ -253,3 +253,48 @@ def grpo_generation_gb(recipe, config, bytes_per_value: int, prompt_tokens: int 
     rows = math.ceil(recipes.grpo_generation_batch(args, processes) / processes)
     tokens = (prompt_tokens or PROMPT_TOKENS) + args.get("max_completion_length", TRL_MAX_COMPLETION_LENGTH) - 1
     return kv_cache_gb(config, rows, tokens, bytes_per_value)
+
+
+# GRPO's vLLM server (vllm_mode server, its own pod): vLLM takes gpu_memory_utilization of each of its GPUs and fills
+# what its weights leave with the KV cache of the completions it generates. The weights are split over the GPUs by
+# tensor parallelism, whose size must divide the attention heads: a power of two. Half of vLLM's share at most goes to
+# the weights, so that the KV cache has the other half for a generation batch of long completions (at startup vLLM
+# fails with no memory left for cache blocks; with little, it generates a few sequences at a time).
+SERVER_WEIGHTS_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class ServerEstimate:
+    weights: float  # GB of weights on each GPU
+    reserved: float  # GB vLLM takes of each GPU (gpu_memory_utilization of it)
+    gpus: int
+
+    @property
+    def cache(self) -> float:
+        """GB of each GPU left for the KV cache and activations."""
+        return self.reserved - self.weights
+
+    @property
+    def fits(self) -> bool:
+        return self.weights <= self.reserved * SERVER_WEIGHTS_SHARE
+
+    def __str__(self) -> str:
+        over = f" over {self.gpus} GPUs (tensor parallel)" if self.gpus > 1 else ""
+        return (f"weights {self.weights:.3g} GB per GPU{over} + KV cache {self.cache:.3g} GB = {self.reserved:.3g} GB, "
+                f"vLLM's share of each GPU")
+
+
+def vllm_server(parameters: float, bytes_per_parameter: float, gpu_memory_gib: float, utilization: float,
+                gpus: int) -> ServerEstimate:
+    """What each of the server's ``gpus`` holds: its part of the weights, and vLLM's share of the GPU around it."""
+    return ServerEstimate(weights=weights_gb(parameters, bytes_per_parameter) / gpus,
+                          reserved=gpu_gb(gpu_memory_gib) * utilization, gpus=gpus)
+
+
+def vllm_server_gpus(parameters: float, bytes_per_parameter: float, gpu_memory_gib: float, utilization: float) -> int:
+    """The fewest GPUs, a power of two, whose vLLM share holds the weights with room for the KV cache; 3.75B in bf16
+    (7.5 GB) take one 80 GiB GPU at 0.9, 72B (144 GB) four."""
+    gpus = 1
+    while not vllm_server(parameters, bytes_per_parameter, gpu_memory_gib, utilization, gpus).fits:
+        gpus *= 2
+    return gpus

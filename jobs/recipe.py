@@ -168,12 +168,36 @@ class Reward:
 
 
 @dataclass(frozen=True)
+class VllmServer:
+    """GRPO's vLLM server as its own pod beside the trainer (``grpo.args.use_vllm: true``, ``vllm_mode: server``): the
+    launcher renders the stage as a JobSet of the trainer and this server, ``trl vllm-serve`` on its own GPUs."""
+
+    # An image with vLLM (0.30 or 0.31: TRL 1.16's range, from 0.30 on for image prompts) and trl==1.16.0, whose
+    # `trl vllm-serve` adds the flags its trainer relies on (the weight-transfer engine, vLLM's dev endpoints); the
+    # project's image has no vLLM. Pinned, as kubernetes.image is.
+    image: str | None = None
+    gpus: int | None = None  # its tensor-parallel size; None: the fewest the memory arithmetic (jobs.memory) gives
+    gpu_memory_utilization: float = 0.9  # the share of each of its GPUs vLLM takes (trl vllm-serve's default)
+
+
+@dataclass(frozen=True)
 class GRPO(Train):
     init: str = "sft"  # sft: start from the SFT stage's output when the run has one; base: from the base model
     sft_adapter: str = "merge"  # merge: fold SFT's adapter into the weights first; continue: train it further
     # Summed with their weights into each completion's reward (GRPOConfig.reward_weights). accuracy is evaluate's own
     # accuracy rule for the data's format (ChartQA's relaxed accuracy for chartqa, exact match otherwise).
     rewards: tuple[Reward, ...] = (Reward("accuracy"),)
+    vllm_server: VllmServer | None = None  # in a cluster, the server of vllm_mode server as its own pod
+
+    @property
+    def vllm_server_mode(self) -> bool:
+        """TRL generates through a vLLM server (GRPOConfig's use_vllm and vllm_mode server)."""
+        return bool(self.args.get("use_vllm")) and self.args.get("vllm_mode", "colocate") == "server"
+
+    @property
+    def server_pod(self) -> bool:
+        """The launcher renders the vLLM server as a pod beside the trainer (else the user's own server, or none)."""
+        return self.vllm_server_mode and self.vllm_server is not None
 
 
 @dataclass(frozen=True)
@@ -651,6 +675,7 @@ def _grpo_errors(recipe: Recipe) -> list[str]:
                       "reference is the adapter switched off) or beta 0")
     if "reward_weights" in recipe.grpo.args:
         errors.append("grpo.args.reward_weights: set from grpo.rewards' weights; give each reward its weight there")
+    errors += _vllm_server_errors(recipe)
     args = recipe.grpo.args
     if args.get("per_device_train_batch_size") == "auto":  # TRL refuses auto_find_batch_size for GRPO, for this reason
         errors.append("grpo.args.per_device_train_batch_size: auto is not for GRPO (halving the batch on out-of-memory "
@@ -675,6 +700,50 @@ def _grpo_errors(recipe: Recipe) -> list[str]:
             errors.append(f"grpo.args.num_generations: {generations} completions per prompt do not divide the generation "
                           f"batch of {batch} (per_device_train_batch_size x {processes} process(es) x steps_per_generation, or "
                           "generation_batch_size); make the batch a multiple of num_generations")
+    return errors
+
+
+# GRPOConfig's fields that say where the vLLM server is: set for the trainer by the launcher where it renders the server
+VLLM_SERVER_ADDRESS_ARGS = ("vllm_server_base_url", "vllm_server_host", "vllm_server_port")
+VLLM_SERVER_URL_ENV = "VLMJOBS_VLLM_SERVER_URL"  # the server pod's URL, in the trainer's pods (launcher.render)
+
+
+def _vllm_server_errors(recipe: Recipe) -> list[str]:
+    """vllm_mode server needs a server: the launcher's pod (grpo.vllm_server, with its image) or the user's own
+    (grpo.args.vllm_server_base_url or vllm_server_host), not both; grpo.vllm_server serves server mode alone."""
+    from jobs.hub import looks_like_path
+
+    grpo, server = recipe.grpo, recipe.grpo.vllm_server
+    own_server = [key for key in VLLM_SERVER_ADDRESS_ARGS if key in grpo.args]
+    if server is None:
+        if grpo.vllm_server_mode and not {"vllm_server_base_url", "vllm_server_host"} & set(own_server):
+            return ["grpo.args.vllm_mode: server needs a vLLM server: set grpo.vllm_server.image (an image with vLLM and "
+                    "trl==1.16.0) for the launcher to run one beside the trainer, or grpo.args.vllm_server_base_url "
+                    "to use your own"]
+        return []
+    if not grpo.vllm_server_mode:
+        return ["grpo.vllm_server: a server pod serves grpo.args.use_vllm: true with vllm_mode: server only; set both, "
+                "or remove grpo.vllm_server"]
+    errors = []
+    if not server.image:
+        errors.append("grpo.vllm_server.image: required: an image with vLLM and trl==1.16.0 (the project's image has no "
+                      "vLLM), pinned by tag or digest")
+    if own_server:
+        errors.append(f"grpo.args.{own_server[0]}: set by the launcher, which points the trainer at the server pod "
+                      "(grpo.vllm_server); remove it, or remove grpo.vllm_server to use your own server")
+    if server.gpus is not None and server.gpus < 1:
+        errors.append(f"grpo.vllm_server.gpus: {server.gpus}; vLLM needs 1 or more (its tensor-parallel size)")
+    if not 0 < server.gpu_memory_utilization <= 1:
+        errors.append(f"grpo.vllm_server.gpu_memory_utilization: {server.gpu_memory_utilization:g} is not a share of a "
+                      "GPU in (0, 1]")
+    # The server starts from the base model's hub id even where GRPO starts from SFT's output on the volume: in server
+    # mode TRL's trainer pushes every weight (a LoRA adapter merged in) to the server before its first generation and
+    # after every step (GRPOTrainer._last_loaded_step starts at -1), so what the server loaded is overwritten before
+    # it generates. It reads no volume (a ReadWriteOnce claim attaches to the trainer's node alone), so a model that
+    # is a local path it cannot load.
+    if looks_like_path(recipe.model.name_or_path):
+        errors.append(f"grpo.vllm_server: the server pod loads model.name_or_path from the hub, and "
+                      f"{recipe.model.name_or_path!r} is a path; give the model's hub id (and model.revision)")
     return errors
 
 

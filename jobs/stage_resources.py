@@ -13,6 +13,11 @@ the launcher renders the stage's Job from it and picks the stage's command by it
   the recipe's GPUs per node, as before.
 
 A stage's own ``<stage>.resources`` overrides any of this, field by field.
+
+- grpo with its vLLM server as a pod (``grpo.vllm_server``, vllm_mode server) adds the server's (``ServerResources``):
+  ``grpo.vllm_server.gpus``, or the fewest GPUs of the stage's size whose vLLM share holds the weights in
+  ``model.dtype`` (bf16 where ``auto``) with room for the KV cache (``memory.vllm_server_gpus``); one GPU where the
+  recipe gives no parameter count or GPU size. The stage then renders as a JobSet of the trainer and the server.
 """
 
 from __future__ import annotations
@@ -40,6 +45,23 @@ DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}  # auto: bf
 MERGE_BYTES = 4  # merge_push loads and merges in float32
 
 
+SERVER_CPU = "8"  # vLLM's API server and its tokenizing and image processing of the prompts
+SERVER_SHM = "8Gi"  # vLLM's tensor-parallel workers exchange through /dev/shm (NCCL, its shared-memory broadcast)
+
+
+@dataclass(frozen=True)
+class ServerResources:
+    """What GRPO's vLLM server pod asks for; ``basis`` says how its GPUs were decided."""
+
+    image: str
+    gpus: int  # its tensor-parallel size
+    gpu_memory_utilization: float
+    cpu: str
+    memory: str
+    shm: str
+    basis: str
+
+
 @dataclass(frozen=True)
 class StageResources:
     """What one stage's pods ask for; ``basis`` says how it was decided (for messages)."""
@@ -54,6 +76,12 @@ class StageResources:
     basis: str
     gpu_resource: str  # nvidia.com/gpu, or a MIG slice (resources.gpu_resource)
     shared_gpu: bool = False  # a training stage may land on time-sliced GPUs (resources.shared_gpu); others always may
+    server: ServerResources | None = None  # grpo's vLLM server pod, beside the trainer's
+
+    @property
+    def jobset(self) -> bool:
+        """Rendered as a JobSet: several nodes, or a trainer and its vLLM server (launcher.render)."""
+        return self.multi_node or self.server is not None
 
     @property
     def processes(self) -> int:
@@ -73,9 +101,30 @@ def resolve(recipe: Recipe, stage: str) -> StageResources:
 
 def _training(recipe: Recipe, stage: str) -> StageResources:
     res = recipe.resources_for(stage)
+    server = _vllm_server(recipe, res) if stage == "grpo" and recipe.grpo.server_pod else None
     return StageResources(stage=stage, gpus=res.gpus, nodes=res.nodes, cpu=res.cpu, memory=res.memory, shm=res.shm,
                           gpu_product=res.gpu_product, basis="the recipe's training resources",
-                          gpu_resource=res.gpu_resource, shared_gpu=res.shared_gpu)
+                          gpu_resource=res.gpu_resource, shared_gpu=res.shared_gpu, server=server)
+
+
+def _vllm_server(recipe: Recipe, res) -> ServerResources:
+    """GRPO's vLLM server, on GPUs of the trainer's product and size: vLLM loads the weights through host memory."""
+    server = recipe.grpo.vllm_server
+    parameters, width = recipe.model.parameters, DTYPE_BYTES[recipe.model.dtype]
+    utilization = server.gpu_memory_utilization
+    if server.gpus:
+        gpus, basis = server.gpus, "grpo.vllm_server.gpus"
+    elif parameters and res.gpu_memory_gib:
+        gpus = memory.vllm_server_gpus(parameters, width, res.gpu_memory_gib, utilization)
+        estimate = memory.vllm_server(parameters, width, res.gpu_memory_gib, utilization, gpus)
+        basis = (f"{parameters / 1e9:.3g}B parameters at {width} bytes, {utilization:g} of a {res.gpu_memory_gib:g} GiB "
+                 f"GPU for vLLM: {estimate}")
+    else:
+        gpus, basis = 1, "one GPU (no model.parameters or resources.gpu_memory_gib to size it)"
+    host = f"{math.ceil(memory.weights_gb(parameters, width) * memory.GB / memory.GIB) + INFERENCE_HOST_OVERHEAD_GIB}Gi" \
+        if parameters else res.memory  # no count: the trainer's, which loads the same weights
+    return ServerResources(image=server.image or "", gpus=gpus, gpu_memory_utilization=utilization, cpu=SERVER_CPU,
+                           memory=host, shm=SERVER_SHM, basis=basis)
 
 
 def _prepare(recipe: Recipe) -> StageResources:

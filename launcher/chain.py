@@ -97,25 +97,34 @@ def _refuse_another_recipe(cluster: Cluster, recipe: Recipe, image: str, stage: 
 JOBSET_INSTALL = "kubectl apply --server-side -f https://github.com/kubernetes-sigs/jobset/releases/download/v0.11.1/manifests.yaml"
 
 
+def _layout(res: StageResources) -> str:
+    """"2 nodes", "2 nodes, a vLLM server on 1 GPU", "1 node, a vLLM server on 2 GPUs": what the JobSet holds."""
+    nodes = f"{res.nodes} node{'s' * res.multi_node}"
+    server = f", a vLLM server on {res.server.gpus} GPU{'s' * (res.server.gpus > 1)}" if res.server else ""
+    return nodes + server
+
+
 def run_group(cluster: Cluster, recipe: Recipe, stage: str, image: str, res: StageResources, manifest: dict, *,
               follow: bool, logs: bool) -> None:
-    """A multi-node stage: create its JobSet (or find it), follow it to its end; the JobSet controller restarts the
-    group, so a launcher stopped and started again (or none: submit --detach) changes nothing."""
+    """A multi-node stage, or grpo with its vLLM server: create its JobSet (or find it), follow it to its end; the JobSet
+    controller restarts the group, so a launcher stopped and started again (or none: submit --detach) changes nothing."""
     name = manifest["metadata"]["name"]
     _refuse_unshareable_claim(cluster, recipe, stage, res.nodes)  # whatever the cluster serves: the recipe's to fix
     if not cluster.serves(kube.JOBSET_GROUP, kube.JOBSET_VERSION):
-        raise UserError(f"stage {stage} runs on {res.nodes} nodes as a JobSet, but the cluster serves no "
+        runs = f"runs as a JobSet ({_layout(res)})" if res.server else f"runs on {res.nodes} nodes as a JobSet"
+        raise UserError(f"stage {stage} {runs}, but the cluster serves no "
                         f"{render.JOBSET_API} (JobSet is not installed); an admin installs it with: {JOBSET_INSTALL}")
     jobset = cluster.get_jobset(name)
     if jobset is None:
         try:
             jobset = cluster.create_jobset(manifest)
-            cluster.out(f"==> {stage}: created JobSet {cluster.namespace}/{name} ({res.nodes} nodes)")
+            cluster.out(f"==> {stage}: created JobSet {cluster.namespace}/{name} ({_layout(res)})")
         except AlreadyExists:
             jobset = cluster.get_jobset(name) or manifest
     else:
         # its recipe is in the child Job's template: compared as a Job's would be
-        child = {"metadata": jobset["metadata"], "spec": jobset["spec"]["replicatedJobs"][0]["template"]["spec"]}
+        group = next(r for r in jobset["spec"]["replicatedJobs"] if r["name"] == render.GROUP_JOB)  # not the vLLM server
+        child = {"metadata": jobset["metadata"], "spec": group["template"]["spec"]}
         _refuse_another_recipe(cluster, recipe, image, stage, child, manifest)
         cluster.out(f"==> {stage}: JobSet {cluster.namespace}/{name} already exists: {state.jobset_state(jobset)}")
     if not follow:
@@ -126,6 +135,8 @@ def run_group(cluster: Cluster, recipe: Recipe, stage: str, image: str, res: Sta
     restarts = state.jobset_restarts(jobset)[0]
     if state.jobset_state(jobset) == "Completed":
         cluster.wait_pods_terminated(group_job)
+        if res.server:  # deleted by JobSet once the trainer succeeded: its GPUs are free when its pod is gone
+            cluster.wait_pods_terminated(render.server_job_name(recipe, stage))
         cluster.out(f"==> {stage}: succeeded" + (f" after {restarts} restart(s)" if restarts else ""))
         return
     failed = state.first_failed_job(jobset) or group_job
@@ -146,7 +157,7 @@ def run_stage(
     manifest, = render.render_stage(recipe, stage, image)
     if ends_at is not None:
         manifest = render.within(manifest, (ends_at - datetime.now(timezone.utc)).total_seconds())
-    if res.multi_node:
+    if res.jobset:
         return run_group(cluster, recipe, stage, image, res, manifest, follow=follow, logs=logs)
     name = manifest["metadata"]["name"]
     k = recipe.kubernetes

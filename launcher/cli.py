@@ -79,9 +79,10 @@ def memory(recipe: str, prompt_tokens: int | None = None, **overrides):
     resolved = recipes.load(str(recipe), overrides)
     if prompt_tokens is not None and (isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 1):
         raise contract.UserError(f"memory: --prompt_tokens={prompt_tokens!r}: give a whole number of tokens, 1 or more")
-    misfits = []
+    misfits, server_misfits, parameters = [], [], {}
     for stage in [s for s in recipes.TRAINING_STAGES if s in resolved.stages]:
         whole, counts = arithmetic.for_stage(resolved, stage, prompt_tokens)
+        parameters[stage] = counts["parameters"]
         method = getattr(resolved, stage).method
         res = resolved.resources_for(stage)
         shards = arithmetic.shard_count(resolved, stage, whole)
@@ -110,8 +111,11 @@ def memory(recipe: str, prompt_tokens: int | None = None, **overrides):
         print(f"  does NOT fit in {gpu} ({available:.1f} GB) before activations; what would:")
         for suggestion in _what_would_fit(resolved, stage, whole, available, prompt_tokens):
             print(f"    - {suggestion}")
-    if misfits:
-        raise contract.UserError(f"memory: {'; '.join(misfits)} before activations, more than the GPU checked; "
+    if "grpo" in resolved.stages and resolved.grpo.server_pod:  # its own GPUs, after the trainer's
+        server_misfits = _vllm_server_memory(resolved, parameters["grpo"])
+    if misfits or server_misfits:
+        training = [f"{'; '.join(misfits)} before activations, more than the GPU checked"] if misfits else []
+        raise contract.UserError(f"memory: {'; '.join(training + server_misfits)}; "
                                  "change the recipe as suggested above")
 
 
@@ -133,6 +137,31 @@ def _generation_line(resolved: recipes.Recipe, estimate, prompt_tokens: int | No
               f"prompts of {arithmetic.PROMPT_TOKENS:,} tokens assumed (--prompt_tokens=N for yours, image tokens included)")
     return (f"generation: the key-value cache of {rows} completion(s) at once per GPU, {prompt} and up to {completion:,} "
             f"completion tokens: {estimate.generation:.3g} GB")
+
+
+def _vllm_server_memory(recipe: recipes.Recipe, parameters: int) -> list[str]:
+    """GRPO's vLLM server pod (grpo.vllm_server): its GPUs as rendered, checked with the parameters counted from the
+    model's config; the misfit, if any."""
+    from jobs import memory as arithmetic
+    from jobs.stage_resources import DTYPE_BYTES, resolve
+
+    server = resolve(recipe, "grpo").server
+    gpu_memory_gib = recipe.resources_for("grpo").gpu_memory_gib
+    print(f"grpo's vLLM server (grpo.vllm_server): {server.gpus} GPU{'s' * (server.gpus > 1)} of its own, {server.basis}")
+    if not gpu_memory_gib:
+        print("  no GPU size to check it against: set resources.gpu_memory_gib")
+        return []
+    width = DTYPE_BYTES[recipe.model.dtype]
+    estimate = arithmetic.vllm_server(parameters, width, gpu_memory_gib, server.gpu_memory_utilization, server.gpus)
+    print(f"  {estimate}")
+    share = f"{arithmetic.SERVER_WEIGHTS_SHARE:.0%} of vLLM's share"
+    if estimate.fits:
+        print(f"  fits: the weights take at most {share}, the rest is the KV cache's")
+        return []
+    fewest = arithmetic.vllm_server_gpus(parameters, width, gpu_memory_gib, server.gpu_memory_utilization)
+    print(f"  does NOT fit: the weights take more than {share}, leaving too little for the KV cache; what would:")
+    print(f"    - grpo.vllm_server.gpus: {fewest} (or leave it out: the launcher sizes it so)")
+    return [f"grpo's vLLM server needs {fewest} GPUs for its weights and KV cache, not {server.gpus}"]
 
 
 # Memory of common data-centre GPUs (GiB as their products name it): the sizes suggested when a recipe does not fit.
@@ -373,8 +402,8 @@ def logs(recipe: str = "", stage: str = "", run: str = "", follow: bool = True, 
 
     resolved = _recipe(recipe, run, overrides)
     chosen = _stage(resolved, stage)
-    multi_node = rendering.stage_resources(resolved, chosen).multi_node  # its pods are its JobSet's Job's
-    job = rendering.group_job_name(resolved, chosen) if multi_node else rendering.job_name(resolved, chosen)
+    jobset = rendering.stage_resources(resolved, chosen).jobset  # its pods are its JobSet's trainer Job's
+    job = rendering.group_job_name(resolved, chosen) if jobset else rendering.job_name(resolved, chosen)
     _cluster(resolved).print_log(job, index=int(index), follow=follow)
 
 

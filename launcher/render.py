@@ -42,6 +42,7 @@ from jobs.contract import EXIT_REGRESSED, EXIT_USER_ERROR, UserError
 from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, TRAINING_STAGES, Kubernetes, Recipe
 from jobs.stage_resources import StageResources, resolve
 from launcher import features
+from jobs.recipe import VLLM_SERVER_URL_ENV
 from launcher.commands import NODE_RANK_ENV, stage_argv, stage_env
 from launcher.patch import strategic_merge
 
@@ -195,20 +196,20 @@ def check_resources(stage: str, res: StageResources) -> None:
         raise UserError(f"{where}.gpu_product: {res.gpu_product!r} is not a label value (e.g. NVIDIA-H100-80GB-HBM3)")
 
 
-def check_image(image: str) -> str:
+def check_image(image: str, key: str = "kubernetes.image") -> str:
     """A pinned image reference: a tag other than latest, or a digest."""
     name, _, digest = image.partition("@")
     last = name.rsplit("/", 1)[-1]
     if digest:
         if not IMAGE_DIGEST.match(digest):
-            raise UserError(f"kubernetes.image: {image!r} has a malformed digest (expected @sha256:<64 hex digits>)")
+            raise UserError(f"{key}: {image!r} has a malformed digest (expected @sha256:<64 hex digits>)")
         return image
     if ":" not in last:
-        raise UserError(f"kubernetes.image: {image!r} has no tag; pin it with a version tag or a digest (@sha256:...)")
+        raise UserError(f"{key}: {image!r} has no tag; pin it with a version tag or a digest (@sha256:...)")
     tag = last.split(":", 1)[1]
     if tag == "latest":
         raise UserError(
-            f"kubernetes.image: {image!r} is not pinned; use a version tag or a digest (@sha256:...), never latest"
+            f"{key}: {image!r} is not pinned; use a version tag or a digest (@sha256:...), never latest"
         )
     if tag.endswith("-unknown"):
         raise UserError(
@@ -236,7 +237,7 @@ def cluster_recipe(recipe: Recipe, image: str | None = None) -> Recipe:
 def retried_by_launcher(recipe: Recipe, res: StageResources) -> bool:
     """True when a one-node stage's Job fails at its first pod failure and the launcher restarts it (module
     docstring); a multi-node stage's JobSet is restarted by the JobSet controller."""
-    return not res.multi_node and not features.is_ga("podFailurePolicy", recipe.kubernetes.target_version)
+    return not res.jobset and not features.is_ga("podFailurePolicy", recipe.kubernetes.target_version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +327,8 @@ def container_env(recipe: Recipe, stage: str, res: StageResources) -> list[dict]
     if res.nodes > 1:
         index = {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
         env.append({"name": NODE_RANK_ENV, "valueFrom": {"fieldRef": index}})
+    if res.server:  # GRPOConfig.vllm_server_base_url, which jobs.grpo sets from it
+        env.append({"name": VLLM_SERVER_URL_ENV, "value": vllm_server_url(recipe, stage)})
     return env
 
 
@@ -462,11 +465,11 @@ def render_job(recipe: Recipe, stage: str, image: str, res: StageResources | Non
         pod_spec["serviceAccountName"] = k.service_account
     meta = metadata(resolved, name, stage, queue=True)
     spec: dict = {}
-    if multi_node:
+    if res.jobset:  # Indexed: JobSet gives an Indexed Job's pods their hostnames
         spec.update(completionMode="Indexed", completions=res.nodes, parallelism=res.nodes)
     # A group's Job fails at its first lost rank and its JobSet restarts the whole group (render_jobset)
-    spec["backoffLimit"] = 0 if multi_node or retried_by_launcher(resolved, res) else k.backoff_limit
-    if multi_node:
+    spec["backoffLimit"] = 0 if res.jobset or retried_by_launcher(resolved, res) else k.backoff_limit
+    if res.jobset:
         policy = group_pod_failure_policy(resolved)
     else:
         policy = pod_failure_policy(resolved, ignore_disruptions=not retried_by_launcher(resolved, res))
@@ -484,7 +487,7 @@ def render_stage(recipe: Recipe, stage: str, image: str) -> list[dict]:
     res = stage_resources(recipe, stage)
     job = render_job(recipe, stage, image, res)
     features.check([job], recipe.kubernetes.target_version)
-    return [render_jobset(recipe, stage, job) if res.multi_node else job]
+    return [render_jobset(recipe, stage, job, res) if res.jobset else job]
 
 
 def within(manifest: dict, seconds_left: float) -> dict:
@@ -541,28 +544,123 @@ def jobset_failure_policy(recipe: Recipe) -> dict:
     }
 
 
-def render_jobset(recipe: Recipe, stage: str, job: dict) -> dict:
-    """The stage's JobSet around its group Job (``render_job``'s): the JobSet carries the name, the Kueue labels
-    and the TTL; JobSet creates the headless Service that gives the pods their hostnames."""
+def render_jobset(recipe: Recipe, stage: str, job: dict, res: StageResources | None = None) -> dict:
+    """The stage's JobSet around its group Job (``render_job``'s), and grpo's vLLM server beside it where ``res`` has
+    one: the JobSet carries the name, the Kueue labels (Kueue admits the JobSet whole, the server's GPUs with the
+    trainer's) and the TTL; JobSet creates the headless Service that gives the pods their hostnames."""
     resolved = cluster_recipe(recipe)
     child_spec = {key: value for key, value in job["spec"].items() if key != "ttlSecondsAfterFinished"}
     child_meta = {"labels": labels(resolved, stage), "annotations": dict(job["metadata"]["annotations"])}
-    return {
-        "apiVersion": JOBSET_API,
-        "kind": "JobSet",
-        "metadata": job["metadata"],
-        "spec": {
-            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},  # rank 0 is found before ready
-            "failurePolicy": jobset_failure_policy(resolved),
-            "replicatedJobs": [{"name": GROUP_JOB, "replicas": 1, "template": {"metadata": child_meta, "spec": child_spec}}],
-            "ttlSecondsAfterFinished": resolved.kubernetes.ttl_seconds_after_finished,
-        },
+    group = {"name": GROUP_JOB, "replicas": 1, "template": {"metadata": child_meta, "spec": child_spec}}
+    spec: dict = {
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},  # rank 0 is found before ready
+        "failurePolicy": jobset_failure_policy(resolved),
+        "replicatedJobs": [group],
     }
+    if res is not None and res.server:
+        server = {"name": SERVER_JOB, "replicas": 1, "template": {"metadata": child_meta, "spec": server_job_spec(recipe, stage, res, child_meta["annotations"])}}
+        # The server first, the trainer once the server's pod is ready (its readiness probe: the model loaded and
+        # served), so that the trainer's wait for it (GRPOConfig.vllm_server_timeout, 240 s) is not spent on the
+        # server's download and start-up. JobSet resumes the replicated Jobs in this order after Kueue's admission too.
+        spec["replicatedJobs"] = [server, group]
+        spec["startupPolicy"] = {"startupPolicyOrder": "InOrder"}
+        # The server never exits by itself: the trainer's success is the stage's, and JobSet then deletes the server
+        spec["successPolicy"] = {"operator": "All", "targetReplicatedJobs": [GROUP_JOB]}
+    spec["ttlSecondsAfterFinished"] = resolved.kubernetes.ttl_seconds_after_finished
+    return {"apiVersion": JOBSET_API, "kind": "JobSet", "metadata": job["metadata"], "spec": spec}
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO's vLLM server (grpo.vllm_server, vllm_mode server): `trl vllm-serve` in a pod of its own GPUs, in the stage's
+# JobSet. TRL 1.16's `trl vllm-serve` runs vLLM's own server (`vllm serve`) with the flags its trainer needs: the NCCL
+# weight-transfer engine, over which the trainer's main process pushes the weights before its first generation and
+# after every step, and vLLM's development endpoints (/init_weight_transfer_engine, /update_weights). The trainer
+# asks the server's /health until it answers, joins the weight-transfer group as its master, on its own pod's address
+# and GRPOConfig.vllm_group_port (51216), which the server's workers dial: pod to pod, no Service port needed.
+
+SERVER_JOB = "vllm"  # the server's replicated Job, in its pod's hostname
+VLLM_PORT = 8000  # trl vllm-serve's and GRPOConfig.vllm_server_port's default
+VLLM_HEALTH = "/health"  # vLLM's server answers 200 here once the model is loaded (TRL's client polls it too)
+SERVER_CACHE = "/cache"  # the model's download and vLLM's compile caches: the server reads no shared volume
+
+
+def vllm_server_address(recipe: Recipe, stage: str) -> str:
+    """The server's pod by the hostname JobSet gives it: <jobset>-vllm-0-0.<subdomain, the JobSet's name>."""
+    name = job_name(recipe, stage)
+    return f"{name}-{SERVER_JOB}-0-0.{name}"
+
+
+def vllm_server_url(recipe: Recipe, stage: str) -> str:
+    return f"http://{vllm_server_address(recipe, stage)}:{VLLM_PORT}"
+
+
+def vllm_server_argv(recipe: Recipe, res: StageResources) -> list[str]:
+    """`trl vllm-serve` of the model GRPO starts from, as its hub id: where GRPO starts from SFT's output on the
+    volume, the trainer pushes those weights before the server generates (jobs.recipe._vllm_server_errors)."""
+    model, server = recipe.model, res.server
+    revision = ["--revision", model.revision] if model.revision else []
+    return ["trl", "vllm-serve", "--model", model.name_or_path, *revision,
+            "--tensor-parallel-size", str(server.gpus), "--gpu-memory-utilization", f"{server.gpu_memory_utilization:g}",
+            "--dtype", model.dtype, "--host", "0.0.0.0", "--port", str(VLLM_PORT)]  # fmt: skip
+
+
+def server_job_spec(recipe: Recipe, stage: str, res: StageResources, annotations: dict) -> dict:
+    """The server's Job: one pod, failing the group at its first failure as a rank does (its JobSet restarts the
+    trainer and the server together, the trainer resuming from its last checkpoint)."""
+    server = res.server
+    image = check_image(server.image, "grpo.vllm_server.image")
+    resolved = cluster_recipe(recipe)
+    k = resolved.kubernetes
+    pod_res = dataclasses.replace(res, gpus=server.gpus, nodes=1, cpu=server.cpu, memory=server.memory, shm=server.shm,
+                                  server=None)
+    env = [
+        {"name": "HOME", "value": SERVER_CACHE},  # vLLM, Triton and torch.compile cache under $HOME: uid 1000 has none
+        {"name": "HF_HOME", "value": f"{SERVER_CACHE}/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *token_env(resolved, stage),  # a gated model's download
+    ]
+    container = {
+        "name": CONTAINER,  # as every vlmjobs pod's, so that kubernetes.pod_template and the failure policy apply
+        "image": image,
+        "command": vllm_server_argv(resolved, res),
+        "env": env,
+        "ports": [{"name": "http", "containerPort": VLLM_PORT}],
+        # Ready once the model is loaded and served; no liveness probe: a long generation batch must not restart it
+        "readinessProbe": {"httpGet": {"path": VLLM_HEALTH, "port": VLLM_PORT}, "periodSeconds": 10, "failureThreshold": 3},
+        "resources": container_resources(pod_res),
+        "volumeMounts": [{"name": "cache", "mountPath": SERVER_CACHE}, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "securityContext": container_security_context(),
+    }
+    pod_spec = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": [{"name": "cache", "emptyDir": {}},
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": server.shm}}],
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": 30,  # nothing to save
+        "automountServiceAccountToken": False,
+        **scheduling(resolved, pod_res),
+    }
+    if k.service_account:
+        pod_spec["serviceAccountName"] = k.service_account
+    template_meta = {"labels": labels(resolved, stage), "annotations": {**k.pod_annotations, **annotations}}
+    spec: dict = {"completionMode": "Indexed", "completions": 1, "parallelism": 1, "backoffLimit": 0}
+    policy = group_pod_failure_policy(resolved)
+    if policy:
+        spec["podFailurePolicy"] = policy
+    spec["activeDeadlineSeconds"] = k.active_deadline_seconds
+    spec["template"] = patched_template(k, {"metadata": template_meta, "spec": pod_spec})
+    return spec
 
 
 def group_job_name(recipe: Recipe, stage: str) -> str:
     """The JobSet's child Job (JobSet names it <jobset>-<replicatedJob>-<index>): its pods carry its job-name label."""
     return f"{job_name(recipe, stage)}-{GROUP_JOB}-0"
+
+
+def server_job_name(recipe: Recipe, stage: str) -> str:
+    """The vLLM server's Job in the stage's JobSet."""
+    return f"{job_name(recipe, stage)}-{SERVER_JOB}-0"
 
 
 def driver_job_spec(recipe: Recipe, image: str, *, dated: bool) -> tuple[dict, dict]:

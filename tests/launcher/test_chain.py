@@ -228,3 +228,29 @@ def test_a_jobset_made_from_another_recipe_is_refused_naming_the_keys(cluster, s
                                         r"recipe \(1 key differ: seed\)"):
         chain.run_stage(cluster, multi, "sft", IMAGE, logs=False)
     assert not server.calls("POST", "/jobsets")
+
+
+GRPO_SERVER = {"stages": ["prepare", "grpo"], "grpo.args.use_vllm": True, "grpo.args.vllm_mode": "server",
+               "grpo.vllm_server.image": "ghcr.io/vlmjobs/vllm-trl:0.31.0-trl1.16.0"}
+
+
+def test_grpo_with_its_vllm_server_is_a_jobset_followed_to_the_trainers_end_and_the_servers_pods_gone(cluster, server):
+    recipe = make(SINGLE, **GRPO_SERVER)
+    server.jobset_statuses["llava-chartqa-grpo"] = [jobset_status(), jobset_status(COMPLETED)]
+    chain.run_stage(cluster, recipe, "grpo", IMAGE, logs=False)
+    assert [r.body["metadata"]["name"] for r in server.calls("POST", "/jobsets")] == ["llava-chartqa-grpo"]
+    assert cluster.lines[0] == "==> grpo: created JobSet vlmjobs/llava-chartqa-grpo (1 node, a vLLM server on 1 GPU)"
+    assert cluster.lines[-1] == "==> grpo: succeeded"
+    waited = [r.query.get("labelSelector") for r in server.calls("GET", "/pods")]
+    assert ["batch.kubernetes.io/job-name=llava-chartqa-grpo-vllm-0"] in waited  # its GPU is free once JobSet's deletion has taken its pod
+
+
+def test_a_restarted_launcher_compares_the_recipe_of_the_trainer_not_of_the_server_listed_first(cluster, server):
+    recipe = make(SINGLE, **GRPO_SERVER)
+    server.jobsets["llava-chartqa-grpo"] = {**render.render_stage(recipe, "grpo", IMAGE)[0], "status": jobset_status()}
+    server.jobset_statuses["llava-chartqa-grpo"] = [jobset_status(COMPLETED)]
+    chain.run_stage(cluster, recipe, "grpo", IMAGE, logs=False)
+    assert cluster.lines[0] == "==> grpo: JobSet vlmjobs/llava-chartqa-grpo already exists: Completed"
+    with pytest.raises(UserError, match=r"^grpo: JobSet vlmjobs/llava-chartqa-grpo of run llava-chartqa was made from "
+                       r"another recipe \(1 key differ: grpo.args.learning_rate\)"):
+        chain.run_stage(cluster, make(SINGLE, **GRPO_SERVER, **{"grpo.args.learning_rate": 1e-6}), "grpo", IMAGE, logs=False)

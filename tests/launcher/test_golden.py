@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from jobs import recipe as recipes
 from launcher import render
 from tests.launcher.conftest import IMAGE, MULTI, SINGLE, make
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+# The shipped open-r1 GRPO recipe with vLLM as a server pod beside its 8 trainer GPUs instead of colocated in them
+OPEN_R1_GRPO = GOLDEN.parents[1] / "recipes" / "qwen25vl-3b-open-r1-grpo.yaml"
+VLLM_SERVER = {"grpo.args.vllm_mode": "server", "grpo.vllm_server.image": "ghcr.io/vlmjobs/vllm-trl:0.31.0-trl1.16.0"}
 UPDATE = os.environ.get("VLMJOBS_UPDATE_GOLDENS") == "1"
 
 CASES = {
@@ -20,6 +24,7 @@ CASES = {
         for stage in make(SINGLE).stages
     },
     "multi-node-dpo": lambda: render.render_stage(make(MULTI), "dpo", IMAGE),
+    "grpo-vllm-server": lambda: render.render_stage(recipes.load(OPEN_R1_GRPO, VLLM_SERVER), "grpo", IMAGE),
     "target-1.29-sft": lambda: render.render_stage(make(SINGLE, **{"kubernetes.target_version": "1.29"}), "sft", IMAGE),
     "driver": lambda: [render.render_driver_job(make(SINGLE), IMAGE)],
     "cronjob": lambda: [render.render_cronjob(make(SINGLE), IMAGE)],

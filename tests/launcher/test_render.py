@@ -438,3 +438,103 @@ def test_driver_role_has_exactly_the_verbs_the_launcher_uses():
         (("",), ("persistentvolumeclaims",)): {"get"},
         (("kueue.x-k8s.io",), ("workloads",)): {"list"},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO's vLLM server (vllm_mode server) as a pod of its own beside the trainer
+
+SERVER_IMAGE = "ghcr.io/vlmjobs/vllm-trl:0.31.0-trl1.16.0"
+GRPO_SERVER = {  # llava-1.5-7b's 7.06B parameters; one H100 of 80 GiB per pod
+    "stages": ["prepare", "grpo"], "model.parameters": 7_060_000_000, "resources.gpu_memory_gib": 80,
+    "grpo.args.use_vllm": True, "grpo.args.vllm_mode": "server", "grpo.vllm_server.image": SERVER_IMAGE,
+}  # fmt: skip
+
+
+def replicated(jobset: dict, name: str) -> dict:
+    """One replicated Job of the JobSet, as a Job (its template's spec)."""
+    (found,) = [r for r in jobset["spec"]["replicatedJobs"] if r["name"] == name]
+    return {"metadata": found["template"]["metadata"], "spec": found["template"]["spec"]}
+
+
+def test_grpo_with_its_vllm_server_is_a_jobset_that_starts_the_server_first_and_completes_with_the_trainer():
+    jobset = job(make(SINGLE, **GRPO_SERVER), "grpo")
+    assert (jobset["kind"], jobset["metadata"]["name"]) == ("JobSet", "llava-chartqa-grpo")  # a JobSet on one node too
+    assert [r["name"] for r in jobset["spec"]["replicatedJobs"]] == ["vllm", "node"]
+    assert [r["replicas"] for r in jobset["spec"]["replicatedJobs"]] == [1, 1]
+    assert jobset["spec"]["startupPolicy"] == {"startupPolicyOrder": "InOrder"}  # listed first: started first
+    assert jobset["spec"]["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["node"]}
+    # Kueue admits the JobSet whole, the server's GPU with the trainer's
+    assert jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    for name in ("vllm", "node"):
+        assert not any(key.startswith("kueue.x-k8s.io/") for key in replicated(jobset, name)["metadata"]["labels"])
+    trainer = replicated(jobset, "node")
+    assert (trainer["spec"]["completionMode"], trainer["spec"]["completions"]) == ("Indexed", 1)  # a hostname
+    assert container(trainer)["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the recipe's, untouched
+    assert not render.retried_by_launcher(make(SINGLE, **GRPO_SERVER), resolve(make(SINGLE, **GRPO_SERVER), "grpo"))
+
+
+def test_the_vllm_server_pod_runs_trl_vllm_serve_of_the_base_model_on_its_own_gpu_ready_at_health():
+    server = replicated(job(make(SINGLE, **GRPO_SERVER), "grpo"), "vllm")
+    pod = pod_spec(server)
+    main = container(server)
+    assert main["image"] == SERVER_IMAGE
+    assert main["command"] == [
+        "trl", "vllm-serve", "--model", "llava-hf/llava-1.5-7b-hf", "--tensor-parallel-size", "1",
+        "--gpu-memory-utilization", "0.9", "--dtype", "auto", "--host", "0.0.0.0", "--port", "8000",
+    ]  # fmt: skip
+    assert main["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+    assert "livenessProbe" not in main
+    # 7.06B x 2 bytes = 14.1 GB, under half of 0.9 x 85.9 GB: one GPU, of the trainer's product, on a GPU node
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # its own cache, not the run's volume (a ReadWriteOnce claim attaches to the trainer's node alone)
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+    assert {e["name"]: e.get("value") for e in main["env"]}["HF_HOME"] == "/cache/huggingface"
+    assert env(server)["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert (server["spec"]["backoffLimit"], server["spec"]["completionMode"]) == (0, "Indexed")
+    assert server["spec"]["podFailurePolicy"] == group_job(job(make(MULTI)))["spec"]["podFailurePolicy"]
+    assert main["securityContext"]["allowPrivilegeEscalation"] is False and pod["securityContext"]["runAsNonRoot"]
+
+
+def test_the_trainer_is_pointed_at_the_server_pods_stable_name():
+    trainer = replicated(job(make(SINGLE, **GRPO_SERVER), "grpo"), "node")
+    # <jobset>-<replicatedJob>-<job index>-<pod index>.<subdomain: the JobSet's name>, trl vllm-serve's port
+    url = "http://llava-chartqa-grpo-vllm-0-0.llava-chartqa-grpo:8000"
+    assert env(trainer)["VLMJOBS_VLLM_SERVER_URL"]["value"] == url
+
+
+def test_a_larger_model_gets_the_fewest_gpus_a_power_of_two_for_tensor_parallelism_and_its_revision():
+    recipe = make(SINGLE, **{**GRPO_SERVER, "model.parameters": 72_000_000_000, "model.revision": "a1b2c3"})
+    main = container(replicated(job(recipe, "grpo"), "vllm"))
+    # 144 GB of bf16 weights; 0.9 x 85.9 GB = 77.3 GB for vLLM per GPU, half of it for the weights: 38.7 GB; /4 = 36
+    assert main["command"][main["command"].index("--tensor-parallel-size") + 1] == "4"
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert main["command"][main["command"].index("--revision") + 1] == "a1b2c3"
+    explicit = make(SINGLE, **{**GRPO_SERVER, "grpo.vllm_server.gpus": 2})
+    assert container(replicated(job(explicit, "grpo"), "vllm"))["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_colocated_vllm_and_a_users_own_server_render_the_trainer_alone():
+    colocate = make(SINGLE, **{**GRPO_SERVER, "grpo.args.vllm_mode": "colocate", "grpo.vllm_server": None})
+    own = make(SINGLE, **{**GRPO_SERVER, "grpo.vllm_server": None, "grpo.args.vllm_server_base_url": "http://v:8000"})
+    for recipe in (colocate, own):
+        manifest = job(recipe, "grpo")
+        assert manifest["kind"] == "Job" and "VLMJOBS_VLLM_SERVER_URL" not in env(manifest)
+
+
+def test_an_unpinned_server_image_is_refused_naming_its_key():
+    recipe = make(SINGLE, **{**GRPO_SERVER, "grpo.vllm_server.image": "vllm/vllm-openai:latest"})
+    with pytest.raises(UserError, match=r"^grpo\.vllm_server\.image: 'vllm/vllm-openai:latest' is not pinned"):
+        job(recipe, "grpo")
+
+
+def test_the_server_pod_takes_the_recipes_pod_annotations_and_pod_template_patch():
+    recipe = make(SINGLE, **{**GRPO_SERVER, "kubernetes.pod_annotations": {"example.com/team": "vision"},
+                             "kubernetes.pod_template": {"spec": {"containers": [
+                                 {"name": "stage", "env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}]}]}}})  # fmt: skip
+    for name in ("vllm", "node"):
+        manifest = replicated(job(recipe, "grpo"), name)
+        assert manifest["spec"]["template"]["metadata"]["annotations"]["example.com/team"] == "vision"
+        assert env(manifest)["NCCL_IB_HCA"]["value"] == "mlx5"  # the weight transfer is NCCL between the two pods
+        assert len(pod_spec(manifest)["containers"]) == 1

@@ -80,6 +80,17 @@ def test_every_stage_of_every_shipped_recipe_is_schema_valid_and_ga(path, layout
     assert_ga(manifests, recipe.kubernetes.target_version)
 
 
+@pytest.mark.parametrize("layout", ["single-node", "multi-node"])
+def test_grpo_with_its_vllm_server_pod_is_a_schema_valid_jobset(layout):
+    from tests.launcher.test_golden import OPEN_R1_GRPO, VLLM_SERVER
+
+    recipe = recipes.load(OPEN_R1_GRPO, {**VLLM_SERVER, **(MULTI_NODE if layout == "multi-node" else {})})
+    (jobset,) = render.render_stage(recipe, "grpo", render.resolve_image(recipe))
+    assert [r["name"] for r in jobset["spec"]["replicatedJobs"]] == ["vllm", "node"]
+    validate(jobset)  # startupPolicy and successPolicy as JobSet v0.11.1's CRD spells them; both Jobs as Kubernetes'
+    assert_ga([jobset], recipe.kubernetes.target_version)
+
+
 @pytest.mark.parametrize("target", ["1.29", "1.31"])  # before and after the pod failure policy is GA
 @pytest.mark.parametrize("base", [SINGLE, MULTI], ids=["single", "multi"])
 def test_test_recipes_are_schema_valid(base, target):
