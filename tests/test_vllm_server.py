@@ -114,7 +114,7 @@ def test_vlmjobs_memory_checks_the_server_beside_the_training_and_exits_2_when_i
         "resources": {"gpus": 8, "gpu_memory_gib": 80, "sharding": "fsdp"}}))  # fmt: skip
     # the training arithmetic as the config would give it (no download): 72B parameters, LoRA, sharded over 8 GPUs
     training = memory.Estimate(model=144.0, reference=0.0, gradients=0.4, optimizer=0.8)
-    monkeypatch.setattr(memory, "for_stage", lambda recipe, stage: (training, {
+    monkeypatch.setattr(memory, "for_stage", lambda recipe, stage, prompt_tokens=None: (training, {
         "parameters": 72_000_000_000, "trainable": 100_000_000, "dtype": "bfloat16", "precision": "bfloat16 base"}))
     with pytest.raises(UserError, match=r"^memory: grpo's vLLM server needs 4 GPUs for its weights and KV cache, not 1; "):
         cli.memory(str(path))
