@@ -33,9 +33,11 @@ from tests.simcluster import SIM_RUN_SECONDS, SIM_STOP_SECONDS, wait_for
 pytestmark = pytest.mark.cluster
 A100 = "NVIDIA-A100-SXM4-40GB"  # the simulated cluster has one node of 8: the ClusterQueue's quota of this flavor
 GRACE_S = 60  # the pod's terminationGracePeriodSeconds: ample for the tiny model's checkpoint on a loaded machine
-# Far more steps than are trained between the first step and the SIGTERM (a few to some tens, whatever the load: a
-# loaded machine slows the stage's steps and the control plane's preemption alike), and few enough to resume in seconds.
-STEPS = 80
+# Far more steps than are trained between the first step and the SIGTERM, and few enough to resume in seconds. Measured
+# on two cores: the SIGTERM came 0.4-0.5 s after the high run was created, at step 2 or 3 (the first steps are the
+# slowest); warm, the stage trains 24 steps/s on an idle machine and 4 under load 5, so this is room for a preemption
+# 8 times slower at full speed (a loaded machine slows the stage's steps and the control plane's preemption alike)
+STEPS = 100
 
 
 @dataclass
@@ -44,10 +46,13 @@ class Attempt:
 
     pod: str
     process: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
     output: Lines = field(default_factory=Lines)
-    grace_ends: float | None = None  # monotonic time: set when the pod was deleted and SIGTERM sent
+    signalled: float | None = None  # monotonic time of the SIGTERM: when the pod was deleted
+    grace_ends: float | None = None
     exit_code: int | None = None
     reported: dict | None = None  # the terminated state written to the pod's status
+    ended: float | None = None
 
 
 class KubeletBridge:
@@ -122,8 +127,9 @@ class KubeletBridge:
                 self._start(pod)
             elif name in mine and state.deleting(pod) and mine[name].grace_ends is None:
                 attempt = mine[name]
-                attempt.grace_ends = time.monotonic() + pod["spec"]["terminationGracePeriodSeconds"]
                 attempt.process.send_signal(signal.SIGTERM)
+                attempt.signalled = time.monotonic()
+                attempt.grace_ends = attempt.signalled + pod["spec"]["terminationGracePeriodSeconds"]
         for attempt in self.attempts:
             if attempt.grace_ends and attempt.process.poll() is None and time.monotonic() > attempt.grace_ends:
                 attempt.process.kill()  # the grace period is over
@@ -172,7 +178,7 @@ class KubeletBridge:
             self.core.patch_namespaced_pod_status(attempt.pod, self.namespace, body,
                                                   _content_type="application/strategic-merge-patch+json")
         with self.changed:
-            attempt.exit_code, attempt.reported = code, (ended if pod else {})
+            attempt.exit_code, attempt.reported, attempt.ended = code, (ended if pod else {}), time.monotonic()
             self.changed.notify_all()
 
 
@@ -228,7 +234,10 @@ def test_a_stage_preempted_by_kueue_saves_on_sigterm_is_readmitted_and_resumes_f
         follower = threading.Thread(target=follow, args=(c, low, outcome), daemon=True)
         follower.start()
         first = kubelet.attempt(1, 120)
-        first.output.wait_for(lambda x: x.startswith("sft: step 1/"), 300)  # training, not importing
+        # training, not importing (or ended: its output says why)
+        wait_for("the stage's first step", lambda: first.process.poll() is not None
+                 or any(x.startswith("sft: step 1/") for x in first.output), 300)  # fmt: skip
+        assert first.process.poll() is None, list(first.output)
         low_workload = real_cluster.workload_of(ns, "Job", job)
         assert state.condition(low_workload, "Admitted"), low_workload["status"]
         preempting = time.monotonic()
@@ -236,7 +245,9 @@ def test_a_stage_preempted_by_kueue_saves_on_sigterm_is_readmitted_and_resumes_f
         higher = threading.Thread(target=follow, args=(other, high, high_outcome), daemon=True)
         higher.start()  # waits in the queue until Kueue has preempted the low run, then runs
         kubelet.ended(first, GRACE_S + 120)
-        stopped_after = time.monotonic() - preempting
+        assert first.signalled, f"the stage ended (exit {first.exit_code}) before Kueue preempted it: raise STEPS"
+        saved = contract.newest_complete_checkpoint(run_dir / ".sft.partial" / "checkpoints")  # before any resume
+        signalled_after, stopped_after = first.signalled - preempting, time.monotonic() - preempting
         higher.join(timeout=180)
         assert high_outcome == [None] and other.lines[-1] == "==> sft: succeeded", (high_outcome, other.lines)
 
@@ -246,13 +257,13 @@ def test_a_stage_preempted_by_kueue_saves_on_sigterm_is_readmitted_and_resumes_f
     print(*c.lines, sep="\n")
 
     # the first container: stopped by SIGTERM mid-run, a checkpoint at the step it stopped, exit 143
-    assert first.grace_ends is not None, "the first pod was not deleted"
     said = first.output.wait_for(lambda x: x.startswith("sft: stopped on SIGTERM at step "), 0)
     step = int(said.removeprefix("sft: stopped on SIGTERM at step ").split(";")[0])
     assert 1 <= step < STEPS, said
     assert first.exit_code == contract.EXIT_SIGTERM == 143 and first.reported.get("exitCode") == 143, first.reported
     # the second: resumed from that checkpoint, its first step the one after it, to the last step; exit 0
     checkpoint = str(run_dir / ".sft.partial" / "checkpoints" / f"checkpoint-{step}")
+    assert saved == checkpoint, (saved, said)
     assert f"sft: resuming from {checkpoint}" in second.output, list(second.output)
     first_step = next(x for x in second.output if x.startswith("sft: step "))
     assert first_step.startswith(f"sft: step {step + 1}/{STEPS} "), first_step
@@ -280,4 +291,6 @@ def test_a_stage_preempted_by_kueue_saves_on_sigterm_is_readmitted_and_resumes_f
     assert state.condition(final, "Finished"), final["status"]
     evictions = [(e["reason"], e["count"]) for e in final["status"].get("schedulingStats", {}).get("evictions", [])]
     assert evictions == [("Preempted", 1)], final["status"]
-    print(f"stopped at step {step} of {STEPS}, {stopped_after:.1f} s after the high run was created; test {took:.0f} s")
+    print(f"SIGTERM {signalled_after:.1f} s after the high run was created, checkpoint at step {step} of {STEPS}, the "
+          f"container's end reported after {stopped_after:.1f} s; containers {first.started - started:.0f}-"
+          f"{first.ended - started:.0f} s and {second.started - started:.0f}-{second.ended - started:.0f} s of {took:.0f} s")
