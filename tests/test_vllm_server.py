@@ -157,7 +157,7 @@ def test_the_tiny_twin_of_a_server_mode_recipe_generates_with_transformers_and_d
     from jobs import twins
 
     original = yaml.safe_load((ROOT / "recipes" / "qwen25vl-3b-open-r1-grpo.yaml").read_text())
-    original["grpo"]["args"]["vllm_mode"] = "server"
+    original["grpo"]["args"].update(use_vllm=True, vllm_mode="server")
     original["grpo"]["vllm_server"] = {"image": SERVER_IMAGE}
     recipes.from_dict(original)  # valid as shipped
     twin = twins.twin(original, lambda family: tmp_path / "model", lambda kind: tmp_path / "data", tmp_path / "runs")

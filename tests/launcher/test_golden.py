@@ -15,7 +15,7 @@ from tests.launcher.conftest import IMAGE, MULTI, SINGLE, make
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 # The shipped open-r1 GRPO recipe with vLLM as a server pod beside its 8 trainer GPUs instead of colocated in them
 OPEN_R1_GRPO = GOLDEN.parents[1] / "recipes" / "qwen25vl-3b-open-r1-grpo.yaml"
-VLLM_SERVER = {"grpo.args.vllm_mode": "server", "grpo.vllm_server.image": "ghcr.io/vlmjobs/vllm-trl:0.31.0-trl1.16.0"}
+VLLM_SERVER = {"grpo.args.use_vllm": True, "grpo.args.vllm_mode": "server", "grpo.vllm_server.image": "ghcr.io/vlmjobs/vllm-trl:0.31.0-trl1.16.0"}
 UPDATE = os.environ.get("VLMJOBS_UPDATE_GOLDENS") == "1"
 
 CASES = {
