@@ -178,13 +178,17 @@ def for_stage(recipe, stage: str, prompt_tokens: int | None = None) -> tuple[Est
     reference_copy = train.method == "full" and (
         (stage == "dpo" and train.reference_logprobs == "recompute") or (stage == "grpo" and bool(train.args.get("beta", 0.0))))
     estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=reference_copy)
+    counted = {}
     if stage == "grpo":
         estimate = replace(estimate, generation=grpo_generation_gb(recipe, config, precision.compute.itemsize, prompt_tokens))
+        # What a vLLM server pod would hold to generate the whole batch at once (TRL's main process sends it every
+        # process's prompts), in the weights' precision as vLLM keeps its cache
+        counted["batch_cache_gb"] = grpo_batch_cache_gb(recipe, config, precision.weights.itemsize, prompt_tokens)
     names = {name: str(getattr(precision, name)).removeprefix("torch.") for name in ("weights", "trainable", "compute")}
     described = (f"{names['weights']} weights" if train.method == "full" else f"{names['weights']} base, {names['trainable']} adapter")
     if names["compute"] != names["weights"] or train.method != "full":
         described += f", {names['compute']} compute"
-    return estimate, {"parameters": total, "trainable": trainable, "dtype": names["weights"], "precision": described}
+    return estimate, {"parameters": total, "trainable": trainable, "dtype": names["weights"], "precision": described, **counted}
 
 
 # Inference and merging (evaluate, merge_push): the weights alone on the GPU, one model at a time. Of a GPU's memory
@@ -237,6 +241,20 @@ def kv_cache_gb(config, rows: int, tokens: int, bytes_per_value: int) -> float:
     return 2 * kv_heads * head_dim * cached * rows * bytes_per_value / GB
 
 
+def _generation_tokens(recipe, prompt_tokens: int | None) -> int:
+    """Tokens a generated sequence feeds through the model: its prompt, and its completion less the last token."""
+    return (prompt_tokens or PROMPT_TOKENS) + recipe.grpo.args.get("max_completion_length", TRL_MAX_COMPLETION_LENGTH) - 1
+
+
+def grpo_batch_cache_gb(recipe, config, bytes_per_value: int, prompt_tokens: int | None = None) -> float:
+    """The key-value cache of GRPO's whole generation batch (all processes' rows) at the longest completion."""
+    from jobs import recipe as recipes
+
+    res = recipe.resources_for("grpo")
+    rows = recipes.grpo_generation_batch(recipe.grpo.args, max(res.gpus, 1) * res.nodes)
+    return kv_cache_gb(config, rows, _generation_tokens(recipe, prompt_tokens), bytes_per_value)
+
+
 def grpo_generation_gb(recipe, config, bytes_per_value: int, prompt_tokens: int | None = None) -> float:
     """What each GPU of a GRPO stage holds for generating: vLLM's share of the GPU in colocate mode, nothing in server
     mode (the server's own GPUs), else the key-value cache of the process's share of the generation batch at the
@@ -251,8 +269,7 @@ def grpo_generation_gb(recipe, config, bytes_per_value: int, prompt_tokens: int 
         return args.get("vllm_gpu_memory_utilization", TRL_VLLM_GPU_MEMORY_UTILIZATION) * gpu_gb(res.gpu_memory_gib or 0)
     processes = max(res.gpus, 1) * res.nodes
     rows = math.ceil(recipes.grpo_generation_batch(args, processes) / processes)
-    tokens = (prompt_tokens or PROMPT_TOKENS) + args.get("max_completion_length", TRL_MAX_COMPLETION_LENGTH) - 1
-    return kv_cache_gb(config, rows, tokens, bytes_per_value)
+    return kv_cache_gb(config, rows, _generation_tokens(recipe, prompt_tokens), bytes_per_value)
 
 
 # GRPO's vLLM server (vllm_mode server, its own pod): vLLM takes gpu_memory_utilization of each of its GPUs and fills

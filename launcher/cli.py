@@ -79,10 +79,10 @@ def memory(recipe: str, prompt_tokens: int | None = None, **overrides):
     resolved = recipes.load(str(recipe), overrides)
     if prompt_tokens is not None and (isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 1):
         raise contract.UserError(f"memory: --prompt_tokens={prompt_tokens!r}: give a whole number of tokens, 1 or more")
-    misfits, server_misfits, parameters = [], [], {}
+    misfits, server_misfits, counted = [], [], {}
     for stage in [s for s in recipes.TRAINING_STAGES if s in resolved.stages]:
         whole, counts = arithmetic.for_stage(resolved, stage, prompt_tokens)
-        parameters[stage] = counts["parameters"]
+        counted[stage] = counts
         method = getattr(resolved, stage).method
         res = resolved.resources_for(stage)
         shards = arithmetic.shard_count(resolved, stage, whole)
@@ -112,7 +112,8 @@ def memory(recipe: str, prompt_tokens: int | None = None, **overrides):
         for suggestion in _what_would_fit(resolved, stage, whole, available, prompt_tokens):
             print(f"    - {suggestion}")
     if "grpo" in resolved.stages and resolved.grpo.server_pod:  # its own GPUs, after the trainer's
-        server_misfits = _vllm_server_memory(resolved, parameters["grpo"])
+        server_misfits = _vllm_server_memory(resolved, counted["grpo"]["parameters"], counted["grpo"]["batch_cache_gb"],
+                                             prompt_tokens)
     if misfits or server_misfits:
         training = [f"{'; '.join(misfits)} before activations, more than the GPU checked"] if misfits else []
         raise contract.UserError(f"memory: {'; '.join(training + server_misfits)}; "
@@ -139,9 +140,9 @@ def _generation_line(resolved: recipes.Recipe, estimate, prompt_tokens: int | No
             f"completion tokens: {estimate.generation:.3g} GB")
 
 
-def _vllm_server_memory(recipe: recipes.Recipe, parameters: int) -> list[str]:
+def _vllm_server_memory(recipe: recipes.Recipe, parameters: int, batch_cache_gb: float, prompt_tokens: int | None) -> list[str]:
     """GRPO's vLLM server pod (grpo.vllm_server): its GPUs as rendered, checked with the parameters counted from the
-    model's config; the misfit, if any."""
+    model's config, and how much of the generation batch its KV cache holds at once; the misfit, if any."""
     from jobs import memory as arithmetic
     from jobs.stage_resources import DTYPE_BYTES, resolve
 
@@ -154,6 +155,19 @@ def _vllm_server_memory(recipe: recipes.Recipe, parameters: int) -> list[str]:
     width = DTYPE_BYTES[recipe.model.dtype]
     estimate = arithmetic.vllm_server(parameters, width, gpu_memory_gib, server.gpu_memory_utilization, server.gpus)
     print(f"  {estimate}")
+    # Tensor parallelism splits the key-value heads, and so the cache, over the server's GPUs
+    per_gpu = batch_cache_gb / server.gpus
+    trainer = recipe.resources_for("grpo")
+    rows = recipes.grpo_generation_batch(recipe.grpo.args, max(trainer.gpus, 1) * trainer.nodes)
+    if estimate.cache <= 0:
+        at_once = "none: the weights fill vLLM's share"
+    elif per_gpu <= estimate.cache:
+        at_once = "all at once"
+    else:
+        at_once = f"about {max(1, math.floor(rows * estimate.cache / per_gpu))} of them at a time (vLLM queues the rest)"
+    print(f"  the generation batch's key-value cache ({rows} completions, prompts of "
+          f"{prompt_tokens or arithmetic.PROMPT_TOKENS:,} tokens): {per_gpu:.3g} GB per GPU; {estimate.cache:.3g} GB "
+          f"left: {at_once}")
     share = f"{arithmetic.SERVER_WEIGHTS_SHARE:.0%} of vLLM's share"
     if estimate.fits:
         print(f"  fits: the weights take at most {share}, the rest is the KV cache's")

@@ -306,6 +306,9 @@ def test_grpos_estimate_holds_each_processs_share_of_the_generation_batch(tiny_m
     assert one.generation * memory.GB == pytest.approx(8 * 115 * 256)
     assert one.total == pytest.approx(one.model + one.gradients + one.optimizer + one.generation)
     assert generation(gpus=2, generation_batch_size=32).generation * memory.GB == pytest.approx(16 * 115 * 256)
+    # the whole batch, as a vLLM server pod generates it for every process, in the weights' precision (bf16 on a GPU)
+    _, counts = memory.for_stage(recipe_of(2, generation_batch_size=32), "grpo", 100)
+    assert counts["batch_cache_gb"] * memory.GB == pytest.approx(32 * 115 * 256)
     assert generation(prompt_tokens=200).generation * memory.GB == pytest.approx(8 * 215 * 256)
     # sharded over 2 GPUs, each still generates its own rows: the generation part is not divided
     sharded = generation(gpus=2).sharded(2)

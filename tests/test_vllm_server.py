@@ -93,12 +93,17 @@ def test_vlmjobs_memory_prints_the_servers_need_and_fails_when_its_gpus_are_too_
 
     recipe = build({"args": SERVER_MODE, "vllm_server": {"image": SERVER_IMAGE, "gpus": 2}},
                    resources={"gpus": 8, "gpu_memory_gib": 80})
-    assert _vllm_server_memory(recipe, 7_060_000_000) == []
+    assert _vllm_server_memory(recipe, 7_060_000_000, 100.0, None) == []
     printed = capsys.readouterr().out  # 7.06B x 2 bytes over 2 GPUs; 0.9 x 85.9 GB = 77.3 GB, less 7.06 GB
     assert "grpo's vLLM server (grpo.vllm_server): 2 GPUs of its own, grpo.vllm_server.gpus" in printed
     assert "weights 7.06 GB per GPU over 2 GPUs (tensor parallel) + KV cache 70.2 GB = 77.3 GB" in printed
-    assert _vllm_server_memory(recipe, 72_000_000_000) == ["grpo's vLLM server needs 4 GPUs for its weights and KV cache, not 2"]
-    assert "grpo.vllm_server.gpus: 4" in capsys.readouterr().out
+    assert ("the generation batch's key-value cache (64 completions, prompts of 1,024 tokens): 50 GB per GPU; 70.2 GB "
+            "left: all at once") in printed
+    assert _vllm_server_memory(recipe, 72_000_000_000, 100.0, 2048) == [
+        "grpo's vLLM server needs 4 GPUs for its weights and KV cache, not 2"]
+    printed = capsys.readouterr().out
+    assert "grpo.vllm_server.gpus: 4" in printed
+    assert "(64 completions, prompts of 2,048 tokens): 50 GB per GPU; 5.31 GB left: about 6 of them at a time" in printed
 
 
 def test_vlmjobs_memory_checks_the_server_beside_the_training_and_exits_2_when_it_does_not_fit(tmp_path, monkeypatch, capsys):
@@ -115,14 +120,20 @@ def test_vlmjobs_memory_checks_the_server_beside_the_training_and_exits_2_when_i
     # the training arithmetic as the config would give it (no download): 72B parameters, LoRA, sharded over 8 GPUs
     training = memory.Estimate(model=144.0, reference=0.0, gradients=0.4, optimizer=0.8)
     monkeypatch.setattr(memory, "for_stage", lambda recipe, stage, prompt_tokens=None: (training, {
-        "parameters": 72_000_000_000, "trainable": 100_000_000, "dtype": "bfloat16", "precision": "bfloat16 base"}))
+        "parameters": 72_000_000_000, "trainable": 100_000_000, "dtype": "bfloat16", "precision": "bfloat16 base",
+        "batch_cache_gb": 240.0}))
     with pytest.raises(UserError, match=r"^memory: grpo's vLLM server needs 4 GPUs for its weights and KV cache, not 1; "):
         cli.memory(str(path))
     out = capsys.readouterr().out
     assert "grpo's vLLM server (grpo.vllm_server): 1 GPU of its own" in out
     assert "fits in one GPU of 80 GiB" in out  # the training's own line: 145.2 GB over 8 GPUs
     cli.memory(str(path), **{"grpo.vllm_server.gpus": None, "model.parameters": 72_000_000_000})  # sized so: 4, which fit
-    assert "weights 36 GB per GPU over 4 GPUs (tensor parallel)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "weights 36 GB per GPU over 4 GPUs (tensor parallel)" in out
+    # TRL's default batch, 8 rows a process x 8 processes; 240 GB of cache split over 4 GPUs, 41.3 GB left on each
+    left = 80 * 2**30 / 1e9 * 0.9 - 36
+    assert (f"the generation batch's key-value cache (64 completions, prompts of 1,024 tokens): 60 GB per GPU; "
+            f"{left:.3g} GB left: about {int(64 * left / 60)} of them at a time (vLLM queues the rest)") in out
 
 
 def test_the_trainer_takes_the_server_pods_url_in_server_mode_only(monkeypatch):
