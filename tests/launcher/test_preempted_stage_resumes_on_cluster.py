@@ -28,7 +28,8 @@ from tests.conftest import ROOT, run_stages, subprocess_env
 from tests.launcher.conftest import IMAGE
 from tests.launcher.test_launcher_kueue_on_cluster import QUEUED
 from tests.launcher.test_launcher_on_cluster import Lines, on, recipe
-from tests.simcluster import SIM_RUN_SECONDS, SIM_STOP_SECONDS, wait_for
+from scripts.cluster import SIM_RUN_SECONDS, SIM_STOP_SECONDS
+from tests.simcluster import wait_for
 
 pytestmark = pytest.mark.cluster
 A100 = "NVIDIA-A100-SXM4-40GB"  # the simulated cluster has one node of 8: the ClusterQueue's quota of this flavor

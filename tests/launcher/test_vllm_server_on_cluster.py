@@ -13,7 +13,8 @@ import pytest
 from launcher import chain, render, state
 from tests.launcher.conftest import IMAGE
 from tests.launcher.test_launcher_on_cluster import on, recipe
-from tests.simcluster import CLUSTER_QUEUE, JOBSET_API, LOCAL_QUEUE, SIM_RUN_SECONDS, SIM_START_SECONDS, wait_for
+from scripts.cluster import CLUSTER_QUEUE, JOBSET_API, LOCAL_QUEUE, SIM_RUN_SECONDS, SIM_START_SECONDS
+from tests.simcluster import wait_for
 
 pytestmark = pytest.mark.cluster
 H100_FLAVOR = "nvidia-h100-80gb-hbm3"  # scripts/cluster.py names a flavor after its product, lower-cased
