@@ -39,10 +39,9 @@ import re
 import yaml
 
 from jobs.contract import EXIT_REGRESSED, EXIT_USER_ERROR, UserError
-from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, TRAINING_STAGES, Kubernetes, Recipe
+from jobs.recipe import DNS1123_LABEL, MAX_RUN_ID, STAGES, TRAINING_STAGES, VLLM_SERVER_URL_ENV, Kubernetes, Recipe
 from jobs.stage_resources import StageResources, resolve
 from launcher import features
-from jobs.recipe import VLLM_SERVER_URL_ENV
 from launcher.commands import NODE_RANK_ENV, stage_argv, stage_env
 from launcher.patch import strategic_merge
 
@@ -558,7 +557,8 @@ def render_jobset(recipe: Recipe, stage: str, job: dict, res: StageResources | N
         "replicatedJobs": [group],
     }
     if res is not None and res.server:
-        server = {"name": SERVER_JOB, "replicas": 1, "template": {"metadata": child_meta, "spec": server_job_spec(recipe, stage, res, child_meta["annotations"])}}
+        server_spec = server_job_spec(recipe, stage, res, child_meta["annotations"])
+        server = {"name": SERVER_JOB, "replicas": 1, "template": {"metadata": child_meta, "spec": server_spec}}
         # The server first, the trainer once the server's pod is ready (its readiness probe: the model loaded and
         # served), so that the trainer's wait for it (GRPOConfig.vllm_server_timeout, 240 s) is not spent on the
         # server's download and start-up. JobSet resumes the replicated Jobs in this order after Kueue's admission too.
