@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 
 from jobs import upstream, usage
-from jobs.contract import EXIT_USER_ERROR, Failure, Regressed, UserError, handle_stop_signals, stopped, wait_for_turn
+from jobs.contract import (EXIT_USER_ERROR, Failure, Interrupted, Regressed, UserError, handle_stop_signals, stopped,
+                           wait_for_turn)
 
 
 def entrypoint(main: Callable, *, imports: tuple[str, ...] = ()) -> None:
@@ -32,7 +33,27 @@ def entrypoint(main: Callable, *, imports: tuple[str, ...] = ()) -> None:
         signum = getattr(e, "signum", signal.SIGINT)
         print(stopped(signum), file=sys.stderr, flush=True)
         sys.exit(128 + signum)
+    except Exception as e:
+        interrupted = _interruption_behind(e)
+        if interrupted is None:
+            raise
+        print(stopped(interrupted.signum), file=sys.stderr, flush=True)
+        sys.exit(128 + interrupted.signum)
     _exit_at_once()
+
+
+def _interruption_behind(error: BaseException) -> Interrupted | None:
+    """The stop signal an error was raised while handling, if any: library code that catches everything around an
+    import turns the Interrupted our handler raised into its own error (multiprocess, which datasets imports, falls
+    back to `from version import ...` and fails with ModuleNotFoundError: a Ctrl-C while a stage imported gave a
+    traceback and exit 1, not one line and 130)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _exit_at_once() -> None:

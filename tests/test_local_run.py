@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 
 from jobs import contract
 from tests.conftest import subprocess_env
@@ -170,3 +171,28 @@ def test_sigint_at_three_moments_is_one_line_and_130_and_the_rerun_resumes(write
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "==> prepare: already done for this config" in resumed.stdout
     assert f"sft: resuming from {checkpoint}" in resumed.stdout
+
+
+def test_a_stop_signal_that_library_code_turns_into_its_own_error_is_still_one_line_and_128_plus_n(tmp_path):
+    """multiprocess (imported by datasets) catches everything around an import and falls back to another, which fails:
+    a Ctrl-C landing there reached the stage as ModuleNotFoundError, a traceback and exit 1 (seen in the full suite's
+    test above: 'No module named version'). The error's context holds the Interrupted: it is the stop it came from."""
+    import signal
+
+    script = tmp_path / "stage.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, time
+        from jobs import entry
+
+        def main():
+            try:  # as multiprocess/__init__.py does around `from .__info__ import ...`
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except BaseException:
+                from version_of_a_package_that_is_not_there import __version__  # noqa: F401
+
+        entry.entrypoint(main)
+    """))
+    done = subprocess.run([sys.executable, str(script)], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert done.stderr.strip().splitlines() == [contract.stopped(signal.SIGINT)], done.stderr
