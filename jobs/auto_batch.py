@@ -1,4 +1,5 @@
-"""``per_device_train_batch_size: auto``: the blog's batch-halving loop, done by the stage before it trains.
+"""``per_device_train_batch_size: auto``: the blog's batch-halving loop, done by the stage before it trains; and
+``activation_checkpointing: auto``: recomputation only where the batch does not fit without it.
 
 The recipe states the effective batch, the samples per optimizer step over all processes, and leaves the
 micro-batch to the stage::
@@ -26,6 +27,19 @@ redone with ``--force``) of the same starts its search there instead of at the t
 An out-of-memory in training after all (a longer evaluation batch, fragmentation) ends in one line that gives the
 smaller size to write in the recipe.
 
+``activation_checkpointing: auto`` (issue 24) asks the same probe whether the batch fits *without* recomputing
+activations in the backward, which costs one more forward of every row (a third more compute in full fine-tuning, a
+half more under LoRA), and turns checkpointing on only where it does not::
+
+    dpo:
+      args:
+        per_device_train_batch_size: 2
+        activation_checkpointing: auto    # or gradient_checkpointing: auto, its name before transformers 5
+
+With a micro-batch given, the probe tries it without checkpointing, then with; with ``auto`` for both, every
+micro-batch from the top down without checkpointing, then from the top again with it. The choice is recorded beside
+the size, and ``train()`` turns checkpointing on as the config then says.
+
 Why a probe and not transformers' ``auto_find_batch_size``: that retries the whole training loop with a smaller
 per-device batch but the same accumulation (the effective batch shrinks, and so does the learning signal per
 step), and under several processes an out-of-memory on one rank leaves the others waiting in DDP's all-reduce;
@@ -45,6 +59,8 @@ from jobs.contract import UserError, is_main_process, read_json, write_json_atom
 
 AUTO = "auto"
 RECORD_FILE = "auto_batch.json"
+# transformers 5's name and the one before it, which TrainingArguments still reads
+CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -60,8 +76,23 @@ def is_auto(args: dict) -> bool:
     return args.get("per_device_train_batch_size") == AUTO
 
 
+def checkpointing_is_auto(args: dict) -> bool:
+    """``activation_checkpointing: auto`` (or ``gradient_checkpointing: auto``): the probe trains without recomputing
+    activations wherever the batch fits without it (see ``fit``)."""
+    return any(args.get(key) == AUTO for key in CHECKPOINTING_KEYS)
+
+
+def without_auto(args: dict) -> dict:
+    """The recipe's args as TRL is handed them: each ``auto`` is the stage's to resolve (``first_args``, ``fit``)."""
+    return {k: v for k, v in args.items() if not (v == AUTO and k in ("per_device_train_batch_size", *CHECKPOINTING_KEYS))}
+
+
 def recipe_errors(stage: str, effective: int | None, args: dict, processes: int) -> list[str]:
     """The recipe's side of it, checked when the recipe loads (no GPU asked for yet)."""
+    if checkpointing_is_auto(args) and stage == "grpo":
+        key = next(k for k in CHECKPOINTING_KEYS if args.get(k) == AUTO)
+        return [f"grpo.args.{key}: auto is for sft and dpo, whose stages probe a training step before training; "
+                "give true or false"]
     if not is_auto(args):
         return [f"{stage}.effective_batch_size: only read with {stage}.args.per_device_train_batch_size: auto; "
                 "set that, or remove effective_batch_size"] if effective is not None else []
@@ -78,9 +109,13 @@ def recipe_errors(stage: str, effective: int | None, args: dict, processes: int)
     return errors
 
 
-def first_args(effective: int, processes: int) -> dict:
-    """The TRL config's batch keys before the search: the whole per-process batch at once."""
-    return {"per_device_train_batch_size": effective // processes, "gradient_accumulation_steps": 1}
+def first_args(train, processes: int) -> dict:
+    """The TRL config's keys that ``fit`` settles, as the search starts: the whole per-process batch at once, and no
+    recomputation of activations."""
+    first = {"activation_checkpointing": False} if checkpointing_is_auto(train.args) else {}
+    if is_auto(train.args):
+        first.update(per_device_train_batch_size=train.effective_batch_size // processes, gradient_accumulation_steps=1)
+    return first
 
 
 def smaller(micro: int, per_process: int) -> int:
@@ -89,55 +124,78 @@ def smaller(micro: int, per_process: int) -> int:
 
 
 def fit(stage, trainer, train, *, model, precision) -> Batch | None:
-    """Find the micro-batch for ``per_device_train_batch_size: auto`` and set it on the trainer (see the module
-    docstring); None when the recipe gives a number. ``model`` is the recipe's model section, ``precision`` the
-    stage's (jobs.modeling.Precision): with the trainer's max_length and checkpointing, what the size found holds for."""
-    if not is_auto(train.args):
+    """Settle what the recipe left to the stage, and set it on the trainer (see the module docstring): the micro-batch
+    for ``per_device_train_batch_size: auto``, and for ``activation_checkpointing: auto`` whether activations are
+    recomputed. Returns the batch found; None when the recipe gives the micro-batch. ``model`` is the recipe's model
+    section, ``precision`` the stage's (jobs.modeling.Precision): with the trainer's max_length, what the size found
+    holds for."""
+    auto_micro, auto_checkpointing = is_auto(train.args), checkpointing_is_auto(train.args)
+    if not (auto_micro or auto_checkpointing):
         return None
     import torch
 
     accelerator, args = trainer.accelerator, trainer.args
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise UserError(f"{stage.name}.args.per_device_train_batch_size: auto does not run with FSDP yet (its probe "
-                        "would need the whole model on one GPU); give a number")
+        key = "per_device_train_batch_size" if auto_micro else next(k for k in CHECKPOINTING_KEYS if train.args.get(k) == AUTO)
+        raise UserError(f"{stage.name}.args.{key}: auto does not run with FSDP yet (its probe would need the whole "
+                        "model on one GPU); give a value")
     processes = args.world_size
-    per_process = train.effective_batch_size // processes
-    key = {"effective_batch_size": train.effective_batch_size, "processes": processes, "device": _device_name(),
+    per_process = (train.effective_batch_size // processes if auto_micro
+                   else args.per_device_train_batch_size * args.gradient_accumulation_steps)
+    key = {"effective_batch_size": per_process * processes, "processes": processes, "device": _device_name(),
            "model": model.name_or_path if model.revision is None else f"{model.name_or_path}@{model.revision}",
            "method": f"{stage.name} {train.method}", "max_length": args.max_length, "precision": str(precision),
-           "activation_checkpointing": bool(args.activation_checkpointing),
+           "per_device_train_batch_size": AUTO if auto_micro else args.per_device_train_batch_size,
+           "activation_checkpointing": AUTO if auto_checkpointing else bool(args.activation_checkpointing),
            # the batch's layout: rows joined without padding, or DPO's pairs sharing their prompt (SharedPrefixDPOTrainer)
            "padding_free": isinstance(trainer.data_collator, packing.PaddingFree), "trainer": type(trainer).__name__}
     recorded = _recorded(stage, key)
-    micro = recorded["micro_batch"] if recorded else per_process
+    # Recomputing activations costs a forward per step (half the step again under LoRA, whose backward through the
+    # frozen weights is about one forward), while a smaller micro-batch of rows of hundreds of tokens keeps a GPU's
+    # matrix units as busy: so every micro-batch is tried without recomputation before any with it.
+    choices = [False, True] if auto_checkpointing else [bool(args.activation_checkpointing)]
+    if recorded and auto_checkpointing and recorded["recomputes_activations"]:
+        choices = [True]
+    top = recorded["micro_batch"] if recorded and auto_micro else (per_process if auto_micro else args.per_device_train_batch_size)
     # The smallest of the processes' starting points, should their run folders disagree (one per node)
-    micro = int(accelerator.gather(torch.tensor([micro], device=accelerator.device)).min())
+    top = int(accelerator.gather(torch.tensor([top], device=accelerator.device)).min())
     say = print if is_main_process() else (lambda *a, **k: None)
     over = f"{processes} processes" if processes > 1 else "1 process"
-    where = f"recorded in {recorded['path']}" if recorded else f"effective batch {train.effective_batch_size} over {over}"
+    where = f"recorded in {recorded['path']}" if recorded else f"effective batch {per_process * processes} over {over}"
     started = time.time()
     longest, tokens = _longest_rows(trainer, per_process)
-    say(f"{stage.name}: per_device_train_batch_size auto: starting at micro-batch {micro} ({where}); probing with "
-        f"the {micro} longest training rows ({tokens[:micro][-1]} to {tokens[0]} tokens, of {len(trainer.train_dataset)} "
-        f"rows counted in {time.time() - started:.1f}s)", flush=True)
-    ran_out = list(recorded["ran_out_of_memory_at"]) if recorded else []
-    while True:
-        fits = _probe(trainer, trainer.train_dataset.select(longest[:micro]))
-        # Every process learns whether any ran out; all then try the same smaller size.
-        all_fit = bool(accelerator.gather(torch.tensor([int(fits)], device=accelerator.device)).min())
-        if all_fit:
+    settled = " and ".join(f"{k} auto" for k, auto in (("per_device_train_batch_size", auto_micro),
+                                                       ("activation_checkpointing", auto_checkpointing)) if auto)
+    how = _recomputing(choices[0]) if auto_checkpointing else ""
+    say(f"{stage.name}: {settled}: starting at micro-batch {top}{how} ({where}); probing with the "
+        f"{top} longest training rows ({tokens[:top][-1]} to {tokens[0]} tokens, of {len(trainer.train_dataset)} rows "
+        f"counted in {time.time() - started:.1f}s)", flush=True)
+    batch, ran_out, without_recomputation = None, list(recorded["ran_out_of_memory_at"]) if recorded else [], []
+    for recompute in choices:
+        _recompute_activations(trainer, recompute)
+        micro = top
+        while batch is None:
+            fits = _probe(trainer, trainer.train_dataset.select(longest[:micro]))
+            # Every process learns whether any ran out; all then try the same smaller size.
+            if bool(accelerator.gather(torch.tensor([int(fits)], device=accelerator.device)).min()):
+                batch = Batch(micro, per_process // micro)
+                break
+            ran_out.append(micro)
+            if not auto_micro or micro == 1:
+                break
+            micro = smaller(micro, per_process)
+            how = _recomputing(recompute) if auto_checkpointing else ""
+            say(f"{stage.name}: micro-batch {ran_out[-1]}{how} ran out of memory; trying "
+                f"{Batch(micro, per_process // micro)}", flush=True)
+        if batch is not None:
             break
-        ran_out.append(micro)
-        if micro == 1:
-            raise UserError(
-                f"{stage.name}: micro-batch 1 ran out of memory: the model does not fit even at "
-                "per_device_train_batch_size 1; turn on activation_checkpointing, train lora or qlora instead of full, or "
-                "spread it over more GPUs (vlmjobs memory <recipe> shows the arithmetic)"
-            )
-        micro = smaller(micro, per_process)
-        say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory; trying {Batch(micro, per_process // micro)}", flush=True)
+        if not recompute and auto_checkpointing:
+            say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory without activation checkpointing; trying "
+                f"micro-batch {top} with it", flush=True)
+            without_recomputation, ran_out = ran_out, []
+    if batch is None:
+        raise UserError(_nothing_fits(stage.name, ran_out[-1], recompute, auto_micro))
 
-    batch = Batch(micro, per_process // micro)
     before = args.train_batch_size
     args.per_device_train_batch_size, args.gradient_accumulation_steps = batch.micro, batch.accumulation
     upstream.set_train_batch_size(trainer, before)  # the Trainer's copy, read by its dataloader and its state
@@ -148,9 +206,43 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     record = stage.work / RECORD_FILE
     if is_main_process():
         write_json_atomic(record, {**key, "micro_batch": batch.micro, "gradient_accumulation_steps": batch.accumulation,
-                                   "ran_out_of_memory_at": sorted(set(ran_out), reverse=True)})
-    say(f"{stage.name}: micro-batch {batch} fits (effective batch {train.effective_batch_size}); recorded in {record}", flush=True)
-    return batch
+                                   "recomputes_activations": recompute,
+                                   "ran_out_of_memory_at": sorted(set(ran_out), reverse=True),
+                                   **({"ran_out_without_recomputation_at": sorted(set(without_recomputation), reverse=True)}
+                                      if without_recomputation else {})})
+    say(f"{stage.name}: micro-batch {batch} fits{_recomputing(recompute) if auto_checkpointing else ''} (effective batch "
+        f"{per_process * processes}); recorded in {record}", flush=True)
+    return batch if auto_micro else None
+
+
+def _recomputing(recompute: bool) -> str:
+    return " with activation checkpointing" if recompute else " without activation checkpointing"
+
+
+def _nothing_fits(stage: str, micro: int, recomputed: bool, auto_micro: bool) -> str:
+    if auto_micro and not recomputed:
+        return (f"{stage}: micro-batch 1 ran out of memory: the model does not fit even at per_device_train_batch_size "
+                "1; turn on activation_checkpointing, train lora or qlora instead of full, or spread it over more GPUs "
+                "(vlmjobs memory <recipe> shows the arithmetic)")
+    if auto_micro:
+        return (f"{stage}: micro-batch 1 ran out of memory even with activation checkpointing: train lora or qlora "
+                "instead of full, or spread it over more GPUs (vlmjobs memory <recipe> shows the arithmetic)")
+    return (f"{stage}: micro-batch {micro} ran out of memory even with activation checkpointing (activation_checkpointing "
+            f"auto probed it on the longest training rows); give {stage}.args.per_device_train_batch_size a smaller "
+            "number, or auto with an effective_batch_size")
+
+
+def _recompute_activations(trainer, on: bool) -> None:
+    """Activation checkpointing on or off for the probe and for training (``train()`` reads the args when it starts),
+    as TRL's trainers set it up at their start when the config asks for it."""
+    args, model = trainer.args, trainer.model
+    args.activation_checkpointing = args.gradient_checkpointing = on
+    if on:
+        if hasattr(model, "peft_config"):  # TRL's SFT and DPO trainers do this for a PEFT model that recomputes
+            model.enable_input_require_grads()
+        _checkpoint_activations_as_training_will(trainer)
+    elif getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
 
 
 @contextmanager

@@ -807,6 +807,8 @@ def check_passthrough(recipe: Recipe) -> None:
 
 
 def passthrough_errors(recipe: Recipe) -> list[str]:
+    from jobs import auto_batch
+
     schemas = passthrough_schemas()
     errors: list[str] = []
     for stage, config_cls in (("sft", "SFTConfig"), ("dpo", "DPOConfig"), ("grpo", "GRPOConfig")):
@@ -816,8 +818,8 @@ def passthrough_errors(recipe: Recipe) -> list[str]:
         for key in train.args:
             if key in STAGE_OWNED_ARGS:
                 errors.append(f"{stage}.args.{key}: set by the stage ({STAGE_OWNED_ARGS[key]}); remove it")
-        # auto: the stage finds the micro-batch (jobs.auto_batch), TRL sees a number
-        args = {k: v for k, v in train.args.items() if not (k == "per_device_train_batch_size" and v == "auto")}
+        # auto: the stage finds the micro-batch and whether to recompute activations (jobs.auto_batch); TRL sees values
+        args = auto_batch.without_auto(train.args)
         errors += _check_fields(config_cls, schemas[config_cls], args, f"{stage}.args")
         errors += _check_fields("LoraConfig", schemas["LoraConfig"], train.lora, f"{stage}.lora")
         errors += _check_fields("BitsAndBytesConfig", schemas["BitsAndBytesConfig"], train.quantization, f"{stage}.quantization")

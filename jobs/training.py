@@ -59,11 +59,12 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
 
     # A stage default the config does not have is not the stage's to give (GRPOConfig has no max_length)
     accepted = {f.name for f in dataclasses.fields(config_class)}
-    args = {**{k: v for k, v in STAGE_DEFAULTS.items() if k in accepted}, **(defaults or {}), "seed": seed, **train.args}
+    args = {**{k: v for k, v in STAGE_DEFAULTS.items() if k in accepted}, **(defaults or {}), "seed": seed,
+            **auto_batch.without_auto(train.args)}
     if args.get("eval_strategy") == "steps":
         args.setdefault("eval_steps", args["save_steps"])  # an eval loss beside every checkpoint
-    if auto_batch.is_auto(args):  # the whole batch at once until the stage's probe finds what fits (auto_batch.fit)
-        args.update(auto_batch.first_args(train.effective_batch_size, int(os.environ.get("WORLD_SIZE", "1"))))
+    # per_device_train_batch_size or activation_checkpointing auto: where the stage's probe starts (auto_batch.fit)
+    args.update(auto_batch.first_args(train, int(os.environ.get("WORLD_SIZE", "1"))))
     if shards > 1:
         args["fsdp"] = True
         args["fsdp_config"] = {**FSDP_DEFAULTS, **train.args.get("fsdp_config", {})}

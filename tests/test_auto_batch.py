@@ -11,6 +11,7 @@ is the code that runs on a GPU, nothing in it knows of the test.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -94,9 +95,10 @@ def test_auto_batch_halves_until_it_fits_keeps_the_effective_batch_and_trains_as
     record = contract.read_json(run / stage / auto_batch.RECORD_FILE)
     assert record == {"effective_batch_size": 8, "processes": 1, "device": "cpu", "model": str(tiny_model("llava")),
                       "method": f"{stage} full", "max_length": None, "precision": "weights float32, trainable float32, compute float32",
-                      "activation_checkpointing": True, "padding_free": False,
+                      "per_device_train_batch_size": "auto", "activation_checkpointing": True, "padding_free": False,
                       "trainer": {"sft": "SFTTrainer", "dpo": "SharedPrefixDPOTrainer"}[stage],  # sdpa: prompts shared
-                      "micro_batch": 2, "gradient_accumulation_steps": 4, "ran_out_of_memory_at": [8, 4]}
+                      "micro_batch": 2, "gradient_accumulation_steps": 4, "recomputes_activations": True,
+                      "ran_out_of_memory_at": [8, 4]}
     state = json.loads((run / stage / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 2, "optimizer steps as asked, micro-batches of 2"
     args = torch.load(run / stage / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
@@ -143,13 +145,19 @@ def test_auto_batch_a_resumed_or_redone_stage_starts_from_the_recorded_size(writ
     assert state["global_step"] == 3 and state["train_batch_size"] == 1
 
 
-def test_auto_batch_says_in_one_line_when_even_1_does_not_fit(write_recipe):
-    auto = {**TRAIN, "effective_batch_size": 2, "args": {**TRAIN["args"], "per_device_train_batch_size": "auto"}}
-    path = write_recipe(prepare={"max_rows": 16}, sft=auto)
+@pytest.mark.parametrize("checkpointing, advice", [
+    (False, r"turn on activation_checkpointing, train lora"),
+    # TRL's SFTConfig recomputes by default: advising to turn it on was wrong there
+    (None, r" even with activation checkpointing: train lora"),
+])
+def test_auto_batch_says_in_one_line_when_even_1_does_not_fit(write_recipe, checkpointing, advice):
+    args = {**TRAIN["args"], "per_device_train_batch_size": "auto"}
+    if checkpointing is not None:
+        args["activation_checkpointing"] = checkpointing
+    path = write_recipe(prepare={"max_rows": 16}, sft={**TRAIN, "effective_batch_size": 2, "args": args})
     prepare.main(recipe=str(path))
     with out_of_memory_above(0), pytest.raises(contract.UserError, match=(
-        r"^sft: micro-batch 1 ran out of memory: the model does not fit even at per_device_train_batch_size 1; "
-        r"turn on activation_checkpointing, .* \(vlmjobs memory <recipe> shows the arithmetic\)$")):
+        rf"^sft: micro-batch 1 ran out of memory.*{advice} .* \(vlmjobs memory <recipe> shows the arithmetic\)$")):
         sft.main(recipe=str(path))
     assert not (recipes.load(path).run_dir / "sft").exists()
 
@@ -198,6 +206,112 @@ def test_auto_batch_recipe_passes_the_schema_check():
     assert [auto_batch.smaller(m, 12) for m in (12, 6, 3)] == [6, 3, 1], "accumulation stays whole: 12 = 3 x 4 = 1 x 12"
 
 
+@contextmanager
+def out_of_memory_when_saving_more_than(limit: float):
+    """The memory that activation checkpointing saves, as the memory that runs out: each training step counts the
+    bytes of the tensors autograd saves for its backward (torch's ``saved_tensors_hooks``; what checkpointed layers
+    keep goes through checkpointing's own hooks instead, as on a GPU it does not stay), and raises a real
+    ``torch.OutOfMemoryError`` past ``limit``. Yields the most a training step saved."""
+    import transformers
+
+    seen = {"step": 0, "most": 0}
+
+    def pack(tensor):
+        seen["step"] += tensor.numel() * tensor.element_size()
+        seen["most"] = max(seen["most"], seen["step"])
+        if seen["step"] > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {seen['step']} bytes saved > {limit})")
+        return tensor
+
+    original = transformers.Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        seen["step"] = 0
+        return original(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = training_step
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield seen
+    finally:
+        transformers.Trainer.training_step = original
+
+
+def test_activation_checkpointing_auto_recomputes_only_where_the_batch_does_not_fit_without(write_recipe, capsys):
+    """Issue 24: the recipes' activation checkpointing recomputes a forward per row in every step (the FLOPs table's
+    largest gap to the ideal), needed or not. With auto, the probe trains without it where the batch fits, and with it
+    where only that fits; either way the training is the one its setting given directly gives."""
+    def recipe(name, checkpointing):
+        args = {**TRAIN["args"], "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                "activation_checkpointing": checkpointing}
+        path = write_recipe(name=name, prepare={"max_rows": 24}, sft={**TRAIN, "args": args})
+        prepare.main(recipe=str(path))
+        return path, recipes.load(path).run_dir / "sft"
+
+    def trained_with(run) -> bool:
+        return torch.load(run / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False).activation_checkpointing
+
+    without_path, without = recipe("without", False)
+    with_path, with_ = recipe("with", True)
+    with out_of_memory_when_saving_more_than(math.inf) as unchecked:
+        sft.main(recipe=str(without_path))
+        saved_without = unchecked["most"]
+        unchecked["most"] = 0
+        sft.main(recipe=str(with_path))
+        saved_with = unchecked["most"]
+    assert 0 < saved_with < saved_without, "checkpointing saves less: the simulated memory can tell them apart"
+    assert (trained_with(without), trained_with(with_)) == (False, True)
+
+    auto_path, auto = recipe("auto", "auto")
+    capsys.readouterr()
+    with out_of_memory_when_saving_more_than(math.inf):
+        sft.main(recipe=str(auto_path))
+    out = capsys.readouterr().out
+    assert "sft: micro-batch 2 x accumulation 2 fits without activation checkpointing (effective batch 4)" in out
+    assert trained_with(auto) is False
+    assert_same_steps(logged_steps(auto), logged_steps(without))
+
+    tight_path, tight = recipe("tight", "auto")
+    capsys.readouterr()
+    with out_of_memory_when_saving_more_than((saved_with + saved_without) / 2):
+        sft.main(recipe=str(tight_path))
+    out = capsys.readouterr().out
+    assert "sft: micro-batch 2 ran out of memory without activation checkpointing; trying micro-batch 2 with it" in out
+    assert "sft: micro-batch 2 x accumulation 2 fits with activation checkpointing (effective batch 4)" in out
+    assert trained_with(tight) is True
+    assert_same_steps(logged_steps(tight), logged_steps(with_))
+    record = contract.read_json(tight / auto_batch.RECORD_FILE)
+    assert (record["activation_checkpointing"], record["recomputes_activations"]) == ("auto", True)
+
+    # Neither fits: one line that says what to change, and nothing trained
+    capsys.readouterr()
+    impossible_path, impossible = recipe("impossible", "auto")
+    with out_of_memory_when_saving_more_than(saved_with / 4), pytest.raises(contract.UserError, match=(
+            r"^sft: micro-batch 2 ran out of memory even with activation checkpointing \(activation_checkpointing auto "
+            r"probed it on the longest training rows\); give sft.args.per_device_train_batch_size a smaller number")):
+        sft.main(recipe=str(impossible_path))
+    assert not impossible.exists()
+
+
+def assert_same_steps(logged: list[dict], expected: list[dict]) -> None:
+    assert len(logged) == len(expected) == 2 and logged[0].keys() == expected[0].keys()
+    for step, want in zip(logged, expected):
+        assert step == pytest.approx(want, rel=1e-5), "the same losses, metrics and token counts"
+
+
+@pytest.mark.parametrize("key", ["activation_checkpointing", "gradient_checkpointing"])
+def test_activation_checkpointing_auto_is_for_the_stages_that_probe(key):
+    def recipe(stage: str):
+        kind = "sft" if stage == "sft" else "dpo"
+        return {"name": "t", "model": {"name_or_path": "org/m", "family": "llava"}, "stages": ["prepare", stage],
+                "data": {kind: {"path": "d", "format": "chartqa" if kind == "sft" else "rlaif-v"}},
+                stage: {"args": {key: "auto"}}}
+
+    assert recipes.passthrough_errors(recipes.from_dict(recipe("sft"))) == [], "TRL is handed no 'auto'"
+    with pytest.raises(contract.UserError, match=f"grpo.args.{key}: auto is for sft and dpo, whose stages probe"):
+        recipes.from_dict({**recipe("grpo"), "grpo": {"args": {key: "auto"}, "rewards": [{"name": "yes_no"}]}})
+
+
 WRAPPER = """
 import os, runpy, sys
 import torch
@@ -233,8 +347,9 @@ def test_auto_batch_two_processes_agree_when_only_one_runs_out_of_memory(write_r
     assert contract.read_json(run / auto_batch.RECORD_FILE) == {
         "effective_batch_size": 8, "processes": 2, "device": "cpu", "model": str(tiny_model("llava")), "method": "sft full",
         "max_length": None, "precision": "weights float32, trainable float32, compute float32",
-        "activation_checkpointing": True, "padding_free": False, "trainer": "SFTTrainer", "micro_batch": 2,
-        "gradient_accumulation_steps": 2, "ran_out_of_memory_at": [4]}
+        "per_device_train_batch_size": "auto", "activation_checkpointing": True, "padding_free": False,
+        "trainer": "SFTTrainer", "micro_batch": 2, "gradient_accumulation_steps": 2, "recomputes_activations": True,
+        "ran_out_of_memory_at": [4]}
     state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 2
 
