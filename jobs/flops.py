@@ -157,3 +157,47 @@ def count_reference(trainer, rows) -> float:
     from jobs import reference_logprobs
 
     return per_row(count(lambda: reference_logprobs.compute(trainer, rows, "flops")), len(rows))
+
+
+def saved_for_backward(step, model) -> int:
+    """The most bytes that tensors autograd keeps for a backward take at once during ``step()`` (torch's
+    ``saved_tensors_hooks``), each storage once, ``model``'s weights left out: the activations a training step holds
+    at the end of its forward, where its memory peaks. A saved tensor counts until autograd lets it go (its graph
+    freed by the backward, or discarded). Counted in the dtypes the step runs in; what activation checkpointing's own
+    hooks take from checkpointed layers is not kept, and not counted."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    holders: dict[int, int] = {}  # storage -> saved tensors holding it
+    held = {"now": 0, "most": 0}
+
+    def release(storage: int, nbytes: int) -> None:
+        holders[storage] -= 1
+        if not holders[storage]:
+            del holders[storage]
+            held["now"] -= nbytes
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            if storage.data_ptr() not in holders:
+                holders[storage.data_ptr()] = 0
+                held["now"] += storage.nbytes()
+                held["most"] = max(held["most"], held["now"])
+            holders[storage.data_ptr()] += 1
+            weakref.finalize(tensor, release, storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return held["most"]
+
+
+def training_step_activations(trainer, rows) -> int:
+    """Bytes of activations one training step of ``trainer`` keeps on ``rows`` (one batch, as its collator makes it):
+    ``saved_for_backward`` of its own ``training_step``, run as the micro-batch probe runs it (jobs.auto_batch)."""
+    from jobs import upstream
+
+    batch = trainer.data_collator([rows[i] for i in range(len(rows))])
+    with upstream.probe_leaves_no_trace(trainer):
+        saved = saved_for_backward(lambda: trainer.training_step(trainer.model, batch), trainer.model)
+    trainer.model.zero_grad(set_to_none=True)
+    return saved

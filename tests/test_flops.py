@@ -75,3 +75,46 @@ def test_the_reference_pass_batches_rows_of_like_length_and_gives_each_rows_own_
     assert torch.allclose(chosen, torch.cat([c for c, _ in alone]), atol=1e-5)
     assert torch.allclose(rejected, torch.cat([r for _, r in alone]), atol=1e-5)
     assert not torch.allclose(chosen[0], chosen[1]), "long and short rows differ"
+
+
+def test_saved_for_backward_counts_the_activations_autograd_keeps_not_the_weights():
+    """What linear layers and ReLUs keep for their backward, as autograd's formulas need them: each linear layer its
+    input (for its weight's gradient; the input to the model needs none), each ReLU its output, which is the next
+    layer's input, one storage; 4 bytes an element; the weights are the model's, not activations. Checkpointed, the
+    first four layers keep only what enters them (torch saves a checkpointed region's inputs to recompute it)."""
+    torch.manual_seed(0)
+    first = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU())
+    model = torch.nn.Sequential(first, torch.nn.Linear(16, 2))
+    x = torch.randn(4, 8)
+    assert flops.saved_for_backward(lambda: model(x).sum().backward(), model) == (4 * 8 + 4 * 16 + 4 * 16) * 4
+
+    from torch.utils.checkpoint import checkpoint
+
+    checkpointed = flops.saved_for_backward(
+        lambda: model[1](checkpoint(first, x, use_reentrant=False)).sum().backward(), model)
+    assert checkpointed == (4 * 8 + 4 * 16) * 4, "the region's input and the last layer's; the ReLUs' are recomputed"
+
+
+def test_a_hollow_training_step_keeps_the_activations_the_real_one_keeps(tiny_model, tmp_path):
+    """The FLOPs table's memory column (issue 24): the bytes a hollow training step saves for its backward are those
+    the same step computed for real saves, without activation checkpointing and with it."""
+    family = "llava"
+    spec = Model(name_or_path=str(tiny_model(family)), family=family, dtype="float32")
+    processor = modeling.load_processor(spec)
+    torch.manual_seed(0)
+    real = modeling.load_model(spec, dtype=torch.float32)
+
+    def saved(model, folder, recompute: bool) -> int:
+        trainer = dpo_trainer(model, processor, family, tmp_path / folder, shared=True, batch=2)
+        if recompute:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+        return flops.training_step_activations(trainer, trainer.train_dataset.select(range(2)))
+
+    expected = {recompute: saved(real, f"real-{recompute}", recompute) for recompute in (False, True)}
+    with flops.hollow(hollow_from=1) as mode:
+        model = flops.hollow_model(get_family(family).model_class, real.config, mode)
+        counted = {recompute: saved(model, f"hollow-{recompute}", recompute) for recompute in (False, True)}
+    assert counted == expected
+    assert expected[True] < expected[False], "checkpointing keeps less"
