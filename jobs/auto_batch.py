@@ -163,7 +163,7 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     over = f"{processes} processes" if processes > 1 else "1 process"
     where = f"recorded in {recorded['path']}" if recorded else f"effective batch {per_process * processes} over {over}"
     started = time.time()
-    longest, tokens = _longest_rows(trainer, per_process)
+    longest, tokens = longest_rows(trainer, per_process)
     settled = " and ".join(f"{k} auto" for k, auto in (("per_device_train_batch_size", auto_micro),
                                                        ("activation_checkpointing", auto_checkpointing)) if auto)
     how = _recomputing(choices[0]) if auto_checkpointing else ""
@@ -172,7 +172,7 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
         f"counted in {time.time() - started:.1f}s)", flush=True)
     batch, ran_out, without_recomputation = None, list(recorded["ran_out_of_memory_at"]) if recorded else [], []
     for recompute in choices:
-        _recompute_activations(trainer, recompute)
+        recompute_activations(trainer, recompute)
         micro = top
         while batch is None:
             fits = _probe(trainer, trainer.train_dataset.select(longest[:micro]))
@@ -232,7 +232,7 @@ def _nothing_fits(stage: str, micro: int, recomputed: bool, auto_micro: bool) ->
             "number, or auto with an effective_batch_size")
 
 
-def _recompute_activations(trainer, on: bool) -> None:
+def recompute_activations(trainer, on: bool) -> None:
     """Activation checkpointing on or off for the probe and for training (``train()`` reads the args when it starts),
     as TRL's trainers set it up at their start when the config asks for it."""
     args, model = trainer.args, trainer.model
@@ -290,7 +290,7 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def _longest_rows(trainer, count: int) -> tuple[list[int], list[int]]:
+def longest_rows(trainer, count: int) -> tuple[list[int], list[int]]:
     """The indices of the ``count`` training rows the trainer's collator makes the most tokens of, longest first (the
     batch that needs the most memory), and their token counts. Counted once for every row, unless the stage has
     already counted them for transformers' length grouping (packing.with_lengths, the same count)."""

@@ -82,13 +82,15 @@ def sft_rows(n: int, system_prompt: str | None):
 def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaults: bool, ideal: bool = False,
              dtype=None):
     """The stage's TRL config from the recipe (jobs.training.trl_config, as the stage makes it), with what counting
-    needs: ``steps`` optimizer steps of ``batch`` rows (no accumulation), no checkpoints, trackers or workers."""
+    needs: ``steps`` optimizer steps of ``batch`` rows (no accumulation), no checkpoints, trackers or workers. The
+    seed script recomputes activations where the recipe leaves it to the stage (activation_checkpointing: auto, which
+    vlmjobs settles on the recipe's GPU: ``recomputes``)."""
     import dataclasses
 
     import torch
     from trl import DPOConfig, SFTConfig
 
-    from jobs import training
+    from jobs import auto_batch, training
 
     train = getattr(cfg, stage)
     args = {**train.args, "max_steps": steps, "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
@@ -99,6 +101,8 @@ def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaul
         if stage == "dpo":
             args["precompute_ref_batch_size"] = 1
     args.pop("gradient_checkpointing" if "activation_checkpointing" in args else "activation_checkpointing", None)
+    if seed_defaults and auto_batch.checkpointing_is_auto(args):
+        args["activation_checkpointing"] = True  # the source documents' gradient_checkpointing=True (TRL's default)
     train = dataclasses.replace(train, args=args, effective_batch_size=None)
     defaults = None if seed_defaults or stage == "dpo" else training.SFT_DEFAULTS
     config_class = DPOConfig if stage == "dpo" else SFTConfig
@@ -166,6 +170,32 @@ def upstream_attention(model) -> str:
     return upstream.attention_implementation(model.config) or "sdpa"
 
 
+def recomputes(trainer, cfg, stage: str, config, batch: int, work: Path) -> dict:
+    """What ``activation_checkpointing: auto`` settles on the recipe's GPU, predicted from counts: whether one training
+    step of ``batch`` of the counted rows (the longest, as the stage's probe takes them) keeps activations (counted by
+    jobs.flops.saved_for_backward, without recomputation) that fit beside the weights, gradients and optimizer states
+    (jobs.memory.for_stage, from the checkpoint's config) in ``resources.gpu_memory_gib``. The hollow step runs in
+    float32, so its activations bound a bf16 run's from above. Turns recomputation on in ``trainer`` where they do not
+    fit. A recipe that says true or false is taken at its word."""
+    import dataclasses
+
+    from jobs import auto_batch, flops, memory
+
+    args = getattr(cfg, stage).args
+    if not auto_batch.checkpointing_is_auto(args):
+        return {"recompute": bool(trainer.args.activation_checkpointing)}
+    config.save_pretrained(work / "config")  # for_stage reads a config as the recipe's model names it
+    local = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(work / "config"), revision=None))
+    weights = memory.for_stage(local, stage)[0].total
+    longest, _ = auto_batch.longest_rows(trainer, batch)
+    activations = flops.training_step_activations(trainer, trainer.train_dataset.select(longest)) / memory.GB
+    room = memory.gpu_gb(cfg.resources_for(stage).gpu_memory_gib)
+    recompute = weights + activations > room
+    if recompute:
+        auto_batch.recompute_activations(trainer, True)
+    return {"recompute": recompute, "weights": weights, "activations": activations, "room": room, "batch": batch}
+
+
 def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows) -> dict:
     from jobs import checkpoints, flops, reference_logprobs
     from jobs.families import get_family
@@ -183,6 +213,9 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
             args = args_for(cfg, "dpo", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
             trainer = dpo_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             phases = {}
+            if way == "vlmjobs":  # reads the cached reference's columns, added below: settled before them
+                with reference_logprobs.as_if_cached(trainer):
+                    out["memory"] = recomputes(trainer, cfg, "dpo", config, batch, work / way)
             if not seed:  # the reference's log-probs computed once, then read from the batches
                 phases["reference"] = flops.count_reference(trainer, family.close_answers(reference_rows, processor))
                 reference_logprobs.read_from_batches(trainer)
@@ -215,6 +248,9 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
             args = args_for(cfg, "sft", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
             # the ideal's "eval" is a forward of each train row alone: what activation checkpointing recomputes
             trainer = sft_trainer(way, cfg, family, model, processor, rows, rows if way == "ideal" else eval_rows, args)
+            if way in ("vlmjobs", "padding-free"):
+                out["memory" if way == "vlmjobs" else "memory padding-free"] = recomputes(
+                    trainer, cfg, "sft", config, batch, work / way)
             out[way] = {"train": flops.count_training(trainer, steps * batch), "eval": flops.count_evaluation(trainer)}
             if way == "ideal":
                 out[way]["recompute"], out[way]["eval"] = out[way]["eval"], 0.0
@@ -258,6 +294,15 @@ def ideal_reference(name, checkpoint, cfg, rows, work: Path) -> float:
             processing_class=family.rendering_processor(processor), peft_config=modeling.lora_config(cfg.dpo, family))
         trainer.data_collator = family.collator(trainer.data_collator, processor)
         return flops.count_reference(trainer, trainer.train_dataset)
+
+
+def memory_note(name: str, settled: dict) -> str:
+    if "activations" not in settled:
+        return f"{name}: activation checkpointing {'on' if settled['recompute'] else 'off'}, as the recipe says"
+    return (f"{name}: activation_checkpointing auto: micro-batch {settled['batch']} of the longest counted rows keeps "
+            f"{settled['activations']:.1f} GB of activations (float32, a bound on bf16's) beside {settled['weights']:.1f} GB "
+            f"of weights, gradients and optimizer states, {'over' if settled['recompute'] else 'within'} the GPU's "
+            f"{settled['room']:.1f} GB: {'recomputed' if settled['recompute'] else 'not recomputed'}")
 
 
 def main() -> None:
@@ -310,7 +355,7 @@ def main() -> None:
             v = result["vlmjobs"]
             # the recipe's activation checkpointing recomputes one policy forward per row: the ideal's reference forward
             # (DPO: the packed pair) or its eval forward (SFT: the row alone), counted above
-            recompute = counted["ideal"]["recompute"] if train.args.get("gradient_checkpointing", True) else 0.0
+            recompute = counted["ideal"]["recompute"] if counted["memory"]["recompute"] else 0.0
             if "padding-free" in counted:  # SFT with sft.padding_free: true under the same attention
                 pf = per_sample(counted["padding-free"], schedule(cfg, stage, checkpoint, seed_defaults=False),
                                 checkpoint, epoch=epoch, way="vlmjobs")
@@ -322,6 +367,7 @@ def main() -> None:
                 f"{v['total'] / 1e12:.2f} ({v['train'] / 1e12:.2f} + {v['reference'] / 1e12:.2f} + {v['eval'] / 1e12:.2f}) | "
                 f"{ideal / 1e12:.2f} | {result['trl']['total'] / ideal:.2f} | {v['total'] / ideal:.2f} | "
                 f"{v['total'] / (ideal + recompute):.2f} |")
+        notes.append(memory_note(name, counted["memory"]))
         print("\n".join(table[-len(epochs):]), flush=True)
     lines = [f"FLOPs per training sample, counted (torch FlopCounterMode, hollow weights), {options.rows} rows per "
              f"checkpoint, {time.time() - started:.0f} s", "", *table, "", *notes]
