@@ -8,9 +8,11 @@ whole nats."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,76 @@ def test_cached_reference_logprobs_equal_those_trl_computes_in_step(sft_run, tmp
         assert reference_means(ours) == pytest.approx(reference_means(trls), **TOLERANCE), name
         assert ours["loss"] == pytest.approx(trls["loss"], **TOLERANCE), "the same training, step by step"
     assert any(abs(s["rewards/margins"]) > 1e-3 for s in cached_steps[1:]), "the policy moved away from the reference"
+
+
+def watch_rows(monkeypatch) -> tuple[list, list]:
+    """(the train rows the reference pass scored, the rows the training steps trained on), each row as its content: the
+    first seen where the pass is called, the second in transformers' training_step, carried there in the batches of
+    the trainer's own train dataloader, whatever decided which rows those are (a batch collated but not trained on,
+    as the dataloader collates one ahead, is not counted)."""
+    from transformers import Trainer
+
+    def text(row: dict) -> str:  # and the images' pixels: the synthetic rows repeat their texts
+        pixels = hashlib.sha256(b"".join(image.tobytes() for image in row.get("images") or [])).hexdigest()
+        return json.dumps([row["prompt"], row["chosen"], row["rejected"], pixels], sort_keys=True)
+
+    scored, carried = [], []
+    compute, get_train_dataloader, training_step = reference_logprobs.compute, Trainer.get_train_dataloader, Trainer.training_step
+
+    def scoring(trainer, rows, name, **kwargs):
+        if name == "train":
+            scored.extend(map(text, rows))
+        return compute(trainer, rows, name, **kwargs)
+
+    def carrying(self):
+        collate = self.data_collator
+        self.data_collator = lambda examples: {**collate(examples), "watched rows": [text(e) for e in examples]}
+        try:
+            return get_train_dataloader(self)
+        finally:
+            self.data_collator = collate
+
+    def training(self, model, inputs, *args, **kwargs):
+        carried.extend(inputs.pop("watched rows"))
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(reference_logprobs, "compute", scoring)
+    monkeypatch.setattr(Trainer, "get_train_dataloader", carrying)
+    monkeypatch.setattr(Trainer, "training_step", training)
+    return scored, carried
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_an_epoch_scores_only_the_rows_its_batches_carry(sft_run, tmp_path, monkeypatch):
+    """Issue 24: with max_steps short of an epoch, the reference pass before training scored every train row (a bench
+    run of 12 steps drawing 96 rows scored all 246). It scores the rows the run's batches carry, trains as TRL's
+    in-step reference does, and a later, longer run scores only the rows the store lacks. A constant learning rate, so
+    that the longer run's first steps are the short run's."""
+    short = {"max_steps": 2, "per_device_train_batch_size": 2, "lr_scheduler_type": "constant"}
+    with monkeypatch.context() as patched:
+        scored, carried = watch_rows(patched)
+        first, first_steps = run_dpo(copy_run(sft_run, tmp_path, "short", args=short))
+    assert len(carried) == 4 and len(set(carried)) > 1, "2 steps of 2 rows, told apart"
+    assert Counter(scored) == Counter(carried), f"scored {len(scored)} rows for the {len(carried)} the batches carried"
+    assert first["reference_logprobs"]["splits"]["train"]["computed"] == 4
+    assert first["reference_logprobs"]["splits"]["eval"]["computed"] == 1, "every eval row, as before"
+
+    trls, trl_steps = run_dpo(copy_run(sft_run, tmp_path / "trl", "recomputed", reference_logprobs="recompute", args=short))
+    assert len(first_steps) == len(trl_steps) == 2
+    for ours, theirs in zip(first_steps, trl_steps):
+        assert reference_means(ours) == pytest.approx(reference_means(theirs), **TOLERANCE)
+        assert ours["loss"] == pytest.approx(theirs["loss"], **TOLERANCE)
+
+    with monkeypatch.context() as patched:
+        scored, carried = watch_rows(patched)
+        whole, whole_steps = run_dpo(copy_run(sft_run, tmp_path, "whole-epoch", args={**short, "max_steps": 5}))
+    assert len(carried) == 10, "5 steps of 2: every train row"
+    assert Counter(scored) == Counter(carried[4:]), "only the rows the short run left, the same 4 first"
+    assert whole["reference_logprobs"]["splits"]["train"] | {"file": None} == {"file": None, "computed": 6, "read": 4}
+    assert whole["reference_logprobs"]["splits"]["eval"]["computed"] == 0
+    for ours, shorter in zip(whole_steps, first_steps):
+        assert reference_means(ours) == pytest.approx(reference_means(shorter), **TOLERANCE)
+        assert ours["loss"] == pytest.approx(shorter["loss"], **TOLERANCE)
 
 
 @pytest.mark.slow
