@@ -8,6 +8,11 @@ off, SFT's adapter kept as "ref", or the policy itself before its first step) un
 stores them as ``<run.root>/.cache/reference_logprobs/<fingerprint>.safetensors``, one file per split, written by one
 process and renamed into place, so that no half-written file ever looks complete.
 
+It scores every eval row, and the train rows the run will draw (issue 24): a run shorter than an epoch (a smoke run,
+a sweep with ``max_steps``) scored every row before, a whole epoch's reference pass up front. The rows are those in
+the batches of the trainer's own train dataloader over the steps the run takes (``rows_drawn``); a file holds every
+row's place and a mask of the rows it holds, so a later, longer run or a second epoch computes only what it lacks.
+
 The fingerprint is that of what the numbers depend on, and nothing else: the reference's weights as loaded (hashed,
 so a new SFT model, another quantization or dtype misses), the rows as the trainer sees them, and how they are
 rendered and scored (processor, tokenizer, chat template, max_length, ld_alpha, autocast, attention, library
@@ -26,8 +31,8 @@ set. So the stage builds the trainer as usual, then adds the two columns to its 
 and sets the flag (``upstream.read_reference_logps_from_batches``).
 
 Under FSDP the model is placed and sharded only when training starts (before that it is whole, on the CPU), so what
-the store lacks is computed then, by the sharded model before its first step: the rows carry their number instead
-of the two columns, and the collator looks them up in a table filled at ``on_train_begin``.
+the store lacks is computed then, by the sharded model before its first step: those rows carry their number beside
+the two columns (NaN until then), and the collator looks them up in a table filled at ``on_train_begin``.
 """
 
 from __future__ import annotations
@@ -105,7 +110,8 @@ def use_cached(trainer, store: Path) -> dict:
         held = [_read(path, len(rows)) if trainer.accelerator.is_main_process else None]
         broadcast_object_list(held, from_process=0)  # one decision for all, or they would wait on each other
         chosen, rejected, held = held[0] or _nothing_held(len(rows))
-        missing = [i for i in wanted if not held[i]]
+        holds = held.tolist()
+        missing = [i for i in wanted if not holds[i]]
         said = f"{len(wanted)} {name} rows" if len(wanted) == len(rows) else f"{len(wanted)} of {len(rows)} {name} rows"
         record["splits"][name] = {"file": path.name, "computed": len(missing), "read": len(wanted) - len(missing)}
         if not missing:
@@ -117,7 +123,8 @@ def use_cached(trainer, store: Path) -> dict:
             rows = rows.add_column(ROW, list(range(first, first + len(rows))))
         else:
             started = time.time()
-            chosen, rejected, held = _store(trainer, path, rows, missing, (chosen, rejected, held), name, keys[0]["parts"])
+            stored = (chosen, rejected, held)
+            chosen, rejected, held = _store(trainer, path, rows, missing, stored, name, keys[0]["parts"])
             if trainer.accelerator.is_main_process:
                 print(f"dpo: reference log-probs of {said}: {len(missing)} computed in {time.time() - started:.1f}s, "
                       f"{len(wanted) - len(missing)} read, stored in {path}", flush=True)
@@ -146,7 +153,7 @@ def rows_drawn(trainer) -> list[int] | None:
     loader = trainer.get_train_dataloader()
     per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)  # as transformers counts them
     steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-    if steps >= per_epoch:
+    if steps >= per_epoch or not drawn_alike(args):
         return None
     done = 0 if args.ignore_data_skip else resumed_step(trainer)
     batches = itertools.islice(loader.batch_sampler, done * args.gradient_accumulation_steps,
@@ -156,6 +163,15 @@ def rows_drawn(trainer) -> list[int] | None:
         print(f"dpo: the reference pass scores the {len(drawn)} of {len(trainer.train_dataset)} train rows that "
               f"optimizer steps {done + 1}-{steps} draw", flush=True)
     return drawn
+
+
+def drawn_alike(args) -> bool:
+    """Whether a train dataloader built before ``train()`` draws the rows that ``train()``'s own will: its order is
+    seeded (accelerate's seedable sampler, transformers' default, from the seed ``set_seed`` gave) or none. The
+    length-grouped sampler shuffles from the RNG's state when iterated, and the rebalancing one is not ours to vouch
+    for: those runs score every row, as before."""
+    seeded = args.train_sampling_strategy == "random" and args.accelerator_config.use_seedable_sampler
+    return seeded or args.train_sampling_strategy == "sequential"
 
 
 def resumed_step(trainer) -> int:
@@ -495,6 +511,6 @@ def _write(path: Path, chosen, rejected, held, parts: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     metadata = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for k, v in parts.items()}
-    save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous(), "held": held.contiguous()}, str(partial),
-              metadata=metadata)
+    tensors = {"chosen": chosen, "rejected": rejected, "held": held}
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(partial), metadata=metadata)
     os.replace(partial, path)
