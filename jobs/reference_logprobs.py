@@ -143,7 +143,7 @@ def rows_drawn(trainer) -> list[int] | None:
     every row (a whole epoch or more). Read from the batches of the trainer's own train dataloader
     (``get_train_dataloader``, which ``train()`` builds again: the same sampler, seed, batch, processes and
     accumulation), from a resumed attempt's step on, as ``train()`` skips them. A row the prediction missed is no
-    silent error: the collator stops at it (``WithReferenceLogps``)."""
+    silent error: the step that draws it stops (``refusing_unscored_rows``)."""
     import itertools
     import math
 
