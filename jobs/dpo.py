@@ -4,9 +4,9 @@ Starts from the SFT stage's output when the run has one (``dpo.init: sft``), its
 into the weights first or trained further (``dpo.sft_adapter``), else from the base model. With
 LoRA the reference model is the same weights with the adapter switched off, never a second copy;
 continuing SFT's adapter, TRL keeps a frozen copy of that adapter (not of the model) as reference.
-The reference's log-probs are computed once before training and reused (``dpo.reference_logprobs: cache``,
-jobs.reference_logprobs): full fine-tuning then needs no frozen copy of the model either. Each pair's
-image and prompt are encoded once, both answers continuing from them (``dpo.shared_prefix``, jobs.shared_prefix).
+The reference's log-probs of the rows the run draws are computed once before training and reused
+(``dpo.reference_logprobs: cache``, jobs.reference_logprobs): full fine-tuning then needs no frozen copy
+of the model either. Each pair's image and prompt are encoded once, both answers continuing from them (``dpo.shared_prefix``, jobs.shared_prefix).
 
     local:      python -m jobs.dpo --recipe recipes/tiny-demo.yaml [--dpo.args.beta=0.1]
                 vlmjobs run recipes/tiny-demo.yaml --stages dpo

@@ -8,6 +8,11 @@ off, SFT's adapter kept as "ref", or the policy itself before its first step) un
 stores them as ``<run.root>/.cache/reference_logprobs/<fingerprint>.safetensors``, one file per split, written by one
 process and renamed into place, so that no half-written file ever looks complete.
 
+It scores every eval row, and the train rows the run will draw (issue 24): a run shorter than an epoch (a smoke run,
+a sweep with ``max_steps``) scored every row before, a whole epoch's reference pass up front. The rows are those in
+the batches of the trainer's own train dataloader over the steps the run takes (``rows_drawn``); a file holds every
+row's place and a mask of the rows it holds, so a later, longer run or a second epoch computes only what it lacks.
+
 The fingerprint is that of what the numbers depend on, and nothing else: the reference's weights as loaded (hashed,
 so a new SFT model, another quantization or dtype misses), the rows as the trainer sees them, and how they are
 rendered and scored (processor, tokenizer, chat template, max_length, ld_alpha, autocast, attention, library
@@ -26,8 +31,8 @@ set. So the stage builds the trainer as usual, then adds the two columns to its 
 and sets the flag (``upstream.read_reference_logps_from_batches``).
 
 Under FSDP the model is placed and sharded only when training starts (before that it is whole, on the CPU), so what
-the store lacks is computed then, by the sharded model before its first step: the rows carry their number instead
-of the two columns, and the collator looks them up in a table filled at ``on_train_begin``.
+the store lacks is computed then, by the sharded model before its first step: those rows carry their number beside
+the two columns (NaN until then), and the collator looks them up in a table filled at ``on_train_begin``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from jobs.packing import WithoutColumns
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 ROW = "ref_logps_row"  # under FSDP, until training starts: the row's number in the table of computed log-probs
 MODES = ("cache", "recompute")
-FORMAT = 2  # bump when what a file holds, or how its fingerprint is made, changes
+FORMAT = 3  # bump when what a file holds, or how its fingerprint is made, changes
 DIGEST_BATCH_ROWS = 1000  # rows hashed per Arrow batch; part of how the rows' fingerprint is made
 
 
@@ -86,12 +91,14 @@ def building_without_reference_model(build):
 
 def use_cached(trainer, store: Path) -> dict:
     """Give the trainer's train and eval rows their reference log-probs, from the store or computed and stored first,
-    and make the trainer read them from its batches. Returns what the stage's record says about it."""
+    and make the trainer read them from its batches: every eval row, and the train rows the run draws
+    (``rows_drawn``). Returns what the stage's record says about it."""
     from accelerate.utils import broadcast_object_list
 
     splits = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
     splits = {name: rows for name, rows in splits.items() if rows is not None}
-    later = {}  # under FSDP, the splits the store lacks: {name: (rows, file, first row number)}
+    drawn = {"train": rows_drawn(trainer)}  # the eval rows: every one
+    later = {}  # under FSDP, what the store lacks: {name: (rows, file, first row number, held, missing)}
     keys = [None]
     if trainer.accelerator.is_main_process:  # hashing weights and rows once; every process uses the same files
         keys = [fingerprints(trainer, splits)]
@@ -99,29 +106,29 @@ def use_cached(trainer, store: Path) -> dict:
     record = {"store": str(store), "fingerprint": keys[0]["reference"], "splits": {}}
     for name, rows in list(splits.items()):
         path = store / f"{keys[0]['splits'][name]}.safetensors"
-        stored = _read(path, len(rows)) if trainer.accelerator.is_main_process else None
-        found = [stored is not None]
-        broadcast_object_list(found, from_process=0)  # one decision for all, or they would wait on each other
-        started = time.time()
-        if found[0]:
-            chosen, rejected = stored or _read(path, len(rows))
+        wanted = range(len(rows)) if drawn.get(name) is None else drawn[name]
+        held = [_read(path, len(rows)) if trainer.accelerator.is_main_process else None]
+        broadcast_object_list(held, from_process=0)  # one decision for all, or they would wait on each other
+        chosen, rejected, held = held[0] or _nothing_held(len(rows))
+        holds = held.tolist()
+        missing = [i for i in wanted if not holds[i]]
+        said = f"{len(wanted)} {name} rows" if len(wanted) == len(rows) else f"{len(wanted)} of {len(rows)} {name} rows"
+        record["splits"][name] = {"file": path.name, "computed": len(missing), "read": len(wanted) - len(missing)}
+        if not missing:
             if trainer.accelerator.is_main_process:
-                print(f"dpo: reference log-probs of {len(rows)} {name} rows read from {path}", flush=True)
+                print(f"dpo: reference log-probs of {said} read from {path}", flush=True)
         elif trainer.is_fsdp_enabled:
-            first = sum(len(r) for r, _, _ in later.values())
-            later[name] = (rows, path, first)
-            splits[name] = rows.add_column(ROW, list(range(first, first + len(rows))))
-            record["splits"][name] = {"file": path.name, "computed": True}
-            continue
+            first = sum(len(r) for r, *_ in later.values())
+            later[name] = (rows, path, first, (chosen, rejected, held), missing)
+            rows = rows.add_column(ROW, list(range(first, first + len(rows))))
         else:
-            chosen, rejected = compute(trainer, rows, name)
+            started = time.time()
+            stored = (chosen, rejected, held)
+            chosen, rejected, held = _store(trainer, path, rows, missing, stored, name, keys[0]["parts"])
             if trainer.accelerator.is_main_process:
-                _write(path, chosen, rejected, parts={"split": name, **keys[0]["parts"]})
-                print(f"dpo: reference log-probs of {len(rows)} {name} rows computed in {time.time() - started:.1f}s, "
-                      f"stored in {path}", flush=True)
-            trainer.accelerator.wait_for_everyone()
+                print(f"dpo: reference log-probs of {said}: {len(missing)} computed in {time.time() - started:.1f}s, "
+                      f"{len(wanted) - len(missing)} read, stored in {path}", flush=True)
         splits[name] = rows.add_column(COLUMNS[0], chosen.tolist()).add_column(COLUMNS[1], rejected.tolist())
-        record["splits"][name] = {"file": path.name, "computed": not found[0]}
     trainer.train_dataset = splits["train"]
     trainer.eval_dataset = splits.get("eval")
     table = {}
@@ -131,9 +138,72 @@ def use_cached(trainer, store: Path) -> dict:
     return record
 
 
+def rows_drawn(trainer) -> list[int] | None:
+    """The numbers of the train rows that the run's optimizer steps draw, over all processes, or None where it draws
+    every row (a whole epoch or more). Read from the batches of the trainer's own train dataloader
+    (``get_train_dataloader``, which ``train()`` builds again: the same sampler, seed, batch, processes and
+    accumulation), from a resumed attempt's step on, as ``train()`` skips them. A row the prediction missed is no
+    silent error: the step that draws it stops (``refusing_unscored_rows``)."""
+    import itertools
+    import math
+
+    from accelerate.utils import gather_object
+
+    args = trainer.args
+    loader = trainer.get_train_dataloader()
+    per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)  # as transformers counts them
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+    if steps >= per_epoch or not drawn_alike(args):
+        return None
+    done = 0 if args.ignore_data_skip else resumed_step(trainer)
+    batches = itertools.islice(loader.batch_sampler, done * args.gradient_accumulation_steps,
+                               steps * args.gradient_accumulation_steps)
+    drawn = sorted(set(gather_object([row for batch in batches for row in batch])))
+    if trainer.accelerator.is_main_process:
+        print(f"dpo: the reference pass scores the {len(drawn)} of {len(trainer.train_dataset)} train rows that "
+              f"optimizer steps {done + 1}-{steps} draw", flush=True)
+    return drawn
+
+
+def drawn_alike(args) -> bool:
+    """Whether a train dataloader built before ``train()`` draws the rows that ``train()``'s own will: its order is
+    seeded (accelerate's seedable sampler, transformers' default, from the seed ``set_seed`` gave) or none. The
+    length-grouped sampler shuffles from the RNG's state when iterated, and the rebalancing one is not ours to vouch
+    for: those runs score every row, as before."""
+    seeded = args.train_sampling_strategy == "random" and args.accelerator_config.use_seedable_sampler
+    return seeded or args.train_sampling_strategy == "sequential"
+
+
+def resumed_step(trainer) -> int:
+    """The optimizer step a resumed attempt starts after: that of the newest complete checkpoint, which
+    ``training.start`` resumes from; 0 for a first attempt."""
+    from transformers import TrainerState
+
+    from jobs.contract import newest_complete_checkpoint
+
+    checkpoint = newest_complete_checkpoint(Path(trainer.args.output_dir))
+    return TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json")).global_step if checkpoint else 0
+
+
+def _store(trainer, path: Path, rows, missing: list[int], held: tuple, name: str, parts: dict, collator=None):
+    """The log-probs of the ``missing`` rows computed and added to those ``held``, the whole stored by one process:
+    (chosen, rejected, held) of every row."""
+    import torch
+
+    chosen, rejected, held = (t.clone() for t in held)
+    computed = compute(trainer, rows.select(missing), name, collator=collator)
+    where = torch.tensor(missing, dtype=torch.long)
+    chosen[where], rejected[where], held[where] = computed[0], computed[1], 1
+    if trainer.accelerator.is_main_process:
+        _write(path, chosen, rejected, held, parts={"split": name, **parts})
+    trainer.accelerator.wait_for_everyone()
+    return chosen, rejected, held
+
+
 def read_from_batches(trainer, table: dict | None = None) -> None:
     """Make the trainer take the reference log-probs from its batches (TRL's precompute path), not from a forward."""
     trainer.data_collator = WithReferenceLogps(trainer.data_collator, table=table)
+    trainer.compute_loss = refusing_unscored_rows(trainer.compute_loss)
     upstream.read_reference_logps_from_batches(trainer)
 
 
@@ -149,18 +219,17 @@ class ComputeWhenTrainingStarts(TrainerCallback):
 
         policy_is_reference = self.trainer.ref_model is None and not hasattr(self.trainer.model, "peft_config")
         if state.global_step > 0 and policy_is_reference:  # resumed full DPO: the policy has trained since
-            missing = ", ".join(str(path) for _, path, _ in self.later.values())
+            missing = ", ".join(str(path) for _, path, *_ in self.later.values())
             raise UserError(f"dpo: the reference log-probs in {missing} are gone, and the resumed policy is no longer "
                             "the reference: rerun the stage from the start (--force), or set dpo.reference_logprobs: recompute")
         collator = self.trainer.data_collator.collator  # TRL's own, around which WithReferenceLogps reads the table
-        for name, (rows, path, first) in self.later.items():
+        for name, (rows, path, first, held, missing) in self.later.items():
             started = time.time()
-            chosen, rejected = compute(self.trainer, rows, name, collator=collator)
+            chosen, rejected, _ = _store(self.trainer, path, rows, missing, held, name, self.parts, collator=collator)
             if self.trainer.accelerator.is_main_process:
-                _write(path, chosen, rejected, parts={"split": name, **self.parts})
-                print(f"dpo: reference log-probs of {len(rows)} {name} rows computed by the sharded model in "
+                print(f"dpo: reference log-probs of {len(missing)} {name} rows computed by the sharded model in "
                       f"{time.time() - started:.1f}s, stored in {path}", flush=True)
-            self.table.update(zip(range(first, first + len(rows)), zip(chosen.tolist(), rejected.tolist())))
+            self.table.update((first + i, (float(chosen[i]), float(rejected[i]))) for i in missing)
         self.trainer.accelerator.wait_for_everyone()
 
 
@@ -181,24 +250,51 @@ def as_if_cached(trainer):
 
 class WithReferenceLogps(WithoutColumns):
     """A collator that passes the rows' reference log-probs through as tensors, around one that drops them (TRL's
-    vision collator); with ``zeros``, zeros in their place, for rows that have none yet; rows that carry their number
-    (``ROW``) instead read them from ``table``."""
+    vision collator); with ``zeros``, zeros in their place, for rows that have none yet. A row whose log-probs were not
+    computed before training (NaN) reads them from ``table`` by its number (``ROW``), where they are computed when
+    training starts (under FSDP)."""
 
     def __init__(self, collator, zeros: bool = False, table: dict | None = None):
         super().__init__(collator, (*COLUMNS, ROW))
-        self.zeros, self.table = zeros, table
+        self.zeros, self.table = zeros, {} if table is None else table  # shared with ComputeWhenTrainingStarts
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
         batch = super().__call__(examples)
+        pairs = [(0.0, 0.0) if self.zeros else self.logps(example) for example in examples]
         for i, column in enumerate(COLUMNS):
-            if self.zeros:
-                values = [0.0] * len(examples)
-            else:
-                values = [example[column] if column in example else self.table[example[ROW]][i] for example in examples]
-            batch[column] = torch.tensor(values, dtype=torch.float32)
+            batch[column] = torch.tensor([pair[i] for pair in pairs], dtype=torch.float32)
         return batch
+
+    def logps(self, example: dict) -> tuple[float, float]:
+        import math
+
+        pair = (example[COLUMNS[0]], example[COLUMNS[1]])
+        if math.isnan(pair[0]) or math.isnan(pair[1]):
+            return self.table.get(example.get(ROW), pair)  # NaN still where none was computed: refused at the step
+        return pair
+
+
+def refusing_unscored_rows(compute_loss):
+    """The trainer's ``compute_loss``, stopping at a batch with a row whose reference log-probs were never computed
+    (NaN): the pass before training scores the rows the run's steps draw (``rows_drawn``), so a step that meets
+    another means the prediction was wrong, and TRL's loss would be NaN (which the logs hide, as
+    ``logging_nan_inf_filter`` replaces it). Not in the collator: the dataloader collates one batch ahead, and the
+    batch after the last step is collated but never trained on."""
+    import functools
+
+    @functools.wraps(compute_loss)
+    def checked(model, inputs, *args, **kwargs):
+        from jobs.contract import Failure
+
+        if any(bool(inputs[column].isnan().any()) for column in COLUMNS):
+            raise Failure("dpo: a training step drew a row whose reference log-probs the pass before training did not "
+                          "compute (it scores the rows the trainer's dataloader draws in the run's steps, and the "
+                          "trainer drew others): set dpo.reference_logprobs: recompute")
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    return checked
 
 
 def compute(trainer, rows, name: str, collator=None):
@@ -378,27 +474,43 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+def _nothing_held(rows: int):
+    """(chosen, rejected, held) of a store that holds none of ``rows`` rows: NaN, and held 0."""
+    import torch
+
+    return torch.full((rows,), float("nan")), torch.full((rows,), float("nan")), torch.zeros(rows, dtype=torch.uint8)
+
+
 def _read(path: Path, rows: int):
-    """(chosen, rejected) from a stored file holding ``rows`` rows, or None (absent, unreadable, another length)."""
+    """(chosen, rejected, held) from a stored file of ``rows`` rows, or None (absent, unreadable, another length):
+    ``held`` is 1 for the rows whose log-probs the file holds, which are NaN elsewhere. A run that draws fewer rows
+    than its data has stores only those: the mask, not the file's presence, says which rows are there."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(path)
-        chosen, rejected = tensors["chosen"], tensors["rejected"]
+        chosen, rejected, held = tensors["chosen"], tensors["rejected"], tensors["held"]
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError):
         return None
-    if len(chosen) != rows or len(rejected) != rows:
+    if not len(chosen) == len(rejected) == len(held) == rows:
         return None
-    return chosen, rejected
+    return chosen, rejected, held
 
 
-def _write(path: Path, chosen, rejected, parts: dict) -> None:
-    """Written beside its final name and renamed into place: a reader sees the whole file or none."""
+def _write(path: Path, chosen, rejected, held, parts: dict) -> None:
+    """Written beside its final name and renamed into place: a reader sees the whole file or none. The rows another
+    run stored there meanwhile (a sweep's runs at once) are kept: ours are added to what the file holds now."""
     from safetensors.torch import save_file
 
+    now = _read(path, len(held))
+    if now is not None:
+        theirs = (now[2] == 1) & (held == 0)
+        chosen, rejected, held = chosen.clone(), rejected.clone(), held.clone()
+        chosen[theirs], rejected[theirs], held[theirs] = now[0][theirs], now[1][theirs], 1
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     metadata = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for k, v in parts.items()}
-    save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(partial), metadata=metadata)
+    tensors = {"chosen": chosen, "rejected": rejected, "held": held}
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(partial), metadata=metadata)
     os.replace(partial, path)

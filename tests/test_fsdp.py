@@ -166,6 +166,21 @@ def test_fsdp_lora_dpo_rerun_reads_the_log_probs_the_sharded_run_stored(llava):
         assert torch.allclose(a[key], b[key], atol=WEIGHT_TOLERANCE, rtol=0), key
 
 
+def test_fsdp_lora_dpo_shorter_than_an_epoch_scores_the_rows_both_processes_draw(llava, tmp_path):
+    """Issue 24: one step of an 8-row epoch of 2 x 2 rows, on an empty store: the sharded model scores when training
+    starts the 4 rows the two processes' batches hold (gathered from both), and trains step 1 as the whole-epoch run
+    did. A row it missed would stop the step (its log-probs NaN, refused by compute_loss)."""
+    run = tmp_path / "short"
+    for stage in ("prepare", "sft"):
+        shutil.copytree(llava["two"] / stage, run / stage)
+    done = vlmjobs("run", str(llava["folder"] / "two.yaml"), "--stages", "dpo", f"--run.root={tmp_path}",
+                   "--run.id=short", "--dpo.args.max_steps=1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "dpo: the reference pass scores the 4 of 8 train rows that optimizer steps 1-1 draw" in done.stdout
+    assert "dpo: reference log-probs of 4 train rows computed by the sharded model" in done.stdout
+    assert losses(run / "dpo") == pytest.approx(losses(llava["two"] / "dpo")[:1], rel=TOLERANCE, abs=TOLERANCE)
+
+
 def test_fsdp_llava_full_sft_matches_one_process(llava):
     assert_same_training(llava["one"], llava["two"], "sft", load_file(llava["base"] / "model.safetensors"))
 

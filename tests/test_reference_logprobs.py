@@ -8,9 +8,11 @@ whole nats."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -84,13 +86,85 @@ def test_cached_reference_logprobs_equal_those_trl_computes_in_step(sft_run, tmp
     recomputed, recomputed_steps = run_dpo(copy_run(sft_run, tmp_path / "b", "recomputed", reference_logprobs="recompute", **dpo))
 
     assert cached["reference"] == reference
-    assert cached["reference_logprobs"]["splits"]["train"]["computed"] is True
+    assert cached["reference_logprobs"]["splits"]["train"]["computed"] == 3, "the rows of 3 steps of 1"
     assert recomputed["reference_logprobs"] == "recomputed at every step"
     assert len(cached_steps) == len(recomputed_steps) == 3
     for ours, trls in zip(cached_steps, recomputed_steps):
         assert reference_means(ours) == pytest.approx(reference_means(trls), **TOLERANCE), name
         assert ours["loss"] == pytest.approx(trls["loss"], **TOLERANCE), "the same training, step by step"
     assert any(abs(s["rewards/margins"]) > 1e-3 for s in cached_steps[1:]), "the policy moved away from the reference"
+
+
+def watch_rows(monkeypatch) -> tuple[list, list]:
+    """(the train rows the reference pass scored, the rows the training steps trained on), each row as its content: the
+    first seen where the pass is called, the second in transformers' training_step, carried there in the batches of
+    the trainer's own train dataloader, whatever decided which rows those are (a batch collated but not trained on,
+    as the dataloader collates one ahead, is not counted)."""
+    from transformers import Trainer
+
+    def text(row: dict) -> str:  # and the images' pixels: the synthetic rows repeat their texts
+        pixels = hashlib.sha256(b"".join(image.tobytes() for image in row.get("images") or [])).hexdigest()
+        return json.dumps([row["prompt"], row["chosen"], row["rejected"], pixels], sort_keys=True)
+
+    scored, carried = [], []
+    compute = reference_logprobs.compute
+    get_train_dataloader, training_step = Trainer.get_train_dataloader, Trainer.training_step
+
+    def scoring(trainer, rows, name, **kwargs):
+        if name == "train":
+            scored.extend(map(text, rows))
+        return compute(trainer, rows, name, **kwargs)
+
+    def carrying(self):
+        collate = self.data_collator
+        self.data_collator = lambda examples: {**collate(examples), "watched rows": [text(e) for e in examples]}
+        try:
+            return get_train_dataloader(self)
+        finally:
+            self.data_collator = collate
+
+    def training(self, model, inputs, *args, **kwargs):
+        carried.extend(inputs.pop("watched rows"))
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(reference_logprobs, "compute", scoring)
+    monkeypatch.setattr(Trainer, "get_train_dataloader", carrying)
+    monkeypatch.setattr(Trainer, "training_step", training)
+    return scored, carried
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_an_epoch_scores_only_the_rows_its_batches_carry(sft_run, tmp_path, monkeypatch):
+    """Issue 24: with max_steps short of an epoch, the reference pass before training scored every train row (a bench
+    run of 12 steps drawing 96 rows scored all 246). It scores the rows the run's batches carry, trains as TRL's
+    in-step reference does, and a later, longer run scores only the rows the store lacks. A constant learning rate, so
+    that the longer run's first steps are the short run's."""
+    short = {"max_steps": 2, "per_device_train_batch_size": 2, "lr_scheduler_type": "constant"}
+    with monkeypatch.context() as patched:
+        scored, carried = watch_rows(patched)
+        first, first_steps = run_dpo(copy_run(sft_run, tmp_path, "short", args=short))
+    assert len(carried) == 4 and len(set(carried)) > 1, "2 steps of 2 rows, told apart"
+    assert Counter(scored) == Counter(carried), f"scored {len(scored)} rows for the {len(carried)} the batches carried"
+    assert first["reference_logprobs"]["splits"]["train"]["computed"] == 4
+    assert first["reference_logprobs"]["splits"]["eval"]["computed"] == 1, "every eval row, as before"
+
+    recomputed = copy_run(sft_run, tmp_path / "trl", "recomputed", reference_logprobs="recompute", args=short)
+    _, trl_steps = run_dpo(recomputed)
+    assert len(first_steps) == len(trl_steps) == 2
+    for ours, theirs in zip(first_steps, trl_steps):
+        assert reference_means(ours) == pytest.approx(reference_means(theirs), **TOLERANCE)
+        assert ours["loss"] == pytest.approx(theirs["loss"], **TOLERANCE)
+
+    with monkeypatch.context() as patched:
+        scored, carried = watch_rows(patched)
+        whole, whole_steps = run_dpo(copy_run(sft_run, tmp_path, "whole-epoch", args={**short, "max_steps": 5}))
+    assert len(carried) == 10, "5 steps of 2: every train row"
+    assert Counter(scored) == Counter(carried[4:]), "only the rows the short run left, the same 4 first"
+    assert whole["reference_logprobs"]["splits"]["train"] | {"file": None} == {"file": None, "computed": 6, "read": 4}
+    assert whole["reference_logprobs"]["splits"]["eval"]["computed"] == 0
+    for ours, shorter in zip(whole_steps, first_steps):
+        assert reference_means(ours) == pytest.approx(reference_means(shorter), **TOLERANCE)
+        assert ours["loss"] == pytest.approx(shorter["loss"], **TOLERANCE)
 
 
 @pytest.mark.slow
@@ -136,15 +210,15 @@ def test_vlmjobs_memory_shows_the_saving_and_suggests_the_cache_where_it_makes_f
 @pytest.mark.slow
 def test_a_beta_sweep_in_another_run_reuses_them_and_another_sft_model_or_data_does_not(sft_run, tmp_path, monkeypatch):
     first, _ = run_dpo(copy_run(sft_run, tmp_path, "first", args={"max_steps": 1}))
-    assert first["reference_logprobs"]["splits"]["train"]["computed"] is True
+    assert first["reference_logprobs"]["splits"]["train"]["computed"] == 1
     store = Path(first["reference_logprobs"]["store"])
     assert store == tmp_path / ".cache" / "reference_logprobs", "beside the run folders, shared by the runs of a root"
 
     with monkeypatch.context() as patched:
         no_recomputation(patched)
         swept, _ = run_dpo(copy_run(sft_run, tmp_path, "sweep", args={"max_steps": 1, "beta": 0.5}))
-    assert swept["reference_logprobs"]["splits"] == first["reference_logprobs"]["splits"] | {
-        split: {**entry, "computed": False} for split, entry in first["reference_logprobs"]["splits"].items()}
+    assert swept["reference_logprobs"]["splits"] == {split: {**entry, "computed": 0, "read": entry["computed"]}
+                                                     for split, entry in first["reference_logprobs"]["splits"].items()}
 
     other_sft = copy_run(sft_run, tmp_path, "other-sft", args={"max_steps": 1})
     adapter = tmp_path / "other-sft" / "sft" / "model" / "adapter_model.safetensors"
@@ -153,7 +227,7 @@ def test_a_beta_sweep_in_another_run_reuses_them_and_another_sft_model_or_data_d
     weights = load_file(adapter)
     save_file({name: w + 0.01 for name, w in weights.items()}, adapter)  # another SFT model
     retrained, _ = run_dpo(other_sft)
-    assert retrained["reference_logprobs"]["splits"]["train"]["computed"] is True
+    assert retrained["reference_logprobs"]["splits"]["train"]["computed"] == 1
     assert retrained["reference_logprobs"]["fingerprint"] != first["reference_logprobs"]["fingerprint"]
 
     other_data = copy_run(sft_run, tmp_path, "other-data", args={"max_steps": 1})
@@ -166,15 +240,13 @@ def test_a_beta_sweep_in_another_run_reuses_them_and_another_sft_model_or_data_d
     shutil.rmtree(prepared)
     shutil.copytree(tmp_path / "train-rows", prepared)
     changed, _ = run_dpo(other_data)
-    assert changed["reference_logprobs"]["splits"]["train"]["computed"] is True
-    assert changed["reference_logprobs"]["splits"]["eval"]["computed"] is False, "the eval rows are the same"
+    assert changed["reference_logprobs"]["splits"]["train"]["computed"] == 1
+    assert changed["reference_logprobs"]["splits"]["eval"]["computed"] == 0, "the eval rows are the same"
     assert changed["reference_logprobs"]["fingerprint"] == first["reference_logprobs"]["fingerprint"]
 
 
-@pytest.mark.slow
-def test_a_resumed_attempt_reads_them_from_the_store(sft_run, tmp_path, monkeypatch, capsys):
-    path = copy_run(sft_run, tmp_path, "resumed", args={"max_steps": 2})
-
+def stopped_after_step_1(path: Path, monkeypatch) -> None:
+    """The dpo stage of ``path`` stopped after its first step and checkpoint, as a preemption would stop it."""
     def stop_after_first_step(self, args, state, control, **kwargs):
         self.requested = signal.SIGTERM  # as a preemption would, after step 1
         control.should_save = control.should_training_stop = True
@@ -185,26 +257,83 @@ def test_a_resumed_attempt_reads_them_from_the_store(sft_run, tmp_path, monkeypa
             run_stages(path, "dpo")
     assert stopped.value.code == 128 + signal.SIGTERM
 
+
+@pytest.mark.slow
+def test_a_resumed_attempt_reads_them_from_the_store(sft_run, tmp_path, monkeypatch, capsys):
+    path = copy_run(sft_run, tmp_path, "resumed", args={"max_steps": 2})
+    stopped_after_step_1(path, monkeypatch)
+
     no_recomputation(monkeypatch)
     recipe = run_stages(path, "dpo")
     out = capsys.readouterr().out
     assert "dpo: resuming from " in out and "checkpoint-1" in out
-    assert "dpo: reference log-probs of 10 train rows read from " in out
+    assert "dpo: reference log-probs of 1 of 10 train rows read from " in out, "step 2's row"
     record = contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)
-    assert record["reference_logprobs"]["splits"]["train"]["computed"] is False
+    assert record["reference_logprobs"]["splits"]["train"]["computed"] == 0
+
+
+@pytest.mark.slow
+def test_a_resumed_attempt_without_the_store_scores_only_the_rows_of_the_steps_left(sft_run, tmp_path, monkeypatch):
+    """Issue 24: the store gone (deleted, another volume), a resumed attempt scores the rows of the steps it has left,
+    which transformers draws by skipping the batches of the steps done."""
+    path = copy_run(sft_run, tmp_path, "resumed", args={"max_steps": 3})
+    stopped_after_step_1(path, monkeypatch)
+    shutil.rmtree(reference_logprobs.store_for(recipes.load(path).run_dir))
+
+    scored, carried = watch_rows(monkeypatch)
+    recipe = run_stages(path, "dpo")
+    assert len(carried) == 2, "steps 2 and 3, of 1 row each"
+    assert Counter(scored) == Counter(carried)
+    record = contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)
+    assert record["reference_logprobs"]["splits"]["train"] | {"file": None} == {"file": None, "computed": 2, "read": 0}
+
+
+@pytest.mark.parametrize("name, args, predicted", [
+    ("the default: shuffled by accelerate's seedable sampler", {}, True),
+    ("in order", {"train_sampling_strategy": "sequential"}, True),
+    ("shuffled from the RNG's state", {"accelerator_config": {"use_seedable_sampler": False}}, False),
+    ("grouped by length, shuffled from the RNG's state", {"train_sampling_strategy": "group_by_length"}, False),
+])
+def test_a_run_whose_order_a_second_dataloader_cannot_foresee_scores_every_row(tmp_path, name, args, predicted):
+    from trl import DPOConfig
+
+    config = DPOConfig(output_dir=str(tmp_path), use_cpu=True, **args)
+    assert reference_logprobs.drawn_alike(config) is predicted, name
 
 
 def test_a_half_written_file_is_never_read_and_the_writer_renames_it_into_place(tmp_path):
     import torch
 
     path = tmp_path / "store" / "key.safetensors"
-    reference_logprobs._write(path, torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0]), parts={"split": "train"})
+    held = torch.tensor([1, 1], dtype=torch.uint8)
+    reference_logprobs._write(path, torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0]), held, parts={"split": "x"})
     assert [p.name for p in path.parent.iterdir()] == ["key.safetensors"]
-    chosen, rejected = reference_logprobs._read(path, 2)
-    assert chosen.tolist() == [-1.0, -2.0] and rejected.tolist() == [-3.0, -4.0]
+    chosen, rejected, held = reference_logprobs._read(path, 2)
+    assert chosen.tolist() == [-1.0, -2.0] and rejected.tolist() == [-3.0, -4.0] and held.tolist() == [1, 1]
     assert reference_logprobs._read(path, 3) is None, "another number of rows is another data set"
     path.write_bytes(path.read_bytes()[:-5])
     assert reference_logprobs._read(path, 2) is None, "a truncated file is recomputed, not read"
+
+
+def test_a_file_says_which_rows_it_holds_and_a_writer_keeps_the_rows_another_stored_meanwhile(tmp_path):
+    """Issue 24: a run shorter than an epoch stores some rows; the mask, not the file's presence, says which. Two runs
+    of a sweep that add rows to one file at once both keep theirs (the second reads the file again as it writes)."""
+    import math
+
+    import torch
+
+    path = tmp_path / "key.safetensors"
+    nan = float("nan")
+    reference_logprobs._write(path, torch.tensor([-1.0, nan, nan]), torch.tensor([-3.0, nan, nan]),
+                              torch.tensor([1, 0, 0], dtype=torch.uint8), parts={"split": "train"})
+    chosen, _, held = reference_logprobs._read(path, 3)
+    assert held.tolist() == [1, 0, 0] and chosen[0] == -1.0 and math.isnan(chosen[1])
+    # the second run read the file before the first wrote it: it holds only its own row
+    reference_logprobs._write(path, torch.tensor([nan, nan, -5.0]), torch.tensor([nan, nan, -6.0]),
+                              torch.tensor([0, 0, 1], dtype=torch.uint8), parts={"split": "train"})
+    chosen, rejected, held = reference_logprobs._read(path, 3)
+    assert held.tolist() == [1, 0, 1]
+    assert (chosen[0], chosen[2], rejected[0], rejected[2]) == (-1.0, -5.0, -3.0, -6.0)
 
 
 def test_the_rows_fingerprint_is_the_rows_own(tmp_path):
@@ -240,7 +369,7 @@ def test_every_family_trains_on_cached_logprobs_equal_to_its_own_first_steps(fam
                        stages=["prepare", "dpo"], prepare={"max_rows": 6}, dpo={**DPO, "args": args})
     recipe = run_stages(path)
     record = contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)
-    assert record["reference_logprobs"]["splits"]["train"]["computed"] is True
+    assert record["reference_logprobs"]["splits"]["train"]["computed"] == 2, "2 steps of 1"
     steps = [json.loads(line) for line in (recipe.run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "loss" in s]
     assert len(steps) == 2
