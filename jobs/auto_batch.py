@@ -175,7 +175,7 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
         recompute_activations(trainer, recompute)
         micro = top
         while batch is None:
-            fits = _probe(trainer, trainer.train_dataset.select(longest[:micro]))
+            fits = probe(trainer, trainer.train_dataset.select(longest[:micro]))
             # Every process learns whether any ran out; all then try the same smaller size.
             if bool(accelerator.gather(torch.tensor([int(fits)], device=accelerator.device)).min()):
                 batch = Batch(micro, per_process // micro)
@@ -300,7 +300,7 @@ def longest_rows(trainer, count: int) -> tuple[list[int], list[int]]:
     return longest, [lengths[i] for i in longest]
 
 
-def _probe(trainer, rows) -> bool:
+def probe(trainer, rows) -> bool:
     """One forward and backward of the trainer's own training step on ``rows`` (a Dataset); False on out-of-memory."""
     import torch
 

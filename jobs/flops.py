@@ -146,9 +146,11 @@ def count_training(trainer, rows: int) -> float:
     return per_row(count(trainer.train), rows)
 
 
-def count_evaluation(trainer) -> float:
-    """FLOPs per eval row of the trainer's own ``evaluate()`` over its eval rows."""
-    return per_row(count(trainer.evaluate), len(trainer.eval_dataset))
+def count_evaluation(trainer, name: str | None = None) -> float:
+    """FLOPs per eval row of the trainer's own ``evaluate()`` over its eval rows (those of ``name`` where it holds
+    several sets)."""
+    rows = trainer.eval_dataset if name is None else trainer.eval_dataset[name]
+    return per_row(count(lambda: trainer.evaluate(name) if name else trainer.evaluate()), len(rows))
 
 
 def count_reference(trainer, rows) -> float:

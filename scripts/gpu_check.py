@@ -143,6 +143,7 @@ def run_case(name: str, options, work: Path) -> dict:
                                  .add_column(reference_logprobs.COLUMNS[1], rejected.tolist()))
         reference_logprobs.read_from_batches(trainer)
     reference_s = time.time() - started
+    recomputed = settle_checkpointing(trainer, getattr(cfg, stage), batch) if way != "trl" else args.activation_checkpointing
     result = trainer.train()
     seconds = result.metrics["train_runtime"]
     tokens = next(entry["num_tokens"] for entry in reversed(trainer.state.log_history) if "num_tokens" in entry)
@@ -154,11 +155,22 @@ def run_case(name: str, options, work: Path) -> dict:
     estimate = memory_estimate(checkpoint, stage, changes, processor, work)  # of the real checkpoint, even --tiny
     out = {"case": name, "steps": options.steps, "tokens/s": tokens / seconds, "reference s": reference_s,
            "TFLOP/step": step_flops / 1e12, "MFU": step_flops * options.steps / seconds / chip if chip else None,
-           "peak GB": peak, "predicted GB": estimate, "attention": attention}
+           "peak GB": peak, "predicted GB": estimate, "attention": attention, "recomputed": bool(recomputed)}
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def settle_checkpointing(trainer, train, batch: int) -> bool:
+    """activation_checkpointing: auto as the stage settles it (jobs.auto_batch): a training step of the ``batch``
+    longest rows without recomputation, and recomputation on where it runs out of memory. Returns whether it is on."""
+    from jobs import auto_batch
+
+    if auto_batch.checkpointing_is_auto(train.args):
+        longest, _ = auto_batch.longest_rows(trainer, batch)
+        auto_batch.recompute_activations(trainer, not auto_batch.probe(trainer, trainer.train_dataset.select(longest)))
+    return bool(trainer.args.activation_checkpointing)
 
 
 def memory_estimate(checkpoint, stage: str, changes: dict, processor, work: Path) -> float:
@@ -220,14 +232,16 @@ def main() -> None:
         print(results[-1], flush=True)
     if not options.only:
         results.append(merge_on_cuda(work, options))
-    print("\n| case | steps | tokens/s | TFLOP/step | MFU | peak GB | `vlmjobs memory` GB (before activations) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| case | steps | activation checkpointing | tokens/s | TFLOP/step | MFU | peak GB | `vlmjobs memory` GB "
+          "(before activations) |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         if "tokens/s" not in r:
-            print(f"| {r['case']} | | | | | | (merged on {r['device']} in {r['seconds']:.1f} s) |")
+            print(f"| {r['case']} | | | | | | | (merged on {r['device']} in {r['seconds']:.1f} s) |")
             continue
         fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-        print(f"| {r['case']} ({r['attention']}) | {r['steps']} | {r['tokens/s']:.0f} | {r['TFLOP/step']:.3g} | "
+        print(f"| {r['case']} ({r['attention']}) | {r['steps']} | {'on' if r['recomputed'] else 'off'} | "
+              f"{r['tokens/s']:.0f} | {r['TFLOP/step']:.3g} | "
               f"{fmt(r['MFU'], '.1%')} | {fmt(r['peak GB'], '.1f')} | {fmt(r['predicted GB'], '.1f')} |")
 
 

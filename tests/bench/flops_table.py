@@ -9,17 +9,20 @@ on the same rows:
   reference's forward at every step (the adapter switched off), padded batches, TRL's own eval schedule;
 - vlmjobs as the recipe runs: the stage's trainer (shared-prefix DPO, the reference's log-probs computed once over
   the train and eval rows and read from the batches after; SFT's collators, padding-free where the attention allows
-  it), with the stage's defaults (SFT evaluates every save_steps);
-- the ideal: each pair's prompt once and both answers, one reference forward per pair (none in a second epoch or
-  rerun), one row per batch (no padding), no recomputation, no evaluation.
+  it), with the stage's defaults (SFT evaluates every save_steps), recomputing activations as the recipe says, or,
+  where it says auto, as the stage's probe would settle it on the recipe's GPU (``recomputes``: counted activations
+  beside the weights);
+- the ideal: the work the recipe asks for and nothing else: each pair's prompt once and both answers, one reference
+  forward per pair (none in a second epoch or rerun), one row per batch (no padding), no recomputation, and the
+  evaluations the recipe's own schedule asks for (none where it names none), one row a batch.
 
 The rows are RLAIF-V-like pairs with sentence answers and ChartQA-like charts, images at sizes like the data sets'
 (RLAIF_SIZES, CHART_SIZES), so each checkpoint's processor gives its real image-token counts; the text is rendered by
 the tiny model's tokenizer (jobs.checkpoints says why). A phase's FLOPs per row are counted on --rows rows and scaled
 to an epoch of the recipe's data (Checkpoint.rows, its effective batch and eval schedule), per training sample. The DPO
 reference pass is counted on --reference-rows rows (32), since it batches a whole split shortest first (8 pairs a
-batch) and a handful of rows cannot show that. The last column divides by the ideal plus one forward per row, what the
-recipes' activation checkpointing recomputes: the part of the gap that is the recipe's memory choice.
+batch) and a handful of rows cannot show that. The last column divides by the ideal plus one forward per row where
+vlmjobs recomputes activations: the part of the gap that is the GPU's memory, not the code.
 
     python tests/bench/flops_table.py [--rows 4] [--reference-rows 32] [--only "SmolVLM DPO"]
 """
@@ -148,9 +151,12 @@ def sft_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
 
     from jobs import modeling, packing, turns
 
+    if isinstance(eval_rows, dict):  # several evaluation sets, each by its name (Trainer.evaluate(name))
+        eval_rows = {name: family.close_answers(split, processor) for name, split in eval_rows.items()}
+    elif eval_rows is not None:
+        eval_rows = family.close_answers(eval_rows, processor)
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=family.close_answers(rows, processor),
-        eval_dataset=None if eval_rows is None else family.close_answers(eval_rows, processor),
+        model=model, args=args, train_dataset=family.close_answers(rows, processor), eval_dataset=eval_rows,
         peft_config=modeling.lora_config(cfg.sft, family), processing_class=family.rendering_processor(processor),
     )
     if way != "trl":
@@ -225,7 +231,7 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
                     setattr(trainer, split, data.add_column(reference_logprobs.COLUMNS[0], zeros)
                             .add_column(reference_logprobs.COLUMNS[1], zeros))
             phases["train"] = flops.count_training(trainer, steps * batch)
-            phases["eval"] = flops.count_evaluation(trainer) if way != "ideal" else 0.0
+            phases["eval"] = flops.count_evaluation(trainer)  # the ideal's: one pair a batch
             out[way] = phases
         print(f"  {name}: {way} counted", flush=True)
     return out
@@ -246,14 +252,19 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
             batch = 1 if way == "ideal" else schedule(cfg, "sft", checkpoint, seed_defaults=seed)["batch"]
             steps = len(rows) // batch
             args = args_for(cfg, "sft", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
-            # the ideal's "eval" is a forward of each train row alone: what activation checkpointing recomputes
-            trainer = sft_trainer(way, cfg, family, model, processor, rows, rows if way == "ideal" else eval_rows, args)
+            # the ideal's evaluation is one row a batch; its "recompute", a forward of each train row alone, is what
+            # activation checkpointing recomputes
+            evaluated = {"eval": eval_rows, "recompute": rows} if way == "ideal" else eval_rows
+            trainer = sft_trainer(way, cfg, family, model, processor, rows, evaluated, args)
             if way in ("vlmjobs", "padding-free"):
                 out["memory" if way == "vlmjobs" else "memory padding-free"] = recomputes(
                     trainer, cfg, "sft", config, batch, work / way)
-            out[way] = {"train": flops.count_training(trainer, steps * batch), "eval": flops.count_evaluation(trainer)}
+            out[way] = {"train": flops.count_training(trainer, steps * batch)}
             if way == "ideal":
-                out[way]["recompute"], out[way]["eval"] = out[way]["eval"], 0.0
+                out[way]["eval"] = flops.count_evaluation(trainer, "eval")
+                out[way]["recompute"] = flops.count_evaluation(trainer, "recompute")
+            else:
+                out[way]["eval"] = flops.count_evaluation(trainer)
         print(f"  {name}: {way} counted", flush=True)
     return out
 
@@ -349,7 +360,8 @@ def main() -> None:
         for epoch in epochs:
             result = {}
             for way in ("trl", "vlmjobs", "ideal"):
-                sched = schedule(cfg, stage, checkpoint, seed_defaults=way == "trl") if way != "ideal" else {"evals": 0}
+                # the ideal evaluates as the recipe asks (its own schedule over TRL's defaults, not the stage's default)
+                sched = schedule(cfg, stage, checkpoint, seed_defaults=way != "vlmjobs")
                 result[way] = per_sample(counted[way], sched, checkpoint, epoch=epoch, way=way)
             ideal = result["ideal"]["total"]
             v = result["vlmjobs"]
