@@ -309,6 +309,11 @@ def test_grpos_estimate_holds_each_processs_share_of_the_generation_batch(tiny_m
     # the whole batch, as a vLLM server pod generates it for every process, in the weights' precision (bf16 on a GPU)
     _, counts = memory.for_stage(recipe_of(2, generation_batch_size=32), "grpo", 100)
     assert counts["batch_cache_gb"] * memory.GB == pytest.approx(32 * 115 * 256)
+    # the numbers it was made from, which vlmjobs memory prints: 32 completions, 16 on each of the 2 processes
+    generated = {k: counts[k] for k in ("generation_batch", "generation_rows", "prompt_tokens", "completion_tokens")}
+    assert generated == {"generation_batch": 32, "generation_rows": 16, "prompt_tokens": 100, "completion_tokens": 16}
+    _, counts = memory.for_stage(recipe_of(3), "grpo")  # TRL's 8 rows a device on 3 processes, prompts assumed
+    assert (counts["generation_batch"], counts["generation_rows"], counts["prompt_tokens"]) == (24, 8, 1024)
     assert generation(prompt_tokens=200).generation * memory.GB == pytest.approx(8 * 215 * 256)
     # sharded over 2 GPUs, each still generates its own rows: the generation part is not divided
     sharded = generation(gpus=2).sharded(2)
