@@ -223,8 +223,7 @@ def kv_cache_gb(config, rows: int, tokens: int, bytes_per_value: int) -> float:
     head, layer and token. The layers are the ones ``DynamicCache(config=...)`` builds for the model: a sliding-window
     layer (Gemma 3's local layers, Mistral's in Idefics2) keeps its window less one token. A cross-attention layer
     (Llama 3.2 Vision's) keeps the image's states instead, ``max_num_tiles`` x (patches + 1) per image."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicSlidingWindowLayer
+    from jobs import upstream
 
     text = config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -233,11 +232,11 @@ def kv_cache_gb(config, rows: int, tokens: int, bytes_per_value: int) -> float:
     vision = getattr(config, "vision_config", None)
     image_states = (vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)) if cross else 0
     cached = 0
-    for index, layer in enumerate(DynamicCache(config=config).layers):
+    for index, window in enumerate(upstream.cache_layer_windows(config)):
         if index in cross:
             cached += image_states
-        elif isinstance(layer, DynamicSlidingWindowLayer):
-            cached += min(tokens, layer.sliding_window - 1)
+        elif window is not None:
+            cached += min(tokens, window - 1)
         else:
             cached += tokens
     return 2 * kv_heads * head_dim * cached * rows * bytes_per_value / GB
