@@ -217,12 +217,14 @@ TRL_MAX_COMPLETION_LENGTH = 512  # GRPOConfig's default (tests/test_memory.py co
 TRL_VLLM_GPU_MEMORY_UTILIZATION = 0.3  # GRPOConfig's default share of each GPU for colocated vLLM
 
 
-def kv_cache_gb(config, rows: int, tokens: int, bytes_per_value: int) -> float:
+def kv_cache_gb(config, rows: int, tokens: int, bytes_per_value: int, images: int = 1) -> float:
     """GB of the key-value cache transformers' ``generate`` holds for ``rows`` sequences of ``tokens`` (prompt and
     completion, the longest prompt of the batch as every row is padded to it): a key and a value vector per key-value
     head, layer and token. The layers are the ones ``DynamicCache(config=...)`` builds for the model: a sliding-window
     layer (Gemma 3's local layers, Mistral's in Idefics2) keeps its window less one token. A cross-attention layer
-    (Llama 3.2 Vision's) keeps the image's states instead, ``max_num_tiles`` x (patches + 1) per image."""
+    (Llama 3.2 Vision's) keeps the images' states instead, ``max_num_tiles`` x (patches + 1) per image, every row
+    padded to the ``images`` of the row with the most (none in a batch without images). Other families' images are
+    tokens of the prompt. GRPO's arithmetic below assumes one image a prompt."""
     from jobs import upstream
 
     text = config.get_text_config(decoder=True)
@@ -230,7 +232,7 @@ def kv_cache_gb(config, rows: int, tokens: int, bytes_per_value: int) -> float:
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     cross = set(getattr(text, "cross_attention_layers", None) or ())
     vision = getattr(config, "vision_config", None)
-    image_states = (vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)) if cross else 0
+    image_states = images * vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1) if cross else 0
     cached = 0
     for index, window in enumerate(upstream.cache_layer_windows(config)):
         if index in cross:
