@@ -479,9 +479,12 @@ def prune(recipe: str, keep: int = 0, jobs: bool = False, **overrides):
         from launcher import render as rendering
         from launcher import state
 
-        def in_use(run_id: str) -> bool:  # a JobSet restarting its group has no unfinished Job for a moment
-            return (any(not state.is_finished(job) for job in cluster.list_jobs(rendering.selector(run_id)))
-                    or any(state.jobset_state(js) not in ("Completed", "Failed") for js in cluster.list_jobsets(rendering.selector(run_id))))
+        def in_use(run_id: str) -> bool:
+            selector = rendering.selector(run_id)
+            running_jobs = any(not state.is_finished(job) for job in cluster.list_jobs(selector))
+            # a JobSet restarting its group has no unfinished Job for a moment
+            return running_jobs or any(state.jobset_state(js) not in ("Completed", "Failed")
+                                       for js in cluster.list_jobsets(selector))
 
     removed, kept = nights_of.prune(resolved.run.root, resolved.name, int(keep), in_use=in_use)
     root = Path(resolved.run.root)
