@@ -180,10 +180,12 @@ def for_stage(recipe, stage: str, prompt_tokens: int | None = None) -> tuple[Est
     estimate = parts(stored, trainable, precision.trainable.itemsize, reference_copy=reference_copy)
     counted = {}
     if stage == "grpo":
-        estimate = replace(estimate, generation=grpo_generation_gb(recipe, config, precision.compute.itemsize, prompt_tokens))
+        generation = grpo_generation(recipe, prompt_tokens)
+        generation_gb = grpo_generation_gb(recipe, config, precision.compute.itemsize, generation)
+        estimate = replace(estimate, generation=generation_gb)
         # What a vLLM server pod would hold to generate the whole batch at once (TRL's main process sends it every
         # process's prompts), in the weights' precision as vLLM keeps its cache
-        counted["batch_cache_gb"] = grpo_batch_cache_gb(recipe, config, precision.weights.itemsize, prompt_tokens)
+        counted = {**generation, "batch_cache_gb": grpo_batch_cache_gb(config, precision.weights.itemsize, generation)}
     names = {name: str(getattr(precision, name)).removeprefix("torch.") for name in ("weights", "trainable", "compute")}
     described = (f"{names['weights']} weights" if train.method == "full" else f"{names['weights']} base, {names['trainable']} adapter")
     if names["compute"] != names["weights"] or train.method != "full":
@@ -215,61 +217,70 @@ TRL_MAX_COMPLETION_LENGTH = 512  # GRPOConfig's default (tests/test_memory.py co
 TRL_VLLM_GPU_MEMORY_UTILIZATION = 0.3  # GRPOConfig's default share of each GPU for colocated vLLM
 
 
-def kv_cache_gb(config, rows: int, tokens: int, bytes_per_value: int) -> float:
+def kv_cache_gb(config, rows: int, tokens: int, bytes_per_value: int, images: int = 1) -> float:
     """GB of the key-value cache transformers' ``generate`` holds for ``rows`` sequences of ``tokens`` (prompt and
     completion, the longest prompt of the batch as every row is padded to it): a key and a value vector per key-value
     head, layer and token. The layers are the ones ``DynamicCache(config=...)`` builds for the model: a sliding-window
     layer (Gemma 3's local layers, Mistral's in Idefics2) keeps its window less one token. A cross-attention layer
-    (Llama 3.2 Vision's) keeps the image's states instead, ``max_num_tiles`` x (patches + 1) per image."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicSlidingWindowLayer
+    (Llama 3.2 Vision's) keeps the images' states instead, ``max_num_tiles`` x (patches + 1) per image, every row
+    padded to the ``images`` of the row with the most (none in a batch without images). Other families' images are
+    tokens of the prompt. GRPO's arithmetic below assumes one image a prompt."""
+    from jobs import upstream
 
     text = config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     cross = set(getattr(text, "cross_attention_layers", None) or ())
     vision = getattr(config, "vision_config", None)
-    image_states = (vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)) if cross else 0
+    image_states = images * vision.max_num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1) if cross else 0
     cached = 0
-    for index, layer in enumerate(DynamicCache(config=config).layers):
+    for index, window in enumerate(upstream.cache_layer_windows(config)):
         if index in cross:
             cached += image_states
-        elif isinstance(layer, DynamicSlidingWindowLayer):
-            cached += min(tokens, layer.sliding_window - 1)
+        elif window is not None:
+            cached += min(tokens, window - 1)
         else:
             cached += tokens
     return 2 * kv_heads * head_dim * cached * rows * bytes_per_value / GB
 
 
-def _generation_tokens(recipe, prompt_tokens: int | None) -> int:
-    """Tokens a generated sequence feeds through the model: its prompt, and its completion less the last token."""
-    return (prompt_tokens or PROMPT_TOKENS) + recipe.grpo.args.get("max_completion_length", TRL_MAX_COMPLETION_LENGTH) - 1
-
-
-def grpo_batch_cache_gb(recipe, config, bytes_per_value: int, prompt_tokens: int | None = None) -> float:
-    """The key-value cache of GRPO's whole generation batch (all processes' rows) at the longest completion."""
-    from jobs import recipe as recipes
-
-    res = recipe.resources_for("grpo")
-    rows = recipes.grpo_generation_batch(recipe.grpo.args, max(res.gpus, 1) * res.nodes)
-    return kv_cache_gb(config, rows, _generation_tokens(recipe, prompt_tokens), bytes_per_value)
-
-
-def grpo_generation_gb(recipe, config, bytes_per_value: int, prompt_tokens: int | None = None) -> float:
-    """What each GPU of a GRPO stage holds for generating: vLLM's share of the GPU in colocate mode, nothing in server
-    mode (the server's own GPUs), else the key-value cache of the process's share of the generation batch at the
-    longest completion."""
+def grpo_generation(recipe, prompt_tokens: int | None = None) -> dict:
+    """GRPO's generation in numbers, worked out once for the estimate and for vlmjobs memory to print: the completions
+    all processes generate at once (``generation_batch``), each process's share of them (``generation_rows``, rounded
+    up), and the longest sequence's ``prompt_tokens`` (PROMPT_TOKENS when not given) and ``completion_tokens``."""
     from jobs import recipe as recipes
 
     args = recipe.grpo.args
     res = recipe.resources_for("grpo")
+    processes = max(res.gpus, 1) * res.nodes
+    batch = recipes.grpo_generation_batch(args, processes)
+    return {"generation_batch": batch, "generation_rows": math.ceil(batch / processes),
+            "prompt_tokens": prompt_tokens or PROMPT_TOKENS,
+            "completion_tokens": args.get("max_completion_length", TRL_MAX_COMPLETION_LENGTH)}
+
+
+def _generation_tokens(generation: dict) -> int:
+    """Tokens a generated sequence feeds through the model: its prompt, and its completion less the last token."""
+    return generation["prompt_tokens"] + generation["completion_tokens"] - 1
+
+
+def grpo_batch_cache_gb(config, bytes_per_value: int, generation: dict) -> float:
+    """The key-value cache of GRPO's whole generation batch (all processes' rows) at the longest completion;
+    ``generation`` is grpo_generation's."""
+    return kv_cache_gb(config, generation["generation_batch"], _generation_tokens(generation), bytes_per_value)
+
+
+def grpo_generation_gb(recipe, config, bytes_per_value: int, generation: dict) -> float:
+    """What each GPU of a GRPO stage holds for generating: vLLM's share of the GPU in colocate mode, nothing in server
+    mode (the server's own GPUs), else the key-value cache of the process's share of the generation batch at the
+    longest completion; ``generation`` is grpo_generation's."""
+    args = recipe.grpo.args
     if args.get("use_vllm"):
         if args.get("vllm_mode", "colocate") == "server":
             return 0.0
-        return args.get("vllm_gpu_memory_utilization", TRL_VLLM_GPU_MEMORY_UTILIZATION) * gpu_gb(res.gpu_memory_gib or 0)
-    processes = max(res.gpus, 1) * res.nodes
-    rows = math.ceil(recipes.grpo_generation_batch(args, processes) / processes)
-    return kv_cache_gb(config, rows, _generation_tokens(recipe, prompt_tokens), bytes_per_value)
+        share = args.get("vllm_gpu_memory_utilization", TRL_VLLM_GPU_MEMORY_UTILIZATION)
+        return share * gpu_gb(recipe.resources_for("grpo").gpu_memory_gib or 0)
+    return kv_cache_gb(config, generation["generation_rows"], _generation_tokens(generation), bytes_per_value)
 
 
 # GRPO's vLLM server (vllm_mode server, its own pod): vLLM takes gpu_memory_utilization of each of its GPUs and fills

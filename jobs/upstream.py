@@ -96,6 +96,14 @@ The couplings, what each relies on, why nothing public serves, and what would br
     renders video conversations with it, so that they are tokenized as the card's call tokenizes them. Unguarded, a
     renamed or changed constant renders videos as nothing (the checkpoint's template skips the part) or differently
     from the card. Checked: it is there and renders a video part as <video>.
+``cache_layer_windows`` (transformers ``cache_utils.DynamicSlidingWindowLayer``, the layers of
+    ``DynamicCache(config=...)``)
+    Which layers of the key-value cache ``generate`` builds for a model keep a sliding window, and how long: vlmjobs
+    memory counts GRPO's generation cache from them (a Gemma 3 local layer keeps its last 1,023 tokens, not the
+    sequence). The cache is public; the class of its sliding layers is not exported at transformers' top level, and
+    nothing public says a layer's window. Unguarded, a moved class fails `vlmjobs memory` with a bare ImportError, and
+    sliding layers built of another class are counted as keeping every token. Checked: a config of one sliding layer
+    of 4 tokens and one full layer gives a cache of those two layers.
 ``run_exit_handlers`` (CPython ``atexit._run_exitfuncs``)
     A finished stage ends with ``os._exit`` to skip the interpreter's teardown; the atexit handlers (a tracker's last
     upload, logging's flush) are run first by the interpreter's own function, which nothing public calls. Checked: the
@@ -351,6 +359,31 @@ def smolvlm_video_template() -> str:
     if "<video>" not in rendered:
         raise changed("transformers", relies_on, f"renders a video part as {rendered!r} (written for: one with <video>)")
     return template
+
+
+def cache_layer_windows(config) -> list[int | None]:
+    """The key-value cache layers transformers' ``generate`` builds for ``config`` (``DynamicCache(config=...)``), in
+    order: a sliding layer's window (it keeps the last window - 1 tokens), None for a layer that keeps every token;
+    checked on a config of one sliding layer of 4 tokens and one full layer."""
+    from transformers import DynamicCache, PretrainedConfig
+
+    relies_on = "transformers.cache_utils.DynamicSlidingWindowLayer, the sliding layers of DynamicCache(config=...)"
+    try:
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+    except ImportError:
+        raise changed("transformers", relies_on, "no longer has it") from None
+
+    def windows(of) -> list[int | None]:
+        layers = getattr(DynamicCache(config=of), "layers", None)
+        if not isinstance(layers, list):
+            raise changed("transformers", relies_on, f"builds a cache whose layers are {layers!r}, not a list")
+        return [layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None for layer in layers]
+
+    example = PretrainedConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=4)
+    if (got := windows(example)) != [4, None]:
+        raise changed("transformers", relies_on, f"gives windows {got} for a sliding layer of 4 tokens and a full one "
+                      "(written for: [4, None])")
+    return windows(config)
 
 
 # --- accelerate --------------------------------------------------------------------------------------------------

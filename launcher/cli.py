@@ -91,7 +91,7 @@ def memory(recipe: str, prompt_tokens: int | None = None, **overrides):
         print(f"  {whole}, before activations" + (f"; the reference {'counted' if whole.reference else 'none: not on the GPU'}"
                                                     if stage in ("dpo", "grpo") else ""))
         if stage == "grpo":
-            print(f"  {_generation_line(resolved, whole, prompt_tokens)}")
+            print(f"  {_generation_line(resolved, whole, counts, assumed=prompt_tokens is None)}")
         gpus = max(res.gpus, 1) * res.nodes
         if shards > 1:
             print(f"  on {gpus} GPUs sharded with FSDP (resources.sharding {res.sharding}): {estimate}")
@@ -112,16 +112,15 @@ def memory(recipe: str, prompt_tokens: int | None = None, **overrides):
         for suggestion in _what_would_fit(resolved, stage, whole, available, prompt_tokens):
             print(f"    - {suggestion}")
     if "grpo" in resolved.stages and resolved.grpo.server_pod:  # its own GPUs, after the trainer's
-        server_misfits = _vllm_server_memory(resolved, counted["grpo"]["parameters"], counted["grpo"]["batch_cache_gb"],
-                                             prompt_tokens)
+        server_misfits = _vllm_server_memory(resolved, counted["grpo"])
     if misfits or server_misfits:
         training = [f"{'; '.join(misfits)} before activations, more than the GPU checked"] if misfits else []
         raise contract.UserError(f"memory: {'; '.join(training + server_misfits)}; "
                                  "change the recipe as suggested above")
 
 
-def _generation_line(resolved: recipes.Recipe, estimate, prompt_tokens: int | None) -> str:
-    """What the generation part of a GRPO estimate is made of."""
+def _generation_line(resolved: recipes.Recipe, estimate, counts: dict, *, assumed: bool) -> str:
+    """What the generation part of a GRPO estimate is made of, from the counts memory.for_stage made it from."""
     from jobs import memory as arithmetic
 
     args = resolved.grpo.args
@@ -130,22 +129,21 @@ def _generation_line(resolved: recipes.Recipe, estimate, prompt_tokens: int | No
     if args.get("use_vllm"):
         share = args.get("vllm_gpu_memory_utilization", arithmetic.TRL_VLLM_GPU_MEMORY_UTILIZATION)
         return f"generation: colocated vLLM reserves {share:g} of each GPU, {estimate.generation:.3g} GB"
-    res = resolved.resources_for("grpo")
-    processes = max(res.gpus, 1) * res.nodes
-    rows = math.ceil(recipes.grpo_generation_batch(args, processes) / processes)
-    completion = args.get("max_completion_length", arithmetic.TRL_MAX_COMPLETION_LENGTH)
-    prompt = (f"prompts of {prompt_tokens:,} tokens" if prompt_tokens else
-              f"prompts of {arithmetic.PROMPT_TOKENS:,} tokens assumed (--prompt_tokens=N for yours, image tokens included)")
+    prompt = f"prompts of {counts['prompt_tokens']:,} tokens" + (
+        " assumed (--prompt_tokens=N for yours, image tokens included)" if assumed else "")
+    rows, completion = counts["generation_rows"], counts["completion_tokens"]
     return (f"generation: the key-value cache of {rows} completion(s) at once per GPU, {prompt} and up to {completion:,} "
             f"completion tokens: {estimate.generation:.3g} GB")
 
 
-def _vllm_server_memory(recipe: recipes.Recipe, parameters: int, batch_cache_gb: float, prompt_tokens: int | None) -> list[str]:
-    """GRPO's vLLM server pod (grpo.vllm_server): its GPUs as rendered, checked with the parameters counted from the
-    model's config, and how much of the generation batch its KV cache holds at once; the misfit, if any."""
+def _vllm_server_memory(recipe: recipes.Recipe, counts: dict) -> list[str]:
+    """GRPO's vLLM server pod (grpo.vllm_server): its GPUs as rendered, checked with the parameters memory.for_stage
+    counted from the model's config, and how much of the generation batch its KV cache holds at once (from the same
+    counts); the misfit, if any."""
     from jobs import memory as arithmetic
     from jobs.stage_resources import DTYPE_BYTES, resolve
 
+    parameters, rows = counts["parameters"], counts["generation_batch"]
     server = resolve(recipe, "grpo").server
     gpu_memory_gib = recipe.resources_for("grpo").gpu_memory_gib
     print(f"grpo's vLLM server (grpo.vllm_server): {server.gpus} GPU{'s' * (server.gpus > 1)} of its own, {server.basis}")
@@ -156,18 +154,15 @@ def _vllm_server_memory(recipe: recipes.Recipe, parameters: int, batch_cache_gb:
     estimate = arithmetic.vllm_server(parameters, width, gpu_memory_gib, server.gpu_memory_utilization, server.gpus)
     print(f"  {estimate}")
     # Tensor parallelism splits the key-value heads, and so the cache, over the server's GPUs
-    per_gpu = batch_cache_gb / server.gpus
-    trainer = recipe.resources_for("grpo")
-    rows = recipes.grpo_generation_batch(recipe.grpo.args, max(trainer.gpus, 1) * trainer.nodes)
+    per_gpu = counts["batch_cache_gb"] / server.gpus
     if estimate.cache <= 0:
         at_once = "none: the weights fill vLLM's share"
     elif per_gpu <= estimate.cache:
         at_once = "all at once"
     else:
         at_once = f"about {max(1, math.floor(rows * estimate.cache / per_gpu))} of them at a time (vLLM queues the rest)"
-    print(f"  the generation batch's key-value cache ({rows} completions, prompts of "
-          f"{prompt_tokens or arithmetic.PROMPT_TOKENS:,} tokens): {per_gpu:.3g} GB per GPU; {estimate.cache:.3g} GB "
-          f"left: {at_once}")
+    print(f"  the generation batch's key-value cache ({rows} completions, prompts of {counts['prompt_tokens']:,} "
+          f"tokens): {per_gpu:.3g} GB per GPU; {estimate.cache:.3g} GB left: {at_once}")
     share = f"{arithmetic.SERVER_WEIGHTS_SHARE:.0%} of vLLM's share"
     if estimate.fits:
         print(f"  fits: the weights take at most {share}, the rest is the KV cache's")
@@ -484,9 +479,12 @@ def prune(recipe: str, keep: int = 0, jobs: bool = False, **overrides):
         from launcher import render as rendering
         from launcher import state
 
-        def in_use(run_id: str) -> bool:  # a JobSet restarting its group has no unfinished Job for a moment
-            return (any(not state.is_finished(job) for job in cluster.list_jobs(rendering.selector(run_id)))
-                    or any(state.jobset_state(js) not in ("Completed", "Failed") for js in cluster.list_jobsets(rendering.selector(run_id))))
+        def in_use(run_id: str) -> bool:
+            selector = rendering.selector(run_id)
+            running_jobs = any(not state.is_finished(job) for job in cluster.list_jobs(selector))
+            # a JobSet restarting its group has no unfinished Job for a moment
+            return running_jobs or any(state.jobset_state(js) not in ("Completed", "Failed")
+                                       for js in cluster.list_jobsets(selector))
 
     removed, kept = nights_of.prune(resolved.run.root, resolved.name, int(keep), in_use=in_use)
     root = Path(resolved.run.root)

@@ -31,8 +31,8 @@ Failure handling, per Job:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import math
 import re
 
@@ -492,7 +492,7 @@ def render_stage(recipe: Recipe, stage: str, image: str) -> list[dict]:
 def within(manifest: dict, seconds_left: float) -> dict:
     """The stage's Job (or JobSet's Jobs) with a deadline no later than ``seconds_left`` from now: a nightly driver's
     stages end with its night (state.ends_at). The recipe is unchanged, so a retried driver's Jobs are the same run's."""
-    bounded = json.loads(json.dumps(manifest))
+    bounded = copy.deepcopy(manifest)
     specs = ([job["template"]["spec"] for job in bounded["spec"]["replicatedJobs"]] if bounded["kind"] == "JobSet"
              else [bounded["spec"]])
     for spec in specs:

@@ -241,16 +241,21 @@ def test_the_memory_arithmetic_counts_grpos_reference_copy_only_with_a_kl_term(t
     assert reference("lora", 0.04)[0] == 0
 
 
-# Rows as users' come: prompts of different lengths padded to the longest, images of two sizes, and (Gemma 3) a prompt
-# longer than the sliding window of its local layers
+# Rows as users' come: prompts of different lengths padded to the longest, a row without an image, rows of one and of
+# two images of different sizes, and (Gemma 3) a prompt longer than the sliding window of its local layers
 KV_FAMILIES = ["llava", "qwen2_5_vl", "gemma3", "mllama", "idefics2"]
+IMAGE_SIZES = [(64, 48), (96, 128), (80, 80)]
+# Images in each row of a batch. Llama 3.2 Vision's processor takes no row without an image beside rows with one
+# (MllamaProcessor: "The number of <|image|> tokens in each prompt should be the same as the number of images passed"),
+# so its rows without an image are a batch of their own
+KV_BATCHES = {"mllama": [(1, 2), (0, 0)]}
 
 
 @pytest.mark.parametrize("family", KV_FAMILIES)
 def test_the_key_value_cache_counted_is_what_generate_holds(family, tiny_model):
     """memory.kv_cache_gb against the cache transformers' generate really keeps, tensor by tensor: full layers hold every
     token fed but the last generated, Gemma 3's sliding layers their window less one, Llama 3.2 Vision's cross-attention
-    layers the image's tile states."""
+    layers the images' tile states (as many images a row as the row with the most), nothing without an image."""
     import torch
     import transformers
     from PIL import Image
@@ -261,19 +266,28 @@ def test_the_key_value_cache_counted_is_what_generate_holds(family, tiny_model):
     path = tiny_model(family)
     processor = transformers.AutoProcessor.from_pretrained(path)
     model = getattr(transformers, get_family(family).model_class).from_pretrained(path).eval()
-    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown? " * words}]}]
-                     for words in (1, 9)]
-    texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
     processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=[[Image.new("RGB", (64, 48))], [Image.new("RGB", (96, 128))]],
-                       return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=True, return_dict_in_generate=True)
-    held = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
-    fed = out.sequences.shape[1] - 1
-    assert memory.kv_cache_gb(model.config, rows=2, tokens=fed, bytes_per_value=4) * memory.GB == pytest.approx(held, rel=1e-12)
-    if family == "gemma3":
-        assert fed > model.config.get_text_config().sliding_window  # the window was reached
+    for images_per_row in KV_BATCHES.get(family, [(0, 1, 2)]):
+        conversations = [[{"role": "user", "content": [{"type": "image"}] * images
+                           + [{"type": "text", "text": "What is shown? " * words}]}]
+                         for images, words in zip(images_per_row, (5, 1, 9))]
+        texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        images = [[Image.new("RGB", IMAGE_SIZES[(row + i) % len(IMAGE_SIZES)]) for i in range(n)]
+                  for row, n in enumerate(images_per_row)]
+        inputs = processor(text=texts, images=images if any(images_per_row) else None, return_tensors="pt",
+                           padding=True)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=True,
+                                 return_dict_in_generate=True)
+        tensors = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        # None: a cross-attention layer of a batch without images holds nothing
+        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        fed = out.sequences.shape[1] - 1
+        counted = memory.kv_cache_gb(model.config, rows=len(images_per_row), tokens=fed, bytes_per_value=4,
+                                     images=max(images_per_row))
+        assert counted * memory.GB == pytest.approx(held, rel=1e-12), images_per_row
+        if family == "gemma3":
+            assert fed > model.config.get_text_config().sliding_window  # the window was reached
 
 
 def test_qwen25_vl_3b_holds_36_kib_of_cache_a_token_in_bf16():
@@ -309,6 +323,11 @@ def test_grpos_estimate_holds_each_processs_share_of_the_generation_batch(tiny_m
     # the whole batch, as a vLLM server pod generates it for every process, in the weights' precision (bf16 on a GPU)
     _, counts = memory.for_stage(recipe_of(2, generation_batch_size=32), "grpo", 100)
     assert counts["batch_cache_gb"] * memory.GB == pytest.approx(32 * 115 * 256)
+    # the numbers it was made from, which vlmjobs memory prints: 32 completions, 16 on each of the 2 processes
+    generated = {k: counts[k] for k in ("generation_batch", "generation_rows", "prompt_tokens", "completion_tokens")}
+    assert generated == {"generation_batch": 32, "generation_rows": 16, "prompt_tokens": 100, "completion_tokens": 16}
+    _, counts = memory.for_stage(recipe_of(3), "grpo")  # TRL's 8 rows a device on 3 processes, prompts assumed
+    assert (counts["generation_batch"], counts["generation_rows"], counts["prompt_tokens"]) == (24, 8, 1024)
     assert generation(prompt_tokens=200).generation * memory.GB == pytest.approx(8 * 215 * 256)
     # sharded over 2 GPUs, each still generates its own rows: the generation part is not divided
     sharded = generation(gpus=2).sharded(2)

@@ -391,6 +391,23 @@ def test_smolvlms_video_template_trips_when_it_renders_no_video(monkeypatch):
         upstream.smolvlm_video_template()
 
 
+def test_the_cache_layer_windows_trip_when_transformers_moves_or_stops_building_its_sliding_layer(monkeypatch):
+    from transformers import Gemma3TextConfig, cache_utils
+
+    # Gemma 3's documented pattern: five local (sliding-window) layers, then a global one
+    assert upstream.cache_layer_windows(Gemma3TextConfig(num_hidden_layers=6, sliding_window=512)) == [512] * 5 + [None]
+    # sliding layers built of another class: counted as keeping every token, were it not checked
+    monkeypatch.setitem(cache_utils.DYNAMIC_LAYER_TYPE_MAPPING, "sliding_attention", cache_utils.DynamicLayer)
+    with pytest.raises(upstream.UpstreamChanged, match=r"gives windows \[None, None\] for a sliding layer") as e:
+        upstream.cache_layer_windows(Gemma3TextConfig(num_hidden_layers=6, sliding_window=512))
+    relies_on = "transformers.cache_utils.DynamicSlidingWindowLayer, the sliding layers of DynamicCache(config=...)"
+    assert_trips(e, "transformers", relies_on)
+    monkeypatch.delattr(cache_utils, "DynamicSlidingWindowLayer")  # moved out of cache_utils
+    with pytest.raises(upstream.UpstreamChanged, match="no longer has it$") as e:
+        upstream.cache_layer_windows(Gemma3TextConfig(num_hidden_layers=6, sliding_window=512))
+    assert_trips(e, "transformers", relies_on)
+
+
 # --- accelerate ------------------------------------------------------------------------------------------------------
 
 def test_fsdp_on_cpu_processes_trips_without_accelerates_shared_state(monkeypatch):

@@ -93,13 +93,17 @@ def test_vlmjobs_memory_prints_the_servers_need_and_fails_when_its_gpus_are_too_
 
     recipe = build({"args": SERVER_MODE, "vllm_server": {"image": SERVER_IMAGE, "gpus": 2}},
                    resources={"gpus": 8, "gpu_memory_gib": 80})
-    assert _vllm_server_memory(recipe, 7_060_000_000, 100.0, None) == []
+    def counts(parameters: int, batch_cache_gb: float, prompt_tokens: int | None) -> dict:  # as memory.for_stage's
+        return {**memory.grpo_generation(recipe, prompt_tokens), "parameters": parameters,
+                "batch_cache_gb": batch_cache_gb}
+
+    assert _vllm_server_memory(recipe, counts(7_060_000_000, 100.0, None)) == []
     printed = capsys.readouterr().out  # 7.06B x 2 bytes over 2 GPUs; 0.9 x 85.9 GB = 77.3 GB, less 7.06 GB
     assert "grpo's vLLM server (grpo.vllm_server): 2 GPUs of its own, grpo.vllm_server.gpus" in printed
     assert "weights 7.06 GB per GPU over 2 GPUs (tensor parallel) + KV cache 70.2 GB = 77.3 GB" in printed
     assert ("the generation batch's key-value cache (64 completions, prompts of 1,024 tokens): 50 GB per GPU; 70.2 GB "
             "left: all at once") in printed
-    assert _vllm_server_memory(recipe, 72_000_000_000, 100.0, 2048) == [
+    assert _vllm_server_memory(recipe, counts(72_000_000_000, 100.0, 2048)) == [
         "grpo's vLLM server needs 4 GPUs for its weights and KV cache, not 2"]
     printed = capsys.readouterr().out
     assert "grpo.vllm_server.gpus: 4" in printed
@@ -121,7 +125,7 @@ def test_vlmjobs_memory_checks_the_server_beside_the_training_and_exits_2_when_i
     training = memory.Estimate(model=144.0, reference=0.0, gradients=0.4, optimizer=0.8)
     monkeypatch.setattr(memory, "for_stage", lambda recipe, stage, prompt_tokens=None: (training, {
         "parameters": 72_000_000_000, "trainable": 100_000_000, "dtype": "bfloat16", "precision": "bfloat16 base",
-        "batch_cache_gb": 240.0}))
+        **memory.grpo_generation(recipe, prompt_tokens), "batch_cache_gb": 240.0}))
     with pytest.raises(UserError, match=r"^memory: grpo's vLLM server needs 4 GPUs for its weights and KV cache, not 1; "):
         cli.memory(str(path))
     out = capsys.readouterr().out

@@ -24,7 +24,7 @@ from launcher import chain, kube, render, state
 from scripts.cluster import CLUSTER_QUEUE, JOBSET_API, LOCAL_QUEUE, SIM_EXIT_CODE, SIM_FAIL_INDEX, SIM_RUN_SECONDS
 from tests.conftest import ROOT, subprocess_env
 from tests.launcher.conftest import IMAGE
-from tests.launcher.test_launcher_on_cluster import RWX, Lines, group, on, recipe
+from tests.launcher.test_launcher_on_cluster import RWX, Lines, assert_preempted_then_succeeded, group, on, recipe
 from tests.simcluster import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -305,12 +305,7 @@ def test_a_two_node_stage_preempted_by_a_higher_priority_run_is_reported_as_pree
     follower.join(timeout=120)
     print(*c.lines, sep="\n")
     assert outcome == [None], outcome
-    preempted = c.lines.wait_for(lambda x: x.startswith(f"==> JobSet {ns}/low-sft: evicted by Kueue ("), 0)
-    assert "Preempted" in preempted and preempted.endswith("preempted, not failed; waiting to be admitted again")
-    said = [x.removeprefix(f"==> JobSet {ns}/low-sft: ") for x in c.lines]
-    states = [x for x in said if x in ("Suspended", "Running", "Completed", "Failed")]
-    assert states == ["Suspended", "Running", "Suspended", "Running", "Completed"], c.lines  # queued, then preempted
-    assert c.lines[-1] == "==> sft: succeeded"  # not "after N restart(s)": a preemption is no failure
+    assert_preempted_then_succeeded(c.lines, "JobSet", f"{ns}/low-sft", "Completed")
     jobset = real_cluster.get(f"{JOBSET_API}/namespaces/{ns}/jobsets/low-sft")
     assert state.jobset_restarts(jobset) == (0, 0), jobset["status"]
     final = real_cluster.workload_of(ns, "JobSet", "low-sft")

@@ -96,6 +96,18 @@ def on(real_cluster, namespace: str, kubeconfig: Path | None = None) -> kube.Clu
     return c
 
 
+def assert_preempted_then_succeeded(lines: Lines, kind: str, name: str, done: str) -> None:
+    """The launcher's report of a stage Kueue preempted once and admitted again: queued (Suspended), Running, the
+    eviction said to be a preemption and no failure, Suspended, Running, ``done`` (the kind's own word: a Job is
+    Complete, a JobSet Completed), and a plain success, not one "after N restart(s)"."""
+    preempted = lines.wait_for(lambda x: x.startswith(f"==> {kind} {name}: evicted by Kueue ("), 0)
+    assert "Preempted" in preempted and preempted.endswith("preempted, not failed; waiting to be admitted again")
+    said = [x.removeprefix(f"==> {kind} {name}: ") for x in lines]
+    states = [x for x in said if x in ("Suspended", "Running", done, "Failed")]
+    assert states == ["Suspended", "Running", "Suspended", "Running", done], lines  # queued, then preempted
+    assert lines[-1] == "==> sft: succeeded", lines
+
+
 def record(name: str, cluster: kube.Cluster, job: str) -> None:
     """With VLMJOBS_RECORD=1: the Job and its pods as the API returns them, for test_state.py."""
     if os.environ.get("VLMJOBS_RECORD") != "1":

@@ -27,7 +27,7 @@ from launcher import chain, kube, render, state
 from tests.conftest import ROOT, run_stages, subprocess_env
 from tests.launcher.conftest import IMAGE
 from tests.launcher.test_launcher_kueue_on_cluster import QUEUED
-from tests.launcher.test_launcher_on_cluster import Lines, on, recipe
+from tests.launcher.test_launcher_on_cluster import Lines, assert_preempted_then_succeeded, on, recipe
 from scripts.cluster import SIM_RUN_SECONDS, SIM_STOP_SECONDS
 from tests.simcluster import wait_for
 
@@ -278,12 +278,7 @@ def test_a_stage_preempted_by_kueue_saves_on_sigterm_is_readmitted_and_resumes_f
 
     # the launcher: preempted, not failed; then succeeded, no restart counted
     assert outcome == [None], outcome
-    preempted = c.lines.wait_for(lambda x: x.startswith(f"==> Job {ns}/{job}: evicted by Kueue ("), 0)
-    assert "Preempted" in preempted and preempted.endswith("preempted, not failed; waiting to be admitted again")
-    states = [x.removeprefix(f"==> Job {ns}/{job}: ") for x in c.lines]
-    states = [x for x in states if x in ("Suspended", "Running", "Complete", "Failed")]
-    assert states == ["Suspended", "Running", "Suspended", "Running", "Complete"], c.lines  # queued, then preempted
-    assert c.lines[-1] == "==> sft: succeeded", c.lines  # not "after N restart(s)"
+    assert_preempted_then_succeeded(c.lines, "Job", f"{ns}/{job}", "Complete")
     # Kubernetes' and Kueue's own records: no failed pod counted, the same Workload, one preemption
     job_status = real_cluster.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{job}")["status"]
     assert job_status.get("failed", 0) == 0 and job_status.get("succeeded") == 1, job_status
