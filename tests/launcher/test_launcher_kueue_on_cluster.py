@@ -255,8 +255,9 @@ def test_the_driver_and_the_nightly_job_are_admitted_through_the_local_queue_and
     chain.pipeline(driver, r, IMAGE, logs=False)
     assert driver.lines[-1] == "==> pipeline done: prepare of run sim in /runs/sim", driver.lines
     assert [x for x in driver.lines if "forbidden" in x.lower() or x.startswith("warning")] == [], driver.lines
-    stage_workload = real_cluster.workload_of(ns, "Job", render.job_name(r, "prepare"))
-    assert state.condition(stage_workload, "Finished"), stage_workload["status"]
+    # Kueue marks the Workload Finished after the Job controller marks the Job complete, which the launcher reads
+    (stage_workload,) = wait_for("the stage's Workload finished", lambda: [
+        w for w in [real_cluster.workload_of(ns, "Job", render.job_name(r, "prepare"))] if state.condition(w, "Finished")])
     assert stage_workload["status"]["admission"]["clusterQueue"] == CLUSTER_QUEUE
     seen = {w["metadata"]["name"] for w in driver.list_workloads()}
     assert {driver_workload["metadata"]["name"], stage_workload["metadata"]["name"]} <= seen
