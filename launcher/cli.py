@@ -232,7 +232,7 @@ def _what_would_fit(resolved: recipes.Recipe, stage: str, whole, available: floa
     suggestions.append(
         "activations come on top and grow with the batch: a smaller per_device_train_batch_size with a larger "
         f"gradient_accumulation_steps keeps the effective batch (--{stage}.args.per_device_train_batch_size=1), "
-        "and gradient_checkpointing trades time for their memory"
+        "and activation_checkpointing trades time for their memory (auto: only where the batch needs it)"
     )
     return suggestions
 
