@@ -4,7 +4,8 @@
 dispatches, from its operands' shapes. To count a 7-8B model's step on a CPU in seconds, the model is built
 *hollow*: every large weight is an uninitialised tensor that is never read, and each operation that touches a hollow
 tensor is run on the meta device for its output's shape and returns another uninitialised tensor of that shape, never
-written (its memory is reserved, not used). Everything else runs for real: token ids, attention masks, label masks,
+written (its memory is reserved, not used: hollow() has glibc map each large block afresh, so that none is given the
+written pages of a freed real tensor). Everything else runs for real: token ids, attention masks, label masks,
 position ids (Qwen2-VL's get_rope_index), the processor's pixel values and the image-token bookkeeping, so the
 data-dependent paths (which rows hold images, where the answers start, how shared-prefix DPO packs a pair) take the
 same branches as with real weights. Meta or fake tensors alone cannot do this: they carry shapes, not the values of the
