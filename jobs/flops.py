@@ -4,7 +4,8 @@
 dispatches, from its operands' shapes. To count a 7-8B model's step on a CPU in seconds, the model is built
 *hollow*: every large weight is an uninitialised tensor that is never read, and each operation that touches a hollow
 tensor is run on the meta device for its output's shape and returns another uninitialised tensor of that shape, never
-written (its memory is reserved, not used). Everything else runs for real: token ids, attention masks, label masks,
+written (its memory is reserved, not used: hollow() has glibc map each large block afresh, so that none is given the
+written pages of a freed real tensor). Everything else runs for real: token ids, attention masks, label masks,
 position ids (Qwen2-VL's get_rope_index), the processor's pixel values and the image-token bookkeeping, so the
 data-dependent paths (which rows hold images, where the answers start, how shared-prefix DPO packs a pair) take the
 same branches as with real weights. Meta or fake tensors alone cannot do this: they carry shapes, not the values of the
@@ -33,6 +34,12 @@ TorchDispatchMode, tree_leaves, tree_map = upstream.torch_dispatch()
 HOLLOW_FROM = 1 << 16  # elements: a parameter this large is built hollow; smaller ones (norms, biases) are real
 
 
+# Factories that make weight-sized operands while counting, not only while building: PEFT's DoRA takes its adapter's
+# weight as lora_B(lora_A(eye(in_features))) at every forward (the FSDP-safe way), for a norm that meets the hollow
+# base weight. Real, the in x in identity and the in x out products it feeds cost what a weight's would: in SmolVLM's
+# count, 2.7-3.6 times the time of a training step with them hollow.
+WEIGHT_SIZED_FACTORIES = (torch.ops.aten.eye,)
+
 upstream.cpu_attention_flop_formulas()  # sdpa on a CPU: torch's counter lists only the CUDA kernels
 
 
@@ -59,7 +66,8 @@ class Hollow(TorchDispatchMode):
         kwargs = kwargs or {}
         leaves = tree_leaves((args, kwargs))
         if not any(self.holds(leaf) for leaf in leaves):
-            if self.building and not any(isinstance(leaf, torch.Tensor) for leaf in leaves):  # a factory: a weight?
+            factory = not any(isinstance(leaf, torch.Tensor) for leaf in leaves)
+            if factory and (self.building or func.overloadpacket in WEIGHT_SIZED_FACTORIES):  # a weight, or its like?
                 shape = func(*_on_meta(args), **_on_meta(kwargs))
                 if isinstance(shape, torch.Tensor) and shape.is_floating_point() and shape.numel() >= self.hollow_from:
                     return self._mark(_unwritten(shape))
@@ -97,10 +105,32 @@ def _unwritten(meta: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device="cpu")
 
 
+MMAP_FROM = 128 << 10  # bytes: glibc's own default threshold, held fixed
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def _fresh_pages_for_large_blocks() -> None:
+    """Have glibc's malloc map every block of MMAP_FROM bytes or more afresh and unmap it when freed.
+
+    By default glibc raises its threshold to the size of each mapped block freed (up to 32 MiB), so later blocks of
+    that size come from its heap, where a freed block keeps the pages that were written into it. An uninitialised
+    hollow tensor given such a block holds those pages, and the next real tensor is written into new ones: in
+    SmolVLM's count (its DoRA adapters compute weight-sized products for real) the process grew by every real block
+    of up to 32 MiB it ever wrote, to 20 GB. Fresh mappings are read as zeros and never resident until written."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator is not the one measured here
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
+
+
 @contextlib.contextmanager
 def hollow(hollow_from: int = HOLLOW_FROM):
     """Inside: weights built of ``hollow_from`` elements or more are hollow and every operation on them is shapes
     only. Yields the mode."""
+    _fresh_pages_for_large_blocks()
     mode = Hollow(hollow_from)
     with mode:
         yield mode

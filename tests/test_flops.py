@@ -3,6 +3,8 @@ same step computed for real counts, on the tiny models."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from trl import DPOConfig, DPOTrainer
@@ -13,7 +15,8 @@ from jobs.recipe import Model
 from tests.test_shared_prefix import pairs
 
 
-def dpo_trainer(model, processor, family, tmp_path, *, shared: bool, rows: list[dict] | None = None, batch: int = 3):
+def dpo_trainer(model, processor, family, tmp_path, *, shared: bool, rows: list[dict] | None = None, batch: int = 3,
+                dora: bool = False):
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -27,28 +30,66 @@ def dpo_trainer(model, processor, family, tmp_path, *, shared: bool, rows: list[
     trainer = trainer_class(
         model=model, ref_model=None, args=args, train_dataset=fam.close_answers(Dataset.from_list(rows or pairs()), processor),
         processing_class=fam.rendering_processor(processor),
-        peft_config=LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM"))
+        peft_config=LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", use_dora=dora))
     trainer.data_collator = fam.collator(trainer.data_collator, processor)
     return trainer
 
 
-@pytest.mark.parametrize("family, shared", [("qwen2_vl", False), ("llava", True)], ids=["trl-qwen2_vl", "shared-prefix-llava"])
-def test_a_hollow_training_step_counts_what_the_real_one_computes(family, shared, tiny_model, tmp_path):
+@pytest.mark.parametrize("family, shared, dora", [("qwen2_vl", False, False), ("llava", True, False), ("idefics3", True, True)],
+                         ids=["trl-qwen2_vl", "shared-prefix-llava", "shared-prefix-idefics3-dora"])
+def test_a_hollow_training_step_counts_what_the_real_one_computes(family, shared, dora, tiny_model, tmp_path):
     """One DPO step (forward with TRL's fused head, the reference with the adapter off, activation checkpointing's
     recomputation, LoRA's backward) counted computed for real, then on a hollow copy of the same model: the same FLOPs,
-    and the hollow weights never took a value."""
+    and the hollow weights never took a value. Idefics3 (SmolVLM) with DoRA, as its recipes train it: image tiles,
+    pixel shuffle, the image-token scatter, and DoRA's adapter weight taken through an identity at every forward."""
     spec = Model(name_or_path=str(tiny_model(family)), family=family, dtype="float32")
     processor = modeling.load_processor(spec)
     torch.manual_seed(0)
     real = modeling.load_model(spec, dtype=torch.float32)
-    expected = flops.count(dpo_trainer(real, processor, family, tmp_path / "real", shared=shared).train)
+    expected = flops.count(dpo_trainer(real, processor, family, tmp_path / "real", shared=shared, dora=dora).train)
 
     with flops.hollow(hollow_from=1) as mode:  # every floating weight hollow, as a 7B model's large ones are
         model = flops.hollow_model(get_family(family).model_class, real.config, mode)
         weights = [p for p in model.parameters()]
         assert weights and all(mode.holds(p) for p in weights)
-        counted = flops.count(dpo_trainer(model, processor, family, tmp_path / "hollow", shared=shared).train)
+        counted = flops.count(dpo_trainer(model, processor, family, tmp_path / "hollow", shared=shared, dora=dora).train)
     assert counted == expected > 0
+
+
+def resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from Linux's /proc")
+def test_hollow_tensors_take_no_pages_that_real_ones_wrote_and_freed():
+    """Issue 24: SmolVLM's hollow count grew to 20 GB and was killed. Its DoRA adapters write weight-sized real
+    tensors and free them; glibc's malloc, having freed a larger mapped block, serves blocks of up to that size from
+    its heap, so an uninitialised hollow tensor got the written pages of a freed real one, and the next real tensor
+    wrote new pages. 16 rounds of a real 16 MiB tensor written and freed, then a hollow one kept: the process holds
+    about one real tensor's pages, not 16."""
+    block = 4 << 20  # float32 elements: 16 MiB
+    with flops.hollow() as mode:
+        torch.ones(2 * block).sum()  # a larger block freed: glibc's threshold rises above a block, as in a real count
+        kept, before = [], resident_bytes()
+        for _ in range(16):
+            torch.ones(block).sum()
+            with flops.building(mode):
+                kept.append(torch.empty(block))
+        grown = resident_bytes() - before
+        assert all(mode.holds(t) for t in kept)
+    assert grown < 4 * block * 4, f"grew {grown / 2**20:.0f} MiB"
+
+
+def test_an_identity_as_large_as_a_weight_is_hollow_while_counting():
+    """PEFT's DoRA takes its adapter's weight as lora_B(lora_A(eye(in_features))) at every forward: the identity of
+    a weight's size is hollow, and so is everything computed from it; a small one stays real."""
+    with flops.hollow() as mode:
+        assert mode.holds(torch.eye(256))  # 65536 elements: HOLLOW_FROM
+        assert not mode.holds(torch.eye(8))
+        assert torch.equal(torch.eye(8), torch.diag(torch.ones(8)))
 
 
 def test_the_reference_pass_batches_rows_of_like_length_and_gives_each_rows_own_logprobs(tiny_model, tmp_path, monkeypatch):

@@ -41,10 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-# Families whose hollow run is not yet hollow throughout: SmolVLM's (Idefics3) count grew to 20 GB of resident memory
-# on 2026-12-06 and was killed by the kernel, so some operation on its image tiles runs for real on hollow memory
-UNCOUNTED = {"idefics3": "its hollow run touched 20 GB of memory on 2026-12-06 and was killed: run it on a machine "
-                         "with room to spare"}
+UNCOUNTED: dict[str, str] = {}  # families whose hollow run is not yet hollow throughout, and why
 RLAIF_SIZES = [(640, 480), (500, 375), (427, 640), (640, 360), (448, 448), (612, 612), (375, 500), (640, 426)]
 CHART_SIZES = [(800, 557), (850, 600), (310, 420), (1000, 800), (640, 480), (420, 320), (1200, 900), (760, 500)]
 
@@ -202,6 +199,13 @@ def recomputes(trainer, cfg, stage: str, config, batch: int, work: Path) -> dict
     return {"recompute": recompute, "weights": weights, "activations": activations, "room": room, "batch": batch}
 
 
+def steps_of(name: str, rows, batch: int) -> int:
+    """Training steps over ``rows``; fewer rows than a batch would train none and count 0 FLOPs for the phase."""
+    if len(rows) % batch:
+        raise SystemExit(f"--rows {len(rows)}: {name} trains {batch} rows a batch; give a multiple of {batch}")
+    return len(rows) // batch
+
+
 def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows) -> dict:
     from jobs import checkpoints, flops, reference_logprobs
     from jobs.families import get_family
@@ -215,7 +219,7 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
         with flops.hollow() as mode:
             model = flops.hollow_model(family.model_class, config, mode)
             batch = 1 if way == "ideal" else schedule(cfg, "dpo", checkpoint, seed_defaults=seed)["batch"]
-            steps = len(rows) // batch
+            steps = steps_of(name, rows, batch)
             args = args_for(cfg, "dpo", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
             trainer = dpo_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             phases = {}
@@ -250,7 +254,7 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
         with flops.hollow() as mode:
             model = flops.hollow_model(family.model_class, config, mode)
             batch = 1 if way == "ideal" else schedule(cfg, "sft", checkpoint, seed_defaults=seed)["batch"]
-            steps = len(rows) // batch
+            steps = steps_of(name, rows, batch)
             args = args_for(cfg, "sft", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
             # the ideal's evaluation is one row a batch; its "recompute", a forward of each train row alone, is what
             # activation checkpointing recomputes
