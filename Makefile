@@ -49,7 +49,7 @@ mutate: $(STAMP)
 	$(BIN)/python scripts/mutate.py $(MUTANTS)
 
 # Speed and memory of the sft and dpo stages beside the source documents' plain scripts (not a test: no timing asserts),
-# and the FLOPs per sample counted for the seed recipes' real checkpoints (FLOPS_ARGS, e.g. --rows=8; about an hour
+# and the FLOPs per sample counted for the seed recipes' real checkpoints (FLOPS_ARGS, e.g. --rows=8; 9 minutes
 # on the shared 2-core machine at the default 4 rows).
 bench: $(STAMP)
 	$(BIN)/python tests/bench/flops_table.py $(FLOPS_ARGS)
