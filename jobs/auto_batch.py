@@ -170,7 +170,8 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     say(f"{stage.name}: {settled}: starting at micro-batch {top}{how} ({where}); probing with the "
         f"{top} longest training rows ({tokens[:top][-1]} to {tokens[0]} tokens, of {len(trainer.train_dataset)} rows "
         f"counted in {time.time() - started:.1f}s)", flush=True)
-    batch, ran_out, without_recomputation = None, list(recorded["ran_out_of_memory_at"]) if recorded else [], []
+    batch, ran_out = None, list(recorded["ran_out_of_memory_at"]) if recorded else []
+    without_recomputation = list(recorded.get("ran_out_without_recomputation_at", [])) if recorded else []
     for recompute in choices:
         recompute_activations(trainer, recompute)
         micro = top
@@ -192,7 +193,7 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
         if not recompute and auto_checkpointing:
             say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory without activation checkpointing; trying "
                 f"micro-batch {top} with it", flush=True)
-            without_recomputation, ran_out = ran_out, []
+            without_recomputation, ran_out = without_recomputation + ran_out, []
     if batch is None:
         raise UserError(_nothing_fits(stage.name, ran_out[-1], recompute, auto_micro))
 
