@@ -86,6 +86,9 @@ print("METRICS " + json.dumps({**result.metrics, "final_loss": losses[-1]}))
 '''
 
 
+CHECKPOINTING = {"auto": "auto", "true": True, "false": False}
+
+
 def measured(argv: list[str], env: dict) -> dict:
     """Run argv in a fresh process; wall seconds and the peak RSS of its largest process (a wrapper waits for it)."""
     wrapper = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
@@ -120,6 +123,9 @@ def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict,
                 "args": {"max_steps": options.steps, "per_device_train_batch_size": options.batch, "gradient_accumulation_steps": 1,
                          "optim": "adamw_torch_fused", "learning_rate": options.lr, "max_grad_norm": 0.3, "warmup_steps": 0.03,
                          "logging_steps": max(1, options.steps // 5), "save_steps": options.steps,
+                         # the shipped recipes' auto (recomputed only where the batch does not fit without); the
+                         # script's SFTConfig recomputes (TRL's default)
+                         "activation_checkpointing": CHECKPOINTING[options.activation_checkpointing],
                          # the script evaluates nothing; the stage's eval loss (its default) would be timed in its loop
                          "eval_strategy": "no", **grouping}},
     }
@@ -154,6 +160,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--activation-checkpointing", default="auto", choices=["auto", "true", "false"],
+                        help="vlmjobs' setting (the cookbook's script recomputes: TRL's default)")
     parser.add_argument("--image-sides", default="16,160", help="smallest,largest image side in pixels")
     parser.add_argument("--max-image-tokens", type=int, default=256,
                         help="the tiny processor's pixel budget, in image tokens (the tiny model's own: 16)")
