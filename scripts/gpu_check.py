@@ -152,7 +152,9 @@ def run_case(name: str, options, work: Path) -> dict:
     trainer.args.max_steps = 1
     step_flops = flops.count(trainer.train)
     chip = peak_flops("cuda" if cuda else "cpu")
-    estimate = memory_estimate(checkpoint, stage, changes, processor, work)  # of the real checkpoint, even --tiny
+    # of the real checkpoint, even --tiny
+    estimate = flops_table.memory_before_activations(cfg, stage, checkpoints.config(checkpoint, processor.tokenizer),
+                                                     work / f"config-{checkpoint.family}")
     out = {"case": name, "steps": options.steps, "tokens/s": tokens / seconds, "reference s": reference_s,
            "TFLOP/step": step_flops / 1e12, "MFU": step_flops * options.steps / seconds / chip if chip else None,
            "peak GB": peak, "predicted GB": estimate, "attention": attention, "recomputed": bool(recomputed)}
@@ -171,17 +173,6 @@ def settle_checkpointing(trainer, train, batch: int) -> bool:
         longest, _ = auto_batch.longest_rows(trainer, batch)
         auto_batch.recompute_activations(trainer, not auto_batch.probe(trainer, trainer.train_dataset.select(longest)))
     return bool(trainer.args.activation_checkpointing)
-
-
-def memory_estimate(checkpoint, stage: str, changes: dict, processor, work: Path) -> float:
-    """`vlmjobs memory`'s estimate for the stage (GB), from the checkpoint's config written to a folder (no hub)."""
-    from jobs import checkpoints, memory
-    from jobs import recipe as recipes
-
-    folder = work / f"config-{checkpoint.family}"
-    checkpoints.config(checkpoint, processor.tokenizer).save_pretrained(folder)
-    local = recipes.load(ROOT / checkpoint.recipe, {**changes, "model.name_or_path": str(folder)})
-    return memory.for_stage(local, stage)[0].total
 
 
 def merge_on_cuda(work: Path, options) -> dict:

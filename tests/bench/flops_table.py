@@ -173,6 +173,18 @@ def upstream_attention(model) -> str:
     return upstream.attention_implementation(model.config) or "sdpa"
 
 
+def memory_before_activations(cfg, stage: str, config, folder: Path) -> float:
+    """`vlmjobs memory`'s estimate for the recipe's stage (GB: weights, gradients, optimizer states) with the model
+    ``config`` in place of the recipe's hub id, which for_stage reads from the folder it is written to (no hub)."""
+    import dataclasses
+
+    from jobs import memory
+
+    config.save_pretrained(folder)
+    local = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(folder), revision=None))
+    return memory.for_stage(local, stage)[0].total
+
+
 def recomputes(trainer, cfg, stage: str, config, batch: int, work: Path) -> dict:
     """What ``activation_checkpointing: auto`` settles on the recipe's GPU, predicted from counts: whether one training
     step of ``batch`` of the counted rows (the longest, as the stage's probe takes them) keeps activations (counted by
@@ -180,16 +192,12 @@ def recomputes(trainer, cfg, stage: str, config, batch: int, work: Path) -> dict
     (jobs.memory.for_stage, from the checkpoint's config) in ``resources.gpu_memory_gib``. The hollow step runs in
     float32, so its activations bound a bf16 run's from above. Turns recomputation on in ``trainer`` where they do not
     fit. A recipe that says true or false is taken at its word."""
-    import dataclasses
-
     from jobs import auto_batch, flops, memory
 
     args = getattr(cfg, stage).args
     if not auto_batch.checkpointing_is_auto(args):
         return {"recompute": bool(trainer.args.activation_checkpointing)}
-    config.save_pretrained(work / "config")  # for_stage reads a config as the recipe's model names it
-    local = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(work / "config"), revision=None))
-    weights = memory.for_stage(local, stage)[0].total
+    weights = memory_before_activations(cfg, stage, config, work / "config")
     longest, _ = auto_batch.longest_rows(trainer, batch)
     activations = flops.training_step_activations(trainer, trainer.train_dataset.select(longest)) / memory.GB
     room = memory.gpu_gb(cfg.resources_for(stage).gpu_memory_gib)
