@@ -39,7 +39,21 @@ def entrypoint(main: Callable, *, imports: tuple[str, ...] = ()) -> None:
             raise
         print(stopped(interrupted.signum), file=sys.stderr, flush=True)
         sys.exit(128 + interrupted.signum)
+    leave_process_group()
     _exit_at_once()
+
+
+def leave_process_group() -> None:
+    """A process of a multi-process stage that finished its work leaves torch.distributed's group before it exits.
+    Left to the interpreter's teardown, the group's threads abort the process (SIGABRT, exit 134, "terminate called
+    without an active exception"): 6 of 20 two-process gloo exits, measured, and 0 of 20 after destroying the group.
+    Only where every process got here (it ends no collective a peer still waits in). No-op in one process."""
+    if "torch.distributed" not in sys.modules:  # a stage that never imported torch has no group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _interruption_behind(error: BaseException) -> Interrupted | None:

@@ -278,6 +278,7 @@ def stop_if_interrupted(trainer, stage: str) -> None:
             name = signal.Signals(callback.requested).name
             print(f"{stage}: stopped on {name} at step {trainer.state.global_step}; checkpoint saved, running the same "
                   "command again resumes from it", file=sys.stderr, flush=True)
+            trainer.end()  # every process saved at the same step; the group's threads would abort the exit (leave_process_group)
             sys.exit(128 + callback.requested)
 
 
