@@ -18,6 +18,7 @@ import time
 import uuid
 
 import psutil
+import pytest
 
 from jobs import contract
 from jobs import recipe as recipes
@@ -49,19 +50,23 @@ def exit_records(tmp_path):
     return env, lambda: {p.name: p.read_text() for p in sorted(records.iterdir())}
 
 
-def test_a_finished_multi_process_stage_leaves_the_group_before_it_exits(tmp_path):
+@pytest.mark.parametrize("ending, exit_code", [("return", 0), ("raise contract.UserError('bad recipe')", 2)])
+def test_a_multi_process_stage_leaves_the_group_before_it_exits(tmp_path, ending, exit_code):
+    """Finished, or with a user's error: the abort would turn exit 2 (not worth a retry) into 134 (worth one)."""
     script = tmp_path / "stage.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
-        "from jobs import entry\n"
+        "from jobs import contract, entry\n"
         "def main():\n"
         "    dist.init_process_group('gloo')\n"
         "    dist.all_reduce(torch.ones(1))\n"
+        f"    {ending}\n"
         "entry.entrypoint(main)\n")
     env, read = exit_records(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "launcher.distributed", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+                          env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == exit_code, done.stderr[-3000:]
     assert read() == {"rank-0": "left", "rank-1": "left"}
 
 
