@@ -49,12 +49,16 @@ mutate: $(STAMP)
 	$(BIN)/python scripts/mutate.py $(MUTANTS)
 
 # Speed and memory of the sft and dpo stages beside the source documents' plain scripts (not a test: no timing asserts),
-# and the FLOPs per sample counted for the seed recipes' real checkpoints (FLOPS_ARGS, e.g. --rows=8; 9 minutes
-# on the shared 2-core machine at the default 4 rows).
+# on the tiny models and on the real checkpoints' configs narrowed for a CPU (--geometry=real: charts of ChartQA's
+# sizes and of one size for SFT), and the FLOPs per sample counted for the seed recipes' real checkpoints (FLOPS_ARGS,
+# e.g. --rows=8). About an hour and a half on the 2-core machine, idle.
 bench: $(STAMP)
 	$(BIN)/python tests/bench/flops_table.py $(FLOPS_ARGS)
 	$(BIN)/python tests/bench/sft_vs_plain.py $(BENCH_ARGS)
+	$(BIN)/python tests/bench/sft_vs_plain.py --geometry=real $(BENCH_ARGS)
+	$(BIN)/python tests/bench/sft_vs_plain.py --geometry=real --one-size $(BENCH_ARGS)
 	$(BIN)/python tests/bench/dpo_vs_plain.py $(DPO_BENCH_ARGS)
+	$(BIN)/python tests/bench/dpo_vs_plain.py --geometry=real $(DPO_BENCH_ARGS)
 
 # The seed recipes at real size on one H100/H200 (scripts/gpu_check.py; README, "GPU check"). WHEELS: a folder holding
 # the wheels it installs first, when the GPU machine lacks them. The machine's own python and torch (PYTHON), not the

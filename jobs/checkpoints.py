@@ -100,6 +100,12 @@ SMOLVLM = Checkpoint(
 SMOLVLM_SFT = Checkpoint(**{**SMOLVLM.__dict__, "recipe": "recipes/smolvlm-chartqa-sft.yaml",
                             "rows": {"train": 2_830, "eval": 192}})
 
+# Image sizes like the data sets' (width, height), in turn: RLAIF-V's photos (COCO-like, mostly 640 on the long side)
+# and ChartQA's charts (a few hundred to 1,200 pixels wide), so that a processor gives its real image-token counts
+# (Qwen2-VL: 165 to 1,280 tokens for these charts) and a vision tower sees its real patches
+RLAIF_V_SIZES = [(640, 480), (500, 375), (427, 640), (640, 360), (448, 448), (612, 612), (375, 500), (640, 426)]
+CHARTQA_SIZES = [(800, 557), (850, 600), (310, 420), (1000, 800), (640, 480), (420, 320), (1200, 900), (760, 500)]
+
 # (checkpoint, the stage its seed recipe trains)
 SEEDS = {
     "idefics2-8b DPO": (IDEFICS2_8B, "dpo"),
@@ -142,3 +148,84 @@ def processor(checkpoint: Checkpoint):
     if checkpoint.family == "qwen2_vl":
         parts["video_processor"] = small.video_processor
     return type(small)(**parts, **checkpoint.processor)
+
+
+def narrowed(checkpoint: Checkpoint, *, width: int = 256, layers: int = 2, vision_heads: int = 2,
+             vision_layers: int = 2) -> Checkpoint:
+    """``checkpoint`` made narrow and shallow enough to train on a 2-core CPU, keeping what decides how many tokens a
+    row has and how wide its logits are: the vocabulary, the image geometry (image size, patch size, the perceiver's
+    latents, the pixel-shuffle and spatial-merge factors: so the same image tokens per image) and every head's width.
+
+    Shrunk: the language model to ``layers`` layers ``width`` wide (heads of the checkpoint's own width; grouped keys
+    and values where it groups them; the MLP as many times wider as the checkpoint's), the vision tower to
+    ``vision_layers`` layers of ``vision_heads`` heads of its own head width, the perceiver to one layer of 2 heads.
+    The language model's body shrinks far more than its head: the share of a token's work in the vocabulary
+    projection grows (``head_share`` says by how much)."""
+    import dataclasses
+
+    fields = {key: dict(value) if isinstance(value, dict) else value for key, value in checkpoint.config.items()}
+    text = fields["text_config"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    heads = max(1, width // head_dim)
+    groups = text["num_attention_heads"] // text.get("num_key_value_heads", text["num_attention_heads"])
+    text.update(hidden_size=heads * head_dim, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // groups), head_dim=head_dim,
+                intermediate_size=round(text["intermediate_size"] / text["hidden_size"] * heads * head_dim))
+    vision = fields["vision_config"]
+    if checkpoint.family == "qwen2_vl":  # its own keys: depth, embed_dim, num_heads; hidden_size is the merger's output
+        vision_head_dim = vision["embed_dim"] // vision["num_heads"]
+        vision.update(depth=vision_layers, num_heads=vision_heads, embed_dim=vision_heads * vision_head_dim,
+                      hidden_size=text["hidden_size"])
+    else:
+        vision_head_dim = vision["hidden_size"] // vision["num_attention_heads"]
+        vision.update(num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                      intermediate_size=round(vision["intermediate_size"] / vision["hidden_size"] * vision_heads * vision_head_dim),
+                      hidden_size=vision_heads * vision_head_dim)
+        if "projection_dim" in vision:
+            vision["projection_dim"] = vision["hidden_size"]
+    if "perceiver_config" in fields:
+        fields["perceiver_config"].update(resampler_depth=1, resampler_n_heads=2, num_key_value_heads=1)
+    return dataclasses.replace(checkpoint, name=f"{checkpoint.name}, narrowed", config=fields)
+
+
+def head_share(config) -> float:
+    """The share of a text token's forward FLOPs spent in the vocabulary projection (the language model's matrices
+    only: attention scores and the vision tower left out), to say how far a narrowed model is from its checkpoint."""
+    text = config.get_text_config()
+    width, head_dim = text.hidden_size, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    attention = width * head_dim * (2 * text.num_attention_heads + 2 * text.num_key_value_heads)
+    body = text.num_hidden_layers * (attention + 3 * width * text.intermediate_size)
+    head = width * text.vocab_size
+    return head / (body + head)
+
+
+def at_sizes(rows: list[dict], sizes: list[tuple[int, int]]) -> list[dict]:
+    """jobs.synthetic's rows (an ``image`` of PNG bytes each) with their images resized to ``sizes`` in turn."""
+    import io
+
+    from PIL import Image
+
+    resized = []
+    for i, row in enumerate(rows):
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(sizes[i % len(sizes)])
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        resized.append({**row, "image": {"bytes": buffer.getvalue(), "path": None}})
+    return resized
+
+
+def save_narrowed(checkpoint: Checkpoint, out, seed: int = 0, **narrowing):
+    """A model folder as save_pretrained writes it: ``narrowed(checkpoint)`` with random weights (seeded) and the
+    checkpoint's processor (``processor``); loaded by from_pretrained as a downloaded checkpoint is."""
+    import torch
+    import transformers
+
+    from jobs.families import get_family
+
+    small = narrowed(checkpoint, **narrowing)
+    processor_ = processor(small)
+    torch.manual_seed(seed)
+    model = getattr(transformers, get_family(checkpoint.family).model_class)(config(small, processor_.tokenizer))
+    model.save_pretrained(out)
+    processor_.save_pretrained(out)
+    return out

@@ -5,7 +5,8 @@ format function (chat template applied to strings, the thumbnail step at half th
 LoRA all-linear and the adapter switched off as reference; changed only where this machine forces it (the tiny model's
 folder; no bf16 or 32 workers on a CPU; the model class transformers 5 names). vlmjobs runs as a user does,
 ``vlmjobs run`` of prepare + dpo, with its shared-prefix forward (the default) and without (dpo.shared_prefix: false),
-so that what the shared prefix alone gives shows. Runs alternate, each in a fresh process; the medians of --repeats
+so that what the shared prefix alone gives shows, each as a first run (the store of reference log-probs emptied
+before it: it computes them), and once more as a rerun that reads what the run before stored. Runs alternate, each in a fresh process; the medians of --repeats
 runs are printed: samples/s of the training loop (the trainer's train_samples_per_second) and of the whole process
 (samples / wall time: start-up, load, data, train, save), the ratio to the blog's, peak resident memory, the mean train
 loss and the preference accuracy (rewards/accuracies) over the last quarter of the steps. For vlmjobs also the seconds
@@ -13,7 +14,16 @@ before the launcher starts the first stage and before each stage prints anything
 
 The data is RLAIF-V-shaped with answers that are sentences of varying length (jobs.synthetic, sentences=True).
 
-    make bench                    # or: python tests/bench/dpo_vs_plain.py [--family=idefics2] [--steps=40] [--repeats=3]
+Two geometries (--geometry):
+- tiny: jobs.tiny's model (600-token vocabulary, 64 image tokens an image for Idefics2), 32-96 px images;
+- real: idefics2-8b's published config (llava-1.5-7b's with --family llava) made narrow and shallow only as far as a
+  2-core CPU needs (jobs.checkpoints.narrowed: 2 layers 256 wide, a vision tower of 2 layers and 2 heads), keeping its
+  32,003-token vocabulary, its heads' width and its image geometry (64 image tokens an image; the vision tower sees
+  every 14 px patch of images at RLAIF-V's sizes, 375-640 px, halved by the blog's thumbnail), 12 steps of 8 pairs
+  (96 of the 360 training rows: a run shorter than an epoch). What stays unlike the checkpoint is said in the table:
+  the vocabulary projection's share of a token's work (82% against 2%), and the tiny tokenizer's pieces per word.
+
+    make bench                    # or: python tests/bench/dpo_vs_plain.py [--geometry=real] [--steps=40] [--repeats=3]
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,8 +112,13 @@ def plain_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict) -
             "loss": last_quarter(out["log"], "loss"), "accuracy": last_quarter(out["log"], "rewards/accuracies")}
 
 
-def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict, *, shared_prefix: bool) -> dict:
-    name = "shared" if shared_prefix else "unshared"
+def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict, *, shared_prefix: bool,
+                rerun: bool = False) -> dict:
+    """A first run (the reference log-probs' store emptied before it) or, ``rerun``, one that reads what the run
+    before it stored, as a later run of the same data and model does (a nightly rerun, a beta sweep)."""
+    name = "rerun" if rerun else "shared" if shared_prefix else "unshared"
+    if not rerun:
+        shutil.rmtree(work / "runs" / ".cache", ignore_errors=True)
     recipe = {
         "name": name, "stages": ["prepare", "dpo"], "run": {"root": str(work / "runs")},
         "model": {"name_or_path": str(model_dir), "family": options.family},
@@ -133,8 +149,10 @@ def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="idefics2", help="the tiny model's family (the blog trains Idefics2)")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--family", default="idefics2", help="the model's family (the blog trains Idefics2)")
+    parser.add_argument("--geometry", default="tiny", choices=["tiny", "real"],
+                        help="jobs.tiny's model, or the real checkpoint's config narrowed (jobs.checkpoints.narrowed)")
+    parser.add_argument("--steps", type=int, default=None, help="40 tiny, 12 real")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -146,6 +164,7 @@ def main() -> None:
                         help="vlmjobs' setting (the blog's script recomputes: gradient_checkpointing=True)")
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
+    options.steps = options.steps or (12 if options.geometry == "real" else 40)
     work = options.out or Path(tempfile.mkdtemp(prefix="vlmjobs-dpo-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     # datasets' own cache in the bench's folder: its key for a local folder need not change with the rows in it, so
@@ -155,20 +174,31 @@ def main() -> None:
            "TOKENIZERS_PARALLELISM": "false"}
 
     sys.path.insert(0, str(ROOT))
-    from jobs import synthetic, tiny
+    from jobs import checkpoints, synthetic, tiny
 
-    image_tokens = options.image_tokens if options.family == "idefics2" else None
-    model_dir, data_dir = work / f"tiny-{options.family}-{image_tokens}", work / "rlaif-v-sentences"
-    if not model_dir.is_dir():
-        tiny.build(options.family, model_dir, image_tokens=image_tokens)
+    rows = synthetic.rlaif_v_rows(options.rows, sentences=True, chart_share=0)
+    if options.geometry == "real":
+        checkpoint = {"idefics2": checkpoints.IDEFICS2_8B, "llava": checkpoints.LLAVA_15_7B}[options.family]
+        model_dir, data_dir = work / f"narrowed-{options.family}", work / "rlaif-v-sentences-real-sizes"
+        if not model_dir.is_dir():
+            checkpoints.save_narrowed(checkpoint, model_dir)
+        rows = checkpoints.at_sizes(rows, checkpoints.RLAIF_V_SIZES)
+        model = f"{checkpoint.name} narrowed ({geometry_note(model_dir, rows)})"
+    else:
+        image_tokens = options.image_tokens if options.family == "idefics2" else None
+        model_dir, data_dir = work / f"tiny-{options.family}-{image_tokens}", work / "rlaif-v-sentences"
+        if not model_dir.is_dir():
+            tiny.build(options.family, model_dir, image_tokens=image_tokens)
+        model = f"the tiny {options.family}" + (f" ({image_tokens} tokens per image)" if image_tokens else "")
     if not data_dir.is_dir():
-        synthetic.write_splits("rlaif-v", data_dir, {"train": synthetic.rlaif_v_rows(options.rows, sentences=True, chart_share=0)})
+        synthetic.write_splits("rlaif-v", data_dir, {"train": rows})
 
-    runs = {"plain": [], "shared": [], "unshared": []}
-    for repeat in range(options.repeats):  # alternating, so that a slow minute on a shared machine hits all three
+    runs = {"plain": [], "shared": [], "unshared": [], "rerun": []}
+    for repeat in range(options.repeats):  # alternating, so that a slow minute on a shared machine hits all of them
         runs["plain"].append(plain_run(work, model_dir, data_dir, options, env))
-        runs["shared"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=True))
         runs["unshared"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=False))
+        runs["shared"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=True))
+        runs["rerun"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=True, rerun=True))
         print(f"repeat {repeat + 1}/{options.repeats}: " + ", ".join(
             f"{name} {r[-1]['train_sps']:.2f} train samples/s, {r[-1]['wall_s']:.0f} s" for name, r in runs.items()), flush=True)
 
@@ -177,8 +207,8 @@ def main() -> None:
               for name, rs in runs.items()}
     base = median["plain"]
     titles = {"plain": "blog script (one process)", "shared": "vlmjobs run: prepare + dpo, shared prefix",
-              "unshared": "vlmjobs run: prepare + dpo, dpo.shared_prefix false"}
-    model = f"the tiny {options.family}" + (f" ({image_tokens} tokens per image)" if image_tokens else "")
+              "unshared": "vlmjobs run: prepare + dpo, dpo.shared_prefix false",
+              "rerun": "vlmjobs rerun (reference log-probs stored by the run before), shared prefix"}
     lines = [f"DPO of {model}, LoRA all-linear, {options.steps} steps of {options.batch} pairs, lr {options.lr}, "
              f"beta {options.beta}, medians of {options.repeats} alternating runs, on {device()} ({os.cpu_count()} cores)", "",
              "| run | train samples/s | × blog | whole-process samples/s | × blog | wall s | peak RSS MB | loss | pref. accuracy |",
@@ -194,6 +224,23 @@ def main() -> None:
     print("\n".join(lines))
     (work / "bench-dpo.md").write_text("\n".join(lines) + "\n")
     print(f"\n(runs and this table in {work})")
+
+
+def geometry_note(model_dir: Path, rows: list[dict]) -> str:
+    """What a narrowed model keeps and what it does not, for the table's title."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from jobs.checkpoints import head_share
+
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    answers = [row[key] for row in rows for key in ("chosen", "rejected")]
+    pieces = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    words = sum(len(a.split()) for a in answers)
+    text = config.get_text_config()
+    return (f"{text.num_hidden_layers} layers {text.hidden_size} wide, vocabulary {text.vocab_size:,}; the vocabulary "
+            f"projection {head_share(config):.0%} of a token's work; answers {words / len(answers):.0f} words, "
+            f"{pieces / words:.1f} tokens a word")
 
 
 def device() -> str:

@@ -17,7 +17,7 @@ on the same rows:
   evaluations the recipe's own schedule asks for (none where it names none), one row a batch.
 
 The rows are RLAIF-V-like pairs with sentence answers and ChartQA-like charts, images at sizes like the data sets'
-(RLAIF_SIZES, CHART_SIZES), so each checkpoint's processor gives its real image-token counts; the text is rendered by
+(jobs.checkpoints: RLAIF_V_SIZES, CHARTQA_SIZES), so each checkpoint's processor gives its real image-token counts; the text is rendered by
 the tiny model's tokenizer (jobs.checkpoints says why). A phase's FLOPs per row are counted on --rows rows and scaled
 to an epoch of the recipe's data (Checkpoint.rows, its effective batch and eval schedule), per training sample. The DPO
 reference pass is counted on --reference-rows rows (32), since it batches a whole split shortest first (8 pairs a
@@ -42,8 +42,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 UNCOUNTED: dict[str, str] = {}  # families whose hollow run is not yet hollow throughout, and why
-RLAIF_SIZES = [(640, 480), (500, 375), (427, 640), (640, 360), (448, 448), (612, 612), (375, 500), (640, 426)]
-CHART_SIZES = [(800, 557), (850, 600), (310, 420), (1000, 800), (640, 480), (420, 320), (1200, 900), (760, 500)]
 
 
 def dpo_rows(n: int, thumbnail: int | None):
@@ -51,10 +49,11 @@ def dpo_rows(n: int, thumbnail: int | None):
     from PIL import Image
 
     from jobs import synthetic
+    from jobs.checkpoints import RLAIF_V_SIZES
 
     rows = []
     for i, row in enumerate(synthetic.rlaif_v_rows(n, seed=7, sentences=True, chart_share=0)):
-        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(RLAIF_SIZES[i % len(RLAIF_SIZES)])
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(RLAIF_V_SIZES[i % len(RLAIF_V_SIZES)])
         if thumbnail:
             image.thumbnail((thumbnail, thumbnail))
         rows.append({
@@ -71,10 +70,11 @@ def sft_rows(n: int, system_prompt: str | None):
     from PIL import Image
 
     from jobs import formats, synthetic
+    from jobs.checkpoints import CHARTQA_SIZES
 
     rows = []
     for i, row in enumerate(synthetic.chartqa_rows(n, seed=7)):
-        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(CHART_SIZES[i % len(CHART_SIZES)])
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(CHARTQA_SIZES[i % len(CHARTQA_SIZES)])
         rows.append({**formats.chartqa(row, system_prompt), "images": [image]})
     return Dataset.from_list(rows)
 

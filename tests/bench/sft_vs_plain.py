@@ -20,7 +20,16 @@ each in fresh processes, --repeats times; the medians are reported:
   so their losses measure different things; the padded vlmjobs arm is the one to compare vlmjobs' loss with.
 It is a benchmark, not a test: nothing here asserts a speed. On a CUDA machine the same runs use the GPU.
 
-    make bench                    # or: python tests/bench/sft_vs_plain.py [--steps=10] [--repeats=3] [--out=DIR]
+Two geometries (--geometry):
+- tiny: jobs.tiny's Qwen2-VL (600-token vocabulary) with a pixel budget of --max-image-tokens, images --image-sides;
+- real: Qwen2-VL-7B-Instruct's published config made narrow and shallow only as far as a 2-core CPU needs
+  (jobs.checkpoints.narrowed: 2 layers 256 wide, a vision tower of 2 layers and 2 heads), keeping its 152,064-token
+  vocabulary, its heads' width and its image processor (patch 14, merge 2, 4 to 1,280 image tokens an image), on
+  charts at ChartQA's sizes (jobs.checkpoints.CHARTQA_SIZES: 165 to 1,280 image tokens), or all of one size
+  (--one-size: 800 x 557, 580 tokens). What stays unlike the checkpoint is said in the table: the vocabulary
+  projection's share of a token's work (94% against 8%) and the tiny tokenizer's pieces per word.
+
+    make bench                    # or: python tests/bench/sft_vs_plain.py [--geometry=real] [--steps=10] [--repeats=3]
 """
 
 from __future__ import annotations
@@ -154,10 +163,33 @@ def with_image_budget(model_dir: Path, tokens: int) -> Path:
     return model_dir
 
 
+def geometry_note(model_dir: Path, data_dir: Path, sizes: list[tuple[int, int]]) -> str:
+    """What a narrowed model keeps and what it does not, for the table's title."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from jobs.checkpoints import head_share
+
+    config, processor = AutoConfig.from_pretrained(model_dir), AutoProcessor.from_pretrained(model_dir)
+    merge = processor.image_processor.patch_size * processor.image_processor.merge_size
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    tokens = []
+    for width, height in sizes:
+        h, w = smart_resize(height, width, factor=merge, min_pixels=processor.image_processor.min_pixels,
+                            max_pixels=processor.image_processor.max_pixels)
+        tokens.append(h * w // merge**2)
+    text = config.get_text_config()
+    return (f"{text.num_hidden_layers} layers {text.hidden_size} wide, vocabulary {text.vocab_size:,}; the vocabulary "
+            f"projection {head_share(config):.0%} of a token's work; {min(tokens)}-{max(tokens)} image tokens an image")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--geometry", default="tiny", choices=["tiny", "real"],
+                        help="jobs.tiny's model, or the real checkpoint's config narrowed (jobs.checkpoints.narrowed)")
+    parser.add_argument("--one-size", action="store_true", help="real geometry: every chart 800 x 557")
+    parser.add_argument("--steps", type=int, default=None, help="10 tiny, 6 real")
+    parser.add_argument("--batch", type=int, default=None, help="8 tiny, 4 real (the cookbook's)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--activation-checkpointing", default="auto", choices=["auto", "true", "false"],
@@ -167,6 +199,9 @@ def main() -> None:
                         help="the tiny processor's pixel budget, in image tokens (the tiny model's own: 16)")
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
+    real = options.geometry == "real"
+    options.steps = options.steps or (6 if real else 10)
+    options.batch = options.batch or (4 if real else 8)
     work = options.out or Path(tempfile.mkdtemp(prefix="vlmjobs-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     # datasets' own cache in the bench's folder: its key for a local folder need not change with the rows in it, so
@@ -175,15 +210,29 @@ def main() -> None:
            "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="datasets-cache-", dir=work)}
 
     sys.path.insert(0, str(ROOT))
-    from jobs import synthetic, tiny
+    from jobs import checkpoints, synthetic, tiny
 
-    sides = tuple(int(s) for s in options.image_sides.split(","))
-    model_dir = work / f"tiny-qwen2_vl-{options.max_image_tokens}"
-    if not model_dir.is_dir():
-        with_image_budget(tiny.build("qwen2_vl", model_dir), options.max_image_tokens)
-    data_dir = work / f"chartqa-{sides[0]}-{sides[1]}"
-    if not data_dir.is_dir():
-        synthetic.write("chartqa", data_dir, rows=400, image_sides=sides)
+    if real:
+        model_dir = work / "narrowed-qwen2_vl"
+        if not model_dir.is_dir():
+            checkpoints.save_narrowed(checkpoints.QWEN2_VL_7B, model_dir)
+        sizes = checkpoints.CHARTQA_SIZES[:1] if options.one_size else checkpoints.CHARTQA_SIZES
+        data_dir = work / ("chartqa-one-size" if options.one_size else "chartqa-real-sizes")
+        if not data_dir.is_dir():
+            splits = {split: checkpoints.at_sizes(synthetic.chartqa_rows(rows, seed=seed), sizes)
+                      for split, rows, seed in (("train", 400, 0), ("val", 40, 1), ("test", 40, 2))}
+            synthetic.write_splits("chartqa", data_dir, splits)
+        images = f"charts {'of one size, ' + 'x'.join(map(str, sizes[0])) if options.one_size else 'at ChartQA sizes'}"
+        model = f"{checkpoints.QWEN2_VL_7B.name} narrowed ({geometry_note(model_dir, data_dir, sizes)})"
+    else:
+        sides = tuple(int(s) for s in options.image_sides.split(","))
+        model_dir = work / f"tiny-qwen2_vl-{options.max_image_tokens}"
+        if not model_dir.is_dir():
+            with_image_budget(tiny.build("qwen2_vl", model_dir), options.max_image_tokens)
+        data_dir = work / f"chartqa-{sides[0]}-{sides[1]}"
+        if not data_dir.is_dir():
+            synthetic.write("chartqa", data_dir, rows=400, image_sides=sides)
+        images, model = f"images {sides[0]}-{sides[1]} px a side", "the tiny Qwen2-VL"
 
     arms = {
         "plain script (cookbook)": lambda i: plain_run(work, model_dir, data_dir, options, env, i),
@@ -209,8 +258,8 @@ def main() -> None:
     device = "cuda" if "cuda" in subprocess.run([sys.executable, "-c", "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"],
                                                  capture_output=True, text=True).stdout else "cpu"
     lines = [
-        f"SFT of the tiny Qwen2-VL, LoRA r 8 on q/v, {options.steps} steps of {options.batch} rows, lr {options.lr:g}, images "
-        f"{sides[0]}-{sides[1]} px a side; median of {options.repeats} alternating runs; {datetime.date.today()}, {device}, "
+        f"SFT of {model}, LoRA r 8 on q/v, {options.steps} steps of {options.batch} rows, lr {options.lr:g}, {images}; "
+        f"median of {options.repeats} alternating runs; {datetime.date.today()}, {device}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "",
         "| run | training loop samples/s | x plain | whole process samples/s | x plain | wall s | peak RSS MB | final loss |",
