@@ -8,7 +8,8 @@ off, SFT's adapter kept as "ref", or the policy itself before its first step) un
 stores them as ``<run.root>/.cache/reference_logprobs/<fingerprint>.safetensors``, one file per split, written by one
 process and renamed into place, so that no half-written file ever looks complete.
 
-It scores every eval row, and the train rows the run will draw (issue 24): a run shorter than an epoch (a smoke run,
+It scores every eval row where training evaluates (none where eval_strategy is "no"), and the train rows the run
+will draw (issue 24): a run shorter than an epoch (a smoke run,
 a sweep with ``max_steps``) scored every row before, a whole epoch's reference pass up front. The rows are those in
 the batches of the trainer's own train dataloader over the steps the run takes (``rows_drawn``); a file holds every
 row's place and a mask of the rows it holds, so a later, longer run or a second epoch computes only what it lacks.
@@ -95,8 +96,11 @@ def use_cached(trainer, store: Path) -> dict:
     (``rows_drawn``). Returns what the stage's record says about it."""
     from accelerate.utils import broadcast_object_list
 
-    splits = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+    splits = {"train": trainer.train_dataset, "eval": trainer.eval_dataset if evaluates(trainer.args) else None}
     splits = {name: rows for name, rows in splits.items() if rows is not None}
+    if trainer.eval_dataset is not None and "eval" not in splits and trainer.accelerator.is_main_process:
+        print(f"dpo: no evaluation during training (eval_strategy no): the reference pass leaves the "
+              f"{len(trainer.eval_dataset)} eval rows out", flush=True)
     drawn = {"train": rows_drawn(trainer)}  # the eval rows: every one
     later = {}  # under FSDP, what the store lacks: {name: (rows, file, first row number, held, missing)}
     keys = [None]
@@ -130,12 +134,18 @@ def use_cached(trainer, store: Path) -> dict:
                       f"{len(wanted) - len(missing)} read, stored in {path}", flush=True)
         splits[name] = rows.add_column(COLUMNS[0], chosen.tolist()).add_column(COLUMNS[1], rejected.tolist())
     trainer.train_dataset = splits["train"]
-    trainer.eval_dataset = splits.get("eval")
+    trainer.eval_dataset = splits.get("eval", trainer.eval_dataset)  # unscored where nothing evaluates
     table = {}
     if later:
         trainer.add_callback(ComputeWhenTrainingStarts(trainer, later, table, parts=keys[0]["parts"]))
     read_from_batches(trainer, table)
     return record
+
+
+def evaluates(args) -> bool:
+    """Whether training evaluates at all: where it does not (TRL's default eval_strategy "no"), scoring the eval rows'
+    reference is work nothing reads (the dpo stage runs no evaluate() of its own)."""
+    return args.eval_strategy != "no" or bool(args.eval_on_start)
 
 
 def rows_drawn(trainer) -> list[int] | None:

@@ -146,7 +146,7 @@ def test_a_run_shorter_than_an_epoch_scores_only_the_rows_its_batches_carry(sft_
     assert len(carried) == 4 and len(set(carried)) > 1, "2 steps of 2 rows, told apart"
     assert Counter(scored) == Counter(carried), f"scored {len(scored)} rows for the {len(carried)} the batches carried"
     assert first["reference_logprobs"]["splits"]["train"]["computed"] == 4
-    assert first["reference_logprobs"]["splits"]["eval"]["computed"] == 1, "every eval row, as before"
+    assert "eval" not in first["reference_logprobs"]["splits"], "no evaluation (TRL's eval_strategy no), no eval rows"
 
     recomputed = copy_run(sft_run, tmp_path / "trl", "recomputed", reference_logprobs="recompute", args=short)
     _, trl_steps = run_dpo(recomputed)
@@ -157,11 +157,12 @@ def test_a_run_shorter_than_an_epoch_scores_only_the_rows_its_batches_carry(sft_
 
     with monkeypatch.context() as patched:
         scored, carried = watch_rows(patched)
-        whole, whole_steps = run_dpo(copy_run(sft_run, tmp_path, "whole-epoch", args={**short, "max_steps": 5}))
+        evaluated = {"eval_strategy": "steps", "eval_steps": 5}
+        whole, whole_steps = run_dpo(copy_run(sft_run, tmp_path, "whole-epoch", args={**short, "max_steps": 5, **evaluated}))
     assert len(carried) == 10, "5 steps of 2: every train row"
     assert Counter(scored) == Counter(carried[4:]), "only the rows the short run left, the same 4 first"
     assert whole["reference_logprobs"]["splits"]["train"] | {"file": None} == {"file": None, "computed": 6, "read": 4}
-    assert whole["reference_logprobs"]["splits"]["eval"]["computed"] == 0
+    assert whole["reference_logprobs"]["splits"]["eval"]["computed"] == 1, "evaluating: every eval row"
     for ours, shorter in zip(whole_steps, first_steps):
         assert reference_means(ours) == pytest.approx(reference_means(shorter), **TOLERANCE)
         assert ours["loss"] == pytest.approx(shorter["loss"], **TOLERANCE)
@@ -209,18 +210,19 @@ def test_vlmjobs_memory_shows_the_saving_and_suggests_the_cache_where_it_makes_f
 
 @pytest.mark.slow
 def test_a_beta_sweep_in_another_run_reuses_them_and_another_sft_model_or_data_does_not(sft_run, tmp_path, monkeypatch):
-    first, _ = run_dpo(copy_run(sft_run, tmp_path, "first", args={"max_steps": 1}))
+    one_step = {"max_steps": 1, "eval_strategy": "steps", "eval_steps": 1}  # evaluating: the eval rows are scored too
+    first, _ = run_dpo(copy_run(sft_run, tmp_path, "first", args=one_step))
     assert first["reference_logprobs"]["splits"]["train"]["computed"] == 1
     store = Path(first["reference_logprobs"]["store"])
     assert store == tmp_path / ".cache" / "reference_logprobs", "beside the run folders, shared by the runs of a root"
 
     with monkeypatch.context() as patched:
         no_recomputation(patched)
-        swept, _ = run_dpo(copy_run(sft_run, tmp_path, "sweep", args={"max_steps": 1, "beta": 0.5}))
+        swept, _ = run_dpo(copy_run(sft_run, tmp_path, "sweep", args={**one_step, "beta": 0.5}))
     assert swept["reference_logprobs"]["splits"] == {split: {**entry, "computed": 0, "read": entry["computed"]}
                                                      for split, entry in first["reference_logprobs"]["splits"].items()}
 
-    other_sft = copy_run(sft_run, tmp_path, "other-sft", args={"max_steps": 1})
+    other_sft = copy_run(sft_run, tmp_path, "other-sft", args=one_step)
     adapter = tmp_path / "other-sft" / "sft" / "model" / "adapter_model.safetensors"
     from safetensors.torch import load_file, save_file
 
@@ -230,7 +232,7 @@ def test_a_beta_sweep_in_another_run_reuses_them_and_another_sft_model_or_data_d
     assert retrained["reference_logprobs"]["splits"]["train"]["computed"] == 1
     assert retrained["reference_logprobs"]["fingerprint"] != first["reference_logprobs"]["fingerprint"]
 
-    other_data = copy_run(sft_run, tmp_path, "other-data", args={"max_steps": 1})
+    other_data = copy_run(sft_run, tmp_path, "other-data", args=one_step)
     recipe = recipes.load(other_data)
     from datasets import load_from_disk
 
