@@ -102,7 +102,7 @@ SMOLVLM_SFT = Checkpoint(**{**SMOLVLM.__dict__, "recipe": "recipes/smolvlm-chart
 
 # Image sizes like the data sets' (width, height), in turn: RLAIF-V's photos (COCO-like, mostly 640 on the long side)
 # and ChartQA's charts (a few hundred to 1,200 pixels wide), so that a processor gives its real image-token counts
-# (Qwen2-VL: 165 to 1,280 tokens for these charts) and a vision tower sees its real patches
+# (Qwen2-VL: 165 to 1,230 tokens for these charts) and a vision tower sees its real patches
 RLAIF_V_SIZES = [(640, 480), (500, 375), (427, 640), (640, 360), (448, 448), (612, 612), (375, 500), (640, 426)]
 CHARTQA_SIZES = [(800, 557), (850, 600), (310, 420), (1000, 800), (640, 480), (420, 320), (1200, 900), (760, 500)]
 

@@ -112,5 +112,6 @@ def _run(main: Callable, imports: tuple[str, ...] = ()) -> None:
                 "gradient_accumulation_steps, or turn on activation_checkpointing",
                 file=sys.stderr,
             )
+            leave_process_group()
             sys.exit(EXIT_USER_ERROR)
         raise  # a traceback and exit code 1: worth a retry

@@ -163,21 +163,18 @@ def with_image_budget(model_dir: Path, tokens: int) -> Path:
     return model_dir
 
 
-def geometry_note(model_dir: Path, data_dir: Path, sizes: list[tuple[int, int]]) -> str:
-    """What a narrowed model keeps and what it does not, for the table's title."""
+def geometry_note(model_dir: Path, sizes: list[tuple[int, int]]) -> str:
+    """What a narrowed model keeps and what it does not, for the table's title; the image tokens counted by its
+    processor on images of ``sizes``."""
+    from PIL import Image
     from transformers import AutoConfig, AutoProcessor
 
     from jobs.checkpoints import head_share
 
     config, processor = AutoConfig.from_pretrained(model_dir), AutoProcessor.from_pretrained(model_dir)
-    merge = processor.image_processor.patch_size * processor.image_processor.merge_size
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    tokens = []
-    for width, height in sizes:
-        h, w = smart_resize(height, width, factor=merge, min_pixels=processor.image_processor.min_pixels,
-                            max_pixels=processor.image_processor.max_pixels)
-        tokens.append(h * w // merge**2)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    tokens = [int((processor(text="<|vision_start|><|image_pad|><|vision_end|>", images=[Image.new("RGB", size)],
+                             return_tensors="pt")["input_ids"] == pad).sum()) for size in sizes]
     text = config.get_text_config()
     return (f"{text.num_hidden_layers} layers {text.hidden_size} wide, vocabulary {text.vocab_size:,}; the vocabulary "
             f"projection {head_share(config):.0%} of a token's work; {min(tokens)}-{max(tokens)} image tokens an image")
@@ -223,7 +220,7 @@ def main() -> None:
                       for split, rows, seed in (("train", 400, 0), ("val", 40, 1), ("test", 40, 2))}
             synthetic.write_splits("chartqa", data_dir, splits)
         images = f"charts {'of one size, ' + 'x'.join(map(str, sizes[0])) if options.one_size else 'at ChartQA sizes'}"
-        model = f"{checkpoints.QWEN2_VL_7B.name} narrowed ({geometry_note(model_dir, data_dir, sizes)})"
+        model = f"{checkpoints.QWEN2_VL_7B.name} narrowed ({geometry_note(model_dir, sizes)})"
     else:
         sides = tuple(int(s) for s in options.image_sides.split(","))
         model_dir = work / f"tiny-qwen2_vl-{options.max_image_tokens}"
@@ -241,6 +238,8 @@ def main() -> None:
         "vlmjobs run (prepare + sft, padded, group_by_length)":
             lambda i: vlmjobs_run(work, model_dir, data_dir, options, env, i, False, grouped=True),
     }
+    if options.one_size:  # rows of one image size are all about as long: nothing to group
+        del arms["vlmjobs run (prepare + sft, padded, group_by_length)"]
     results: dict[str, list[dict]] = {name: [] for name in arms}
     names = list(arms)
     for i in range(options.repeats):
