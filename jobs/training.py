@@ -46,6 +46,10 @@ METRICS_FILE = "metrics.jsonl"
 # processes); the final model is gathered whole by ``save``. Under recipe args.fsdp_config.
 FSDP_DEFAULTS = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "SHARDED_STATE_DICT"}
 TENSORBOARD_FOLDER = "tensorboard"
+# transformers 5 renamed these and reads the old names only where the new ones are unset, with a FutureWarning; TRL
+# 1.16's configs still default the old one (True), so every stage's log carried that warning
+RENAMED = (("gradient_checkpointing", "activation_checkpointing"),
+           ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
 
 
 def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype, shards: int = 1,
@@ -60,7 +64,10 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
     # A stage default the config does not have is not the stage's to give (GRPOConfig has no max_length)
     accepted = {f.name for f in dataclasses.fields(config_class)}
     args = {**{k: v for k, v in STAGE_DEFAULTS.items() if k in accepted}, **(defaults or {}), "seed": seed,
-            **auto_batch.without_auto(train.args)}
+            **under_current_names(auto_batch.without_auto(train.args))}
+    if "gradient_checkpointing" in accepted and "activation_checkpointing" not in args:  # TRL's default, by its new name
+        args["activation_checkpointing"] = next(f.default for f in dataclasses.fields(config_class)
+                                                if f.name == "gradient_checkpointing")
     if args.get("eval_strategy") == "steps":
         args.setdefault("eval_steps", args["save_steps"])  # an eval loss beside every checkpoint
     # per_device_train_batch_size or activation_checkpointing auto: where the stage's probe starts (auto_batch.fit)
@@ -84,6 +91,17 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
         raise UserError(f"{config_class.__name__} rejects the recipe's args: {e}") from None
     _check_trackers(config.report_to, where=f"{config_class.__name__.removesuffix('Config').lower()}.args.report_to")
     return config
+
+
+def under_current_names(args: dict) -> dict:
+    """The recipe's args with transformers' old names for recomputation given as the new ones (``RENAMED``), where
+    the recipe does not give both: a recipe's gradient_checkpointing_kwargs was dropped for the stage's default
+    activation_checkpointing_kwargs, which transformers reads first."""
+    renamed = dict(args)
+    for old, new in RENAMED:
+        if old in renamed and new not in renamed:
+            renamed[new] = renamed.pop(old)
+    return renamed
 
 
 def _check_trackers(report_to: list[str], where: str) -> None:

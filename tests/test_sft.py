@@ -111,6 +111,28 @@ def test_sft_evaluates_as_often_as_it_checkpoints_unless_the_recipe_says_otherwi
     assert dpo.eval_strategy == "no" and dpo.report_to == ["tensorboard"]
 
 
+def test_recomputation_is_configured_by_transformers_5s_names_whichever_the_recipe_uses():
+    """TRL's configs default gradient_checkpointing (True), transformers 5's old name, which it warns about in every
+    stage's log; and a recipe's gradient_checkpointing_kwargs was dropped for the stage's own default kwargs, since
+    transformers reads the new name first."""
+    import warnings
+
+    from trl import DPOConfig
+
+    from jobs import training
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        default = sft_config()
+        old_names = sft_config(gradient_checkpointing=False, gradient_checkpointing_kwargs={"use_reentrant": True})
+        dpo = training.trl_config(DPOConfig, recipes.DPO(), output_dir=Path("unused"), seed=0, dtype=None)
+    assert default.activation_checkpointing is True and dpo.activation_checkpointing is True, "TRL's default"
+    assert default.activation_checkpointing_kwargs == {"use_reentrant": False}, "the stage's default"
+    assert old_names.activation_checkpointing is False
+    assert old_names.activation_checkpointing_kwargs == {"use_reentrant": True}, "the recipe's, under its old name"
+    assert sft_config(activation_checkpointing=False).activation_checkpointing is False
+
+
 @pytest.mark.parametrize("report_to, message", [
     ("wandb", "sft.args.report_to: wandb is not installed in this environment (pip install wandb, or remove report_to"),
     (["tensorboard", "tensorbord"], "sft.args.report_to: 'tensorbord' is not a tracker transformers knows"),
