@@ -25,9 +25,9 @@ Two geometries (--geometry):
 - real: Qwen2-VL-7B-Instruct's published config made narrow and shallow only as far as a 2-core CPU needs
   (jobs.checkpoints.narrowed: 2 layers 256 wide, a vision tower of 2 layers and 2 heads), keeping its 152,064-token
   vocabulary, its heads' width and its image processor (patch 14, merge 2, 4 to 1,280 image tokens an image), on
-  charts at ChartQA's sizes (jobs.checkpoints.CHARTQA_SIZES: 165 to 1,280 image tokens), or all of one size
-  (--one-size: 800 x 557, 580 tokens). What stays unlike the checkpoint is said in the table: the vocabulary
-  projection's share of a token's work (94% against 8%) and the tiny tokenizer's pieces per word.
+  charts at ChartQA's sizes (jobs.checkpoints.CHARTQA_SIZES: 165 to 1,230 image tokens), or all of one size
+  (--one-size: 800 x 557, 580 tokens). What stays unlike the checkpoint is said in the table's title: the vocabulary
+  projection's share of a token's work (94% against 8%). The text is the tiny tokenizer's (jobs.checkpoints).
 
     make bench                    # or: python tests/bench/sft_vs_plain.py [--geometry=real] [--steps=10] [--repeats=3]
 """
