@@ -30,6 +30,7 @@ vlmjobs recomputes activations: the part of the gap that is the GPU's memory, no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import os
@@ -328,11 +329,32 @@ def memory_note(name: str, settled: dict) -> str:
             f"{settled['room']:.1f} GB: {'recomputed' if settled['recompute'] else 'not recomputed'}")
 
 
+@contextlib.contextmanager
+def scoring_labelled_positions_only():
+    """TRL's fused LM head counted as it runs on CUDA with Triton: the vocabulary projection over the labelled
+    positions only (the answers), where on a CPU it scores every position (TRL's choice for devices without Triton,
+    made for Neuron's fixed shapes; ``trl.trainer.utils``' ``compact``). Only that choice is switched: the kernels keep
+    their CPU path. A bench's coupling to one name of TRL 1.16, which fails loudly where the name is gone."""
+    import trl.trainer.utils as trl_utils
+
+    if not callable(getattr(trl_utils, "_use_triton", None)):
+        raise SystemExit("flops_table: trl.trainer.utils._use_triton is gone (written for TRL 1.16); which positions "
+                         "TRL's fused head scores on CUDA needs reading again")
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4, help="rows counted per checkpoint (a multiple of the batches)")
     parser.add_argument("--reference-rows", type=int, default=32, help="rows the DPO reference pass is counted on")
     parser.add_argument("--only", default=None, help="one of: " + ", ".join(__import__("jobs.checkpoints").checkpoints.SEEDS))
+    parser.add_argument("--every-position", action="store_true",
+                        help="count TRL's fused LM head as a CPU runs it, over every position (default: as CUDA runs it)")
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -347,6 +369,9 @@ def main() -> None:
              "TFLOP/sample | TRL ÷ ideal | vlmjobs ÷ ideal | vlmjobs ÷ (ideal + recomputation) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     started, notes = time.time(), []
+    counting = contextlib.ExitStack()
+    if not options.every_position:
+        counting.enter_context(scoring_labelled_positions_only())
     for name, (checkpoint, stage) in checkpoints.SEEDS.items():
         if options.only and name != options.only:
             continue
@@ -393,8 +418,10 @@ def main() -> None:
                 f"{v['total'] / (ideal + recompute):.2f} |")
         notes.append(memory_note(name, counted["memory"]))
         print("\n".join(table[-len(epochs):]), flush=True)
+    counting.close()
+    head = "every position (as on a CPU)" if options.every_position else "the labelled positions (as on CUDA)"
     lines = [f"FLOPs per training sample, counted (torch FlopCounterMode, hollow weights), {options.rows} rows per "
-             f"checkpoint, {time.time() - started:.0f} s", "", *table, "", *notes]
+             f"checkpoint, TRL's fused LM head over {head}, {time.time() - started:.0f} s", "", *table, "", *notes]
     print("\n".join(lines))
     (work / "flops.md").write_text("\n".join(lines) + "\n")
     print(f"\n(this table in {work / 'flops.md'})")
