@@ -178,8 +178,9 @@ def narrowed(checkpoint: Checkpoint, *, width: int = 256, layers: int = 2, visio
                       hidden_size=text["hidden_size"])
     else:
         vision_head_dim = vision["hidden_size"] // vision["num_attention_heads"]
+        width_ratio = vision["intermediate_size"] / vision["hidden_size"]
         vision.update(num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
-                      intermediate_size=round(vision["intermediate_size"] / vision["hidden_size"] * vision_heads * vision_head_dim),
+                      intermediate_size=round(width_ratio * vision_heads * vision_head_dim),
                       hidden_size=vision_heads * vision_head_dim)
         if "projection_dim" in vision:
             vision["projection_dim"] = vision["hidden_size"]

@@ -65,7 +65,7 @@ def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype
     accepted = {f.name for f in dataclasses.fields(config_class)}
     args = {**{k: v for k, v in STAGE_DEFAULTS.items() if k in accepted}, **(defaults or {}), "seed": seed,
             **under_current_names(auto_batch.without_auto(train.args))}
-    if "gradient_checkpointing" in accepted and "activation_checkpointing" not in args:  # TRL's default, by its new name
+    if "gradient_checkpointing" in accepted and "activation_checkpointing" not in args:  # TRL's default, new name
         args["activation_checkpointing"] = next(f.default for f in dataclasses.fields(config_class)
                                                 if f.name == "gradient_checkpointing")
     if args.get("eval_strategy") == "steps":
@@ -296,7 +296,7 @@ def stop_if_interrupted(trainer, stage: str) -> None:
             name = signal.Signals(callback.requested).name
             print(f"{stage}: stopped on {name} at step {trainer.state.global_step}; checkpoint saved, running the same "
                   "command again resumes from it", file=sys.stderr, flush=True)
-            trainer.end()  # every process saved at the same step; the group's threads would abort the exit (leave_process_group)
+            trainer.end()  # every process saved at the same step; left, the group aborts the exit (leave_process_group)
             sys.exit(128 + callback.requested)
 
 

@@ -158,7 +158,8 @@ def test_a_run_shorter_than_an_epoch_scores_only_the_rows_its_batches_carry(sft_
     with monkeypatch.context() as patched:
         scored, carried = watch_rows(patched)
         evaluated = {"eval_strategy": "steps", "eval_steps": 5}
-        whole, whole_steps = run_dpo(copy_run(sft_run, tmp_path, "whole-epoch", args={**short, "max_steps": 5, **evaluated}))
+        longer = {**short, "max_steps": 5, **evaluated}
+        whole, whole_steps = run_dpo(copy_run(sft_run, tmp_path, "whole-epoch", args=longer))
     assert len(carried) == 10, "5 steps of 2: every train row"
     assert Counter(scored) == Counter(carried[4:]), "only the rows the short run left, the same 4 first"
     assert whole["reference_logprobs"]["splits"]["train"] | {"file": None} == {"file": None, "computed": 6, "read": 4}

@@ -6,18 +6,19 @@ LoRA all-linear and the adapter switched off as reference; changed only where th
 folder; no bf16 or 32 workers on a CPU; the model class transformers 5 names). vlmjobs runs as a user does,
 ``vlmjobs run`` of prepare + dpo, with its shared-prefix forward (the default) and without (dpo.shared_prefix: false),
 so that what the shared prefix alone gives shows, each as a first run (the store of reference log-probs emptied
-before it: it computes them), and once more as a rerun that reads what the run before stored. Runs alternate, each in a fresh process; the medians of --repeats
-runs are printed: samples/s of the training loop (the trainer's train_samples_per_second) and of the whole process
-(samples / wall time: start-up, load, data, train, save), the ratio to the blog's, peak resident memory, the mean train
-loss and the preference accuracy (rewards/accuracies) over the last quarter of the steps. For vlmjobs also the seconds
-before the launcher starts the first stage and before each stage prints anything (start-up: imports, loading).
+before it: it computes them), and once more as a rerun that reads what the run before stored. Runs alternate, each in
+a fresh process; the medians of --repeats runs are printed: samples/s of the training loop (the trainer's
+train_samples_per_second) and of the whole process (samples / wall time: start-up, load, data, train, save), the
+ratio to the blog's, peak resident memory, the mean train loss and the preference accuracy (rewards/accuracies) over
+the last quarter of the steps. For vlmjobs also the seconds before the launcher starts the first stage and before
+each stage prints anything (start-up: imports, loading).
 
 The data is RLAIF-V-shaped with answers that are sentences of varying length (jobs.synthetic, sentences=True).
 
 Two geometries (--geometry):
 - tiny: jobs.tiny's model (600-token vocabulary, 64 image tokens an image for Idefics2), 32-96 px images;
-- real: idefics2-8b's published config (llava-1.5-7b's with --family llava) made narrow and shallow only as far as a
-  2-core CPU needs (jobs.checkpoints.narrowed: 2 layers 256 wide, a vision tower of 2 layers and 2 heads), keeping its
+- real: idefics2-8b's published config (the blog's checkpoint) made narrow and shallow only as far as a 2-core CPU
+  needs (jobs.checkpoints.narrowed: 2 layers 256 wide, a vision tower of 2 layers and 2 heads), keeping its
   32,003-token vocabulary, its heads' width and its image geometry (64 image tokens an image; the vision tower sees
   every 14 px patch of images at RLAIF-V's sizes, 375-640 px, halved by the blog's thumbnail), 12 steps of 8 pairs
   (96 of the 360 training rows: a run shorter than an epoch). What stays unlike the checkpoint is said in the table:
@@ -178,7 +179,9 @@ def main() -> None:
 
     rows = synthetic.rlaif_v_rows(options.rows, sentences=True, chart_share=0)
     if options.geometry == "real":
-        checkpoint = {"idefics2": checkpoints.IDEFICS2_8B, "llava": checkpoints.LLAVA_15_7B}[options.family]
+        if options.family != "idefics2":
+            raise SystemExit("--geometry real: the blog's script trains idefics2-8b (--family idefics2)")
+        checkpoint = checkpoints.IDEFICS2_8B
         model_dir, data_dir = work / f"narrowed-{options.family}", work / "rlaif-v-sentences-real-sizes"
         if not model_dir.is_dir():
             checkpoints.save_narrowed(checkpoint, model_dir)

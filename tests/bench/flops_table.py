@@ -17,12 +17,14 @@ on the same rows:
   evaluations the recipe's own schedule asks for (none where it names none), one row a batch.
 
 The rows are RLAIF-V-like pairs with sentence answers and ChartQA-like charts, images at sizes like the data sets'
-(jobs.checkpoints: RLAIF_V_SIZES, CHARTQA_SIZES), so each checkpoint's processor gives its real image-token counts; the text is rendered by
-the tiny model's tokenizer (jobs.checkpoints says why). A phase's FLOPs per row are counted on --rows rows and scaled
-to an epoch of the recipe's data (Checkpoint.rows, its effective batch and eval schedule), per training sample. The DPO
-reference pass is counted on --reference-rows rows (32), since it batches a whole split shortest first (8 pairs a
-batch) and a handful of rows cannot show that. The last column divides by the ideal plus one forward per row where
-vlmjobs recomputes activations: the part of the gap that is the GPU's memory, not the code.
+(jobs.checkpoints: RLAIF_V_SIZES, CHARTQA_SIZES), so each checkpoint's processor gives its real image-token counts;
+the text is rendered by the tiny model's tokenizer (jobs.checkpoints says why). A phase's FLOPs per row are counted on
+--rows rows and scaled to an epoch of the recipe's data (Checkpoint.rows, its effective batch and eval schedule), per
+training sample. TRL's fused LM head is counted as CUDA runs it, over the labelled positions only
+(``scoring_labelled_positions_only``; --every-position counts it as a CPU runs it). The DPO reference pass is counted
+on --reference-rows rows (32), since it batches a whole split shortest first (8 pairs a batch) and a handful of rows
+cannot show that. The last column divides by the ideal plus one forward per row where vlmjobs recomputes activations:
+the part of the gap that is the GPU's memory, not the code.
 
     python tests/bench/flops_table.py [--rows 4] [--reference-rows 32] [--only "SmolVLM DPO"]
 """
@@ -54,7 +56,8 @@ def dpo_rows(n: int, thumbnail: int | None):
 
     rows = []
     for i, row in enumerate(synthetic.rlaif_v_rows(n, seed=7, sentences=True, chart_share=0)):
-        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(RLAIF_V_SIZES[i % len(RLAIF_V_SIZES)])
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        image = image.resize(RLAIF_V_SIZES[i % len(RLAIF_V_SIZES)])
         if thumbnail:
             image.thumbnail((thumbnail, thumbnail))
         rows.append({
@@ -75,7 +78,8 @@ def sft_rows(n: int, system_prompt: str | None):
 
     rows = []
     for i, row in enumerate(synthetic.chartqa_rows(n, seed=7)):
-        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(CHARTQA_SIZES[i % len(CHARTQA_SIZES)])
+        image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+        image = image.resize(CHARTQA_SIZES[i % len(CHARTQA_SIZES)])
         rows.append({**formats.chartqa(row, system_prompt), "images": [image]})
     return Dataset.from_list(rows)
 
@@ -354,7 +358,7 @@ def main() -> None:
     parser.add_argument("--reference-rows", type=int, default=32, help="rows the DPO reference pass is counted on")
     parser.add_argument("--only", default=None, help="one of: " + ", ".join(__import__("jobs.checkpoints").checkpoints.SEEDS))
     parser.add_argument("--every-position", action="store_true",
-                        help="count TRL's fused LM head as a CPU runs it, over every position (default: as CUDA runs it)")
+                        help="count TRL's fused LM head as a CPU runs it, over every position (default: as CUDA does)")
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
