@@ -47,17 +47,22 @@ def vlmjobs(*argv: str, site=None):
                           timeout=900)
 
 
-def both_runs(folder, model, sources, family: str, sft: dict, dpo: dict, stages: list[str]):
-    """The same recipe run by one process (in-process, a batch of 4) and sharded over two (a batch of 2 each)."""
+def both_runs(folder, model, sources, family: str, sft: dict, dpo: dict, stages: list[str],
+              dpo_args: dict | None = None):
+    """The same recipe run by one process (in-process, a batch of 4) and sharded over two (a batch of 2 each);
+    ``dpo_args`` added to both DPO's args."""
     lora = {"r": 4, "lora_alpha": 8}
+    dpo_args = dpo_args or {}
     # 10 rows: DPO keeps 8 for training (one each held out), so both steps take 4 whole rows. With 6, step 2 has 2
     # left, which one process takes as its batch and two processes fill to 2 each from the start (accelerate's
     # even_batches), and the comparison would be between different rows.
     common = {"family": family, "stages": stages, "prepare": {"max_rows": 10}}
-    one = recipe_file(folder, model, sources, name="one", **{**common, "sft": {**sft, "lora": lora, "args": args(4)},
-                                                             "dpo": {**dpo, "lora": lora, "args": args(4)}})
-    two = recipe_file(folder, model, sources, name="two", **{**common, "sft": {**sft, "lora": lora, "args": args(2)},
-                                                             "dpo": {**dpo, "lora": lora, "args": args(2)}}, **SHARDED)
+    def stages_with_batch(batch: int) -> dict:
+        return {"sft": {**sft, "lora": lora, "args": args(batch)},
+                "dpo": {**dpo, "lora": lora, "args": {**args(batch), **dpo_args}}}
+
+    one = recipe_file(folder, model, sources, name="one", **common, **stages_with_batch(4))
+    two = recipe_file(folder, model, sources, name="two", **common, **stages_with_batch(2), **SHARDED)
     run_stages(one, *[s for s in stages if s != "merge_push"])
     # The one process's cached reference log-probs set aside, so that the sharded run computes its own
     store = reference_logprobs.store_for(recipes.load(one).run_dir)
@@ -251,11 +256,12 @@ def test_fsdp_sharded_checkpoint_resumes_on_another_number_of_processes(llava, t
 @pytest.fixture(scope="module")
 def qwen2_vl(tmp_path_factory, tiny_model, synthetic_data):
     """Qwen2-VL: LoRA SFT, then full DPO from its merged weights, the reference's log-probs cached (computed by the
-    sharded policy when training starts); one process and two."""
+    sharded policy when training starts), evaluated at its last step (so that the eval rows are scored too); one
+    process and two."""
     folder = tmp_path_factory.mktemp("fsdp-qwen2-vl")
     sources = {kind: synthetic_data(kind) for kind in ("chartqa", "rlaif-v")}
     one, two, out = both_runs(folder, tiny_model("qwen2_vl"), sources, "qwen2_vl", {"method": "lora"}, {"method": "full"},
-                              ["prepare", "sft", "dpo"])
+                              ["prepare", "sft", "dpo"], dpo_args={"eval_strategy": "steps", "eval_steps": STEPS})
     return {"one": one, "two": two, "stdout": out, "folder": folder}
 
 
@@ -282,7 +288,10 @@ def test_fsdp_qwen2_vl_full_dpo_caches_the_reference_computed_by_the_sharded_pol
     assert "rows computed by the sharded model" in qwen2_vl["stdout"]
     store = reference_logprobs.store_for(qwen2_vl["two"])
     sharded, one = by_split(store), by_split(store.with_name("one-process"))
-    assert sharded.keys() == one.keys() == {"train", "eval"}
+    assert sharded.keys() == one.keys() == {"train", "eval"}, "evaluating: the eval rows scored too"
+    assert len(losses(qwen2_vl["two"] / "dpo", "eval_loss")) == 1
+    assert losses(qwen2_vl["one"] / "dpo", "eval_loss") == pytest.approx(losses(qwen2_vl["two"] / "dpo", "eval_loss"),
+                                                                         rel=TOLERANCE, abs=TOLERANCE)
     for split, logps in sharded.items():
         for key, value in logps.items():
             assert torch.allclose(value, one[split][key], atol=1e-4, rtol=0), f"{split} {key}: {(value - one[split][key]).abs().max()}"
