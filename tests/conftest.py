@@ -50,6 +50,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **extra}
 
 
+def with_sitecustomize(env: dict[str, str], folder: Path, source: str) -> dict[str, str]:
+    """``env`` with ``folder`` first on its import path, ``source`` written there as the sitecustomize module that
+    Python imports as each process starts (how a test reaches into a stage run as its own process)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(source)
+    return {**env, "PYTHONPATH": os.pathsep.join([str(folder), env["PYTHONPATH"]])}
+
+
 def tiny_cache() -> Path:
     """Where the tests' tiny models are kept between sessions: $VLMJOBS_TINY_CACHE, else ~/.cache/vlmjobs/tiny."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from jobs import contract, reference_logprobs
 from jobs import recipe as recipes
-from tests.conftest import recipe_file, run_stages, subprocess_env
+from tests.conftest import recipe_file, run_stages, subprocess_env, with_sitecustomize
 
 # fp32 on one CPU: the two runs differ only in the order of the sums (a gradient reduced over two processes, a loss
 # averaged over their tokens), a few float32 roundings apart
@@ -38,11 +39,11 @@ def args(batch: int) -> dict:
             "learning_rate": LEARNING_RATE}
 
 
-def vlmjobs(*argv: str, site=None):
-    """``vlmjobs`` as a user runs it; ``site``: a folder first on its processes' import path (a sitecustomize)."""
+def vlmjobs(*argv: str, sitecustomize: tuple[Path, str] | None = None):
+    """``vlmjobs`` as a user runs it; ``sitecustomize``: (folder, source) that its processes import as they start."""
     env = subprocess_env(CUDA_VISIBLE_DEVICES="")
-    if site:
-        env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    if sitecustomize:
+        env = with_sitecustomize(env, *sitecustomize)
     return subprocess.run([sys.executable, "-m", "launcher.cli", *argv], env=env, capture_output=True, text=True,
                           timeout=900)
 
@@ -418,10 +419,7 @@ def test_fsdp_grpo_matches_one_process(case, tmp_path, tiny_model, synthetic_dat
         run_stages(one)
     finally:
         undo()
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(grpo_sampling.SITECUSTOMIZE)
-    sharded = vlmjobs("run", str(two), site=site)
+    sharded = vlmjobs("run", str(two), sitecustomize=(tmp_path / "site", grpo_sampling.SITECUSTOMIZE))
     assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-5000:]
     assert "processes 2, effective batch" in sharded.stdout and "generation batch 12" in sharded.stdout
 

@@ -10,7 +10,6 @@ an exit handler each process runs last (``exit_records``)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 from jobs import contract
 from jobs import recipe as recipes
-from tests.conftest import recipe_file, run_stages, subprocess_env
+from tests.conftest import recipe_file, run_stages, subprocess_env, with_sitecustomize
 
 EXIT_RECORDER = """
 import atexit, os, sys
@@ -41,12 +40,10 @@ atexit.register(record)
 def exit_records(tmp_path):
     """(environment, read): processes started with the environment write, as they exit, whether they were still in
     torch.distributed's group; read() gives {rank file: that}. A sitecustomize module, which Python imports at start."""
-    site, records = tmp_path / "exit-recorder", tmp_path / "exit-records"
-    site.mkdir()
+    records = tmp_path / "exit-records"
     records.mkdir()
-    (site / "sitecustomize.py").write_text(EXIT_RECORDER)
-    env = subprocess_env(VLMJOBS_TEST_EXIT_RECORDS=str(records))
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    env = with_sitecustomize(subprocess_env(VLMJOBS_TEST_EXIT_RECORDS=str(records)), tmp_path / "exit-recorder",
+                             EXIT_RECORDER)
     return env, lambda: {p.name: p.read_text() for p in sorted(records.iterdir())}
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.recipe import STAGES
 from launcher.cli import COMMANDS
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, subprocess_env, with_sitecustomize
 
 # Any socket connection in the command's process fails it: help must not reach a cluster or the hub.
 NO_NETWORK = """
@@ -24,11 +24,9 @@ socket.getaddrinfo = _refuse
 
 
 def help_of(argv: list[str], cwd):
-    site = cwd / "_site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(NO_NETWORK)
-    env = subprocess_env(PAGER="false", KUBECONFIG=str(cwd / "no-kubeconfig"), HF_ENDPOINT="http://127.0.0.1:9")
-    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    env = with_sitecustomize(
+        subprocess_env(PAGER="false", KUBECONFIG=str(cwd / "no-kubeconfig"), HF_ENDPOINT="http://127.0.0.1:9"),
+        cwd / "_site", NO_NETWORK)
     before = sorted(p.name for p in cwd.iterdir())
     done = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert sorted(p.name for p in cwd.iterdir()) == before, f"{argv} wrote files"
