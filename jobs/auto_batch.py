@@ -294,9 +294,11 @@ def _device_name() -> str:
 def longest_rows(trainer, count: int) -> tuple[list[int], list[int]]:
     """The indices of the ``count`` training rows the trainer's collator makes the most tokens of, longest first (the
     batch that needs the most memory), and their token counts. Counted once for every row, unless the stage has
-    already counted them for transformers' length grouping (packing.with_lengths, the same count)."""
-    rows, column = trainer.train_dataset, trainer.args.length_column_name
-    lengths = rows[column] if column in rows.column_names else packing.token_counts(trainer.data_collator, rows)
+    already counted them for transformers' length grouping (packing.with_lengths, the same count, under its own column
+    where the length column holds a place by image size)."""
+    rows = trainer.train_dataset
+    column = next((c for c in (packing.TOKENS, trainer.args.length_column_name) if c in rows.column_names), None)
+    lengths = rows[column] if column else packing.token_counts(trainer.data_collator, rows)
     longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:count]
     return longest, [lengths[i] for i in longest]
 

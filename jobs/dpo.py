@@ -37,7 +37,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     from datasets import load_from_disk
     from trl import DPOConfig, DPOTrainer
 
-    from jobs import auto_batch, modeling, reference_logprobs, shared_prefix, training
+    from jobs import auto_batch, modeling, packing, reference_logprobs, shared_prefix, training
     from jobs.families import get_family
 
     family = get_family(cfg.model.family)
@@ -70,6 +70,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     with training.sharding(args, model):
         trainer = reference_logprobs.building_without_reference_model(build) if cached else build()
     trainer.data_collator = family.collator(trainer.data_collator, processor)
+    # train_sampling_strategy: group_by_length; before the reference pass, which batches its rows the same way
+    grouped = packing.with_lengths(trainer, "dpo", by_image_size=family.pads_images_to_batch)
     with reference_logprobs.as_if_cached(trainer) if cached else contextlib.nullcontext():
         # per_device_train_batch_size: auto; before start prints the batch
         batch = auto_batch.fit(stage, trainer, cfg.dpo, model=cfg.model, precision=precision)
@@ -79,7 +81,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         "dpo", trainer, work=stage.work, train_rows=len(train),
         extra={"method": cfg.dpo.method, "starting from": start, "beta": args.beta, "loss": args.loss_type,
                "reference copy": reference_copy, "reference log-probs": "cached" if cached else "recomputed",
-               "sharded over": shards,
+               "sharded over": shards, "batched by length": grouped,
                "prompt encoded": "once per pair (shared prefix)" if packed else "twice per pair (dpo.shared_prefix off)"},
     )
     with auto_batch.out_of_memory_in_training("dpo", batch):

@@ -82,6 +82,10 @@ class Family:
     packing_unsupported: str | None = None  # why SFT cannot join this family's rows into one sequence (jobs.packing)
     shared_prefix_unsupported: str | None = None  # why DPO cannot score a pair's answers off one prompt (jobs.shared_prefix)
     multi_turn_unsupported: str | None = None  # why a conversation with earlier answers cannot be trained on (jobs.turns)
+    # The processor pads a batch's images to its largest height and width, and the vision tower computes over every
+    # patch of the padding (Idefics2: pixel_attention_mask masks it in attention only): batched by image size, rows
+    # pad none (jobs.packing.with_lengths)
+    pads_images_to_batch: bool = False
     takes_video: bool = False  # video rows (format video-messages) are trained on; for the others they are drops
     # The processor renders a conversation holding a video with transformers' own template, whatever its own
     # (SmolVLMProcessor.apply_chat_template: SmolVLM2's template has no video branch); the stages render it so too
@@ -267,6 +271,7 @@ FAMILIES: dict[str, Family] = {
             image_bound="longest_edge",
             # as the blog loads it: an image is 64 tokens, not 5 x 64 (four crops and the whole image)
             processor_kwargs={"do_image_splitting": False},
+            pads_images_to_batch=True,
             end_of_turn="<end_of_utterance>",
             prepend_bos=True,  # its Mistral (Llama) tokenizer adds <s> (add_bos_token); the template has none
             hub_ids=("HuggingFaceM4/idefics2-8b",),

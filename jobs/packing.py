@@ -182,29 +182,80 @@ def token_counts(collator, rows) -> list[int]:
 
 
 GROUPING = ("group_by_length", "batch_rebalance")  # transformers' samplers that read each row's length
+TOKENS = "tokens_per_row"  # each row's token count, where the length column holds its place by image size instead
 
 
-def with_lengths(trainer) -> bool:
+def with_lengths(trainer, stage: str, *, by_image_size: bool = False) -> bool:
     """Let transformers' ``train_sampling_strategy: group_by_length`` (or ``batch_rebalance``) batch rows of like
     length together, so that a padded batch pads little. Its sampler reads each row's length from
     ``length_column_name``, else from the rows' input_ids, which vision rows do not have. Here each train and eval
     row's length is the number of tokens the trainer's own collator makes of it, image tokens included (Qwen2-VL's
-    grow with the image). Before any padding-free wrap: the padded batch's attention mask counts them. Returns whether
-    the rows are grouped."""
+    grow with the image). Before any padding-free wrap: the padded batch's attention mask counts them.
+
+    ``by_image_size``, for families whose processor pads a batch's images to the largest
+    (``Family.pads_images_to_batch``): group_by_length then sorts by each row's place in the rows ordered by their
+    images' sizes, then by tokens (``batching_keys``), so that a batch's images share one size where the data allow;
+    the token counts stay under ``TOKENS`` for what needs them (auto_batch's longest rows). batch_rebalance balances
+    tokens over the processes: it always reads tokens. Returns whether the rows are grouped."""
     import time
 
     args = trainer.args
     if args.train_sampling_strategy not in GROUPING:
         return False
     column, started = args.length_column_name, time.time()
+    by_image_size = by_image_size and args.train_sampling_strategy == "group_by_length"
     collator = trainer.data_collator
     for split in ("train_dataset", "eval_dataset"):
         rows = getattr(trainer, split)
         if rows is not None and column not in rows.column_names:
-            setattr(trainer, split, rows.add_column(column, token_counts(collator, rows)))
-    trainer.data_collator = WithoutColumns(collator, (column,))  # the sampler's, not the model's
+            setattr(trainer, split, lengths_added(rows, collator, column, by_image_size=by_image_size))
+    trainer.data_collator = WithoutColumns(collator, (column, TOKENS))  # the sampler's, not the model's
     if is_main_process():
-        print(f"sft: rows batched by length ({args.train_sampling_strategy}); lengths of {len(trainer.train_dataset)} "
+        how = "image size, then length" if by_image_size else "length"
+        print(f"{stage}: rows batched by {how} ({args.train_sampling_strategy}); lengths of {len(trainer.train_dataset)} "
               f"rows in {time.time() - started:.1f}s", flush=True)
     return True
+
+
+def lengths_added(rows, collator, column: str, *, by_image_size: bool = False):
+    """``rows`` with the length transformers' length grouping reads under ``column``: the tokens ``collator`` makes of
+    each row, or its place by image size, then tokens, the tokens kept under ``TOKENS`` (see ``with_lengths``)."""
+    tokens = token_counts(collator, rows)
+    if not by_image_size:
+        return rows.add_column(column, tokens)
+    rows = rows.add_column(TOKENS, tokens)
+    return rows.add_column(column, batching_keys(tokens, image_sizes(rows)))
+
+
+def batching_keys(tokens: list[int], sizes: list[tuple]) -> list[int]:
+    """Each row's place in the rows ordered by their images' sizes (``image_sizes``), then by their tokens: the
+    length that transformers' LengthGroupedSampler sorts each megabatch by, so that neighbours share their images'
+    size first and their length next."""
+    order = sorted(range(len(tokens)), key=lambda i: (sizes[i], tokens[i]))
+    places = [0] * len(order)
+    for place, row in enumerate(order):
+        places[row] = place
+    return places
+
+
+def image_sizes(rows, column: str = "images") -> list[tuple[tuple[int, int], ...]]:
+    """Each row's images' (width, height), in order, read from their files' headers, not decoded. Rows of the same
+    sizes come out of any processor in one geometry."""
+    if column not in rows.column_names:
+        return [()] * len(rows)
+    sizes = []
+    for batch in rows.select_columns([column]).with_format("arrow").iter(batch_size=CHUNK):
+        for images in batch.column(column).to_pylist():
+            sizes.append(tuple(_header_size(image) for image in images or []))
+    return sizes
+
+
+def _header_size(image: dict) -> tuple[int, int]:
+    import io
+
+    from PIL import Image
+
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(source) as opened:  # reads the header; the pixels only when asked for
+        return opened.size
 

@@ -9,10 +9,10 @@ stores them as ``<run.root>/.cache/reference_logprobs/<fingerprint>.safetensors`
 process and renamed into place, so that no half-written file ever looks complete.
 
 It scores every eval row where training evaluates (none where eval_strategy is "no"), and the train rows the run
-will draw (issue 24): a run shorter than an epoch (a smoke run,
-a sweep with ``max_steps``) scored every row before, a whole epoch's reference pass up front. The rows are those in
-the batches of the trainer's own train dataloader over the steps the run takes (``rows_drawn``); a file holds every
-row's place and a mask of the rows it holds, so a later, longer run or a second epoch computes only what it lacks.
+will draw (issue 24): a run shorter than an epoch (a smoke run, a sweep with ``max_steps``) scored every row before,
+a whole epoch's reference pass up front. The rows are those in the batches of the trainer's own train dataloader over
+the steps the run takes (``rows_drawn``); a file holds every row's place and a mask of the rows it holds, so a later,
+longer run or a second epoch computes only what it lacks. The pass batches rows of like length (``batching_order``).
 
 The fingerprint is that of what the numbers depend on, and nothing else: the reference's weights as loaded (hashed,
 so a new SFT model, another quantization or dtype misses), the rows as the trainer sees them, and how they are
@@ -317,7 +317,7 @@ def compute(trainer, rows, name: str, collator=None):
     from jobs.progress import Progress
 
     args = trainer.args
-    order = shortest_first(rows)  # batches of like length pad little; the results go back in the rows' order
+    order = batching_order(args, rows)  # batches of like rows pad little; the results go back in the rows' order
     loader = trainer.accelerator.prepare(DataLoader(
         rows.select(order), batch_size=args.precompute_ref_batch_size or args.per_device_eval_batch_size, shuffle=False,
         collate_fn=collator or trainer.data_collator, num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
@@ -343,12 +343,24 @@ def compute(trainer, rows, name: str, collator=None):
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 
 
+def batching_order(args, rows) -> list[int]:
+    """The order the pass batches ``rows`` in: where the stage gave them the lengths transformers' length grouping
+    batches the training by (``jobs.packing.with_lengths``: tokens counted by the collator, or for families that pad
+    a batch's images to the largest, each row's place by image size, then tokens), theirs; else shortest text first."""
+    column = args.length_column_name
+    if args.train_sampling_strategy == "group_by_length" and column in rows.column_names:
+        lengths = rows[column]
+        return sorted(range(len(lengths)), key=lengths.__getitem__)
+    return shortest_first(rows)
+
+
 def shortest_first(rows) -> list[int]:
     """The rows' numbers, shortest text first: the pass's batches of ``precompute_ref_batch_size`` (8 by default) are
     padded to their longest pair, and rows of like length pad little (tests/test_flops.py counts the difference). Text
     only, as the characters of the prompt and both answers: reading the images to count their tokens would cost what
     the pass saves, and rows with one image each (RLAIF-V) differ by their text; images of different sizes still pad
-    (idefics2-8b's pass counts 1.13x the unpadded one in `make bench`). Stable: rows of equal length keep their order."""
+    (idefics2-8b's pass counted 1.13x the unpadded one in `make bench`, without length grouping, which orders them by
+    size: ``batching_order``). Stable: rows of equal length keep their order."""
     import json
 
     columns = [column for column in TEXT_COLUMNS if column in rows.column_names]

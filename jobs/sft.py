@@ -57,7 +57,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     if not family.multi_turn_unsupported:
         trainer.data_collator = turns.EveryAnswer(trainer.data_collator, trainer.processing_class)
     padding_free = packing.enabled(cfg.sft.padding_free, family, upstream.attention_implementation(model.config))
-    grouped = packing.with_lengths(trainer)  # args.train_sampling_strategy: group_by_length, for vision rows
+    grouped = packing.with_lengths(trainer, "sft", by_image_size=family.pads_images_to_batch)  # group_by_length
     if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded
         trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
     # per_device_train_batch_size: auto; before start prints the batch

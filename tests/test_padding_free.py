@@ -176,7 +176,7 @@ def test_group_by_length_batches_vision_rows_of_like_length_counting_their_image
     trainer._train_batch_size = 2  # the Trainer's copy, taken when it was built
     trainer.train_dataset = Dataset.from_list(rows(40))
     alone = [int(trainer.data_collator([row])["input_ids"].shape[-1]) for row in trainer.train_dataset]
-    assert packing.with_lengths(trainer)
+    assert packing.with_lengths(trainer, "sft")
     assert trainer.train_dataset["length"] == alone and len(set(alone)) > 20
 
     def padding() -> int:
