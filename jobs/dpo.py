@@ -95,6 +95,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
         steps=result.global_step,
         method=cfg.dpo.method, starting_from=start, quantized=bool(getattr(model, "is_loaded_in_4bit", False)),
         reference=reference_kind(trainer), reference_logprobs=cache or "recomputed at every step", shared_prefix=packed,
+        grouped_by_length=grouped,
         sharding=training.what_was_sharded(trainer),
     )
 

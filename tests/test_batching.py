@@ -130,5 +130,6 @@ def test_the_stages_batch_idefics2_rows_by_image_size_when_the_recipe_asks_for_l
     args = {"max_steps": 2, "per_device_train_batch_size": 2, "train_sampling_strategy": "group_by_length"}
     recipe = run_stages(write_recipe(family="idefics2", stages=["prepare", stage], prepare={"max_rows": 12},
                                      **{stage: {"method": "lora", "args": args}}))
-    assert contract.read_json(recipe.run_dir / stage / contract.SUCCESS_FILE)["steps"] == 2
+    record = contract.read_json(recipe.run_dir / stage / contract.SUCCESS_FILE)
+    assert record["steps"] == 2 and record["grouped_by_length"] is True
     assert f"{stage}: rows batched by image size, then length (group_by_length)" in capsys.readouterr().out
