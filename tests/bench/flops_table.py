@@ -21,12 +21,13 @@ The rows are RLAIF-V-like pairs with sentence answers and ChartQA-like charts, i
 the text is rendered by the tiny model's tokenizer (jobs.checkpoints says why). A phase's FLOPs per row are counted on
 --rows rows and scaled to an epoch of the recipe's data (Checkpoint.rows, its effective batch and eval schedule), per
 training sample. TRL's fused LM head is counted as CUDA runs it, over the labelled positions only
-(``scoring_labelled_positions_only``; --every-position counts it as a CPU runs it). The DPO reference pass is counted
-on --reference-rows rows (32), since it batches a whole split shortest first (8 pairs a batch) and a handful of rows
-cannot show that. The last column divides by the ideal plus one forward per row where vlmjobs recomputes activations:
-the part of the gap that is the GPU's memory, not the code.
+(``scoring_labelled_positions_only``; --every-position counts it as a CPU runs it). DPO's rows are taken from a pool
+of --pool rows (2,048) as the stage orders an epoch's (``as_the_stage_orders``): the training rows as the recipe's
+sampler draws them, and the reference pass, which sorts a whole split and batches 8 pairs at a time, on
+--reference-rows (64) neighbours in its order. The last column divides by the ideal plus one forward per row where
+vlmjobs recomputes activations: the part of the gap that is the GPU's memory, not the code.
 
-    python tests/bench/flops_table.py [--rows 4] [--reference-rows 32] [--only "SmolVLM DPO"]
+    python tests/bench/flops_table.py [--rows 4] [--reference-rows 64] [--pool 2048] [--only "SmolVLM DPO"]
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ UNCOUNTED: dict[str, str] = {}  # families whose hollow run is not yet hollow th
 
 
 def dpo_rows(n: int, thumbnail: int | None):
-    from datasets import Dataset
+    """RLAIF-V-like pairs with sentence answers, images at RLAIF-V's sizes in turn, built 256 rows at a time (a pool
+    of thousands of decoded images would hold gigabytes)."""
+    from datasets import Dataset, concatenate_datasets
     from PIL import Image
 
     from jobs import synthetic
     from jobs.checkpoints import RLAIF_V_SIZES
 
-    rows = []
+    chunks, rows = [], []
     for i, row in enumerate(synthetic.rlaif_v_rows(n, seed=7, sentences=True, chart_share=0)):
         image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
         image = image.resize(RLAIF_V_SIZES[i % len(RLAIF_V_SIZES)])
@@ -66,7 +69,10 @@ def dpo_rows(n: int, thumbnail: int | None):
             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": row["chosen"]}]}],
             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": row["rejected"]}]}],
         })
-    return Dataset.from_list(rows)
+        if len(rows) == 256 or i == n - 1:
+            chunks.append(Dataset.from_list(rows))
+            rows = []
+    return concatenate_datasets(chunks)
 
 
 def sft_rows(n: int, system_prompt: str | None):
@@ -108,6 +114,8 @@ def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaul
     args.pop("gradient_checkpointing" if "activation_checkpointing" in args else "activation_checkpointing", None)
     if seed_defaults and auto_batch.checkpointing_is_auto(args):
         args["activation_checkpointing"] = True  # the source documents' gradient_checkpointing=True (TRL's default)
+    if seed_defaults:
+        args.pop("train_sampling_strategy", None)  # the source documents' scripts shuffle
     train = dataclasses.replace(train, args=args, effective_batch_size=None)
     defaults = None if seed_defaults or stage == "dpo" else training.SFT_DEFAULTS
     config_class = DPOConfig if stage == "dpo" else SFTConfig
@@ -130,10 +138,11 @@ def schedule(cfg, stage: str, checkpoint, *, seed_defaults: bool) -> dict:
 
 
 def dpo_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
-    """TRL's DPOTrainer (way "trl") or the dpo stage's (jobs/dpo.py: shared prefix, LoRA from the recipe) on the rows."""
+    """TRL's DPOTrainer (way "trl") or the dpo stage's (jobs/dpo.py: shared prefix, LoRA from the recipe, rows given
+    their lengths where the recipe groups them) on the rows."""
     from trl import DPOTrainer
 
-    from jobs import modeling, shared_prefix
+    from jobs import modeling, packing, shared_prefix
 
     trainer_class = DPOTrainer if way == "trl" else shared_prefix.SharedPrefixDPOTrainer
     # TRL's DPOTrainer turns the rows' messages into text itself: the same rows for all
@@ -143,7 +152,58 @@ def dpo_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
         processing_class=family.rendering_processor(processor), peft_config=modeling.lora_config(cfg.dpo, family),
     )
     trainer.data_collator = family.collator(trainer.data_collator, processor)
+    if way != "trl":
+        packing.with_lengths(trainer, "dpo", by_image_size=family.pads_images_to_batch)
     return trainer
+
+
+def grouped(cfg, stage: str) -> bool:
+    return getattr(cfg, stage).args.get("train_sampling_strategy") == "group_by_length"
+
+
+def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_rows: int, work: Path):
+    """(training rows, reference rows) taken from ``pool`` as the dpo stage orders a split, so that a count on a few
+    rows sees the neighbours an epoch's batches hold, not rows of a few drawn at random:
+
+    - training: where the recipe groups rows by length, the ``rows`` rows that transformers' LengthGroupedSampler (over
+      the recipe's micro-batch times accumulation, sorting megabatches of up to 50 such optimizer steps by the stage's
+      lengths: jobs.packing.with_lengths) draws, in its order, from its second optimizer step on (it swaps the pool's
+      longest row into the first batch, once an epoch); else the pool's first rows, which are in no order;
+    - reference: ``reference_rows`` consecutive rows from the middle of the order the reference pass batches a split in
+      (jobs.reference_logprobs.batching_order: shortest text first, or the stage's lengths where it groups).
+
+    A pool of 2,048 rows holds each of RLAIF_V_SIZES 256 times; for idefics2-8b's 64-row steps the sampler's
+    megabatches are of 8 steps, 512 rows: a data set whose images come in a few sizes (where they come in many, more
+    batches mix sizes; the count says how many do here)."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from jobs import checkpoints, flops, packing, reference_logprobs
+    from jobs.families import get_family
+
+    family = get_family(checkpoint.family)
+    processor = checkpoints.processor(checkpoint)
+    config = checkpoints.config(checkpoint, processor.tokenizer)
+    with flops.hollow() as mode:
+        model = flops.hollow_model(family.model_class, config, mode)
+        args = args_for(cfg, "dpo", work, batch=1, steps=1, seed_defaults=False)
+        trainer = dpo_trainer("vlmjobs", cfg, family, model, processor, pool, None, args)
+    order = reference_logprobs.batching_order(args, trainer.train_dataset)
+    middle = (len(order) - reference_rows) // 2
+    scored = pool.select(order[middle:middle + reference_rows])
+    if not grouped(cfg, "dpo"):
+        return pool.select(range(rows)), scored
+    train = cfg.dpo.args
+    per_step = train.get("per_device_train_batch_size", 8) * train.get("gradient_accumulation_steps", 1)
+    sampler = LengthGroupedSampler(per_step, lengths=trainer.train_dataset[args.length_column_name],
+                                   generator=torch.Generator().manual_seed(0))
+    drawn, micro = list(sampler), train.get("per_device_train_batch_size", 8)
+    sizes = packing.image_sizes(trainer.train_dataset)
+    mixed = sum(len({sizes[i] for i in drawn[at:at + micro]}) > 1 for at in range(0, len(drawn), micro))
+    drawn = drawn[per_step:per_step + rows]
+    print(f"  {name}: drawn by length grouping: {mixed} of the pool's {len(sizes) // micro} batches of {micro} mix image "
+          f"sizes; counted: rows of images {[sizes[i][0] for i in drawn]}", flush=True)
+    return pool.select(drawn), scored
 
 
 def sft_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
@@ -165,7 +225,7 @@ def sft_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
         trainer.data_collator = family.collator(trainer.data_collator, processor)
         if not family.multi_turn_unsupported:
             trainer.data_collator = turns.EveryAnswer(trainer.data_collator, trainer.processing_class)
-        packing.with_lengths(trainer)
+        packing.with_lengths(trainer, "sft", by_image_size=family.pads_images_to_batch)
         attention = upstream_attention(model)
         if packing.enabled(True if way == "padding-free" else cfg.sft.padding_free, family, attention):
             trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
@@ -220,12 +280,15 @@ def steps_of(name: str, rows, batch: int) -> int:
 
 
 def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows) -> dict:
-    from jobs import checkpoints, flops, reference_logprobs
+    """Each way's FLOPs per row by phase: training and evaluation counted on ``rows`` and ``eval_rows``, the reference
+    pass on ``reference_rows`` (``as_the_stage_orders``)."""
+    from jobs import checkpoints, flops, packing, reference_logprobs
     from jobs.families import get_family
 
     family = get_family(checkpoint.family)
     processor = checkpoints.processor(checkpoint)
     config = checkpoints.config(checkpoint, processor.tokenizer)
+    reference_rows = family.close_answers(reference_rows, processor)
     out = {}
     for way in ("trl", "vlmjobs", "ideal"):
         seed = way == "trl"
@@ -240,8 +303,14 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
                 with reference_logprobs.as_if_cached(trainer):
                     out["memory"] = recomputes(trainer, cfg, "dpo", config, batch, work / way)
             if not seed:  # the reference's log-probs computed once, then read from the batches
-                phases["reference"] = flops.count_reference(trainer, family.close_answers(reference_rows, processor))
+                scored = reference_rows
+                if grouped(cfg, "dpo"):  # batched in the order of the lengths the stage gives the rows
+                    scored = packing.lengths_added(scored, trainer.data_collator, args.length_column_name,
+                                                   by_image_size=family.pads_images_to_batch)
+                phases["reference"] = flops.count_reference(trainer, scored)
                 reference_logprobs.read_from_batches(trainer)
+                if grouped(cfg, "dpo"):
+                    trainer.args.train_sampling_strategy = "sequential"  # the rows, batched as the sampler drew them
                 for split in ("train_dataset", "eval_dataset"):
                     data = getattr(trainer, split)
                     zeros = [0.0] * len(data)
@@ -355,7 +424,9 @@ def scoring_labelled_positions_only():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4, help="rows counted per checkpoint (a multiple of the batches)")
-    parser.add_argument("--reference-rows", type=int, default=32, help="rows the DPO reference pass is counted on")
+    parser.add_argument("--reference-rows", type=int, default=64, help="rows the DPO reference pass is counted on")
+    parser.add_argument("--pool", type=int, default=2048,
+                        help="DPO rows the counted ones are taken from, as the stage orders them")
     parser.add_argument("--only", default=None, help="one of: " + ", ".join(__import__("jobs.checkpoints").checkpoints.SEEDS))
     parser.add_argument("--every-position", action="store_true",
                         help="count TRL's fused LM head as a CPU runs it, over every position (default: as CUDA does)")
@@ -386,12 +457,12 @@ def main() -> None:
         train = getattr(cfg, stage)
         if stage == "dpo":
             thumbnail = 490 if checkpoint.family == "idefics2" else None  # prepare.image_scale 0.5, the blog's thumbnail
-            rows, eval_rows = dpo_rows(options.rows, thumbnail), dpo_rows(max(2, options.rows // 4), thumbnail)
-            # the reference pass takes the split shortest first in batches of 8 (jobs.reference_logprobs): counted on
-            # more rows than training, so that its batches can be of like length as an epoch's are
-            reference_rows = dpo_rows(max(options.reference_rows, options.rows), thumbnail)
-            counted = count_dpo(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"), reference_rows)
-            counted["ideal"]["reference"] = ideal_reference(name, checkpoint, cfg, reference_rows, work / name.replace(" ", "-"))
+            pool, folder = dpo_rows(options.pool, thumbnail), work / name.replace(" ", "-")
+            rows, reference_rows = as_the_stage_orders(name, checkpoint, cfg, pool, rows=options.rows,
+                                                       reference_rows=options.reference_rows, work=folder / "order")
+            eval_rows = dpo_rows(max(2, options.rows // 4), thumbnail)
+            counted = count_dpo(name, checkpoint, cfg, rows, eval_rows, folder, reference_rows)
+            counted["ideal"]["reference"] = ideal_reference(name, checkpoint, cfg, reference_rows, folder)
             counted["ideal"]["recompute"] = counted["ideal"]["reference"]
         else:
             system = cfg.data.sft.system_prompt
