@@ -196,7 +196,8 @@ def with_lengths(trainer, stage: str, *, by_image_size: bool = False) -> bool:
     (``Family.pads_images_to_batch``): group_by_length then sorts by each row's place in the rows ordered by their
     images' sizes, then by tokens (``batching_keys``), so that a batch's images share one size where the data allow;
     the token counts stay under ``TOKENS`` for what needs them (auto_batch's longest rows). batch_rebalance balances
-    tokens over the processes: it always reads tokens. Returns whether the rows are grouped."""
+    tokens over the processes: it always reads tokens. group_by_length's sampler is seeded by the run's seed and the
+    epoch (``upstream.seeded_length_grouping``). Returns whether the rows are grouped."""
     import time
 
     args = trainer.args
@@ -210,6 +211,10 @@ def with_lengths(trainer, stage: str, *, by_image_size: bool = False) -> bool:
         if rows is not None and column not in rows.column_names:
             setattr(trainer, split, lengths_added(rows, collator, column, by_image_size=by_image_size))
     trainer.data_collator = WithoutColumns(collator, (column, TOKENS))  # the sampler's, not the model's
+    if args.train_sampling_strategy == "group_by_length":  # each epoch's order from the seed: a resumed run's the same
+        from jobs import upstream
+
+        upstream.seeded_length_grouping(trainer)
     if is_main_process():
         how = "image size, then length" if by_image_size else "length"
         print(f"{stage}: rows batched by {how} ({args.train_sampling_strategy}); lengths of {len(trainer.train_dataset)} "

@@ -163,7 +163,7 @@ def rows_drawn(trainer) -> list[int] | None:
     loader = trainer.get_train_dataloader()
     per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)  # as transformers counts them
     steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
-    if steps >= per_epoch or not drawn_alike(args):
+    if steps >= per_epoch or not drawn_alike(trainer):
         return None
     done = 0 if args.ignore_data_skip else resumed_step(trainer)
     batches = itertools.islice(loader.batch_sampler, done * args.gradient_accumulation_steps,
@@ -175,11 +175,15 @@ def rows_drawn(trainer) -> list[int] | None:
     return drawn
 
 
-def drawn_alike(args) -> bool:
+def drawn_alike(trainer) -> bool:
     """Whether a train dataloader built before ``train()`` draws the rows that ``train()``'s own will: its order is
-    seeded (accelerate's seedable sampler, transformers' default, from the seed ``set_seed`` gave) or none. The
-    length-grouped sampler shuffles from the RNG's state when iterated, and the rebalancing one is not ours to vouch
-    for: those runs score every row, as before."""
+    seeded (accelerate's seedable sampler, transformers' default, from the seed ``set_seed`` gave; the length-grouped
+    sampler as the stages seed it, ``jobs.packing.with_lengths``) or none. transformers' length-grouped sampler alone
+    shuffles from the RNG's state when iterated, and the rebalancing one is not ours to vouch for: those runs score
+    every row."""
+    args = trainer.args
+    if args.train_sampling_strategy == "group_by_length":
+        return upstream.length_grouping_is_seeded(trainer)
     seeded = args.train_sampling_strategy == "random" and args.accelerator_config.use_seedable_sampler
     return seeded or args.train_sampling_strategy == "sequential"
 

@@ -104,6 +104,16 @@ The couplings, what each relies on, why nothing public serves, and what would br
     nothing public says a layer's window. Unguarded, a moved class fails `vlmjobs memory` with a bare ImportError, and
     sliding layers built of another class are counted as keeping every token. Checked: a config of one sliding layer
     of 4 tokens and one full layer gives a cache of those two layers.
+``seeded_length_grouping`` (transformers ``Trainer._get_train_sampler``)
+    ``train_sampling_strategy: group_by_length``'s LengthGroupedSampler shuffles from the global RNG's state when it
+    is iterated (the default shuffle is seeded per epoch by accelerate; this one is not), so a resumed run draws
+    another order than the run it resumes, in a later epoch always, and skips that order's first batches: some rows
+    train twice in the epoch and others never; and no dataloader built before ``train()`` can foresee its rows. The
+    stages give it a generator seeded by the run's seed and the epoch (``set_epoch``, which transformers calls on every
+    sampler that has it), through the method a Trainer subclass overrides to choose its sampler: nothing public
+    chooses it (``SeededLengthGrouping``; ``length_grouping_is_seeded`` tells the reference pass that a dataloader
+    built before ``train()`` draws its rows). Unguarded, a renamed method leaves the order to the RNG again, silently.
+    Checked: the method is there, takes the dataset, and gives a LengthGroupedSampler for group_by_length.
 ``run_exit_handlers`` (CPython ``atexit._run_exitfuncs``)
     A finished stage ends with ``os._exit`` to skip the interpreter's teardown; the atexit handlers (a tracker's last
     upload, logging's flush) are run first by the interpreter's own function, which nothing public calls. Checked: the
@@ -281,6 +291,56 @@ def set_train_batch_size(trainer, before: int) -> None:
         raise changed("transformers", "Trainer._train_batch_size, its copy of the batch size that train() reads",
                       f"holds {copied!r} where the args said {before}")
     trainer._train_batch_size = trainer.args.train_batch_size
+
+
+def seeded_length_grouping(trainer) -> None:
+    """Make the trainer's ``group_by_length`` sampler shuffle from ``args.data_seed`` (else ``seed``) plus the epoch,
+    not from the global RNG's state (see the module docstring)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    if length_grouping_is_seeded(trainer):
+        return
+    relies_on = "Trainer._get_train_sampler(train_dataset), which builds group_by_length's LengthGroupedSampler"
+    build = getattr(trainer, "_get_train_sampler", None)
+    if build is None or not _takes_argument(build, "train_dataset"):
+        raise changed("transformers", relies_on, "has no such method")
+    args = trainer.args
+    seed = args.data_seed if args.data_seed is not None else args.seed
+
+    def seeded(train_dataset=None):
+        sampler = build(train_dataset)
+        if args.train_sampling_strategy != "group_by_length":
+            return sampler
+        if not isinstance(sampler, LengthGroupedSampler):
+            raise changed("transformers", relies_on, f"gives a {type(sampler).__name__} for group_by_length")
+        return SeededLengthGrouping(sampler, seed)
+
+    seeded.seeded_length_grouping = True
+    trainer._get_train_sampler = seeded
+
+
+def length_grouping_is_seeded(trainer) -> bool:
+    return getattr(getattr(trainer, "_get_train_sampler", None), "seeded_length_grouping", False)
+
+
+class SeededLengthGrouping:
+    """transformers' LengthGroupedSampler drawing each epoch's order from ``seed + epoch``: the same order for every
+    dataloader of the same epoch, a resumed attempt's included."""
+
+    def __init__(self, grouped, seed: int):
+        self.grouped, self.seed, self.epoch = grouped, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.grouped)
+
+    def __iter__(self):
+        import torch
+
+        self.grouped.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(self.grouped)
 
 
 class QwenRopeIndex:

@@ -122,6 +122,39 @@ def test_length_grouping_batches_idefics2_rows_of_one_image_size_and_the_referen
     assert torch.allclose(rejected[::5], torch.cat([r for _, r in alone]), atol=1e-5, rtol=5e-5)
 
 
+def test_length_grouping_draws_each_epochs_order_from_the_seed_not_from_the_rngs_state(tiny_model, tmp_path):
+    """transformers' length-grouped sampler shuffled from the global RNG's state: a resumed attempt, whose RNG stands
+    elsewhere when its dataloader starts, drew another order and skipped that order's first batches (some rows
+    trained twice in the epoch, others never), and the reference pass could not foresee the rows of a short run. The
+    stages seed it by the run's seed and the epoch, which transformers hands the sampler (set_epoch)."""
+    trainer = idefics2_trainer(tiny_model, tmp_path, preference_rows(48), per_device_train_batch_size=2)
+    assert packing.with_lengths(trainer, "dpo", by_image_size=True)
+
+    def order(epoch: int) -> list[int]:
+        loader = trainer.get_train_dataloader()  # a new dataloader, as a resumed attempt's train() builds
+        loader.set_epoch(epoch)
+        return [row for batch in loader.batch_sampler for row in batch]
+
+    first = order(0)
+    torch.rand(1000)  # what runs between: a step's dropout, another attempt's start-up
+    assert order(0) == first
+    second = order(1)
+    assert sorted(second) == sorted(first) == list(range(48)) and second != first, "each epoch its own order"
+    torch.rand(1000)
+    assert order(1) == second
+
+
+def test_a_grouped_dpo_run_shorter_than_an_epoch_scores_only_the_rows_it_draws(write_recipe):
+    """The order foreseen, the reference pass scores the train rows of the run's steps, not all of them; a row the
+    prediction missed would stop the step that draws it (reference_logprobs.refusing_unscored_rows)."""
+    args = {"max_steps": 2, "per_device_train_batch_size": 2, "train_sampling_strategy": "group_by_length"}
+    recipe = run_stages(write_recipe(family="idefics2", stages=["prepare", "dpo"], prepare={"max_rows": 16},
+                                     dpo={"method": "lora", "args": args}))
+    record = contract.read_json(recipe.run_dir / "dpo" / contract.SUCCESS_FILE)
+    scored = record["reference_logprobs"]["splits"]["train"]
+    assert record["steps"] == 2 and scored["computed"] <= 4 < record["rows"]["train"], (scored, record["rows"])
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_the_stages_batch_idefics2_rows_by_image_size_when_the_recipe_asks_for_length_grouping(stage, write_recipe, capsys):
     """transformers' group_by_length reads a row's length from its input_ids, which DPO's vision rows do not have: the

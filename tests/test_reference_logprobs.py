@@ -291,17 +291,25 @@ def test_a_resumed_attempt_without_the_store_scores_only_the_rows_of_the_steps_l
     assert record["reference_logprobs"]["splits"]["train"] | {"file": None} == {"file": None, "computed": 2, "read": 0}
 
 
-@pytest.mark.parametrize("name, args, predicted", [
-    ("the default: shuffled by accelerate's seedable sampler", {}, True),
-    ("in order", {"train_sampling_strategy": "sequential"}, True),
-    ("shuffled from the RNG's state", {"accelerator_config": {"use_seedable_sampler": False}}, False),
-    ("grouped by length, shuffled from the RNG's state", {"train_sampling_strategy": "group_by_length"}, False),
+@pytest.mark.parametrize("name, args, seeded, predicted", [
+    ("the default: shuffled by accelerate's seedable sampler", {}, False, True),
+    ("in order", {"train_sampling_strategy": "sequential"}, False, True),
+    ("shuffled from the RNG's state", {"accelerator_config": {"use_seedable_sampler": False}}, False, False),
+    ("grouped by length, shuffled from the RNG's state", {"train_sampling_strategy": "group_by_length"}, False, False),
+    ("grouped by length, as the stages seed it", {"train_sampling_strategy": "group_by_length"}, True, True),
 ])
-def test_a_run_whose_order_a_second_dataloader_cannot_foresee_scores_every_row(tmp_path, name, args, predicted):
+def test_a_run_whose_order_a_second_dataloader_cannot_foresee_scores_every_row(tmp_path, name, args, seeded, predicted):
+    from types import SimpleNamespace
+
     from trl import DPOConfig
 
-    config = DPOConfig(output_dir=str(tmp_path), use_cpu=True, **args)
-    assert reference_logprobs.drawn_alike(config) is predicted, name
+    from jobs import upstream
+
+    trainer = SimpleNamespace(args=DPOConfig(output_dir=str(tmp_path), use_cpu=True, **args),
+                              _get_train_sampler=lambda train_dataset=None: None)
+    if seeded:
+        upstream.seeded_length_grouping(trainer)
+    assert reference_logprobs.drawn_alike(trainer) is predicted, name
 
 
 def test_a_half_written_file_is_never_read_and_the_writer_renames_it_into_place(tmp_path):

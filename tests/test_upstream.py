@@ -325,6 +325,22 @@ def test_no_split_modules_trips_when_the_model_names_none(dpo, monkeypatch):
     assert_trips(e, "transformers", "PreTrainedModel._no_split_modules")
 
 
+def test_seeded_length_grouping_trips_when_the_trainer_chooses_its_sampler_otherwise():
+    from torch.utils.data import RandomSampler
+
+    args = SimpleNamespace(seed=0, data_seed=None, train_sampling_strategy="group_by_length")
+    with pytest.raises(upstream.UpstreamChanged) as e:
+        upstream.seeded_length_grouping(SimpleNamespace(args=args))
+    assert_trips(e, "transformers", "Trainer._get_train_sampler(train_dataset)")
+    trainer = SimpleNamespace(args=args, _get_train_sampler=lambda train_dataset=None: RandomSampler(range(4)))
+    upstream.seeded_length_grouping(trainer)
+    assert upstream.length_grouping_is_seeded(trainer)
+    with pytest.raises(upstream.UpstreamChanged) as e:
+        trainer._get_train_sampler()
+    assert_trips(e, "transformers", "Trainer._get_train_sampler(train_dataset)")
+    assert str(e.value).endswith("gives a RandomSampler for group_by_length")
+
+
 QWEN_MODELS = [("Qwen2VLConfig", "qwen2_vl", "Qwen2VLModel"), ("Qwen2_5_VLConfig", "qwen2_5_vl", "Qwen2_5_VLModel"),
                ("Qwen3VLConfig", "qwen3_vl", "Qwen3VLModel")]
 

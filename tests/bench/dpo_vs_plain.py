@@ -6,7 +6,9 @@ LoRA all-linear and the adapter switched off as reference; changed only where th
 folder; no bf16 or 32 workers on a CPU; the model class transformers 5 names). vlmjobs runs as a user does,
 ``vlmjobs run`` of prepare + dpo, with its shared-prefix forward (the default) and without (dpo.shared_prefix: false),
 so that what the shared prefix alone gives shows, each as a first run (the store of reference log-probs emptied
-before it: it computes them), and once more as a rerun that reads what the run before stored. Runs alternate, each in
+before it: it computes them), once more as a rerun that reads what the run before stored, and as a first run with
+pairs batched by image size, then length (train_sampling_strategy: group_by_length, as the shipped Idefics2
+recipes). Runs alternate, each in
 a fresh process; the medians of --repeats runs are printed: samples/s of the training loop (the trainer's
 train_samples_per_second) and of the whole process (samples / wall time: start-up, load, data, train, save), the
 ratio to the blog's, peak resident memory, the mean train loss and the preference accuracy (rewards/accuracies) over
@@ -114,10 +116,11 @@ def plain_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict) -
 
 
 def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict, *, shared_prefix: bool,
-                rerun: bool = False) -> dict:
+                rerun: bool = False, grouped: bool = False) -> dict:
     """A first run (the reference log-probs' store emptied before it) or, ``rerun``, one that reads what the run
-    before it stored, as a later run of the same data and model does (a nightly rerun, a beta sweep)."""
-    name = "rerun" if rerun else "shared" if shared_prefix else "unshared"
+    before it stored, as a later run of the same data and model does (a nightly rerun, a beta sweep). ``grouped``:
+    pairs batched by image size, then length, as the shipped Idefics2 recipes batch them."""
+    name = "rerun" if rerun else "grouped" if grouped else "shared" if shared_prefix else "unshared"
     if not rerun:
         shutil.rmtree(work / "runs" / ".cache", ignore_errors=True)
     recipe = {
@@ -130,7 +133,8 @@ def vlmjobs_run(work: Path, model_dir: Path, data_dir: Path, options, env: dict,
                          "learning_rate": options.lr, "beta": options.beta,
                          # auto as the shipped recipes say: recomputed only where the batch does not fit without
                          "activation_checkpointing": CHECKPOINTING[options.activation_checkpointing],
-                         "logging_steps": 1, "save_strategy": "no"}},
+                         "logging_steps": 1, "save_strategy": "no",
+                         **({"train_sampling_strategy": "group_by_length"} if grouped else {})}},
     }
     path = work / f"{name}.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
@@ -196,12 +200,13 @@ def main() -> None:
     if not data_dir.is_dir():
         synthetic.write_splits("rlaif-v", data_dir, {"train": rows})
 
-    runs = {"plain": [], "shared": [], "unshared": [], "rerun": []}
+    runs = {"plain": [], "shared": [], "unshared": [], "rerun": [], "grouped": []}
     for repeat in range(options.repeats):  # alternating, so that a slow minute on a shared machine hits all of them
         runs["plain"].append(plain_run(work, model_dir, data_dir, options, env))
         runs["unshared"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=False))
         runs["shared"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=True))
         runs["rerun"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=True, rerun=True))
+        runs["grouped"].append(vlmjobs_run(work, model_dir, data_dir, options, env, shared_prefix=True, grouped=True))
         print(f"repeat {repeat + 1}/{options.repeats}: " + ", ".join(
             f"{name} {r[-1]['train_sps']:.2f} train samples/s, {r[-1]['wall_s']:.0f} s" for name, r in runs.items()), flush=True)
 
@@ -211,7 +216,9 @@ def main() -> None:
     base = median["plain"]
     titles = {"plain": "blog script (one process)", "shared": "vlmjobs run: prepare + dpo, shared prefix",
               "unshared": "vlmjobs run: prepare + dpo, dpo.shared_prefix false",
-              "rerun": "vlmjobs rerun (reference log-probs stored by the run before), shared prefix"}
+              "rerun": "vlmjobs rerun (reference log-probs stored by the run before), shared prefix",
+              "grouped": "vlmjobs run: prepare + dpo, shared prefix, grouped by image size and length (the shipped "
+                         "recipe's train_sampling_strategy)"}
     lines = [f"DPO of {model}, LoRA all-linear, {options.steps} steps of {options.batch} pairs, lr {options.lr}, "
              f"beta {options.beta}, medians of {options.repeats} alternating runs, on {device()} ({os.cpu_count()} cores)", "",
              "| run | train samples/s | × blog | whole-process samples/s | × blog | wall s | peak RSS MB | loss | pref. accuracy |",
