@@ -363,8 +363,8 @@ def shortest_first(rows) -> list[int]:
     padded to their longest pair, and rows of like length pad little (tests/test_flops.py counts the difference). Text
     only, as the characters of the prompt and both answers: reading the images to count their tokens would cost what
     the pass saves, and rows with one image each (RLAIF-V) differ by their text; images of different sizes still pad
-    (idefics2-8b's pass counted 1.13x the unpadded one in `make bench`, without length grouping, which orders them by
-    size: ``batching_order``). Stable: rows of equal length keep their order."""
+    (idefics2-8b's pass counted 1.13x the unpadded one in `make bench`): length grouping's order, where the rows carry
+    it, takes them by size first (``batching_order``). Stable: rows of equal length keep their order."""
     import json
 
     columns = [column for column in TEXT_COLUMNS if column in rows.column_names]

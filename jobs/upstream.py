@@ -320,6 +320,7 @@ def seeded_length_grouping(trainer) -> None:
 
 
 def length_grouping_is_seeded(trainer) -> bool:
+    """Whether ``seeded_length_grouping`` seeded the trainer's group_by_length sampler."""
     return getattr(getattr(trainer, "_get_train_sampler", None), "seeded_length_grouping", False)
 
 
