@@ -217,8 +217,8 @@ def with_lengths(trainer, stage: str, *, by_image_size: bool = False) -> bool:
         upstream.seeded_length_grouping(trainer)
     if is_main_process():
         how = "image size, then length" if by_image_size else "length"
-        print(f"{stage}: rows batched by {how} ({args.train_sampling_strategy}); lengths of {len(trainer.train_dataset)} "
-              f"rows in {time.time() - started:.1f}s", flush=True)
+        print(f"{stage}: rows batched by {how} ({args.train_sampling_strategy}); lengths of "
+              f"{len(trainer.train_dataset)} rows in {time.time() - started:.1f}s", flush=True)
     return True
 
 

@@ -28,12 +28,13 @@ def preference_rows(n: int) -> list[dict]:
     rows = []
     for i, row in enumerate(synthetic.rlaif_v_rows(n, seed=5)):
         image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB").resize(SIZES[i % len(SIZES)])
+        question = " ".join([row["question"]] + WORDS[: i % 7])
+        chosen, rejected = " ".join(WORDS[: 2 + (3 * i) % 11]), " ".join(WORDS[: 1 + (5 * i) % 9])
         rows.append({
             "images": [image],
-            "prompt": [{"role": "user", "content": [{"type": "image"},
-                                                     {"type": "text", "text": " ".join([row["question"]] + WORDS[: i % 7])}]}],
-            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": " ".join(WORDS[: 2 + (3 * i) % 11])}]}],
-            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": " ".join(WORDS[: 1 + (5 * i) % 9])}]}],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
         })
     return rows
 
@@ -51,7 +52,8 @@ def idefics2_trainer(tiny_model, tmp_path, rows: list[dict], **args):
                        save_strategy="no", disable_tqdm=True, train_sampling_strategy="group_by_length",
                        remove_unused_columns=False, **args)  # as the stage sets it (jobs.training)
     trainer = shared_prefix.SharedPrefixDPOTrainer(
-        model=model, ref_model=None, args=config, train_dataset=family.close_answers(Dataset.from_list(rows), processor),
+        model=model, ref_model=None, args=config,
+        train_dataset=family.close_answers(Dataset.from_list(rows), processor),
         processing_class=family.rendering_processor(processor),
         peft_config=LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM"))
     trainer.data_collator = family.collator(trainer.data_collator, processor)
@@ -156,7 +158,8 @@ def test_a_grouped_dpo_run_shorter_than_an_epoch_scores_only_the_rows_it_draws(w
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_the_stages_batch_idefics2_rows_by_image_size_when_the_recipe_asks_for_length_grouping(stage, write_recipe, capsys):
+def test_the_stages_batch_idefics2_rows_by_image_size_when_the_recipe_asks_for_length_grouping(stage, write_recipe,
+                                                                                                capsys):
     """transformers' group_by_length reads a row's length from its input_ids, which DPO's vision rows do not have: the
     dpo stage failed on it with transformers' traceback. Both stages now give each row its place by image size for
     Idefics2, and train."""

@@ -201,8 +201,8 @@ def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_row
     sizes = packing.image_sizes(trainer.train_dataset)
     mixed = sum(len({sizes[i] for i in drawn[at:at + micro]}) > 1 for at in range(0, len(drawn), micro))
     drawn = drawn[per_step:per_step + rows]
-    print(f"  {name}: drawn by length grouping: {mixed} of the pool's {len(sizes) // micro} batches of {micro} mix image "
-          f"sizes; counted: rows of images {[sizes[i][0] for i in drawn]}", flush=True)
+    print(f"  {name}: drawn by length grouping: {mixed} of the pool's {len(sizes) // micro} batches of {micro} mix "
+          f"image sizes; counted: rows of images {[sizes[i][0] for i in drawn]}", flush=True)
     return pool.select(drawn), scored
 
 
