@@ -48,9 +48,10 @@ def idefics2_trainer(tiny_model, tmp_path, rows: list[dict], **args):
     processor = modeling.load_processor(spec)
     torch.manual_seed(0)
     model = modeling.load_model(spec, dtype=torch.float32)
-    config = DPOConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, max_length=None,
-                       save_strategy="no", disable_tqdm=True, train_sampling_strategy="group_by_length",
-                       remove_unused_columns=False, **args)  # as the stage sets it (jobs.training)
+    # remove_unused_columns as the stage sets it (jobs.training)
+    config = DPOConfig(**{"output_dir": str(tmp_path), "max_steps": 1, "report_to": [], "use_cpu": True,
+                          "max_length": None, "save_strategy": "no", "disable_tqdm": True,
+                          "train_sampling_strategy": "group_by_length", "remove_unused_columns": False, **args})
     trainer = shared_prefix.SharedPrefixDPOTrainer(
         model=model, ref_model=None, args=config,
         train_dataset=family.close_answers(Dataset.from_list(rows), processor),
@@ -144,6 +145,49 @@ def test_length_grouping_draws_each_epochs_order_from_the_seed_not_from_the_rngs
     assert sorted(second) == sorted(first) == list(range(48)) and second != first, "each epoch its own order"
     torch.rand(1000)
     assert order(1) == second
+
+
+class RowsTrained:
+    """A collator that notes the ``row`` of every pair it batches, in order, and hands the rest on."""
+
+    def __init__(self, collator, seen: list[int]):
+        self.collator, self.seen = collator, seen
+
+    def __call__(self, examples):
+        self.seen.extend(example["row"] for example in examples)
+        return self.collator([{k: v for k, v in example.items() if k != "row"} for example in examples])
+
+
+def test_a_grouped_run_resumed_in_its_second_epoch_trains_the_batches_the_whole_run_trains(tiny_model, tmp_path):
+    """transformers' own training loop (train(), its checkpoint, resume_from_checkpoint and skipping the batches
+    done): 2 epochs of 12 pairs in batches of 2, stopped after step 9 (epoch 2) and resumed by a new trainer, train
+    the same pairs in the same batches as the run never stopped. Unseeded, the resumed epoch drew its order from the
+    RNG's state at the resume and skipped that order's first batches."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 9
+
+    def run(folder, *, stop: bool = False, resume: bool = False) -> list[int]:
+        rows = [{**row, "row": i} for i, row in enumerate(preference_rows(12))]
+        trainer = idefics2_trainer(tiny_model, folder, rows, per_device_train_batch_size=2, num_train_epochs=2,
+                                   max_steps=-1, save_strategy="steps", save_steps=9, learning_rate=1e-3)
+        assert packing.with_lengths(trainer, "dpo", by_image_size=True)
+        seen: list[int] = []
+        trainer.data_collator = RowsTrained(trainer.data_collator, seen)
+        if stop:
+            trainer.add_callback(StopAfter())
+        torch.rand(97 if resume else 1)  # attempts start with the RNG elsewhere
+        trainer.train(resume_from_checkpoint=str(folder / "checkpoint-9") if resume else None)
+        return seen
+
+    whole = run(tmp_path / "whole")
+    stopped = run(tmp_path / "stopped", stop=True)
+    resumed = run(tmp_path / "stopped", resume=True)
+    assert len(whole) == 24 and sorted(whole[:12]) == sorted(whole[12:]) == list(range(12))
+    assert stopped[:18] == whole[:18], "the same run, up to its stop (accelerate fetches a batch ahead)"
+    assert resumed == whole[18:], (resumed, whole[18:])
 
 
 def test_a_grouped_dpo_run_shorter_than_an_epoch_scores_only_the_rows_it_draws(write_recipe):
