@@ -194,10 +194,10 @@ def with_lengths(trainer, stage: str, *, by_image_size: bool = False) -> bool:
 
     ``by_image_size``, for families whose processor pads a batch's images to the largest
     (``Family.pads_images_to_batch``): group_by_length then sorts by each row's place in the rows ordered by their
-    images' sizes, then by tokens (``batching_keys``), so that a batch's images share one size where the data allow;
-    the token counts stay under ``TOKENS`` for what needs them (auto_batch's longest rows). batch_rebalance balances
-    tokens over the processes: it always reads tokens. group_by_length's sampler is seeded by the run's seed and the
-    epoch (``upstream.seeded_length_grouping``). Returns whether the rows are grouped."""
+    images' count and largest size, then by tokens (``batching_keys``), so that a batch's images share one size where
+    the data allow; the token counts stay under ``TOKENS`` for what needs them (auto_batch's longest rows).
+    batch_rebalance balances tokens over the processes: it always reads tokens. group_by_length's sampler is seeded by
+    the run's seed and the epoch (``upstream.seeded_length_grouping``). Returns whether the rows are grouped."""
     import time
 
     args = trainer.args
@@ -233,10 +233,17 @@ def lengths_added(rows, collator, column: str, *, by_image_size: bool = False):
 
 
 def batching_keys(tokens: list[int], sizes: list[tuple]) -> list[int]:
-    """Each row's place in the rows ordered by their images' sizes (``image_sizes``), then by their tokens: the
-    length that transformers' LengthGroupedSampler sorts each megabatch by, so that neighbours share their images'
-    size first and their length next."""
-    order = sorted(range(len(tokens)), key=lambda i: (sizes[i], tokens[i]))
+    """Each row's place in the rows ordered by what its images come out of the processor as, then by its tokens: the
+    length that transformers' LengthGroupedSampler sorts each megabatch by. A row's images are padded to their largest
+    width and height, and make a number of image tokens each: rows of the same count and largest size (from
+    ``image_sizes``) pad none of each other's pixels or image tokens, and neighbours then differ in text only."""
+
+    def geometry(row_sizes: tuple) -> tuple[int, int, int]:
+        if not row_sizes:
+            return 0, 0, 0
+        return len(row_sizes), max(w for w, _ in row_sizes), max(h for _, h in row_sizes)
+
+    order = sorted(range(len(tokens)), key=lambda i: (geometry(sizes[i]), tokens[i]))
     places = [0] * len(order)
     for place, row in enumerate(order):
         places[row] = place
