@@ -712,10 +712,15 @@ rules:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(names) -> dict[str, int]:
+    """A free port for each name, all different: every socket is held until all are bound, since the kernel may
+    hand a port it has just had back to the next caller (two components on one port: the later one exits, and a
+    health probe on that port is answered by the other)."""
+    with contextlib.ExitStack() as held:
+        sockets = {name: held.enter_context(socket.socket()) for name in names}
+        for s in sockets.values():
+            s.bind(("127.0.0.1", 0))
+        return {name: s.getsockname()[1] for name, s in sockets.items()}
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -884,6 +889,14 @@ class ControlPlane:
     def running(self) -> list[str]:
         return [c for c in COMPONENTS if self.pid(c) is not None]
 
+    def confirm_running(self) -> None:
+        """Every component started so far still runs; else a ClusterError with the log of each that exited (one
+        may exit after its own readiness was seen, while the next component starts)."""
+        started = [c for c in COMPONENTS if (self.state / "pids" / c).exists()]
+        if exited := [c for c in started if self.pid(c) is None]:
+            logs = "\n".join(f"--- {c}'s log:\n{self.log_tail(c)}" for c in exited)
+            raise ClusterError(f"{', '.join(exited)} exited while the control plane started:\n{logs}")
+
     def log_tail(self, component: str, lines: int = 15) -> str:
         try:
             return "\n".join((self.state / "logs" / f"{component}.log").read_text().splitlines()[-lines:])
@@ -950,8 +963,7 @@ class ControlPlane:
         while time.monotonic() < deadline:
             if check():
                 return
-            if component and self.pid(component) is None:
-                raise ClusterError(f"{component} exited while starting:\n{self.log_tail(component)}")
+            self.confirm_running()
             time.sleep(0.2)
         tail = f":\n{self.log_tail(component)}" if component else ""
         raise ClusterError(f"{what} not ready after {timeout:.0f} s{tail}")
@@ -1273,6 +1285,7 @@ def start_engines(cp: ControlPlane) -> None:
         return any(c["type"] == "Active" and c["status"] == "True" for c in conditions)
 
     cp.wait(f"Kueue's ClusterQueue {CLUSTER_QUEUE}", active, component="kueue")
+    cp.confirm_running()
 
 
 def die_with_parent() -> None:
@@ -1304,8 +1317,8 @@ def up(state: Path = STATE, *, quiet: bool = False, tied: bool = False) -> Contr
     started = time.monotonic()
     bins = {b: str(p) for b, p in build().items()}
     state.mkdir(parents=True, exist_ok=True)
-    ports = {c: free_port() for c in ("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager",
-                                      "kube-scheduler", "kwok", *ENGINE_PORTS)}  # fmt: skip
+    ports = free_ports(("etcd", "etcd-peer", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
+                        *ENGINE_PORTS))  # fmt: skip
     cp = ControlPlane(state.resolve(), bins, ports, tied=tied)
     make_pki(cp.pki)
     cp.write_config()

@@ -123,3 +123,32 @@ def test_audit_events_survive_a_mark_mid_event_and_a_torn_line(tmp_path):
     assert ids(0) == ["1", "3", "4"]
     assert ids(5) == ["3", "4"]  # a mark inside event 1
     assert ids(len(event(1)) + 1) == ["3", "4"]  # a mark at a line's start
+
+
+def test_the_components_get_ports_all_different_even_where_the_kernel_hands_one_out_twice():
+    """A CI run once had Kueue's and JobSet's health ports coincide, it seems: JobSet could not bind and exited,
+    Kueue answered its readiness probe, and cluster-up reported success. Ports taken one at a time, each socket
+    closed before the next, repeat among 500 almost always (487 to 495 distinct in five tries)."""
+    names = [f"component-{i}" for i in range(500)]
+    ports = devcluster.free_ports(names)
+    assert list(ports) == names
+    assert len(set(ports.values())) == len(names)
+
+
+def test_a_component_that_exits_after_its_readiness_was_seen_fails_cluster_up_with_its_log(tmp_path):
+    """The same CI run's JobSet was gone when cluster-up returned 0; the wait then watched only the component it
+    waited for. Now every started component is watched, and up checks them all once more before it returns."""
+    import shutil
+
+    sh, sleep = shutil.which("sh"), shutil.which("sleep")
+    cp = devcluster.ControlPlane(tmp_path, {"kueue": sleep, "jobset": sh}, {})
+    cp.start("kueue", ["60"])
+    try:
+        cp.confirm_running()  # one running component: nothing to report
+        cp.start("jobset", ["-c", "echo 'listen tcp 127.0.0.1:40001: bind: address already in use'; exit 1"])
+        with pytest.raises(devcluster.ClusterError, match=r"(?s)^jobset exited .*address already in use"):
+            cp.wait("Kueue's ClusterQueue", lambda: False, timeout=30, component="kueue")
+        with pytest.raises(devcluster.ClusterError, match="^jobset exited"):
+            cp.confirm_running()
+    finally:
+        cp.stop("kueue")
