@@ -182,6 +182,12 @@ def token_counts(collator, rows) -> list[int]:
 
 
 GROUPING = ("group_by_length", "batch_rebalance")  # transformers' samplers that read each row's length
+
+
+def grouped_by_length(args) -> bool:
+    """Whether the run's rows are batched by transformers' length-grouped sampler: the order ``with_lengths`` gives
+    the lengths for and the seed, and the one the reference pass follows."""
+    return args.train_sampling_strategy == "group_by_length"
 TOKENS = "tokens_per_row"  # each row's token count, where the length column holds its place by image size instead
 
 
@@ -204,14 +210,14 @@ def with_lengths(trainer, stage: str, *, by_image_size: bool = False) -> bool:
     if args.train_sampling_strategy not in GROUPING:
         return False
     column, started = args.length_column_name, time.time()
-    by_image_size = by_image_size and args.train_sampling_strategy == "group_by_length"
+    by_image_size = by_image_size and grouped_by_length(args)
     collator = trainer.data_collator
     for split in ("train_dataset", "eval_dataset"):
         rows = getattr(trainer, split)
         if rows is not None and column not in rows.column_names:
             setattr(trainer, split, lengths_added(rows, collator, column, by_image_size=by_image_size))
     trainer.data_collator = WithoutColumns(collator, (column, TOKENS))  # the sampler's, not the model's
-    if args.train_sampling_strategy == "group_by_length":  # each epoch's order from the seed: a resumed run's the same
+    if grouped_by_length(args):  # each epoch's order from the seed: a resumed run's the same
         from jobs import upstream
 
         upstream.seeded_length_grouping(trainer)

@@ -48,7 +48,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from jobs import upstream
-from jobs.packing import WithoutColumns
+from jobs.packing import WithoutColumns, grouped_by_length
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 ROW = "ref_logps_row"  # under FSDP, until training starts: the row's number in the table of computed log-probs
@@ -182,7 +182,7 @@ def drawn_alike(trainer) -> bool:
     shuffles from the RNG's state when iterated, and the rebalancing one is not ours to vouch for: those runs score
     every row."""
     args = trainer.args
-    if args.train_sampling_strategy == "group_by_length":
+    if grouped_by_length(args):
         return upstream.length_grouping_is_seeded(trainer)
     seeded = args.train_sampling_strategy == "random" and args.accelerator_config.use_seedable_sampler
     return seeded or args.train_sampling_strategy == "sequential"
@@ -352,7 +352,7 @@ def batching_order(args, rows) -> list[int]:
     batches the training by (``jobs.packing.with_lengths``: tokens counted by the collator, or for families that pad
     a batch's images to the largest, each row's place by image size, then tokens), theirs; else shortest text first."""
     column = args.length_column_name
-    if args.train_sampling_strategy == "group_by_length" and column in rows.column_names:
+    if grouped_by_length(args) and column in rows.column_names:
         lengths = rows[column]
         return sorted(range(len(lengths)), key=lengths.__getitem__)
     return shortest_first(rows)
