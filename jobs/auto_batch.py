@@ -40,6 +40,9 @@ With a micro-batch given, the probe tries it without checkpointing, then with; w
 micro-batch from the top down without checkpointing, then from the top again with it. The choice is recorded beside
 the size, and ``train()`` turns checkpointing on as the config then says.
 
+On a CPU nothing is probed (``can_run_out_of_memory``): a probe there could only find that the first try fits, so
+the stage takes it, the whole per-process batch without recomputation, and spends no step on it.
+
 Why a probe and not transformers' ``auto_find_batch_size``: that retries the whole training loop with a smaller
 per-device batch but the same accumulation (the effective batch shrinks, and so does the learning signal per
 step), and under several processes an out-of-memory on one rank leaves the others waiting in DDP's all-reduce;
@@ -163,16 +166,23 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     over = f"{processes} processes" if processes > 1 else "1 process"
     where = f"recorded in {recorded['path']}" if recorded else f"effective batch {per_process * processes} over {over}"
     started = time.time()
-    longest, tokens = longest_rows(trainer, per_process)
     settled = " and ".join(f"{k} auto" for k, auto in (("per_device_train_batch_size", auto_micro),
                                                        ("activation_checkpointing", auto_checkpointing)) if auto)
     how = _recomputing(choices[0]) if auto_checkpointing else ""
-    say(f"{stage.name}: {settled}: starting at micro-batch {top}{how} ({where}); probing with the "
-        f"{top} longest training rows ({tokens[:top][-1]} to {tokens[0]} tokens, of {len(trainer.train_dataset)} rows "
-        f"counted in {time.time() - started:.1f}s)", flush=True)
     batch, ran_out = None, list(recorded["ran_out_of_memory_at"]) if recorded else []
     without_recomputation = list(recorded.get("ran_out_without_recomputation_at", [])) if recorded else []
-    for recompute in choices:
+    if not can_run_out_of_memory(accelerator.device):  # the first try is the answer: no step to spend on it
+        recompute = choices[0]
+        recompute_activations(trainer, recompute)
+        batch = Batch(top, per_process // top)
+        say(f"{stage.name}: {settled}: micro-batch {top}{how} ({where}), not probed: a {accelerator.device.type} "
+            "raises no out-of-memory error to catch", flush=True)
+    else:
+        longest, tokens = longest_rows(trainer, per_process)
+        say(f"{stage.name}: {settled}: starting at micro-batch {top}{how} ({where}); probing with the {top} longest "
+            f"training rows ({tokens[:top][-1]} to {tokens[0]} tokens, of {len(trainer.train_dataset)} rows counted in "
+            f"{time.time() - started:.1f}s)", flush=True)
+    for recompute in choices if batch is None else ():
         recompute_activations(trainer, recompute)
         micro = top
         while batch is None:
@@ -214,6 +224,13 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     say(f"{stage.name}: micro-batch {batch} fits{_recomputing(recompute) if auto_checkpointing else ''} (effective batch "
         f"{per_process * processes}); recorded in {record}", flush=True)
     return batch if auto_micro else None
+
+
+def can_run_out_of_memory(device) -> bool:
+    """Whether a batch too large for ``device`` raises ``torch.OutOfMemoryError``, which the probe catches: the
+    accelerators' allocators do (CUDA, XPU, MPS); a CPU's raises a plain RuntimeError, or the kernel's out-of-memory
+    killer ends the process, so a probe there can only ever find that the first try fits."""
+    return device.type in ("cuda", "xpu", "mps")
 
 
 def _recomputing(recompute: bool) -> str:
