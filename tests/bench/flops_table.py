@@ -165,20 +165,19 @@ def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_row
     """(training rows, reference rows) taken from ``pool`` as the dpo stage orders a split, so that a count on a few
     rows sees the neighbours an epoch's batches hold, not rows of a few drawn at random:
 
-    - training: where the recipe groups rows by length, the ``rows`` rows that transformers' LengthGroupedSampler (over
-      the recipe's micro-batch times accumulation, sorting megabatches of up to 50 such optimizer steps by the stage's
-      lengths: jobs.packing.with_lengths) draws, in its order, from its second optimizer step on (it swaps the pool's
-      longest row into the first batch, once an epoch); else the pool's first rows, which are in no order;
+    - training: where the recipe groups rows by length, the ``rows`` rows that the stage's seeded LengthGroupedSampler
+      (over the recipe's micro-batch times accumulation, sorting megabatches of up to 50 such optimizer steps by the
+      stage's lengths: jobs.packing.with_lengths) draws in a first epoch, in its order, from its second optimizer step on
+      (it swaps the pool's longest row into the first batch, once an epoch); else the pool's first rows, in no order;
     - reference: ``reference_rows`` consecutive rows from the middle of the order the reference pass batches a split in
       (jobs.reference_logprobs.batching_order: shortest text first, or the stage's lengths where it groups).
 
     A pool of 2,048 rows holds each of RLAIF_V_SIZES 256 times; for idefics2-8b's 64-row steps the sampler's
     megabatches are of 8 steps, 512 rows: a data set whose images come in a few sizes (where they come in many, more
     batches mix sizes; the count says how many do here)."""
-    import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from jobs import checkpoints, flops, packing, reference_logprobs
+    from jobs import checkpoints, flops, packing, reference_logprobs, upstream
     from jobs.families import get_family
 
     family = get_family(checkpoint.family)
@@ -195,8 +194,9 @@ def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_row
         return pool.select(range(rows)), scored
     train = cfg.dpo.args
     per_step = train.get("per_device_train_batch_size", 8) * train.get("gradient_accumulation_steps", 1)
-    sampler = LengthGroupedSampler(per_step, lengths=trainer.train_dataset[args.length_column_name],
-                                   generator=torch.Generator().manual_seed(0))
+    # the stage's sampler for a first epoch (jobs.upstream.seeded_length_grouping: seeded by the run's seed, here 0)
+    sampler = upstream.SeededLengthGrouping(
+        LengthGroupedSampler(per_step, lengths=trainer.train_dataset[args.length_column_name]), args.seed)
     drawn, micro = list(sampler), train.get("per_device_train_batch_size", 8)
     sizes = packing.image_sizes(trainer.train_dataset)
     mixed = sum(len({sizes[i] for i in drawn[at:at + micro]}) > 1 for at in range(0, len(drawn), micro))
