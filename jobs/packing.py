@@ -212,10 +212,16 @@ def with_lengths(trainer, stage: str, *, by_image_size: bool = False) -> bool:
     column, started = args.length_column_name, time.time()
     by_image_size = by_image_size and grouped_by_length(args)
     collator = trainer.data_collator
-    for split in ("train_dataset", "eval_dataset"):
-        rows = getattr(trainer, split)
-        if rows is not None and column not in rows.column_names:
-            setattr(trainer, split, lengths_added(rows, collator, column, by_image_size=by_image_size))
+
+    def measured(rows):
+        if rows is None or column in rows.column_names:
+            return rows
+        return lengths_added(rows, collator, column, by_image_size=by_image_size)
+
+    trainer.train_dataset = measured(trainer.train_dataset)
+    held_out = trainer.eval_dataset  # transformers also takes several evaluation sets, by name
+    trainer.eval_dataset = ({name: measured(rows) for name, rows in held_out.items()} if isinstance(held_out, dict)
+                            else measured(held_out))
     trainer.data_collator = WithoutColumns(collator, (column, TOKENS))  # the sampler's, not the model's
     if grouped_by_length(args):  # each epoch's order from the seed: a resumed run's the same
         from jobs import upstream

@@ -175,9 +175,17 @@ def test_group_by_length_batches_vision_rows_of_like_length_counting_their_image
     trainer.args.train_sampling_strategy, trainer.args.per_device_train_batch_size = "group_by_length", 2
     trainer._train_batch_size = 2  # the Trainer's copy, taken when it was built
     trainer.train_dataset = Dataset.from_list(rows(40))
-    alone = [int(trainer.data_collator([row])["input_ids"].shape[-1]) for row in trainer.train_dataset]
+    held_out = {"charts": Dataset.from_list(rows(3)), "more charts": Dataset.from_list(rows(5))}  # evaluate()'s names
+    trainer.eval_dataset = held_out
+
+    def collated_alone(split) -> list[int]:
+        return [int(trainer.data_collator([row])["input_ids"].shape[-1]) for row in split]
+
+    alone = collated_alone(trainer.train_dataset)
     assert packing.with_lengths(trainer, "sft")
     assert trainer.train_dataset["length"] == alone and len(set(alone)) > 20
+    for name, split in held_out.items():  # several evaluation sets, each measured (failed before: a dict has no columns)
+        assert trainer.eval_dataset[name]["length"] == collated_alone(split)
 
     def padding() -> int:
         return sum(int((1 - batch["attention_mask"]).sum()) for batch in trainer.get_train_dataloader())
