@@ -76,18 +76,22 @@ def dpo_rows(n: int, thumbnail: int | None):
 
 
 def sft_rows(n: int, system_prompt: str | None):
-    from datasets import Dataset
+    """ChartQA-like rows, charts at ChartQA's sizes in turn, built 256 rows at a time (as ``dpo_rows``)."""
+    from datasets import Dataset, concatenate_datasets
     from PIL import Image
 
     from jobs import formats, synthetic
     from jobs.checkpoints import CHARTQA_SIZES
 
-    rows = []
+    chunks, rows = [], []
     for i, row in enumerate(synthetic.chartqa_rows(n, seed=7)):
         image = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
         image = image.resize(CHARTQA_SIZES[i % len(CHARTQA_SIZES)])
         rows.append({**formats.chartqa(row, system_prompt), "images": [image]})
-    return Dataset.from_list(rows)
+        if len(rows) == 256 or i == n - 1:
+            chunks.append(Dataset.from_list(rows))
+            rows = []
+    return concatenate_datasets(chunks)
 
 
 def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaults: bool, ideal: bool = False,
@@ -175,35 +179,75 @@ def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_row
     A pool of 2,048 rows holds each of RLAIF_V_SIZES 256 times; for idefics2-8b's 64-row steps the sampler's
     megabatches are of 8 steps, 512 rows: a data set whose images come in a few sizes (where they come in many, more
     batches mix sizes; the count says how many do here)."""
+    from jobs import reference_logprobs
+
+    trainer = stage_trainer(checkpoint, cfg, "dpo", pool, work)
+    order = reference_logprobs.batching_order(trainer.args, trainer.train_dataset)
+    middle = (len(order) - reference_rows) // 2
+    scored = pool.select(order[middle:middle + reference_rows])
+    if not grouped(cfg, "dpo"):
+        return pool.select(range(rows)), scored
+    return drawn_by_length(name, cfg, "dpo", trainer, pool, rows), scored
+
+
+def drawn_by_length(name, cfg, stage: str, trainer, pool, rows: int):
+    """The ``rows`` rows of ``pool`` that the stage's seeded LengthGroupedSampler draws in a first epoch, from its second
+    optimizer step on, over the lengths ``trainer`` (the stage's, built on ``pool``) gave the rows (see
+    ``as_the_stage_orders``); says how many of the pool's micro-batches mix image sizes or tokens."""
+    import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from jobs import checkpoints, flops, packing, reference_logprobs, upstream
+    from jobs import packing, upstream
+
+    train, args = getattr(cfg, stage).args, trainer.args
+    micro = train.get("per_device_train_batch_size", 8)
+    per_step = micro * train.get("gradient_accumulation_steps", 1)
+    # the stage's sampler for a first epoch (jobs.upstream.seeded_length_grouping: seeded by the run's seed, here 0)
+    sampler = upstream.SeededLengthGrouping(
+        LengthGroupedSampler(per_step, lengths=trainer.train_dataset[args.length_column_name]), args.seed)
+    drawn, columns = list(sampler), trainer.train_dataset.column_names
+    by_image_size = packing.TOKENS in columns  # the length column holds a place by image size, the tokens their own
+    tokens = trainer.train_dataset[packing.TOKENS if by_image_size else args.length_column_name]
+    sizes = packing.image_sizes(trainer.train_dataset)
+
+    def batches(order: list[int]) -> list[list[int]]:
+        return [order[at:at + micro] for at in range(0, len(order), micro)]
+
+    def padding(order: list[int]) -> str:
+        padded = sum(max(tokens[i] for i in batch) * len(batch) - sum(tokens[i] for i in batch) for batch in batches(order))
+        return f"{padded / (padded + sum(tokens)):.1%}"
+
+    shuffled = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0)).tolist()
+    mixed = sum(len({sizes[i] for i in batch}) > 1 for batch in batches(drawn))
+    said = f"{mixed} of the pool's {len(batches(drawn))} batches of {micro} mix image sizes; " if by_image_size else ""
+    counted = drawn[per_step:per_step + rows]
+    print(f"  {name}: drawn by length grouping: {said}padding {padding(drawn)} of the batches' tokens (shuffled: "
+          f"{padding(shuffled)}); counted: rows of images {[sizes[i][0] for i in counted]}, "
+          f"{[tokens[i] for i in counted]} tokens", flush=True)
+    return pool.select(counted)
+
+
+def sft_drawn(name, checkpoint, cfg, pool, *, rows: int, work: Path):
+    """The SFT rows counted: as ``as_the_stage_orders`` takes DPO's training rows, where the recipe groups by length;
+    else ``pool``'s first rows."""
+    if not grouped(cfg, "sft"):
+        return pool.select(range(rows))
+    return drawn_by_length(name, cfg, "sft", stage_trainer(checkpoint, cfg, "sft", pool, work), pool, rows)
+
+
+def stage_trainer(checkpoint, cfg, stage: str, rows, work: Path):
+    """The stage's trainer on ``rows`` (hollow): the lengths and order it gives them."""
+    from jobs import checkpoints, flops
     from jobs.families import get_family
 
     family = get_family(checkpoint.family)
     processor = checkpoints.processor(checkpoint)
     config = checkpoints.config(checkpoint, processor.tokenizer)
+    build = dpo_trainer if stage == "dpo" else sft_trainer
     with flops.hollow() as mode:
         model = flops.hollow_model(family.model_class, config, mode)
-        args = args_for(cfg, "dpo", work, batch=1, steps=1, seed_defaults=False)
-        trainer = dpo_trainer("vlmjobs", cfg, family, model, processor, pool, None, args)
-    order = reference_logprobs.batching_order(args, trainer.train_dataset)
-    middle = (len(order) - reference_rows) // 2
-    scored = pool.select(order[middle:middle + reference_rows])
-    if not grouped(cfg, "dpo"):
-        return pool.select(range(rows)), scored
-    train = cfg.dpo.args
-    per_step = train.get("per_device_train_batch_size", 8) * train.get("gradient_accumulation_steps", 1)
-    # the stage's sampler for a first epoch (jobs.upstream.seeded_length_grouping: seeded by the run's seed, here 0)
-    sampler = upstream.SeededLengthGrouping(
-        LengthGroupedSampler(per_step, lengths=trainer.train_dataset[args.length_column_name]), args.seed)
-    drawn, micro = list(sampler), train.get("per_device_train_batch_size", 8)
-    sizes = packing.image_sizes(trainer.train_dataset)
-    mixed = sum(len({sizes[i] for i in drawn[at:at + micro]}) > 1 for at in range(0, len(drawn), micro))
-    drawn = drawn[per_step:per_step + rows]
-    print(f"  {name}: drawn by length grouping: {mixed} of the pool's {len(sizes) // micro} batches of {micro} mix "
-          f"image sizes; counted: rows of images {[sizes[i][0] for i in drawn]}", flush=True)
-    return pool.select(drawn), scored
+        args = args_for(cfg, stage, work, batch=1, steps=1, seed_defaults=False)
+        return build("vlmjobs", cfg, family, model, processor, rows, None, args)
 
 
 def sft_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
@@ -344,6 +388,8 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
             # activation checkpointing recomputes
             evaluated = {"eval": eval_rows, "recompute": rows} if way == "ideal" else eval_rows
             trainer = sft_trainer(way, cfg, family, model, processor, rows, evaluated, args)
+            if grouped(cfg, "sft") and not seed:
+                trainer.args.train_sampling_strategy = "sequential"  # the rows, batched as the sampler drew them
             if way in ("vlmjobs", "padding-free"):
                 out["memory" if way == "vlmjobs" else "memory padding-free"] = recomputes(
                     trainer, cfg, "sft", config, batch, work / way)
@@ -468,7 +514,9 @@ def main() -> None:
             counted["ideal"]["recompute"] = counted["ideal"]["reference"]
         else:
             system = cfg.data.sft.system_prompt
-            rows, eval_rows = sft_rows(options.rows, system), sft_rows(max(4, options.rows // 2), system)
+            pool = sft_rows(options.pool if grouped(cfg, "sft") else options.rows, system)
+            rows = sft_drawn(name, checkpoint, cfg, pool, rows=options.rows, work=work / name.replace(" ", "-") / "order")
+            eval_rows = sft_rows(max(4, options.rows // 2), system)
             counted = count_sft(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"))
         epochs = (1, 2) if stage == "dpo" else (1,)
         for epoch in epochs:
