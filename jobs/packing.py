@@ -182,13 +182,13 @@ def token_counts(collator, rows) -> list[int]:
 
 
 GROUPING = ("group_by_length", "batch_rebalance")  # transformers' samplers that read each row's length
+TOKENS = "tokens_per_row"  # each row's token count, where the length column holds its place by image size instead
 
 
 def grouped_by_length(args) -> bool:
     """Whether the run's rows are batched by transformers' length-grouped sampler: the order ``with_lengths`` gives
     the lengths for and the seed, and the one the reference pass follows."""
     return args.train_sampling_strategy == "group_by_length"
-TOKENS = "tokens_per_row"  # each row's token count, where the length column holds its place by image size instead
 
 
 def with_lengths(trainer, stage: str, *, by_image_size: bool = False) -> bool:
