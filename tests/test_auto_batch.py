@@ -311,7 +311,7 @@ def assert_same_steps(logged: list[dict], expected: list[dict]) -> None:
 def test_on_a_cpu_auto_takes_the_whole_batch_without_recomputation_and_spends_no_step_probing(
         write_recipe, monkeypatch, capsys):
     """A CPU's allocator raises no OutOfMemoryError, so a probe there always found that the first try fits, after a
-    training step on the longest rows: in the real-geometry SFT bench 28.9 s of a 127 s run, on the same answer.
+    training step on the longest rows: in the real-geometry SFT bench 28.9 s of a 152.9 s run, for that answer.
     Now the stage takes that answer without the step; the training is the one the settings given directly give."""
     monkeypatch.setattr(auto_batch, "can_run_out_of_memory", CAN_RUN_OUT_OF_MEMORY)  # the stage's own answer
     both = {**TRAIN, "effective_batch_size": 4,
