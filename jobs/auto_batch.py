@@ -165,7 +165,6 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     say = print if is_main_process() else (lambda *a, **k: None)
     over = f"{processes} processes" if processes > 1 else "1 process"
     where = f"recorded in {recorded['path']}" if recorded else f"effective batch {per_process * processes} over {over}"
-    started = time.time()
     settled = " and ".join(f"{k} auto" for k, auto in (("per_device_train_batch_size", auto_micro),
                                                        ("activation_checkpointing", auto_checkpointing)) if auto)
     how = _recomputing(choices[0]) if auto_checkpointing else ""
@@ -178,6 +177,7 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
         say(f"{stage.name}: {settled}: micro-batch {top}{how} ({where}), not probed: a {accelerator.device.type} "
             "raises no out-of-memory error to catch", flush=True)
     else:
+        started = time.time()
         longest, tokens = longest_rows(trainer, per_process)
         say(f"{stage.name}: {settled}: starting at micro-batch {top}{how} ({where}); probing with the {top} longest "
             f"training rows ({tokens[:top][-1]} to {tokens[0]} tokens, of {len(trainer.train_dataset)} rows counted in "

@@ -171,8 +171,9 @@ def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_row
 
     - training: where the recipe groups rows by length, the ``rows`` rows that the stage's seeded LengthGroupedSampler
       (over the recipe's micro-batch times accumulation, sorting megabatches of up to 50 such optimizer steps by the
-      stage's lengths: jobs.packing.with_lengths) draws in a first epoch, in its order, from its second optimizer step on
-      (it swaps the pool's longest row into the first batch, once an epoch); else the pool's first rows, in no order;
+      stage's lengths: jobs.packing.with_lengths) draws in a first epoch, in its order, from its second optimizer
+      step on (it swaps the pool's longest row into the first batch, once an epoch); else the pool's first rows, in
+      no order (``drawn_by_length``);
     - reference: ``reference_rows`` consecutive rows from the middle of the order the reference pass batches a split in
       (jobs.reference_logprobs.batching_order: shortest text first, or the stage's lengths where it groups).
 
@@ -191,9 +192,10 @@ def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_row
 
 
 def drawn_by_length(name, cfg, stage: str, trainer, pool, rows: int):
-    """The ``rows`` rows of ``pool`` that the stage's seeded LengthGroupedSampler draws in a first epoch, from its second
-    optimizer step on, over the lengths ``trainer`` (the stage's, built on ``pool``) gave the rows (see
-    ``as_the_stage_orders``); says how many of the pool's micro-batches mix image sizes or tokens."""
+    """The ``rows`` rows of ``pool`` that the stage's seeded LengthGroupedSampler draws in a first epoch, from its
+    second optimizer step on, over the lengths ``trainer`` (the stage's, built on ``pool``) gave the rows (see
+    ``as_the_stage_orders``). Prints the share of the pool's batch tokens that is padding, grouped and shuffled, and
+    where rows are ordered by image size, how many of its micro-batches still mix sizes."""
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -214,7 +216,8 @@ def drawn_by_length(name, cfg, stage: str, trainer, pool, rows: int):
         return [order[at:at + micro] for at in range(0, len(order), micro)]
 
     def padding(order: list[int]) -> str:
-        padded = sum(max(tokens[i] for i in batch) * len(batch) - sum(tokens[i] for i in batch) for batch in batches(order))
+        padded = sum(max(tokens[i] for i in batch) * len(batch) - sum(tokens[i] for i in batch)
+                     for batch in batches(order))
         return f"{padded / (padded + sum(tokens)):.1%}"
 
     shuffled = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0)).tolist()
@@ -301,8 +304,8 @@ def recomputes(trainer, cfg, stage: str, config, batch: int, work: Path) -> dict
     (jobs.memory.for_stage, from the checkpoint's config) in ``resources.gpu_memory_gib``. The hollow step runs in
     float32: an estimate of a bf16 run's, not a bound (under autocast the norms and adapters keep float32 tensors
     beside the bf16 casts: SmolVLM DPO's longest pair kept 42.9 GB under the CPU's bf16 autocast, 41.8 GB in
-    float32). Turns recomputation on in ``trainer`` where they do not
-    fit. A recipe that says true or false is taken at its word."""
+    float32). Turns recomputation on in ``trainer`` where they do not fit. A recipe that says true or false is taken
+    at its word."""
     from jobs import auto_batch, flops, memory
 
     args = getattr(cfg, stage).args
@@ -445,7 +448,8 @@ def memory_note(name: str, settled: dict) -> str:
     if "activations" not in settled:
         return f"{name}: activation checkpointing {'on' if settled['recompute'] else 'off'}, as the recipe says"
     return (f"{name}: activation_checkpointing auto: micro-batch {settled['batch']} of the longest counted rows keeps "
-            f"{settled['activations']:.1f} GB of activations (float32, an estimate of bf16's) beside {settled['weights']:.1f} GB "
+            f"{settled['activations']:.1f} GB of activations (float32, an estimate of bf16's) beside "
+            f"{settled['weights']:.1f} GB "
             f"of weights, gradients and optimizer states, {'over' if settled['recompute'] else 'within'} the GPU's "
             f"{settled['room']:.1f} GB: {'recomputed' if settled['recompute'] else 'not recomputed'}")
 
@@ -515,7 +519,8 @@ def main() -> None:
         else:
             system = cfg.data.sft.system_prompt
             pool = sft_rows(options.pool if grouped(cfg, "sft") else options.rows, system)
-            rows = sft_drawn(name, checkpoint, cfg, pool, rows=options.rows, work=work / name.replace(" ", "-") / "order")
+            rows = sft_drawn(name, checkpoint, cfg, pool, rows=options.rows,
+                             work=work / name.replace(" ", "-") / "order")
             eval_rows = sft_rows(max(4, options.rows // 2), system)
             counted = count_sft(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"))
         epochs = (1, 2) if stage == "dpo" else (1,)
