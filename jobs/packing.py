@@ -97,6 +97,84 @@ def pack(batch: dict, rope_index=None) -> dict:
     return packed
 
 
+# Under sdpa, transformers attends a packed row through one block-diagonal mask over the whole joined batch: every
+# query-key pair of it computed, (8L)^2 for eight rows of L tokens against 8 L^2, and no flash kernel (it takes no
+# mask). The padding-free text attention runs sdpa on each row instead, causal and maskless: what flash attention's
+# varlen kernels do, with the kernels torch ships.
+ROW_SDPA = "sdpa_by_row"  # its name in transformers' AttentionInterface and AttentionMaskInterface
+
+
+def unpad(trainer, model) -> str:
+    """Make ``trainer``'s batches padding-free (TRL refuses ``padding_free`` for vision data: its collator's batches,
+    unpadded) and ``model``'s text attend each row alone (``attend_by_row``); the text attention it now runs."""
+    trainer.data_collator = PaddingFree(trainer.data_collator, trainer.model)
+    return attend_by_row(model)
+
+
+def attend_by_row(model) -> str:
+    """Switch ``model``'s text attention from sdpa to ROW_SDPA (registered here with transformers' public attention
+    interfaces); the vision tower's is left as it is. Returns the text attention the model now runs."""
+    config = getattr(model.config, "text_config", None)
+    if config is None:
+        raise RuntimeError(f"padding-free: {type(model.config).__name__} has no text_config to set the attention of")
+    from jobs import upstream
+
+    attention = upstream.attention_implementation(config)
+    if attention != "sdpa":
+        return attention
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ROW_SDPA, _sdpa_by_row)
+    AttentionMaskInterface.register(ROW_SDPA, AttentionMaskInterface()["sdpa"])  # where a batch is not packed: sdpa's
+    model.set_attn_implementation({"text_config": ROW_SDPA})
+    return upstream.attention_implementation(config)
+
+
+def _sdpa_by_row(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """transformers' sdpa attention on each row of a packed batch (position_ids restarting, one sequence), causal and
+    without a mask, the rows' outputs joined; anything else (a padded batch, cross-attention, a row longer than a
+    sliding window, a non-causal module) is sdpa's as transformers runs it, with the mask it built."""
+    import torch
+    from transformers import AttentionInterface
+
+    sdpa = AttentionInterface()["sdpa"]
+    lengths = None
+    if (position_ids is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2] == position_ids.shape[-1]
+            and kwargs.get("is_causal", getattr(module, "is_causal", True))):
+        lengths = _row_lengths(position_ids)
+        window = kwargs.get("sliding_window")  # a row within it sees every token before it: plain causal attention
+        if window is not None and max(lengths) > window:
+            lengths = None
+    if lengths is None or len(lengths) == 1:
+        return sdpa(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+    kwargs = {name: value for name, value in kwargs.items() if name != "is_causal"}
+    rows = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+    outputs = [sdpa(module, q, k, v, None, is_causal=True, **kwargs)[0] for q, k, v in rows]
+    return torch.cat(outputs, dim=1), None  # (1, tokens, heads, head_dim) as sdpa's
+
+
+class _LastRowLengths:
+    """The rows' lengths of the position_ids the layers of one forward are all handed: read from the device once a
+    forward, not once a layer. A new row starts where a position does not follow the one before (transformers'
+    ``find_packed_sequence_indices``)."""
+
+    def __init__(self):
+        self.positions, self.lengths = None, None
+
+    def __call__(self, position_ids) -> list[int]:
+        if position_ids is not self.positions:  # held, so its id is not reused by another tensor
+            import torch
+
+            positions = position_ids.reshape(-1)
+            starts = torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1
+            bounds = [0, *starts.tolist(), positions.numel()]
+            self.positions, self.lengths = position_ids, [b - a for a, b in zip(bounds, bounds[1:])]
+        return self.lengths
+
+
+_row_lengths = _LastRowLengths()
+
+
 def _one_row_of_images(batch: dict, real) -> dict:
     """Llama 3.2 Vision's image inputs for the packed row: every row's image slots in one row, in order (pixel_values
     (1, batch x images, tiles, ...), aspect_ratio_ids and _mask alike), and each token's cross_attention_mask over its own

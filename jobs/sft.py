@@ -58,13 +58,12 @@ def main(recipe: str = "", force: bool = False, **overrides):
         trainer.data_collator = turns.EveryAnswer(trainer.data_collator, trainer.processing_class)
     padding_free = packing.enabled(cfg.sft.padding_free, family, upstream.attention_implementation(model.config))
     grouped = packing.with_lengths(trainer, "sft", by_image_size=family.pads_images_to_batch)  # group_by_length
-    if padding_free:  # TRL refuses padding_free for vision data; its collator's batches, unpadded
-        trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
+    attention = packing.unpad(trainer, model) if padding_free else None  # the text's attention, by row under sdpa
     # per_device_train_batch_size: auto; before start prints the batch
     batch = auto_batch.fit(stage, trainer, cfg.sft, model=cfg.model, precision=precision)
     checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train),
-                                extra={"method": cfg.sft.method, "sharded over": shards, "padding-free": padding_free,
-                                       "batched by length": grouped})
+                                extra={"method": cfg.sft.method, "sharded over": shards,
+                                       "padding-free": attention or False, "batched by length": grouped})
     with auto_batch.out_of_memory_in_training("sft", batch):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     training.stop_if_interrupted(trainer, "sft")

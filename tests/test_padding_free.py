@@ -69,10 +69,29 @@ def loss_and_grads(trainer, model, batch):
     return loss.detach(), grads, None if count is None else int(count)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+class AttentionCalls:
+    """The query length of every maskless causal call to torch's sdpa (how ROW_SDPA attends a packed row's text), and
+    the query and key lengths of every other call."""
+
+    def __init__(self, monkeypatch):
+        self.causal, self.other = [], []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+            if is_causal and attn_mask is None:
+                self.causal.append(query.shape[-2])
+            else:
+                self.other.append((query.shape[-2], key.shape[-2]))
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+
+
+# sdpa_by_row: sdpa as the sft stage runs it on padding-free batches (packing.attend_by_row), each row attended alone
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_by_row"])
 @pytest.mark.parametrize("family", PACKED_FAMILIES)
-def test_padding_free_loss_and_gradients_equal_padded_sft(family, attn, tiny_model, tmp_path):
-    trainer, model = trainer_for(family, tiny_model(family), tmp_path, attn)
+def test_padding_free_loss_and_gradients_equal_padded_sft(family, attn, tiny_model, tmp_path, monkeypatch):
+    trainer, model = trainer_for(family, tiny_model(family), tmp_path, "sdpa" if attn == "sdpa_by_row" else attn)
     examples = rows(3)
     padded = trainer.data_collator([dict(e) for e in examples])
     assert (padded["attention_mask"] == 0).any(), "the rows must differ in length, or there is nothing to unpad"
@@ -80,7 +99,16 @@ def test_padding_free_loss_and_gradients_equal_padded_sft(family, attn, tiny_mod
     assert "attention_mask" not in packed and packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
 
     padded_loss, padded_grads, padded_count = loss_and_grads(trainer, model, padded)
+    if attn == "sdpa_by_row":
+        assert packing.attend_by_row(model) == packing.ROW_SDPA
+        calls = AttentionCalls(monkeypatch)
     packed_loss, packed_grads, packed_count = loss_and_grads(trainer, model, packed)
+    if attn == "sdpa_by_row":  # the text layers attended each row alone, as often as each other, and none the batch
+        row_lengths = padded["attention_mask"].sum(dim=1).tolist()
+        layers = len(calls.causal) // len(row_lengths)  # mllama's cross-attention layers are not among them
+        assert layers >= 1 and sorted(calls.causal) == sorted(row_lengths * layers), calls.causal
+        joined = packed["input_ids"].shape[1]
+        assert (joined, joined) not in calls.other, calls.other  # mllama's cross-attention: (joined, image tokens)
     assert packed_count == padded_count, "num_items_in_batch (the loss's normaliser) must count the same tokens"
     torch.testing.assert_close(packed_loss, padded_loss, **LOSS_TOLERANCE)
     assert packed_grads.keys() == padded_grads.keys()

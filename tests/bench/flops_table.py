@@ -275,7 +275,7 @@ def sft_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
         packing.with_lengths(trainer, "sft", by_image_size=family.pads_images_to_batch)
         attention = upstream_attention(model)
         if packing.enabled(True if way == "padding-free" else cfg.sft.padding_free, family, attention):
-            trainer.data_collator = packing.PaddingFree(trainer.data_collator, trainer.model)
+            packing.unpad(trainer, model)
     return trainer
 
 
