@@ -25,6 +25,9 @@ class Checkpoint:
     processor: dict = field(default_factory=dict)  # the processor's own kwargs (image tokens per image)
     image_token: str = "<image>"  # the placeholder the config's image_token_id names
     rows: dict = field(default_factory=dict)  # the recipe's data: rows in the train and eval splits, as prepared
+    # The source script's (per_device_train_batch_size, gradient_accumulation_steps), where the recipe leaves the
+    # micro-batch to the stage (per_device_train_batch_size: auto) and keeps the script's effective batch
+    source_batch: tuple[int, int] | None = None
 
 
 IDEFICS2_8B = Checkpoint(
@@ -79,6 +82,7 @@ QWEN2_VL_7B = Checkpoint(
                                "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280}),
     image_token="<|image_pad|>",
     rows={"train": 2_830, "eval": 192},  # ChartQA train[:10%] and val[:10%]
+    source_batch=(4, 8),  # the cookbook's SFTConfig
 )
 
 SMOLVLM = Checkpoint(

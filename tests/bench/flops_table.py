@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from jobs.auto_batch import AUTO  # noqa: E402  (jobs.auto_batch imports no third-party library at import)
+
 UNCOUNTED: dict[str, str] = {}  # families whose hollow run is not yet hollow throughout, and why
 
 
@@ -129,16 +131,21 @@ def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaul
 def schedule(cfg, stage: str, checkpoint, *, seed_defaults: bool) -> dict:
     """An epoch of the recipe's data: optimizer steps and evaluations (as the recipe's args and the stage's defaults,
     or TRL's, set eval_strategy and eval_steps)."""
-    from jobs import training
+    from jobs import auto_batch, training
 
     train = getattr(cfg, stage)
     args = {**training.STAGE_DEFAULTS, **({} if seed_defaults or stage == "dpo" else training.SFT_DEFAULTS), **train.args}
-    effective = args.get("per_device_train_batch_size", 8) * args.get("gradient_accumulation_steps", 1)
+    if auto_batch.is_auto(args):  # the stage settles the micro-batch (predicted by ``settles``), the script had its own
+        effective = train.effective_batch_size
+        batch = checkpoint.source_batch[0] if seed_defaults else auto_batch.AUTO
+    else:
+        effective = args.get("per_device_train_batch_size", 8) * args.get("gradient_accumulation_steps", 1)
+        batch = args.get("per_device_train_batch_size", 8)
     steps = math.ceil(checkpoint.rows["train"] / effective)
     evals = 0
     if args.get("eval_strategy") == "steps":
         evals = steps // args.get("eval_steps", args["save_steps"])
-    return {"steps": steps, "evals": evals, "batch": args.get("per_device_train_batch_size", 8)}
+    return {"steps": steps, "evals": evals, "batch": batch, "effective": effective}
 
 
 def dpo_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
@@ -203,6 +210,8 @@ def drawn_by_length(name, cfg, stage: str, trainer, pool, rows: int):
 
     train, args = getattr(cfg, stage).args, trainer.args
     micro = train.get("per_device_train_batch_size", 8)
+    if micro == AUTO:  # the sampler's megabatches are of the micro-batch the stage settles, known only after the draw
+        raise SystemExit(f"{name}: rows grouped by length under per_device_train_batch_size auto are not drawn here")
     per_step = micro * train.get("gradient_accumulation_steps", 1)
     # the stage's sampler for a first epoch (jobs.upstream.seeded_length_grouping: seeded by the run's seed, here 0)
     sampler = upstream.SeededLengthGrouping(
@@ -297,28 +306,60 @@ def memory_before_activations(cfg, stage: str, config, folder: Path) -> float:
     return memory.for_stage(local, stage)[0].total
 
 
-def recomputes(trainer, cfg, stage: str, config, batch: int, work: Path) -> dict:
-    """What ``activation_checkpointing: auto`` settles on the recipe's GPU, predicted from counts: whether one training
-    step of ``batch`` of the counted rows (the longest, as the stage's probe takes them) keeps activations (counted by
-    jobs.flops.saved_for_backward, without recomputation) that fit beside the weights, gradients and optimizer states
-    (jobs.memory.for_stage, from the checkpoint's config) in ``resources.gpu_memory_gib``. The hollow step runs in
-    float32: an estimate of a bf16 run's, not a bound (under autocast the norms and adapters keep float32 tensors
-    beside the bf16 casts: SmolVLM DPO's longest pair kept 42.9 GB under the CPU's bf16 autocast, 41.8 GB in
-    float32). Turns recomputation on in ``trainer`` where they do not fit. A recipe that says true or false is taken
-    at its word."""
+def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
+    """What the recipe's ``auto`` settings settle on its GPU (jobs.auto_batch.fit), predicted from counts, in the
+    probe's order: without recomputation, the micro-batch ``batch`` (every one from the whole per-process batch down,
+    halving as the probe does, where ``batch`` is auto), the first whose training step of the longest counted rows
+    keeps activations (counted by jobs.flops.saved_for_backward) that fit beside the weights, gradients and optimizer
+    states (jobs.memory.for_stage, from the checkpoint's config) in ``resources.gpu_memory_gib``; else recomputation
+    at the first micro-batch. A micro-batch of more rows than were counted is taken as the counted rows' activations,
+    scaled by its size. The hollow step runs in float32: an estimate of a bf16 run's, not a bound (under autocast the
+    norms and adapters keep float32 tensors beside the bf16 casts: SmolVLM DPO's longest pair kept 42.9 GB under the
+    CPU's bf16 autocast, 41.8 GB in float32). A recipe that says true or false is taken at its word. ``trainer``
+    holds the counted rows; ``as_settled`` sets what is predicted on it."""
     from jobs import auto_batch, flops, memory
 
-    args = getattr(cfg, stage).args
-    if not auto_batch.checkpointing_is_auto(args):
-        return {"recompute": bool(trainer.args.activation_checkpointing)}
+    train = getattr(cfg, stage)
+    auto_micro = batch == auto_batch.AUTO
+    if not auto_batch.checkpointing_is_auto(train.args):
+        if auto_micro:
+            raise SystemExit(f"{stage}: per_device_train_batch_size auto is predicted with activation_checkpointing: auto")
+        return {"recompute": bool(trainer.args.activation_checkpointing), "batch": batch}
     weights = memory_before_activations(cfg, stage, config, work / "config")
-    longest, _ = auto_batch.longest_rows(trainer, batch)
-    activations = flops.training_step_activations(trainer, trainer.train_dataset.select(longest)) / memory.GB
     room = memory.gpu_gb(cfg.resources_for(stage).gpu_memory_gib)
-    recompute = weights + activations > room
-    if recompute:
+    counted = len(trainer.train_dataset)
+    longest, _ = auto_batch.longest_rows(trainer, counted)
+    per_process = train.effective_batch_size if auto_micro else batch  # one process: the recipes' one GPU
+    measured = {}
+
+    def activations(micro: int) -> float:
+        rows = min(micro, counted)
+        if rows not in measured:
+            measured[rows] = flops.training_step_activations(trainer, trainer.train_dataset.select(longest[:rows]))
+        return measured[rows] * micro / rows / memory.GB
+
+    micro, tried, recompute = per_process, [], False
+    while weights + activations(micro) > room:
+        tried.append(micro)
+        if not auto_micro or micro == 1:  # none fits without: recomputed, from the top again
+            recompute, micro = True, per_process
+            break
+        micro = auto_batch.smaller(micro, per_process)
+    return {"recompute": recompute, "weights": weights, "activations": activations(micro), "room": room,
+            "batch": micro, "tried": tried if auto_micro else [], "counted": counted}
+
+
+def as_settled(name: str, trainer, settled: dict) -> None:
+    """Set on ``trainer`` what ``settles`` predicts, as jobs.auto_batch.fit sets it: recomputation, and the
+    micro-batch, one step a batch over the counted rows."""
+    from jobs import auto_batch, upstream
+
+    if settled["recompute"]:
         auto_batch.recompute_activations(trainer, True)
-    return {"recompute": recompute, "weights": weights, "activations": activations, "room": room, "batch": batch}
+    before = trainer.args.train_batch_size
+    trainer.args.per_device_train_batch_size = settled["batch"]
+    trainer.args.max_steps = steps_of(name, trainer.train_dataset, settled["batch"])
+    upstream.set_train_batch_size(trainer, before)
 
 
 def steps_of(name: str, rows, batch: int) -> int:
@@ -344,13 +385,15 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
         with flops.hollow() as mode:
             model = flops.hollow_model(family.model_class, config, mode)
             batch = 1 if way == "ideal" else schedule(cfg, "dpo", checkpoint, seed_defaults=seed)["batch"]
-            steps = steps_of(name, rows, batch)
-            args = args_for(cfg, "dpo", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
+            settled, batch = batch, len(rows) if batch == AUTO else batch  # auto: settled on the counted rows
+            args = args_for(cfg, "dpo", work / way, batch=batch, steps=steps_of(name, rows, batch), seed_defaults=seed,
+                            ideal=way == "ideal")
             trainer = dpo_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             phases = {}
             if way == "vlmjobs":  # reads the cached reference's columns, added below: settled before them
                 with reference_logprobs.as_if_cached(trainer):
-                    out["memory"] = recomputes(trainer, cfg, "dpo", config, batch, work / way)
+                    out["memory"] = settles(trainer, cfg, "dpo", config, settled, work / way)
+                as_settled(name, trainer, out["memory"])
             if not seed:  # the reference's log-probs computed once, then read from the batches
                 scored = reference_rows
                 if grouped(cfg, "dpo"):  # batched in the order of the lengths the stage gives the rows
@@ -365,7 +408,7 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
                     zeros = [0.0] * len(data)
                     setattr(trainer, split, data.add_column(reference_logprobs.COLUMNS[0], zeros)
                             .add_column(reference_logprobs.COLUMNS[1], zeros))
-            phases["train"] = flops.count_training(trainer, steps * batch)
+            phases["train"] = flops.count_training(trainer, len(rows))
             phases["eval"] = flops.count_evaluation(trainer)  # the ideal's: one pair a batch
             out[way] = phases
         print(f"  {name}: {way} counted", flush=True)
@@ -385,8 +428,9 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
         with flops.hollow() as mode:
             model = flops.hollow_model(family.model_class, config, mode)
             batch = 1 if way == "ideal" else schedule(cfg, "sft", checkpoint, seed_defaults=seed)["batch"]
-            steps = steps_of(name, rows, batch)
-            args = args_for(cfg, "sft", work / way, batch=batch, steps=steps, seed_defaults=seed, ideal=way == "ideal")
+            settled, batch = batch, len(rows) if batch == AUTO else batch  # auto: settled on the counted rows
+            args = args_for(cfg, "sft", work / way, batch=batch, steps=steps_of(name, rows, batch), seed_defaults=seed,
+                            ideal=way == "ideal")
             # the ideal's evaluation is one row a batch; its "recompute", a forward of each train row alone, is what
             # activation checkpointing recomputes
             evaluated = {"eval": eval_rows, "recompute": rows} if way == "ideal" else eval_rows
@@ -394,9 +438,10 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
             if grouped(cfg, "sft") and not seed:
                 trainer.args.train_sampling_strategy = "sequential"  # the rows, batched as the sampler drew them
             if way in ("vlmjobs", "padding-free"):
-                out["memory" if way == "vlmjobs" else "memory padding-free"] = recomputes(
-                    trainer, cfg, "sft", config, batch, work / way)
-            out[way] = {"train": flops.count_training(trainer, steps * batch)}
+                memory = out["memory" if way == "vlmjobs" else "memory padding-free"] = settles(
+                    trainer, cfg, "sft", config, settled, work / way)
+                as_settled(name, trainer, memory)
+            out[way] = {"train": flops.count_training(trainer, len(rows))}
             if way == "ideal":
                 out[way]["eval"] = flops.count_evaluation(trainer, "eval")
                 out[way]["recompute"] = flops.count_evaluation(trainer, "recompute")
@@ -447,8 +492,14 @@ def ideal_reference(name, checkpoint, cfg, rows, work: Path) -> float:
 def memory_note(name: str, settled: dict) -> str:
     if "activations" not in settled:
         return f"{name}: activation checkpointing {'on' if settled['recompute'] else 'off'}, as the recipe says"
-    return (f"{name}: activation_checkpointing auto: micro-batch {settled['batch']} of the longest counted rows keeps "
-            f"{settled['activations']:.1f} GB of activations (float32, an estimate of bf16's) beside "
+    tried = ""
+    if settled["tried"]:  # per_device_train_batch_size auto
+        over = [micro for micro in settled["tried"] if micro > settled["counted"]]
+        scaled = f" ({', '.join(map(str, over))} scaled from the {settled['counted']} counted)" if over else ""
+        tried = (f"per_device_train_batch_size auto: micro-batches {', '.join(map(str, settled['tried']))} do not fit "
+                 f"without recomputation{scaled}; ")
+    return (f"{name}: {tried}activation_checkpointing auto: micro-batch {settled['batch']} of the longest counted rows "
+            f"keeps {settled['activations']:.1f} GB of activations (float32, an estimate of bf16's) beside "
             f"{settled['weights']:.1f} GB "
             f"of weights, gradients and optimizer states, {'over' if settled['recompute'] else 'within'} the GPU's "
             f"{settled['room']:.1f} GB: {'recomputed' if settled['recompute'] else 'not recomputed'}")
