@@ -4,7 +4,8 @@ TRL 1.16's SFTTrainer refuses ``padding_free`` and ``packing`` for vision data, 
 batch to its longest row; with dynamic-resolution images (Qwen2-VL) rows differ several-fold in length. transformers 5
 turns restarting ``position_ids`` with no ``attention_mask`` into a block-diagonal causal mask
 (``masking_utils.find_packed_sequence_indices``) for eager, sdpa and flex attention, and into varlen kernels for flash
-attention, so each row sees only itself, with the positions it has in a padded batch.
+attention, so each row sees only itself, with the positions it has in a padded batch. A mask over the joined batch
+costs every query-key pair of it, so under sdpa the text attends each row alone instead (``attend_by_row``).
 
 ``PaddingFree`` wraps the collator SFTTrainer built (its labels, completion-only masking and image inputs unchanged)
 and takes the padding out of what it returns:
@@ -35,7 +36,8 @@ MROPE_KEY = "mrope_position_ids"  # Qwen2-VL's (temporal, height, width) rotary 
 
 def enabled(setting: bool | None, family: Family, attn_implementation: str | None) -> bool:
     """Whether SFT batches go padding-free: ``sft.padding_free`` (None: where the family supports it and the attention
-    implementation attends within each row, ``VARLEN_ATTENTION``); true where they do not is the user's error."""
+    implementation attends within each row, ``VARLEN_ATTENTION``, sdpa as ``attend_by_row`` runs it); true where they
+    do not is the user's error."""
     why_not = family.why_not_packed(attn_implementation)
     if setting is None:
         return why_not is None and attn_implementation in VARLEN_ATTENTION

@@ -167,8 +167,10 @@ def test_recipe_refuses_padding_free_where_it_cannot_work():
                            "sft": {"padding_free": True}})
     default = recipes.from_dict({**base, "model": {"name_or_path": "x", "family": "llava"}})
     assert default.sft.padding_free is None
-    assert packing.enabled(default.sft.padding_free, get_family("llava"), "sdpa") is False, "a whole-batch mask: slower"
+    assert packing.enabled(default.sft.padding_free, get_family("llava"), "sdpa") is True, "attended by row (issue 24)"
     assert packing.enabled(default.sft.padding_free, get_family("llava"), "flash_attention_2") is True
+    for joined in ("eager", "flex_attention"):  # a mask over the whole joined batch: opt-in
+        assert packing.enabled(default.sft.padding_free, get_family("llava"), joined) is False, joined
     assert packing.enabled(True, get_family("llava"), "sdpa") is True
     assert packing.enabled(False, get_family("llava"), "sdpa") is False
 

@@ -31,7 +31,7 @@ def test_adapter_methods_save_an_adapter_that_rebuilds_on_the_base(write_recipe,
     record = contract.read_json(out / contract.SUCCESS_FILE)
     assert modeling.is_adapter(out / "model")
     assert record["quantized"] is (method == "qlora")
-    assert record["padding_free"] is False, "issue 12: padded by default with sdpa (padding-free is on with flash attention)"
+    assert record["padding_free"] is True, "issue 24: padding-free by default with sdpa, each row attended alone"
     assert record["metrics"]["train_loss"] > 0
     assert modeling.read_lineage(recipe.run_dir, "sft") == {"base": "base", "merged": [], "adapter": "sft/model"}
     tensorboard = recipe.run_dir / ".sft.partial" / "tensorboard"
