@@ -129,11 +129,17 @@ def run_case(name: str, options, work: Path) -> dict:
                                  dtype=dtype, work=work)
     if cuda:  # from the loaded weights on: the bf16 copy that 4-bit loading was made from is gone
         torch.cuda.reset_peak_memory_stats()
-    batch = flops_table.schedule(cfg, stage, checkpoint, seed_defaults=way == "trl")["batch"]
-    rows = (flops_table.dpo_rows(batch * options.steps, None) if stage == "dpo"
-            else flops_table.sft_rows(batch * options.steps, cfg.data.sft.system_prompt))
-    args = flops_table.args_for(cfg, stage, work / name.replace(" ", "-").replace(",", ""), batch=batch,
-                                steps=options.steps, seed_defaults=way == "trl", dtype=dtype)
+    schedule = flops_table.schedule(cfg, stage, checkpoint, seed_defaults=way == "trl")
+    # per_device_train_batch_size auto: the stage's search starts from the whole per-process batch (one GPU), and
+    # its longest rows are among these; the micro-batch it settles cycles over them
+    auto = schedule["batch"] == flops_table.AUTO
+    batch = schedule["effective"] if auto else schedule["batch"]
+    count = batch if auto else batch * options.steps
+    rows = (flops_table.dpo_rows(count, None) if stage == "dpo"
+            else flops_table.sft_rows(count, cfg.data.sft.system_prompt))
+    case_work = work / name.replace(" ", "-").replace(",", "")
+    args = flops_table.args_for(cfg, stage, case_work, batch=batch, steps=options.steps, seed_defaults=way == "trl",
+                                dtype=dtype)
     build = flops_table.dpo_trainer if stage == "dpo" else flops_table.sft_trainer
     trainer = build(way, cfg, family, model, processor, rows, None, args)
     started = time.time()
@@ -143,7 +149,8 @@ def run_case(name: str, options, work: Path) -> dict:
                                  .add_column(reference_logprobs.COLUMNS[1], rejected.tolist()))
         reference_logprobs.read_from_batches(trainer)
     reference_s = time.time() - started
-    recomputed = settle_checkpointing(trainer, getattr(cfg, stage), batch) if way != "trl" else args.activation_checkpointing
+    if way != "trl":
+        settle(trainer, cfg, stage, case_work)
     result = trainer.train()
     seconds = result.metrics["train_runtime"]
     tokens = next(entry["num_tokens"] for entry in reversed(trainer.state.log_history) if "num_tokens" in entry)
@@ -157,22 +164,34 @@ def run_case(name: str, options, work: Path) -> dict:
                                                      work / f"config-{checkpoint.family}")
     out = {"case": name, "steps": options.steps, "tokens/s": tokens / seconds, "reference s": reference_s,
            "TFLOP/step": step_flops / 1e12, "MFU": step_flops * options.steps / seconds / chip if chip else None,
-           "peak GB": peak, "predicted GB": estimate, "attention": attention, "recomputed": bool(recomputed)}
+           "peak GB": peak, "predicted GB": estimate, "attention": text_attention(model),
+           "micro-batch": trainer.args.per_device_train_batch_size,
+           "recomputed": bool(trainer.args.activation_checkpointing)}
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
     return out
 
 
-def settle_checkpointing(trainer, train, batch: int) -> bool:
-    """activation_checkpointing: auto as the stage settles it (jobs.auto_batch): a training step of the ``batch``
-    longest rows without recomputation, and recomputation on where it runs out of memory. Returns whether it is on."""
-    from jobs import auto_batch
+def text_attention(model) -> str:
+    """The attention the model's text runs (padding-free SFT under sdpa: each row alone, jobs.packing.attend_by_row)."""
+    from jobs import upstream
 
-    if auto_batch.checkpointing_is_auto(train.args):
-        longest, _ = auto_batch.longest_rows(trainer, batch)
-        auto_batch.recompute_activations(trainer, not auto_batch.probe(trainer, trainer.train_dataset.select(longest)))
-    return bool(trainer.args.activation_checkpointing)
+    return upstream.attention_implementation(getattr(model.config, "text_config", None) or model.config)
+
+
+def settle(trainer, cfg, stage: str, work: Path) -> None:
+    """The recipe's ``auto`` settings (the micro-batch, activation checkpointing) settled as the stage settles them:
+    by jobs.auto_batch.fit itself, probing on the GPU. An optimizer step is then one micro-batch: the check measures
+    throughput, to which gradient accumulation adds nothing."""
+    from types import SimpleNamespace
+
+    from jobs import auto_batch, modeling
+
+    train = getattr(cfg, stage)
+    placed = SimpleNamespace(name=stage, work=work, out=work)  # where fit keeps what it found (a run's stage folder)
+    auto_batch.fit(placed, trainer, train, model=cfg.model, precision=modeling.training_precision(cfg.model, train))
+    trainer.args.gradient_accumulation_steps = 1
 
 
 def merge_on_cuda(work: Path, options) -> dict:
@@ -223,15 +242,15 @@ def main() -> None:
         print(results[-1], flush=True)
     if not options.only:
         results.append(merge_on_cuda(work, options))
-    print("\n| case | steps | activation checkpointing | tokens/s | TFLOP/step | MFU | peak GB | `vlmjobs memory` GB "
-          "(before activations) |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| case | steps | micro-batch | activation checkpointing | tokens/s | TFLOP/step | MFU | peak GB | "
+          "`vlmjobs memory` GB (before activations) |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         if "tokens/s" not in r:
-            print(f"| {r['case']} | | | | | | | (merged on {r['device']} in {r['seconds']:.1f} s) |")
+            print(f"| {r['case']} | | | | | | | | (merged on {r['device']} in {r['seconds']:.1f} s) |")
             continue
         fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-        print(f"| {r['case']} ({r['attention']}) | {r['steps']} | {'on' if r['recomputed'] else 'off'} | "
+        print(f"| {r['case']} ({r['attention']}) | {r['steps']} | {r['micro-batch']} | {'on' if r['recomputed'] else 'off'} | "
               f"{r['tokens/s']:.0f} | {r['TFLOP/step']:.3g} | "
               f"{fmt(r['MFU'], '.1%')} | {fmt(r['peak GB'], '.1f')} | {fmt(r['predicted GB'], '.1f')} |")
 
