@@ -250,7 +250,8 @@ def main() -> None:
             print(f"| {r['case']} | | | | | | | | (merged on {r['device']} in {r['seconds']:.1f} s) |")
             continue
         fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-        print(f"| {r['case']} ({r['attention']}) | {r['steps']} | {r['micro-batch']} | {'on' if r['recomputed'] else 'off'} | "
+        print(f"| {r['case']} ({r['attention']}) | {r['steps']} | {r['micro-batch']} | "
+              f"{'on' if r['recomputed'] else 'off'} | "
               f"{r['tokens/s']:.0f} | {r['TFLOP/step']:.3g} | "
               f"{fmt(r['MFU'], '.1%')} | {fmt(r['peak GB'], '.1f')} | {fmt(r['predicted GB'], '.1f')} |")
 

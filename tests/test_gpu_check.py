@@ -24,7 +24,8 @@ def test_the_gpu_check_runs_a_case_on_the_cpu_in_miniature(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--tiny", "--steps", "1", "--only", "idefics2-8b DPO, vlmjobs"])
     gpu_check().main()
     # the recipe's activation_checkpointing: auto, settled as the stage settles it: the tiny batch fits without
-    row = re.search(r"^\| idefics2-8b DPO, vlmjobs \(sdpa\) \| 1 \| 2 \| off \| (\d+) \| ([\d.e+-]+) \|  \|  \| ([\d.]+) \|$",
+    row = re.search(r"^\| idefics2-8b DPO, vlmjobs \(sdpa\) \| 1 \| 2 \| off \| (\d+) \| ([\d.e+-]+) \|  \|  \| "
+                    r"([\d.]+) \|$",
                     capsys.readouterr().out, re.MULTILINE)
     assert row, "no table row for the case"
     tokens_per_s, tflop_per_step, predicted_gb = (float(v) for v in row.groups())
@@ -37,12 +38,13 @@ def test_the_gpu_check_settles_an_auto_micro_batch_as_the_stage_does(monkeypatch
     """The Qwen2-VL recipe leaves its micro-batch to the stage (per_device_train_batch_size: auto): the check settles it
     with the stage's own search (jobs.auto_batch.fit), which on a CPU takes the whole per-process batch, the recipe's
     effective batch of 32, unprobed; its padding-free rows attend each alone."""
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--tiny", "--steps", "1", "--only", "qwen2-vl-7b SFT QLoRA, vlmjobs"])
+    case = "qwen2-vl-7b SFT QLoRA, vlmjobs"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--tiny", "--steps", "1", "--only", case])
     gpu_check().main()
     out = capsys.readouterr().out
     assert "micro-batch 32 without activation checkpointing (effective batch 32 over 1 process), not probed" in out
-    row = re.search(r"^\| qwen2-vl-7b SFT QLoRA, vlmjobs \(sdpa_by_row\) \| 1 \| 32 \| off \| (\d+) \| ([\d.e+-]+) \|  \|  \| "
-                    r"([\d.]+) \|$", out, re.MULTILINE)
+    row = re.search(rf"^\| {case} \(sdpa_by_row\) \| 1 \| 32 \| off \| (\d+) \| ([\d.e+-]+) \|  \|  \| ([\d.]+) \|$",
+                    out, re.MULTILINE)
     assert row, "no table row for the case"
     assert 5 < float(row.group(3)) < 7  # QLoRA on the real Qwen2-VL-7B: 4-bit weights, bf16 embeddings and head
 

@@ -241,3 +241,19 @@ def test_padding_free_logs_the_number_of_tokens_trained_on(family, tiny_model, t
     trainer.train()
     logged = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
     assert logged == [int(padded["attention_mask"].sum())]
+
+
+def test_row_lengths_split_where_transformers_sees_a_new_packed_row():
+    """ROW_SDPA splits a packed batch where transformers' own packed-sequence mask starts a new row (a position that
+    does not follow the one before), the oracle here; read once per position tensor (one device sync a forward)."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    for positions in ([0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3], [0, 0, 0], [0, 1, 2, 5, 6, 0, 1], [3, 4, 0, 1, 2]):
+        position_ids = torch.tensor([positions])
+        rows = find_packed_sequence_indices(position_ids)
+        expected = [len(positions)] if rows is None else torch.bincount(rows[0]).tolist()
+        assert packing._LastRowLengths()(position_ids) == expected, positions
+    lengths = packing._LastRowLengths()
+    first = torch.tensor([[0, 1, 0, 1, 2]])
+    assert lengths(first) == [2, 3]
+    assert lengths(torch.tensor([[0, 1, 2, 0, 1]])) == [3, 2], "a new tensor is read again"

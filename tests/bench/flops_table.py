@@ -323,7 +323,8 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
     auto_micro = batch == auto_batch.AUTO
     if not auto_batch.checkpointing_is_auto(train.args):
         if auto_micro:
-            raise SystemExit(f"{stage}: per_device_train_batch_size auto is predicted with activation_checkpointing: auto")
+            raise SystemExit(f"{stage}: per_device_train_batch_size auto is predicted only with "
+                             "activation_checkpointing: auto")
         return {"recompute": bool(trainer.args.activation_checkpointing), "batch": batch}
     weights = memory_before_activations(cfg, stage, config, work / "config")
     room = memory.gpu_gb(cfg.resources_for(stage).gpu_memory_gib)
