@@ -150,14 +150,14 @@ def test_a_family_that_cannot_train_on_earlier_answers_drops_their_rows_and_keep
 def test_multi_turn_rows_train_on_every_answer_through_prepare_and_sft(tmp_path, tiny_model, monkeypatch):
     """llava-instruct-mix-vsft-shaped conversations of one to three turns through the stages: every row SFT trains on
     has its answers labelled, however many turns it holds. The labels are read where the trainer hands the batch to
-    the model."""
+    the model: padding-free (the default under sdpa), one sequence whose positions restart at each row."""
     from trl import SFTTrainer
 
     seen = []
     original = SFTTrainer.compute_loss
 
     def spy(self, model, inputs, *args, **kwargs):
-        seen.append({key: inputs[key].clone() for key in ("input_ids", "labels", "attention_mask")})
+        seen.append({key: inputs[key].clone() for key in ("input_ids", "labels", "position_ids")})
         return original(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(SFTTrainer, "compute_loss", spy)
@@ -175,11 +175,13 @@ def test_multi_turn_rows_train_on_every_answer_through_prepare_and_sft(tmp_path,
     candidates = [expected_answers(card, family, row["messages"]) for row in rows]
     turn_counts = []
     for batch in seen:
-        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
-            runs = labelled_runs(labels[mask == 1].tolist(), ids[mask == 1].tolist())
+        assert batch["input_ids"].shape[0] == 1, "padding-free: the batch's rows joined"
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+        for start, end in zip(starts, starts[1:]):
+            runs = labelled_runs(batch["labels"][0, start:end].tolist(), batch["input_ids"][0, start:end].tolist())
             assert runs in candidates, f"labels of a row: {len(runs)} labelled stretches, not one source row's answers"
             turn_counts.append(len(runs))
-    assert len(seen) == 1 and max(turn_counts) > 1, f"labelled turns per row: {turn_counts}"
+    assert len(seen) == 1 and len(turn_counts) == 4 and max(turn_counts) > 1, f"labelled turns per row: {turn_counts}"
 
 
 def test_dpo_pairs_keep_one_answer_with_earlier_turns_as_their_prompt():

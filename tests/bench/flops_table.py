@@ -357,9 +357,10 @@ def as_settled(name: str, trainer, settled: dict) -> None:
 
     if settled["recompute"]:
         auto_batch.recompute_activations(trainer, True)
+    micro = min(settled["batch"], len(trainer.train_dataset))  # more than the counted rows: all of them, one batch
     before = trainer.args.train_batch_size
-    trainer.args.per_device_train_batch_size = settled["batch"]
-    trainer.args.max_steps = steps_of(name, trainer.train_dataset, settled["batch"])
+    trainer.args.per_device_train_batch_size = micro
+    trainer.args.max_steps = steps_of(name, trainer.train_dataset, micro)
     upstream.set_train_batch_size(trainer, before)
 
 

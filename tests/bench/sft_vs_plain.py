@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--image-sides", default="16,160", help="smallest,largest image side in pixels")
     parser.add_argument("--max-image-tokens", type=int, default=256,
                         help="the tiny processor's pixel budget, in image tokens (the tiny model's own: 16)")
+    parser.add_argument("--without", default="", help="arms left out, by words of their names: e.g. padded (both "
+                        "padded arms) or group_by_length; the plain script, the baseline, always runs")
     parser.add_argument("--out", type=Path, default=None)
     options = parser.parse_args()
     real = options.geometry == "real"
@@ -240,6 +242,8 @@ def main() -> None:
     }
     if options.one_size:  # rows of one image size are all about as long: nothing to group
         del arms["vlmjobs run (prepare + sft, padded, group_by_length)"]
+    left_out = [word for word in options.without.split(",") if word]
+    arms = {name: run for name, run in arms.items() if name.startswith("plain") or not any(w in name for w in left_out)}
     results: dict[str, list[dict]] = {name: [] for name in arms}
     names = list(arms)
     for i in range(options.repeats):
