@@ -8,7 +8,8 @@ prediction for the stage (weights, reference, gradients and optimizer: activatio
 
     cases: idefics2-8b DPO (vlmjobs: shared prefix, cached reference; TRL: reference at every step),
            qwen2-vl-7b SFT QLoRA 4-bit (vlmjobs, TRL), SmolVLM SFT padding-free with the best attention available
-           (flash_attention_2 where flash-attn is installed, else flex_attention), and merging SmolVLM's adapter on CUDA.
+           (flash_attention_2 where flash-attn is installed, else sdpa, which padding-free SFT runs on each row alone:
+           the image has no compiler for flex_attention's kernels), and merging SmolVLM's adapter on CUDA.
 
 The GPU machines may carry their own torch and no network: ``--wheels DIR`` installs, with pip and no index, the
 project's other locked wheels the check imports (WHEELS: pure Python, plus bitsandbytes and docopt's sdist) from DIR
@@ -60,7 +61,7 @@ def install(wheels: Path) -> None:
 def best_attention() -> str:
     import importlib.util
 
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"  # sdpa: by row, padding-free
 
 
 def peak_flops(device: str) -> float | None:
