@@ -27,7 +27,7 @@ PACKED_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "fla
 # attention's varlen kernels do; sdpa does as the sft stage runs it (jobs.packing.attend_by_row: sdpa on each row).
 # Eager and flex materialise one mask over the whole joined batch, whose attention grows with its length squared
 # (eight rows of L tokens: (8L)^2 against 8 L^2); `make bench` measured padding-free SFT with sdpa so at 0.58x padded.
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa")
+PER_ROW_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa")
 
 # PaliGemma's own format is a prefix and a suffix: "<image>...<bos>{prefix}\n" attended bidirectionally, then
 # "{suffix}<eos>" causally. The processor writes the "<bos>" and "\n" itself around a text that starts with the image

@@ -27,7 +27,7 @@ torch is imported only where a batch is packed.
 from __future__ import annotations
 
 from jobs.contract import UserError, is_main_process
-from jobs.families import VARLEN_ATTENTION, Family
+from jobs.families import PER_ROW_ATTENTION, Family
 
 TOKEN_KEYS = ("input_ids", "labels", "token_type_ids", "mm_token_type_ids")  # one value per token, per row
 IMAGE_SLOT_KEYS = ("pixel_values", "pixel_attention_mask")  # Idefics2/3: (batch, images per row, ...)
@@ -36,11 +36,11 @@ MROPE_KEY = "mrope_position_ids"  # Qwen2-VL's (temporal, height, width) rotary 
 
 def enabled(setting: bool | None, family: Family, attn_implementation: str | None) -> bool:
     """Whether SFT batches go padding-free: ``sft.padding_free`` (None: where the family supports it and the attention
-    implementation attends within each row, ``VARLEN_ATTENTION``, sdpa as ``attend_by_row`` runs it); true where they
+    implementation attends within each row, ``PER_ROW_ATTENTION``, sdpa as ``attend_by_row`` runs it); true where they
     do not is the user's error."""
     why_not = family.why_not_packed(attn_implementation)
     if setting is None:
-        return why_not is None and attn_implementation in VARLEN_ATTENTION
+        return why_not is None and attn_implementation in PER_ROW_ATTENTION
     if setting and why_not:
         raise UserError(f"sft.padding_free: {why_not}; set it false (or remove the key)")
     return setting

@@ -141,7 +141,7 @@ class SFT(Train):
     # Each batch's rows joined into one sequence, positions restarting per row, instead of padded to the longest
     # (jobs.packing): the same loss and gradients, fewer tokens. None: on with sdpa (each row attended alone by the
     # stage) and flash attention's varlen kernels, where each row attends only within itself
-    # (families.VARLEN_ATTENTION), wherever the family packs; true: also with eager and flex.
+    # (families.PER_ROW_ATTENTION), wherever the family packs; true: also with eager and flex.
     padding_free: bool | None = None
 
 
