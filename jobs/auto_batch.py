@@ -207,9 +207,7 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     if batch is None:
         raise UserError(_nothing_fits(stage.name, ran_out[-1], recompute, auto_micro))
 
-    before = args.train_batch_size
-    args.per_device_train_batch_size, args.gradient_accumulation_steps = batch.micro, batch.accumulation
-    upstream.set_train_batch_size(trainer, before)  # the Trainer's copy, read by its dataloader and its state
+    set_batch(trainer, batch)
     if "per_device_eval_batch_size" not in train.args:
         # An evaluation batch as large as the one that fits in training fits (no gradients, no optimizer states);
         # transformers' default (8) might not where training had to halve below it.
@@ -224,6 +222,15 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     say(f"{stage.name}: micro-batch {batch} fits{_recomputing(recompute) if auto_checkpointing else ''} (effective batch "
         f"{per_process * processes}); recorded in {record}", flush=True)
     return batch if auto_micro else None
+
+
+def set_batch(trainer, batch: Batch) -> None:
+    """Train with ``batch``: the args' micro-batch and accumulation, and the Trainer's own copy of the batch size,
+    read by its dataloader and its state."""
+    args = trainer.args
+    before = args.train_batch_size
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = batch.micro, batch.accumulation
+    upstream.set_train_batch_size(trainer, before)
 
 
 def can_run_out_of_memory(device) -> bool:

@@ -126,33 +126,36 @@ def attend_by_row(model) -> str:
         return attention
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    AttentionInterface.register(ROW_SDPA, _sdpa_by_row)
+    AttentionInterface.register(ROW_SDPA, _by_row(AttentionInterface()["sdpa"]))
     AttentionMaskInterface.register(ROW_SDPA, AttentionMaskInterface()["sdpa"])  # where a batch is not packed: sdpa's
     model.set_attn_implementation({"text_config": ROW_SDPA})
     return upstream.attention_implementation(config)
 
 
-def _sdpa_by_row(module, query, key, value, attention_mask, position_ids=None, **kwargs):
-    """transformers' sdpa attention on each row of a packed batch (position_ids restarting, one sequence), causal and
-    without a mask, the rows' outputs joined; anything else (a padded batch, cross-attention, a row longer than a
-    sliding window, a non-causal module) is sdpa's as transformers runs it, with the mask it built."""
+def _by_row(sdpa):
+    """An attention function that runs transformers' ``sdpa`` on each row of a packed batch (position_ids restarting,
+    one sequence), causal and without a mask, and joins the rows' outputs; anything else (a padded batch,
+    cross-attention, a row longer than a sliding window, a non-causal module) is sdpa's as transformers runs it, with
+    the mask it built. Called by every text layer of every forward: torch is imported once, here."""
     import torch
-    from transformers import AttentionInterface
 
-    sdpa = AttentionInterface()["sdpa"]
-    lengths = None
-    if (position_ids is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2] == position_ids.shape[-1]
-            and kwargs.get("is_causal", getattr(module, "is_causal", True))):
-        lengths = _row_lengths(position_ids)
-        window = kwargs.get("sliding_window")  # a row within it sees every token before it: plain causal attention
-        if window is not None and max(lengths) > window:
-            lengths = None
-    if lengths is None or len(lengths) == 1:
-        return sdpa(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
-    kwargs = {name: value for name, value in kwargs.items() if name != "is_causal"}
-    rows = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
-    outputs = [sdpa(module, q, k, v, None, is_causal=True, **kwargs)[0] for q, k, v in rows]
-    return torch.cat(outputs, dim=1), None  # (1, tokens, heads, head_dim) as sdpa's
+    def sdpa_by_row(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+        lengths = None
+        if (position_ids is not None and query.shape[0] == 1
+                and query.shape[2] == key.shape[2] == position_ids.shape[-1]
+                and kwargs.get("is_causal", getattr(module, "is_causal", True))):
+            lengths = _row_lengths(position_ids)
+            window = kwargs.get("sliding_window")  # a row within it sees every token before it: plain causal attention
+            if window is not None and max(lengths) > window:
+                lengths = None
+        if lengths is None or len(lengths) == 1:
+            return sdpa(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+        kwargs = {name: value for name, value in kwargs.items() if name != "is_causal"}
+        rows = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+        outputs = [sdpa(module, q, k, v, None, is_causal=True, **kwargs)[0] for q, k, v in rows]
+        return torch.cat(outputs, dim=1), None  # (1, tokens, heads, head_dim) as sdpa's
+
+    return sdpa_by_row
 
 
 class _LastRowLengths:

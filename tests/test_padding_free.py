@@ -255,5 +255,5 @@ def test_row_lengths_split_where_transformers_sees_a_new_packed_row():
         assert packing._LastRowLengths()(position_ids) == expected, positions
     lengths = packing._LastRowLengths()
     first = torch.tensor([[0, 1, 0, 1, 2]])
-    assert lengths(first) == [2, 3]
+    assert lengths(first) == [2, 3] and lengths(first) is lengths(first), "one read for the layers of a forward"
     assert lengths(torch.tensor([[0, 1, 2, 0, 1]])) == [3, 2], "a new tensor is read again"

@@ -137,6 +137,9 @@ def schedule(cfg, stage: str, checkpoint, *, seed_defaults: bool) -> dict:
     args = {**training.STAGE_DEFAULTS, **({} if seed_defaults or stage == "dpo" else training.SFT_DEFAULTS), **train.args}
     if auto_batch.is_auto(args):  # the stage settles the micro-batch (predicted by ``settles``), the script had its own
         effective = train.effective_batch_size
+        if seed_defaults and checkpoint.source_batch is None:
+            raise SystemExit(f"{checkpoint.name}: its recipe's micro-batch is auto; give the source script's as "
+                             "Checkpoint.source_batch (jobs/checkpoints.py)")
         batch = checkpoint.source_batch[0] if seed_defaults else auto_batch.AUTO
     else:
         effective = args.get("per_device_train_batch_size", 8) * args.get("gradient_accumulation_steps", 1)
@@ -353,15 +356,22 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
 def as_settled(name: str, trainer, settled: dict) -> None:
     """Set on ``trainer`` what ``settles`` predicts, as jobs.auto_batch.fit sets it: recomputation, and the
     micro-batch, one step a batch over the counted rows."""
-    from jobs import auto_batch, upstream
+    from jobs import auto_batch
 
     if settled["recompute"]:
         auto_batch.recompute_activations(trainer, True)
     micro = min(settled["batch"], len(trainer.train_dataset))  # more than the counted rows: all of them, one batch
-    before = trainer.args.train_batch_size
-    trainer.args.per_device_train_batch_size = micro
+    auto_batch.set_batch(trainer, auto_batch.Batch(micro, 1))
     trainer.args.max_steps = steps_of(name, trainer.train_dataset, micro)
-    upstream.set_train_batch_size(trainer, before)
+
+
+def first_args(name, cfg, stage: str, checkpoint, way: str, rows, work: Path):
+    """(the recipe's micro-batch, auto where it leaves it to the stage, for ``settles``; the way's TRL config, over
+    ``rows`` one step a batch). An auto micro-batch starts as all the counted rows, until ``as_settled``."""
+    recipe_batch = 1 if way == "ideal" else schedule(cfg, stage, checkpoint, seed_defaults=way == "trl")["batch"]
+    batch = len(rows) if recipe_batch == AUTO else recipe_batch
+    return recipe_batch, args_for(cfg, stage, work / way, batch=batch, steps=steps_of(name, rows, batch),
+                                  seed_defaults=way == "trl", ideal=way == "ideal")
 
 
 def steps_of(name: str, rows, batch: int) -> int:
@@ -386,15 +396,12 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
         seed = way == "trl"
         with flops.hollow() as mode:
             model = flops.hollow_model(family.model_class, config, mode)
-            batch = 1 if way == "ideal" else schedule(cfg, "dpo", checkpoint, seed_defaults=seed)["batch"]
-            settled, batch = batch, len(rows) if batch == AUTO else batch  # auto: settled on the counted rows
-            args = args_for(cfg, "dpo", work / way, batch=batch, steps=steps_of(name, rows, batch), seed_defaults=seed,
-                            ideal=way == "ideal")
+            recipe_batch, args = first_args(name, cfg, "dpo", checkpoint, way, rows, work)
             trainer = dpo_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             phases = {}
             if way == "vlmjobs":  # reads the cached reference's columns, added below: settled before them
                 with reference_logprobs.as_if_cached(trainer):
-                    out["memory"] = settles(trainer, cfg, "dpo", config, settled, work / way)
+                    out["memory"] = settles(trainer, cfg, "dpo", config, recipe_batch, work / way)
                 as_settled(name, trainer, out["memory"])
             if not seed:  # the reference's log-probs computed once, then read from the batches
                 scored = reference_rows
@@ -429,10 +436,7 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
         seed = way == "trl"
         with flops.hollow() as mode:
             model = flops.hollow_model(family.model_class, config, mode)
-            batch = 1 if way == "ideal" else schedule(cfg, "sft", checkpoint, seed_defaults=seed)["batch"]
-            settled, batch = batch, len(rows) if batch == AUTO else batch  # auto: settled on the counted rows
-            args = args_for(cfg, "sft", work / way, batch=batch, steps=steps_of(name, rows, batch), seed_defaults=seed,
-                            ideal=way == "ideal")
+            recipe_batch, args = first_args(name, cfg, "sft", checkpoint, way, rows, work)
             # the ideal's evaluation is one row a batch; its "recompute", a forward of each train row alone, is what
             # activation checkpointing recomputes
             evaluated = {"eval": eval_rows, "recompute": rows} if way == "ideal" else eval_rows
@@ -441,7 +445,7 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
                 trainer.args.train_sampling_strategy = "sequential"  # the rows, batched as the sampler drew them
             if way in ("vlmjobs", "padding-free"):
                 memory = out["memory" if way == "vlmjobs" else "memory padding-free"] = settles(
-                    trainer, cfg, "sft", config, settled, work / way)
+                    trainer, cfg, "sft", config, recipe_batch, work / way)
                 as_settled(name, trainer, memory)
             out[way] = {"train": flops.count_training(trainer, len(rows))}
             if way == "ideal":
