@@ -337,7 +337,7 @@ def probe(trainer, rows) -> bool:
     try:
         inputs = trainer.data_collator([rows[i] for i in range(len(rows))])  # as its dataloader does: every column
         _checkpoint_activations_as_training_will(trainer)
-        with upstream.probe_leaves_no_trace(trainer):
+        with upstream.probe_leaves_no_trace(trainer), upstream.forward_as_training_runs(trainer):
             held = _optimizer_sized_reserve(model, processes=trainer.args.world_size)
             trainer.training_step(model, inputs)
     except torch.OutOfMemoryError:

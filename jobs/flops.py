@@ -157,12 +157,50 @@ def count(step) -> int:
 # Counting a stage's phases per row, as the stage or TRL's defaults run them
 
 
-def hollow_model(model_class: str, config, mode: Hollow):
-    """``config``'s model, its large weights hollow (built inside ``mode``)."""
+def hollow_model(model_class: str, config, mode: Hollow, precision=None, *, four_bit: bool = False):
+    """``config``'s model, its large weights hollow (built inside ``mode``), loaded as a stage loads it: in
+    ``precision``'s weights dtype (jobs.modeling.Precision; float32 where none is given), and, ``four_bit``, marked as
+    transformers marks a base it quantised to 4 bits, so that TRL casts a QLoRA adapter to bf16 as it does on one.
+    The hollow linear weights stand for the 4-bit ones: a count is of shapes, and what a step keeps for its backward
+    are activations, in the compute dtype either way."""
     import transformers
 
     with building(mode):
-        return getattr(transformers, model_class)(config)
+        model = getattr(transformers, model_class)(config)
+    if precision is not None:
+        model.to(precision.weights)
+    if four_bit:
+        model.is_loaded_in_4bit = True  # the attribute transformers sets and TRL's trainers read (_is_quantized_model)
+    return model
+
+
+class AsCudaAutocasts(torch.overrides.TorchFunctionMode):
+    """CPU autocast with CUDA autocast's float32 casts of the norms and softmaxes, for counting what a GPU's step keeps.
+
+    Under bf16 autocast the two devices' policies differ (torch's amp docs, "CUDA Ops that can autocast to float32"):
+    CUDA runs layer_norm and group_norm in float32 (their inputs cast, their outputs float32) and softmax and
+    log_softmax in float32 where no dtype is given; a CPU runs them in the input's dtype. A vision tower's layer norms
+    then keep a float32 copy of their input on a GPU: in SmolVLM's 27 SigLIP layers, two a layer over 729 patches a
+    tile. The other float32 casts of CUDA's list (pow, rsqrt, exp, log, the losses) meet tensors the models already
+    compute in float32 (their RMS norms upcast), or small ones (per-sequence log-probs)."""
+
+    NORMS = {torch.nn.functional.layer_norm, torch.nn.functional.group_norm}
+    SOFTMAXES = {torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.softmax, torch.log_softmax,
+                 torch.Tensor.softmax, torch.Tensor.log_softmax}
+    LOWER = (torch.bfloat16, torch.float16)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in self.LOWER):
+            return func(*args, **kwargs)
+        if func in self.NORMS:
+            def as_float32(x):
+                return x.float() if isinstance(x, torch.Tensor) and x.dtype in self.LOWER else x
+            with torch.autocast("cpu", enabled=False):
+                return func(*tree_map(as_float32, args), **tree_map(as_float32, kwargs))
+        if func in self.SOFTMAXES and len(args) <= 2 and kwargs.get("dtype") is None and args[0].dtype in self.LOWER:
+            return func(args[0].float(), *args[1:], **kwargs)
+        return func(*args, **kwargs)
 
 
 def per_row(flops: int, rows: int) -> float:
@@ -225,11 +263,10 @@ def saved_for_backward(step, model) -> int:
 
 def training_step_activations(trainer, rows) -> int:
     """Bytes of activations one training step of ``trainer`` keeps on ``rows`` (one batch, as its collator makes it):
-    ``saved_for_backward`` of its own ``training_step``, run as the micro-batch probe runs it (jobs.auto_batch)."""
-    from jobs import upstream
-
+    ``saved_for_backward`` of its own ``training_step``, run as the micro-batch probe runs it (jobs.auto_batch: the
+    forward as training runs it), with CUDA's autocast casts where the step autocasts (``AsCudaAutocasts``)."""
     batch = trainer.data_collator([rows[i] for i in range(len(rows))])
-    with upstream.probe_leaves_no_trace(trainer):
+    with upstream.probe_leaves_no_trace(trainer), upstream.forward_as_training_runs(trainer), AsCudaAutocasts():
         saved = saved_for_backward(lambda: trainer.training_step(trainer.model, batch), trainer.model)
     trainer.model.zero_grad(set_to_none=True)
     return saved

@@ -220,6 +220,35 @@ def trl_fused_forward(model):
 
 
 @contextlib.contextmanager
+def forward_as_training_runs(trainer):
+    """The model's forward as ``train()`` will run it, for a step run before it (the micro-batch probe, the FLOPs
+    table's count of activations). ``train()`` has accelerate prepare the model, which, under mixed precision, wraps its
+    forward in the autocast of the run's dtype and converts its outputs to float32 (Accelerator.prepare_model with
+    native_amp). Unwrapped, a probe measures another step: float32 activations where full fine-tuning trains its
+    float32 weights under bf16 autocast (twice what training keeps), or a bf16 model's step without the float32 casts
+    of CUDA's autocast (less than training keeps). Wrapped here the same way, for the duration, by the same
+    accelerate functions (Accelerator.autocast, accelerate.utils.convert_outputs_to_fp32)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    accelerator, model = trainer.accelerator, trainer.model
+    if not isinstance(getattr(accelerator, "native_amp", None), bool) or not callable(getattr(accelerator, "autocast", None)):
+        raise changed("accelerate", "Accelerator.native_amp and Accelerator.autocast, by which prepare_model wraps a "
+                      "model's forward in mixed precision", "has neither")
+    if not accelerator.native_amp:
+        yield
+        return
+    own = vars(model).get("forward")  # TRL's fused LM head puts its forward on the instance (trl_fused_forward)
+    model.forward = convert_outputs_to_fp32(accelerator.autocast()(model.forward))
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
+@contextlib.contextmanager
 def probe_leaves_no_trace(trainer):
     """A context for the automatic micro-batch's probe: TRL's metrics and token count as before it, the random state
     (dropout) too, and the metrics' gathers run local: another process may have run out of memory before reaching its

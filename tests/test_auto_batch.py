@@ -442,8 +442,9 @@ def chart_rows(preference: bool) -> list[dict]:
     return rows
 
 
-def qwen2_vl_trainer(kind: str, model_dir, tmp_path, pixel_budget: dict = PIXEL_BUDGET):
-    """TRL's own trainer of ``kind`` (sft or dpo) on the tiny Qwen2-VL with the pixel budget above, in float32."""
+def qwen2_vl_trainer(kind: str, model_dir, tmp_path, pixel_budget: dict = PIXEL_BUDGET, **args):
+    """TRL's own trainer of ``kind`` (sft or dpo) on the tiny Qwen2-VL with the pixel budget above, in float32 (with
+    ``args``' config fields over these)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -452,8 +453,8 @@ def qwen2_vl_trainer(kind: str, model_dir, tmp_path, pixel_budget: dict = PIXEL_
     spec = recipes.Model(name_or_path=str(model_dir), family="qwen2_vl", attn_implementation="sdpa", processor=pixel_budget)
     processor = get_family("qwen2_vl").rendering_processor(modeling.load_processor(spec))
     model = modeling.load_model(spec, dtype=torch.float32)
-    common = dict(output_dir=str(tmp_path / "checkpoints"), report_to="none", use_cpu=True, bf16=False,
-                  dataloader_pin_memory=False, per_device_train_batch_size=1)
+    common = {**dict(output_dir=str(tmp_path / "checkpoints"), report_to="none", use_cpu=True, bf16=False,
+                     dataloader_pin_memory=False, per_device_train_batch_size=1), **args}
     if kind == "sft":
         return SFTTrainer(model=model, args=SFTConfig(**common, max_length=None), processing_class=processor,
                           train_dataset=Dataset.from_list(chart_rows(preference=False)))
@@ -530,3 +531,22 @@ def test_auto_batch_a_changed_recipe_misses_the_stored_size(tiny_model, tmp_path
     for name, change in changes.items():
         (stage.work / auto_batch.RECORD_FILE).write_text(record)  # the unchanged recipe's record, as it was written
         assert not starts_from_record(**change), f"{name} changed: the size found for another recipe was used"
+
+
+def test_the_probe_keeps_the_activations_training_keeps_under_mixed_precision(tiny_model, tmp_path):
+    """The probe runs before ``train()``, and ``train()`` is where accelerate wraps the model's forward in the run's
+    autocast (bf16) and converts its outputs to float32. Unwrapped, the probe measured another step: full fine-tuning's
+    float32 weights ran a float32 step where training runs a bf16 one, keeping about twice the activations, so a batch
+    that fits was recomputed or halved. The oracle is ``train()`` itself: the most bytes its step keeps for the
+    backward (jobs.flops.saved_for_backward, torch's saved-tensor hooks) on the same row."""
+    from jobs import flops
+
+    trainer = qwen2_vl_trainer("sft", tiny_model("qwen2_vl"), tmp_path, bf16=True, max_steps=1,
+                               activation_checkpointing=False, save_strategy="no")
+    trainer.train_dataset = rows = trainer.train_dataset.select([2])  # the large chart: most of the step is its tokens
+    own_forward = vars(trainer.model).get("forward")
+    probed = flops.saved_for_backward(lambda: auto_batch.probe(trainer, rows), trainer.model)
+    assert vars(trainer.model).get("forward") is own_forward, "the probe leaves the forward as it found it"
+    trained = flops.saved_for_backward(trainer.train, trainer.model)
+    # a float32 scalar apart: train() hands the step its batch's token count, which the probe's step goes without
+    assert abs(probed - trained) <= 4, (probed, trained)  # unwrapped: 49.6 MB against 28.1

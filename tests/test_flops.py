@@ -159,3 +159,60 @@ def test_a_hollow_training_step_keeps_the_activations_the_real_one_keeps(tiny_mo
         counted = {recompute: saved(model, f"hollow-{recompute}", recompute) for recompute in (False, True)}
     assert counted == expected
     assert expected[True] < expected[False], "checkpointing keeps less"
+
+
+def test_a_counted_step_runs_norms_and_softmaxes_in_float32_as_cuda_autocast_does():
+    """Under bf16 autocast CUDA runs layer_norm in float32 and softmax in float32 where no dtype is given (torch's amp
+    docs, "CUDA Ops that can autocast to float32"); a CPU runs both in bf16. What the FLOPs table counts a GPU's step
+    to keep is what CUDA's policy keeps: a bf16 layer norm then linear layer keep the norm's input cast to float32, its
+    float32 mean and 1/std (one a row) and the float32 casts of its weight and bias, and the linear layer's input cast
+    back to bf16. Without the policy the CPU keeps less."""
+    torch.manual_seed(0)
+    rows, width = 4, 8
+    model = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 2)).to(torch.bfloat16)
+    x = torch.randn(rows, width, dtype=torch.bfloat16)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().sum().backward()
+
+    with flops.AsCudaAutocasts():
+        as_on_cuda = flops.saved_for_backward(step, model)
+    assert as_on_cuda == rows * width * 4 + 2 * rows * 4 + 2 * width * 4 + rows * width * 2
+    assert flops.saved_for_backward(step, model) < as_on_cuda
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), flops.AsCudaAutocasts():
+        assert torch.nn.functional.softmax(x, dim=-1).dtype == torch.float32
+        assert x.log_softmax(-1).dtype == torch.float32
+        assert x.softmax(-1, dtype=torch.bfloat16).dtype == torch.bfloat16, "a dtype given is kept, as on CUDA"
+    with flops.AsCudaAutocasts():
+        assert torch.nn.functional.layer_norm(x, (width,)).dtype == torch.bfloat16, "no autocast, no cast"
+
+
+def test_a_qlora_recipes_hollow_model_gets_the_adapter_dtypes_its_4bit_base_gets(tiny_model, tmp_path):
+    """The FLOPs table counts a step's activations in the dtypes the stage trains in on a bf16 GPU. A QLoRA recipe's
+    hollow model, loaded as jobs.flops.hollow_model loads it, is given by TRL the adapter dtypes that the same model
+    loaded in 4 bits by bitsandbytes, as the stage loads it (jobs.modeling), is given: the LoRA matrices cast to bf16,
+    DoRA's magnitudes left float32. Counted with float32 adapters (peft's default for a base it does not know to be
+    quantised), SmolVLM DPO's step kept twice the activations."""
+    from jobs.recipe import Train
+
+    family = "idefics3"
+    spec = Model(name_or_path=str(tiny_model(family)), family=family, dtype="bfloat16")
+    train = Train(method="qlora")
+    precision = modeling.training_precision(spec, train, bf16_gpu=True)
+    processor = modeling.load_processor(spec)
+    real = modeling.load_model(spec, quantize=modeling.quantization(train), dtype=precision.weights)
+    assert real.is_loaded_in_4bit
+
+    def adapter_dtypes(model, folder: str) -> dict:
+        trainer = dpo_trainer(model, processor, family, tmp_path / folder, shared=True, dora=True)
+        return {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
+
+    expected = adapter_dtypes(real, "real")
+    assert set(expected.values()) == {torch.bfloat16, torch.float32}
+    with flops.hollow(hollow_from=1) as mode:
+        hollow = flops.hollow_model(get_family(family).model_class, real.config, mode, precision, four_bit=True)
+        assert adapter_dtypes(hollow, "hollow") == expected
+        plain = flops.hollow_model(get_family(family).model_class, real.config, mode, precision)
+        assert set(adapter_dtypes(plain, "plain").values()) == {torch.float32}, "unmarked, peft keeps them float32"

@@ -101,10 +101,10 @@ def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaul
     """The stage's TRL config from the recipe (jobs.training.trl_config, as the stage makes it), with what counting
     needs: ``steps`` optimizer steps of ``batch`` rows (no accumulation), no checkpoints, trackers or workers. The
     seed script recomputes activations where the recipe leaves it to the stage (activation_checkpointing: auto, which
-    vlmjobs settles on the recipe's GPU: ``recomputes``)."""
+    vlmjobs settles on the recipe's GPU: ``recomputes``); autocast in ``dtype``, or as the stage on the recipe's GPU
+    (``on_its_gpu``)."""
     import dataclasses
 
-    import torch
     from trl import DPOConfig, SFTConfig
 
     from jobs import auto_batch, training
@@ -125,7 +125,26 @@ def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaul
     train = dataclasses.replace(train, args=args, effective_batch_size=None)
     defaults = None if seed_defaults or stage == "dpo" else training.SFT_DEFAULTS
     config_class = DPOConfig if stage == "dpo" else SFTConfig
-    return training.trl_config(config_class, train, output_dir=work, seed=0, dtype=dtype or torch.float32, defaults=defaults)
+    dtype = dtype or on_its_gpu(cfg, stage).compute
+    return training.trl_config(config_class, train, output_dir=work, seed=0, dtype=dtype, defaults=defaults)
+
+
+def on_its_gpu(cfg, stage: str):
+    """The dtypes the stage trains the recipe in on its GPU (jobs.modeling.training_precision, a Precision): bf16, which
+    every seed recipe's GPU (L4, A100, H100) computes in. A step's FLOPs do not depend on them; what it keeps for its
+    backward does, by half."""
+    from jobs import modeling
+
+    return modeling.training_precision(cfg.model, getattr(cfg, stage), bf16_gpu=True)
+
+
+def hollow_as_loaded(family, config, mode, cfg, stage: str):
+    """The checkpoint's hollow model as the stage loads it on the recipe's GPU (``on_its_gpu``; a QLoRA base as one
+    quantised to 4 bits: jobs.flops.hollow_model)."""
+    from jobs import flops
+
+    return flops.hollow_model(family.model_class, config, mode, on_its_gpu(cfg, stage),
+                              four_bit=getattr(cfg, stage).method == "qlora")
 
 
 def schedule(cfg, stage: str, checkpoint, *, seed_defaults: bool) -> dict:
@@ -260,7 +279,7 @@ def stage_trainer(checkpoint, cfg, stage: str, rows, work: Path):
     config = checkpoints.config(checkpoint, processor.tokenizer)
     build = dpo_trainer if stage == "dpo" else sft_trainer
     with flops.hollow() as mode:
-        model = flops.hollow_model(family.model_class, config, mode)
+        model = hollow_as_loaded(family, config, mode, cfg, stage)
         args = args_for(cfg, stage, work, batch=1, steps=1, seed_defaults=False)
         return build("vlmjobs", cfg, family, model, processor, rows, None, args)
 
@@ -316,9 +335,9 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
     keeps activations (counted by jobs.flops.saved_for_backward) that fit beside the weights, gradients and optimizer
     states (jobs.memory.for_stage, from the checkpoint's config) in ``resources.gpu_memory_gib``; else recomputation
     at the first micro-batch. A micro-batch of more rows than were counted is taken as the counted rows' activations,
-    scaled by its size. The hollow step runs in float32: an estimate of a bf16 run's, not a bound (under autocast the
-    norms and adapters keep float32 tensors beside the bf16 casts: SmolVLM DPO's longest pair kept 42.9 GB under the
-    CPU's bf16 autocast, 41.8 GB in float32). A recipe that says true or false is taken at its word. ``trainer``
+    scaled by its size. The hollow step runs in the dtypes the stage runs on the GPU (``on_its_gpu``: bf16 weights and
+    autocast, a QLoRA adapter cast to bf16 by TRL, with CUDA autocast's float32 norms: jobs.flops.AsCudaAutocasts).
+    A recipe that says true or false is taken at its word. ``trainer``
     holds the counted rows; ``as_settled`` sets what is predicted on it."""
     from jobs import auto_batch, flops, memory
 
@@ -395,7 +414,7 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
     for way in ("trl", "vlmjobs", "ideal"):
         seed = way == "trl"
         with flops.hollow() as mode:
-            model = flops.hollow_model(family.model_class, config, mode)
+            model = hollow_as_loaded(family, config, mode, cfg, "dpo")
             recipe_batch, args = first_args(name, cfg, "dpo", checkpoint, way, rows, work)
             trainer = dpo_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             phases = {}
@@ -435,7 +454,7 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
     for way in ("trl", "vlmjobs", "padding-free", "ideal"):
         seed = way == "trl"
         with flops.hollow() as mode:
-            model = flops.hollow_model(family.model_class, config, mode)
+            model = hollow_as_loaded(family, config, mode, cfg, "sft")
             recipe_batch, args = first_args(name, cfg, "sft", checkpoint, way, rows, work)
             # the ideal's evaluation is one row a batch; its "recompute", a forward of each train row alone, is what
             # activation checkpointing recomputes
@@ -486,7 +505,7 @@ def ideal_reference(name, checkpoint, cfg, rows, work: Path) -> float:
     processor = checkpoints.processor(checkpoint)
     config = checkpoints.config(checkpoint, processor.tokenizer)
     with flops.hollow() as mode:
-        model = flops.hollow_model(family.model_class, config, mode)
+        model = hollow_as_loaded(family, config, mode, cfg, "dpo")
         args = args_for(cfg, "dpo", work / "ideal-ref", batch=1, steps=1, seed_defaults=False, ideal=True)
         trainer = shared_prefix.SharedPrefixDPOTrainer(
             model=model, ref_model=None, args=args, train_dataset=family.close_answers(rows, processor),
@@ -505,7 +524,7 @@ def memory_note(name: str, settled: dict) -> str:
         tried = (f"per_device_train_batch_size auto: micro-batches {', '.join(map(str, settled['tried']))} do not fit "
                  f"without recomputation{scaled}; ")
     return (f"{name}: {tried}activation_checkpointing auto: micro-batch {settled['batch']} of the longest counted rows "
-            f"keeps {settled['activations']:.1f} GB of activations (float32, an estimate of bf16's) beside "
+            f"keeps {settled['activations']:.1f} GB of activations (bf16, as on the GPU) beside "
             f"{settled['weights']:.1f} GB "
             f"of weights, gradients and optimizer states, {'over' if settled['recompute'] else 'within'} the GPU's "
             f"{settled['room']:.1f} GB: {'recomputed' if settled['recompute'] else 'not recomputed'}")
