@@ -36,9 +36,13 @@ half more under LoRA), and turns checkpointing on only where it does not::
         per_device_train_batch_size: 2
         activation_checkpointing: auto    # or gradient_checkpointing: auto, its name before transformers 5
 
-With a micro-batch given, the probe tries it without checkpointing, then with; with ``auto`` for both, every
-micro-batch from the top down without checkpointing, then from the top again with it. The choice is recorded beside
-the size, and ``train()`` turns checkpointing on as the config then says.
+Between none and all there are steps (``RECOMPUTE_EVERY``): transformers checkpoints every n-th layer
+(``activation_checkpointing_kwargs: {every_n_layers: n}``), which keeps about 1/n fewer activations for 1/n of a
+forward. A batch just over the GPU's memory (SmolVLM's DPO pairs of 17 tiles on 24 GB) then sheds what it must for a
+part of what recomputing every layer costs. With a micro-batch given, the probe tries it without checkpointing, then
+with every 8th, 4th and 2nd layer checkpointed, then every layer; with ``auto`` for both, every micro-batch from the
+top down at each step in turn. The choice is recorded beside the size, and ``train()`` checkpoints as the config then
+says.
 
 On a CPU nothing is probed (``can_run_out_of_memory``): a probe there could only find that the first try fits, so
 the stage takes it, the whole per-process batch without recomputation, and spends no step on it.
@@ -62,6 +66,9 @@ from jobs.contract import UserError, is_main_process, read_json, write_json_atom
 
 AUTO = "auto"
 RECORD_FILE = "auto_batch.json"
+# activation_checkpointing: auto's steps after none: every n-th layer checkpointed (transformers' every_n_layers over a
+# model's decoder and encoder layers, in their order), 1 for all of them
+RECOMPUTE_EVERY = (8, 4, 2, 1)
 # transformers 5's name and the one before it, which TrainingArguments still reads
 CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
 
@@ -155,10 +162,12 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     recorded = _recorded(stage, key)
     # Recomputing activations costs a forward per step (half the step again under LoRA, whose backward through the
     # frozen weights is about one forward), while a smaller micro-batch of rows of hundreds of tokens keeps a GPU's
-    # matrix units as busy: so every micro-batch is tried without recomputation before any with it.
-    choices = [False, True] if auto_checkpointing else [bool(args.activation_checkpointing)]
+    # matrix units as busy: so every micro-batch is tried without recomputation before any with it, and with a few
+    # layers recomputed before more. choices: every n-th layer recomputed, 0 for none.
+    choices = [0, *RECOMPUTE_EVERY] if auto_checkpointing else [recomputed_every(args)]
     if recorded and auto_checkpointing and recorded["recomputes_activations"]:
-        choices = [True]
+        # a record written before the steps recomputed every layer
+        choices = choices[choices.index(recorded.get("recompute_every_n_layers", 1)):]
     top = recorded["micro_batch"] if recorded and auto_micro else (per_process if auto_micro else args.per_device_train_batch_size)
     # The smallest of the processes' starting points, should their run folders disagree (one per node)
     top = int(accelerator.gather(torch.tensor([top], device=accelerator.device)).min())
@@ -167,7 +176,7 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     where = f"recorded in {recorded['path']}" if recorded else f"effective batch {per_process * processes} over {over}"
     settled = " and ".join(f"{k} auto" for k, auto in (("per_device_train_batch_size", auto_micro),
                                                        ("activation_checkpointing", auto_checkpointing)) if auto)
-    how = _recomputing(choices[0]) if auto_checkpointing else ""
+    how = recomputing(choices[0]) if auto_checkpointing else ""
     batch, ran_out = None, list(recorded["ran_out_of_memory_at"]) if recorded else []
     without_recomputation = list(recorded.get("ran_out_without_recomputation_at", [])) if recorded else []
     if not can_run_out_of_memory(accelerator.device):  # the first try is the answer: no step to spend on it
@@ -195,17 +204,19 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
             if not auto_micro or micro == 1:
                 break
             micro = smaller(micro, per_process)
-            how = _recomputing(recompute) if auto_checkpointing else ""
+            how = recomputing(recompute) if auto_checkpointing else ""
             say(f"{stage.name}: micro-batch {ran_out[-1]}{how} ran out of memory; trying "
                 f"{Batch(micro, per_process // micro)}", flush=True)
         if batch is not None:
             break
-        if not recompute and auto_checkpointing:
-            say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory without activation checkpointing; trying "
-                f"micro-batch {top} with it", flush=True)
-            without_recomputation, ran_out = without_recomputation + ran_out, []
+        if recompute != choices[-1]:
+            more = choices[choices.index(recompute) + 1]
+            say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory{recomputing(recompute)}; trying "
+                f"micro-batch {top}{recomputing(more)}", flush=True)
+            if not recompute:
+                without_recomputation, ran_out = without_recomputation + ran_out, []
     if batch is None:
-        raise UserError(_nothing_fits(stage.name, ran_out[-1], recompute, auto_micro))
+        raise UserError(_nothing_fits(stage.name, ran_out[-1], bool(recompute), auto_micro))
 
     set_batch(trainer, batch)
     if "per_device_eval_batch_size" not in train.args:
@@ -215,11 +226,11 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     record = stage.work / RECORD_FILE
     if is_main_process():
         write_json_atomic(record, {**key, "micro_batch": batch.micro, "gradient_accumulation_steps": batch.accumulation,
-                                   "recomputes_activations": recompute,
+                                   "recomputes_activations": bool(recompute), "recompute_every_n_layers": recompute,
                                    "ran_out_of_memory_at": sorted(set(ran_out), reverse=True),
                                    **({"ran_out_without_recomputation_at": sorted(set(without_recomputation), reverse=True)}
                                       if without_recomputation else {})})
-    say(f"{stage.name}: micro-batch {batch} fits{_recomputing(recompute) if auto_checkpointing else ''} (effective batch "
+    say(f"{stage.name}: micro-batch {batch} fits{recomputing(recompute) if auto_checkpointing else ''} (effective batch "
         f"{per_process * processes}); recorded in {record}", flush=True)
     return batch if auto_micro else None
 
@@ -240,8 +251,10 @@ def can_run_out_of_memory(device) -> bool:
     return device.type in ("cuda", "xpu", "mps")
 
 
-def _recomputing(recompute: bool) -> str:
-    return " with activation checkpointing" if recompute else " without activation checkpointing"
+def recomputing(every: int) -> str:
+    if every > 1:
+        return f" with activation checkpointing of one layer in {every}"
+    return " with activation checkpointing" if every else " without activation checkpointing"
 
 
 def _nothing_fits(stage: str, micro: int, recomputed: bool, auto_micro: bool) -> str:
@@ -257,11 +270,23 @@ def _nothing_fits(stage: str, micro: int, recomputed: bool, auto_micro: bool) ->
             "number, or auto with an effective_batch_size")
 
 
-def recompute_activations(trainer, on: bool) -> None:
-    """Activation checkpointing on or off for the probe and for training (``train()`` reads the args when it starts),
-    as TRL's trainers set it up at their start when the config asks for it."""
+def recomputed_every(args) -> int:
+    """Every how many layers the config's activation checkpointing recomputes one (transformers' every_n_layers); 0:
+    none."""
+    if not args.activation_checkpointing:
+        return 0
+    return int((args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1))
+
+
+def recompute_activations(trainer, every: int) -> None:
+    """Activation checkpointing of every ``every``-th layer (1: all; 0: off) for the probe and for training
+    (``train()`` reads the args when it starts), as TRL's trainers set it up at their start when the config asks."""
     args, model = trainer.args, trainer.model
+    on = every > 0
     args.activation_checkpointing = args.gradient_checkpointing = on
+    kwargs = {k: v for k, v in (args.activation_checkpointing_kwargs or {}).items() if k != "every_n_layers"}
+    args.activation_checkpointing_kwargs = {**kwargs, "every_n_layers": every} if every > 1 else (kwargs or None)
+    args.gradient_checkpointing_kwargs = args.activation_checkpointing_kwargs  # the alias, read by older code
     if on:
         if hasattr(model, "peft_config"):  # TRL's SFT and DPO trainers do this for a PEFT model that recomputes
             model.enable_input_require_grads()

@@ -112,7 +112,7 @@ def model_for(checkpoint, family, *, tiny: bool, quantize: dict | None, attentio
 def run_case(name: str, options, work: Path) -> dict:
     import torch
 
-    from jobs import checkpoints, flops, modeling, reference_logprobs
+    from jobs import auto_batch, checkpoints, flops, modeling, reference_logprobs
     from jobs import recipe as recipes
     from jobs.families import get_family
     from tests.bench import flops_table
@@ -167,7 +167,7 @@ def run_case(name: str, options, work: Path) -> dict:
            "TFLOP/step": step_flops / 1e12, "MFU": step_flops * options.steps / seconds / chip if chip else None,
            "peak GB": peak, "predicted GB": estimate, "attention": text_attention(model),
            "micro-batch": trainer.args.per_device_train_batch_size,
-           "recomputed": bool(trainer.args.activation_checkpointing)}
+           "recomputed": checkpointed(auto_batch.recomputed_every(trainer.args))}
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -179,6 +179,11 @@ def text_attention(model) -> str:
     from jobs import upstream
 
     return upstream.attention_implementation(getattr(model.config, "text_config", None) or model.config)
+
+
+def checkpointed(every: int) -> str:
+    """Which layers activation checkpointing recomputes, for the table (jobs.auto_batch.recomputed_every)."""
+    return {0: "off", 1: "every layer"}.get(every, f"one layer in {every}")
 
 
 def settle(trainer, cfg, stage: str, work: Path) -> None:
@@ -252,7 +257,7 @@ def main() -> None:
             continue
         fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
         print(f"| {r['case']} ({r['attention']}) | {r['steps']} | {r['micro-batch']} | "
-              f"{'on' if r['recomputed'] else 'off'} | "
+              f"{r['recomputed']} | "
               f"{r['tokens/s']:.0f} | {r['TFLOP/step']:.3g} | "
               f"{fmt(r['MFU'], '.1%')} | {fmt(r['peak GB'], '.1f')} | {fmt(r['predicted GB'], '.1f')} |")
 

@@ -107,7 +107,7 @@ def test_auto_batch_halves_until_it_fits_keeps_the_effective_batch_and_trains_as
                       "per_device_train_batch_size": "auto", "activation_checkpointing": True, "padding_free": False,
                       "trainer": {"sft": "SFTTrainer", "dpo": "SharedPrefixDPOTrainer"}[stage],  # sdpa: prompts shared
                       "micro_batch": 2, "gradient_accumulation_steps": 4, "recomputes_activations": True,
-                      "ran_out_of_memory_at": [8, 4]}
+                      "recompute_every_n_layers": 1, "ran_out_of_memory_at": [8, 4]}
     state = json.loads((run / stage / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 2, "optimizer steps as asked, micro-batches of 2"
     args = torch.load(run / stage / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
@@ -248,28 +248,32 @@ def out_of_memory_when_saving_more_than(limit: float):
 
 def test_activation_checkpointing_auto_recomputes_only_where_the_batch_does_not_fit_without(write_recipe, capsys):
     """Issue 24: the recipes' activation checkpointing recomputes a forward per row in every step (the FLOPs table's
-    largest gap to the ideal), needed or not. With auto, the probe trains without it where the batch fits, and with it
-    where only that fits; either way the training is the one its setting given directly gives."""
-    def recipe(name, checkpointing):
+    largest gap to the ideal), needed or not. With auto, the probe trains without it where the batch fits; where it
+    does not, with one layer in 8, 4 or 2 checkpointed (transformers' every_n_layers), then every layer: the first that
+    fits. Either way the training is the one its setting given directly gives."""
+    def recipe(name, every: int):
         args = {**TRAIN["args"], "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
-                "activation_checkpointing": checkpointing}
+                "activation_checkpointing": every if every == "auto" else every > 0,
+                **({"activation_checkpointing_kwargs": {"every_n_layers": every}} if every not in ("auto", 0, 1) else {})}
         path = write_recipe(name=name, prepare={"max_rows": 24}, sft={**TRAIN, "args": args})
         prepare.main(recipe=str(path))
         return path, recipes.load(path).run_dir / "sft"
 
-    def trained_with(run) -> bool:
-        return torch.load(run / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False).activation_checkpointing
+    def trained_with(run) -> int:
+        """Every how many layers one was checkpointed in training (0: none), as the saved training args say."""
+        args = torch.load(run / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
+        return (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1) if args.activation_checkpointing else 0
 
-    without_path, without = recipe("without", False)
-    with_path, with_ = recipe("with", True)
+    given = {every: recipe(f"every-{every}", every) for every in (0, 4, 2, 1)}
+    saved = {}
     with out_of_memory_when_saving_more_than(math.inf) as unchecked:
-        sft.main(recipe=str(without_path))
-        saved_without = unchecked["most"]
-        unchecked["most"] = 0
-        sft.main(recipe=str(with_path))
-        saved_with = unchecked["most"]
-    assert 0 < saved_with < saved_without, "checkpointing saves less: the simulated memory can tell them apart"
-    assert (trained_with(without), trained_with(with_)) == (False, True)
+        for every, (path, _) in given.items():
+            unchecked["most"] = 0
+            sft.main(recipe=str(path))
+            saved[every] = unchecked["most"]
+    # the tiny LLaVA's 2 vision and 2 text layers: one in 4 checkpoints the first, one in 2 the first of each tower
+    assert saved[0] > saved[4] > saved[2] > saved[1] > 0, f"each keeps less, the simulated memory tells them apart: {saved}"
+    assert [trained_with(run) for _, run in given.values()] == [0, 4, 2, 1]
 
     auto_path, auto = recipe("auto", "auto")
     capsys.readouterr()
@@ -277,25 +281,36 @@ def test_activation_checkpointing_auto_recomputes_only_where_the_batch_does_not_
         sft.main(recipe=str(auto_path))
     out = capsys.readouterr().out
     assert "sft: micro-batch 2 x accumulation 2 fits without activation checkpointing (effective batch 4)" in out
-    assert trained_with(auto) is False
-    assert_same_steps(logged_steps(auto), logged_steps(without))
+    assert trained_with(auto) == 0
+    assert_same_steps(logged_steps(auto), logged_steps(given[0][1]))
 
     tight_path, tight = recipe("tight", "auto")
     capsys.readouterr()
-    with out_of_memory_when_saving_more_than((saved_with + saved_without) / 2):
+    with out_of_memory_when_saving_more_than((saved[4] + saved[2]) / 2):
         sft.main(recipe=str(tight_path))
     out = capsys.readouterr().out
-    assert "sft: micro-batch 2 ran out of memory without activation checkpointing; trying micro-batch 2 with it" in out
-    assert "sft: micro-batch 2 x accumulation 2 fits with activation checkpointing (effective batch 4)" in out
-    assert trained_with(tight) is True
-    assert_same_steps(logged_steps(tight), logged_steps(with_))
+    assert ("sft: micro-batch 2 ran out of memory without activation checkpointing; trying micro-batch 2 with "
+            "activation checkpointing of one layer in 8") in out
+    assert ("sft: micro-batch 2 ran out of memory with activation checkpointing of one layer in 4; trying micro-batch "
+            "2 with activation checkpointing of one layer in 2") in out
+    assert ("sft: micro-batch 2 x accumulation 2 fits with activation checkpointing of one layer in 2 (effective batch "
+            "4)") in out
+    assert trained_with(tight) == 2
+    assert_same_steps(logged_steps(tight), logged_steps(given[2][1]))
     record = contract.read_json(tight / auto_batch.RECORD_FILE)
-    assert (record["activation_checkpointing"], record["recomputes_activations"]) == ("auto", True)
+    assert (record["activation_checkpointing"], record["recomputes_activations"], record["recompute_every_n_layers"]) \
+        == ("auto", True, 2)
+
+    all_path, every_layer = recipe("all", "auto")
+    with out_of_memory_when_saving_more_than((saved[2] + saved[1]) / 2):
+        sft.main(recipe=str(all_path))
+    assert trained_with(every_layer) == 1
+    assert_same_steps(logged_steps(every_layer), logged_steps(given[1][1]))
 
     # Neither fits: one line that says what to change, and nothing trained
     capsys.readouterr()
     impossible_path, impossible = recipe("impossible", "auto")
-    with out_of_memory_when_saving_more_than(saved_with / 4), pytest.raises(contract.UserError, match=(
+    with out_of_memory_when_saving_more_than(saved[1] / 4), pytest.raises(contract.UserError, match=(
             r"^sft: micro-batch 2 ran out of memory even with activation checkpointing \(activation_checkpointing auto "
             r"probed it on the longest training rows\); give sft.args.per_device_train_batch_size a smaller number")):
         sft.main(recipe=str(impossible_path))
@@ -392,7 +407,7 @@ def test_auto_batch_two_processes_agree_when_only_one_runs_out_of_memory(write_r
         "max_length": None, "precision": "weights float32, trainable float32, compute float32",
         "per_device_train_batch_size": "auto", "activation_checkpointing": True, "padding_free": False,
         "trainer": "SFTTrainer", "micro_batch": 2, "gradient_accumulation_steps": 2, "recomputes_activations": True,
-        "ran_out_of_memory_at": [4]}
+        "recompute_every_n_layers": 1, "ran_out_of_memory_at": [4]}
     state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["train_batch_size"] == 2
 

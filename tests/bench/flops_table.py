@@ -195,8 +195,8 @@ def grouped(cfg, stage: str) -> bool:
 
 
 def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_rows: int, work: Path):
-    """(training rows, reference rows) taken from ``pool`` as the dpo stage orders a split, so that a count on a few
-    rows sees the neighbours an epoch's batches hold, not rows of a few drawn at random:
+    """(training rows, reference rows, probed rows) taken from ``pool`` as the dpo stage orders a split, so that a count
+    on a few rows sees the neighbours an epoch's batches hold, not rows of a few drawn at random:
 
     - training: where the recipe groups rows by length, the ``rows`` rows that the stage's seeded LengthGroupedSampler
       (over the recipe's micro-batch times accumulation, sorting megabatches of up to 50 such optimizer steps by the
@@ -204,7 +204,8 @@ def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_row
       step on (it swaps the pool's longest row into the first batch, once an epoch); else the pool's first rows, in
       no order (``drawn_by_length``);
     - reference: ``reference_rows`` consecutive rows from the middle of the order the reference pass batches a split in
-      (jobs.reference_logprobs.batching_order: shortest text first, or the stage's lengths where it groups).
+      (jobs.reference_logprobs.batching_order: shortest text first, or the stage's lengths where it groups);
+    - probed: the rows the stage's micro-batch probe takes (``probed``).
 
     A pool of 2,048 rows holds each of RLAIF_V_SIZES 256 times; for idefics2-8b's 64-row steps the sampler's
     megabatches are of 8 steps, 512 rows: a data set whose images come in a few sizes (where they come in many, more
@@ -215,9 +216,22 @@ def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_row
     order = reference_logprobs.batching_order(trainer.args, trainer.train_dataset)
     middle = (len(order) - reference_rows) // 2
     scored = pool.select(order[middle:middle + reference_rows])
-    if not grouped(cfg, "dpo"):
-        return pool.select(range(rows)), scored
-    return drawn_by_length(name, cfg, "dpo", trainer, pool, rows), scored
+    counted = drawn_by_length(name, cfg, "dpo", trainer, pool, rows) if grouped(cfg, "dpo") else pool.select(range(rows))
+    return counted, scored, probed(name, cfg, "dpo", checkpoint, trainer, pool)
+
+
+def probed(name, cfg, stage: str, checkpoint, trainer, pool):
+    """The rows of ``pool`` that the stage's micro-batch probe takes from its split (jobs.auto_batch.longest_rows: those
+    its collator makes the most tokens of), as many as the largest micro-batch it tries; ``trainer`` is the stage's
+    on ``pool``. Where activation checkpointing is auto, whether a step fits is decided on these, not on the rows
+    counted."""
+    from jobs import auto_batch
+
+    sched = schedule(cfg, stage, checkpoint, seed_defaults=False)
+    largest = sched["effective"] if sched["batch"] == AUTO else sched["batch"]
+    longest, tokens = auto_batch.longest_rows(trainer, min(largest, len(pool)))
+    print(f"  {name}: the probe's rows: the pool's {len(longest)} longest, {tokens} tokens", flush=True)
+    return pool.select(longest)
 
 
 def drawn_by_length(name, cfg, stage: str, trainer, pool, rows: int):
@@ -262,11 +276,11 @@ def drawn_by_length(name, cfg, stage: str, trainer, pool, rows: int):
 
 
 def sft_drawn(name, checkpoint, cfg, pool, *, rows: int, work: Path):
-    """The SFT rows counted: as ``as_the_stage_orders`` takes DPO's training rows, where the recipe groups by length;
-    else ``pool``'s first rows."""
-    if not grouped(cfg, "sft"):
-        return pool.select(range(rows))
-    return drawn_by_length(name, cfg, "sft", stage_trainer(checkpoint, cfg, "sft", pool, work), pool, rows)
+    """(the SFT rows counted, the rows the probe takes): as ``as_the_stage_orders`` takes DPO's training rows, where
+    the recipe groups by length; else ``pool``'s first rows."""
+    trainer = stage_trainer(checkpoint, cfg, "sft", pool, work)
+    counted = drawn_by_length(name, cfg, "sft", trainer, pool, rows) if grouped(cfg, "sft") else pool.select(range(rows))
+    return counted, probed(name, cfg, "sft", checkpoint, trainer, pool)
 
 
 def stage_trainer(checkpoint, cfg, stage: str, rows, work: Path):
@@ -330,15 +344,16 @@ def memory_before_activations(cfg, stage: str, config, folder: Path) -> float:
 
 def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
     """What the recipe's ``auto`` settings settle on its GPU (jobs.auto_batch.fit), predicted from counts, in the
-    probe's order: without recomputation, the micro-batch ``batch`` (every one from the whole per-process batch down,
-    halving as the probe does, where ``batch`` is auto), the first whose training step of the longest counted rows
+    probe's order: without recomputation, then with one layer in 8, 4, 2 and every layer recomputed
+    (auto_batch.RECOMPUTE_EVERY), the micro-batch ``batch`` (every one from the whole per-process batch down, halving
+    as the probe does, where ``batch`` is auto): the first whose training step of the longest of ``trainer``'s rows
     keeps activations (counted by jobs.flops.saved_for_backward) that fit beside the weights, gradients and optimizer
-    states (jobs.memory.for_stage, from the checkpoint's config) in ``resources.gpu_memory_gib``; else recomputation
-    at the first micro-batch. A micro-batch of more rows than were counted is taken as the counted rows' activations,
-    scaled by its size. The hollow step runs in the dtypes the stage runs on the GPU (``on_its_gpu``: bf16 weights and
-    autocast, a QLoRA adapter cast to bf16 by TRL, with CUDA autocast's float32 norms: jobs.flops.AsCudaAutocasts).
-    A recipe that says true or false is taken at its word. ``trainer``
-    holds the counted rows; ``as_settled`` sets what is predicted on it."""
+    states (jobs.memory.for_stage, from the checkpoint's config) in ``resources.gpu_memory_gib``; where none does,
+    every layer recomputed at micro-batch 1, over. A micro-batch of more rows than ``trainer`` holds is taken as their
+    activations, scaled by its size. The hollow step runs in the dtypes the stage runs on the GPU (``on_its_gpu``: bf16
+    weights and autocast, a QLoRA adapter cast to bf16 by TRL, with CUDA autocast's float32 norms:
+    jobs.flops.AsCudaAutocasts). A recipe that says true or false is taken at its word. ``as_settled`` sets what is
+    predicted on a trainer."""
     from jobs import auto_batch, flops, memory
 
     train = getattr(cfg, stage)
@@ -347,7 +362,7 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
         if auto_micro:
             raise SystemExit(f"{stage}: per_device_train_batch_size auto is predicted only with "
                              "activation_checkpointing: auto")
-        return {"recompute": bool(trainer.args.activation_checkpointing), "batch": batch}
+        return {"recompute": auto_batch.recomputed_every(trainer.args), "batch": batch}
     weights = memory_before_activations(cfg, stage, config, work / "config")
     room = memory.gpu_gb(cfg.resources_for(stage).gpu_memory_gib)
     counted = len(trainer.train_dataset)
@@ -355,30 +370,52 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
     per_process = train.effective_batch_size if auto_micro else batch  # one process: the recipes' one GPU
     measured = {}
 
-    def activations(micro: int) -> float:
+    def activations(every: int, micro: int) -> float:
         rows = min(micro, counted)
-        if rows not in measured:
-            measured[rows] = flops.training_step_activations(trainer, trainer.train_dataset.select(longest[:rows]))
-        return measured[rows] * micro / rows / memory.GB
+        if (every, rows) not in measured:
+            auto_batch.recompute_activations(trainer, every)
+            measured[every, rows] = flops.training_step_activations(trainer, trainer.train_dataset.select(longest[:rows]))
+        return measured[every, rows] * micro / rows / memory.GB
 
-    micro, tried, recompute = per_process, [], False
-    while weights + activations(micro) > room:
-        tried.append(micro)
-        if not auto_micro or micro == 1:  # none fits without: recomputed, from the top again
-            recompute, micro = True, per_process
+    tried = []
+    for every in (0, *auto_batch.RECOMPUTE_EVERY):
+        micro = per_process
+        while weights + activations(every, micro) > room and (auto_micro and micro > 1):
+            tried.append((every, micro))
+            micro = auto_batch.smaller(micro, per_process)
+        if weights + activations(every, micro) <= room:
             break
-        micro = auto_batch.smaller(micro, per_process)
-    return {"recompute": recompute, "weights": weights, "activations": activations(micro), "room": room,
-            "batch": micro, "tried": tried if auto_micro else [], "counted": counted}
+        tried.append((every, micro))
+    return {"recompute": every, "weights": weights, "activations": activations(every, micro), "room": room,
+            "batch": micro, "tried": tried, "counted": counted}
+
+
+def settled_on(probe_rows, name, checkpoint, cfg, stage: str, way: str, work: Path) -> dict:
+    """``settles`` on the rows the stage's probe takes, by a hollow trainer of the way's own (the rows counted are
+    another trainer's)."""
+    from jobs import checkpoints, flops, reference_logprobs
+    from jobs.families import get_family
+
+    family = get_family(checkpoint.family)
+    processor = checkpoints.processor(checkpoint)
+    config = checkpoints.config(checkpoint, processor.tokenizer)
+    with flops.hollow() as mode:
+        model = hollow_as_loaded(family, config, mode, cfg, stage)
+        recipe_batch, args = first_args(name, cfg, stage, checkpoint, way, probe_rows, work / f"{way}-probe")
+        if stage == "sft":
+            trainer = sft_trainer(way, cfg, family, model, processor, probe_rows, None, args)
+            return settles(trainer, cfg, stage, config, recipe_batch, work / way)
+        trainer = dpo_trainer(way, cfg, family, model, processor, probe_rows, None, args)
+        with reference_logprobs.as_if_cached(trainer):  # a training step that reads the cached reference's columns
+            return settles(trainer, cfg, stage, config, recipe_batch, work / way)
 
 
 def as_settled(name: str, trainer, settled: dict) -> None:
-    """Set on ``trainer`` what ``settles`` predicts, as jobs.auto_batch.fit sets it: recomputation, and the
-    micro-batch, one step a batch over the counted rows."""
+    """Set on ``trainer`` what ``settles`` predicts, as jobs.auto_batch.fit sets it: recomputation (of one layer in
+    ``settled["recompute"]``, 0: none), and the micro-batch, one step a batch over the counted rows."""
     from jobs import auto_batch
 
-    if settled["recompute"]:
-        auto_batch.recompute_activations(trainer, True)
+    auto_batch.recompute_activations(trainer, settled["recompute"])
     micro = min(settled["batch"], len(trainer.train_dataset))  # more than the counted rows: all of them, one batch
     auto_batch.set_batch(trainer, auto_batch.Batch(micro, 1))
     trainer.args.max_steps = steps_of(name, trainer.train_dataset, micro)
@@ -400,9 +437,9 @@ def steps_of(name: str, rows, batch: int) -> int:
     return len(rows) // batch
 
 
-def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows) -> dict:
+def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows, probe_rows) -> dict:
     """Each way's FLOPs per row by phase: training and evaluation counted on ``rows`` and ``eval_rows``, the reference
-    pass on ``reference_rows`` (``as_the_stage_orders``)."""
+    pass on ``reference_rows``, what the stage settles on ``probe_rows`` (``as_the_stage_orders``)."""
     from jobs import checkpoints, flops, packing, reference_logprobs
     from jobs.families import get_family
 
@@ -415,12 +452,11 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
         seed = way == "trl"
         with flops.hollow() as mode:
             model = hollow_as_loaded(family, config, mode, cfg, "dpo")
-            recipe_batch, args = first_args(name, cfg, "dpo", checkpoint, way, rows, work)
+            _, args = first_args(name, cfg, "dpo", checkpoint, way, rows, work)
             trainer = dpo_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             phases = {}
-            if way == "vlmjobs":  # reads the cached reference's columns, added below: settled before them
-                with reference_logprobs.as_if_cached(trainer):
-                    out["memory"] = settles(trainer, cfg, "dpo", config, recipe_batch, work / way)
+            if way == "vlmjobs":
+                out["memory"] = settled_on(probe_rows, name, checkpoint, cfg, "dpo", way, work)
                 as_settled(name, trainer, out["memory"])
             if not seed:  # the reference's log-probs computed once, then read from the batches
                 scored = reference_rows
@@ -437,13 +473,15 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
                     setattr(trainer, split, data.add_column(reference_logprobs.COLUMNS[0], zeros)
                             .add_column(reference_logprobs.COLUMNS[1], zeros))
             phases["train"] = flops.count_training(trainer, len(rows))
+            if way == "vlmjobs":
+                phases["recomputation"] = recomputation(trainer, phases["train"], len(rows))
             phases["eval"] = flops.count_evaluation(trainer)  # the ideal's: one pair a batch
             out[way] = phases
         print(f"  {name}: {way} counted", flush=True)
     return out
 
 
-def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
+def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path, probe_rows) -> dict:
     from jobs import checkpoints, flops
     from jobs.families import get_family
 
@@ -455,25 +493,31 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path) -> dict:
         seed = way == "trl"
         with flops.hollow() as mode:
             model = hollow_as_loaded(family, config, mode, cfg, "sft")
-            recipe_batch, args = first_args(name, cfg, "sft", checkpoint, way, rows, work)
-            # the ideal's evaluation is one row a batch; its "recompute", a forward of each train row alone, is what
-            # activation checkpointing recomputes
-            evaluated = {"eval": eval_rows, "recompute": rows} if way == "ideal" else eval_rows
-            trainer = sft_trainer(way, cfg, family, model, processor, rows, evaluated, args)
+            _, args = first_args(name, cfg, "sft", checkpoint, way, rows, work)
+            trainer = sft_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             if grouped(cfg, "sft") and not seed:
                 trainer.args.train_sampling_strategy = "sequential"  # the rows, batched as the sampler drew them
             if way in ("vlmjobs", "padding-free"):
-                memory = out["memory" if way == "vlmjobs" else "memory padding-free"] = settles(
-                    trainer, cfg, "sft", config, recipe_batch, work / way)
+                memory = out["memory" if way == "vlmjobs" else "memory padding-free"] = settled_on(
+                    probe_rows, name, checkpoint, cfg, "sft", way, work)
                 as_settled(name, trainer, memory)
             out[way] = {"train": flops.count_training(trainer, len(rows))}
-            if way == "ideal":
-                out[way]["eval"] = flops.count_evaluation(trainer, "eval")
-                out[way]["recompute"] = flops.count_evaluation(trainer, "recompute")
-            else:
-                out[way]["eval"] = flops.count_evaluation(trainer)
+            if way in ("vlmjobs", "padding-free"):
+                out[way]["recomputation"] = recomputation(trainer, out[way]["train"], len(rows))
+            out[way]["eval"] = flops.count_evaluation(trainer)  # the ideal's: one row a batch
         print(f"  {name}: {way} counted", flush=True)
     return out
+
+
+def recomputation(trainer, train: float, rows: int) -> float:
+    """FLOPs per row that ``trainer``'s activation checkpointing recomputes: its training (``train``, counted) less
+    the same training counted again without it; 0 where it recomputes nothing. Left off after."""
+    from jobs import auto_batch, flops
+
+    if not trainer.args.activation_checkpointing:
+        return 0.0
+    auto_batch.recompute_activations(trainer, 0)
+    return train - flops.count_training(trainer, rows)
 
 
 def attention_of(cfg) -> str:
@@ -515,19 +559,22 @@ def ideal_reference(name, checkpoint, cfg, rows, work: Path) -> float:
 
 
 def memory_note(name: str, settled: dict) -> str:
+    from jobs import auto_batch
+
+    def recomputing(every: int) -> str:
+        return auto_batch.recomputing(every).strip()
+
     if "activations" not in settled:
-        return f"{name}: activation checkpointing {'on' if settled['recompute'] else 'off'}, as the recipe says"
-    tried = ""
-    if settled["tried"]:  # per_device_train_batch_size auto
-        over = [micro for micro in settled["tried"] if micro > settled["counted"]]
-        scaled = f" ({', '.join(map(str, over))} scaled from the {settled['counted']} counted)" if over else ""
-        tried = (f"per_device_train_batch_size auto: micro-batches {', '.join(map(str, settled['tried']))} do not fit "
-                 f"without recomputation{scaled}; ")
-    return (f"{name}: {tried}activation_checkpointing auto: micro-batch {settled['batch']} of the longest counted rows "
-            f"keeps {settled['activations']:.1f} GB of activations (bf16, as on the GPU) beside "
-            f"{settled['weights']:.1f} GB "
-            f"of weights, gradients and optimizer states, {'over' if settled['recompute'] else 'within'} the GPU's "
-            f"{settled['room']:.1f} GB: {'recomputed' if settled['recompute'] else 'not recomputed'}")
+        return f"{name}: {recomputing(settled['recompute'])}, as the recipe says"
+    scaled = sorted({micro for _, micro in settled["tried"] if micro > settled["counted"]}, reverse=True)
+    scaled = f" ({', '.join(map(str, scaled))} scaled from the {settled['counted']} probed rows)" if scaled else ""
+    tried = "; ".join(f"micro-batch {micro} {recomputing(every)}" for every, micro in settled["tried"])
+    tried = f"over the GPU's memory: {tried}{scaled}; " if tried else ""
+    fits = settled["weights"] + settled["activations"] <= settled["room"]
+    return (f"{name}: activation_checkpointing auto: {tried}micro-batch {settled['batch']} "
+            f"{recomputing(settled['recompute'])} of the probe's {settled['counted']} rows keeps "
+            f"{settled['activations']:.1f} GB of activations (bf16, as on the GPU) beside {settled['weights']:.1f} GB of "
+            f"weights, gradients and optimizer states, {'within' if fits else 'over'} the GPU's {settled['room']:.1f} GB")
 
 
 @contextlib.contextmanager
@@ -586,19 +633,18 @@ def main() -> None:
         if stage == "dpo":
             thumbnail = 490 if checkpoint.family == "idefics2" else None  # prepare.image_scale 0.5, the blog's thumbnail
             pool, folder = dpo_rows(options.pool, thumbnail), work / name.replace(" ", "-")
-            rows, reference_rows = as_the_stage_orders(name, checkpoint, cfg, pool, rows=options.rows,
+            rows, reference_rows, probe_rows = as_the_stage_orders(name, checkpoint, cfg, pool, rows=options.rows,
                                                        reference_rows=options.reference_rows, work=folder / "order")
             eval_rows = dpo_rows(max(2, options.rows // 4), thumbnail)
-            counted = count_dpo(name, checkpoint, cfg, rows, eval_rows, folder, reference_rows)
+            counted = count_dpo(name, checkpoint, cfg, rows, eval_rows, folder, reference_rows, probe_rows)
             counted["ideal"]["reference"] = ideal_reference(name, checkpoint, cfg, reference_rows, folder)
-            counted["ideal"]["recompute"] = counted["ideal"]["reference"]
         else:
             system = cfg.data.sft.system_prompt
             pool = sft_rows(options.pool if grouped(cfg, "sft") else options.rows, system)
-            rows = sft_drawn(name, checkpoint, cfg, pool, rows=options.rows,
+            rows, probe_rows = sft_drawn(name, checkpoint, cfg, pool, rows=options.rows,
                              work=work / name.replace(" ", "-") / "order")
             eval_rows = sft_rows(max(4, options.rows // 2), system)
-            counted = count_sft(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"))
+            counted = count_sft(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"), probe_rows)
         epochs = (1, 2) if stage == "dpo" else (1,)
         for epoch in epochs:
             result = {}
@@ -608,15 +654,14 @@ def main() -> None:
                 result[way] = per_sample(counted[way], sched, checkpoint, epoch=epoch, way=way)
             ideal = result["ideal"]["total"]
             v = result["vlmjobs"]
-            # the recipe's activation checkpointing recomputes one policy forward per row: the ideal's reference forward
-            # (DPO: the packed pair) or its eval forward (SFT: the row alone), counted above
-            recompute = counted["ideal"]["recompute"] if counted["memory"]["recompute"] else 0.0
+            recompute = counted["vlmjobs"]["recomputation"]  # what vlmjobs' checkpointing recomputes, counted
             if "padding-free" in counted:  # SFT with sft.padding_free: true under the same attention
                 pf = per_sample(counted["padding-free"], schedule(cfg, stage, checkpoint, seed_defaults=False),
                                 checkpoint, epoch=epoch, way="vlmjobs")
                 notes.append(f"{name}: with sft.padding_free: true ({attention_of(cfg)}), vlmjobs "
                              f"{pf['total'] / 1e12:.2f} TFLOP/sample ({pf['train'] / 1e12:.2f} + 0 + {pf['eval'] / 1e12:.2f}), "
-                             f"{pf['total'] / ideal:.2f} x ideal, {pf['total'] / (ideal + recompute):.2f} x (ideal + recomputation)")
+                             f"{pf['total'] / ideal:.2f} x ideal, "
+                             f"{pf['total'] / (ideal + counted['padding-free']['recomputation']):.2f} x (ideal + recomputation)")
             table.append(
                 f"| {name} ({train.method}) | {'1' if epoch == 1 else '2+, rerun'} | {result['trl']['total'] / 1e12:.2f} | "
                 f"{v['total'] / 1e12:.2f} ({v['train'] / 1e12:.2f} + {v['reference'] / 1e12:.2f} + {v['eval'] / 1e12:.2f}) | "
