@@ -102,7 +102,7 @@ SMOLVLM = Checkpoint(
     rows={"train": 4_752, "eval": 42},  # rlaif-v_formatted train[:6%], test[:1%]
 )
 SMOLVLM_SFT = Checkpoint(**{**SMOLVLM.__dict__, "recipe": "recipes/smolvlm-chartqa-sft.yaml",
-                            "rows": {"train": 2_830, "eval": 192}})
+                            "rows": {"train": 2_830, "eval": 192}, "source_batch": (4, 4)})  # the cookbook's SFTConfig
 
 # Image sizes like the data sets' (width, height), in turn: RLAIF-V's photos (COCO-like, mostly 640 on the long side)
 # and ChartQA's charts (a few hundred to 1,200 pixels wide), so that a processor gives its real image-token counts

@@ -174,33 +174,42 @@ def hollow_model(model_class: str, config, mode: Hollow, precision=None, *, four
     return model
 
 
-class AsCudaAutocasts(torch.overrides.TorchFunctionMode):
-    """CPU autocast with CUDA autocast's float32 casts of the norms and softmaxes, for counting what a GPU's step keeps.
+@contextlib.contextmanager
+def cuda_autocast_norms():
+    """CPU autocast with CUDA autocast's float32 layer and group norms, for counting what a GPU's step keeps.
 
     Under bf16 autocast the two devices' policies differ (torch's amp docs, "CUDA Ops that can autocast to float32"):
-    CUDA runs layer_norm and group_norm in float32 (their inputs cast, their outputs float32) and softmax and
-    log_softmax in float32 where no dtype is given; a CPU runs them in the input's dtype. A vision tower's layer norms
-    then keep a float32 copy of their input on a GPU: in SmolVLM's 27 SigLIP layers, two a layer over 729 patches a
-    tile. The other float32 casts of CUDA's list (pow, rsqrt, exp, log, the losses) meet tensors the models already
-    compute in float32 (their RMS norms upcast), or small ones (per-sequence log-probs)."""
+    CUDA runs layer_norm and group_norm in float32, their inputs cast and their outputs float32; a CPU runs them in the
+    input's dtype. A vision tower's layer norms then keep a float32 copy of their input on a GPU: in SmolVLM's 27
+    SigLIP layers, two a layer over 729 patches a tile. The module-level functions are swapped, not dispatched
+    around, so that activation checkpointing's recomputation in the backward runs them as the forward did. The rest
+    of CUDA's float32 list meets tensors that are float32 here already: the RMS norms upcast themselves, eager
+    attention's softmax is asked for float32, and the logits reach the loss's log-softmax in float32 (accelerate
+    converts a forward's outputs: jobs.upstream.forward_as_training_runs)."""
+    functional = torch.nn.functional
+    originals = {name: getattr(functional, name) for name in ("layer_norm", "group_norm")}
 
-    NORMS = {torch.nn.functional.layer_norm, torch.nn.functional.group_norm}
-    SOFTMAXES = {torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.softmax, torch.log_softmax,
-                 torch.Tensor.softmax, torch.Tensor.log_softmax}
-    LOWER = (torch.bfloat16, torch.float16)
+    def as_float32(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in self.LOWER):
-            return func(*args, **kwargs)
-        if func in self.NORMS:
-            def as_float32(x):
-                return x.float() if isinstance(x, torch.Tensor) and x.dtype in self.LOWER else x
+    def in_float32(original):
+        def norm(*args, **kwargs):
+            if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in LOWER_PRECISION):
+                return original(*args, **kwargs)
             with torch.autocast("cpu", enabled=False):
-                return func(*tree_map(as_float32, args), **tree_map(as_float32, kwargs))
-        if func in self.SOFTMAXES and len(args) <= 2 and kwargs.get("dtype") is None and args[0].dtype in self.LOWER:
-            return func(args[0].float(), *args[1:], **kwargs)
-        return func(*args, **kwargs)
+                return original(*tree_map(as_float32, args), **tree_map(as_float32, kwargs))
+        return norm
+
+    for name, original in originals.items():
+        setattr(functional, name, in_float32(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(functional, name, original)
+
+
+LOWER_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def per_row(flops: int, rows: int) -> float:
@@ -264,9 +273,9 @@ def saved_for_backward(step, model) -> int:
 def training_step_activations(trainer, rows) -> int:
     """Bytes of activations one training step of ``trainer`` keeps on ``rows`` (one batch, as its collator makes it):
     ``saved_for_backward`` of its own ``training_step``, run as the micro-batch probe runs it (jobs.auto_batch: the
-    forward as training runs it), with CUDA's autocast casts where the step autocasts (``AsCudaAutocasts``)."""
+    forward as training runs it), with CUDA autocast's float32 norms where the step autocasts (``cuda_autocast_norms``)."""
     batch = trainer.data_collator([rows[i] for i in range(len(rows))])
-    with upstream.probe_leaves_no_trace(trainer), upstream.forward_as_training_runs(trainer), AsCudaAutocasts():
+    with upstream.probe_leaves_no_trace(trainer), upstream.forward_as_training_runs(trainer), cuda_autocast_norms():
         saved = saved_for_backward(lambda: trainer.training_step(trainer.model, batch), trainer.model)
     trainer.model.zero_grad(set_to_none=True)
     return saved

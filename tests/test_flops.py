@@ -161,32 +161,33 @@ def test_a_hollow_training_step_keeps_the_activations_the_real_one_keeps(tiny_mo
     assert expected[True] < expected[False], "checkpointing keeps less"
 
 
-def test_a_counted_step_runs_norms_and_softmaxes_in_float32_as_cuda_autocast_does():
-    """Under bf16 autocast CUDA runs layer_norm in float32 and softmax in float32 where no dtype is given (torch's amp
-    docs, "CUDA Ops that can autocast to float32"); a CPU runs both in bf16. What the FLOPs table counts a GPU's step
-    to keep is what CUDA's policy keeps: a bf16 layer norm then linear layer keep the norm's input cast to float32, its
-    float32 mean and 1/std (one a row) and the float32 casts of its weight and bias, and the linear layer's input cast
-    back to bf16. Without the policy the CPU keeps less."""
+def test_a_counted_step_runs_layer_norms_in_float32_as_cuda_autocast_does():
+    """Under bf16 autocast CUDA runs layer_norm in float32 (torch's amp docs, "CUDA Ops that can autocast to
+    float32"); a CPU runs it in bf16. What the FLOPs table counts a GPU's step to keep is what CUDA's policy keeps: a
+    bf16 layer norm then linear layer keep the norm's input cast to float32, its float32 mean and 1/std (one a row)
+    and the float32 casts of its weight and bias, and the linear layer's input cast back to bf16. Without the policy
+    the CPU keeps less. Checkpointed, the region's recomputation in the backward runs the norm as its forward did
+    (torch checks that it recomputes tensors of the same dtypes)."""
+    from torch.utils.checkpoint import checkpoint
+
     torch.manual_seed(0)
     rows, width = 4, 8
     model = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, 2)).to(torch.bfloat16)
     x = torch.randn(rows, width, dtype=torch.bfloat16)
 
-    def step():
+    def step(recompute: bool = False):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(x).float().sum().backward()
+            out = checkpoint(model, x, use_reentrant=False) if recompute else model(x)
+            out.float().sum().backward()
 
-    with flops.AsCudaAutocasts():
+    original = torch.nn.functional.layer_norm
+    with flops.cuda_autocast_norms():
         as_on_cuda = flops.saved_for_backward(step, model)
+        assert flops.saved_for_backward(lambda: step(recompute=True), model) == rows * width * 2, "the region's input"
+        assert torch.nn.functional.layer_norm(x, (width,)).dtype == torch.bfloat16, "no autocast, no cast"
     assert as_on_cuda == rows * width * 4 + 2 * rows * 4 + 2 * width * 4 + rows * width * 2
     assert flops.saved_for_backward(step, model) < as_on_cuda
-
-    with torch.autocast("cpu", dtype=torch.bfloat16), flops.AsCudaAutocasts():
-        assert torch.nn.functional.softmax(x, dim=-1).dtype == torch.float32
-        assert x.log_softmax(-1).dtype == torch.float32
-        assert x.softmax(-1, dtype=torch.bfloat16).dtype == torch.bfloat16, "a dtype given is kept, as on CUDA"
-    with flops.AsCudaAutocasts():
-        assert torch.nn.functional.layer_norm(x, (width,)).dtype == torch.bfloat16, "no autocast, no cast"
+    assert torch.nn.functional.layer_norm is original, "put back"
 
 
 def test_a_qlora_recipes_hollow_model_gets_the_adapter_dtypes_its_4bit_base_gets(tiny_model, tmp_path):

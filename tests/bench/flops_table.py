@@ -234,21 +234,26 @@ def probed(name, cfg, stage: str, checkpoint, trainer, pool):
     return pool.select(longest)
 
 
-def drawn_by_length(name, cfg, stage: str, trainer, pool, rows: int):
+def drawn_by_length(name, cfg, stage: str, trainer, pool, rows: int, micro: int | None = None):
     """The ``rows`` rows of ``pool`` that the stage's seeded LengthGroupedSampler draws in a first epoch, from its
     second optimizer step on, over the lengths ``trainer`` (the stage's, built on ``pool``) gave the rows (see
     ``as_the_stage_orders``). Prints the share of the pool's batch tokens that is padding, grouped and shuffled, and
-    where rows are ordered by image size, how many of its micro-batches still mix sizes."""
+    where rows are ordered by image size, how many of its micro-batches still mix sizes. ``micro``: the micro-batch
+    the stage settles, where the recipe's is auto."""
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from jobs import packing, upstream
 
-    train, args = getattr(cfg, stage).args, trainer.args
-    micro = train.get("per_device_train_batch_size", 8)
-    if micro == AUTO:  # the sampler's megabatches are of the micro-batch the stage settles, known only after the draw
-        raise SystemExit(f"{name}: rows grouped by length under per_device_train_batch_size auto are not drawn here")
-    per_step = micro * train.get("gradient_accumulation_steps", 1)
+    train, args = getattr(cfg, stage), trainer.args
+    if train.args.get("per_device_train_batch_size", 8) == AUTO:  # the sampler groups whole optimizer steps
+        if micro is None:
+            raise SystemExit(f"{name}: rows grouped by length under per_device_train_batch_size auto are drawn in "
+                             "the micro-batches the stage settles: give it")
+        per_step = train.effective_batch_size
+    else:
+        micro = train.args.get("per_device_train_batch_size", 8)
+        per_step = micro * train.args.get("gradient_accumulation_steps", 1)
     # the stage's sampler for a first epoch (jobs.upstream.seeded_length_grouping: seeded by the run's seed, here 0)
     sampler = upstream.SeededLengthGrouping(
         LengthGroupedSampler(per_step, lengths=trainer.train_dataset[args.length_column_name]), args.seed)
@@ -279,8 +284,13 @@ def sft_drawn(name, checkpoint, cfg, pool, *, rows: int, work: Path):
     """(the SFT rows counted, the rows the probe takes): as ``as_the_stage_orders`` takes DPO's training rows, where
     the recipe groups by length; else ``pool``'s first rows."""
     trainer = stage_trainer(checkpoint, cfg, "sft", pool, work)
-    counted = drawn_by_length(name, cfg, "sft", trainer, pool, rows) if grouped(cfg, "sft") else pool.select(range(rows))
-    return counted, probed(name, cfg, "sft", checkpoint, trainer, pool)
+    probe_rows = probed(name, cfg, "sft", checkpoint, trainer, pool)
+    if not grouped(cfg, "sft"):
+        return pool.select(range(rows)), probe_rows
+    micro = None
+    if cfg.sft.args.get("per_device_train_batch_size") == AUTO:  # the micro-batch the stage settles, for its batches
+        micro = settled_on(probe_rows, name, checkpoint, cfg, "sft", "vlmjobs", work.parent)["batch"]
+    return drawn_by_length(name, cfg, "sft", trainer, pool, rows, micro), probe_rows
 
 
 def stage_trainer(checkpoint, cfg, stage: str, rows, work: Path):
@@ -352,7 +362,7 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
     every layer recomputed at micro-batch 1, over. A micro-batch of more rows than ``trainer`` holds is taken as their
     activations, scaled by its size. The hollow step runs in the dtypes the stage runs on the GPU (``on_its_gpu``: bf16
     weights and autocast, a QLoRA adapter cast to bf16 by TRL, with CUDA autocast's float32 norms:
-    jobs.flops.AsCudaAutocasts). A recipe that says true or false is taken at its word. ``as_settled`` sets what is
+    jobs.flops.cuda_autocast_norms). A recipe that says true or false is taken at its word. ``as_settled`` sets what is
     predicted on a trainer."""
     from jobs import auto_batch, flops, memory
 
@@ -390,9 +400,18 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
             "batch": micro, "tried": tried, "counted": counted}
 
 
+SETTLED: dict = {}  # (name, way) -> what settled_on found, once per checkpoint and way
+
+
 def settled_on(probe_rows, name, checkpoint, cfg, stage: str, way: str, work: Path) -> dict:
     """``settles`` on the rows the stage's probe takes, by a hollow trainer of the way's own (the rows counted are
-    another trainer's)."""
+    another trainer's); once per checkpoint and way."""
+    if (name, way) not in SETTLED:
+        SETTLED[name, way] = _settled_on(probe_rows, name, checkpoint, cfg, stage, way, work)
+    return SETTLED[name, way]
+
+
+def _settled_on(probe_rows, name, checkpoint, cfg, stage: str, way: str, work: Path) -> dict:
     from jobs import checkpoints, flops, reference_logprobs
     from jobs.families import get_family
 
