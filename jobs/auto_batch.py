@@ -230,7 +230,8 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
                                    "ran_out_of_memory_at": sorted(set(ran_out), reverse=True),
                                    **({"ran_out_without_recomputation_at": sorted(set(without_recomputation), reverse=True)}
                                       if without_recomputation else {})})
-    say(f"{stage.name}: micro-batch {batch} fits{recomputing(recompute) if auto_checkpointing else ''} (effective batch "
+    how = recomputing(recompute) if auto_checkpointing else ""
+    say(f"{stage.name}: micro-batch {batch} fits{how} (effective batch "
         f"{per_process * processes}); recorded in {record}", flush=True)
     return batch if auto_micro else None
 

@@ -273,7 +273,8 @@ def saved_for_backward(step, model) -> int:
 def training_step_activations(trainer, rows) -> int:
     """Bytes of activations one training step of ``trainer`` keeps on ``rows`` (one batch, as its collator makes it):
     ``saved_for_backward`` of its own ``training_step``, run as the micro-batch probe runs it (jobs.auto_batch: the
-    forward as training runs it), with CUDA autocast's float32 norms where the step autocasts (``cuda_autocast_norms``)."""
+    forward as training runs it), with CUDA autocast's float32 norms where the step autocasts
+    (``cuda_autocast_norms``)."""
     batch = trainer.data_collator([rows[i] for i in range(len(rows))])
     with upstream.probe_leaves_no_trace(trainer), upstream.forward_as_training_runs(trainer), cuda_autocast_norms():
         saved = saved_for_backward(lambda: trainer.training_step(trainer.model, batch), trainer.model)

@@ -50,6 +50,8 @@ CASES = {  # name: (checkpoint in jobs.checkpoints, stage, way, recipe changes)
     "qwen2-vl-7b SFT QLoRA, vlmjobs": ("QWEN2_VL_7B", "sft", "vlmjobs", {}),
     "qwen2-vl-7b SFT QLoRA, TRL defaults": ("QWEN2_VL_7B", "sft", "trl", {}),
     "SmolVLM SFT padding-free": ("SMOLVLM_SFT", "sft", "padding-free", {"method": "lora"}),
+    # its longest pairs fit a 24 GB GPU with one layer in 8 recomputed, by the FLOPs table's count; here the probe says
+    "SmolVLM DPO QLoRA, vlmjobs": ("SMOLVLM", "dpo", "vlmjobs", {}),
 }
 
 

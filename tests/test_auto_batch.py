@@ -254,7 +254,7 @@ def test_activation_checkpointing_auto_recomputes_only_where_the_batch_does_not_
     def recipe(name, every: int):
         args = {**TRAIN["args"], "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
                 "activation_checkpointing": every if every == "auto" else every > 0,
-                **({"activation_checkpointing_kwargs": {"every_n_layers": every}} if every not in ("auto", 0, 1) else {})}
+                **({} if every in ("auto", 0, 1) else {"activation_checkpointing_kwargs": {"every_n_layers": every}})}
         path = write_recipe(name=name, prepare={"max_rows": 24}, sft={**TRAIN, "args": args})
         prepare.main(recipe=str(path))
         return path, recipes.load(path).run_dir / "sft"
@@ -262,7 +262,9 @@ def test_activation_checkpointing_auto_recomputes_only_where_the_batch_does_not_
     def trained_with(run) -> int:
         """Every how many layers one was checkpointed in training (0: none), as the saved training args say."""
         args = torch.load(run / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
-        return (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1) if args.activation_checkpointing else 0
+        if not args.activation_checkpointing:
+            return 0
+        return (args.activation_checkpointing_kwargs or {}).get("every_n_layers", 1)
 
     given = {every: recipe(f"every-{every}", every) for every in (0, 4, 2, 1)}
     saved = {}
@@ -272,7 +274,7 @@ def test_activation_checkpointing_auto_recomputes_only_where_the_batch_does_not_
             sft.main(recipe=str(path))
             saved[every] = unchecked["most"]
     # the tiny LLaVA's 2 vision and 2 text layers: one in 4 checkpoints the first, one in 2 the first of each tower
-    assert saved[0] > saved[4] > saved[2] > saved[1] > 0, f"each keeps less, the simulated memory tells them apart: {saved}"
+    assert saved[0] > saved[4] > saved[2] > saved[1] > 0, f"each keeps less; the simulated memory tells: {saved}"
     assert [trained_with(run) for _, run in given.values()] == [0, 4, 2, 1]
 
     auto_path, auto = recipe("auto", "auto")

@@ -49,6 +49,21 @@ def test_the_gpu_check_settles_an_auto_micro_batch_as_the_stage_does(monkeypatch
     assert 5 < float(row.group(3)) < 7  # QLoRA on the real Qwen2-VL-7B: 4-bit weights, bf16 embeddings and head
 
 
+def test_the_gpu_check_runs_smolvlm_dpo_as_the_stage_does(monkeypatch, capsys):
+    """SmolVLM DPO, whose recipe leaves activation checkpointing to the probe (one layer in 8 recomputed on a 24 GB
+    GPU, by the FLOPs table's count): the check settles it with the stage's own search, unprobed on a CPU (none), and
+    runs the shared-prefix step after the cached reference pass."""
+    case = "SmolVLM DPO QLoRA, vlmjobs"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--tiny", "--steps", "1", "--only", case])
+    gpu_check().main()
+    out = capsys.readouterr().out
+    assert "activation_checkpointing auto: micro-batch 1 without activation checkpointing" in out
+    row = re.search(rf"^\| {case} \(sdpa\) \| 1 \| 1 \| off \| (\d+) \| ([\d.e+-]+) \|  \|  \| ([\d.]+) \|$",
+                    out, re.MULTILINE)
+    assert row, "no table row for the case"
+    assert 1 < float(row.group(3)) < 2.5  # QLoRA on the real SmolVLM: 4-bit weights, bf16 embeddings and head
+
+
 def test_the_wheels_it_installs_are_the_locks_versions():
     locked = dict(line.split(" ")[0].split("==") for line in (ROOT / "requirements.lock").read_text().splitlines()
                   if "==" in line and not line.startswith(("#", " ")))

@@ -216,7 +216,8 @@ def as_the_stage_orders(name, checkpoint, cfg, pool, *, rows: int, reference_row
     order = reference_logprobs.batching_order(trainer.args, trainer.train_dataset)
     middle = (len(order) - reference_rows) // 2
     scored = pool.select(order[middle:middle + reference_rows])
-    counted = drawn_by_length(name, cfg, "dpo", trainer, pool, rows) if grouped(cfg, "dpo") else pool.select(range(rows))
+    counted = (drawn_by_length(name, cfg, "dpo", trainer, pool, rows) if grouped(cfg, "dpo")
+               else pool.select(range(rows)))
     return counted, scored, probed(name, cfg, "dpo", checkpoint, trainer, pool)
 
 
@@ -384,7 +385,8 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
         rows = min(micro, counted)
         if (every, rows) not in measured:
             auto_batch.recompute_activations(trainer, every)
-            measured[every, rows] = flops.training_step_activations(trainer, trainer.train_dataset.select(longest[:rows]))
+            probed_rows = trainer.train_dataset.select(longest[:rows])
+            measured[every, rows] = flops.training_step_activations(trainer, probed_rows)
         return measured[every, rows] * micro / rows / memory.GB
 
     tried = []
@@ -592,8 +594,9 @@ def memory_note(name: str, settled: dict) -> str:
     fits = settled["weights"] + settled["activations"] <= settled["room"]
     return (f"{name}: activation_checkpointing auto: {tried}micro-batch {settled['batch']} "
             f"{recomputing(settled['recompute'])} of the probe's {settled['counted']} rows keeps "
-            f"{settled['activations']:.1f} GB of activations (bf16, as on the GPU) beside {settled['weights']:.1f} GB of "
-            f"weights, gradients and optimizer states, {'within' if fits else 'over'} the GPU's {settled['room']:.1f} GB")
+            f"{settled['activations']:.1f} GB of activations (bf16, as on the GPU) beside {settled['weights']:.1f} "
+            f"GB of weights, gradients and optimizer states, {'within' if fits else 'over'} the GPU's "
+            f"{settled['room']:.1f} GB")
 
 
 @contextlib.contextmanager
@@ -680,7 +683,8 @@ def main() -> None:
                 notes.append(f"{name}: with sft.padding_free: true ({attention_of(cfg)}), vlmjobs "
                              f"{pf['total'] / 1e12:.2f} TFLOP/sample ({pf['train'] / 1e12:.2f} + 0 + {pf['eval'] / 1e12:.2f}), "
                              f"{pf['total'] / ideal:.2f} x ideal, "
-                             f"{pf['total'] / (ideal + counted['padding-free']['recomputation']):.2f} x (ideal + recomputation)")
+                             f"{pf['total'] / (ideal + counted['padding-free']['recomputation']):.2f} x "
+                             "(ideal + recomputation)")
             table.append(
                 f"| {name} ({train.method}) | {'1' if epoch == 1 else '2+, rerun'} | {result['trl']['total'] / 1e12:.2f} | "
                 f"{v['total'] / 1e12:.2f} ({v['train'] / 1e12:.2f} + {v['reference'] / 1e12:.2f} + {v['eval'] / 1e12:.2f}) | "
