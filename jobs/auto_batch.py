@@ -38,8 +38,8 @@ half more under LoRA), and turns checkpointing on only where it does not::
 
 Between none and all there are steps (``RECOMPUTE_EVERY``): transformers checkpoints every n-th layer
 (``activation_checkpointing_kwargs: {every_n_layers: n}``), which keeps about 1/n fewer activations for 1/n of a
-forward. A batch just over the GPU's memory (SmolVLM's DPO pairs of 17 tiles on 24 GB) then sheds what it must for a
-part of what recomputing every layer costs. With a micro-batch given, the probe tries it without checkpointing, then
+forward. A batch just over the GPU's memory (SmolVLM's longest DPO pairs on 24 GB, by make bench's count) then sheds
+what it must for a part of what recomputing every layer costs. With a micro-batch given, the probe tries it without checkpointing, then
 with every 8th, 4th and 2nd layer checkpointed, then every layer; with ``auto`` for both, every micro-batch from the
 top down at each step in turn. The choice is recorded beside the size, and ``train()`` checkpoints as the config then
 says.

@@ -174,6 +174,9 @@ def hollow_model(model_class: str, config, mode: Hollow, precision=None, *, four
     return model
 
 
+LOWER_PRECISION = (torch.bfloat16, torch.float16)
+
+
 @contextlib.contextmanager
 def cuda_autocast_norms():
     """CPU autocast with CUDA autocast's float32 layer and group norms, for counting what a GPU's step keeps.
@@ -207,9 +210,6 @@ def cuda_autocast_norms():
     finally:
         for name, original in originals.items():
             setattr(functional, name, original)
-
-
-LOWER_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def per_row(flops: int, rows: int) -> float:

@@ -173,6 +173,7 @@ def run_case(name: str, options, work: Path) -> dict:
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)  # settle's hold on the recipe's GPU's memory, lifted
     return out
 
 
@@ -190,13 +191,19 @@ def checkpointed(every: int) -> str:
 
 def settle(trainer, cfg, stage: str, work: Path) -> None:
     """The recipe's ``auto`` settings (the micro-batch, activation checkpointing) settled as the stage settles them:
-    by jobs.auto_batch.fit itself, probing on the GPU. An optimizer step is then one micro-batch: the check measures
-    throughput, to which gradient accumulation adds nothing."""
+    by jobs.auto_batch.fit itself, probing on the GPU, held to the memory of the recipe's GPU (an L4's 24 GB on an
+    H100 or H200: torch's per-process memory fraction, until ``run_case`` lifts it), so that it settles as there. An
+    optimizer step is then one micro-batch: the check measures throughput, to which accumulation adds nothing."""
     from types import SimpleNamespace
+
+    import torch
 
     from jobs import auto_batch, modeling
 
     train = getattr(cfg, stage)
+    if torch.cuda.is_available():
+        whole = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.resources_for(stage).gpu_memory_gib * 2**30 / whole))
     placed = SimpleNamespace(name=stage, work=work, out=work)  # where fit keeps what it found (a run's stage folder)
     auto_batch.fit(placed, trainer, train, model=cfg.model, precision=modeling.training_precision(cfg.model, train))
     trainer.args.gradient_accumulation_steps = 1
