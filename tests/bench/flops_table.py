@@ -10,7 +10,7 @@ on the same rows:
 - vlmjobs as the recipe runs: the stage's trainer (shared-prefix DPO, the reference's log-probs computed once over
   the train and eval rows and read from the batches after; SFT's collators, padding-free where the attention allows
   it), with the stage's defaults (SFT evaluates every save_steps), recomputing activations as the recipe says, or,
-  where it says auto, as the stage's probe would settle it on the recipe's GPU (``recomputes``: counted activations
+  where it says auto, as the stage's probe would settle it on the recipe's GPU (``settles``: counted activations
   beside the weights);
 - the ideal: the work the recipe asks for and nothing else: each pair's prompt once and both answers, one reference
   forward per pair (none in a second epoch or rerun), one row per batch (no padding), no recomputation, and the
@@ -101,7 +101,7 @@ def args_for(cfg, stage: str, work: Path, *, batch: int, steps: int, seed_defaul
     """The stage's TRL config from the recipe (jobs.training.trl_config, as the stage makes it), with what counting
     needs: ``steps`` optimizer steps of ``batch`` rows (no accumulation), no checkpoints, trackers or workers. The
     seed script recomputes activations where the recipe leaves it to the stage (activation_checkpointing: auto, which
-    vlmjobs settles on the recipe's GPU: ``recomputes``); autocast in ``dtype``, or as the stage on the recipe's GPU
+    vlmjobs settles on the recipe's GPU: ``settles``); autocast in ``dtype``, or as the stage on the recipe's GPU
     (``on_its_gpu``)."""
     import dataclasses
 
@@ -589,7 +589,9 @@ def memory_note(name: str, settled: dict) -> str:
         return f"{name}: {recomputing(settled['recompute'])}, as the recipe says"
     scaled = sorted({micro for _, micro in settled["tried"] if micro > settled["counted"]}, reverse=True)
     scaled = f" ({', '.join(map(str, scaled))} scaled from the {settled['counted']} probed rows)" if scaled else ""
-    tried = "; ".join(f"micro-batch {micro} {recomputing(every)}" for every, micro in settled["tried"])
+    steps = dict.fromkeys(every for every, _ in settled["tried"])  # in the order tried
+    tried = "; ".join(f"{recomputing(every)}, micro-batch "
+                      f"{', '.join(str(micro) for e, micro in settled['tried'] if e == every)}" for every in steps)
     tried = f"over the GPU's memory: {tried}{scaled}; " if tried else ""
     fits = settled["weights"] + settled["activations"] <= settled["room"]
     return (f"{name}: activation_checkpointing auto: {tried}micro-batch {settled['batch']} "
