@@ -55,6 +55,12 @@ The couplings, what each relies on, why nothing public serves, and what would br
     The trainer's copy of the micro-batch, made in ``__init__`` and read by ``train()`` and its dataloader; the
     automatic micro-batch is found after the trainer is built and nothing public updates the copy. Unguarded,
     training batches the size the probe started from. Checked: the copy holds the args' value before it is set.
+``forward_as_training_runs`` (accelerate ``Accelerator.native_amp`` and ``Accelerator.autocast``, as
+    ``prepare_model`` wraps a forward; ``accelerate.utils.convert_outputs_to_fp32``)
+    The micro-batch probe and the FLOPs table run a training step before ``train()``, which is where accelerate wraps
+    the model's forward in the run's autocast and converts its outputs to float32; nothing public runs a step so
+    wrapped without preparing the model for good. Unguarded, the probe measures a step training does not run (full
+    fine-tuning: a float32 step, 1.8 times the activations). Checked: the attribute and method are there.
 ``probe_leaves_no_trace`` (trl ``_metrics``, ``_total_train_tokens``; accelerate ``Accelerator.gather`` and
     ``gather_for_metrics`` replaced on the trainer's accelerator)
     The automatic micro-batch runs the trainer's own training step, which logs TRL's metrics and gathers them over
