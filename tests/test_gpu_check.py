@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,34 +36,28 @@ def test_the_gpu_check_runs_a_case_on_the_cpu_in_miniature(monkeypatch, capsys):
     assert 16 < predicted_gb < 18
 
 
-def test_the_gpu_check_settles_an_auto_micro_batch_as_the_stage_does(monkeypatch, capsys):
-    """The Qwen2-VL recipe leaves its micro-batch to the stage (per_device_train_batch_size: auto): the check settles it
-    with the stage's own search (jobs.auto_batch.fit), which on a CPU takes the whole per-process batch, the recipe's
-    effective batch of 32, unprobed; its padding-free rows attend each alone."""
-    case = "qwen2-vl-7b SFT QLoRA, vlmjobs"
+@pytest.mark.parametrize("case, settled, attention, micro, predicted_gb", [
+    # the recipe's micro-batch left to the stage: on a CPU the whole per-process batch, its effective 32, unprobed;
+    # its padding-free rows attend each alone. QLoRA on the real Qwen2-VL-7B: 4-bit weights, bf16 embeddings and head
+    ("qwen2-vl-7b SFT QLoRA, vlmjobs", "micro-batch 32 without activation checkpointing (effective batch 32 over 1 "
+     "process), not probed", "sdpa_by_row", 32, (5, 7)),
+    # its recomputation left to the probe (one layer in 8 on a 24 GB GPU, by the FLOPs table's count): none on a CPU,
+    # unprobed; the shared-prefix step after the cached reference pass. QLoRA on the real SmolVLM
+    ("SmolVLM DPO QLoRA, vlmjobs", "activation_checkpointing auto: micro-batch 1 without activation checkpointing",
+     "sdpa", 1, (1, 2.5)),
+], ids=["qwen2-vl-auto-micro-batch", "smolvlm-dpo-auto-recomputation"])
+def test_the_gpu_check_settles_the_recipes_auto_settings_as_the_stage_does(case, settled, attention, micro,
+                                                                          predicted_gb, monkeypatch, capsys):
+    """The check settles a recipe's auto settings with the stage's own search (jobs.auto_batch.fit) and prints what it
+    settled in its table, beside `vlmjobs memory`'s estimate for the real checkpoint."""
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--tiny", "--steps", "1", "--only", case])
     gpu_check().main()
     out = capsys.readouterr().out
-    assert "micro-batch 32 without activation checkpointing (effective batch 32 over 1 process), not probed" in out
-    row = re.search(rf"^\| {case} \(sdpa_by_row\) \| 1 \| 32 \| off \| (\d+) \| ([\d.e+-]+) \|  \|  \| ([\d.]+) \|$",
-                    out, re.MULTILINE)
+    assert settled in out
+    row = re.search(rf"^\| {case} \({attention}\) \| 1 \| {micro} \| off \| (\d+) \| ([\d.e+-]+) \|  \|  \| "
+                    r"([\d.]+) \|$", out, re.MULTILINE)
     assert row, "no table row for the case"
-    assert 5 < float(row.group(3)) < 7  # QLoRA on the real Qwen2-VL-7B: 4-bit weights, bf16 embeddings and head
-
-
-def test_the_gpu_check_runs_smolvlm_dpo_as_the_stage_does(monkeypatch, capsys):
-    """SmolVLM DPO, whose recipe leaves activation checkpointing to the probe (one layer in 8 recomputed on a 24 GB
-    GPU, by the FLOPs table's count): the check settles it with the stage's own search, unprobed on a CPU (none), and
-    runs the shared-prefix step after the cached reference pass."""
-    case = "SmolVLM DPO QLoRA, vlmjobs"
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--tiny", "--steps", "1", "--only", case])
-    gpu_check().main()
-    out = capsys.readouterr().out
-    assert "activation_checkpointing auto: micro-batch 1 without activation checkpointing" in out
-    row = re.search(rf"^\| {case} \(sdpa\) \| 1 \| 1 \| off \| (\d+) \| ([\d.e+-]+) \|  \|  \| ([\d.]+) \|$",
-                    out, re.MULTILINE)
-    assert row, "no table row for the case"
-    assert 1 < float(row.group(3)) < 2.5  # QLoRA on the real SmolVLM: 4-bit weights, bf16 embeddings and head
+    assert predicted_gb[0] < float(row.group(3)) < predicted_gb[1]
 
 
 def test_the_wheels_it_installs_are_the_locks_versions():
