@@ -241,7 +241,7 @@ def forward_as_training_runs(trainer):
     if not (isinstance(native_amp, bool) and callable(autocast)):
         raise changed("accelerate", "Accelerator.native_amp and Accelerator.autocast, by which prepare_model wraps a "
                       "model's forward in mixed precision", "lacks one")
-    if not accelerator.native_amp:
+    if not native_amp:
         yield
         return
     own = vars(model).get("forward")  # TRL's fused LM head puts its forward on the instance (trl_fused_forward)
