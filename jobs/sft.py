@@ -40,12 +40,14 @@ def main(recipe: str = "", force: bool = False, **overrides):
     data = load_from_disk(stage.input("prepare") / "sft")
     train, held_out = (family.close_answers(data[split], processor, scratch=stage.scratch) for split in ("train", "eval"))
 
+    watched = held_out.select(range(training.eval_loss_rows(cfg.sft, len(held_out))))  # the eval loss's rows
+
     args = training.trl_config(SFTConfig, cfg.sft, output_dir=stage.work / "checkpoints", seed=cfg.seed, dtype=precision.compute,
                                shards=shards, defaults=training.SFT_DEFAULTS)
     peft_config = None if cfg.sft.method == "full" else modeling.lora_config(cfg.sft, family)
     with training.sharding(args, model):
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=train, eval_dataset=held_out, peft_config=peft_config,
+            model=model, args=args, train_dataset=train, eval_dataset=watched, peft_config=peft_config,
             processing_class=family.rendering_processor(processor),  # renders BOS in; the saved processor stays the card's
             callbacks=training.callbacks("sft", stage.work),
         )
@@ -63,6 +65,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     batch = auto_batch.fit(stage, trainer, cfg.sft, model=cfg.model, precision=precision)
     checkpoint = training.start("sft", trainer, work=stage.work, train_rows=len(train),
                                 extra={"method": cfg.sft.method, "sharded over": shards,
+                                       "eval loss on": f"{len(watched)} of {len(held_out)} eval rows",
                                        "padding-free": attention or False, "batched by length": grouped})
     with auto_batch.out_of_memory_in_training("sft", batch):
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -71,7 +74,7 @@ def main(recipe: str = "", force: bool = False, **overrides):
     lineage = {"base": "sft/model"} if peft_config is None else {"adapter": "sft/model"}
     training.save(trainer, processor, stage.work / "model", **lineage)
     stage.finish(
-        rows={"train": len(train), "eval": len(held_out)}, metrics=result.metrics, resumed_from=checkpoint,
+        rows={"train": len(train), "eval": len(held_out), "eval loss": len(watched)}, metrics=result.metrics, resumed_from=checkpoint,
         steps=result.global_step, method=cfg.sft.method, padding_free=padding_free, grouped_by_length=grouped,
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)), sharding=training.what_was_sharded(trainer),
     )

@@ -39,6 +39,11 @@ STAGE_DEFAULTS = {
 # SFT's own: its eval loss on the eval split, as often as it checkpoints (``trl_config`` matches eval_steps to
 # save_steps unless the recipe sets it) and at the last step (transformers 5 adds that evaluation itself).
 SFT_DEFAULTS = {"eval_strategy": "steps"}
+# That default eval loss is a curve to watch, not the evaluation (the evaluate stage scores the test split), so it
+# runs on the eval split's first rows: a few percent of a run's work however large the split (SmolVLM's recipe: 8
+# evaluations of 192 charts were 13% of its training's FLOPs; of 64, 4%). A recipe that sets eval_strategy itself
+# asked for its evaluation, and gets all of the split.
+WATCHED_EVAL_ROWS = 64
 METRICS_FILE = "metrics.jsonl"
 # Sharded over several processes (resources.sharding), through transformers' own fsdp arguments: torch's fully_shard
 # (FSDP2) around each of the family's decoder and vision layers (the model's _no_split_modules). Checkpoints are
@@ -50,6 +55,12 @@ TENSORBOARD_FOLDER = "tensorboard"
 # 1.16's configs still default the old one (True), so every stage's log carried that warning
 RENAMED = (("gradient_checkpointing", "activation_checkpointing"),
            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+
+def eval_loss_rows(train: Train, eval_rows: int) -> int:
+    """How many of the eval split's ``eval_rows`` rows, its first, SFT's eval loss is computed on: all of them where
+    the recipe sets ``eval_strategy``, else WATCHED_EVAL_ROWS at most (the stage's default evaluation)."""
+    return eval_rows if "eval_strategy" in train.args else min(eval_rows, WATCHED_EVAL_ROWS)
 
 
 def trl_config(config_class, train: Train, *, output_dir: Path, seed: int, dtype, shards: int = 1,

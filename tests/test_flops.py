@@ -217,3 +217,44 @@ def test_a_qlora_recipes_hollow_model_gets_the_adapter_dtypes_its_4bit_base_gets
         assert adapter_dtypes(hollow, "hollow") == expected
         plain = flops.hollow_model(get_family(family).model_class, real.config, mode, precision)
         assert set(adapter_dtypes(plain, "plain").values()) == {torch.float32}, "unmarked, peft keeps them float32"
+
+
+def evaluations_transformers_runs(steps: int, eval_steps: int, tmp_path) -> int:
+    """How many evaluations transformers' own DefaultFlowCallback asks for over ``steps`` optimizer steps."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    args = TrainingArguments(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=eval_steps, use_cpu=True,
+                             report_to=[])
+    state = TrainerState(max_steps=steps)
+    state.compute_steps(args, steps)
+    flow, evaluations = DefaultFlowCallback(), 0
+    for step in range(1, steps + 1):
+        state.global_step = step
+        evaluations += flow.on_step_end(args, state, TrainerControl()).should_evaluate
+    return evaluations
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl-7b SFT", "SmolVLM SFT", "SmolVLM DPO"])
+def test_the_table_schedules_an_epochs_evaluations_as_the_trainer_does(name, tmp_path):
+    """make bench's FLOPs table scales a counted evaluation by the evaluations an epoch runs: as many as transformers'
+    callback asks for (the last step's included, which the table once left out), each over the rows the stage hands
+    the trainer (SFT's default eval loss: the split's first 64; the seed script's, or an evaluation the recipe asks
+    for: all)."""
+    from jobs import checkpoints
+    from jobs import recipe as recipes
+    from tests.bench import flops_table
+
+    checkpoint, stage = checkpoints.SEEDS[name]
+    cfg = recipes.load(Path(__file__).parents[1] / checkpoint.recipe)
+    for seed_defaults in (False, True):
+        sched = flops_table.schedule(cfg, stage, checkpoint, seed_defaults=seed_defaults)
+        args = {**getattr(cfg, stage).args}
+        if args.get("eval_strategy") == "steps":
+            assert sched["evals"] == evaluations_transformers_runs(sched["steps"], args["eval_steps"], tmp_path)
+            assert sched["eval_rows"] == checkpoint.rows["eval"]
+        elif stage == "sft" and not seed_defaults:  # the stage's default: every save_steps
+            assert sched["evals"] == evaluations_transformers_runs(sched["steps"], args["save_steps"], tmp_path)
+            assert sched["eval_rows"] == 64 < checkpoint.rows["eval"]
+        else:
+            assert sched["evals"] == 0

@@ -87,6 +87,33 @@ def test_report_to_from_the_recipe_replaces_tensorboard_and_none_writes_no_event
     assert not list(out.rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.parametrize("asked", [{}, {"eval_strategy": "steps", "eval_steps": 1}], ids=["default", "asked"])
+def test_the_default_eval_loss_runs_on_the_eval_splits_first_rows_and_an_asked_evaluation_on_all(
+        write_recipe, monkeypatch, asked):
+    """Issue 24: SFT's default eval loss (a curve to watch) on the eval split's first 64 rows, however large the split;
+    a recipe that asks for evaluation evaluates all of it. Seen where the trainer evaluates."""
+    from transformers import Trainer
+
+    evaluated = []
+    evaluate = Trainer.evaluate
+
+    def counting(self, *args, **kwargs):
+        evaluated.append([row["prompt"] for row in self.eval_dataset])
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", counting)
+    path = write_recipe(sft={"method": "full", "args": {"max_steps": 1, "per_device_train_batch_size": 2, **asked}})
+    prepare.main(recipe=str(path))
+    sft.main(recipe=str(path))
+    recipe = recipes.load(path)
+    split = __import__("datasets").load_from_disk(recipe.run_dir / "prepare" / "sft")["eval"]
+    assert len(split) == 80, "the synthetic eval split is larger than the default's rows"
+    expected = split["prompt"] if asked else split["prompt"][:64]
+    assert evaluated == [expected], "one evaluation (the last step), on these rows in this order"
+    record = contract.read_json(recipe.run_dir / "sft" / contract.SUCCESS_FILE)
+    assert record["rows"]["eval"] == 80 and record["rows"]["eval loss"] == len(expected)
+
+
 def sft_config(**args):
     from trl import SFTConfig
 

@@ -148,8 +148,8 @@ def hollow_as_loaded(family, config, mode, cfg, stage: str):
 
 
 def schedule(cfg, stage: str, checkpoint, *, seed_defaults: bool) -> dict:
-    """An epoch of the recipe's data: optimizer steps and evaluations (as the recipe's args and the stage's defaults,
-    or TRL's, set eval_strategy and eval_steps)."""
+    """An epoch of the recipe's data: optimizer steps, evaluations (as the recipe's args and the stage's defaults,
+    or TRL's, set eval_strategy and eval_steps) and the eval rows each takes."""
     from jobs import auto_batch, training
 
     train = getattr(cfg, stage)
@@ -164,10 +164,13 @@ def schedule(cfg, stage: str, checkpoint, *, seed_defaults: bool) -> dict:
         effective = args.get("per_device_train_batch_size", 8) * args.get("gradient_accumulation_steps", 1)
         batch = args.get("per_device_train_batch_size", 8)
     steps = math.ceil(checkpoint.rows["train"] / effective)
-    evals = 0
+    evals, eval_rows = 0, checkpoint.rows["eval"]
     if args.get("eval_strategy") == "steps":
-        evals = steps // args.get("eval_steps", args["save_steps"])
-    return {"steps": steps, "evals": evals, "batch": batch, "effective": effective}
+        # every eval_steps, and at the last step where it is not one of those (transformers' DefaultFlowCallback)
+        evals = math.ceil(steps / args.get("eval_steps", args["save_steps"]))
+        if stage == "sft" and not seed_defaults:  # the stage's default eval loss: the split's first rows
+            eval_rows = training.eval_loss_rows(train, eval_rows)
+    return {"steps": steps, "evals": evals, "eval_rows": eval_rows, "batch": batch, "effective": effective}
 
 
 def dpo_trainer(way: str, cfg, family, model, processor, rows, eval_rows, args):
@@ -547,7 +550,7 @@ def attention_of(cfg) -> str:
 
 def per_sample(counted: dict, sched: dict, checkpoint, *, epoch: int, way: str) -> dict:
     """FLOPs per training sample of epoch ``epoch`` (1, or 2 for any later epoch or rerun), by phase."""
-    train_rows, eval_rows = checkpoint.rows["train"], checkpoint.rows["eval"]
+    train_rows, eval_rows = checkpoint.rows["train"], checkpoint.rows["eval"]  # the reference scores all eval rows
     phases = {"train": counted["train"]}
     reference = counted.get("reference", 0.0)
     if way == "vlmjobs":  # computed once for the train and eval rows, read from the store afterwards
@@ -556,7 +559,7 @@ def per_sample(counted: dict, sched: dict, checkpoint, *, epoch: int, way: str) 
         phases["reference"] = reference if epoch == 1 else 0.0
     else:
         phases["reference"] = 0.0  # inside TRL's training step
-    phases["eval"] = counted["eval"] * sched["evals"] * eval_rows / train_rows
+    phases["eval"] = counted["eval"] * sched["evals"] * sched["eval_rows"] / train_rows
     phases["total"] = sum(phases.values())
     return phases
 
