@@ -133,6 +133,20 @@ def smaller(micro: int, per_process: int) -> int:
     return next(m for m in range(micro // 2, 0, -1) if per_process % m == 0)
 
 
+def tries(choices: list[int], top: int, per_process: int, auto_micro: bool):
+    """The (recomputation, micro-batch) pairs the probe tries, in its order, until one fits: at each step of
+    ``choices`` in turn (0: none; n: one layer in n), every micro-batch from ``top`` down as ``smaller`` halves it
+    where the micro-batch is auto, else ``top`` alone. make bench's FLOPs table predicts the stage's choice in the
+    same order."""
+    for recompute in choices:
+        micro = top
+        while True:
+            yield recompute, micro
+            if not auto_micro or micro == 1:
+                break
+            micro = smaller(micro, per_process)
+
+
 def fit(stage, trainer, train, *, model, precision) -> Batch | None:
     """Settle what the recipe left to the stage, and set it on the trainer (see the module docstring): the micro-batch
     for ``per_device_train_batch_size: auto``, and for ``activation_checkpointing: auto`` whether activations are
@@ -191,30 +205,26 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
         say(f"{stage.name}: {settled}: starting at micro-batch {top}{how} ({where}); probing with the {top} longest "
             f"training rows ({tokens[:top][-1]} to {tokens[0]} tokens, of {len(trainer.train_dataset)} rows counted in "
             f"{time.time() - started:.1f}s)", flush=True)
-    for recompute in choices if batch is None else ():
-        recompute_activations(trainer, recompute)
-        micro = top
-        while batch is None:
-            fits = probe(trainer, trainer.train_dataset.select(longest[:micro]))
-            # Every process learns whether any ran out; all then try the same smaller size.
-            if bool(accelerator.gather(torch.tensor([int(fits)], device=accelerator.device)).min()):
-                batch = Batch(micro, per_process // micro)
-                break
-            ran_out.append(micro)
-            if not auto_micro or micro == 1:
-                break
-            micro = smaller(micro, per_process)
+    ran_out_at = None  # the (recomputation, micro-batch) of the last try, which ran out of memory
+    for recompute, micro in tries(choices, top, per_process, auto_micro) if batch is None else ():
+        if ran_out_at and ran_out_at[0] == recompute:
             how = recomputing(recompute) if auto_checkpointing else ""
             say(f"{stage.name}: micro-batch {ran_out[-1]}{how} ran out of memory; trying "
                 f"{Batch(micro, per_process // micro)}", flush=True)
-        if batch is not None:
-            break
-        if recompute != choices[-1]:
-            more = choices[choices.index(recompute) + 1]
-            say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory{recomputing(recompute)}; trying "
-                f"micro-batch {top}{recomputing(more)}", flush=True)
-            if not recompute:
+        elif ran_out_at:
+            say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory{recomputing(ran_out_at[0])}; trying "
+                f"micro-batch {top}{recomputing(recompute)}", flush=True)
+            if not ran_out_at[0]:
                 without_recomputation, ran_out = without_recomputation + ran_out, []
+        if ran_out_at is None or ran_out_at[0] != recompute:
+            recompute_activations(trainer, recompute)
+        fits = probe(trainer, trainer.train_dataset.select(longest[:micro]))
+        # Every process learns whether any ran out; all then try the same smaller size.
+        if bool(accelerator.gather(torch.tensor([int(fits)], device=accelerator.device)).min()):
+            batch = Batch(micro, per_process // micro)
+            break
+        ran_out.append(micro)
+        ran_out_at = (recompute, micro)
     if batch is None:
         raise UserError(_nothing_fits(stage.name, ran_out[-1], bool(recompute), auto_micro))
 

@@ -325,6 +325,16 @@ def assert_same_steps(logged: list[dict], expected: list[dict]) -> None:
         assert step == pytest.approx(want, rel=1e-5), "the same losses, metrics and token counts"
 
 
+def test_the_probe_tries_every_micro_batch_at_one_recomputation_before_the_next():
+    """The order the stage's probe (and make bench's prediction of it) follows: each step of recomputation in turn,
+    at each every micro-batch from the top down, halved to a divisor of the per-process batch; a given micro-batch
+    alone at each step."""
+    assert list(auto_batch.tries([0, 8, 1], 12, 12, True)) == [
+        (0, 12), (0, 6), (0, 3), (0, 1), (8, 12), (8, 6), (8, 3), (8, 1), (1, 12), (1, 6), (1, 3), (1, 1)]
+    assert list(auto_batch.tries([0, 4, 2], 4, 8, False)) == [(0, 4), (4, 4), (2, 4)]
+    assert list(auto_batch.tries([2], 4, 16, True)) == [(2, 4), (2, 2), (2, 1)], "a recorded start below the top"
+
+
 def test_on_a_cpu_auto_takes_the_whole_batch_without_recomputation_and_spends_no_step_probing(
         write_recipe, monkeypatch, capsys):
     """A CPU's allocator raises no OutOfMemoryError, so a probe there always found that the first try fits, after a
@@ -550,17 +560,20 @@ def test_auto_batch_a_changed_recipe_misses_the_stored_size(tiny_model, tmp_path
         assert not starts_from_record(**change), f"{name} changed: the size found for another recipe was used"
 
 
-def test_the_probe_keeps_the_activations_training_keeps_under_mixed_precision(tiny_model, tmp_path):
+@pytest.mark.parametrize("kind, rows", [("sft", [2]), ("sft", [0, 2]), ("dpo", [0, 2])],
+                         ids=["sft-large-chart", "sft-long-text-and-large-chart", "dpo-long-text-and-large-chart"])
+def test_the_probe_keeps_the_activations_training_keeps_under_mixed_precision(tiny_model, tmp_path, kind, rows):
     """The probe runs before ``train()``, and ``train()`` is where accelerate wraps the model's forward in the run's
     autocast (bf16) and converts its outputs to float32. Unwrapped, the probe measured another step: full fine-tuning's
     float32 weights ran a float32 step where training runs a bf16 one, keeping about twice the activations, so a batch
     that fits was recomputed or halved. The oracle is ``train()`` itself: the most bytes its step keeps for the
-    backward (jobs.flops.saved_for_backward, torch's saved-tensor hooks) on the same row."""
+    backward (jobs.flops.saved_for_backward, torch's saved-tensor hooks) on the same rows: the large chart alone, and
+    batched with the long question and answers on a small image (padded to each other)."""
     from jobs import flops
 
-    trainer = qwen2_vl_trainer("sft", tiny_model("qwen2_vl"), tmp_path, bf16=True, max_steps=1,
-                               activation_checkpointing=False, save_strategy="no")
-    trainer.train_dataset = rows = trainer.train_dataset.select([2])  # the large chart: most of the step is its tokens
+    trainer = qwen2_vl_trainer(kind, tiny_model("qwen2_vl"), tmp_path, bf16=True, max_steps=1,
+                               activation_checkpointing=False, save_strategy="no", per_device_train_batch_size=len(rows))
+    trainer.train_dataset = rows = trainer.train_dataset.select(rows)
     own_forward = vars(trainer.model).get("forward")
     probed = flops.saved_for_backward(lambda: auto_batch.probe(trainer, rows), trainer.model)
     assert vars(trainer.model).get("forward") is own_forward, "the probe leaves the forward as it found it"

@@ -358,9 +358,9 @@ def memory_before_activations(cfg, stage: str, config, folder: Path) -> float:
 
 def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
     """What the recipe's ``auto`` settings settle on its GPU (jobs.auto_batch.fit), predicted from counts, in the
-    probe's order: without recomputation, then with one layer in 8, 4, 2 and every layer recomputed
-    (auto_batch.RECOMPUTE_EVERY), the micro-batch ``batch`` (every one from the whole per-process batch down, halving
-    as the probe does, where ``batch`` is auto): the first whose training step of the longest of ``trainer``'s rows
+    probe's order (jobs.auto_batch.tries): without recomputation, then with one layer in 8, 4, 2 and every layer
+    recomputed (auto_batch.RECOMPUTE_EVERY), the micro-batch ``batch`` (every one from the whole per-process batch
+    down, where ``batch`` is auto): the first whose training step of the longest of ``trainer``'s rows
     keeps activations (counted by jobs.flops.saved_for_backward) that fit beside the weights, gradients and optimizer
     states (jobs.memory.for_stage, from the checkpoint's config) in ``resources.gpu_memory_gib``; where none does,
     every layer recomputed at micro-batch 1, over. A micro-batch of more rows than ``trainer`` holds is taken as their
@@ -393,11 +393,7 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
         return measured[every, rows] * micro / rows / memory.GB
 
     tried = []
-    for every in (0, *auto_batch.RECOMPUTE_EVERY):
-        micro = per_process
-        while weights + activations(every, micro) > room and (auto_micro and micro > 1):
-            tried.append((every, micro))
-            micro = auto_batch.smaller(micro, per_process)
+    for every, micro in auto_batch.tries([0, *auto_batch.RECOMPUTE_EVERY], per_process, per_process, auto_micro):
         if weights + activations(every, micro) <= room:
             break
         tried.append((every, micro))
