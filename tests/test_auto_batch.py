@@ -571,8 +571,8 @@ def test_the_probe_keeps_the_activations_training_keeps_under_mixed_precision(ti
     batched with the long question and answers on a small image (padded to each other)."""
     from jobs import flops
 
-    trainer = qwen2_vl_trainer(kind, tiny_model("qwen2_vl"), tmp_path, bf16=True, max_steps=1,
-                               activation_checkpointing=False, save_strategy="no", per_device_train_batch_size=len(rows))
+    trainer = qwen2_vl_trainer(kind, tiny_model("qwen2_vl"), tmp_path, bf16=True, max_steps=1, save_strategy="no",
+                               activation_checkpointing=False, per_device_train_batch_size=len(rows))
     trainer.train_dataset = rows = trainer.train_dataset.select(rows)
     own_forward = vars(trainer.model).get("forward")
     probed = flops.saved_for_backward(lambda: auto_batch.probe(trainer, rows), trainer.model)
