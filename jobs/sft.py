@@ -8,8 +8,9 @@ the newest complete checkpoint. On SIGTERM (SIGINT) it writes a checkpoint and e
                 vlmjobs run recipes/tiny-demo.yaml --stages sft
     in cluster: python -m jobs.sft            (accelerate launch ... -m jobs.sft with several GPUs)
 
-Output: <run>/sft/model/ (adapter or weights, processor, lineage.json), metrics.jsonl with the training loss and the
-eval split's loss, tensorboard/ (event files: tensorboard --logdir <run>), _SUCCESS.json.
+Output: <run>/sft/model/ (adapter or weights, processor, lineage.json), metrics.jsonl with the training loss and an
+eval loss (the eval split's first rows: training.eval_loss_rows), tensorboard/ (event files: tensorboard --logdir
+<run>), _SUCCESS.json.
 """
 
 from __future__ import annotations
