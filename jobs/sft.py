@@ -75,8 +75,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     lineage = {"base": "sft/model"} if peft_config is None else {"adapter": "sft/model"}
     training.save(trainer, processor, stage.work / "model", **lineage)
     stage.finish(
-        rows={"train": len(train), "eval": len(held_out), "eval loss": len(watched)}, metrics=result.metrics, resumed_from=checkpoint,
-        steps=result.global_step, method=cfg.sft.method, padding_free=padding_free, grouped_by_length=grouped,
+        rows={"train": len(train), "eval": len(held_out), "eval loss": len(watched)}, metrics=result.metrics,
+        resumed_from=checkpoint, steps=result.global_step, method=cfg.sft.method, padding_free=padding_free, grouped_by_length=grouped,
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)), sharding=training.what_was_sharded(trainer),
     )
 
