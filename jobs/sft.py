@@ -76,7 +76,8 @@ def main(recipe: str = "", force: bool = False, **overrides):
     training.save(trainer, processor, stage.work / "model", **lineage)
     stage.finish(
         rows={"train": len(train), "eval": len(held_out), "eval loss": len(watched)}, metrics=result.metrics,
-        resumed_from=checkpoint, steps=result.global_step, method=cfg.sft.method, padding_free=padding_free, grouped_by_length=grouped,
+        resumed_from=checkpoint, steps=result.global_step, method=cfg.sft.method, padding_free=padding_free,
+        grouped_by_length=grouped,
         quantized=bool(getattr(model, "is_loaded_in_4bit", False)), sharding=training.what_was_sharded(trainer),
     )
 
