@@ -39,10 +39,10 @@ half more under LoRA), and turns checkpointing on only where it does not::
 Between none and all there are steps (``RECOMPUTE_EVERY``): transformers checkpoints every n-th layer
 (``activation_checkpointing_kwargs: {every_n_layers: n}``), which keeps about 1/n fewer activations for 1/n of a
 forward. A batch just over the GPU's memory (SmolVLM's longest DPO pairs on 24 GB, by make bench's count) then sheds
-what it must for a part of what recomputing every layer costs. With a micro-batch given, the probe tries it without checkpointing, then
-with every 8th, 4th and 2nd layer checkpointed, then every layer; with ``auto`` for both, every micro-batch from the
-top down at each step in turn. The choice is recorded beside the size, and ``train()`` checkpoints as the config then
-says.
+what it must for a part of what recomputing every layer costs. With a micro-batch given, the probe tries it without
+checkpointing, then with every 8th, 4th and 2nd layer checkpointed, then every layer; with ``auto`` for both, every
+micro-batch from the top down at each step in turn. The choice is recorded beside the size, and ``train()``
+checkpoints as the config then says.
 
 On a CPU nothing is probed (``can_run_out_of_memory``): a probe there could only find that the first try fits, so
 the stage takes it, the whole per-process batch without recomputation, and spends no step on it.
@@ -205,26 +205,26 @@ def fit(stage, trainer, train, *, model, precision) -> Batch | None:
         say(f"{stage.name}: {settled}: starting at micro-batch {top}{how} ({where}); probing with the {top} longest "
             f"training rows ({tokens[:top][-1]} to {tokens[0]} tokens, of {len(trainer.train_dataset)} rows counted in "
             f"{time.time() - started:.1f}s)", flush=True)
-    ran_out_at = None  # the (recomputation, micro-batch) of the last try, which ran out of memory
+    set_on_trainer = None  # the recomputation of the tries so far, the last of which ran out (None: no try yet)
     for recompute, micro in tries(choices, top, per_process, auto_micro) if batch is None else ():
-        if ran_out_at and ran_out_at[0] == recompute:
+        if set_on_trainer == recompute:
             how = recomputing(recompute) if auto_checkpointing else ""
             say(f"{stage.name}: micro-batch {ran_out[-1]}{how} ran out of memory; trying "
                 f"{Batch(micro, per_process // micro)}", flush=True)
-        elif ran_out_at:
-            say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory{recomputing(ran_out_at[0])}; trying "
-                f"micro-batch {top}{recomputing(recompute)}", flush=True)
-            if not ran_out_at[0]:
+        else:
+            if set_on_trainer is not None:
+                say(f"{stage.name}: micro-batch {ran_out[-1]} ran out of memory{recomputing(set_on_trainer)}; "
+                    f"trying micro-batch {top}{recomputing(recompute)}", flush=True)
+            if set_on_trainer == 0:
                 without_recomputation, ran_out = without_recomputation + ran_out, []
-        if ran_out_at is None or ran_out_at[0] != recompute:
             recompute_activations(trainer, recompute)
+            set_on_trainer = recompute
         fits = probe(trainer, trainer.train_dataset.select(longest[:micro]))
         # Every process learns whether any ran out; all then try the same smaller size.
         if bool(accelerator.gather(torch.tensor([int(fits)], device=accelerator.device)).min()):
             batch = Batch(micro, per_process // micro)
             break
         ran_out.append(micro)
-        ran_out_at = (recompute, micro)
     if batch is None:
         raise UserError(_nothing_fits(stage.name, ran_out[-1], bool(recompute), auto_micro))
 

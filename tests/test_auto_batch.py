@@ -302,6 +302,8 @@ def test_activation_checkpointing_auto_recomputes_only_where_the_batch_does_not_
     record = contract.read_json(tight / auto_batch.RECORD_FILE)
     assert (record["activation_checkpointing"], record["recomputes_activations"], record["recompute_every_n_layers"]) \
         == ("auto", True, 2)
+    # micro-batch 2 ran out without recomputation, and with one layer in 8 and in 4: kept apart, for a resumed stage
+    assert (record["ran_out_without_recomputation_at"], record["ran_out_of_memory_at"]) == ([2], [2])
 
     all_path, every_layer = recipe("all", "auto")
     with out_of_memory_when_saving_more_than((saved[2] + saved[1]) / 2):
