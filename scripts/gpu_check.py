@@ -24,6 +24,7 @@ that a GPU minute is never spent finding a typo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -152,15 +153,16 @@ def run_case(name: str, options, work: Path) -> dict:
                                  .add_column(reference_logprobs.COLUMNS[1], rejected.tolist()))
         reference_logprobs.read_from_batches(trainer)
     reference_s = time.time() - started
-    if way != "trl":
-        settle(trainer, cfg, stage, case_work)
-    result = trainer.train()
-    seconds = result.metrics["train_runtime"]
-    tokens = next(entry["num_tokens"] for entry in reversed(trainer.state.log_history) if "num_tokens" in entry)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-    # FLOPs: one more step of the same trainer, counted apart (the counter slows the step it watches)
-    trainer.args.max_steps = 1
-    step_flops = flops.count(trainer.train)
+    with on_the_recipes_gpu(cfg, stage, held=cuda and way != "trl"):
+        if way != "trl":
+            settle(trainer, cfg, stage, case_work)
+        result = trainer.train()
+        seconds = result.metrics["train_runtime"]
+        tokens = next(entry["num_tokens"] for entry in reversed(trainer.state.log_history) if "num_tokens" in entry)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+        # FLOPs: one more step of the same trainer, counted apart (the counter slows the step it watches)
+        trainer.args.max_steps = 1
+        step_flops = flops.count(trainer.train)
     chip = peak_flops("cuda" if cuda else "cpu")
     # of the real checkpoint, even --tiny
     estimate = flops_table.memory_before_activations(cfg, stage, checkpoints.config(checkpoint, processor.tokenizer),
@@ -173,8 +175,25 @@ def run_case(name: str, options, work: Path) -> dict:
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0)  # settle's hold on the recipe's GPU's memory, lifted
     return out
+
+
+@contextlib.contextmanager
+def on_the_recipes_gpu(cfg, stage: str, *, held: bool):
+    """Torch held, where ``held``, to the memory of the recipe's GPU (an L4's 24 GB on an H100 or H200: its
+    per-process memory fraction), so that the stage's auto settings settle, and its training peaks, as there; lifted
+    after."""
+    import torch
+
+    if not held:
+        yield
+        return
+    whole = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.resources_for(stage).gpu_memory_gib * 2**30 / whole))
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def text_attention(model) -> str:
@@ -191,19 +210,13 @@ def checkpointed(every: int) -> str:
 
 def settle(trainer, cfg, stage: str, work: Path) -> None:
     """The recipe's ``auto`` settings (the micro-batch, activation checkpointing) settled as the stage settles them:
-    by jobs.auto_batch.fit itself, probing on the GPU, held to the memory of the recipe's GPU (an L4's 24 GB on an
-    H100 or H200: torch's per-process memory fraction, until ``run_case`` lifts it), so that it settles as there. An
+    by jobs.auto_batch.fit itself, probing on the GPU (held to the recipe's GPU's memory: ``on_the_recipes_gpu``). An
     optimizer step is then one micro-batch: the check measures throughput, to which accumulation adds nothing."""
     from types import SimpleNamespace
-
-    import torch
 
     from jobs import auto_batch, modeling
 
     train = getattr(cfg, stage)
-    if torch.cuda.is_available():
-        whole = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.resources_for(stage).gpu_memory_gib * 2**30 / whole))
     placed = SimpleNamespace(name=stage, work=work, out=work)  # where fit keeps what it found (a run's stage folder)
     auto_batch.fit(placed, trainer, train, model=cfg.model, precision=modeling.training_precision(cfg.model, train))
     trainer.args.gradient_accumulation_steps = 1

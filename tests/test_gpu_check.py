@@ -60,6 +60,29 @@ def test_the_gpu_check_settles_the_recipes_auto_settings_as_the_stage_does(case,
     assert predicted_gb[0] < float(row.group(3)) < predicted_gb[1]
 
 
+def test_a_case_is_held_to_the_recipes_gpus_memory_and_released_even_when_it_fails(monkeypatch):
+    """On an H100 the check settles an L4 recipe's auto settings within the L4's 24 GiB (torch's per-process memory
+    fraction) and lets the next case have the whole GPU again, whether or not this one ended well."""
+    import torch
+
+    from jobs import checkpoints
+    from jobs import recipe as recipes
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: type("H100", (), {"total_memory": 80 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fractions.append)
+    cfg = recipes.load(ROOT / checkpoints.SMOLVLM.recipe)  # resources: an L4, gpu_memory_gib 24
+    check = gpu_check()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with check.on_the_recipes_gpu(cfg, "dpo", held=True):
+            assert fractions == [24 / 80]
+            raise RuntimeError("CUDA out of memory")
+    assert fractions == [24 / 80, 1.0]
+    with check.on_the_recipes_gpu(cfg, "dpo", held=False):  # TRL's defaults, as their script ran: not held
+        pass
+    assert fractions == [24 / 80, 1.0]
+
+
 def test_the_wheels_it_installs_are_the_locks_versions():
     locked = dict(line.split(" ")[0].split("==") for line in (ROOT / "requirements.lock").read_text().splitlines()
                   if "==" in line and not line.startswith(("#", " ")))
