@@ -175,6 +175,24 @@ def hollow_model(model_class: str, config, mode: Hollow, precision=None, *, four
 
 
 LOWER_PRECISION = (torch.bfloat16, torch.float16)
+AUTOCAST_NORMS = ("layer_norm", "group_norm")  # torch.nn.functional's, which CUDA's autocast runs in float32
+
+
+class NormsInFloat32(torch.overrides.TorchFunctionMode):
+    """Fails loudly on a layer or group norm that runs in bf16 or fp16 under autocast, where ``cuda_autocast_norms``
+    runs them in float32: one that reached torch by another way than torch.nn.functional (``torch.layer_norm``), which
+    the swap cannot see, and whose float32 copy the count would leave out. (A function mode: below it, in the
+    dispatcher, autocast reads as off.)"""
+
+    NORMS = {torch.layer_norm, torch.native_layer_norm, torch.group_norm, torch.native_group_norm}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in LOWER_PRECISION
+        if func in self.NORMS and autocast and args[0].dtype in LOWER_PRECISION:
+            raise RuntimeError(f"{func.__name__} ran in {args[0].dtype} under autocast, around "
+                               "jobs.flops.cuda_autocast_norms (not through torch.nn.functional): the count of what "
+                               "a GPU's step keeps would miss its float32 copy")
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -188,9 +206,10 @@ def cuda_autocast_norms():
     around, so that activation checkpointing's recomputation in the backward runs them as the forward did. The rest
     of CUDA's float32 list meets tensors that are float32 here already: the RMS norms upcast themselves, eager
     attention's softmax is asked for float32, and the logits reach the loss's log-softmax in float32 (accelerate
-    converts a forward's outputs: jobs.upstream.forward_as_training_runs)."""
+    converts a forward's outputs: jobs.upstream.forward_as_training_runs). A norm that goes around the swap fails
+    loudly (``NormsInFloat32``)."""
     functional = torch.nn.functional
-    originals = {name: getattr(functional, name) for name in ("layer_norm", "group_norm")}
+    originals = {name: getattr(functional, name) for name in AUTOCAST_NORMS}
 
     def as_float32(x):
         return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
@@ -206,7 +225,8 @@ def cuda_autocast_norms():
     for name, original in originals.items():
         setattr(functional, name, in_float32(original))
     try:
-        yield
+        with NormsInFloat32():
+            yield
     finally:
         for name, original in originals.items():
             setattr(functional, name, original)

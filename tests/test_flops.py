@@ -190,6 +190,23 @@ def test_a_counted_step_runs_layer_norms_in_float32_as_cuda_autocast_does():
     assert torch.nn.functional.layer_norm is original, "put back"
 
 
+def test_a_norm_that_goes_around_the_float32_swap_fails_the_count_loudly():
+    """cuda_autocast_norms swaps torch.nn.functional's norms; a norm that calls torch's own op directly would run in
+    bf16 unseen, and the count would leave its float32 copy out. It fails instead, naming the op."""
+    class DirectLayerNorm(torch.nn.LayerNorm):
+        def forward(self, x):
+            return torch.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    norms = [torch.nn.LayerNorm(8).to(torch.bfloat16), DirectLayerNorm(8).to(torch.bfloat16)]
+    with flops.cuda_autocast_norms():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert norms[0](x).dtype == torch.float32, "through the swap: float32, as on CUDA"
+            with pytest.raises(RuntimeError, match="layer_norm ran in torch.bfloat16 under autocast"):
+                norms[1](x)
+        assert norms[1](x).dtype == torch.bfloat16, "without autocast a bf16 norm is what CUDA runs too"
+
+
 def test_a_qlora_recipes_hollow_model_gets_the_adapter_dtypes_its_4bit_base_gets(tiny_model, tmp_path):
     """The FLOPs table counts a step's activations in the dtypes the stage trains in on a bf16 GPU. A QLoRA recipe's
     hollow model, loaded as jobs.flops.hollow_model loads it, is given by TRL the adapter dtypes that the same model
@@ -249,7 +266,7 @@ def test_the_table_schedules_an_epochs_evaluations_as_the_trainer_does(name, tmp
     cfg = recipes.load(Path(__file__).parents[1] / checkpoint.recipe)
     for seed_defaults in (False, True):
         sched = flops_table.schedule(cfg, stage, checkpoint, seed_defaults=seed_defaults)
-        args = {**getattr(cfg, stage).args}
+        args = getattr(cfg, stage).args
         if args.get("eval_strategy") == "steps":
             assert sched["evals"] == evaluations_transformers_runs(sched["steps"], args["eval_steps"], tmp_path)
             assert sched["eval_rows"] == checkpoint.rows["eval"]

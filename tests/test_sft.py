@@ -92,6 +92,7 @@ def test_the_default_eval_loss_runs_on_the_eval_splits_first_rows_and_an_asked_e
         write_recipe, monkeypatch, asked):
     """Issue 24: SFT's default eval loss (a curve to watch) on the eval split's first 64 rows, however large the split;
     a recipe that asks for evaluation evaluates all of it. Seen where the trainer evaluates."""
+    from datasets import load_from_disk
     from transformers import Trainer
 
     evaluated = []
@@ -106,7 +107,7 @@ def test_the_default_eval_loss_runs_on_the_eval_splits_first_rows_and_an_asked_e
     prepare.main(recipe=str(path))
     sft.main(recipe=str(path))
     recipe = recipes.load(path)
-    split = __import__("datasets").load_from_disk(recipe.run_dir / "prepare" / "sft")["eval"]
+    split = load_from_disk(recipe.run_dir / "prepare" / "sft")["eval"]
     assert len(split) == 80, "the synthetic eval split is larger than the default's rows"
     expected = split["prompt"] if asked else split["prompt"][:64]
     assert evaluated == [expected], "one evaluation (the last step), on these rows in this order"
