@@ -285,16 +285,15 @@ def drawn_by_length(name, cfg, stage: str, trainer, pool, rows: int, micro: int 
 
 
 def sft_drawn(name, checkpoint, cfg, pool, *, rows: int, work: Path):
-    """(the SFT rows counted, the rows the probe takes): as ``as_the_stage_orders`` takes DPO's training rows, where
-    the recipe groups by length; else ``pool``'s first rows."""
-    trainer = stage_trainer(checkpoint, cfg, "sft", pool, work)
+    """(the SFT rows counted, the rows the probe takes, what the stage settles on them: ``settled_on``): the rows
+    counted as ``as_the_stage_orders`` takes DPO's training rows, in the micro-batches settled, where the recipe
+    groups by length; else ``pool``'s first rows."""
+    trainer = stage_trainer(checkpoint, cfg, "sft", pool, work / "order")
     probe_rows = probed(name, cfg, "sft", checkpoint, trainer, pool)
+    settled = settled_on(probe_rows, name, checkpoint, cfg, "sft", "vlmjobs", work)
     if not grouped(cfg, "sft"):
-        return pool.select(range(rows)), probe_rows
-    micro = None
-    if cfg.sft.args.get("per_device_train_batch_size") == AUTO:  # the micro-batch the stage settles, for its batches
-        micro = settled_on(probe_rows, name, checkpoint, cfg, "sft", "vlmjobs", work.parent)["batch"]
-    return drawn_by_length(name, cfg, "sft", trainer, pool, rows, micro), probe_rows
+        return pool.select(range(rows)), probe_rows, settled
+    return drawn_by_length(name, cfg, "sft", trainer, pool, rows, settled["batch"]), probe_rows, settled
 
 
 def stage_trainer(checkpoint, cfg, stage: str, rows, work: Path):
@@ -401,18 +400,9 @@ def settles(trainer, cfg, stage: str, config, batch, work: Path) -> dict:
             "batch": micro, "tried": tried, "counted": counted}
 
 
-SETTLED: dict = {}  # (name, way) -> what settled_on found, once per checkpoint and way
-
-
 def settled_on(probe_rows, name, checkpoint, cfg, stage: str, way: str, work: Path) -> dict:
     """``settles`` on the rows the stage's probe takes, by a hollow trainer of the way's own (the rows counted are
-    another trainer's); once per checkpoint and way."""
-    if (name, way) not in SETTLED:
-        SETTLED[name, way] = _settled_on(probe_rows, name, checkpoint, cfg, stage, way, work)
-    return SETTLED[name, way]
-
-
-def _settled_on(probe_rows, name, checkpoint, cfg, stage: str, way: str, work: Path) -> dict:
+    another trainer's)."""
     from jobs import checkpoints, flops, reference_logprobs
     from jobs.families import get_family
 
@@ -501,7 +491,9 @@ def count_dpo(name, checkpoint, cfg, rows, eval_rows, work: Path, reference_rows
     return out
 
 
-def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path, probe_rows) -> dict:
+def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path, probe_rows, settled: dict) -> dict:
+    """Each way's FLOPs per row by phase, on ``rows`` and ``eval_rows``: vlmjobs' with what the stage settles
+    (``settled``, from ``sft_drawn``), padding-free's with what it would settle on ``probe_rows``."""
     from jobs import checkpoints, flops
     from jobs.families import get_family
 
@@ -517,15 +509,16 @@ def count_sft(name, checkpoint, cfg, rows, eval_rows, work: Path, probe_rows) ->
             trainer = sft_trainer(way, cfg, family, model, processor, rows, eval_rows, args)
             if grouped(cfg, "sft") and not seed:
                 trainer.args.train_sampling_strategy = "sequential"  # the rows, batched as the sampler drew them
-            if way in ("vlmjobs", "padding-free"):
-                memory = out["memory" if way == "vlmjobs" else "memory padding-free"] = settled_on(
-                    probe_rows, name, checkpoint, cfg, "sft", way, work)
-                as_settled(name, trainer, memory)
+            if way == "vlmjobs":
+                as_settled(name, trainer, settled)
+            elif way == "padding-free":
+                as_settled(name, trainer, settled_on(probe_rows, name, checkpoint, cfg, "sft", way, work))
             out[way] = {"train": flops.count_training(trainer, len(rows))}
             if way in ("vlmjobs", "padding-free"):
                 out[way]["recomputation"] = recomputation(trainer, out[way]["train"], len(rows))
             out[way]["eval"] = flops.count_evaluation(trainer)  # the ideal's: one row a batch
         print(f"  {name}: {way} counted", flush=True)
+    out["memory"] = settled
     return out
 
 
@@ -664,10 +657,10 @@ def main() -> None:
         else:
             system = cfg.data.sft.system_prompt
             pool = sft_rows(options.pool if grouped(cfg, "sft") else options.rows, system)
-            rows, probe_rows = sft_drawn(name, checkpoint, cfg, pool, rows=options.rows,
-                             work=work / name.replace(" ", "-") / "order")
+            folder = work / name.replace(" ", "-")
+            rows, probe_rows, settled = sft_drawn(name, checkpoint, cfg, pool, rows=options.rows, work=folder)
             eval_rows = sft_rows(max(4, options.rows // 2), system)
-            counted = count_sft(name, checkpoint, cfg, rows, eval_rows, work / name.replace(" ", "-"), probe_rows)
+            counted = count_sft(name, checkpoint, cfg, rows, eval_rows, folder, probe_rows, settled)
         epochs = (1, 2) if stage == "dpo" else (1,)
         for epoch in epochs:
             result = {}
